@@ -1,0 +1,322 @@
+import math
+
+import pytest
+import torch
+
+from worker.sampler import (MAX_TOP_LOGPROBS, STREAM_SAMPLE, SamplingBatch, SamplingParams, processed_probs,
+                            sample, uniform_noise)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    return torch.device(request.param)
+
+
+def make_batch(params: list[SamplingParams], device: torch.device, vocab: int, *,
+               seeds: list[int] | None = None, steps: list[int] | None = None,
+               prompt: list[list[int]] | None = None, output: list[list[int]] | None = None,
+               suppressed: list[list[int]] | None = None) -> SamplingBatch:
+    b = len(params)
+    empty = [[] for _ in range(b)]
+    return SamplingBatch.build(params, seeds if seeds is not None else list(range(b)),
+                               steps if steps is not None else [0] * b, prompt or empty, output or empty,
+                               suppressed or empty, vocab, device)
+
+
+def draw(row: list[float], params: SamplingParams, device: torch.device, n: int = 4000,
+         **lists: list[int]) -> torch.Tensor:
+    """Sample one logits row n times, one batch row per seed 0..n-1; returns [n] token ids on CPU.
+
+    lists: optional prompt / output / suppressed ids, shared by every row."""
+    logits = torch.tensor([row] * n, device=device)
+    per_row = {k: [v] * n for k, v in lists.items()}
+    batch = make_batch([params] * n, device, len(row), **per_row)
+    return sample(logits, batch).token_ids.cpu()
+
+
+def probs_of(row: list[float], params: SamplingParams, device: torch.device, **lists: list[int]) -> torch.Tensor:
+    """processed_probs of a single row: [V] on CPU."""
+    batch = make_batch([params], device, len(row), **{k: [v] for k, v in lists.items()})
+    return processed_probs(torch.tensor([row], device=device), batch)[0].cpu()
+
+
+# ---- noise ----------------------------------------------------------------------------------------------------
+
+_M64 = (1 << 64) - 1
+
+
+def _ref_mix(z: int) -> int:  # reference splitmix64 finaliser on Python ints
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def _ref_uniform(seed: int, step: int, stream: int, col: int) -> float:
+    key = _ref_mix(_ref_mix(_ref_mix((seed & _M64) ^ 0x9E3779B97F4A7C15) ^ step) ^ stream)
+    z = _ref_mix((key + (col + 1) * 0x9E3779B97F4A7C15) & _M64)
+    return ((z >> 12) + 0.5) * 2.0**-52
+
+
+def test_noise_matches_unsigned_reference(device: torch.device) -> None:
+    # Pins the hash down exactly (int64 wrap-around and emulated logical shifts), on every device.
+    seeds, steps = [0, 1, -1, 2**62 + 12345, -(2**63)], [0, 3, 1000, 7, 2**40]
+    u = uniform_noise(torch.tensor(seeds, device=device), torch.tensor(steps, device=device), 5, 17).cpu()
+    expected = torch.tensor([[_ref_uniform(s, t, 5, c) for c in range(17)] for s, t in zip(seeds, steps)],
+                            dtype=torch.float64)
+    assert torch.equal(u, expected)
+
+
+def test_noise_is_uniform_and_open_interval(device: torch.device) -> None:
+    u = uniform_noise(torch.arange(512, device=device), torch.zeros(512, dtype=torch.int64, device=device),
+                      STREAM_SAMPLE, 1024)
+    assert u.dtype == torch.float64 and u.shape == (512, 1024)
+    assert bool((u > 0).all()) and bool((u < 1).all())
+    assert abs(u.mean().item() - 0.5) < 0.003  # sd of the mean: 0.29 / sqrt(524288) = 4e-4
+    assert abs(u.var().item() - 1 / 12) < 0.002
+    hist = torch.histc(u.float().cpu(), bins=10, min=0, max=1) / u.numel()
+    assert bool(((hist - 0.1).abs() < 0.005).all())
+    # Streams and steps give unrelated numbers.
+    other = uniform_noise(torch.arange(512, device=device), torch.zeros(512, dtype=torch.int64, device=device),
+                          1, 1024)
+    assert abs(torch.corrcoef(torch.stack([u.flatten(), other.flatten()]))[0, 1].item()) < 0.01
+
+
+# ---- greedy, logprobs ---------------------------------------------------------------------------------------
+
+
+def test_greedy_equals_argmax_regardless_of_seed(device: torch.device) -> None:
+    logits = torch.randn(16, 300, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
+    argmax = logits.float().argmax(-1)
+    one_hot = torch.nn.functional.one_hot(argmax, 300).float()
+    batch = make_batch([SamplingParams(temperature=0.0, top_k=5, top_p=0.5)] * 16, device, 300,
+                       seeds=list(range(100, 116)))
+    assert torch.equal(sample(logits, batch).token_ids, argmax)
+    assert torch.equal(processed_probs(logits, batch), one_hot)
+    # Greedy rows mixed with sampling rows (even rows greedy, odd rows sample at a high temperature).
+    params = [SamplingParams(temperature=0.0 if r % 2 == 0 else 2.0, top_p=0.99) for r in range(16)]
+    mixed = make_batch(params, device, 300, seeds=list(range(100, 116)))
+    tokens = sample(logits, mixed).token_ids
+    assert torch.equal(tokens[0::2], argmax[0::2]) and not torch.equal(tokens[1::2], argmax[1::2])
+    assert torch.equal(processed_probs(logits, mixed)[0::2], one_hot[0::2])
+
+
+def test_logprobs_and_top_logprobs_are_raw_log_softmax(device: torch.device) -> None:
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1)).to(device)
+    params = [SamplingParams(top_logprobs=3), SamplingParams(temperature=0.5, top_k=3, top_logprobs=5),
+              SamplingParams(temperature=0.0, repetition_penalty=2.0), SamplingParams(top_p=0.3)]
+    out = sample(logits, make_batch(params, device, 50, prompt=[[1, 2]] * 4))
+    ref = torch.log_softmax(logits.float(), -1)
+    torch.testing.assert_close(out.logprobs, ref.gather(1, out.token_ids[:, None]).squeeze(1))
+    values, ids = ref.topk(5, dim=-1)  # n = max top_logprobs in the batch
+    assert torch.equal(out.top_ids, ids)
+    torch.testing.assert_close(out.top_logprobs, values)
+    assert out.logprobs.dtype == torch.float32 and out.token_ids.dtype == torch.int64
+
+    plain = sample(logits, make_batch([SamplingParams()] * 4, device, 50))
+    assert plain.top_ids is None and plain.top_logprobs is None
+
+
+# ---- temperature and filters --------------------------------------------------------------------------------
+
+ROW = [math.log(p) for p in (0.5, 0.3, 0.15, 0.05)]  # probs 0.5 / 0.3 / 0.15 / 0.05
+
+
+def test_temperature(device: torch.device) -> None:
+    row = [1.0, 0.5, 0.0, -0.5, -1.0, -1.5]
+    for t in (0.5, 2.0):
+        torch.testing.assert_close(probs_of(row, SamplingParams(temperature=t), device),
+                                   torch.softmax(torch.tensor(row) / t, -1))
+    # Lower temperature concentrates mass on the top token: measurably, not just in theory.
+    share = {t: (draw(row, SamplingParams(temperature=t), device) == 0).float().mean().item() for t in (0.5, 1, 2)}
+    assert share[0.5] > share[1] + 0.15 and share[1] > share[2] + 0.07, share
+
+
+def test_top_k(device: torch.device) -> None:
+    row = [0.3, 0.2, 0.1, 0.0, -0.1, -0.2]
+    assert set(draw(row, SamplingParams(top_k=2), device).tolist()) == {0, 1}
+    assert len(set(draw(row, SamplingParams(), device).tolist())) == 6
+    probs = probs_of(row, SamplingParams(top_k=2), device)
+    torch.testing.assert_close(probs[:2], torch.softmax(torch.tensor(row[:2]), -1))
+    assert bool((probs[2:] == 0).all())
+
+
+def test_top_p(device: torch.device) -> None:
+    # Mass before token 2 is 0.8 >= 0.7, so only tokens 0 and 1 survive, renormalised.
+    torch.testing.assert_close(probs_of(ROW, SamplingParams(top_p=0.7), device),
+                               torch.tensor([0.625, 0.375, 0.0, 0.0]))
+    assert set(draw(ROW, SamplingParams(top_p=0.7), device).tolist()) == {0, 1}
+    assert set(draw(ROW, SamplingParams(), device).tolist()) == {0, 1, 2, 3}
+
+
+def test_top_p_applies_after_top_k(device: torch.device) -> None:
+    # After top_k=3 the mass is 0.5/0.95, 0.3/0.95, ...: the mass before token 2 is 0.842 >= 0.82, so it goes.
+    # Without top-k first it would stay (0.8 < 0.82).
+    assert probs_of(ROW, SamplingParams(top_p=0.82), device)[2] > 0
+    torch.testing.assert_close(probs_of(ROW, SamplingParams(top_k=3, top_p=0.82), device),
+                               torch.tensor([0.625, 0.375, 0.0, 0.0]))
+
+
+def test_min_p(device: torch.device) -> None:
+    # Threshold 0.2 * 0.5 = 0.1 removes token 3 (0.05) only.
+    torch.testing.assert_close(probs_of(ROW, SamplingParams(min_p=0.2), device),
+                               torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95)
+    assert set(draw(ROW, SamplingParams(min_p=0.2), device).tolist()) == {0, 1, 2}
+
+
+def test_filters_leave_default_rows_untouched(device: torch.device) -> None:
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(2)).to(device)
+    # Row 2's tail is so small that its float32 cumulative mass reaches exactly 1.0 after token 0: a top-p
+    # step run with top_p = 1 would drop the tail because "mass before >= 1.0".
+    logits[2] = -30.0
+    logits[2, 0] = 0.0
+    params = [SamplingParams(), SamplingParams(top_k=3, top_p=0.5, min_p=0.3, temperature=0.7),
+              SamplingParams(), SamplingParams(top_p=0.9)]
+    probs = processed_probs(logits, make_batch(params, device, 1000))
+    for r in (0, 2):
+        torch.testing.assert_close(probs[r], torch.softmax(logits[r].float(), -1))
+        assert bool((probs[r] > 0).all())
+    assert int((probs[1] > 0).sum()) <= 3 and int((probs[3] > 0).sum()) < 1000
+
+
+# ---- penalties and suppression ------------------------------------------------------------------------------
+
+
+def test_repetition_penalty(device: torch.device) -> None:
+    row = [2.0, 1.5, -1.0, 0.5, 0.0]
+    ids = dict(prompt=[0], output=[2, 2])
+    # Prompt token 0 (positive) is divided, output token 2 (negative) multiplied, once despite two occurrences.
+    expected = torch.tensor([1.0, 1.5, -2.0, 0.5, 0.0])
+    torch.testing.assert_close(probs_of(row, SamplingParams(repetition_penalty=2.0), device, **ids),
+                               torch.softmax(expected, -1))
+    assert int(draw(row, SamplingParams(temperature=0.0), device, n=1, **ids)[0]) == 0
+    assert int(draw(row, SamplingParams(temperature=0.0, repetition_penalty=2.0), device, n=1, **ids)[0]) == 1
+
+
+def test_presence_penalty(device: torch.device) -> None:
+    row = [2.0, 1.5, 1.0, 0.0]
+    ids = dict(prompt=[1], output=[0, 0, 0, 2])
+    # Output tokens 0 and 2 lose 1.0 each however often they occur; prompt-only token 1 is not penalised.
+    expected = torch.tensor([1.0, 1.5, 0.0, 0.0])
+    torch.testing.assert_close(probs_of(row, SamplingParams(presence_penalty=1.0), device, **ids),
+                               torch.softmax(expected, -1))
+    assert int(draw(row, SamplingParams(temperature=0.0), device, n=1, **ids)[0]) == 0
+    assert int(draw(row, SamplingParams(temperature=0.0, presence_penalty=1.0), device, n=1, **ids)[0]) == 1
+
+
+def test_frequency_penalty(device: torch.device) -> None:
+    row = [2.0, 1.5, 1.0, 0.0]
+    # logit -= 0.4 * count: token 0 (3 times) -> 0.8, token 2 (once) -> 0.6; prompt token 1 untouched.
+    ids = dict(prompt=[1], output=[0, 2, 0, 0])
+    torch.testing.assert_close(probs_of(row, SamplingParams(frequency_penalty=0.4), device, **ids),
+                               torch.softmax(torch.tensor([0.8, 1.5, 0.6, 0.0]), -1))
+    greedy = SamplingParams(temperature=0.0, frequency_penalty=0.4)
+    assert int(draw(row, greedy, device, n=1, prompt=[1], output=[0])[0]) == 0  # 1.6 > 1.5
+    assert int(draw(row, greedy, device, n=1, prompt=[1], output=[0, 0])[0]) == 1  # 1.2 < 1.5
+    # Negative values encourage repetition.
+    torch.testing.assert_close(probs_of(row, SamplingParams(frequency_penalty=-1.0), device, output=[3, 3]),
+                               torch.softmax(torch.tensor([2.0, 1.5, 1.0, 2.0]), -1))
+
+
+def test_suppression(device: torch.device) -> None:
+    row = [3.0, 1.0, 0.5, 0.0]
+    assert int(draw(row, SamplingParams(temperature=0.0), device, n=1, suppressed=[0])[0]) == 1
+    probs = probs_of(row, SamplingParams(), device, suppressed=[0, 2])
+    assert probs[0] == 0 and probs[2] == 0
+    torch.testing.assert_close(probs[[1, 3]], torch.softmax(torch.tensor([1.0, 0.0]), -1))
+    assert set(draw(row, SamplingParams(), device, suppressed=[0]).tolist()) == {1, 2, 3}
+    assert 0 in set(draw(row, SamplingParams(), device).tolist())
+
+
+# ---- distribution and seeds ---------------------------------------------------------------------------------
+
+# Chi-square critical values at alpha = 1e-3 by degrees of freedom (standard table; scipy is not installed).
+# The draws are a fixed function of the seeds, so the test is deterministic; the bound only has to be sane.
+CHI2_CRIT_0_001 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}
+
+
+def test_empirical_frequencies_match_processed_probs(device: torch.device) -> None:
+    row = [2.0, 1.5, 1.2, 1.0, 0.3, 0.0, -0.5, -3.0]
+    params = SamplingParams(temperature=0.8, top_k=7, top_p=0.97, min_p=0.03, repetition_penalty=1.2,
+                            frequency_penalty=0.3)
+    ids = dict(prompt=[0], output=[1, 1])
+    n = 20000
+    probs = probs_of(row, params, device, **ids).double()
+    support = probs > 0
+    assert 4 <= int(support.sum()) < 8  # the filters really cut something and leave something to test
+    tokens = draw(row, params, device, n=n, **ids)
+    counts = torch.bincount(tokens, minlength=8).double()
+    assert counts[~support].sum() == 0
+    expected = n * probs[support]
+    assert bool((expected >= 5).all())
+    chi2 = ((counts[support] - expected) ** 2 / expected).sum().item()
+    assert chi2 < CHI2_CRIT_0_001[int(support.sum()) - 1], (chi2, counts, expected)
+
+
+def test_same_seed_same_token_alone_or_in_batch(device: torch.device) -> None:
+    gen = torch.Generator().manual_seed(3)
+    vocab = 1000
+    target = SamplingParams(temperature=0.9, top_p=0.95, frequency_penalty=0.5, seed=0)
+    tokens_seen = set()
+    for trial in range(12):
+        row = torch.randn(vocab, generator=gen)
+        seed, step = 1000 + trial, trial * 3
+        alone = make_batch([target], device, vocab, seeds=[seed], steps=[step], output=[[1, 2]])
+        alone_token = int(sample(row[None].to(device), alone).token_ids[0])
+        # Same row at index 5 of 8, surrounded by rows with other random params, seeds and steps.
+        others = [SamplingParams(temperature=float(torch.rand(1, generator=gen)) * 1.5,
+                                 top_k=int(torch.randint(0, 50, (1,), generator=gen)),
+                                 min_p=float(torch.rand(1, generator=gen)) * 0.2,
+                                 repetition_penalty=1.3, top_logprobs=2) for _ in range(7)]
+        params = others[:5] + [target] + others[5:]
+        logits = torch.randn(8, vocab, generator=gen)
+        logits[5] = row
+        batch = make_batch(params, device, vocab, seeds=[seed + 1 + i for i in range(7)][:5] + [seed] + [7, 8],
+                           steps=[0, 1, 2, 3, 4, step, 5, 6], prompt=[[3, 4]] * 8, output=[[1, 2]] * 8,
+                           suppressed=[[9]] * 5 + [[]] * 3)
+        assert int(sample(logits.to(device), batch).token_ids[5]) == alone_token
+        torch.testing.assert_close(processed_probs(logits.to(device), batch)[5],
+                                   processed_probs(row[None].to(device), alone)[0])
+        tokens_seen.add(alone_token)
+    assert len(tokens_seen) > 6  # the draws really are random, so agreement is not luck
+
+
+def test_different_seeds_and_steps_give_different_draws(device: torch.device) -> None:
+    vocab, n = 1000, 1000
+    uniform = torch.zeros(n, vocab, device=device)
+    by_seed = sample(uniform, make_batch([SamplingParams()] * n, device, vocab, seeds=list(range(n)))).token_ids
+    by_step = sample(uniform, make_batch([SamplingParams()] * n, device, vocab, seeds=[7] * n,
+                                         steps=list(range(n)))).token_ids
+    # n draws from n equally likely tokens hit about n * (1 - 1/e) = 632 distinct ones; a broken hash far fewer.
+    assert len(set(by_seed.tolist())) > 580 and len(set(by_step.tolist())) > 580
+    # Seeds are taken mod 2**64: 2**64 - 1 and -1 are the same seed.
+    a = make_batch([SamplingParams()] * 2, device, vocab, seeds=[2**64 - 1, -1])
+    tokens = sample(uniform[:2], a).token_ids
+    assert tokens[0] == tokens[1]
+
+
+# ---- validation ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", -0.1), ("temperature", math.nan), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
+    ("top_k", 2.5), ("min_p", -0.01), ("min_p", 1.01), ("repetition_penalty", 0.0),
+    ("presence_penalty", 2.5), ("frequency_penalty", -2.1), ("seed", 1.5), ("seed", 2**64),
+    ("top_logprobs", -1), ("top_logprobs", MAX_TOP_LOGPROBS + 1), ("temperature", "hot"), ("top_k", True),
+])
+def test_bad_params_raise_naming_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        SamplingParams(**{field: value})
+
+
+def test_build_and_sample_validate_inputs() -> None:
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="suppressed_ids"):
+        make_batch([SamplingParams()], cpu, 10, suppressed=[[10]])
+    with pytest.raises(ValueError, match="prompt_ids"):
+        make_batch([SamplingParams(repetition_penalty=1.1)], cpu, 10, prompt=[[-1]])
+    with pytest.raises(ValueError, match="seeds"):
+        SamplingBatch.build([SamplingParams()], [], [0], [[]], [[]], [[]], 10, cpu)
+    with pytest.raises(ValueError, match="logits"):
+        sample(torch.zeros(1, 11), make_batch([SamplingParams()], cpu, 10))

@@ -1,0 +1,310 @@
+"""Batched token sampler.
+
+One call turns logits [B, V] (one row per sequence that needs a token this step) into tokens. Everything is
+vectorised over the batch; the only Python loops run over requests while building the per-step tensors.
+
+Processing order, per row (each step is a no-op for rows that leave its parameter at the default):
+
+1. repetition penalty over prompt + output tokens (HF / vLLM): logit > 0 -> logit / p, else logit * p
+2. frequency / presence penalties over output tokens (OpenAI): logit -= freq * count + presence * (count > 0)
+3. suppression: suppressed ids (EOS / stop ids below min_new_tokens) -> -inf
+4. greedy rows (temperature < 1e-5) take the argmax here; later steps do not affect them
+5. temperature: logit / t
+6. top-k, 7. top-p (on the top-k renormalised distribution), 8. min-p (relative to the max prob).
+   All three become a per-row logit threshold, so they cost one sort per step (or one topk when only top-k
+   is active) and ties at a threshold are kept rather than broken by sort order.
+9. softmax -> the distribution returned by `processed_probs`
+10. exponential race: token = argmax(probs / E), E = -log(u), which draws exactly from probs.
+
+Randomness is counter based: u = hash(seed, step, stream, column) (splitmix64 on int64 tensors), so a row's
+draw depends only on its own (seed, step): reproducible and independent of batch composition, with no torch
+generator state. `stream` separates independent uses of the same (seed, step), e.g. speculative decoding's
+accept test.
+
+Reported log-probs are those of the raw model distribution (log_softmax of the unprocessed logits), as
+vLLM does by default.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+
+MAX_TOP_LOGPROBS = 20
+# Temperatures below this are treated as greedy (as vLLM does): logits / 1e-30 overflows to inf and NaNs.
+GREEDY_TEMPERATURE = 1e-5
+# Noise stream used for token sampling; other users of uniform_noise must pick another stream number.
+STREAM_SAMPLE = 0
+
+
+def _require(name: str, value: object, is_int: bool, ok: Callable[[float], bool], rule: str) -> None:
+    kind_ok = isinstance(value, int) if is_int else isinstance(value, (int, float))
+    if isinstance(value, bool) or not kind_ok or (not is_int and not math.isfinite(value)):
+        raise ValueError(f"{name} must be {'an int' if is_int else 'a finite number'}, got {value!r}")
+    if not ok(value):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 => greedy (argmax of processed logits; penalties still apply)
+    top_p: float = 1.0  # (0, 1]
+    top_k: int = 0  # 0 => off
+    min_p: float = 0.0  # [0, 1]
+    repetition_penalty: float = 1.0  # > 0, over prompt + output tokens
+    presence_penalty: float = 0.0  # [-2, 2], over output tokens
+    frequency_penalty: float = 0.0  # [-2, 2], over output tokens
+    seed: int | None = None  # same seed => same tokens regardless of batch composition
+    top_logprobs: int = 0  # 0..MAX_TOP_LOGPROBS alternatives to return
+
+    def __post_init__(self) -> None:
+        _require("temperature", self.temperature, False, lambda x: x >= 0, ">= 0")
+        _require("top_p", self.top_p, False, lambda x: 0 < x <= 1, "in (0, 1]")
+        _require("top_k", self.top_k, True, lambda x: x >= 0, ">= 0 (0 disables it)")
+        _require("min_p", self.min_p, False, lambda x: 0 <= x <= 1, "in [0, 1]")
+        _require("repetition_penalty", self.repetition_penalty, False, lambda x: x > 0, "> 0")
+        _require("presence_penalty", self.presence_penalty, False, lambda x: -2 <= x <= 2, "in [-2, 2]")
+        _require("frequency_penalty", self.frequency_penalty, False, lambda x: -2 <= x <= 2, "in [-2, 2]")
+        if self.seed is not None:
+            _require("seed", self.seed, True, lambda x: -(2**63) <= x < 2**64, "in [-2**63, 2**64)")
+        _require("top_logprobs", self.top_logprobs, True, lambda x: 0 <= x <= MAX_TOP_LOGPROBS,
+                 f"in [0, {MAX_TOP_LOGPROBS}]")
+
+
+def _to_int64(x: int) -> int:
+    """Reinterpret x mod 2**64 as a signed int64 (torch has no uint64 arithmetic)."""
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _count_matrix(name: str, lists: Sequence[Sequence[int]], vocab_size: int,
+                  device: torch.device) -> torch.Tensor | None:
+    """[B, V] float32 occurrence counts of the ids in lists[b]; None when every list is empty."""
+    lengths = [len(ids) for ids in lists]
+    total = sum(lengths)
+    if total == 0:
+        return None
+    cols = torch.tensor(list(chain.from_iterable(lists)), dtype=torch.int64)  # [total], built on CPU
+    if int(cols.min()) < 0 or int(cols.max()) >= vocab_size:
+        raise ValueError(f"{name} contains a token id outside [0, {vocab_size})")
+    rows = torch.repeat_interleave(torch.arange(len(lists)), torch.tensor(lengths))  # [total]
+    counts = torch.zeros(len(lists), vocab_size, dtype=torch.float32, device=device)
+    # Integer-valued float32 sums are exact, so accumulation order cannot change the result.
+    counts.index_put_((rows.to(device), cols.to(device)), torch.ones(total, device=device), accumulate=True)
+    return counts
+
+
+@dataclass
+class SamplingBatch:
+    """Per-step sampling tensors. Optional fields are None when no row in the batch uses that feature."""
+
+    vocab_size: int
+    seeds: torch.Tensor  # [B] int64 (seed mod 2**64 as signed)
+    steps: torch.Tensor  # [B] int64
+    greedy: torch.Tensor  # [B] bool
+    all_greedy: bool
+    any_greedy: bool
+    temperature: torch.Tensor | None  # [B, 1] float32 (1 for greedy rows)
+    top_k: torch.Tensor | None  # [B, 1] int64, 0 = off (already clamped to V)
+    max_top_k: int
+    top_p: torch.Tensor | None  # [B, 1] float32
+    log_min_p: torch.Tensor | None  # [B, 1] float32, log(min_p); -inf = off
+    repetition_penalty: torch.Tensor | None  # [B, 1] float32
+    repetition_mask: torch.Tensor | None  # [B, V] bool: id in prompt or output (rows with a penalty only)
+    frequency_penalty: torch.Tensor | None  # [B, 1] float32
+    presence_penalty: torch.Tensor | None  # [B, 1] float32
+    output_counts: torch.Tensor | None  # [B, V] float32
+    suppress_mask: torch.Tensor | None  # [B, V] bool
+    max_top_logprobs: int
+
+    @property
+    def size(self) -> int:
+        return self.seeds.shape[0]
+
+    @staticmethod
+    def build(params: list[SamplingParams], seeds: list[int], steps: list[int],
+              prompt_ids: list[list[int]], output_ids: list[list[int]],
+              suppressed_ids: list[list[int]], vocab_size: int, device: torch.device) -> "SamplingBatch":
+        b = len(params)
+        for name, rows in (("seeds", seeds), ("steps", steps), ("prompt_ids", prompt_ids),
+                           ("output_ids", output_ids), ("suppressed_ids", suppressed_ids)):
+            if len(rows) != b:
+                raise ValueError(f"{name} has {len(rows)} rows, expected {b}")
+        if vocab_size <= 0:
+            raise ValueError(f"vocab_size must be > 0, got {vocab_size}")
+        if any(s < 0 for s in steps):
+            raise ValueError("steps must be >= 0")
+
+        def col(values: list[float]) -> torch.Tensor:  # [B, 1] float32
+            return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+
+        greedy = [p.temperature < GREEDY_TEMPERATURE for p in params]
+        top_k = [min(p.top_k, vocab_size) for p in params]
+        rep = [p.repetition_penalty for p in params]
+        freq = [p.frequency_penalty for p in params]
+        pres = [p.presence_penalty for p in params]
+        any_rep = any(r != 1.0 for r in rep)
+        any_freq_pres = any(f != 0.0 for f in freq) or any(p != 0.0 for p in pres)
+        sampled = [not g for g in greedy]  # filters only matter for rows that sample
+
+        # Only rows that use a penalty contribute ids, so penalty-free batches pay nothing for long prompts.
+        need_output = [r != 1.0 or f != 0.0 or p != 0.0 for r, f, p in zip(rep, freq, pres)]
+        out_counts = _count_matrix("output_ids", [o if n else [] for o, n in zip(output_ids, need_output)],
+                                   vocab_size, device)
+        rep_mask = None
+        if any_rep:
+            prompt_counts = _count_matrix("prompt_ids", [pr if r != 1.0 else [] for pr, r in zip(prompt_ids, rep)],
+                                          vocab_size, device)
+            parts = [c > 0 for c in (prompt_counts, out_counts) if c is not None]
+            rep_mask = (parts[0] | parts[1]) if len(parts) == 2 else (parts[0] if parts else None)
+        suppress = _count_matrix("suppressed_ids", suppressed_ids, vocab_size, device)
+
+        return SamplingBatch(
+            vocab_size=vocab_size,
+            seeds=torch.tensor([_to_int64(s) for s in seeds], dtype=torch.int64, device=device),
+            steps=torch.tensor(steps, dtype=torch.int64, device=device),
+            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            all_greedy=all(greedy),
+            any_greedy=any(greedy),
+            temperature=(col([1.0 if g else p.temperature for g, p in zip(greedy, params)])
+                         if any(s and p.temperature != 1.0 for s, p in zip(sampled, params)) else None),
+            top_k=(torch.tensor(top_k, dtype=torch.int64, device=device).unsqueeze(1)
+                   if any(s and k > 0 for s, k in zip(sampled, top_k)) else None),
+            max_top_k=max(top_k, default=0),
+            top_p=(col([p.top_p for p in params])
+                   if any(s and p.top_p < 1.0 for s, p in zip(sampled, params)) else None),
+            log_min_p=(col([math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params])
+                       if any(s and p.min_p > 0 for s, p in zip(sampled, params)) else None),
+            repetition_penalty=col(rep) if rep_mask is not None else None,
+            repetition_mask=rep_mask,
+            frequency_penalty=col(freq) if any_freq_pres and out_counts is not None else None,
+            presence_penalty=col(pres) if any_freq_pres and out_counts is not None else None,
+            output_counts=out_counts if any_freq_pres else None,
+            suppress_mask=suppress > 0 if suppress is not None else None,
+            max_top_logprobs=max((p.top_logprobs for p in params), default=0),
+        )
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor  # [B] float32, log-prob of token_ids under the raw model distribution
+    top_ids: torch.Tensor | None  # [B, n] int64, n = max top_logprobs in batch (None if all 0)
+    top_logprobs: torch.Tensor | None  # [B, n] float32, raw log-probs of top_ids, descending
+
+
+# ---- counter-based noise -----------------------------------------------------------------------------------
+
+_GOLDEN = _to_int64(0x9E3779B97F4A7C15)
+_MUL1 = _to_int64(0xBF58476D1CE4E5B9)
+_MUL2 = _to_int64(0x94D049BB133111EB)
+
+
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 lanes: torch's >> is arithmetic, so clear the sign-extended bits."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finaliser; int64 multiplication wraps mod 2**64, which is exactly the uint64 product."""
+    z = (z ^ _shr(z, 30)) * _MUL1
+    z = (z ^ _shr(z, 27)) * _MUL2
+    return z ^ _shr(z, 31)
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, stream: int, n: int) -> torch.Tensor:
+    """[B, n] float64 uniforms in the open interval (0, 1), a pure function of (seed, step, stream, column).
+
+    seeds, steps: [B] int64. Row key = mix(mix(mix(seed ^ golden) ^ step) ^ stream); column c is the
+    (c+1)-th output of a splitmix64 sequence started at that key. The top 52 bits give u = (k + 0.5) / 2**52,
+    which is exact in float64 and never 0 or 1.
+    """
+    if not 0 <= stream < 2**63:
+        raise ValueError(f"stream must be in [0, 2**63), got {stream}")
+    key = _mix64(_mix64(_mix64(seeds.long() ^ _GOLDEN) ^ steps.long()) ^ stream)  # [B]
+    offsets = torch.arange(1, n + 1, dtype=torch.int64, device=seeds.device) * _GOLDEN  # [n]
+    bits = _shr(_mix64(key[:, None] + offsets[None, :]), 12)  # [B, n] in [0, 2**52)
+    return (bits.double() + 0.5) * 2.0**-52
+
+
+# ---- logits processing --------------------------------------------------------------------------------------
+
+
+def _penalize_and_suppress(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Steps 1-3 on a float32 copy of logits [B, V]; also the logits greedy rows take their argmax of."""
+    if logits.dim() != 2 or logits.shape != (batch.size, batch.vocab_size):
+        raise ValueError(f"logits must have shape {(batch.size, batch.vocab_size)}, got {tuple(logits.shape)}")
+    x = logits.to(torch.float32, copy=True)
+    if batch.repetition_mask is not None:
+        r = batch.repetition_penalty
+        x = torch.where(batch.repetition_mask, torch.where(x > 0, x / r, x * r), x)
+    if batch.output_counts is not None:
+        counts = batch.output_counts
+        x -= batch.frequency_penalty * counts + batch.presence_penalty * (counts > 0)
+    if batch.suppress_mask is not None:
+        x.masked_fill_(batch.suppress_mask, -math.inf)
+    return x
+
+
+def _filtered_logits(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Steps 5-8: temperature, then top-k / top-p / min-p as one per-row threshold. x: [B, V] float32."""
+    if batch.temperature is not None:
+        x = x / batch.temperature
+    neg_inf = torch.full((x.shape[0], 1), -math.inf, device=x.device)
+    threshold = neg_inf  # [B, 1]: keep logits >= threshold
+    if batch.top_p is not None:
+        # One descending sort serves both top-k and top-p. Top-k's threshold is its k-th largest logit.
+        desc = x.sort(dim=-1, descending=True).values  # [B, V]
+        if batch.top_k is not None:
+            kth = desc.gather(1, (batch.top_k - 1).clamp(min=0))
+            threshold = torch.where(batch.top_k > 0, kth, neg_inf)
+            desc = desc.masked_fill(desc < threshold, -math.inf)
+        # Top-p keeps the shortest prefix whose mass reaches top_p: position i stays while the mass strictly
+        # before it is < top_p (so the first token always stays). Rows with top_p == 1 are left alone even
+        # if float rounding pushes their cumulative mass to 1.
+        probs = desc.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        keep = (mass_before < batch.top_p).sum(dim=-1, keepdim=True)  # [B, 1] >= 1
+        p_threshold = torch.where(batch.top_p < 1.0, desc.gather(1, keep - 1), neg_inf)
+        threshold = torch.maximum(threshold, p_threshold)
+    elif batch.top_k is not None:
+        top = x.topk(batch.max_top_k, dim=-1).values  # [B, max_k]
+        kth = top.gather(1, (batch.top_k - 1).clamp(min=0))
+        threshold = torch.where(batch.top_k > 0, kth, neg_inf)
+    if batch.log_min_p is not None:
+        # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p); min_p = 0 gives -inf, i.e. keep all.
+        threshold = torch.maximum(threshold, x.amax(dim=-1, keepdim=True) + batch.log_min_p)
+    if batch.top_k is None and batch.top_p is None and batch.log_min_p is None:
+        return x
+    return x.masked_fill(x < threshold, -math.inf)
+
+
+def processed_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """[B, V] float32: the distribution `sample` draws from; greedy rows are one-hot at their argmax."""
+    x = _penalize_and_suppress(logits, batch)
+    probs = _filtered_logits(x, batch).softmax(dim=-1)
+    if batch.any_greedy:
+        one_hot = torch.nn.functional.one_hot(x.argmax(dim=-1), batch.vocab_size).to(probs.dtype)
+        probs = torch.where(batch.greedy[:, None], one_hot, probs)
+    return probs
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    """Draw one token per row of logits [B, V] (any float dtype)."""
+    x = _penalize_and_suppress(logits, batch)
+    tokens = x.argmax(dim=-1)  # greedy choice, [B]
+    if not batch.all_greedy:
+        probs = _filtered_logits(x, batch).softmax(dim=-1)  # [B, V]
+        # Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d. picks i with probability p_i.
+        exp_noise = uniform_noise(batch.seeds, batch.steps, STREAM_SAMPLE, batch.vocab_size).log_().neg_()
+        drawn = (probs / exp_noise.to(torch.float32)).argmax(dim=-1)
+        tokens = torch.where(batch.greedy, tokens, drawn)
+
+    raw = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
+    top_ids = top_logprobs = None
+    if batch.max_top_logprobs > 0:
+        top_logprobs, top_ids = raw.topk(batch.max_top_logprobs, dim=-1)
+    return SamplerOutput(token_ids=tokens, logprobs=raw.gather(1, tokens[:, None]).squeeze(1),
+                         top_ids=top_ids, top_logprobs=top_logprobs)
