@@ -1,0 +1,79 @@
+"""Causal GQA attention over a paged KV cache, for a packed varlen batch (prefill chunks and decodes mixed).
+
+The new keys/values are first written into the cache at `slot_mapping`; each sequence then attends over its
+whole context (cached prefix + this step's tokens) read back through its block table, so a chunked prefill
+sees exactly what a one-shot prefill sees.
+"""
+
+import torch
+
+from kernels.gated_delta_rule.reference import compute_dtype
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k_cache/v_cache: [num_blocks, block_size, Hkv, D]; k, v: [T, Hkv, D]; slot_mapping: [T] flat slot ids."""
+    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k.to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v.to(v_cache.dtype)
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cached positions of one sequence: [length, Hkv, D]."""
+    bs = cache.shape[1]
+    pos = torch.arange(length, device=cache.device)
+    slots = block_table[pos // bs].long() * bs + pos % bs
+    return cache.view(-1, *cache.shape[2:])[slots]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [b, n, Hq, D]; k, v: [b, L, Hkv, D]; mask: [b, n, L] True = may attend. Returns [b, n, Hq, D] (compute dtype)."""
+    group = q.shape[2] // k.shape[2]
+    ct = compute_dtype(q.dtype)
+    k = k.to(ct).repeat_interleave(group, dim=2)
+    v = v.to(ct).repeat_interleave(group, dim=2)
+    scores = torch.einsum("bnhd,blhd->bhnl", q.to(ct), k) * scale
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    return torch.einsum("bhnl,blhd->bnhd", scores.softmax(-1), v)
+
+
+def paged_attention_varlen(
+    q: torch.Tensor,  # [T, Hq, D], RoPE applied
+    k: torch.Tensor,  # [T, Hkv, D], RoPE applied
+    v: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D], written in place
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T] int64
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    query_lens: list[int],  # new tokens per sequence
+    context_lens: list[int],  # cached + new tokens per sequence
+    scale: float,
+) -> torch.Tensor:  # [T, Hq, D] in q's dtype
+    write_kv(k_cache, v_cache, k, v, slot_mapping)
+    out = torch.empty(q.shape, dtype=compute_dtype(q.dtype), device=q.device)
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    single = [i for i, n in enumerate(query_lens) if n == 1]
+    if single:
+        # Decodes: one padded batch; each query sees its whole context.
+        L = max(context_lens[i] for i in single)
+        bs = k_cache.shape[1]
+        pos = torch.arange(L, device=q.device)
+        tables = block_tables[single].long().clamp(min=0)  # padding entries are masked below
+        slots = tables[:, pos // bs] * bs + pos % bs  # [b, L]
+        ks = k_cache.view(-1, *k_cache.shape[2:])[slots]  # [b, L, Hkv, D]
+        vs = v_cache.view(-1, *v_cache.shape[2:])[slots]
+        lens = torch.tensor([context_lens[i] for i in single], device=q.device)
+        mask = (torch.arange(L, device=q.device)[None, :] < lens[:, None])[:, None, :]
+        rows = torch.tensor([starts[i] for i in single], device=q.device)
+        out[rows] = _attend(q[rows][:, None], ks, vs, mask, scale)[:, 0]
+    for i, n in enumerate(query_lens):
+        if n <= 1:
+            continue
+        s, L = starts[i], context_lens[i]
+        ks = _gather(k_cache, block_tables[i], L)[None]
+        vs = _gather(v_cache, block_tables[i], L)[None]
+        qpos = torch.arange(L - n, L, device=q.device)
+        mask = (torch.arange(L, device=q.device)[None, :] <= qpos[:, None])[None]
+        out[s:s + n] = _attend(q[s:s + n][None], ks, vs, mask, scale)[0]
+    return out.to(q.dtype)

@@ -1,0 +1,52 @@
+"""Causal depthwise conv1d + SiLU over a packed varlen batch, continuing from per-sequence conv states
+(FACTS §3.4). The conv state of a sequence holds its last K-1 inputs (zeros before the first token), so a
+prompt split into chunks gives exactly the one-shot result.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from kernels.gated_delta_rule.reference import compute_dtype
+
+
+def causal_conv1d_varlen(
+    x: torch.Tensor,  # [T, D] packed inputs of B sequences
+    weight: torch.Tensor,  # [D, K] depthwise kernel
+    conv_state: torch.Tensor,  # [S, D, K-1] one layer's state pool, updated in place
+    state_slots: torch.Tensor,  # [B] int64 slot of each sequence
+    query_lens: list[int],  # tokens of each sequence in x (sum = T)
+    has_initial_state: list[bool],  # False: the sequence starts here, its history is zeros
+) -> torch.Tensor:  # [T, D] silu(conv(x))
+    T, D = x.shape
+    K = weight.shape[1]
+    out = torch.empty_like(x)
+    # Sequences of one token (decode) go together as one batched update.
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    single = [i for i, n in enumerate(query_lens) if n == 1]
+    multi = [i for i, n in enumerate(query_lens) if n > 1]
+    if single:
+        rows = torch.tensor([starts[i] for i in single], device=x.device)
+        slots = state_slots[single]
+        hist = conv_state[slots].to(x.dtype)  # [b, D, K-1]
+        keep = torch.tensor([has_initial_state[i] for i in single], device=x.device)
+        hist = hist * keep[:, None, None].to(hist.dtype)
+        window = torch.cat([hist, x[rows].unsqueeze(-1)], dim=-1)  # [b, D, K]
+        ct = compute_dtype(x.dtype)
+        y = (window.to(ct) * weight.to(ct)).sum(-1)
+        out[rows] = F.silu(y).to(x.dtype)
+        conv_state[slots] = window[:, :, 1:].to(conv_state.dtype)
+    for i in multi:
+        s, n = starts[i], query_lens[i]
+        slot = state_slots[i]
+        if has_initial_state[i]:
+            hist = conv_state[slot].to(x.dtype)  # [D, K-1]
+        else:
+            hist = x.new_zeros(D, K - 1)
+        seq = torch.cat([hist, x[s:s + n].t()], dim=-1)  # [D, K-1+n]
+        ct = compute_dtype(x.dtype)
+        y = F.conv1d(seq.unsqueeze(0).to(ct), weight.to(ct).unsqueeze(1), groups=D)[0]  # [D, n]
+        out[s:s + n] = F.silu(y).t().to(x.dtype)
+        conv_state[slot] = seq[:, -(K - 1):].to(conv_state.dtype)
+    return out

@@ -1,0 +1,129 @@
+"""Gated delta rule (FACTS §3.6-3.7), plain torch, fp32 inside (fp64 for fp64 inputs).
+
+Recurrence per value head, state S: [dk, dv]:
+    S_t = exp(g_t) * S_{t-1};  u_t = beta_t * (v_t - S_t^T k_t);  S_t += k_t u_t^T;  o_t = S_t^T q_t
+with q, k L2-normalised and q scaled by dk^-0.5. The chunked form (chunk 64, WY representation) is the
+same function computed chunk-parallel; it is what prefill uses, the recurrent step is what decode uses.
+Both take and return the state, so prefill can continue from a cached state.
+"""
+
+import torch
+
+CHUNK_SIZE = 64
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs; fp64 stays fp64 (tests use it to show the algorithms are exact)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _prepare(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = q.shape[-1] ** -0.5
+    ct = compute_dtype(q.dtype)
+    return l2norm(q.to(ct)) * scale, l2norm(k.to(ct))
+
+
+def recurrent_step(
+    q: torch.Tensor,  # [B, H, dk]
+    k: torch.Tensor,  # [B, H, dk]
+    v: torch.Tensor,  # [B, H, dv]
+    g: torch.Tensor,  # [B, H] log decay (<= 0)
+    beta: torch.Tensor,  # [B, H]
+    state: torch.Tensor,  # [B, H, dk, dv] fp32
+) -> tuple[torch.Tensor, torch.Tensor]:  # o [B, H, dv], new state [B, H, dk, dv] (compute dtype)
+    q, k = _prepare(q, k)
+    ct = q.dtype
+    s = state.to(ct) * g.to(ct).exp()[..., None, None]
+    kv = (s * k[..., None]).sum(-2)  # S^T k: [B, H, dv]
+    u = (v.to(ct) - kv) * beta.to(ct)[..., None]
+    s = s + k[..., None] * u[..., None, :]
+    o = (s * q[..., None]).sum(-2)
+    return o, s
+
+
+def chunk_forward(
+    q: torch.Tensor,  # [n, H, dk] one sequence
+    k: torch.Tensor,  # [n, H, dk]
+    v: torch.Tensor,  # [n, H, dv]
+    g: torch.Tensor,  # [n, H]
+    beta: torch.Tensor,  # [n, H]
+    state: torch.Tensor | None,  # [H, dk, dv] or None (zeros)
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:  # o [n, H, dv], final state [H, dk, dv] (compute dtype)
+    n, H, dk = q.shape
+    dv = v.shape[-1]
+    C = chunk_size
+    q, k = _prepare(q, k)
+    ct = q.dtype
+    v, g, beta = v.to(ct), g.to(ct), beta.to(ct)
+    pad = (C - n % C) % C
+    # [H, n_pad, d]; padded tokens have k = v = beta = g = 0, so they neither write nor decay the state.
+    q, k, v = (torch.nn.functional.pad(t.transpose(0, 1), (0, 0, 0, pad)) for t in (q, k, v))
+    g, beta = (torch.nn.functional.pad(t.transpose(0, 1), (0, pad)) for t in (g, beta))
+    N = (n + pad) // C
+    q, k, v = (t.reshape(H, N, C, -1) for t in (q, k, v))
+    g, beta = g.reshape(H, N, C), beta.reshape(H, N, C)
+    k_beta, v_beta = k * beta[..., None], v * beta[..., None]
+    G = g.cumsum(-1)  # [H, N, C]
+    lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    # decay[i, j] = exp(G_i - G_j) for i >= j; mask before exp so the upper triangle cannot overflow.
+    decay = (G[..., :, None] - G[..., None, :]).masked_fill(~lower, float("-inf")).exp()
+    # Solve (I + strictly_lower(diag(beta) K K^T * decay)) A = I by forward substitution (WY form).
+    strictly_lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
+    A = -(k_beta @ k.transpose(-1, -2) * decay).masked_fill(~strictly_lower, 0.0)
+    for i in range(1, C):
+        A[..., i, :i] = A[..., i, :i] + (A[..., i, :i, None] * A[..., :i, :i]).sum(-2)
+    A = A + torch.eye(C, dtype=ct, device=q.device)
+    U = A @ v_beta  # [H, N, C, dv]
+    W = A @ (k_beta * G.exp()[..., None])  # [H, N, C, dk]
+    S = torch.zeros(H, dk, dv, dtype=ct, device=q.device) if state is None else state.to(ct).clone()
+    out = torch.empty(H, N, C, dv, dtype=ct, device=q.device)
+    for c in range(N):
+        qc, kc, Gc = q[:, c], k[:, c], G[:, c]
+        attn = (qc @ kc.transpose(-1, -2) * decay[:, c])  # already zero above the diagonal
+        v_new = U[:, c] - W[:, c] @ S
+        out[:, c] = (qc * Gc.exp()[..., None]) @ S + attn @ v_new
+        last = Gc[:, -1:]  # [H, 1]
+        S = S * last.exp()[..., None] + (kc * (last - Gc).exp()[..., None]).transpose(-1, -2) @ v_new
+    o = out.reshape(H, N * C, dv)[:, :n].transpose(0, 1)
+    return o, S
+
+
+def gated_delta_rule_varlen(
+    q: torch.Tensor,  # [T, H, dk] (key heads already repeated to the value heads)
+    k: torch.Tensor,  # [T, H, dk]
+    v: torch.Tensor,  # [T, H, dv]
+    g: torch.Tensor,  # [T, H]
+    beta: torch.Tensor,  # [T, H]
+    ssm_state: torch.Tensor,  # [S, H, dk, dv] one layer's state pool, updated in place
+    state_slots: torch.Tensor,  # [B] int64
+    query_lens: list[int],
+    has_initial_state: list[bool],
+) -> torch.Tensor:  # [T, H, dv] in v's dtype
+    out = torch.empty(v.shape, dtype=compute_dtype(v.dtype), device=v.device)
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    single = [i for i, n in enumerate(query_lens) if n == 1]
+    if single:
+        rows = torch.tensor([starts[i] for i in single], device=v.device)
+        slots = state_slots[single]
+        keep = torch.tensor([has_initial_state[i] for i in single], device=v.device)
+        s0 = ssm_state[slots] * keep[:, None, None, None]
+        o, s1 = recurrent_step(q[rows], k[rows], v[rows], g[rows], beta[rows], s0)
+        out[rows] = o
+        ssm_state[slots] = s1.to(ssm_state.dtype)
+    for i, n in enumerate(query_lens):
+        if n <= 1:
+            continue
+        s = starts[i]
+        slot = state_slots[i]
+        s0 = ssm_state[slot] if has_initial_state[i] else None
+        o, s1 = chunk_forward(q[s:s + n], k[s:s + n], v[s:s + n], g[s:s + n], beta[s:s + n], s0)
+        out[s:s + n] = o
+        ssm_state[slot] = s1.to(ssm_state.dtype)
+    return out.to(v.dtype)

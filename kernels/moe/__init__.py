@@ -1,0 +1,3 @@
+from kernels.moe.reference import fused_moe, route
+
+__all__ = ["route", "fused_moe"]

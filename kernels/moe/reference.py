@@ -1,0 +1,56 @@
+"""Top-k softmax routing and the routed experts of a sparse MoE block (FACTS §3.9), plain torch.
+
+The shared expert and its sigmoid gate are an ordinary gated MLP in the model; only the routed part is here.
+Expert weights are stacked per projection: w_gate, w_up [E, I, H], w_down [E, H, I]; for FP8 each has a
+block scale tensor [E, ceil(rows/128), ceil(cols/128)].
+"""
+
+import torch
+import torch.nn.functional as F
+
+from kernels.fp8.reference import dequantize_weight_block
+
+
+def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
+          renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H], router_weight [E, H] -> (weights fp32 [T, k], expert ids int64 [T, k])."""
+    probs = F.linear(x, router_weight).softmax(dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
+    weights, ids = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, ids
+
+
+def _expert_weight(w: torch.Tensor, scale: torch.Tensor | None, e: int, dtype: torch.dtype) -> torch.Tensor:
+    return w[e] if scale is None else dequantize_weight_block(w[e], scale[e]).to(dtype)
+
+
+def fused_moe(
+    x: torch.Tensor,  # [T, H]
+    weights: torch.Tensor,  # [T, k] fp32
+    ids: torch.Tensor,  # [T, k]
+    w_gate: torch.Tensor,  # [E, I, H]
+    w_up: torch.Tensor,  # [E, I, H]
+    w_down: torch.Tensor,  # [E, H, I]
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # FP8 block scales of the three
+) -> torch.Tensor:  # [T, H] in x's dtype
+    T, k = ids.shape
+    out = torch.zeros(T, x.shape[1], dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    flat_ids = ids.reshape(-1)
+    order = flat_ids.argsort(stable=True)  # token-expert pairs grouped by expert
+    counts = torch.bincount(flat_ids, minlength=w_gate.shape[0]).tolist()
+    token_of = order // k
+    start = 0
+    s_gate, s_up, s_down = scales if scales is not None else (None, None, None)
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        pairs = order[start:start + n]
+        tokens = token_of[start:start + n]
+        start += n
+        xe = x[tokens]
+        h = F.silu(F.linear(xe, _expert_weight(w_gate, s_gate, e, x.dtype))) * F.linear(
+            xe, _expert_weight(w_up, s_up, e, x.dtype))
+        y = F.linear(h, _expert_weight(w_down, s_down, e, x.dtype))
+        out.index_add_(0, tokens, y.to(out.dtype) * weights.reshape(-1)[pairs, None].to(out.dtype))
+    return out.to(x.dtype)

@@ -1,0 +1,21 @@
+"""Plain-torch norms of Qwen3-Next (FACTS §3.2)."""
+
+import torch
+import torch.nn.functional as F
+
+from kernels.gated_delta_rule.reference import compute_dtype
+
+
+def rms_norm_zero_centred(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = x / rms(x) * (1 + w), computed in fp32, returned in x's dtype. x: [..., D], weight: [D]."""
+    x32 = x.to(compute_dtype(x.dtype))
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * (1.0 + weight.to(x32.dtype))).to(x.dtype)
+
+
+def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Norm before gate: y = w * (x / rms(x)) * silu(z). x, z: [..., D]; weight: [D] (plain, not 1+w)."""
+    x32 = x.to(compute_dtype(x.dtype))
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    y = weight * y.to(x.dtype)
+    return (y * F.silu(z.to(x32.dtype))).to(x.dtype)

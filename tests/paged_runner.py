@@ -1,0 +1,65 @@
+"""A minimal driver of the model's varlen forward for model-level tests: it hands out KV blocks (deliberately
+out of order, and small, so block tables matter) and state slots, and builds ForwardBatch for chunks of
+several sequences at once. The engine's scheduler does this for real; here the test says what runs."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from worker.cache_tensors import CacheShape, CacheTensors
+from worker.model import ForwardBatch, Qwen3NextForCausalLM
+
+
+class PagedRunner:
+    def __init__(self, model: Qwen3NextForCausalLM, num_blocks: int = 512, block_size: int = 4,
+                 num_slots: int = 8, seed: int = 0) -> None:
+        self.model = model
+        self.block_size = block_size
+        dtype = next(model.parameters()).dtype
+        state_dtype = torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for exactness tests
+        self.cache = CacheTensors(model.config, CacheShape(num_blocks, block_size, num_slots, dtype, state_dtype,
+                                                           dtype), "cpu")
+        self.free_blocks = list(range(num_blocks))
+        random.Random(seed).shuffle(self.free_blocks)
+        self.free_slots = list(range(num_slots))[::-1]
+        self.blocks: dict[int, list[int]] = {}
+        self.slot: dict[int, int] = {}
+        self.length: dict[int, int] = {}
+        self._next = 0
+
+    def new_seq(self) -> int:
+        sid = self._next
+        self._next += 1
+        self.blocks[sid], self.slot[sid], self.length[sid] = [], self.free_slots.pop(), 0
+        return sid
+
+    def batch(self, chunks: list[tuple[int, list[int]]]) -> ForwardBatch:
+        ids, pos, slots, qlens, clens = [], [], [], [], []
+        for sid, toks in chunks:
+            start = self.length[sid]
+            end = start + len(toks)
+            while len(self.blocks[sid]) * self.block_size < end:
+                self.blocks[sid].append(self.free_blocks.pop())
+            for p in range(start, end):
+                slots.append(self.blocks[sid][p // self.block_size] * self.block_size + p % self.block_size)
+            ids += toks
+            pos += range(start, end)
+            qlens.append(len(toks))
+            clens.append(end)
+            self.length[sid] = end
+        width = max(len(self.blocks[sid]) for sid, _ in chunks)
+        tables = torch.zeros(len(chunks), width, dtype=torch.int32)
+        for i, (sid, _) in enumerate(chunks):
+            tables[i, :len(self.blocks[sid])] = torch.tensor(self.blocks[sid], dtype=torch.int32)
+        return ForwardBatch(
+            input_ids=torch.tensor(ids), positions=torch.tensor(pos), query_lens=qlens, context_lens=clens,
+            slot_mapping=torch.tensor(slots), block_tables=tables,
+            state_slots=torch.tensor([self.slot[sid] for sid, _ in chunks]))
+
+    def step(self, chunks: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
+        """Run one forward over the chunks; returns each chunk's logits for all its tokens: [n_i, V]."""
+        batch = self.batch(chunks)
+        logits = self.model.compute_logits(self.model(batch, self.cache))
+        return list(logits.split(batch.query_lens))

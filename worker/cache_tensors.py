@@ -1,0 +1,56 @@
+"""Device memory of the hybrid cache (DESIGN.md "The cache is two kinds of memory").
+
+- Full-attention layers (and the MTP head's attention layer): a paged KV pool per layer,
+  k/v [num_blocks, block_size, Hkv, D]; a sequence owns blocks listed in its block table.
+- Gated DeltaNet layers: a pool of state slots, conv [n_gdn, num_slots, conv_dim, K-1] and recurrent
+  [n_gdn, num_slots, Hv, dk, dv]; a running sequence owns one slot across all DeltaNet layers.
+
+Which block or slot belongs to whom is decided by the (torch-free) allocator in `worker/cache.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from worker.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    num_blocks: int
+    block_size: int
+    num_slots: int
+    kv_dtype: torch.dtype
+    state_dtype: torch.dtype  # recurrent state; fp32 by default (bf16 halves it)
+    conv_dtype: torch.dtype
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, kv_dtype: torch.dtype) -> int:
+    """Bytes of one KV block summed over every full-attention layer (incl. MTP layers)."""
+    layers = len(cfg.full_attention_layers) + cfg.num_mtp_layers
+    per_layer = 2 * block_size * cfg.num_key_value_heads * cfg.head_dim * kv_dtype.itemsize
+    return layers * per_layer
+
+
+def state_bytes_per_slot(cfg: ModelConfig, state_dtype: torch.dtype, conv_dtype: torch.dtype) -> int:
+    """Bytes of one sequence's conv + recurrent state summed over every DeltaNet layer."""
+    n = len(cfg.linear_attention_layers)
+    conv = cfg.conv_dim * (cfg.linear_conv_kernel_dim - 1) * conv_dtype.itemsize
+    ssm = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * state_dtype.itemsize
+    return n * (conv + ssm)
+
+
+class CacheTensors:
+    def __init__(self, cfg: ModelConfig, shape: CacheShape, device: torch.device | str) -> None:
+        self.shape = shape
+        n_kv = len(cfg.full_attention_layers) + cfg.num_mtp_layers
+        kv = (shape.num_blocks, shape.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.k_cache = [torch.zeros(kv, dtype=shape.kv_dtype, device=device) for _ in range(n_kv)]
+        self.v_cache = [torch.zeros(kv, dtype=shape.kv_dtype, device=device) for _ in range(n_kv)]
+        n_gdn = len(cfg.linear_attention_layers)
+        self.conv_state = torch.zeros(n_gdn, shape.num_slots, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1,
+                                      dtype=shape.conv_dtype, device=device)
+        self.ssm_state = torch.zeros(n_gdn, shape.num_slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                                     cfg.linear_value_head_dim, dtype=shape.state_dtype, device=device)

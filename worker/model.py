@@ -1,0 +1,311 @@
+"""Qwen3-Next forward over a packed varlen batch (FACTS §3).
+
+Shapes: T tokens in the step (all sequences packed), H hidden, Hq/Hkv attention heads of size D,
+Hk/Hv DeltaNet key/value heads of sizes dk/dv, E experts.
+
+One call handles prefill chunks and decode tokens together: `ForwardBatch` says where each sequence starts,
+its positions, its KV slots / block table (full-attention layers) and its state slot (DeltaNet layers).
+Parameter names mirror the checkpoint's, so the loader maps names 1:1 except the stacked experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.attention import paged_attention_varlen
+from kernels.conv1d import causal_conv1d_varlen
+from kernels.gated_delta_rule import gated_delta_rule_varlen
+from kernels.moe import fused_moe, route
+from kernels.norms import gated_rms_norm, rms_norm_zero_centred
+from worker.cache_tensors import CacheTensors
+from worker.config import FULL_ATTENTION, ModelConfig, yarn_inv_freq_and_scale
+
+
+@dataclass
+class ForwardBatch:
+    """Varlen metadata for one forward, built once per step by the engine."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64 position of each token in its sequence
+    query_lens: list[int]  # new tokens per sequence (sum = T)
+    context_lens: list[int]  # tokens in the KV cache after this step (computed before + new)
+    slot_mapping: torch.Tensor  # [T] int64 flat KV slot (block * block_size + offset) of each token
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    state_slots: torch.Tensor  # [B] int64 DeltaNet state slot of each sequence
+
+    @property
+    def has_initial_state(self) -> list[bool]:
+        """A sequence whose earlier tokens were computed continues from its saved conv/recurrent state."""
+        return [c > q for q, c in zip(self.query_lens, self.context_lens)]
+
+    @property
+    def last_token_indices(self) -> torch.Tensor:
+        """[B] row of each sequence's last token in the packed batch."""
+        ends = torch.tensor(self.query_lens, device=self.input_ids.device).cumsum(0)
+        return ends - 1
+
+
+class RMSNorm(nn.Module):
+    """Zero-centred RMSNorm: x / rms(x) * (1 + w); w starts at zero."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm_zero_centred(x, self.weight, self.eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """Partial NeoX RoPE on the first `rotary_dim` dims of each head, YaRN when configured."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        inv_freq, self.scale = yarn_inv_freq_and_scale(cfg.rope, cfg.rotary_dim)
+        self.register_buffer("inv_freq", torch.tensor(inv_freq, dtype=torch.float32), persistent=False)
+        self.rotary_dim = cfg.rotary_dim
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, rotary_dim / 2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D]; cos/sin [T, R]: rotate dims [0, R) in NeoX halves, pass the rest through."""
+    r = cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    x1, x2 = rot[..., : r // 2], rot[..., r // 2:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    rot = rot * cos[:, None] + rotated * sin[:, None]
+    return torch.cat([rot, rest], dim=-1)
+
+
+class GatedAttention(nn.Module):
+    """Full attention with a per-head sigmoid output gate (FACTS §3.8)."""
+
+    def __init__(self, cfg: ModelConfig, cache_index: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        # q_proj rows per head: [query (D) | gate (D)]
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim * 2, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.cache_index = cache_index  # which KV pool of CacheTensors this layer owns
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: CacheTensors,
+                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        q, gate = self.q_proj(x).view(T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)  # [T, Hq, D] each
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)), cos, sin)
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        o = paged_attention_varlen(
+            q, k, v, cache.k_cache[self.cache_index], cache.v_cache[self.cache_index], batch.slot_mapping,
+            batch.block_tables, batch.query_lens, batch.context_lens, self.head_dim ** -0.5)
+        o = o * torch.sigmoid(gate)
+        return self.o_proj(o.reshape(T, -1))
+
+
+class GatedDeltaNet(nn.Module):
+    """Linear attention with the gated delta rule (FACTS §3.3-3.7); state lives in the cache's state slots."""
+
+    def __init__(self, cfg: ModelConfig, cache_index: int) -> None:
+        super().__init__()
+        self.Hk, self.Hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.key_dim, self.value_dim = cfg.linear_key_dim, cfg.linear_value_dim
+        self.eps = cfg.rms_norm_eps
+        # Checkpoint layout, interleaved per key-head group g: in_proj_qkvz rows [q_g | k_g | v_g | z_g],
+        # in_proj_ba rows [b_g | a_g], each value part holding Hv/Hk heads.
+        self.in_proj_qkvz = nn.Linear(cfg.hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False)
+        self.in_proj_ba = nn.Linear(cfg.hidden_size, 2 * self.Hv, bias=False)
+        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.linear_conv_kernel_dim, groups=cfg.conv_dim,
+                                bias=False)  # only its weight [conv_dim, 1, K] is used
+        self.A_log = nn.Parameter(torch.zeros(self.Hv))
+        self.dt_bias = nn.Parameter(torch.ones(self.Hv))
+        self.norm = nn.Module()
+        self.norm.weight = nn.Parameter(torch.ones(self.dv))
+        self.out_proj = nn.Linear(self.value_dim, cfg.hidden_size, bias=False)
+        self.cache_index = cache_index  # which DeltaNet state pool of CacheTensors this layer owns
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: CacheTensors) -> torch.Tensor:
+        T = x.shape[0]
+        r = self.Hv // self.Hk
+        qkvz = self.in_proj_qkvz(x).view(T, self.Hk, 2 * self.dk + 2 * r * self.dv)
+        q, k, v, z = qkvz.split([self.dk, self.dk, r * self.dv, r * self.dv], dim=-1)
+        b, a = self.in_proj_ba(x).view(T, self.Hk, 2 * r).split([r, r], dim=-1)
+        mixed = torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], dim=-1)  # [T, conv_dim]
+        mixed = causal_conv1d_varlen(mixed, self.conv1d.weight[:, 0], cache.conv_state[self.cache_index],
+                                     batch.state_slots, batch.query_lens, batch.has_initial_state)
+        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        # value head h reads key head h // r
+        q = q.reshape(T, self.Hk, self.dk).repeat_interleave(r, dim=1)  # [T, Hv, dk]
+        k = k.reshape(T, self.Hk, self.dk).repeat_interleave(r, dim=1)
+        v = v.reshape(T, self.Hv, self.dv)
+        beta = torch.sigmoid(b.reshape(T, self.Hv))
+        ct = torch.promote_types(x.dtype, torch.float32)  # fp32 even for bf16 weights: A_log.exp() overflows fp16
+        g = -self.A_log.to(ct).exp() * F.softplus(a.reshape(T, self.Hv).to(ct) + self.dt_bias.to(ct))  # [T, Hv]
+        o = gated_delta_rule_varlen(q, k, v, g, beta, cache.ssm_state[self.cache_index], batch.state_slots,
+                                    batch.query_lens, batch.has_initial_state)  # [T, Hv, dv]
+        o = gated_rms_norm(o, z.reshape(T, self.Hv, self.dv), self.norm.weight, self.eps)
+        return self.out_proj(o.reshape(T, self.value_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """The routed experts, stacked per projection (the loader stacks the checkpoint's per-expert tensors).
+
+    For FP8 weights kept on the device, `worker/fp8.py` adds `*_scale_inv` block scales beside each.
+    """
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.w_gate = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
+        self.w_up = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
+        self.w_down = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.is_fp8 = False
+
+    @property
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        if not self.is_fp8:
+            return None
+        return self.w_gate_scale_inv, self.w_up_scale_inv, self.w_down_scale_inv
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return fused_moe(x, weights, ids, self.w_gate, self.w_up, self.w_down, self.scales)
+
+
+class SparseMoE(nn.Module):
+    """softmax router -> top-k (renormalised) routed experts + sigmoid-gated shared expert (FACTS §3.9)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = route(x, self.gate.weight, self.top_k, self.norm_topk_prob)
+        routed = self.experts(x, weights, ids)
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return routed + shared
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_type: str, cache_index: int, is_moe: bool) -> None:
+        super().__init__()
+        self.is_attention = layer_type == FULL_ATTENTION
+        if self.is_attention:
+            self.self_attn = GatedAttention(cfg, cache_index)
+        else:
+            self.linear_attn = GatedDeltaNet(cfg, cache_index)
+        self.mlp = SparseMoE(cfg) if is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: CacheTensors,
+                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if self.is_attention:
+            h = self.self_attn(h, batch, cache, cos, sin)
+        else:
+            h = self.linear_attn(h, batch, cache)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TransformerBody(nn.Module):
+    """`model.*`: embeddings, the 48 (here: num_hidden_layers) decoder layers and the final norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        attn_idx = gdn_idx = 0
+        layers = []
+        for i, t in enumerate(cfg.layer_types):
+            if t == FULL_ATTENTION:
+                layers.append(DecoderLayer(cfg, t, attn_idx, cfg.is_moe_layer(i)))
+                attn_idx += 1
+            else:
+                layers.append(DecoderLayer(cfg, t, gdn_idx, cfg.is_moe_layer(i)))
+                gdn_idx += 1
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MtpHead(nn.Module):
+    """`mtp.*` (FACTS §3.10): x = fc([norm(embed(t_{p+1})) | norm(h_p)]) -> one full-attention MoE layer -> norm.
+
+    It shares `model.embed_tokens` and `lm_head` with the main model; its attention layer has its own KV pool,
+    placed after the main model's full-attention pools.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        first_pool = len(cfg.full_attention_layers)
+        self.fc = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.pre_fc_norm_embedding = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.pre_fc_norm_hidden = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, FULL_ATTENTION, first_pool + j, cfg.num_experts > 0) for j in range(cfg.num_mtp_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Qwen3NextForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = TransformerBody(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.mtp = MtpHead(cfg) if cfg.num_mtp_layers > 0 else None
+        self.rotary = RotaryEmbedding(cfg)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, cache: CacheTensors) -> torch.Tensor:
+        """Returns the final hidden states after `model.norm`: [T, H] (what MTP drafts from)."""
+        x = self.model.embed_tokens(batch.input_ids)
+        cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, batch, cache, cos, sin)
+        return self.model.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> [N, V] in fp32 (fp64 for an fp64 model)."""
+        logits = self.lm_head(hidden)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    @torch.inference_mode()
+    def mtp_forward(self, next_token_ids: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch,
+                    cache: CacheTensors, step: int = 0) -> torch.Tensor:
+        """One MTP pass. Row p pairs token t_{p+1} with the target's final hidden state h_p at position p
+        (batch.positions); returns the MTP's hidden states after `mtp.norm`: [T, H]."""
+        assert self.mtp is not None, "this checkpoint has no MTP head"
+        e = self.mtp.pre_fc_norm_embedding(self.model.embed_tokens(next_token_ids))
+        h = self.mtp.pre_fc_norm_hidden(hidden)
+        x = self.mtp.fc(torch.cat([e, h], dim=-1))
+        cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
+        x = self.mtp.layers[step % len(self.mtp.layers)](x, batch, cache, cos, sin)
+        return self.mtp.norm(x)
