@@ -6,3 +6,22 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest
+
+_REPORTS: list[str] = []
+
+
+@pytest.fixture
+def report():
+    """report("what", value): a measured figure printed in the run's summary (not only on failure)."""
+    def add(what: str, value: object) -> None:
+        _REPORTS.append(f"{what}: {value}")
+    return add
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _REPORTS:
+        terminalreporter.section("measured figures")
+        for line in _REPORTS:
+            terminalreporter.write_line(line)
