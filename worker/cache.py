@@ -1,0 +1,131 @@
+"""Who owns which piece of the hybrid cache (DESIGN.md "The cache is two kinds of memory").
+
+Two resources, handed out by the same free-list bookkeeping:
+- KV blocks of the full-attention layers: a sequence of n tokens owns ceil(n / block_size) blocks, listed in
+  its block table; block b holds positions [i * block_size, (i + 1) * block_size) when it is the i-th entry.
+- DeltaNet state slots: a running sequence owns exactly one, whatever its length.
+Ids are indices into the device pools of `worker/cache_tensors.py`. A slot handed out again still holds the
+previous owner's state; the model ignores it for a sequence's first chunk (`ForwardBatch.has_initial_state`).
+
+This module is plain Python on purpose: the scheduler runs it on the CPU and must not import torch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class _IdPool:
+    """Free list of the ids 0..num_total-1. Freed ids go to the back, so recently freed ones are reused last."""
+
+    def __init__(self, kind: str, num_total: int) -> None:
+        assert num_total >= 1, f"a cache needs at least one {kind}, got {num_total}"
+        self.kind = kind
+        self.num_total = num_total
+        self._free = deque(range(num_total))
+        self._is_free = [True] * num_total
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int] | None:
+        """n ids, or None (and nothing taken) when fewer than n are free."""
+        assert n >= 0, n
+        if n > len(self._free):
+            return None
+        ids = [self._free.popleft() for _ in range(n)]
+        for i in ids:
+            self._is_free[i] = False
+        return ids
+
+    def free(self, ids: list[int]) -> None:
+        for i in ids:
+            assert 0 <= i < self.num_total, f"{self.kind} {i} is not from this pool of {self.num_total}"
+            assert not self._is_free[i], f"double free of {self.kind} {i}"
+            self._is_free[i] = True
+            self._free.append(i)
+
+
+class BlockPool(_IdPool):
+    """KV blocks of the full-attention layers."""
+
+    def __init__(self, num_blocks: int) -> None:
+        super().__init__("block", num_blocks)
+
+
+class SlotPool:
+    """DeltaNet state slots, one per running sequence."""
+
+    def __init__(self, num_slots: int) -> None:
+        self._ids = _IdPool("slot", num_slots)
+
+    @property
+    def num_free(self) -> int:
+        return self._ids.num_free
+
+    @property
+    def num_total(self) -> int:
+        return self._ids.num_total
+
+    def allocate(self) -> int | None:
+        ids = self._ids.allocate(1)
+        return None if ids is None else ids[0]
+
+    def free(self, slot: int) -> None:
+        self._ids.free([slot])
+
+
+class HybridCacheManager:
+    """Grows and releases a sequence's (block table, slot) pair as one unit; "no room" is a None return."""
+
+    def __init__(self, num_blocks: int, block_size: int, num_slots: int) -> None:
+        assert block_size >= 1, block_size
+        self.block_size = block_size
+        self.blocks = BlockPool(num_blocks)
+        self.slots = SlotPool(num_slots)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def ensure(self, block_ids: list[int], slot: int | None, total_tokens: int) -> tuple[list[int], int] | None:
+        """The sequence's (block_ids, slot) grown to cover total_tokens tokens and to own a slot.
+
+        Returns a new list (block_ids itself is not modified), or None with nothing allocated when either
+        blocks or a slot are short, so a failed attempt needs no undo. A table that already covers
+        total_tokens is kept as it is (never shrunk).
+        """
+        num_new = max(0, self.blocks_for(total_tokens) - len(block_ids))
+        if num_new > self.blocks.num_free or (slot is None and self.slots.num_free == 0):
+            return None
+        new_blocks = self.blocks.allocate(num_new)
+        assert new_blocks is not None  # checked above
+        if slot is None:
+            slot = self.slots.allocate()
+            assert slot is not None
+        return block_ids + new_blocks, slot
+
+    def release(self, block_ids: list[int], slot: int | None) -> None:
+        self.blocks.free(block_ids)
+        if slot is not None:
+            self.slots.free(slot)
+
+    def is_full(self) -> bool:
+        """Every block and slot is free again (nothing leaked)."""
+        return self.blocks.num_free == self.blocks.num_total and self.slots.num_free == self.slots.num_total
+
+    @property
+    def kv_blocks_used(self) -> int:
+        return self.blocks.num_total - self.blocks.num_free
+
+    @property
+    def kv_blocks_total(self) -> int:
+        return self.blocks.num_total
+
+    @property
+    def state_slots_used(self) -> int:
+        return self.slots.num_total - self.slots.num_free
+
+    @property
+    def state_slots_total(self) -> int:
+        return self.slots.num_total

@@ -1,0 +1,287 @@
+"""Continuous batching over the hybrid cache: `schedule() -> SchedulePlan`, then `update(plan, sampled)`.
+
+Policy (FCFS, chunked prefill, preemption by recompute):
+- Every step first serves the RUNNING requests in arrival order: a decoding request gets 1 token, one in the
+  middle of its prefill gets its next chunk. Then WAITING requests are admitted in order while
+  `max_num_seqs` and the token budget `max_num_batched_tokens` allow. Prefill chunks and decodes share a step.
+- Chunked prefill: a request gets min(tokens it has left, budget left), so a long prompt spans several steps
+  (it is RUNNING from its first chunk on). Only the chunk that reaches the end of `all_token_ids` samples.
+- Before a chunk is planned, the cache must cover `start + num_tokens` tokens and give the request a slot
+  (all-or-nothing). If that fails for a RUNNING request, the most recently arrived running request (maybe the
+  request itself) is preempted by recompute: it drops its blocks and slot, num_computed_tokens = 0, and it
+  goes to the FRONT of the waiting queue keeping its output tokens, which are recomputed with the prompt.
+  Then the request tries again. The earliest running request therefore always progresses (`add` rejects a
+  request that could not fit the cache alone), so nothing livelocks.
+- A WAITING request that does not fit waits, and later ones wait behind it (strict FCFS; newcomers never
+  preempt). No request is admitted in a step that preempted: the cache is under pressure, and a request
+  preempted while building the plan must not be in it.
+Invariants: running requests arrived before all waiting ones (admission is in order, victims are the latest
+running and go to the front), so both queues stay in arrival order. Waiting requests own no blocks or slot.
+
+Plain Python, no torch: the engine turns a plan into device tensors.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+from worker.cache import HybridCacheManager
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: {message}")
+
+
+@dataclass(frozen=True)
+class StoppingParams:
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0  # eos and stop ids are suppressed (and do not stop) for the first min_new_tokens
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _require(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens",
+                 f"must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}")
+        _require(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+                 f"token ids must be >= 0, got {list(self.stop_token_ids)}")
+
+
+class FinishReason(str, Enum):
+    LENGTH = "length"
+    EOS = "eos"
+    STOP_TOKEN = "stop_token"
+    ABORTED = "aborted"
+
+
+class RequestStatus(str, Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    stopping: StoppingParams
+    eos_token_ids: tuple[int, ...]
+    sampling: object = None  # the engine's SamplingParams; opaque here
+    seed: int = 0  # effective sampling seed; opaque here
+    num_speculative_tokens: int = 0  # opaque until MTP lands
+    # State owned by the scheduler.
+    output_token_ids: list[int] = field(default_factory=list, init=False)
+    num_computed_tokens: int = field(default=0, init=False)  # tokens of all_token_ids whose KV/state exist
+    block_ids: list[int] = field(default_factory=list, init=False)  # the block table
+    state_slot: int | None = field(default=None, init=False)
+    status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
+    finish_reason: FinishReason | None = field(default=None, init=False)
+    num_preemptions: int = field(default=0, init=False)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    start: int  # request.num_computed_tokens when scheduled: position of the chunk's first token
+    num_tokens: int  # computes request.all_token_ids[start:start + num_tokens]
+    sample: bool  # the chunk reaches the end of all_token_ids, so a new token is sampled after it
+
+
+@dataclass
+class SchedulePlan:
+    chunks: list[ScheduledChunk]  # running requests first, then newly admitted ones; each request at most once
+    preempted: list[str]  # request ids preempted while building this plan (none of them is in chunks)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 262144
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            value = getattr(self, name)
+            _require(value >= 1, name, f"must be >= 1, got {value}")
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: FinishReason | None
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, cache: HybridCacheManager) -> None:
+        self.config = config
+        self.cache = cache
+        self._requests: dict[str, Request] = {}  # every unfinished request
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []  # arrival order
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def get(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    def add(self, request: Request) -> None:
+        """Queue a new request; ValueError (naming the field) if it could never run to completion."""
+        max_len, max_new = self.config.max_model_len, request.stopping.max_new_tokens
+        num_prompt = len(request.prompt_token_ids)
+        _require(request.request_id not in self._requests, "request_id", f"{request.request_id!r} already exists")
+        _require(num_prompt >= 1, "prompt_token_ids", "must not be empty")
+        _require(num_prompt + max_new <= max_len, "max_new_tokens",
+                 f"prompt ({num_prompt} tokens) + max_new_tokens ({max_new}) exceeds max_model_len ({max_len})")
+        # The last sampled token is never computed, so a request's KV peaks at prompt + max_new - 1 tokens.
+        need = self.cache.blocks_for(num_prompt + max_new - 1)
+        _require(need <= self.cache.kv_blocks_total, "max_new_tokens",
+                 f"prompt ({num_prompt} tokens) + max_new_tokens ({max_new}) needs {need} KV blocks, "
+                 f"but the cache has only {self.cache.kv_blocks_total}")
+        assert request.status == RequestStatus.WAITING and request.num_computed_tokens == 0, "request reused"
+        self._requests[request.request_id] = request
+        self._waiting.append(request)
+
+    def abort(self, request_id: str) -> bool:
+        """Finish a request now, wherever it is, and free its blocks and slot. False for an unknown id."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        if request.status == RequestStatus.WAITING:
+            self._waiting.remove(request)
+        self._finish(request, FinishReason.ABORTED)
+        return True
+
+    def suppressed_token_ids(self, request: Request) -> list[int]:
+        """Token ids the sampler must not produce for the request's next token (the min_new_tokens rule)."""
+        if len(request.output_token_ids) >= request.stopping.min_new_tokens:
+            return []
+        eos = () if request.stopping.ignore_eos else request.eos_token_ids
+        return sorted(set(eos) | set(request.stopping.stop_token_ids))
+
+    def schedule(self) -> SchedulePlan:
+        plan = SchedulePlan(chunks=[], preempted=[])
+        budget = self._schedule_running(plan, self.config.max_num_batched_tokens)
+        if not plan.preempted:
+            self._schedule_waiting(plan, budget)
+        return plan
+
+    def update(self, plan: SchedulePlan, sampled: dict[str, int]) -> list[StepOutput]:
+        """Apply one executed plan; sampled maps request id -> its new token for every chunk with sample."""
+        outputs = []
+        for chunk in plan.chunks:
+            request = chunk.request
+            if request.status != RequestStatus.RUNNING:
+                continue  # aborted between schedule() and update()
+            assert request.num_computed_tokens == chunk.start, "plans must be applied once and in order"
+            request.num_computed_tokens += chunk.num_tokens
+            if not chunk.sample:
+                continue
+            assert request.request_id in sampled, f"no sampled token for {request.request_id!r}"
+            token = sampled[request.request_id]
+            request.output_token_ids.append(token)
+            reason = self._stop_reason(request, token)
+            if reason is not None:
+                self._finish(request, reason)
+            outputs.append(StepOutput(request.request_id, [token], reason is not None, reason))
+        return outputs
+
+    def _schedule_running(self, plan: SchedulePlan, budget: int) -> int:
+        """Give each running request its next chunk, preempting the latest arrivals when the cache is short."""
+        i = 0
+        while i < len(self._running) and budget > 0:
+            request = self._running[i]
+            chunk = self._try_chunk(request, budget)
+            while chunk is None:
+                victim = self._running[-1]  # not yet in the plan: the loop reaches it after request
+                self._preempt(victim)
+                plan.preempted.append(victim.request_id)
+                if victim is request:
+                    return budget  # it was the last running request
+                chunk = self._try_chunk(request, budget)
+            plan.chunks.append(chunk)
+            budget -= chunk.num_tokens
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, plan: SchedulePlan, budget: int) -> None:
+        """Admit waiting requests in order until one does not fit (it and everyone behind it wait)."""
+        while self._waiting and len(self._running) < self.config.max_num_seqs and budget > 0:
+            request = self._waiting[0]
+            chunk = self._try_chunk(request, budget)
+            if chunk is None:
+                return
+            self._waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self._running.append(request)
+            plan.chunks.append(chunk)
+            budget -= chunk.num_tokens
+
+    def _try_chunk(self, request: Request, budget: int) -> ScheduledChunk | None:
+        """The request's next chunk (at most budget tokens) with the cache grown to hold it, or None."""
+        start = request.num_computed_tokens
+        num_tokens = min(request.num_tokens - start, budget)
+        assert num_tokens >= 1, f"{request.request_id!r} has nothing to compute"
+        grown = self.cache.ensure(request.block_ids, request.state_slot, start + num_tokens)
+        if grown is None:
+            return None
+        request.block_ids, request.state_slot = grown
+        return ScheduledChunk(request, start, num_tokens, sample=start + num_tokens == request.num_tokens)
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute later: drop its cache, keep its outputs, and queue it ahead of every waiting request."""
+        self._running.remove(request)
+        self._release(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self._waiting.appendleft(request)
+
+    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+        stopping, num_outputs = request.stopping, len(request.output_token_ids)
+        # Same rule as suppressed_token_ids: the first min_new_tokens tokens can neither be nor stop on eos/stop ids.
+        if num_outputs > stopping.min_new_tokens:
+            if token in stopping.stop_token_ids:
+                return FinishReason.STOP_TOKEN
+            if token in request.eos_token_ids and not stopping.ignore_eos:
+                return FinishReason.EOS
+        if num_outputs == stopping.max_new_tokens or request.num_tokens == self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        if request.status == RequestStatus.RUNNING:
+            self._running.remove(request)
+        self._release(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        del self._requests[request.request_id]
+
+    def _release(self, request: Request) -> None:
+        self.cache.release(request.block_ids, request.state_slot)
+        request.block_ids, request.state_slot = [], None
