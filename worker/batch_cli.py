@@ -1,0 +1,176 @@
+"""`qnext-batch`: offline batch inference over a JSONL file (what vLLM's run_batch is to its users).
+
+Each input line: {"id"?: str, "text": str | "token_ids": [int], "sampling"?: {...}, "stopping"?: {...},
+"top_logprobs"?: int}, with the service proto's field names (SamplingParams: temperature, top_p, top_k, min_p,
+repetition_penalty, presence_penalty, frequency_penalty, seed; StoppingCriteria: max_new_tokens,
+min_new_tokens, stop_strings, stop_token_ids, ignore_eos, include_stop_strings).
+Each output line: {"id", "token_ids", "text", "finish_reason", "usage": {...}}, in input order; a bad line
+is reported (stderr and an {"id", "line", "error"} output line) and skipped, the rest still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from tokenizers import Tokenizer
+
+from worker.engine import Engine, EngineConfig, GenerationRequest
+from worker.sampler import SamplingParams
+from worker.scheduler import StoppingParams
+
+_SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                    "frequency_penalty", "seed"}
+_STOPPING_FIELDS = {"max_new_tokens", "min_new_tokens", "stop_strings", "stop_token_ids", "ignore_eos",
+                    "include_stop_strings"}
+
+
+@dataclass
+class Job:
+    line: int
+    id: str
+    prompt: list[int]
+    sampling: SamplingParams
+    stopping: StoppingParams
+    stop_strings: list[str]
+    include_stop_strings: bool
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    matched_stop: str | None = None
+
+
+def _fields(obj: Any, allowed: set[str], where: str) -> dict[str, Any]:
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: must be an object")
+    unknown = set(obj) - allowed
+    if unknown:
+        raise ValueError(f"{where}.{sorted(unknown)[0]}: unknown field")
+    return obj
+
+
+def parse_line(line_no: int, raw: str, tokenizer: Tokenizer, vocab_size: int) -> Job:
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise ValueError("each line must be a JSON object")
+    if ("text" in obj) == ("token_ids" in obj):
+        raise ValueError("input: give exactly one of text or token_ids")
+    if "text" in obj:
+        if not isinstance(obj["text"], str) or not obj["text"]:
+            raise ValueError("text: must be a non-empty string")
+        prompt = tokenizer.encode(obj["text"], add_special_tokens=False).ids
+    else:
+        prompt = obj["token_ids"]
+        if not isinstance(prompt, list) or not prompt or not all(isinstance(t, int) for t in prompt):
+            raise ValueError("token_ids: must be a non-empty list of integers")
+        if any(not 0 <= t < vocab_size for t in prompt):
+            raise ValueError(f"token_ids: ids must be in [0, {vocab_size})")
+    s = _fields(obj.get("sampling"), _SAMPLING_FIELDS, "sampling")
+    st = dict(_fields(obj.get("stopping"), _STOPPING_FIELDS, "stopping"))
+    stop_strings = st.pop("stop_strings", [])
+    include = bool(st.pop("include_stop_strings", False))
+    if "stop_token_ids" in st:
+        st["stop_token_ids"] = tuple(st["stop_token_ids"])
+    try:
+        sampling = SamplingParams(**s, top_logprobs=int(obj.get("top_logprobs", 0)))
+        stopping = StoppingParams(**st)
+    except (TypeError, ValueError) as e:
+        raise ValueError(str(e)) from None
+    return Job(line_no, str(obj.get("id", f"line-{line_no}")), prompt, sampling, stopping, list(stop_strings),
+               include)
+
+
+def _check_stop_strings(job: Job, tokenizer: Tokenizer) -> bool:
+    """True when the decoded output contains one of the job's stop strings (then the text is cut there)."""
+    text = tokenizer.decode(job.tokens, skip_special_tokens=True)
+    hits = [(text.find(s), s) for s in job.stop_strings if s in text]
+    if not hits:
+        return False
+    job.matched_stop = min(hits)[1]
+    return True
+
+
+def _result(job: Job, tokenizer: Tokenizer) -> dict[str, Any]:
+    text = tokenizer.decode(job.tokens, skip_special_tokens=True)
+    if job.matched_stop is not None:
+        cut = text.find(job.matched_stop)
+        text = text[: cut + (len(job.matched_stop) if job.include_stop_strings else 0)]
+    return {"id": job.id, "token_ids": job.tokens, "text": text, "finish_reason": job.finish_reason,
+            "usage": {"prompt_tokens": len(job.prompt), "completion_tokens": len(job.tokens)}}
+
+
+def run(engine: Engine, tokenizer: Tokenizer, src: TextIO, dst: TextIO, progress: bool) -> tuple[int, int]:
+    """Returns (completed, rejected)."""
+    jobs: dict[str, Job] = {}
+    records: list[dict[str, Any] | Job] = []
+    rejected = 0
+    for line_no, raw in enumerate(src, start=1):
+        if not raw.strip():
+            continue
+        try:
+            job = parse_line(line_no, raw, tokenizer, engine.vocab_size)
+            key = f"{line_no}:{job.id}"
+            engine.add_request(GenerationRequest(key, job.prompt, job.sampling, job.stopping))
+        except ValueError as e:
+            rejected += 1
+            print(f"qnext-batch: line {line_no}: {e}; skipped", file=sys.stderr)
+            records.append({"line": line_no, "error": str(e)})
+            continue
+        jobs[key] = job
+        records.append(job)
+    done = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            job = jobs[out.request_id]
+            job.tokens += out.new_token_ids
+            if out.finished:
+                job.finish_reason = job.finish_reason or (out.finish_reason.value if out.finish_reason else None)
+                done += 1
+            elif job.stop_strings and out.new_token_ids and _check_stop_strings(job, tokenizer):
+                job.finish_reason = "stop_string"
+                engine.abort(out.request_id)
+        if progress:
+            print(f"\rqnext-batch: {done}/{len(jobs)} done", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    for rec in records:
+        dst.write(json.dumps(_result(rec, tokenizer) if isinstance(rec, Job) else rec, ensure_ascii=False) + "\n")
+    return len(jobs), rejected
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="qnext-batch", description="Offline batch inference over a JSONL file.")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny checkpoint)")
+    p.add_argument("--input", required=True, type=Path, help="JSONL input, one request per line")
+    p.add_argument("--output", required=True, type=Path, help="JSONL output, one result per input line")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--cache-memory", type=float, default=0.0,
+                   help="fraction of device memory (CUDA) or bytes (CPU) for the KV + state cache")
+    p.add_argument("--seed", type=int, default=None)
+    args = p.parse_args(argv)
+    engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                 cache_memory=args.cache_memory, seed=args.seed))
+    tokenizer = Tokenizer.from_file(str(engine.model_dir / "tokenizer.json"))
+    info = engine.cache_info
+    print(f"qnext-batch: model {engine.model_dir}, cache {info.num_kv_tokens} KV tokens, "
+          f"{info.num_slots} sequences", file=sys.stderr)
+    with open(args.input) as src, open(args.output, "w") as dst:
+        completed, rejected = run(engine, tokenizer, src, dst, progress=sys.stderr.isatty())
+    print(f"qnext-batch: {completed} completed, {rejected} rejected -> {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
