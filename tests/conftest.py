@@ -25,3 +25,15 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("measured figures")
         for line in _REPORTS:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def default_ckpt(tmp_path_factory):
+    """The embedded default checkpoint (real vocabulary and tokenizer), generated once per test session."""
+    from worker.tiny import default_checkpoint
+
+    root = tmp_path_factory.mktemp("qnext_cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("QNEXT_CACHE_DIR", str(root))
+    yield default_checkpoint()
+    mp.undo()

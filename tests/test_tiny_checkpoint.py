@@ -14,9 +14,8 @@ from worker.loader import load_model
 from worker.tiny import default_checkpoint, make_checkpoint, tiny_config
 
 
-def test_default_checkpoint_layout(tmp_path, monkeypatch):
-    monkeypatch.setenv("QNEXT_CACHE_DIR", str(tmp_path))
-    d = default_checkpoint()
+def test_default_checkpoint_layout(default_ckpt):
+    d = default_ckpt
     assert default_checkpoint() == d  # generated once, then reused
     files = {p.name for p in d.iterdir()}
     assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",

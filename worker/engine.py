@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +73,20 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_preemptions: int
+
+
+@dataclass
+class StepTimings:
+    """Cumulative wall time of step(): inside the model (forward + logits) and in total."""
+
+    num_steps: int = 0
+    forward_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def overhead_s(self) -> float:
+        """Scheduler, batch building, sampling and bookkeeping: everything outside the model."""
+        return self.total_s - self.forward_s
 
 
 @dataclass(frozen=True)
@@ -140,6 +155,7 @@ class Engine:
                                                    max_model_len=self.max_model_len), self.cache_manager)
         self._seed_rng = random.Random(config.seed)
         self._aborted: list[Request] = []
+        self.timings = StepTimings()
 
     @property
     def vocab_size(self) -> int:
@@ -169,6 +185,12 @@ class Engine:
         return self.scheduler.has_unfinished() or bool(self._aborted)
 
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
+        outputs = self._step()
+        self.timings.total_s += time.perf_counter() - start
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         outputs = [self._output(r, StepOutput(r.request_id, [], True, FinishReason.ABORTED), None, None)
                    for r in self._aborted]
         self._aborted.clear()
@@ -176,13 +198,12 @@ class Engine:
         if not plan.chunks:
             return outputs
         batch = self._forward_batch(plan)
-        hidden = self.model(batch, self.cache)
         sampling = [i for i, c in enumerate(plan.chunks) if c.sample]
         sampled: dict[str, int] = {}
         per_request: dict[str, tuple[float, list[tuple[int, float]]]] = {}
+        logits = self._run_model(batch, sampling)
+        self.timings.num_steps += 1
         if sampling:
-            rows = batch.last_token_indices[sampling]
-            logits = self.model.compute_logits(hidden[rows])
             requests = [plan.chunks[i].request for i in sampling]
             result = sample(logits, self._sampling_batch(requests))
             tokens = result.token_ids.tolist()
@@ -199,6 +220,16 @@ class Engine:
             lp = per_request.get(so.request_id)
             outputs.append(self._output(by_id[so.request_id], so, *(lp if lp else (None, None))))
         return outputs
+
+    def _run_model(self, batch: ForwardBatch, sampling: list[int]) -> torch.Tensor | None:
+        """The forward and the logits of the sampling rows; timed (synchronised on CUDA) for StepTimings."""
+        start = time.perf_counter()
+        hidden = self.model(batch, self.cache)
+        logits = self.model.compute_logits(hidden[batch.last_token_indices[sampling]]) if sampling else None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timings.forward_s += time.perf_counter() - start
+        return logits
 
     def _output(self, r: Request, so: StepOutput, logprob: float | None,
                 top: list[tuple[int, float]] | None) -> RequestOutput:
