@@ -1,0 +1,264 @@
+"""The asyncio side of the worker pipe (DESIGN.md): admission, coalesced IPC, fan-out, worker lifecycle.
+
+- `submit()` admits a request (bounded: `AdmissionError` when `max_pending_requests` are open) and queues
+  it; every arrival and abort of one event-loop tick goes to the worker as one `Submit` message.
+- The worker's `StepResult`s are read by a loop reader callback and appended to per-request handles; a
+  handle hands over everything that arrived since it was last read, so a slow reader gets several steps'
+  tokens in one stream message.
+- Sends go through one thread: a blocking `send` on the loop could deadlock against a worker blocked
+  sending to us.
+- A dead worker (pipe EOF or process exit) fails every open handle with `WorkerUnavailable`, reports
+  not-ready, and is restarted (with backoff if it keeps dying).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import queue
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+import structlog
+
+from qnext_rpc.messages import AddRequest, Ready, Rejected, Shutdown, StepResult, Submit, WorkerStats
+from qnext_rpc.worker_process import run_worker
+from worker.engine import EngineConfig, RequestOutput
+
+log = structlog.get_logger("qnext.batcher")
+
+
+class AdmissionError(Exception):
+    """Too many open requests (RESOURCE_EXHAUSTED)."""
+
+
+class WorkerUnavailable(Exception):
+    """The worker is down, restarting, or the server is draining (UNAVAILABLE)."""
+
+
+class RequestHandle:
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.arrival = time.monotonic()
+        self.started: float | None = None  # when the worker first scheduled it
+        self._outputs: list[RequestOutput] = []
+        self._error: Exception | None = None
+        self._event = asyncio.Event()
+        self.finished = False  # the worker sent its final output
+
+    def _push(self, out: RequestOutput) -> None:
+        self._outputs.append(out)
+        self.finished = self.finished or out.finished
+        self._event.set()
+
+    def _fail(self, error: Exception) -> None:
+        self._error = error
+        self._event.set()
+
+    async def next(self) -> list[RequestOutput]:
+        """Everything that arrived since the last call (waits for at least one output)."""
+        while not self._outputs:
+            if self._error is not None:
+                raise self._error
+            self._event.clear()
+            await self._event.wait()
+        outputs, self._outputs = self._outputs, []
+        return outputs
+
+
+class Batcher:
+    def __init__(self, engine_config: EngineConfig, max_pending_requests: int,
+                 on_ready_change: Callable[[bool], None] = lambda ready: None) -> None:
+        self.engine_config = engine_config
+        self.max_pending_requests = max_pending_requests
+        self.on_ready_change = on_ready_change
+        self.ready: Ready | None = None  # the latest handshake; None while the worker is down
+        self.stats = WorkerStats()
+        self.num_restarts = 0
+        self.draining = False
+        self._handles: dict[str, RequestHandle] = {}
+        self._in_worker: set[str] = set()  # submitted to the worker and not finished there
+        self._adds: list[AddRequest] = []
+        self._aborts: list[str] = []
+        self._flush_scheduled = False
+        self._proc: mp.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._sendq: queue.SimpleQueue | None = None
+        self._ready_fut: asyncio.Future | None = None
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.on_step: Callable[[StepResult], None] = lambda result: None
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._handles)
+
+    async def start(self) -> Ready:
+        self._loop = asyncio.get_running_loop()
+        return await self._spawn()
+
+    async def _spawn(self) -> Ready:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=True)
+        proc = ctx.Process(target=run_worker, args=(self.engine_config, child), name="qnext-worker", daemon=True)
+        proc.start()
+        child.close()  # only the worker holds that end, so its death is EOF here
+        self._proc, self._conn = proc, parent
+        self._sendq = queue.SimpleQueue()
+        threading.Thread(target=_sender, args=(parent, self._sendq), name="qnext-ipc-send", daemon=True).start()
+        self._ready_fut = self._loop.create_future()
+        self._loop.add_reader(parent.fileno(), self._on_readable, parent)
+        self._loop.add_reader(proc.sentinel, self._on_worker_exit, proc)
+        return await self._ready_fut
+
+    def submit(self, add: AddRequest) -> RequestHandle:
+        if self.draining:
+            raise WorkerUnavailable("the server is draining (shutting down); retry on another replica")
+        if self.ready is None:
+            raise WorkerUnavailable("the worker is not ready (starting or restarting); retry shortly")
+        if add.request_id in self._handles:
+            raise ValueError(f"request_id: {add.request_id!r} is already running")
+        if len(self._handles) >= self.max_pending_requests:
+            raise AdmissionError(f"server is full: {len(self._handles)} requests open, the limit is "
+                                 f"{self.max_pending_requests} (--max-pending-requests); retry later")
+        handle = RequestHandle(add.request_id)
+        self._handles[add.request_id] = handle
+        self._adds.append(add)
+        self._schedule_flush()
+        return handle
+
+    def release(self, request_id: str) -> None:
+        """The stream has ended, for any reason: forget it and free its cache in the worker if still there."""
+        self._handles.pop(request_id, None)
+        pending = [a for a in self._adds if a.request_id != request_id]
+        if len(pending) != len(self._adds):
+            self._adds = pending  # never reached the worker
+        elif request_id in self._in_worker:
+            self._in_worker.discard(request_id)
+            self._aborts.append(request_id)
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not (self._adds or self._aborts) or self._sendq is None or self.ready is None:
+            return
+        self._in_worker.update(a.request_id for a in self._adds)
+        self._sendq.put(Submit(adds=self._adds, aborts=self._aborts))
+        self._adds, self._aborts = [], []
+
+    def _on_readable(self, conn: Connection) -> None:
+        try:
+            while conn.poll():
+                self._dispatch(conn.recv())
+        except (EOFError, OSError):
+            self._on_worker_death(conn, "the worker's pipe closed")
+
+    def _dispatch(self, msg: object) -> None:
+        if isinstance(msg, StepResult):
+            self.stats = msg.stats
+            for rid, t in msg.started.items():
+                if (h := self._handles.get(rid)) is not None:
+                    h.started = t
+            for out in msg.outputs:
+                if out.finished:
+                    self._in_worker.discard(out.request_id)
+                if (h := self._handles.get(out.request_id)) is not None:
+                    h._push(out)
+            self.on_step(msg)
+        elif isinstance(msg, Ready):
+            self.ready = msg
+            log.info("worker ready", pid=msg.pid, kv_tokens=msg.cache.num_kv_tokens, state_slots=msg.cache.num_slots)
+            if self._ready_fut is not None and not self._ready_fut.done():
+                self._ready_fut.set_result(msg)
+            self.on_ready_change(True)
+        elif isinstance(msg, Rejected):
+            self._in_worker.discard(msg.request_id)
+            if (h := self._handles.get(msg.request_id)) is not None:
+                h._fail(ValueError(msg.message))
+
+    def _on_worker_exit(self, proc: mp.process.BaseProcess) -> None:
+        if proc is self._proc:
+            self._on_worker_death(self._conn, f"the worker exited (code {proc.exitcode})")
+
+    def _on_worker_death(self, conn: Connection | None, why: str) -> None:
+        proc = self._proc
+        if conn is not self._conn or proc is None:
+            return  # already handled
+        self._loop.remove_reader(conn.fileno())
+        self._loop.remove_reader(proc.sentinel)
+        self._sendq.put(None)
+        conn.close()
+        proc.join(timeout=1)
+        self._proc = self._conn = None
+        was_ready, self.ready = self.ready is not None, None
+        error = WorkerUnavailable(f"the worker died ({why}); it is being restarted, retry shortly")
+        for h in self._handles.values():
+            h._fail(error)
+        self._handles.clear()
+        self._in_worker.clear()
+        self._adds, self._aborts = [], []
+        self.stats = WorkerStats()
+        if self._ready_fut is not None and not self._ready_fut.done():
+            self._ready_fut.set_exception(RuntimeError(f"the worker failed to start: {why}"))
+        if self._closing:
+            return
+        log.error("worker died", reason=why, exitcode=proc.exitcode, restarts=self.num_restarts)
+        if was_ready:
+            self.on_ready_change(False)
+        self._loop.create_task(self._restart(was_ready))
+
+    async def _restart(self, was_ready: bool) -> None:
+        delay = 0.0 if was_ready else min(30.0, 2.0 ** min(self.num_restarts, 5))
+        await asyncio.sleep(delay)
+        if self._closing:
+            return
+        self.num_restarts += 1
+        try:
+            await self._spawn()
+        except RuntimeError as e:
+            log.error("worker restart failed", error=str(e))
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is open (draining); False when the timeout passed first."""
+        deadline = time.monotonic() + timeout
+        while self._handles and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self._handles
+
+    async def close(self) -> None:
+        """Stop the worker (Shutdown, then terminate if it does not exit)."""
+        self._closing = True
+        proc, conn = self._proc, self._conn
+        if proc is None:
+            return
+        for h in self._handles.values():
+            h._fail(WorkerUnavailable("the server is shutting down"))
+        self._sendq.put(Shutdown())
+        self._sendq.put(None)
+        for _ in range(50):
+            if not proc.is_alive():
+                break
+            await asyncio.sleep(0.1)
+        if proc.is_alive():
+            proc.terminate()
+        self._loop.remove_reader(conn.fileno())
+        self._loop.remove_reader(proc.sentinel)
+        proc.join(timeout=5)
+        conn.close()
+        self._proc = self._conn = None
+
+
+def _sender(conn: Connection, q: queue.SimpleQueue) -> None:
+    """Ships queued messages to the worker in order; None ends the thread."""
+    while (msg := q.get()) is not None:
+        try:
+            conn.send(msg)
+        except (OSError, ValueError):
+            return  # the worker is gone; the reader side notices and restarts it

@@ -1,0 +1,186 @@
+"""Proto <-> plain Python. The only module that imports the generated `*_pb2` stubs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qnext_rpc._proto import ensure_stubs
+
+ensure_stubs()
+
+from qnext_rpc._gen import generation_pb2 as pb  # noqa: E402
+from qnext_rpc._gen import generation_pb2_grpc as pb_grpc  # noqa: E402
+from qnext_rpc.messages import Ready, WorkerStats  # noqa: E402
+from qnext_rpc.stream import Chunk, Finish, TokenLogprob  # noqa: E402
+from qnext_rpc.text import ChatMessage  # noqa: E402
+from qnext_rpc.validate import SAMPLING_FIELDS, GenerateSpec, Limits  # noqa: E402
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+DESCRIPTOR = pb.DESCRIPTOR
+GenerationServicer = pb_grpc.GenerationServicer
+GenerationStub = pb_grpc.GenerationStub
+add_servicer = pb_grpc.add_GenerationServicer_to_server
+
+_FINISH = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS, "stop_token": pb.FINISH_REASON_STOP_TOKEN,
+           "stop_string": pb.FINISH_REASON_STOP_STRING, "cancelled": pb.FINISH_REASON_CANCELLED,
+           "error": pb.FINISH_REASON_ERROR}
+FINISH_NAMES = {v: k for k, v in _FINISH.items()}
+
+
+def _chat(chat: Any) -> tuple[list[ChatMessage], bool | None]:
+    messages = [ChatMessage(m.role, m.content) for m in chat.messages]
+    return messages, chat.enable_thinking if chat.HasField("enable_thinking") else None
+
+
+def parse_generate(req: Any) -> GenerateSpec:
+    spec = GenerateSpec(request_id=req.request_id, top_logprobs=req.top_logprobs)
+    kind = req.WhichOneof("input")
+    if kind == "text":
+        spec.text = req.text
+    elif kind == "token_ids":
+        spec.token_ids = list(req.token_ids.ids)
+    elif kind == "chat":
+        spec.chat, spec.enable_thinking = _chat(req.chat)
+    s = req.sampling
+    spec.sampling = {name: getattr(s, name) for name in SAMPLING_FIELDS if s.HasField(name)}
+    st = req.stopping
+    spec.max_new_tokens = st.max_new_tokens if st.HasField("max_new_tokens") else None
+    spec.min_new_tokens = st.min_new_tokens
+    spec.stop_strings = list(st.stop_strings)
+    spec.stop_token_ids = list(st.stop_token_ids)
+    spec.ignore_eos = st.ignore_eos
+    spec.include_stop_strings = st.include_stop_strings
+    if req.HasField("num_speculative_tokens"):
+        spec.num_speculative_tokens = req.num_speculative_tokens
+    return spec
+
+
+def parse_tokenize(req: Any) -> tuple[str | None, list[ChatMessage] | None, bool | None]:
+    kind = req.WhichOneof("input")
+    if kind == "text":
+        return req.text, None, None
+    if kind == "chat":
+        return None, *_chat(req.chat)
+    return None, None, None
+
+
+def _logprobs(items: list[TokenLogprob]) -> list[Any]:
+    return [pb.TokenLogprobs(token_id=t.token_id, logprob=t.logprob,
+                             top=[pb.TopLogprob(token_id=i, logprob=lp) for i, lp in t.top]) for t in items]
+
+
+def finish_info(f: Finish) -> Any:
+    info = pb.FinishInfo(
+        reason=_FINISH[f.reason],
+        usage=pb.Usage(prompt_tokens=f.usage.prompt_tokens, completion_tokens=f.usage.completion_tokens,
+                       cached_tokens=f.usage.cached_tokens, reasoning_tokens=f.usage.reasoning_tokens),
+        spec=pb.SpecStats(drafted_tokens=f.drafted_tokens, accepted_tokens=f.accepted_tokens),
+        timings=pb.Timings(queue_ms=f.timings.queue_ms, prefill_ms=f.timings.prefill_ms,
+                           time_to_first_token_ms=f.timings.time_to_first_token_ms, total_ms=f.timings.total_ms,
+                           num_preemptions=f.timings.num_preemptions))
+    if f.stop_string is not None:
+        info.stop_string = f.stop_string
+    elif f.stop_token_id is not None:
+        info.stop_token_id = f.stop_token_id
+    return info
+
+
+def generate_response(c: Chunk) -> Any:
+    resp = pb.GenerateResponse(token_ids=c.token_ids, text=c.text, reasoning_text=c.reasoning_text,
+                               logprobs=_logprobs(c.logprobs))
+    if c.finish is not None:
+        resp.finish.CopyFrom(finish_info(c.finish))
+    return resp
+
+
+def generate_result(request_id: str, chunks: list[Chunk]) -> Any:
+    finish = next((c.finish for c in reversed(chunks) if c.finish is not None), None)
+    res = pb.GenerateResult(request_id=request_id, token_ids=[t for c in chunks for t in c.token_ids],
+                            text="".join(c.text for c in chunks),
+                            reasoning_text="".join(c.reasoning_text for c in chunks),
+                            logprobs=_logprobs([lp for c in chunks for lp in c.logprobs]))
+    if finish is not None:
+        res.finish.CopyFrom(finish_info(finish))
+    return res
+
+
+def tokenize_response(ids: list[int], tokens: list[str]) -> Any:
+    return pb.TokenizeResponse(ids=ids, tokens=tokens)
+
+
+def detokenize_request(req: Any) -> tuple[list[int], bool]:
+    return list(req.ids), req.skip_special_tokens
+
+
+def detokenize_response(text: str) -> Any:
+    return pb.DetokenizeResponse(text=text)
+
+
+def model_info(ready: Ready, limits: Limits, server: dict[str, Any]) -> Any:
+    m = ready.model
+    return pb.ModelInfo(
+        model_id=m.model_dir.rstrip("/").rsplit("/", 1)[-1], architecture=m.architecture, dtype=m.dtype,
+        quantization=m.quantization, max_model_len=limits.max_model_len, vocab_size=m.vocab_size,
+        eos_token_ids=list(m.eos_token_ids), mtp_available=m.num_mtp_layers > 0,
+        max_num_speculative_tokens=limits.max_num_speculative_tokens, max_stop_strings=limits.max_stop_strings,
+        max_stop_string_length=limits.max_stop_string_length, default_max_new_tokens=limits.default_max_new_tokens,
+        num_kv_cache_tokens=ready.cache.num_kv_tokens, num_state_slots=ready.cache.num_slots,
+        default_sampling=pb.SamplingParams(**limits.default_sampling), device=m.device, **server)
+
+
+def server_stats(w: WorkerStats, server: dict[str, Any]) -> Any:
+    return pb.ServerStats(num_running=w.num_running, num_waiting=w.num_waiting, kv_blocks_used=w.kv_blocks_used,
+                          kv_blocks_total=w.kv_blocks_total, state_slots_used=w.state_slots_used,
+                          state_slots_total=w.state_slots_total, num_steps=w.num_steps,
+                          spec_drafted_tokens=w.spec_drafted_tokens, spec_accepted_tokens=w.spec_accepted_tokens,
+                          **server)
+
+
+def request(**fields: Any) -> Any:
+    """A GenerateRequest from keyword fields (for clients): text=/token_ids=/chat=[(role, content)], ..."""
+    req = pb.GenerateRequest(request_id=fields.pop("request_id", ""), top_logprobs=fields.pop("top_logprobs", 0))
+    if "text" in fields:
+        req.text = fields.pop("text")
+    elif "token_ids" in fields:
+        req.token_ids.ids.extend(fields.pop("token_ids"))
+    elif "chat" in fields:
+        req.chat.messages.extend(pb.ChatMessage(role=r, content=c) for r, c in fields.pop("chat"))
+        req.chat.SetInParent()
+    if "enable_thinking" in fields:
+        req.chat.enable_thinking = fields.pop("enable_thinking")
+    if "num_speculative_tokens" in fields:
+        req.num_speculative_tokens = fields.pop("num_speculative_tokens")
+    for name in SAMPLING_FIELDS:
+        if name in fields:
+            setattr(req.sampling, name, fields.pop(name))
+    for name in ("max_new_tokens", "min_new_tokens", "ignore_eos", "include_stop_strings"):
+        if name in fields:
+            setattr(req.stopping, name, fields.pop(name))
+    for name in ("stop_strings", "stop_token_ids"):
+        if name in fields:
+            getattr(req.stopping, name).extend(fields.pop(name))
+    if fields:
+        raise TypeError(f"unknown GenerateRequest fields: {sorted(fields)}")
+    return req
+
+
+def tokenize_request(text: str | None = None, chat: list[tuple[str, str]] | None = None) -> Any:
+    if chat is not None:
+        return pb.TokenizeRequest(chat=pb.ChatInput(messages=[pb.ChatMessage(role=r, content=c) for r, c in chat]))
+    return pb.TokenizeRequest(text=text or "")
+
+
+def empty_model_info_request() -> Any:
+    return pb.GetModelInfoRequest()
+
+
+def empty_stats_request() -> Any:
+    return pb.GetServerStatsRequest()
+
+
+def detokenize(ids: list[int], skip_special_tokens: bool = True) -> Any:
+    return pb.DetokenizeRequest(ids=ids, skip_special_tokens=skip_special_tokens)
+
+
+def finish_reason_name(value: int) -> str:
+    return FINISH_NAMES.get(value, "unspecified")

@@ -1,0 +1,74 @@
+"""Prometheus metrics (served on their own HTTP port) and the counters behind GetServerStats."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from qnext_rpc.messages import StepResult
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("qnext_requests", "Finished requests by status", ["status"], registry=r)
+        self.prompt_tokens = Counter("qnext_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generated_tokens = Counter("qnext_generated_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram("qnext_time_to_first_token_seconds", "Arrival to first token", registry=r,
+                              buckets=_LATENCY_BUCKETS)
+        self.inter_token = Histogram("qnext_inter_token_seconds", "Time between tokens of a stream", registry=r,
+                                     buckets=_LATENCY_BUCKETS)
+        self.e2e = Histogram("qnext_request_duration_seconds", "Arrival to finish", registry=r,
+                             buckets=_LATENCY_BUCKETS)
+        self.pending = Gauge("qnext_pending_requests", "Requests open in the server", registry=r)
+        self.waiting = Gauge("qnext_num_waiting", "Requests queued in the worker's scheduler", registry=r)
+        self.running = Gauge("qnext_num_running", "Sequences running in the worker", registry=r)
+        self.kv_used = Gauge("qnext_kv_blocks_used", "KV cache blocks in use", registry=r)
+        self.kv_total = Gauge("qnext_kv_blocks_total", "KV cache blocks", registry=r)
+        self.slots_used = Gauge("qnext_state_slots_used", "Recurrent-state slots in use", registry=r)
+        self.slots_total = Gauge("qnext_state_slots_total", "Recurrent-state slots", registry=r)
+        self.spec_drafted = Gauge("qnext_spec_drafted_tokens", "MTP draft tokens proposed (worker lifetime)",
+                                  registry=r)
+        self.spec_accepted = Gauge("qnext_spec_accepted_tokens", "MTP draft tokens accepted (worker lifetime)",
+                                   registry=r)
+        self.worker_ready = Gauge("qnext_worker_ready", "1 when the worker is up and ready", registry=r)
+        self.worker_restarts = Counter("qnext_worker_restarts", "Worker restarts", registry=r)
+        self.num_generated = 0
+        self.num_prompt = 0
+        self.num_finished = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
+        self.started = time.monotonic()
+
+    def serve(self, port: int, host: str) -> int:
+        """Start the HTTP endpoint; returns the bound port (port 0 picks a free one)."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port
+
+    def on_step(self, result: StepResult) -> None:
+        s = result.stats
+        n = sum(len(o.new_token_ids) for o in result.outputs)
+        self.num_generated += n
+        self.generated_tokens.inc(n)
+        now = time.monotonic()
+        self._recent.append((now, n))
+        while self._recent and self._recent[0][0] < now - 5.0:
+            self._recent.popleft()
+        self.waiting.set(s.num_waiting)
+        self.running.set(s.num_running)
+        self.kv_used.set(s.kv_blocks_used)
+        self.kv_total.set(s.kv_blocks_total)
+        self.slots_used.set(s.state_slots_used)
+        self.slots_total.set(s.state_slots_total)
+        self.spec_drafted.set(s.spec_drafted_tokens)
+        self.spec_accepted.set(s.spec_accepted_tokens)
+
+    def tokens_per_second(self) -> float:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in self._recent if t >= now - 5.0]
+        if not recent:
+            return 0.0
+        return sum(n for _, n in recent) / max(1e-3, min(5.0, now - self.started))

@@ -1,0 +1,225 @@
+"""`qnext-serve`: the gRPC server (Generation + grpc.health.v1 + reflection), Prometheus metrics, signals.
+
+Start-up: spawn the worker (it loads the model) while the tokenizer loads here; health turns SERVING when
+the worker's readiness handshake arrives. SIGTERM / SIGINT: health NOT_SERVING, new requests refused with
+UNAVAILABLE, in-flight ones drained for up to --drain-grace-period seconds, then exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from qnext_rpc import convert
+from qnext_rpc.batcher import Batcher
+from qnext_rpc.metrics import Metrics
+from qnext_rpc.service import GenerationService
+from qnext_rpc.text import TextProcessor
+from qnext_rpc.validate import Limits
+from worker.engine import EngineConfig
+
+log = structlog.get_logger("qnext.server")
+_MAX_MESSAGE_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 9090  # 0 = a free port, -1 = off
+    max_pending_requests: int = 256
+    num_speculative_tokens: int = 0  # the largest per-request draft length; 0 = MTP off
+    default_max_new_tokens: int = 2048
+    max_stop_strings: int = 16
+    max_stop_string_length: int = 256
+    reasoning_parser: str | None = None
+    drain_grace_period_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_pending_requests", "default_max_new_tokens", "max_stop_strings", "max_stop_string_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens: must be >= 0, got {self.num_speculative_tokens}")
+        if self.reasoning_parser not in (None, "qwen3"):
+            raise ValueError(f"reasoning_parser: only qwen3 (<think>...</think>) exists, got {self.reasoning_parser!r}")
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    json_logs = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso"),
+                    structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr), cache_logger_on_first_use=True)
+
+
+def _default_sampling(model_dir: Path) -> dict[str, float | int]:
+    path = model_dir / "generation_config.json"
+    gen = json.loads(path.read_text()) if path.is_file() else {}
+    return {k: gen[k] for k in ("temperature", "top_p", "top_k") if gen.get(k) is not None}
+
+
+class Server:
+    def __init__(self, cfg: ServerConfig, engine: EngineConfig) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.metrics = Metrics()
+        self.health = HealthServicer()
+        self.batcher = Batcher(engine, cfg.max_pending_requests, self._on_ready_change)
+        self.batcher.on_step = self.metrics.on_step
+        self.grpc: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = -1
+        self._stopped = asyncio.Event()
+        self._draining = False
+
+    def _on_ready_change(self, ready: bool) -> None:
+        self.metrics.worker_ready.set(1 if ready else 0)
+        if not ready:
+            self.metrics.worker_restarts.inc()
+        status = health_pb2.HealthCheckResponse.SERVING if ready and not self._draining \
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", convert.SERVICE_NAME):
+            asyncio.ensure_future(self.health.set(name, status))
+
+    async def start(self) -> None:
+        for name in ("", convert.SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        started = asyncio.ensure_future(self.batcher.start())
+        await asyncio.sleep(0)  # let the worker spawn before the tokenizer load blocks this thread
+        model_dir = Path(self.engine.model)
+        text = TextProcessor(model_dir)
+        ready = await started
+        m, cfg = ready.model, self.cfg
+        limits = Limits(max_model_len=m.max_model_len, vocab_size=m.vocab_size,
+                        max_num_speculative_tokens=cfg.num_speculative_tokens,
+                        default_max_new_tokens=cfg.default_max_new_tokens, max_stop_strings=cfg.max_stop_strings,
+                        max_stop_string_length=cfg.max_stop_string_length,
+                        default_sampling=_default_sampling(model_dir))
+        server_limits = {"max_num_seqs": self.engine.max_num_seqs,
+                         "max_num_batched_tokens": self.engine.max_num_batched_tokens,
+                         "max_pending_requests": cfg.max_pending_requests, "max_top_logprobs": 20}
+        service = GenerationService(self.batcher, text, limits, self.metrics, cfg.reasoning_parser is not None,
+                                    server_limits)
+        self.grpc = grpc.aio.server(options=[("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+                                             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)])
+        convert.add_servicer(service, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            [convert.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], self.grpc)
+        self.port = self.grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if self.port == 0:
+            raise RuntimeError(f"port: could not bind {cfg.host}:{cfg.port}")
+        await self.grpc.start()
+        if cfg.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.metrics_host)
+        if m.num_mtp_layers == 0 and cfg.num_speculative_tokens:
+            log.warning("num_speculative_tokens is set but the checkpoint has no MTP head")
+        if cfg.num_speculative_tokens and not m.spec_supported:
+            log.warning("the engine does not take a per-request draft length yet; num_speculative_tokens is "
+                        "validated but not used")
+        self._on_ready_change(True)
+        c = ready.cache
+        print(f"qnext-serve: listening on {cfg.host}:{self.port} (gRPC), metrics on "
+              f"{cfg.metrics_host}:{self.metrics_port}; model {m.model_dir} ({m.architecture}, {m.dtype}) on "
+              f"{m.device}; cache {c.num_kv_tokens} KV tokens in {c.num_blocks} blocks, {c.num_slots} state slots "
+              f"({(c.num_blocks * c.bytes_per_block + c.num_slots * c.bytes_per_slot) / 2**20:.0f} MiB); "
+              f"max_model_len {m.max_model_len}", flush=True)
+
+    async def drain(self) -> None:
+        """Refuse new requests, finish in-flight ones within the grace period, stop."""
+        if self._draining:
+            return
+        self._draining = True
+        self.batcher.draining = True
+        await self.health.enter_graceful_shutdown()
+        log.info("draining", open_requests=self.batcher.num_pending, grace_s=self.cfg.drain_grace_period_s)
+        drained = await self.batcher.wait_idle(self.cfg.drain_grace_period_s)
+        if not drained:
+            log.warning("grace period over; cancelling open requests", open_requests=self.batcher.num_pending)
+        await self.grpc.stop(1.0)
+        await self.batcher.close()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(cfg: ServerConfig, engine: EngineConfig) -> int:
+    server = Server(cfg, engine)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.drain()))
+    await server.start()
+    await server.wait()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qnext-serve", description="Serve a Qwen3-Next checkpoint over gRPC (qnext.v1).")
+    a = p.add_argument
+    a("--model", default=None, help="checkpoint directory (default: the embedded tiny checkpoint)")
+    a("--host", default="0.0.0.0", help="gRPC bind address")
+    a("--port", type=int, default=50051, help="gRPC port (0 = a free port, printed at start)")
+    a("--metrics-host", default="0.0.0.0", help="Prometheus HTTP bind address")
+    a("--metrics-port", type=int, default=9090, help="Prometheus HTTP port (0 = a free port, -1 = off)")
+    a("--device", default="cpu", help="torch device of the worker, e.g. cuda:0")
+    a("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    a("--max-model-len", type=int, default=None, help="prompt + output tokens per request (default: the model's)")
+    a("--max-num-seqs", type=int, default=64, help="sequences running at once")
+    a("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step")
+    a("--cache-memory", type=float, default=0.0,
+      help="KV + state cache budget: fraction of device memory (CUDA, <= 1) or bytes (CPU); 0 = default")
+    a("--num-speculative-tokens", type=int, default=0, help="largest MTP draft length a request may use; 0 = off")
+    a("--max-pending-requests", type=int, default=256, help="open requests before RESOURCE_EXHAUSTED")
+    a("--max-new-tokens-default", type=int, default=2048, help="max_new_tokens when a request gives none")
+    a("--reasoning-parser", nargs="?", const="qwen3", default=None,
+      help="split <think>...</think> into reasoning_text (qwen3, the default when given without a value)")
+    a("--drain-grace-period", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    a("--seed", type=int, default=None, help="seeds the seeds of requests that give none")
+    a("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    a("--log-format", default="auto", choices=["auto", "json", "console"],
+      help="auto = console on a TTY, JSON otherwise")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
+    if args.model is None:
+        from worker.tiny import default_checkpoint
+        args.model = str(default_checkpoint())
+    try:
+        engine = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                              cache_memory=args.cache_memory, seed=args.seed)
+        cfg = ServerConfig(host=args.host, port=args.port, metrics_host=args.metrics_host,
+                           metrics_port=args.metrics_port, max_pending_requests=args.max_pending_requests,
+                           num_speculative_tokens=args.num_speculative_tokens,
+                           default_max_new_tokens=args.max_new_tokens_default, reasoning_parser=args.reasoning_parser,
+                           drain_grace_period_s=args.drain_grace_period)
+    except ValueError as e:
+        print(f"qnext-serve: {e}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(cfg, engine))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

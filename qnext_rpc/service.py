@@ -1,0 +1,181 @@
+"""Thin gRPC handlers: proto -> validated request -> batcher -> assembled chunks -> proto.
+
+`_grpc_errors` is the one place that maps exceptions to gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import structlog
+
+from qnext_rpc import convert
+from qnext_rpc.batcher import AdmissionError, Batcher, WorkerUnavailable
+from qnext_rpc.metrics import Metrics
+from qnext_rpc.stream import CANCELLED, Chunk, OutputAssembler
+from qnext_rpc.text import TextProcessor
+from qnext_rpc.validate import Limits, prepare
+
+log = structlog.get_logger("qnext.service")
+
+_STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    (AdmissionError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (WorkerUnavailable, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def status_for(e: Exception) -> grpc.StatusCode:
+    return next((code for kind, code in _STATUS if isinstance(e, kind)), grpc.StatusCode.INTERNAL)
+
+
+async def _abort(context: grpc.aio.ServicerContext, e: Exception) -> None:
+    code = status_for(e)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("internal error")
+    await context.abort(code, str(e) if code != grpc.StatusCode.INTERNAL else f"internal error: {e!r}")
+
+
+def _grpc_errors(fn: Callable) -> Callable:
+    if inspect.isasyncgenfunction(fn):
+        @functools.wraps(fn)
+        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as e:  # noqa: BLE001 - mapped to a status right here
+                await _abort(context, e)
+        return stream
+
+    @functools.wraps(fn)
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as e:  # noqa: BLE001
+            await _abort(context, e)
+    return unary
+
+
+class GenerationService(convert.GenerationServicer):
+    def __init__(self, batcher: Batcher, text: TextProcessor, limits: Limits, metrics: Metrics,
+                 reasoning_parser: bool, server_limits: dict[str, int]) -> None:
+        self.batcher = batcher
+        self.text = text
+        self.limits = limits
+        self.metrics = metrics
+        self.reasoning_parser = reasoning_parser
+        self.server_limits = server_limits
+
+    @_grpc_errors
+    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for chunk in self._generate(request):
+            yield convert.generate_response(chunk)
+
+    @_grpc_errors
+    async def GenerateUnary(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        chunks = []
+        rid = ""
+        async for chunk in self._generate(request):
+            chunks.append(chunk)
+            rid = chunk.request_id
+        return convert.generate_result(rid, chunks)
+
+    async def _generate(self, request: Any) -> AsyncIterator[Chunk]:
+        prepared = prepare(convert.parse_generate(request), self.limits, self.text)
+        rid = prepared.request_id
+        rlog = log.bind(request_id=rid)
+        handle = self.batcher.submit(prepared.add)
+        self.metrics.pending.inc()
+        self.metrics.prompt_tokens.inc(len(prepared.add.prompt_token_ids))
+        asm = OutputAssembler(prepared, self.text, self.reasoning_parser, handle.arrival)
+        status, last = "cancelled", None
+        try:
+            while asm.finish is None:
+                outputs = await handle.next()
+                asm.started = handle.started
+                chunk = asm.feed(outputs)
+                self._observe_tokens(asm, len(chunk.token_ids), last)
+                last = time.monotonic()
+                yield chunk
+            status = asm.finish.reason
+        except Exception as e:
+            status = status_for(e).name.lower()
+            raise
+        finally:
+            self.batcher.release(rid)  # frees the worker's cache now if it is still generating
+            self.metrics.pending.dec()
+            self._summary(rlog, asm, status)
+
+    def _observe_tokens(self, asm: OutputAssembler, n: int, last: float | None) -> None:
+        if n == 0:
+            return
+        now = time.monotonic()
+        if last is None and asm.first_token is not None:
+            self.metrics.ttft.observe(asm.first_token - asm.arrival)
+        elif last is not None:
+            for _ in range(n):
+                self.metrics.inter_token.observe((now - last) / n)
+
+    def _summary(self, rlog: Any, asm: OutputAssembler, status: str) -> None:
+        finish = asm.finish or asm.cancel(CANCELLED)
+        self.metrics.requests.labels(status=status).inc()
+        self.metrics.e2e.observe(finish.timings.total_ms / 1000.0)
+        self.metrics.num_finished += 1
+        self.metrics.num_prompt += finish.usage.prompt_tokens
+        t = finish.timings
+        rlog.info("request done", status=status, prompt_tokens=finish.usage.prompt_tokens,
+                  completion_tokens=finish.usage.completion_tokens, queue_ms=round(t.queue_ms, 1),
+                  ttft_ms=round(t.time_to_first_token_ms, 1), total_ms=round(t.total_ms, 1),
+                  preemptions=t.num_preemptions)
+
+    @_grpc_errors
+    async def Tokenize(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        text, chat, thinking = convert.parse_tokenize(request)
+        if text is None and chat is None:
+            raise ValueError("input: set one of text, chat")
+        if chat is not None:
+            if not chat:
+                raise ValueError("chat.messages: must not be empty")
+            ids = self.text.encode_chat(chat, thinking)
+        else:
+            if len(text) > self.limits.max_prompt_chars:
+                raise ValueError(f"text: {len(text)} characters is over the limit of {self.limits.max_prompt_chars}")
+            ids = self.text.encode(text)
+        return convert.tokenize_response(ids, [self.text.id_to_token(i) for i in ids])
+
+    @_grpc_errors
+    async def Detokenize(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        ids, skip = convert.detokenize_request(request)
+        bad = [t for t in ids if t >= self.limits.vocab_size]
+        if bad:
+            raise ValueError(f"ids: must be < vocab_size {self.limits.vocab_size}, got {bad[:5]}")
+        return convert.detokenize_response(self.text.decode(ids, skip_special_tokens=skip))
+
+    @_grpc_errors
+    async def GetModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        ready = self.batcher.ready
+        if ready is None:
+            raise WorkerUnavailable("the worker is not ready (starting or restarting); retry shortly")
+        return convert.model_info(ready, self.limits, {
+            **self.server_limits, "reasoning_parser": self.reasoning_parser,
+            "has_chat_template": self.text.has_chat_template})
+
+    @_grpc_errors
+    async def GetServerStats(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        m = self.metrics
+        return convert.server_stats(self.batcher.stats, {
+            "num_pending": self.batcher.num_pending, "worker_ready": self.batcher.ready is not None,
+            "draining": self.batcher.draining, "num_worker_restarts": self.batcher.num_restarts,
+            "num_requests_finished": m.num_finished, "num_prompt_tokens": m.num_prompt,
+            "num_generated_tokens": m.num_generated, "generation_tokens_per_second": m.tokens_per_second(),
+            "uptime_s": time.monotonic() - m.started})
