@@ -178,4 +178,5 @@ class GenerationService(convert.GenerationServicer):
             "draining": self.batcher.draining, "num_worker_restarts": self.batcher.num_restarts,
             "num_requests_finished": m.num_finished, "num_prompt_tokens": m.num_prompt,
             "num_generated_tokens": m.num_generated, "generation_tokens_per_second": m.tokens_per_second(),
-            "uptime_s": time.monotonic() - m.started})
+            "uptime_s": time.monotonic() - m.started,
+            "worker_pid": self.batcher.ready.pid if self.batcher.ready else 0})

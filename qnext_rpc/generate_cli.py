@@ -1,0 +1,82 @@
+"""`qnext-generate`: stream a completion from a qnext server to the terminal.
+
+    qnext-generate "Write a haiku" --chat --max-new-tokens 64 --temperature 0.7
+    qnext-generate --token-ids 1,2,3 --server localhost:50051
+
+Text goes to stdout as it arrives (reasoning, when the server splits it, to stderr, dimmed on a TTY); the
+finish line (reason, tokens, timings) goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import grpc
+
+from qnext_rpc import convert
+from qnext_rpc.client import Client
+
+
+def _fields(args: argparse.Namespace) -> dict:
+    f: dict = {}
+    if args.token_ids:
+        f["token_ids"] = [int(t) for t in args.token_ids.split(",")]
+    elif args.chat:
+        f["chat"] = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]
+        if args.thinking is not None:
+            f["enable_thinking"] = args.thinking == "on"
+    else:
+        f["text"] = args.prompt
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_new_tokens"):
+        if getattr(args, name) is not None:
+            f[name] = getattr(args, name)
+    if args.stop:
+        f["stop_strings"] = args.stop
+    return f
+
+
+async def _run(args: argparse.Namespace) -> int:
+    dim = sys.stderr.isatty()
+    async with Client(args.server) as client:
+        try:
+            async for chunk in client.generate_stream(timeout=args.timeout, **_fields(args)):
+                if chunk.reasoning_text:
+                    sys.stderr.write(f"\x1b[2m{chunk.reasoning_text}\x1b[0m" if dim else chunk.reasoning_text)
+                    sys.stderr.flush()
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                if chunk.HasField("finish"):
+                    f = chunk.finish
+                    print(f"\n[{convert.finish_reason_name(f.reason)}] prompt {f.usage.prompt_tokens} tokens, "
+                          f"completion {f.usage.completion_tokens} tokens, ttft {f.timings.time_to_first_token_ms:.0f} ms, "
+                          f"total {f.timings.total_ms:.0f} ms", file=sys.stderr)
+        except grpc.aio.AioRpcError as e:
+            print(f"\nqnext-generate: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="qnext-generate", description="Stream a completion from a qnext server.")
+    p.add_argument("prompt", nargs="?", default="", help="prompt text (the user message with --chat)")
+    p.add_argument("--server", default="localhost:50051")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a chat user message")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--thinking", choices=["on", "off"], default=None, help="the chat template's enable_thinking")
+    p.add_argument("--token-ids", default=None, help="comma-separated prompt token ids instead of text")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    return asyncio.run(_run(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
