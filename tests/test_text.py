@@ -1,0 +1,129 @@
+"""The server's text side, without a server: chat template, incremental detokenizer, stop strings, reasoning
+split, request validation, and the generated stubs' freshness."""
+
+import filecmp
+
+import pytest
+
+from qnext_rpc import _proto
+from qnext_rpc.text import (ChatMessage, IncrementalDetokenizer, ReasoningSplitter, StopStringMatcher,
+                            TextProcessor)
+from qnext_rpc.validate import GenerateSpec, Limits, prepare
+
+MESSAGES = [ChatMessage("system", "You are terse."), ChatMessage("user", "Héllo 你好 🙂"),
+            ChatMessage("assistant", "Hi."), ChatMessage("user", "Again?")]
+
+
+@pytest.fixture(scope="module")
+def text(default_ckpt):
+    return TextProcessor(default_ckpt)
+
+
+def test_generated_stubs_are_fresh(tmp_path):
+    _proto.ensure_stubs()
+    assert not _proto.is_stale()
+    _proto.generate(tmp_path)
+    for name in ("generation_pb2.py", "generation_pb2_grpc.py", "generation_pb2.pyi", "STAMP"):
+        assert filecmp.cmp(tmp_path / name, _proto.GEN_DIR / name, shallow=False), f"{name} is stale"
+
+
+@pytest.mark.parametrize("thinking", [None, True, False])
+def test_chat_template_matches_transformers(default_ckpt, text, thinking):
+    from transformers import AutoTokenizer  # test-time reference only
+    ref = AutoTokenizer.from_pretrained(str(default_ckpt))
+    extra = {} if thinking is None else {"enable_thinking": thinking}
+    msgs = [{"role": m.role, "content": m.content} for m in MESSAGES]
+    want = ref.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False, **extra)
+    assert text.render_chat(MESSAGES, thinking) == want
+    assert text.encode_chat(MESSAGES, thinking) == ref(want, add_special_tokens=False)["input_ids"]
+
+
+def test_incremental_detokenizer_never_splits_a_character(text):
+    ids = text.encode("naïve 你好世界 🙂🚀 𠀋𝔘🦩ꙮ done") + [151645] + text.encode(" ok")
+    detok = IncrementalDetokenizer(text)
+    deltas = [detok.push([t]) for t in ids] + [detok.flush()]
+    assert not any("\ufffd" in d for d in deltas)
+    assert "".join(deltas) == text.decode(ids)
+    # a dangling half character is emitted at the end exactly as decode renders it
+    rare = next(c for c in "𠀋𝔘🦩ꙮ" if len(text.encode(c)) > 1)
+    cut = text.encode(rare)[:1]
+    detok = IncrementalDetokenizer(text)
+    assert detok.push(cut) == ""
+    assert detok.flush() == text.decode(cut)
+
+
+def test_stop_strings_hold_back_only_possible_prefixes():
+    m = StopStringMatcher(["STOP", "\n\n"], include_stop_strings=False)
+    assert m.push("hello S") == "hello "
+    assert m.push("T") == ""
+    assert m.push("x more") == "STx more"
+    assert m.push(" and ST") == " and "
+    assert m.push("OP tail") == ""
+    assert m.matched == "STOP"
+    m = StopStringMatcher(["STOP"], include_stop_strings=True)
+    assert m.push("aSTOPb") == "aSTOP" and m.matched == "STOP"
+    m = StopStringMatcher(["xyz"], include_stop_strings=False)
+    assert m.push("abcx") == "abc" and m.push("", final=True) == "x"
+
+
+def test_reasoning_splitter():
+    r = ReasoningSplitter(starts_in_reasoning=True)
+    parts = [r.push(d) for d in ["Let me ", "think.</", "think>\n\nThe answer", " is 4."]] + [r.push("", True)]
+    assert "".join(p[0] for p in parts) == "Let me think."
+    assert "".join(p[1] for p in parts) == "\n\nThe answer is 4."
+    r = ReasoningSplitter(starts_in_reasoning=False)
+    parts = [r.push(d) for d in ["<th", "ink>hmm</think>", "yes"]]
+    assert "".join(p[0] for p in parts) == "hmm" and "".join(p[1] for p in parts) == "yes"
+    r = ReasoningSplitter(starts_in_reasoning=False)
+    assert r.push("plain <think> text") == ("", "plain <think> text")
+
+
+def _limits(**kw):
+    return Limits(**{"max_model_len": 64, "vocab_size": 151936, "max_num_speculative_tokens": 2,
+                     "max_stop_strings": 2, "max_stop_string_length": 8, **kw})
+
+
+INVALID = [
+    ({}, "input"),
+    ({"text": ""}, "text"),
+    ({"token_ids": []}, "token_ids"),
+    ({"chat": []}, "chat.messages"),
+    ({"chat": [ChatMessage("robot", "hi")]}, "chat.messages[0].role"),
+    ({"token_ids": [151936]}, "token_ids"),
+    ({"text": "x" * 5000}, "text"),
+    ({"token_ids": [1] * 60, "max_new_tokens": 10}, "stopping.max_new_tokens"),
+    ({"max_new_tokens": 0}, "stopping.max_new_tokens"),
+    ({"max_new_tokens": 3, "min_new_tokens": 4}, "stopping.min_new_tokens"),
+    ({"sampling": {"temperature": float("nan")}}, "sampling.temperature"),
+    ({"sampling": {"temperature": -1.0}}, "sampling.temperature"),
+    ({"sampling": {"top_p": 0.0}}, "sampling.top_p"),
+    ({"sampling": {"top_p": 1.5}}, "sampling.top_p"),
+    ({"sampling": {"top_k": -1}}, "sampling.top_k"),
+    ({"sampling": {"min_p": 1.5}}, "sampling.min_p"),
+    ({"sampling": {"repetition_penalty": 0.0}}, "sampling.repetition_penalty"),
+    ({"sampling": {"presence_penalty": 3.0}}, "sampling.presence_penalty"),
+    ({"sampling": {"frequency_penalty": -2.5}}, "sampling.frequency_penalty"),
+    ({"stop_strings": ["a", "b", "c"]}, "stopping.stop_strings"),
+    ({"stop_strings": ["a" * 9]}, "stopping.stop_strings[0]"),
+    ({"stop_token_ids": [200000]}, "stopping.stop_token_ids"),
+    ({"top_logprobs": 21}, "top_logprobs"),
+    ({"num_speculative_tokens": 3}, "num_speculative_tokens"),
+    ({"request_id": "r" * 300}, "request_id"),
+]
+
+
+@pytest.mark.parametrize("fields,name", INVALID, ids=[n for _, n in INVALID])
+def test_validation_names_the_field(text, fields, name):
+    spec = GenerateSpec(**{"token_ids": [1, 2, 3], **fields}) if not {"text", "chat", "token_ids"} & set(fields) \
+        and fields != {} else GenerateSpec(**fields)
+    with pytest.raises(ValueError) as e:
+        prepare(spec, _limits(), text)
+    assert str(e.value).startswith(name), str(e.value)
+
+
+def test_prepare_defaults(text):
+    p = prepare(GenerateSpec(text="Hello"), _limits(default_sampling={"temperature": 0.7, "top_k": 20}), text)
+    assert p.add.prompt_token_ids == text.encode("Hello")
+    assert p.add.stopping.max_new_tokens == 64 - len(p.add.prompt_token_ids)
+    assert (p.add.sampling.temperature, p.add.sampling.top_k, p.add.sampling.top_p) == (0.7, 20, 1.0)
+    assert p.add.num_speculative_tokens == 2 and p.request_id
