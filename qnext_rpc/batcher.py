@@ -233,26 +233,22 @@ class Batcher:
         return not self._handles
 
     async def close(self) -> None:
-        """Stop the worker (Shutdown, then terminate if it does not exit)."""
+        """Stop the worker (Shutdown, then terminate if it does not exit within 5 s)."""
         self._closing = True
-        proc, conn = self._proc, self._conn
+        proc = self._proc
         if proc is None:
             return
         for h in self._handles.values():
             h._fail(WorkerUnavailable("the server is shutting down"))
         self._sendq.put(Shutdown())
-        self._sendq.put(None)
         for _ in range(50):
             if not proc.is_alive():
                 break
             await asyncio.sleep(0.1)
         if proc.is_alive():
             proc.terminate()
-        self._loop.remove_reader(conn.fileno())
-        self._loop.remove_reader(proc.sentinel)
-        proc.join(timeout=5)
-        conn.close()
-        self._proc = self._conn = None
+        if self._conn is not None:  # the exit may already have been seen by the reader
+            self._on_worker_death(self._conn, "shut down")
 
 
 def _sender(conn: Connection, q: queue.SimpleQueue) -> None:

@@ -1,0 +1,263 @@
+"""The gRPC service end to end: a real server in a subprocess, a real gRPC client (one server per module)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from qnext_rpc import convert
+from qnext_rpc.client import Client
+from test_service_support import ServerProcess
+from worker.engine import Engine, EngineConfig
+from worker.sampler import SamplingParams
+from worker.scheduler import StoppingParams
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.fixture(scope="module")
+def server(default_ckpt, tmp_path_factory):
+    s = ServerProcess(default_ckpt, log_path=tmp_path_factory.mktemp("logs") / "server.log")
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def engine(default_ckpt):
+    return Engine(EngineConfig(model=str(default_ckpt), cache_memory=67108864, max_num_seqs=32, max_model_len=4096))
+
+
+@pytest.fixture(scope="module")
+def tok(default_ckpt):
+    from qnext_rpc.text import TextProcessor
+    return TextProcessor(default_ckpt)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def collect(client: Client, **fields) -> tuple[list[int], str, object, list]:
+    ids, text, finish, chunks = [], "", None, []
+    async for chunk in client.generate_stream(**fields):
+        chunks.append(chunk)
+        ids += chunk.token_ids
+        text += chunk.text
+        if chunk.HasField("finish"):
+            finish = chunk.finish
+    return ids, text, finish, chunks
+
+
+SAMPLED = dict(temperature=0.8, top_p=0.9, top_k=0, min_p=0.0, seed=1234)
+
+
+def offline(engine: Engine, prompts: list[list[int]], samplings: list[dict], max_new: list[int]) -> list[list[int]]:
+    params = [SamplingParams(**{k: v for k, v in s.items() if k != "top_logprobs"}) for s in samplings]
+    return [c.token_ids for c in engine.generate(prompts, params, [StoppingParams(max_new_tokens=n) for n in max_new])]
+
+
+def test_stream_equals_offline_engine(server, engine, tok):
+    prompts = ["The capital of France is", "Once upon a time, 从前 there was"]
+    samplings = [dict(temperature=0.0), SAMPLED]
+
+    async def go():
+        async with Client(server.target) as c:
+            return await asyncio.gather(*[collect(c, text=p, max_new_tokens=8, top_logprobs=3, **s)
+                                          for p, s in zip(prompts, samplings)])
+    results = run(go())
+    want = offline(engine, [tok.encode(p) for p in prompts], samplings, [8, 8])
+    for (ids, text, finish, chunks), w in zip(results, want):
+        assert ids == w
+        assert text == tok.decode(ids)
+        assert convert.finish_reason_name(finish.reason) == "length"
+        assert finish.usage.completion_tokens == 8 and finish.usage.prompt_tokens > 0
+        lps = [lp for ch in chunks for lp in ch.logprobs]
+        assert [lp.token_id for lp in lps] == ids and all(len(lp.top) == 3 for lp in lps)
+        assert finish.timings.total_ms >= finish.timings.time_to_first_token_ms > 0
+
+
+def test_chat_input_equals_template_by_hand(server, default_ckpt):
+    from transformers import AutoTokenizer  # test-time reference only
+    ref = AutoTokenizer.from_pretrained(str(default_ckpt))
+    chat = [("system", "Be brief."), ("user", "Wie geht's? 你好")]
+    want = ref.apply_chat_template([{"role": r, "content": c} for r, c in chat], add_generation_prompt=True)
+    want = list(want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want)
+
+    async def go():
+        async with Client(server.target) as c:
+            ids = await c.tokenize(chat=chat)
+            a = await c.generate(chat=chat, temperature=0.0, max_new_tokens=6)
+            b = await c.generate(token_ids=want, temperature=0.0, max_new_tokens=6)
+            return ids, a, b
+    ids, a, b = run(go())
+    assert ids == want
+    assert list(a.token_ids) == list(b.token_ids) and a.finish.usage.prompt_tokens == len(want)
+
+
+def test_32_concurrent_streams_mixed_parameters(server, engine, tok, report):
+    prompts, samplings, max_new, extra = [], [], [], []
+    for i in range(32):
+        prompts.append(tok.encode(f"Request {i}: tell me about the number {i * 7}"))
+        samplings.append(dict(temperature=0.0) if i % 2 == 0 else dict(SAMPLED, seed=i, top_k=50 if i % 3 else 0))
+        max_new.append(2 + i % 4)  # the tiny model steps 32 sequences in ~1-3 s on 2 CPU cores
+        extra.append(dict(top_logprobs=2) if i % 4 == 1 else {})
+    want = offline(engine, prompts, samplings, max_new)
+
+    async def go():
+        async with Client(server.target) as c:
+            return await asyncio.gather(*[collect(c, token_ids=p, max_new_tokens=n, **s, **e)
+                                          for p, s, n, e in zip(prompts, samplings, max_new, extra)])
+    start = time.perf_counter()
+    results = run(go())
+    report("32 concurrent streams wall time (s)", round(time.perf_counter() - start, 2))
+    for (ids, text, finish, _), w, n in zip(results, want, max_new):
+        assert ids == w
+        assert text == tok.decode(ids)
+        assert finish is not None and finish.usage.completion_tokens == len(ids) <= n
+
+
+def _stats(server):
+    async def go():
+        async with Client(server.target) as c:
+            return await c.server_stats()
+    return run(go())
+
+
+def _wait_pools_free(server, within: float) -> float:
+    start = time.monotonic()
+    while True:
+        s = _stats(server)
+        if s.kv_blocks_used == 0 and s.state_slots_used == 0 and s.num_running == 0 and s.num_pending == 0:
+            return time.monotonic() - start
+        assert time.monotonic() - start < within, f"pools still in use: {s}"
+        time.sleep(0.02)
+
+
+def test_cancel_mid_stream_frees_the_cache(server, report):
+    async def go():
+        async with Client(server.target) as c:
+            calls = [c.generate_stream(text=f"long {i}", max_new_tokens=2000, ignore_eos=True, temperature=0.0)
+                     for i in range(4)]
+            for call in calls:
+                async for chunk in call:
+                    if chunk.token_ids:
+                        break
+            stats = await c.server_stats()
+            for call in calls:
+                call.cancel()
+            return stats
+    busy = run(go())
+    assert busy.kv_blocks_used > 0 and busy.state_slots_used == 4
+    report("cancel -> pools free (s)", round(_wait_pools_free(server, within=1.0), 3))
+
+
+def test_deadline_expiry_frees_the_cache(server, report):
+    async def go():
+        async with Client(server.target) as c:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await collect(c, text="deadline", max_new_tokens=2000, ignore_eos=True, timeout=1.0)
+            return e.value.code()
+    assert run(go()) == grpc.StatusCode.DEADLINE_EXCEEDED
+    report("deadline -> pools free (s)", round(_wait_pools_free(server, within=1.0), 3))
+
+
+def test_stop_strings_cut_the_text_and_free_the_cache(server, tok):
+    async def go():
+        async with Client(server.target) as c:
+            base = await c.generate(text="Stop here please", temperature=0.0, max_new_tokens=16)
+            stop = base.text[len(base.text) // 2:][:3]
+            cut = base.text.find(stop)
+            a = await c.generate(text="Stop here please", temperature=0.0, max_new_tokens=16, stop_strings=[stop])
+            b = await c.generate(text="Stop here please", temperature=0.0, max_new_tokens=16, stop_strings=[stop],
+                                 include_stop_strings=True)
+            return base, stop, cut, a, b
+    base, stop, cut, a, b = run(go())
+    assert stop and cut >= 0
+    for res, end in ((a, cut), (b, cut + len(stop))):
+        assert convert.finish_reason_name(res.finish.reason) == "stop_string" and res.finish.stop_string == stop
+        assert res.text == base.text[:end]
+        assert list(base.token_ids[:len(res.token_ids)]) == list(res.token_ids)
+    _wait_pools_free(server, within=1.0)
+
+
+VALIDATION = [
+    (dict(), "input"),
+    (dict(text=""), "text"),
+    (dict(token_ids=[]), "token_ids"),
+    (dict(chat=[]), "chat.messages"),
+    (dict(text="x" * 70000), "text"),
+    (dict(token_ids=[1] * 4000, max_new_tokens=100), "stopping.max_new_tokens"),
+    (dict(text="hi", max_new_tokens=0), "stopping.max_new_tokens"),
+    (dict(text="hi", max_new_tokens=3, min_new_tokens=5), "stopping.min_new_tokens"),
+    (dict(token_ids=[1, 151936]), "token_ids"),
+    (dict(text="hi", temperature=math.nan), "sampling.temperature"),
+    (dict(text="hi", temperature=-0.5), "sampling.temperature"),
+    (dict(text="hi", top_p=0.0), "sampling.top_p"),
+    (dict(text="hi", top_p=1.01), "sampling.top_p"),
+    (dict(text="hi", top_k=-1), "sampling.top_k"),
+    (dict(text="hi", min_p=-0.1), "sampling.min_p"),
+    (dict(text="hi", repetition_penalty=0.0), "sampling.repetition_penalty"),
+    (dict(text="hi", presence_penalty=2.5), "sampling.presence_penalty"),
+    (dict(text="hi", frequency_penalty=-3.0), "sampling.frequency_penalty"),
+    (dict(text="hi", stop_strings=["s"] * 17), "stopping.stop_strings"),
+    (dict(text="hi", stop_strings=["s" * 257]), "stopping.stop_strings[0]"),
+    (dict(chat=[("wizard", "hi")]), "chat.messages[0].role"),
+    (dict(text="hi", num_speculative_tokens=1), "num_speculative_tokens"),
+    (dict(text="hi", top_logprobs=21), "top_logprobs"),
+    (dict(text="hi", request_id="r" * 1000), "request_id"),
+]
+
+
+def test_every_invalid_field_is_invalid_argument_naming_it(server):
+    async def go():
+        out = []
+        async with Client(server.target) as c:
+            for fields, _ in VALIDATION:
+                try:
+                    await collect(c, **fields)
+                    out.append(None)
+                except grpc.aio.AioRpcError as e:
+                    out.append((e.code(), e.details()))
+            ok = await c.generate(text="still serving", temperature=0.0, max_new_tokens=3)
+        return out, ok
+    out, ok = run(go())
+    for (fields, name), got in zip(VALIDATION, out):
+        assert got is not None and got[0] == INVALID and got[1].startswith(name), (name, got)
+    assert len(ok.token_ids) == 3
+
+
+def test_model_info(server):
+    async def go():
+        async with Client(server.target) as c:
+            return await c.model_info()
+    info = run(go())
+    assert info.architecture == "Qwen3NextForCausalLM" and info.vocab_size == 151936
+    assert info.max_model_len == 4096 and list(info.eos_token_ids) == [151645, 151643]
+    assert info.mtp_available and info.max_num_speculative_tokens == 0 and info.max_num_seqs == 32
+    assert info.num_kv_cache_tokens > 0 and info.num_state_slots == 32 and info.has_chat_template
+
+
+def test_health_reflection_and_metrics(server):
+    assert server.health() == health_pb2.HealthCheckResponse.SERVING
+    assert server.health(convert.SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(server.target) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        services = {s.name for s in resp.list_services_response.service}
+    assert {"qnext.v1.Generation", "grpc.health.v1.Health"} <= services
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    for name in ("qnext_requests", "qnext_time_to_first_token_seconds", "qnext_inter_token_seconds",
+                 "qnext_request_duration_seconds", "qnext_num_waiting", "qnext_num_running", "qnext_kv_blocks_used",
+                 "qnext_state_slots_used", "qnext_spec_accepted_tokens"):
+        assert name in families, name
+    ok = [s for s in families["qnext_requests"].samples if s.labels.get("status") == "length"]
+    assert ok and ok[0].value > 0
