@@ -107,7 +107,7 @@ def test_32_concurrent_streams_mixed_parameters(server, engine, tok, report):
     for i in range(32):
         prompts.append(tok.encode(f"Request {i}: tell me about the number {i * 7}"))
         samplings.append(dict(temperature=0.0) if i % 2 == 0 else dict(SAMPLED, seed=i, top_k=50 if i % 3 else 0))
-        max_new.append(2 + i % 4)  # the tiny model steps 32 sequences in ~1-3 s on 2 CPU cores
+        max_new.append(1 + i % 3)  # the tiny model steps 32 sequences in ~1-3 s on 2 shared CPU cores
         extra.append(dict(top_logprobs=2) if i % 4 == 1 else {})
     want = offline(engine, prompts, samplings, max_new)
 
