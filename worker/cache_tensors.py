@@ -4,6 +4,9 @@
   k/v [num_blocks, block_size, Hkv, D]; a sequence owns blocks listed in its block table.
 - Gated DeltaNet layers: a pool of state slots, conv [n_gdn, num_slots, conv_dim, K-1] and recurrent
   [n_gdn, num_slots, Hv, dk, dv]; a running sequence owns one slot across all DeltaNet layers.
+- With MTP speculation (up to k_max draft tokens), each slot also has k_max intermediate states
+  [n_gdn, num_slots, k_max, ...]: a verify step records the state after each of its first k positions there,
+  so the slot can be rolled back to the last accepted token. This multiplies the state memory by 1 + k_max.
 
 Which block or slot belongs to whom is decided by the (torch-free) allocator in `worker/cache.py`.
 """
@@ -25,6 +28,7 @@ class CacheShape:
     kv_dtype: torch.dtype
     state_dtype: torch.dtype  # recurrent state; fp32 by default (bf16 halves it)
     conv_dtype: torch.dtype
+    max_spec_tokens: int = 0  # k_max: intermediate states kept per slot for speculative verify
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, kv_dtype: torch.dtype) -> int:
@@ -34,12 +38,14 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, kv_dtype: torch.dtype)
     return layers * per_layer
 
 
-def state_bytes_per_slot(cfg: ModelConfig, state_dtype: torch.dtype, conv_dtype: torch.dtype) -> int:
-    """Bytes of one sequence's conv + recurrent state summed over every DeltaNet layer."""
+def state_bytes_per_slot(cfg: ModelConfig, state_dtype: torch.dtype, conv_dtype: torch.dtype,
+                         max_spec_tokens: int = 0) -> int:
+    """Bytes of one sequence's conv + recurrent state summed over every DeltaNet layer, with the
+    intermediate states speculative verify keeps."""
     n = len(cfg.linear_attention_layers)
     conv = cfg.conv_dim * (cfg.linear_conv_kernel_dim - 1) * conv_dtype.itemsize
     ssm = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * state_dtype.itemsize
-    return n * (conv + ssm)
+    return n * (conv + ssm) * (1 + max_spec_tokens)
 
 
 class CacheTensors:
@@ -54,3 +60,15 @@ class CacheTensors:
                                       dtype=shape.conv_dtype, device=device)
         self.ssm_state = torch.zeros(n_gdn, shape.num_slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                                      cfg.linear_value_head_dim, dtype=shape.state_dtype, device=device)
+        k = shape.max_spec_tokens
+        self.spec_conv = torch.zeros(n_gdn, shape.num_slots, k, *self.conv_state.shape[2:],
+                                     dtype=shape.conv_dtype, device=device) if k else None
+        self.spec_ssm = torch.zeros(n_gdn, shape.num_slots, k, *self.ssm_state.shape[2:],
+                                    dtype=shape.state_dtype, device=device) if k else None
+
+    def rollback(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        """Set each slot's DeltaNet state to the one recorded after verify position `positions[i]`
+        (the last accepted token), for every DeltaNet layer. slots, positions: [n] int64."""
+        assert self.spec_conv is not None and self.spec_ssm is not None
+        self.conv_state[:, slots] = self.spec_conv[:, slots, positions]
+        self.ssm_state[:, slots] = self.spec_ssm[:, slots, positions]

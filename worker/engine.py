@@ -19,11 +19,13 @@ from worker.cache import HybridCacheManager
 from worker.cache_tensors import CacheShape, CacheTensors, kv_bytes_per_block, state_bytes_per_slot
 from worker.loader import load_model
 from worker.model import ForwardBatch
-from worker.sampler import SamplingBatch, SamplingParams, sample
+from worker.sampler import SamplingBatch, SamplingParams, processed_probs, sample
+from worker.spec_decode import STREAM_DRAFT, SpecCounters, accept_drafts, race
 from worker.scheduler import (FinishReason, Request, SchedulePlan, Scheduler, SchedulerConfig, StepOutput,
                               StoppingParams)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# float64 exists for exactness tests (rounding out of the way), not for serving.
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -39,15 +41,19 @@ class EngineConfig:
     cache_memory: float = 0.0  # 0 = default: 0.85 of free memory on CUDA, 512 MiB on CPU
     state_dtype: str = "float32"  # DeltaNet recurrent state; bfloat16 halves it
     seed: int | None = None  # seeds the per-request seeds drawn for requests that give none
+    # MTP speculative decoding: the server's maximum (and default) draft length; 0 = off. Needs mtp.* weights.
+    num_speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.dtype not in ("auto", *_DTYPES):
-            raise ValueError(f"dtype: must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.state_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype: must be auto, {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.state_dtype not in ("float32", "bfloat16", "float64"):
             raise ValueError(f"state_dtype: must be float32 or bfloat16, got {self.state_dtype!r}")
+        if not 0 <= self.num_speculative_tokens <= 4:
+            raise ValueError(f"num_speculative_tokens: must be in [0, 4], got {self.num_speculative_tokens}")
         if self.cache_memory < 0:
             raise ValueError(f"cache_memory: must be >= 0, got {self.cache_memory}")
 
@@ -58,6 +64,7 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stopping: StoppingParams = field(default_factory=StoppingParams)
+    num_speculative_tokens: int | None = None  # None = the engine's default; 0 = off; <= the engine's maximum
 
 
 @dataclass
@@ -73,6 +80,8 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_preemptions: int
+    num_drafted_tokens: int = 0  # MTP drafts verified for this request so far
+    num_accepted_tokens: int = 0  # of which accepted
 
 
 @dataclass
@@ -144,11 +153,14 @@ class Engine:
         self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
         state_dtype = _DTYPES[config.state_dtype]
         per_block = kv_bytes_per_block(mcfg, config.block_size, self.dtype)
-        per_slot = state_bytes_per_slot(mcfg, state_dtype, self.dtype)
+        self.max_spec_tokens = config.num_speculative_tokens
+        if self.max_spec_tokens and mcfg.num_mtp_layers == 0:
+            raise ValueError(f"num_speculative_tokens: {self.model_dir} has no MTP head (mtp.* tensors)")
+        per_slot = state_bytes_per_slot(mcfg, state_dtype, self.dtype, self.max_spec_tokens)
         num_blocks, num_slots = size_cache(config, per_block, per_slot, self.device)
         self.cache_info = CacheInfo(num_blocks, config.block_size, num_slots, per_block, per_slot)
         self.cache = CacheTensors(mcfg, CacheShape(num_blocks, config.block_size, num_slots, self.dtype, state_dtype,
-                                                   self.dtype), self.device)
+                                                   self.dtype, self.max_spec_tokens), self.device)
         self.cache_manager = HybridCacheManager(num_blocks, config.block_size, num_slots)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=config.max_num_seqs,
                                                    max_num_batched_tokens=config.max_num_batched_tokens,
@@ -156,6 +168,9 @@ class Engine:
         self._seed_rng = random.Random(config.seed)
         self._aborted: list[Request] = []
         self.timings = StepTimings()
+        self.spec_counters = SpecCounters()  # all requests
+        self._spec: dict[str, SpecCounters] = {}  # per request
+        self._draft_probs: dict[str, torch.Tensor] = {}  # request id -> q of its pending drafts [k, V]
 
     @property
     def vocab_size(self) -> int:
@@ -168,16 +183,23 @@ class Engine:
         bad = [t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt_token_ids: ids must be in [0, {self.vocab_size}), got {bad[:5]}")
+        k = self.max_spec_tokens if req.num_speculative_tokens is None else req.num_speculative_tokens
+        if not 0 <= k <= self.max_spec_tokens:
+            raise ValueError(f"num_speculative_tokens: must be in [0, {self.max_spec_tokens}] (the server's "
+                             f"maximum), got {k}")
         seed = req.sampling.seed if req.sampling.seed is not None else self._seed_rng.getrandbits(63)
         self.scheduler.add(Request(request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
                                    stopping=req.stopping, eos_token_ids=self.eos_token_ids, sampling=req.sampling,
-                                   seed=seed))
+                                   seed=seed, num_speculative_tokens=k))
+        if k:
+            self._spec[req.request_id] = SpecCounters()
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now; its blocks and slot are free at once. Its final output comes with the next step."""
         request = self.scheduler.get(request_id)
         if request is None or not self.scheduler.abort(request_id):
             return False
+        self._draft_probs.pop(request_id, None)
         self._aborted.append(request)
         return True
 
@@ -191,82 +213,210 @@ class Engine:
         return outputs
 
     def _step(self) -> list[RequestOutput]:
-        outputs = [self._output(r, StepOutput(r.request_id, [], True, FinishReason.ABORTED), None, None)
+        outputs = [self._output(r, StepOutput(r.request_id, [], True, FinishReason.ABORTED))
                    for r in self._aborted]
         self._aborted.clear()
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return outputs
-        batch = self._forward_batch(plan)
-        sampling = [i for i, c in enumerate(plan.chunks) if c.sample]
-        sampled: dict[str, int] = {}
-        per_request: dict[str, tuple[float, list[tuple[int, float]]]] = {}
-        logits = self._run_model(batch, sampling)
+        pieces = [(c.request, c.start, self._chunk_tokens(c)) for c in plan.chunks]
+        batch = self._forward_batch(pieces, [bool(c.draft_token_ids) for c in plan.chunks])
+        # logits rows: first the last token of each plain sampling chunk, then every token of each verify chunk
+        ends = dict(zip((c.request.request_id for c in plan.chunks), batch.last_token_indices.tolist()))
+        plain = [c for c in plan.chunks if c.sample and not c.draft_token_ids]
+        verify = [c for c in plan.chunks if c.draft_token_ids]
+        rows = [ends[c.request.request_id] for c in plain]
+        for c in verify:
+            end = ends[c.request.request_id]
+            rows += range(end - c.num_tokens + 1, end + 1)
+        hidden, logits = self._run_model(batch, rows)
         self.timings.num_steps += 1
-        if sampling:
-            requests = [plan.chunks[i].request for i in sampling]
-            result = sample(logits, self._sampling_batch(requests))
-            tokens = result.token_ids.tolist()
-            logprobs = result.logprobs.tolist()
-            top_ids = result.top_ids.tolist() if result.top_ids is not None else None
-            top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
-            for j, r in enumerate(requests):
-                sampled[r.request_id] = tokens[j]
-                n = r.sampling.top_logprobs
-                top = list(zip(top_ids[j][:n], top_lps[j][:n])) if n and top_ids is not None else []
-                per_request[r.request_id] = (logprobs[j], top)
+        sampled: dict[str, list[int]] = {}
+        logprobs: dict[str, tuple[list[float], list[list[tuple[int, float]]]]] = {}
+        if plain:
+            self._sample_plain([c.request for c in plain], logits[:len(plain)], sampled, logprobs)
+        if verify:
+            self._verify(verify, logits[len(plain):], sampled, logprobs)
         by_id = {c.request.request_id: c.request for c in plan.chunks}
         for so in self.scheduler.update(plan, sampled):
-            lp = per_request.get(so.request_id)
-            outputs.append(self._output(by_id[so.request_id], so, *(lp if lp else (None, None))))
+            outputs.append(self._output(by_id[so.request_id], so, *logprobs.get(so.request_id, ([], []))))
+            if so.finished:
+                self._draft_probs.pop(so.request_id, None)
+        if self.max_spec_tokens:
+            self._propose_drafts(plan, pieces, hidden, sampled)
         return outputs
 
-    def _run_model(self, batch: ForwardBatch, sampling: list[int]) -> torch.Tensor | None:
-        """The forward and the logits of the sampling rows; timed (synchronised on CUDA) for StepTimings."""
+    @staticmethod
+    def _chunk_tokens(c) -> list[int]:
+        if c.draft_token_ids:
+            return [c.request.all_token_ids[c.start]] + c.draft_token_ids
+        return c.request.all_token_ids[c.start:c.start + c.num_tokens]
+
+    def _sample_plain(self, requests: list[Request], logits: torch.Tensor, sampled: dict[str, list[int]],
+                      logprobs: dict[str, tuple[list[float], list[list[tuple[int, float]]]]]) -> None:
+        result = sample(logits, self._sampling_batch(requests))
+        tokens = result.token_ids.tolist()
+        lps = result.logprobs.tolist()
+        top_ids = result.top_ids.tolist() if result.top_ids is not None else None
+        top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+        for j, r in enumerate(requests):
+            sampled[r.request_id] = [tokens[j]]
+            n = r.sampling.top_logprobs
+            top = list(zip(top_ids[j][:n], top_lps[j][:n])) if n and top_ids is not None else []
+            logprobs[r.request_id] = ([lps[j]], [top] if top else [])
+
+    def _verify(self, chunks: list, logits: torch.Tensor, sampled: dict[str, list[int]],
+                logprobs: dict[str, tuple[list[float], list[list[tuple[int, float]]]]]) -> None:
+        """Accept or reject each verify chunk's drafts; roll DeltaNet states back to the last accepted token."""
+        requests = [c.request for c in chunks]
+        drafts = [c.draft_token_ids for c in chunks]
+        p = processed_probs(logits, self._sampling_batch(requests, drafts, with_drafts=True))
+        p_rows = list(p.split([len(d) + 1 for d in drafts]))
+        q_rows = [self._draft_probs.pop(r.request_id)[:len(d)] for r, d in zip(requests, drafts)]
+        result = accept_drafts(p_rows, q_rows, drafts, [r.seed for r in requests],
+                               [len(r.output_token_ids) for r in requests])
+        raw = torch.log_softmax(logits.float(), dim=-1)
+        offsets = [0]
+        for d in drafts:
+            offsets.append(offsets[-1] + len(d) + 1)
+        rollback_slots, rollback_pos = [], []
+        for i, (r, d) in enumerate(zip(requests, drafts)):
+            tokens, a = result.tokens[i], result.num_accepted[i]
+            sampled[r.request_id] = tokens
+            lp_rows = raw[offsets[i]:offsets[i] + len(tokens)]
+            lps = lp_rows.gather(1, torch.tensor(tokens, device=raw.device)[:, None])[:, 0].tolist()
+            n = r.sampling.top_logprobs
+            tops = []
+            if n:
+                tv, ti = lp_rows.topk(n, dim=-1)
+                tops = [list(zip(a_, b_)) for a_, b_ in zip(ti.tolist(), tv.tolist())]
+            logprobs[r.request_id] = (lps, tops)
+            self._spec[r.request_id].add(len(d), a)
+            self.spec_counters.add(len(d), a)
+            if a < len(d):
+                rollback_slots.append(r.state_slot)
+                rollback_pos.append(a)
+        if rollback_slots:
+            self.cache.rollback(torch.tensor(rollback_slots, device=self.device),
+                                torch.tensor(rollback_pos, device=self.device))
+
+    def _propose_drafts(self, plan: SchedulePlan, pieces: list, hidden: torch.Tensor,
+                        sampled: dict[str, list[int]]) -> None:
+        """MTP drafting (FACTS §3.10). Pass 1 runs the MTP over every row this step made real, pairing the
+        target's hidden state h_p with token t_{p+1} (this keeps the MTP's own KV cache complete, prompt
+        included); its last row proposes draft 1. Passes 2..k feed each draft back with the MTP's own output
+        hidden state, one position further each time."""
+        ends = torch.tensor([n for _, _, t in pieces for n in [len(t)]]).cumsum(0).tolist()
+        mtp_pieces, mtp_rows, drafting = [], [], []
+        for c, (r, start, toks), end in zip(plan.chunks, pieces, ends):
+            if r.num_speculative_tokens == 0 or r.status.value != "running":
+                continue
+            n_valid = len(sampled[r.request_id]) if c.draft_token_ids else c.num_tokens
+            nxt = r.all_token_ids[start + 1:start + 1 + n_valid]
+            mtp_pieces.append((r, start, nxt))
+            first = end - len(toks)
+            mtp_rows += range(first, first + n_valid)
+            if c.sample:
+                drafting.append(len(mtp_pieces) - 1)
+        if not mtp_pieces:
+            return
+        batch = self._forward_batch(mtp_pieces, None)
+        h = self.model.mtp_forward(batch.input_ids, hidden[mtp_rows], batch, self.cache)
+        last = batch.last_token_indices[drafting]
+        requests = [mtp_pieces[i][0] for i in drafting]
+        h = h[last]
+        drafts: list[list[int]] = [[] for _ in requests]
+        probs: list[list[torch.Tensor]] = [[] for _ in requests]
+        active = list(range(len(requests)))
+        for j in range(self.max_spec_tokens):
+            logits = self.model.compute_logits(h)
+            rs = [requests[i] for i in active]
+            q = processed_probs(logits, self._sampling_batch(rs, [drafts[i] for i in active], with_drafts=True,
+                                                             last_only=True))
+            tok = race(q, torch.tensor([r.seed for r in rs], dtype=torch.int64),
+                       torch.tensor([len(r.output_token_ids) + j for r in rs]), STREAM_DRAFT).tolist()
+            keep = []
+            for row, i in enumerate(active):
+                drafts[i].append(tok[row])
+                probs[i].append(q[row])
+                if len(drafts[i]) < requests[i].num_speculative_tokens:
+                    keep.append((row, i))
+            # the next pass writes MTP KV one position further: make sure the blocks exist, else stop there
+            nxt = []
+            for row, i in keep:
+                r = requests[i]
+                grown = self.cache_manager.ensure(r.block_ids, r.state_slot, r.num_tokens + len(drafts[i]))
+                if grown is not None:
+                    r.block_ids, r.state_slot = grown
+                    nxt.append((row, i))
+            if not nxt:
+                break
+            rows_idx = [row for row, _ in nxt]
+            active = [i for _, i in nxt]
+            pieces_j = [(requests[i], requests[i].num_tokens + len(drafts[i]) - 2, [drafts[i][-1]]) for i in active]
+            b = self._forward_batch(pieces_j, None)
+            h = self.model.mtp_forward(b.input_ids, h[rows_idx], b, self.cache)
+        for r, d, pr in zip(requests, drafts, probs):
+            r.draft_token_ids = d
+            self._draft_probs[r.request_id] = torch.stack(pr)
+
+    def _run_model(self, batch: ForwardBatch, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward and the logits of `rows`; timed (synchronised on CUDA) for StepTimings."""
         start = time.perf_counter()
         hidden = self.model(batch, self.cache)
-        logits = self.model.compute_logits(hidden[batch.last_token_indices[sampling]]) if sampling else None
+        logits = self.model.compute_logits(hidden[rows])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.timings.forward_s += time.perf_counter() - start
-        return logits
+        return hidden, logits
 
-    def _output(self, r: Request, so: StepOutput, logprob: float | None,
-                top: list[tuple[int, float]] | None) -> RequestOutput:
+    def _output(self, r: Request, so: StepOutput, logprobs: list[float] | None = None,
+                tops: list[list[tuple[int, float]]] | None = None) -> RequestOutput:
+        n = len(so.new_token_ids)  # a stop inside accepted drafts truncates them
+        spec = self._spec.pop(r.request_id, None) if so.finished else self._spec.get(r.request_id)
         return RequestOutput(
-            request_id=r.request_id, new_token_ids=list(so.new_token_ids),
-            logprobs=[logprob] if logprob is not None and so.new_token_ids else [],
-            top_logprobs=[top] if top and so.new_token_ids else [],
-            finished=so.finished, finish_reason=so.finish_reason, num_prompt_tokens=len(r.prompt_token_ids),
-            num_output_tokens=len(r.output_token_ids), num_preemptions=r.num_preemptions)
+            request_id=r.request_id, new_token_ids=list(so.new_token_ids), logprobs=(logprobs or [])[:n],
+            top_logprobs=(tops or [])[:n], finished=so.finished, finish_reason=so.finish_reason,
+            num_prompt_tokens=len(r.prompt_token_ids), num_output_tokens=len(r.output_token_ids),
+            num_preemptions=r.num_preemptions, num_drafted_tokens=spec.num_drafted if spec else 0,
+            num_accepted_tokens=spec.num_accepted if spec else 0)
 
-    def _forward_batch(self, plan: SchedulePlan) -> ForwardBatch:
+    def _forward_batch(self, pieces: list[tuple[Request, int, list[int]]],
+                       is_verify: list[bool] | None) -> ForwardBatch:
+        """pieces: (request, first position, token ids) per sequence, packed in order."""
         bs = self.config.block_size
         ids: list[int] = []
         slots: list[int] = []
         positions: list[int] = []
-        for c in plan.chunks:
-            r = c.request
-            ids += r.all_token_ids[c.start:c.start + c.num_tokens]
-            positions += range(c.start, c.start + c.num_tokens)
-            slots += [r.block_ids[p // bs] * bs + p % bs for p in range(c.start, c.start + c.num_tokens)]
-        width = max(len(c.request.block_ids) for c in plan.chunks)
-        tables = [c.request.block_ids + [0] * (width - len(c.request.block_ids)) for c in plan.chunks]
+        for r, start, toks in pieces:
+            ids += toks
+            positions += range(start, start + len(toks))
+            slots += [r.block_ids[p // bs] * bs + p % bs for p in range(start, start + len(toks))]
+        width = max(len(r.block_ids) for r, _, _ in pieces)
+        tables = [r.block_ids + [0] * (width - len(r.block_ids)) for r, _, _ in pieces]
         dev = self.device
         return ForwardBatch(
             input_ids=torch.tensor(ids, device=dev), positions=torch.tensor(positions, device=dev),
-            query_lens=[c.num_tokens for c in plan.chunks],
-            context_lens=[c.start + c.num_tokens for c in plan.chunks],
+            query_lens=[len(t) for _, _, t in pieces], context_lens=[s + len(t) for _, s, t in pieces],
             slot_mapping=torch.tensor(slots, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            state_slots=torch.tensor([c.request.state_slot for c in plan.chunks], device=dev))
+            state_slots=torch.tensor([r.state_slot for r, _, _ in pieces], device=dev),
+            is_verify=is_verify if is_verify and any(is_verify) else None)
 
-    def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:
+    def _sampling_batch(self, requests: list[Request], drafts: list[list[int]] | None = None,
+                        with_drafts: bool = False, last_only: bool = False) -> SamplingBatch:
+        """One row per request; with drafts, one row per position j = 0..len(drafts) whose history is the
+        outputs plus the first j drafts (`last_only`: just the row after all of them)."""
+        rows: list[tuple[Request, list[int]]] = []
+        for i, r in enumerate(requests):
+            d = drafts[i] if with_drafts and drafts else []
+            js = [len(d)] if last_only else range(len(d) + 1)
+            rows += [(r, d[:j]) for j in js]
         return SamplingBatch.build(
-            params=[r.sampling for r in requests], seeds=[r.seed for r in requests],
-            steps=[len(r.output_token_ids) for r in requests],
-            prompt_ids=[r.prompt_token_ids for r in requests], output_ids=[r.output_token_ids for r in requests],
-            suppressed_ids=[self.scheduler.suppressed_token_ids(r) for r in requests],
+            params=[r.sampling for r, _ in rows], seeds=[r.seed for r, _ in rows],
+            steps=[len(r.output_token_ids) + len(d) for r, d in rows],
+            prompt_ids=[r.prompt_token_ids for r, _ in rows], output_ids=[r.output_token_ids + d for r, d in rows],
+            suppressed_ids=[self.scheduler.suppressed_token_ids(r, len(d)) for r, d in rows],
             vocab_size=self.vocab_size, device=self.device)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams] | None = None,

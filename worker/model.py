@@ -36,6 +36,9 @@ class ForwardBatch:
     slot_mapping: torch.Tensor  # [T] int64 flat KV slot (block * block_size + offset) of each token
     block_tables: torch.Tensor  # [B, max_blocks] int32
     state_slots: torch.Tensor  # [B] int64 DeltaNet state slot of each sequence
+    # Speculative verify: per sequence, whether its chunk is [last token, drafts...] whose DeltaNet states
+    # after each position must be kept for rollback (None = no verify chunks).
+    is_verify: list[bool] | None = None
 
     @property
     def has_initial_state(self) -> list[bool]:
@@ -145,8 +148,11 @@ class GatedDeltaNet(nn.Module):
         q, k, v, z = qkvz.split([self.dk, self.dk, r * self.dv, r * self.dv], dim=-1)
         b, a = self.in_proj_ba(x).view(T, self.Hk, 2 * r).split([r, r], dim=-1)
         mixed = torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], dim=-1)  # [T, conv_dim]
+        spec_conv = cache.spec_conv[self.cache_index] if cache.spec_conv is not None else None
+        spec_ssm = cache.spec_ssm[self.cache_index] if cache.spec_ssm is not None else None
         mixed = causal_conv1d_varlen(mixed, self.conv1d.weight[:, 0], cache.conv_state[self.cache_index],
-                                     batch.state_slots, batch.query_lens, batch.has_initial_state)
+                                     batch.state_slots, batch.query_lens, batch.has_initial_state,
+                                     batch.is_verify, spec_conv)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         # value head h reads key head h // r
         q = q.reshape(T, self.Hk, self.dk).repeat_interleave(r, dim=1)  # [T, Hv, dk]
@@ -156,7 +162,8 @@ class GatedDeltaNet(nn.Module):
         ct = torch.promote_types(x.dtype, torch.float32)  # fp32 even for bf16 weights: A_log.exp() overflows fp16
         g = -self.A_log.to(ct).exp() * F.softplus(a.reshape(T, self.Hv).to(ct) + self.dt_bias.to(ct))  # [T, Hv]
         o = gated_delta_rule_varlen(q, k, v, g, beta, cache.ssm_state[self.cache_index], batch.state_slots,
-                                    batch.query_lens, batch.has_initial_state)  # [T, Hv, dv]
+                                    batch.query_lens, batch.has_initial_state, batch.is_verify,
+                                    spec_ssm)  # [T, Hv, dv]
         o = gated_rms_norm(o, z.reshape(T, self.Hv, self.dv), self.norm.weight, self.eps)
         return self.out_proj(o.reshape(T, self.value_dim))
 

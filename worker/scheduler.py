@@ -71,7 +71,7 @@ class Request:
     eos_token_ids: tuple[int, ...]
     sampling: object = None  # the engine's SamplingParams; opaque here
     seed: int = 0  # effective sampling seed; opaque here
-    num_speculative_tokens: int = 0  # opaque until MTP lands
+    num_speculative_tokens: int = 0  # MTP draft length this request asked for (0 = no speculation)
     # State owned by the scheduler.
     output_token_ids: list[int] = field(default_factory=list, init=False)
     num_computed_tokens: int = field(default=0, init=False)  # tokens of all_token_ids whose KV/state exist
@@ -80,6 +80,9 @@ class Request:
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
     finish_reason: FinishReason | None = field(default=None, init=False)
     num_preemptions: int = field(default=0, init=False)
+    # MTP drafts for the tokens after all_token_ids, proposed by the engine after the last step; the next
+    # decode chunk verifies them. Never part of all_token_ids until accepted.
+    draft_token_ids: list[int] = field(default_factory=list, init=False)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -96,6 +99,8 @@ class ScheduledChunk:
     start: int  # request.num_computed_tokens when scheduled: position of the chunk's first token
     num_tokens: int  # computes request.all_token_ids[start:start + num_tokens]
     sample: bool  # the chunk reaches the end of all_token_ids, so a new token is sampled after it
+    # Speculative verify: the chunk is [last token, *draft_token_ids] (num_tokens = 1 + len(drafts)).
+    draft_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -177,9 +182,10 @@ class Scheduler:
         self._finish(request, FinishReason.ABORTED)
         return True
 
-    def suppressed_token_ids(self, request: Request) -> list[int]:
-        """Token ids the sampler must not produce for the request's next token (the min_new_tokens rule)."""
-        if len(request.output_token_ids) >= request.stopping.min_new_tokens:
+    def suppressed_token_ids(self, request: Request, ahead: int = 0) -> list[int]:
+        """Token ids the sampler must not produce for the request's next token (the min_new_tokens rule);
+        `ahead`: for the token that many positions later (speculative verify of drafts)."""
+        if len(request.output_token_ids) + ahead >= request.stopping.min_new_tokens:
             return []
         eos = () if request.stopping.ignore_eos else request.eos_token_ids
         return sorted(set(eos) | set(request.stopping.stop_token_ids))
@@ -191,24 +197,35 @@ class Scheduler:
             self._schedule_waiting(plan, budget)
         return plan
 
-    def update(self, plan: SchedulePlan, sampled: dict[str, int]) -> list[StepOutput]:
-        """Apply one executed plan; sampled maps request id -> its new token for every chunk with sample."""
+    def update(self, plan: SchedulePlan, sampled: dict[str, int | list[int]]) -> list[StepOutput]:
+        """Apply one executed plan; sampled maps request id -> its new token(s) for every chunk with sample.
+
+        A verify chunk yields 1 + (accepted drafts) tokens; the verified positions before the last new token
+        are now computed (KV beyond them is stale and simply overwritten later: rollback by length)."""
         outputs = []
         for chunk in plan.chunks:
             request = chunk.request
             if request.status != RequestStatus.RUNNING:
                 continue  # aborted between schedule() and update()
             assert request.num_computed_tokens == chunk.start, "plans must be applied once and in order"
-            request.num_computed_tokens += chunk.num_tokens
+            request.draft_token_ids = []
             if not chunk.sample:
+                request.num_computed_tokens += chunk.num_tokens
                 continue
             assert request.request_id in sampled, f"no sampled token for {request.request_id!r}"
-            token = sampled[request.request_id]
-            request.output_token_ids.append(token)
-            reason = self._stop_reason(request, token)
-            if reason is not None:
-                self._finish(request, reason)
-            outputs.append(StepOutput(request.request_id, [token], reason is not None, reason))
+            tokens = sampled[request.request_id]
+            tokens = [tokens] if isinstance(tokens, int) else list(tokens)
+            assert 1 <= len(tokens) <= 1 + len(chunk.draft_token_ids)
+            request.num_computed_tokens += len(tokens) if chunk.draft_token_ids else chunk.num_tokens
+            emitted, reason = [], None
+            for token in tokens:
+                request.output_token_ids.append(token)
+                emitted.append(token)
+                reason = self._stop_reason(request, token)
+                if reason is not None:
+                    self._finish(request, reason)
+                    break
+            outputs.append(StepOutput(request.request_id, emitted, reason is not None, reason))
         return outputs
 
     def _schedule_running(self, plan: SchedulePlan, budget: int) -> int:
@@ -247,17 +264,30 @@ class Scheduler:
         start = request.num_computed_tokens
         num_tokens = min(request.num_tokens - start, budget)
         assert num_tokens >= 1, f"{request.request_id!r} has nothing to compute"
+        drafts = self._drafts_to_verify(request, budget) if start + 1 == request.num_tokens else []
+        if drafts:
+            grown = self.cache.ensure(request.block_ids, request.state_slot, start + 1 + len(drafts))
+            if grown is not None:
+                request.block_ids, request.state_slot = grown
+                return ScheduledChunk(request, start, 1 + len(drafts), sample=True, draft_token_ids=drafts)
         grown = self.cache.ensure(request.block_ids, request.state_slot, start + num_tokens)
         if grown is None:
             return None
         request.block_ids, request.state_slot = grown
         return ScheduledChunk(request, start, num_tokens, sample=start + num_tokens == request.num_tokens)
 
+    def _drafts_to_verify(self, request: Request, budget: int) -> list[int]:
+        """The drafts worth verifying: no more than the budget, the tokens still allowed, or the context."""
+        room = min(budget - 1, request.stopping.max_new_tokens - len(request.output_token_ids) - 1,
+                   self.config.max_model_len - request.num_tokens - 1)
+        return request.draft_token_ids[:max(room, 0)]
+
     def _preempt(self, request: Request) -> None:
         """Recompute later: drop its cache, keep its outputs, and queue it ahead of every waiting request."""
         self._running.remove(request)
         self._release(request)
         request.num_computed_tokens = 0
+        request.draft_token_ids = []
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self._waiting.appendleft(request)

@@ -16,6 +16,8 @@ def causal_conv1d_varlen(
     state_slots: torch.Tensor,  # [B] int64 slot of each sequence
     query_lens: list[int],  # tokens of each sequence in x (sum = T)
     has_initial_state: list[bool],  # False: the sequence starts here, its history is zeros
+    is_verify: list[bool] | None = None,  # speculative verify: keep the conv state after every position
+    spec_conv: torch.Tensor | None = None,  # [S, k_max, D, K-1]: state after position j of slot s at [s, j]
 ) -> torch.Tensor:  # [T, D] silu(conv(x))
     T, D = x.shape
     K = weight.shape[1]
@@ -49,4 +51,8 @@ def causal_conv1d_varlen(
         y = F.conv1d(seq.unsqueeze(0).to(ct), weight.to(ct).unsqueeze(1), groups=D)[0]  # [D, n]
         out[s:s + n] = F.silu(y).t().to(x.dtype)
         conv_state[slot] = seq[:, -(K - 1):].to(conv_state.dtype)
+        if is_verify and is_verify[i]:
+            assert spec_conv is not None and n - 1 <= spec_conv.shape[1]
+            for j in range(n - 1):  # after position j the state is the K-1 inputs ending at j
+                spec_conv[slot, j] = seq[:, j + 1:j + K].to(spec_conv.dtype)
     return out

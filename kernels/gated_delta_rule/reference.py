@@ -103,8 +103,14 @@ def gated_delta_rule_varlen(
     state_slots: torch.Tensor,  # [B] int64
     query_lens: list[int],
     has_initial_state: list[bool],
+    is_verify: list[bool] | None = None,  # speculative verify: keep the state after every position
+    spec_ssm: torch.Tensor | None = None,  # [S, k_max, H, dk, dv]: state after position j of slot s at [s, j]
 ) -> torch.Tensor:  # [T, H, dv] in v's dtype
+    """Prefill chunks (chunked form), decodes (one batched recurrent step) and speculative-verify chunks
+    (recurrent steps, recording the state after each position but the last so the engine can roll the slot
+    back to the last accepted token) in one packed batch."""
     out = torch.empty(v.shape, dtype=compute_dtype(v.dtype), device=v.device)
+    is_verify = is_verify or [False] * len(query_lens)
     starts = [0]
     for n in query_lens:
         starts.append(starts[-1] + n)
@@ -122,6 +128,17 @@ def gated_delta_rule_varlen(
             continue
         s = starts[i]
         slot = state_slots[i]
+        if is_verify[i]:
+            assert has_initial_state[i] and spec_ssm is not None and n - 1 <= spec_ssm.shape[1]
+            st = ssm_state[slot][None]
+            for j in range(n):
+                r = slice(s + j, s + j + 1)
+                o, st = recurrent_step(q[r], k[r], v[r], g[r], beta[r], st)
+                out[r] = o
+                if j < n - 1:
+                    spec_ssm[slot, j] = st[0].to(spec_ssm.dtype)
+            ssm_state[slot] = st[0].to(ssm_state.dtype)
+            continue
         s0 = ssm_state[slot] if has_initial_state[i] else None
         o, s1 = chunk_forward(q[s:s + n], k[s:s + n], v[s:s + n], g[s:s + n], beta[s:s + n], s0)
         out[s:s + n] = o

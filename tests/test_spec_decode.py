@@ -1,0 +1,189 @@
+"""MTP speculative decoding: greedy exactness against k = 0, DeltaNet state rollback, the acceptance rule's
+distribution, seeds; pools full after every engine."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from worker.engine import Engine, EngineConfig, GenerationRequest
+from worker.sampler import SamplingParams
+from worker.scheduler import StoppingParams
+from worker.spec_decode import accept_drafts
+from worker.tiny import make_checkpoint, tiny_config
+
+GREEDY = SamplingParams(temperature=0.0)
+SMALL = tiny_config(vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def random_ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("spec_random"), SMALL, seed=11, tokenizer=False)
+
+
+@pytest.fixture(scope="module")
+def aligned_ckpt(tmp_path_factory) -> Path:
+    """Weights arranged so the MTP head drafts exactly the target's next prediction: every layer's output
+    projection is zero (each layer adds nothing), all RMSNorm weights are zero (scale 1), and mtp.fc passes the
+    embedding half through. The target then predicts g(t) = argmax lm_head(norm(embed(t))) from the current
+    token alone, and the MTP, fed t_{p+1}, predicts g(t_{p+1}): the target's prediction one step ahead."""
+    d = make_checkpoint(tmp_path_factory.mktemp("spec_aligned"), SMALL, seed=12, tokenizer=False)
+    H = SMALL["hidden_size"]
+    for shard in d.glob("*.safetensors"):
+        t = load_file(shard)
+        for n in t:
+            if n.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
+                t[n] = torch.zeros_like(t[n])
+            elif "norm" in n and "linear_attn.norm" not in n:
+                t[n] = torch.zeros_like(t[n])
+            elif n == "mtp.fc.weight":
+                t[n] = torch.cat([torch.eye(H), torch.zeros(H, H)], 1).to(t[n].dtype)
+        save_file(t, shard, metadata={"format": "pt"})
+    return d
+
+
+@pytest.fixture
+def engines():
+    made: list[Engine] = []
+
+    def new(ckpt: Path, **kw) -> Engine:
+        kw.setdefault("cache_memory", 64 << 20)
+        made.append(Engine(EngineConfig(model=str(ckpt), seed=0, **kw)))
+        return made[-1]
+
+    yield new
+    for e in made:
+        assert not e.has_unfinished() and e.cache_manager.is_full() and not e._draft_probs
+
+
+def prompts(lengths: list[int], seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 512, (n,), generator=g).tolist() for n in lengths]
+
+
+def run(engine: Engine, ps: list[list[int]], ks: list[int | None], max_new: int = 20,
+        sampling: list[SamplingParams] | None = None, arrive_at: list[int] | None = None) -> list[list[int]]:
+    out = {i: [] for i in range(len(ps))}
+    arrive_at = arrive_at or [0] * len(ps)
+    pending, step = sorted(range(len(ps)), key=lambda i: arrive_at[i]), 0
+    while pending or engine.has_unfinished():
+        while pending and arrive_at[pending[0]] <= step:
+            i = pending.pop(0)
+            engine.add_request(GenerationRequest(str(i), ps[i], sampling[i] if sampling else GREEDY,
+                                                 StoppingParams(max_new_tokens=max_new, ignore_eos=True), ks[i]))
+        for o in engine.step():
+            out[int(o.request_id)] += o.new_token_ids
+        step += 1
+    return [out[i] for i in range(len(ps))]
+
+
+@pytest.mark.parametrize("ckpt_name", ["random_ckpt", "aligned_ckpt"])
+def test_greedy_is_exact_for_every_k(request, engines, ckpt_name):
+    ckpt = request.getfixturevalue(ckpt_name)
+    ps = prompts([3, 17, 40, 9, 25, 1], seed=1)
+    want = run(engines(ckpt), ps, [0] * 6)
+    for k in (1, 2, 3, 4):
+        e = engines(ckpt, num_speculative_tokens=4, max_num_batched_tokens=16)  # chunked prefill in flight
+        ks = [k, 0, k, k, 0, k]  # some requests speculate, some do not
+        assert run(e, ps, ks, arrive_at=[0, 0, 1, 3, 3, 6]) == want, f"k={k}"
+        c = e.spec_counters
+        assert c.num_drafted > 0
+        if ckpt_name == "aligned_ckpt":  # multi-accept and bonus-token paths ran
+            assert c.num_accepted == c.num_drafted and c.mean_acceptance_length == pytest.approx(k + 1, rel=0.3)
+
+
+def test_greedy_exact_under_preemption(random_ckpt, aligned_ckpt, engines):
+    for ckpt in (random_ckpt, aligned_ckpt):
+        ps = prompts([30, 22, 41, 15], seed=2)
+        want = run(engines(ckpt), ps, [0] * 4, max_new=24)
+        probe = engines(ckpt, num_speculative_tokens=3, block_size=4)
+        per_slot, per_block = probe.cache_info.bytes_per_slot, probe.cache_info.bytes_per_block
+        tiny = engines(ckpt, num_speculative_tokens=3, block_size=4, cache_memory=int(4 * per_slot + 40 * per_block))
+        got = run(tiny, ps, [3, 2, 3, 1], max_new=24)
+        assert got == want
+
+
+def test_rolled_back_state_equals_plain_decoding(random_ckpt, engines):
+    p = prompts([13], seed=3)[0]
+
+    def states(engine: Engine, k: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        engine.add_request(GenerationRequest("s", p, GREEDY, StoppingParams(max_new_tokens=30, ignore_eos=True), k))
+        seen = {}
+        while engine.has_unfinished():
+            engine.step()
+            r = engine.scheduler.get("s")
+            if r is not None:
+                slot = r.state_slot
+                seen[r.num_computed_tokens] = (engine.cache.conv_state[:, slot].clone(),
+                                               engine.cache.ssm_state[:, slot].clone())
+        return seen
+
+    # float64 (weights, activations and states): rounding differences between a k+1-token verify chunk and
+    # single-token steps vanish, so any slip in the rollback shows
+    plain = states(engines(random_ckpt, dtype="float64", state_dtype="float64"), 0)
+    spec_engine = engines(random_ckpt, num_speculative_tokens=3, dtype="float64", state_dtype="float64")
+    spec = states(spec_engine, 3)
+    c = spec_engine.spec_counters
+    assert c.num_accepted < c.num_drafted  # rejections happened, so rollbacks did
+    common = sorted(set(plain) & set(spec))
+    assert len(common) >= 8
+    for n in common:
+        assert torch.allclose(spec[n][0], plain[n][0], atol=1e-10, rtol=0), n
+        assert torch.allclose(spec[n][1], plain[n][1], atol=1e-10, rtol=0), n
+
+
+def chi_square_ok(counts: torch.Tensor, probs: torch.Tensor) -> bool:
+    """Pearson chi-square against probs; critical value at alpha = 1e-3 via the Wilson-Hilferty approximation."""
+    n = counts.sum().item()
+    mask = probs > 0
+    assert counts[~mask].sum() == 0, "a token with zero target probability was emitted"
+    expected = probs[mask] * n
+    stat = ((counts[mask] - expected) ** 2 / expected).sum().item()
+    dof = int(mask.sum()) - 1
+    z = 3.09  # one-sided 0.999 quantile of N(0, 1)
+    crit = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    return stat < crit
+
+
+@pytest.mark.parametrize("draft", ["good", "bad", "one_hot"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_acceptance_rule_preserves_the_target_distribution(draft, k):
+    V, n = 8, 6000
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(k + 1, V, generator=g) * 1.5, -1)
+    if draft == "good":
+        q = 0.8 * p[:k] + 0.2 * torch.softmax(torch.randn(k, V, generator=g), -1)
+    elif draft == "bad":
+        q = torch.softmax(torch.randn(k, V, generator=g) * 3, -1)
+    else:
+        q = torch.nn.functional.one_hot(torch.randint(0, V, (k,), generator=g), V).float()
+    # drafts drawn from q with their own randomness; p does not depend on them here (a fixed target)
+    drafts = torch.multinomial(q, n, replacement=True, generator=g).t().tolist()  # [n, k]
+    outs = accept_drafts([p] * n, [q] * n, drafts, list(range(n)), [0] * n).tokens
+    first = torch.bincount(torch.tensor([o[0] for o in outs]), minlength=V).float()
+    second = torch.bincount(torch.tensor([o[1] for o in outs if len(o) > 1], dtype=torch.long), minlength=V).float()
+    assert chi_square_ok(first, p[0]), (draft, k, first / n, p[0])
+    if second.sum() > 500:  # tokens at position 1 (emitted after an accepted draft) follow p[1] too
+        assert chi_square_ok(second, p[1]), (draft, k, second / second.sum(), p[1])
+
+
+def test_same_seed_same_tokens_with_speculation(random_ckpt, engines):
+    ps = prompts([5, 11, 19], seed=4)
+    sp = [SamplingParams(temperature=1.0, seed=3), SamplingParams(temperature=0.7, top_k=40, seed=4),
+          SamplingParams(temperature=1.1, top_p=0.9, repetition_penalty=1.2, seed=5)]
+    alone = [run(engines(random_ckpt, num_speculative_tokens=2), [p], [2], sampling=[s])[0] for p, s in zip(ps, sp)]
+    together = run(engines(random_ckpt, num_speculative_tokens=2), ps, [2, 2, 2], sampling=sp, arrive_at=[0, 1, 2])
+    assert together == alone
+
+
+def test_spec_override_is_validated(random_ckpt, engines, tmp_path):
+    e = engines(random_ckpt, num_speculative_tokens=2)
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        e.add_request(GenerationRequest("x", [1, 2], GREEDY, StoppingParams(), 3))
+    no_mtp = make_checkpoint(tmp_path / "nomtp", SMALL, seed=1, tokenizer=False, with_mtp=False)
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        Engine(EngineConfig(model=str(no_mtp), num_speculative_tokens=1, cache_memory=64 << 20))
