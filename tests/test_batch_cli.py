@@ -51,3 +51,20 @@ def test_qnext_batch(default_ckpt, tmp_path):
     assert out[0]["usage"]["prompt_tokens"] == 3 and out[0]["finish_reason"] in ("length", "eos")
     assert len(out[1]["token_ids"]) <= 4 and len(out[5]["token_ids"]) == 5
     assert out[6]["finish_reason"] == "stop_string" and out[6]["text"] == free_text[:free_text.find(stop)]
+
+
+def test_qnext_batch_with_speculation_matches_plain(default_ckpt, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps({"token_ids": [1, 2, 3 + i], "sampling": {"temperature": 0},
+                                         "stopping": {"max_new_tokens": 8, "ignore_eos": True}}) for i in range(3))
+                   + "\n")
+    outs = []
+    for k in ("0", "2"):
+        dst = tmp_path / f"out{k}.jsonl"
+        proc = subprocess.run([sys.executable, "-m", "worker.batch_cli", "--model", str(default_ckpt), "--input",
+                               str(src), "--output", str(dst), "--cache-memory", str(64 << 20),
+                               "--num-speculative-tokens", k], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        outs.append([json.loads(x) for x in dst.read_text().splitlines()])
+    assert [o["token_ids"] for o in outs[0]] == [o["token_ids"] for o in outs[1]]
+    assert all(o["spec"]["drafted_tokens"] > 0 for o in outs[1]) and "MTP drafted" in proc.stderr

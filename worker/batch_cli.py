@@ -1,7 +1,7 @@
 """`qnext-batch`: offline batch inference over a JSONL file (what vLLM's run_batch is to its users).
 
 Each input line: {"id"?: str, "text": str | "token_ids": [int], "sampling"?: {...}, "stopping"?: {...},
-"top_logprobs"?: int}, with the service proto's field names (SamplingParams: temperature, top_p, top_k, min_p,
+"top_logprobs"?: int, "num_speculative_tokens"?: int}, with the service proto's field names (SamplingParams: temperature, top_p, top_k, min_p,
 repetition_penalty, presence_penalty, frequency_penalty, seed; StoppingCriteria: max_new_tokens,
 min_new_tokens, stop_strings, stop_token_ids, ignore_eos, include_stop_strings).
 Each output line: {"id", "token_ids", "text", "finish_reason", "usage": {...}}, in input order; a bad line
@@ -38,7 +38,10 @@ class Job:
     stopping: StoppingParams
     stop_strings: list[str]
     include_stop_strings: bool
+    num_speculative_tokens: int | None = None
     tokens: list[int] = field(default_factory=list)
+    drafted: int = 0
+    accepted: int = 0
     finish_reason: str | None = None
     matched_stop: str | None = None
 
@@ -84,8 +87,11 @@ def parse_line(line_no: int, raw: str, tokenizer: Tokenizer, vocab_size: int) ->
         stopping = StoppingParams(**st)
     except (TypeError, ValueError) as e:
         raise ValueError(str(e)) from None
+    k = obj.get("num_speculative_tokens")
+    if k is not None and (not isinstance(k, int) or k < 0):
+        raise ValueError("num_speculative_tokens: must be a non-negative integer")
     return Job(line_no, str(obj.get("id", f"line-{line_no}")), prompt, sampling, stopping, list(stop_strings),
-               include)
+               include, k)
 
 
 def _check_stop_strings(job: Job, tokenizer: Tokenizer) -> bool:
@@ -104,7 +110,8 @@ def _result(job: Job, tokenizer: Tokenizer) -> dict[str, Any]:
         cut = text.find(job.matched_stop)
         text = text[: cut + (len(job.matched_stop) if job.include_stop_strings else 0)]
     return {"id": job.id, "token_ids": job.tokens, "text": text, "finish_reason": job.finish_reason,
-            "usage": {"prompt_tokens": len(job.prompt), "completion_tokens": len(job.tokens)}}
+            "usage": {"prompt_tokens": len(job.prompt), "completion_tokens": len(job.tokens)},
+            "spec": {"drafted_tokens": job.drafted, "accepted_tokens": job.accepted}}
 
 
 def run(engine: Engine, tokenizer: Tokenizer, src: TextIO, dst: TextIO, progress: bool) -> tuple[int, int]:
@@ -118,7 +125,8 @@ def run(engine: Engine, tokenizer: Tokenizer, src: TextIO, dst: TextIO, progress
         try:
             job = parse_line(line_no, raw, tokenizer, engine.vocab_size)
             key = f"{line_no}:{job.id}"
-            engine.add_request(GenerationRequest(key, job.prompt, job.sampling, job.stopping))
+            engine.add_request(GenerationRequest(key, job.prompt, job.sampling, job.stopping,
+                                                 job.num_speculative_tokens))
         except ValueError as e:
             rejected += 1
             print(f"qnext-batch: line {line_no}: {e}; skipped", file=sys.stderr)
@@ -131,6 +139,7 @@ def run(engine: Engine, tokenizer: Tokenizer, src: TextIO, dst: TextIO, progress
         for out in engine.step():
             job = jobs[out.request_id]
             job.tokens += out.new_token_ids
+            job.drafted, job.accepted = out.num_drafted_tokens, out.num_accepted_tokens
             if out.finished:
                 job.finish_reason = job.finish_reason or (out.finish_reason.value if out.finish_reason else None)
                 done += 1
@@ -158,17 +167,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-memory", type=float, default=0.0,
                    help="fraction of device memory (CUDA) or bytes (CPU) for the KV + state cache")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-speculative-tokens", type=int, default=0,
+                   help="MTP speculative decoding: draft tokens per step (0-4; 0 = off); the default and maximum "
+                        "for every line, which may ask for fewer with num_speculative_tokens")
     args = p.parse_args(argv)
     engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                 cache_memory=args.cache_memory, seed=args.seed))
+                                 cache_memory=args.cache_memory, seed=args.seed,
+                                 num_speculative_tokens=args.num_speculative_tokens))
     tokenizer = Tokenizer.from_file(str(engine.model_dir / "tokenizer.json"))
     info = engine.cache_info
     print(f"qnext-batch: model {engine.model_dir}, cache {info.num_kv_tokens} KV tokens, "
           f"{info.num_slots} sequences", file=sys.stderr)
     with open(args.input) as src, open(args.output, "w") as dst:
         completed, rejected = run(engine, tokenizer, src, dst, progress=sys.stderr.isatty())
-    print(f"qnext-batch: {completed} completed, {rejected} rejected -> {args.output}", file=sys.stderr)
+    c = engine.spec_counters
+    spec = (f"; MTP drafted {c.num_drafted}, accepted {c.num_accepted} "
+            f"({c.mean_acceptance_length:.2f} tokens per verify step)" if c.num_verify_steps else "")
+    print(f"qnext-batch: {completed} completed, {rejected} rejected -> {args.output}{spec}", file=sys.stderr)
     return 0
 
 

@@ -236,15 +236,15 @@ def _penalize_and_suppress(logits: torch.Tensor, batch: SamplingBatch) -> torch.
     """Steps 1-3 on a float32 copy of logits [B, V]; also the logits greedy rows take their argmax of."""
     if logits.dim() != 2 or logits.shape != (batch.size, batch.vocab_size):
         raise ValueError(f"logits must have shape {(batch.size, batch.vocab_size)}, got {tuple(logits.shape)}")
-    x = logits.to(torch.float32, copy=True)
+    x = logits.to(torch.float32)  # no copy for fp32 logits: every step below is out of place
     if batch.repetition_mask is not None:
         r = batch.repetition_penalty
         x = torch.where(batch.repetition_mask, torch.where(x > 0, x / r, x * r), x)
     if batch.output_counts is not None:
         counts = batch.output_counts
-        x -= batch.frequency_penalty * counts + batch.presence_penalty * (counts > 0)
+        x = x - (batch.frequency_penalty * counts + batch.presence_penalty * (counts > 0))
     if batch.suppress_mask is not None:
-        x.masked_fill_(batch.suppress_mask, -math.inf)
+        x = x.masked_fill(batch.suppress_mask, -math.inf)
     return x
 
 
@@ -302,9 +302,12 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         drawn = (probs / exp_noise.to(torch.float32)).argmax(dim=-1)
         tokens = torch.where(batch.greedy, tokens, drawn)
 
-    raw = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
+    # Raw log-probs as logit - logsumexp: one reduction instead of materialising log_softmax [B, V].
+    raw = logits.float()
+    lse = torch.logsumexp(raw, dim=-1, keepdim=True)  # [B, 1]
     top_ids = top_logprobs = None
     if batch.max_top_logprobs > 0:
         top_logprobs, top_ids = raw.topk(batch.max_top_logprobs, dim=-1)
-    return SamplerOutput(token_ids=tokens, logprobs=raw.gather(1, tokens[:, None]).squeeze(1),
+        top_logprobs = top_logprobs - lse
+    return SamplerOutput(token_ids=tokens, logprobs=(raw.gather(1, tokens[:, None]) - lse).squeeze(1),
                          top_ids=top_ids, top_logprobs=top_logprobs)
