@@ -93,6 +93,32 @@ def chunk_forward(
     return o, S
 
 
+def _chunked_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                     ssm_state: torch.Tensor, state_slots: torch.Tensor, starts: list[int], query_lens: list[int],
+                     has_initial_state: list[bool], seqs: list[int], out: torch.Tensor) -> None:
+    """All multi-token sequences in one chunked pass: each is zero-padded at its end to the longest, and
+    (sequence, head) pairs are folded into one head axis. A padded token has k = v = g = beta = 0, so it
+    neither decays nor writes the state: every sequence's final state is exactly its own."""
+    n_max = max(query_lens[i] for i in seqs)
+    B, H = len(seqs), q.shape[1]
+    rows = torch.tensor([starts[i] + t for i in seqs for t in range(n_max)], device=q.device)
+    valid = torch.tensor([t < query_lens[i] for i in seqs for t in range(n_max)], device=q.device)
+    rows = torch.where(valid, rows, 0)
+
+    def packed(x: torch.Tensor) -> torch.Tensor:  # [T, H, ...] -> [n_max, B * H, ...] with zero padding
+        y = x[rows] * valid.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        y = y.view(B, n_max, *x.shape[1:]).transpose(0, 1)
+        return y.reshape(n_max, B * H, *x.shape[2:])
+
+    slots = state_slots[seqs]
+    keep = torch.tensor([has_initial_state[i] for i in seqs], device=q.device)
+    s0 = (ssm_state[slots] * keep[:, None, None, None]).reshape(B * H, *ssm_state.shape[2:])
+    o, s1 = chunk_forward(packed(q), packed(k), packed(v), packed(g), packed(beta), s0)
+    o = o.reshape(n_max, B, H, -1).transpose(0, 1).reshape(B * n_max, H, -1)
+    out[rows[valid]] = o[valid]
+    ssm_state[slots] = s1.reshape(B, *ssm_state.shape[1:]).to(ssm_state.dtype)
+
+
 def gated_delta_rule_varlen(
     q: torch.Tensor,  # [T, H, dk] (key heads already repeated to the value heads)
     k: torch.Tensor,  # [T, H, dk]
@@ -124,11 +150,8 @@ def gated_delta_rule_varlen(
         out[rows] = o
         ssm_state[slots] = s1.to(ssm_state.dtype)
     for i, n in enumerate(query_lens):
-        if n <= 1:
-            continue
-        s = starts[i]
-        slot = state_slots[i]
-        if is_verify[i]:
+        if n > 1 and is_verify[i]:
+            s, slot = starts[i], state_slots[i]
             assert has_initial_state[i] and spec_ssm is not None and n - 1 <= spec_ssm.shape[1]
             st = ssm_state[slot][None]
             for j in range(n):
@@ -138,9 +161,8 @@ def gated_delta_rule_varlen(
                 if j < n - 1:
                     spec_ssm[slot, j] = st[0].to(spec_ssm.dtype)
             ssm_state[slot] = st[0].to(ssm_state.dtype)
-            continue
-        s0 = ssm_state[slot] if has_initial_state[i] else None
-        o, s1 = chunk_forward(q[s:s + n], k[s:s + n], v[s:s + n], g[s:s + n], beta[s:s + n], s0)
-        out[s:s + n] = o
-        ssm_state[slot] = s1.to(ssm_state.dtype)
+    prefill = [i for i, n in enumerate(query_lens) if n > 1 and not is_verify[i]]
+    if prefill:
+        _chunked_prefill(q, k, v, g, beta, ssm_state, state_slots, starts, query_lens, has_initial_state, prefill,
+                         out)
     return out.to(v.dtype)

@@ -1,0 +1,81 @@
+"""The torch reference kernels against naive loops written here (fp64): varlen batches mixing decodes,
+prefills of odd lengths around the chunk size, and speculative-verify chunks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.conv1d.reference import causal_conv1d_varlen
+from kernels.gated_delta_rule.reference import gated_delta_rule_varlen
+
+LENS = [1, 63, 64, 1, 65, 200, 3]
+INIT = [True, False, True, True, True, False, True]
+
+
+def naive_delta(q, k, v, g, beta, S):
+    """Token-by-token gated delta rule of FACTS §3.6 for one sequence; S [H, dk, dv]."""
+    outs = []
+    for t in range(q.shape[0]):
+        # l2norm with the model's eps: x / sqrt(sum(x^2) + 1e-6)
+        qt = q[t] / (q[t].pow(2).sum(-1, keepdim=True) + 1e-6).sqrt() * q.shape[-1] ** -0.5
+        kt = k[t] / (k[t].pow(2).sum(-1, keepdim=True) + 1e-6).sqrt()
+        S = S * g[t].exp()[:, None, None]
+        u = beta[t][:, None] * (v[t] - torch.einsum("hkv,hk->hv", S, kt))
+        S = S + torch.einsum("hk,hv->hkv", kt, u)
+        outs.append(torch.einsum("hkv,hk->hv", S, qt))
+    return torch.stack(outs), S
+
+
+def test_gated_delta_rule_varlen_matches_naive():
+    gen = torch.Generator().manual_seed(0)
+    H, dk, dv, T = 3, 8, 5, sum(LENS)
+    q, k = torch.randn(T, H, dk, generator=gen, dtype=torch.float64), torch.randn(T, H, dk, generator=gen,
+                                                                                   dtype=torch.float64)
+    v = torch.randn(T, H, dv, generator=gen, dtype=torch.float64)
+    g = -torch.rand(T, H, generator=gen, dtype=torch.float64)
+    beta = torch.rand(T, H, generator=gen, dtype=torch.float64)
+    pool = torch.randn(10, H, dk, dv, generator=gen, dtype=torch.float64)
+    slots = torch.tensor([7, 2, 0, 9, 4, 1, 5])
+    verify = [False] * 6 + [True]
+    spec = torch.full((10, 4, H, dk, dv), float("nan"), dtype=torch.float64)
+    before = pool.clone()
+    out = gated_delta_rule_varlen(q, k, v, g, beta, pool, slots, LENS, INIT, verify, spec)
+    s = 0
+    for i, n in enumerate(LENS):
+        S0 = before[slots[i]] if INIT[i] else torch.zeros(H, dk, dv, dtype=torch.float64)
+        o, S = naive_delta(q[s:s + n], k[s:s + n], v[s:s + n], g[s:s + n], beta[s:s + n], S0)
+        assert torch.allclose(out[s:s + n], o, atol=1e-10), i
+        assert torch.allclose(pool[slots[i]], S, atol=1e-10), i
+        if verify[i]:
+            for j in range(n - 1):  # the state after each position but the last is kept for rollback
+                _, Sj = naive_delta(q[s:s + j + 1], k[s:s + j + 1], v[s:s + j + 1], g[s:s + j + 1],
+                                    beta[s:s + j + 1], S0)
+                assert torch.allclose(spec[slots[i], j], Sj, atol=1e-10)
+        s += n
+    untouched = [x for x in range(10) if x not in slots.tolist()]
+    assert torch.equal(pool[untouched], before[untouched])
+
+
+def test_conv1d_varlen_matches_naive():
+    gen = torch.Generator().manual_seed(1)
+    D, K, T = 6, 4, sum(LENS)
+    x = torch.randn(T, D, generator=gen, dtype=torch.float64)
+    w = torch.randn(D, K, generator=gen, dtype=torch.float64)
+    pool = torch.randn(10, D, K - 1, generator=gen, dtype=torch.float64)
+    slots = torch.tensor([7, 2, 0, 9, 4, 1, 5])
+    verify = [False] * 6 + [True]
+    spec = torch.full((10, 4, D, K - 1), float("nan"), dtype=torch.float64)
+    before = pool.clone()
+    out = causal_conv1d_varlen(x, w, pool, slots, LENS, INIT, verify, spec)
+    s = 0
+    for i, n in enumerate(LENS):
+        hist = before[slots[i]] if INIT[i] else torch.zeros(D, K - 1, dtype=torch.float64)
+        seq = torch.cat([hist, x[s:s + n].t()], 1)  # [D, K-1+n]
+        want = torch.stack([F.silu((seq[:, t:t + K] * w).sum(-1)) for t in range(n)])
+        assert torch.allclose(out[s:s + n], want, atol=1e-12), i
+        assert torch.equal(pool[slots[i]], seq[:, -(K - 1):]), i
+        if verify[i]:
+            for j in range(n - 1):
+                assert torch.equal(spec[slots[i], j], seq[:, j + 1:j + K])
+        s += n
