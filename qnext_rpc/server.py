@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                              cache_memory=args.cache_memory, seed=args.seed)
+                              cache_memory=args.cache_memory, seed=args.seed,
+                              num_speculative_tokens=args.num_speculative_tokens)
         cfg = ServerConfig(host=args.host, port=args.port, metrics_host=args.metrics_host,
                            metrics_port=args.metrics_port, max_pending_requests=args.max_pending_requests,
                            num_speculative_tokens=args.num_speculative_tokens,

@@ -78,6 +78,7 @@ class OutputAssembler:
         self.first_token: float | None = None
         self.token_ids: list[int] = []
         self.num_preemptions = 0
+        self.spec = (0, 0)  # (drafted, accepted) so far, from the engine's per-request MTP counters
         self.finish: Finish | None = None
 
     @property
@@ -95,6 +96,7 @@ class OutputAssembler:
                 chunk.logprobs += [TokenLogprob(t, lp, top) for t, lp, top in
                                    zip(out.new_token_ids, out.logprobs, out.top_logprobs)]
             self.num_preemptions = out.num_preemptions
+            self.spec = (getattr(out, "num_drafted_tokens", 0), getattr(out, "num_accepted_tokens", 0))
             if out.finished:
                 engine_finish = out
                 break
@@ -131,7 +133,7 @@ class OutputAssembler:
         usage = Usage(prompt_tokens=len(self.prepared.add.prompt_token_ids), completion_tokens=len(self.token_ids),
                       reasoning_tokens=self._reasoning_tokens())
         self.finish = Finish(reason=reason, usage=usage, timings=timings, stop_token_id=stop_token_id,
-                             stop_string=stop_string)
+                             stop_string=stop_string, drafted_tokens=self.spec[0], accepted_tokens=self.spec[1])
         return self.finish
 
     def _reasoning_tokens(self) -> int:
