@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from itertools import accumulate
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +22,8 @@ from worker.loader import load_model
 from worker.model import ForwardBatch
 from worker.sampler import SamplingBatch, SamplingParams, processed_probs, sample
 from worker.spec_decode import STREAM_DRAFT, SpecCounters, accept_drafts, race
-from worker.scheduler import (FinishReason, Request, SchedulePlan, Scheduler, SchedulerConfig, StepOutput,
-                              StoppingParams)
+from worker.scheduler import (FinishReason, Request, RequestStatus, SchedulePlan, Scheduler, SchedulerConfig,
+                              StepOutput, StoppingParams)
 
 # float64 exists for exactness tests (rounding out of the way), not for serving.
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -306,10 +307,10 @@ class Engine:
         target's hidden state h_p with token t_{p+1} (this keeps the MTP's own KV cache complete, prompt
         included); its last row proposes draft 1. Passes 2..k feed each draft back with the MTP's own output
         hidden state, one position further each time."""
-        ends = torch.tensor([n for _, _, t in pieces for n in [len(t)]]).cumsum(0).tolist()
+        ends = list(accumulate(len(toks) for _, _, toks in pieces))  # row after each piece in the target batch
         mtp_pieces, mtp_rows, drafting = [], [], []
         for c, (r, start, toks), end in zip(plan.chunks, pieces, ends):
-            if r.num_speculative_tokens == 0 or r.status.value != "running":
+            if r.num_speculative_tokens == 0 or r.status != RequestStatus.RUNNING:
                 continue
             n_valid = len(sampled[r.request_id]) if c.draft_token_ids else c.num_tokens
             nxt = r.all_token_ids[start + 1:start + 1 + n_valid]
