@@ -129,11 +129,6 @@ class Server:
         await self.grpc.start()
         if cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.metrics_host)
-        if m.num_mtp_layers == 0 and cfg.num_speculative_tokens:
-            log.warning("num_speculative_tokens is set but the checkpoint has no MTP head")
-        if cfg.num_speculative_tokens and not m.spec_supported:
-            log.warning("the engine does not take a per-request draft length yet; num_speculative_tokens is "
-                        "validated but not used")
         self._on_ready_change(True)
         c = ready.cache
         print(f"qnext-serve: listening on {cfg.host}:{self.port} (gRPC), metrics on "
@@ -216,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
                            num_speculative_tokens=args.num_speculative_tokens,
                            default_max_new_tokens=args.max_new_tokens_default, reasoning_parser=args.reasoning_parser,
                            drain_grace_period_s=args.drain_grace_period)
-    except ValueError as e:
+        if args.num_speculative_tokens:  # fail here, not in a worker that would restart forever
+            from worker.loader import CheckpointFiles
+            if not CheckpointFiles(args.model).has_mtp:
+                raise ValueError(f"num_speculative_tokens: {args.model} has no MTP head (mtp.* tensors)")
+    except (ValueError, FileNotFoundError) as e:
         print(f"qnext-serve: {e}", file=sys.stderr)
         return 2
     return asyncio.run(serve(cfg, engine))

@@ -9,7 +9,6 @@ usage after the step, so an abort shows up as freed blocks in the very next mess
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -20,11 +19,6 @@ from qnext_rpc.messages import (AddRequest, ModelSummary, Ready, Rejected, Shutd
                                 WorkerStats)
 from worker.engine import Engine, EngineConfig, GenerationRequest
 from worker.scheduler import RequestStatus
-
-# The engine takes a per-request draft length once MTP lands in it (worker/spec.py); until then the server
-# validates num_speculative_tokens against its maximum and the worker drops it.
-SPEC_SUPPORTED = "num_speculative_tokens" in {f.name for f in dataclasses.fields(GenerationRequest)}
-
 
 def run_worker(config: EngineConfig, conn: Connection) -> None:
     """Entry point of the spawned process."""
@@ -42,7 +36,7 @@ def _summary(engine: Engine) -> ModelSummary:
                         dtype=str(engine.dtype).removeprefix("torch."), quantization=quant,
                         max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
                         eos_token_ids=tuple(engine.eos_token_ids), num_mtp_layers=mcfg.num_mtp_layers,
-                        spec_supported=SPEC_SUPPORTED, device=str(engine.device))
+                        spec_supported=engine.max_spec_tokens > 0, device=str(engine.device))
 
 
 def _loop(engine: Engine, conn: Connection) -> None:
@@ -80,8 +74,8 @@ def _apply(engine: Engine, msg: Submit, unstarted: set[str], conn: Connection) -
 
 
 def _generation_request(add: AddRequest) -> GenerationRequest:
-    extra = {"num_speculative_tokens": add.num_speculative_tokens} if SPEC_SUPPORTED else {}
-    return GenerationRequest(add.request_id, add.prompt_token_ids, add.sampling, add.stopping, **extra)
+    return GenerationRequest(add.request_id, add.prompt_token_ids, add.sampling, add.stopping,
+                             add.num_speculative_tokens)
 
 
 def _newly_started(engine: Engine, unstarted: set[str], step_start: float) -> dict[str, float]:
@@ -97,10 +91,9 @@ def _newly_started(engine: Engine, unstarted: set[str], step_start: float) -> di
 
 def _stats(engine: Engine) -> WorkerStats:
     cm = engine.cache_manager
-    spec = getattr(engine, "spec_stats", None)  # counters from the MTP work, when it lands
+    spec = engine.spec_counters
     return WorkerStats(num_running=engine.scheduler.num_running, num_waiting=engine.scheduler.num_waiting,
                        kv_blocks_used=cm.kv_blocks_used, kv_blocks_total=cm.kv_blocks_total,
                        state_slots_used=cm.state_slots_used, state_slots_total=cm.state_slots_total,
                        num_steps=engine.timings.num_steps,
-                       spec_drafted_tokens=getattr(spec, "num_drafted_tokens", 0),
-                       spec_accepted_tokens=getattr(spec, "num_accepted_tokens", 0))
+                       spec_drafted_tokens=spec.num_drafted, spec_accepted_tokens=spec.num_accepted)
