@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up and run the main job on the embedded default checkpoint.
-# Until the gRPC service lands (issue 5), the main job is offline batch generation with qnext-batch.
+# Set up and run the main job: the gRPC service on the embedded default checkpoint (generated on first use).
+# Extra arguments go to qnext-serve, e.g. `bash scripts/run.sh --port 50052 --num-speculative-tokens 2`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
@@ -8,6 +8,4 @@ python3 -m venv .venv
 pip install -q --upgrade pip
 pip install -q torch==2.13.0
 pip install -q -e .
-mkdir -p out
-qnext-batch --input examples/prompts.jsonl --output out/results.jsonl "$@"
-cat out/results.jsonl
+exec qnext-serve "$@"
