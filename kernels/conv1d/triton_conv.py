@@ -1,0 +1,124 @@
+"""Triton causal depthwise conv1d + SiLU over a packed varlen batch (FACTS §3.4), the semantics of
+`reference.causal_conv1d_varlen`: prefill chunks, single-token decodes and speculative-verify chunks in one launch.
+
+Sequence b's padded input is seq = [hist (K-1) | x[start_b : start_b + n_b]] with hist its conv state (zeros when
+it has no initial state); out[t] = silu(sum_k w[:, k] * seq[t + k]); the new state is seq[-(K-1):]; a verify
+sequence also keeps seq[j+1 : j+K] (the state after position j) at spec_conv[slot, j] for j < n_b - 1.
+
+Work is cut into (sequence, BLOCK_T tokens) items x BLOCK_D channels. Only a sequence's first item reads the
+old state (BLOCK_T >= K-1 whenever a sequence spans several items), so that item alone writes the new one,
+after a barrier that orders its reads of the slot before its writes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def causal_conv1d_fwd_kernel(
+    x_ptr, w_ptr, out_ptr, state_ptr, spec_ptr,  # x, out: [T, D]; w: [D, K]; state: [S, D, K-1]; spec: [S, J, D, K-1]
+    slots_ptr, meta_ptr, items_ptr,  # slots: [B] int64; meta: [B+1 starts | B flags] int32; items: [n, 2] int32
+    D, num_seqs, stride_x, stride_out, stride_wd, stride_ss, stride_sd, stride_ps, stride_pj, stride_pd,
+    K: tl.constexpr, HAS_VERIFY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # next power of two >= K-1
+):
+    item = tl.program_id(0)
+    b = tl.load(items_ptr + 2 * item)
+    t0 = tl.load(items_ptr + 2 * item + 1)
+    start = tl.load(meta_ptr + b)
+    n = tl.load(meta_ptr + b + 1) - start
+    flags = tl.load(meta_ptr + num_seqs + 1 + b)
+    has_init = (flags & 1) != 0
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    state = state_ptr + slot * stride_ss
+
+    t = t0 + tl.arange(0, BLOCK_T)  # positions in the sequence
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t_ok, d_ok = t < n, d < D
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for k in tl.static_range(K):
+        q = t + k  # index into seq: hist for q < K-1, else token q - (K-1)
+        from_x = q >= K - 1
+        row = (start + q - (K - 1)).to(tl.int64)
+        xv = tl.load(x_ptr + row[:, None] * stride_x + d[None, :],
+                     mask=(t_ok & from_x)[:, None] & d_ok[None, :], other=0.0)
+        hv = tl.load(state + d[None, :] * stride_sd + q[:, None],
+                     mask=(t_ok & ~from_x & has_init)[:, None] & d_ok[None, :], other=0.0)
+        v = tl.where(from_x[:, None], xv, hv.to(xv.dtype))  # [BLOCK_T, BLOCK_D], x's dtype like the reference
+        wk = tl.load(w_ptr + d * stride_wd + k, mask=d_ok, other=0.0).to(tl.float32)
+        acc += v.to(tl.float32) * wk[None, :]
+        if HAS_VERIFY and k >= 1:  # the state after position t holds seq[t+1 : t+K]; this tile is its entry k-1
+            is_verify = (flags & 2) != 0
+            spec = spec_ptr + slot * stride_ps + t[:, None].to(tl.int64) * stride_pj + d[None, :] * stride_pd
+            tl.store(spec + (k - 1), v.to(spec_ptr.dtype.element_ty),
+                     mask=((t < n - 1) & is_verify)[:, None] & d_ok[None, :])
+    y = acc * tl.sigmoid(acc)
+    rows = (start + t).to(tl.int64)
+    tl.store(out_ptr + rows[:, None] * stride_out + d[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=t_ok[:, None] & d_ok[None, :])
+
+    if t0 == 0:  # new state = seq[n : n+K-1], read whole before any of it is written
+        i = tl.arange(0, BLOCK_S)
+        q = n + i
+        from_x = q >= K - 1
+        row = (start + q - (K - 1)).to(tl.int64)
+        s_ok = i < K - 1
+        xv = tl.load(x_ptr + row[None, :] * stride_x + d[:, None],
+                     mask=(s_ok & from_x)[None, :] & d_ok[:, None], other=0.0)
+        hv = tl.load(state + d[:, None] * stride_sd + q[None, :],
+                     mask=(s_ok & ~from_x & has_init)[None, :] & d_ok[:, None], other=0.0)
+        new = tl.where(from_x[None, :], xv, hv.to(xv.dtype))  # [BLOCK_D, BLOCK_S]
+        tl.debug_barrier()
+        tl.store(state + d[:, None] * stride_sd + i[None, :], new.to(state_ptr.dtype.element_ty),
+                 mask=s_ok[None, :] & d_ok[:, None])
+
+
+def causal_conv1d_varlen_fwd(
+    x: torch.Tensor,  # [T, D]
+    weight: torch.Tensor,  # [D, K]
+    conv_state: torch.Tensor,  # [S, D, K-1], updated in place
+    state_slots: torch.Tensor,  # [B] int64
+    query_lens: list[int],
+    has_initial_state: list[bool],
+    is_verify: list[bool] | None = None,
+    spec_conv: torch.Tensor | None = None,  # [S, J, D, K-1]
+    out: torch.Tensor | None = None,  # [T, D]
+) -> torch.Tensor:
+    T, D = x.shape
+    K = weight.shape[1]
+    B = len(query_lens)
+    assert x.stride(1) == 1, "x: [T, D] with a contiguous last dim"
+    assert weight.shape == (D, K) and weight.stride(1) == 1, "weight: [D, K], K contiguous"
+    assert conv_state.dim() == 3 and conv_state.shape[1:] == (D, K - 1) and conv_state.stride(2) == 1
+    assert state_slots.shape == (B,) and len(has_initial_state) == B and sum(query_lens) == T
+    assert 2 <= K <= 65, "kernel width: 2..65 (BLOCK_T >= K-1 keeps state reads in a sequence's first item)"
+    verify = [bool(v) for v in is_verify] if is_verify else [False] * B
+    if any(verify):
+        assert spec_conv is not None and spec_conv.shape[2:] == (D, K - 1) and spec_conv.stride(3) == 1
+        assert all(n - 1 <= spec_conv.shape[1] for n, v in zip(query_lens, verify) if v), "spec_conv too short"
+    y = torch.empty(T, D, dtype=x.dtype, device=x.device) if out is None else out
+    assert y.shape == (T, D) and y.stride(1) == 1
+    if T == 0:
+        return y
+    block_t = min(64, triton.next_power_of_2(max(query_lens)))
+    block_d = min(triton.next_power_of_2(D), max(128, 4096 // block_t))
+    items = [(i, t0) for i, n in enumerate(query_lens) for t0 in range(0, n, block_t)]
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    flags = [int(h) | 2 * v for h, v in zip(has_initial_state, verify)]
+    # one host -> device copy for the step's metadata
+    meta = torch.tensor(starts + flags + [v for it in items for v in it], dtype=torch.int32).to(x.device)
+    has_verify = any(verify)
+    spec = spec_conv if has_verify else conv_state  # the pointer goes unused without verify chunks
+    spec_strides = spec_conv.stride()[:3] if has_verify else (0, 0, 0)
+    causal_conv1d_fwd_kernel[(len(items), triton.cdiv(D, block_d))](
+        x, weight, y, conv_state, spec, state_slots.to(device=x.device, dtype=torch.int64),
+        meta, meta[2 * B + 1:], D, B, x.stride(0), y.stride(0), weight.stride(0), conv_state.stride(0),
+        conv_state.stride(1), *spec_strides,
+        K=K, HAS_VERIFY=has_verify, BLOCK_T=block_t, BLOCK_D=block_d,
+        BLOCK_S=triton.next_power_of_2(K - 1), num_warps=4)
+    return y
