@@ -1,0 +1,188 @@
+"""Triton kernels vs their torch references at Qwen3-Next-80B-A3B's shapes, on a CUDA device.
+
+For each case: median time (`triton.testing.do_bench`) of the Triton path and of the torch reference, the bytes
+the op must move at least (read inputs and weights once, write outputs once), the bandwidth that implies, and
+the fraction of the memory-bandwidth bound reached (bound = bytes / the device's copy bandwidth, measured here
+with a large device-to-device copy unless --peak-gbps is given). GEMMs also show TFLOP/s and the time of a
+plain bf16 matmul of the same shape. The rel_err column compares the Triton output with the reference's.
+
+    python bench/kernels.py                     # every op; a few minutes on one GPU
+    python bench/kernels.py --ops fp8 --batch-sizes 1,256
+    python bench/kernels.py --peak-gbps 4800 --out kernels.json
+
+Shapes (FACTS §1, §2.2, §3): hidden 2048; FP8 linears in_proj_qkvz [12288, 2048], q_proj [8192, 2048],
+out_proj/o_proj [2048, 4096], shared-expert up [512, 2048] and down [2048, 512]; norms over hidden 2048
+(optionally with the residual add), q/k norm (16 heads x 256) and the gated norm (32 value heads x 128); conv
+over conv_dim 8192, kernel 4. Decode batches of 1/8/64/256 tokens (conv: that many sequences of one token) and
+a 4096-token prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from anywhere without installing
+
+import torch  # noqa: E402
+
+HIDDEN, CONV_DIM, CONV_K = 2048, 8192, 4
+FP8_LINEARS = {"in_proj_qkvz": (12288, 2048), "q_proj": (8192, 2048), "out_proj": (2048, 4096),
+               "shared_up": (512, 2048), "shared_down": (2048, 512)}
+PREFILL = 4096
+
+
+@dataclass
+class Row:
+    op: str
+    shape: str
+    triton_us: float
+    reference_us: float
+    min_bytes: int
+    gbps: float
+    bound_pct: float  # bandwidth-bound time / Triton time
+    rel_err: float
+    extra: str = ""
+
+
+def bench_us(fn: Callable[[], object]) -> float:
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-30)).item()
+
+
+def copy_gbps() -> float:
+    """Device copy bandwidth: read + write of a 2 GiB buffer."""
+    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (bench_us(lambda: dst.copy_(src)) * 1e-6) / 1e9
+
+
+def row(op: str, shape: str, fast: Callable[[], torch.Tensor], ref: Callable[[], torch.Tensor], nbytes: int,
+        peak_gbps: float, extra: str = "") -> Row:
+    err = rel_err(fast(), ref())
+    t_fast, t_ref = bench_us(fast), bench_us(ref)
+    gbps = nbytes / (t_fast * 1e-6) / 1e9
+    return Row(op, shape, t_fast, t_ref, nbytes, gbps, 100 * gbps / peak_gbps, err, extra)
+
+
+def fp8_rows(batch_sizes: list[int], peak: float) -> list[Row]:
+    from kernels import fp8
+    from kernels.fp8 import reference
+    from kernels.fp8.triton_gemm import fp8_block_gemm_fwd
+    rows = []
+    for M in batch_sizes:
+        x = torch.randn(M, HIDDEN, dtype=torch.bfloat16, device="cuda")
+        nbytes = M * HIDDEN * 2 + M * HIDDEN + M * (HIDDEN // 128) * 4
+        rows.append(row("fp8_quant", f"[{M}, {HIDDEN}]", lambda: fp8.per_token_group_quant(x)[0],
+                        lambda: reference.per_token_group_quant(x)[0], nbytes, peak))
+    for name, (N, K) in FP8_LINEARS.items():
+        w, ws = reference.quantize_weight_block(torch.randn(N, K, device="cuda") * 0.02)
+        w_bf16 = reference.dequantize_weight_block(w, ws).to(torch.bfloat16)
+        for M in batch_sizes:
+            x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+            xq, xs = fp8.per_token_group_quant(x)
+            nbytes = N * K + ws.numel() * 4 + M * K * 2 + M * N * 2
+            flops = 2 * M * N * K
+            t_gemm = bench_us(lambda: fp8_block_gemm_fwd(xq, xs, w, ws))
+            t_bf16 = bench_us(lambda: x @ w_bf16.t())
+            r = row(f"fp8_linear {name}", f"M={M} N={N} K={K}", lambda: fp8.fp8_block_linear(x, w, ws),
+                    lambda: reference.fp8_block_linear(x, w, ws), nbytes, peak)
+            r.extra = (f"{flops / (r.triton_us * 1e-6) / 1e12:.0f} TFLOP/s; gemm alone {t_gemm:.1f} us; "
+                       f"bf16 matmul {t_bf16:.1f} us")
+            rows.append(r)
+    return rows
+
+
+def norm_rows(batch_sizes: list[int], peak: float) -> list[Row]:
+    from kernels import norms
+    from kernels.norms import reference
+    rows = []
+    w = torch.randn(HIDDEN, device="cuda", dtype=torch.bfloat16) * 0.1
+    wh = torch.randn(256, device="cuda", dtype=torch.bfloat16) * 0.1
+    wg = torch.ones(128, device="cuda", dtype=torch.bfloat16)
+    for T in batch_sizes:
+        x = torch.randn(T, HIDDEN, device="cuda", dtype=torch.bfloat16)
+        r = torch.randn_like(x)
+        rows.append(row("rms_norm", f"[{T}, {HIDDEN}]", lambda: norms.rms_norm_zero_centred(x, w, 1e-6),
+                        lambda: reference.rms_norm_zero_centred(x, w, 1e-6), 2 * x.numel() * 2, peak))
+        rows.append(row("add_rms_norm", f"[{T}, {HIDDEN}]",
+                        lambda: norms.add_rms_norm_zero_centred(x, r, w, 1e-6)[0],
+                        lambda: reference.rms_norm_zero_centred(x + r, w, 1e-6), 4 * x.numel() * 2, peak))
+        q = torch.randn(T, 16, 256, device="cuda", dtype=torch.bfloat16)
+        rows.append(row("q_norm", f"[{T}, 16, 256]", lambda: norms.rms_norm_zero_centred(q, wh, 1e-6),
+                        lambda: reference.rms_norm_zero_centred(q, wh, 1e-6), 2 * q.numel() * 2, peak))
+        o, z = (torch.randn(T, 32, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        rows.append(row("gated_rms_norm", f"[{T}, 32, 128]", lambda: norms.gated_rms_norm(o, z, wg, 1e-6),
+                        lambda: reference.gated_rms_norm(o, z, wg, 1e-6), 3 * o.numel() * 2, peak))
+    return rows
+
+
+def conv_rows(batch_sizes: list[int], peak: float) -> list[Row]:
+    from kernels import conv1d
+    from kernels.conv1d import reference
+    rows = []
+    w = torch.randn(CONV_DIM, CONV_K, device="cuda", dtype=torch.bfloat16) * 0.5
+    cases = [(f"decode B={B}", [1] * B, [True] * B) for B in batch_sizes if B <= 1024]
+    cases.append((f"prefill T={PREFILL}", [PREFILL], [False]))
+    for label, lens, init in cases:
+        B, T = len(lens), sum(lens)
+        x = torch.randn(T, CONV_DIM, device="cuda", dtype=torch.bfloat16)
+        pool = torch.randn(B + 8, CONV_DIM, CONV_K - 1, device="cuda", dtype=torch.bfloat16)
+        pool_ref = pool.clone()
+        slots = torch.arange(B, device="cuda") + 4
+        nbytes = 2 * T * CONV_DIM * 2 + 2 * B * CONV_DIM * (CONV_K - 1) * 2 + CONV_DIM * CONV_K * 2
+        rows.append(row("causal_conv1d", label,
+                        lambda: conv1d.causal_conv1d_varlen(x, w, pool, slots, lens, init),
+                        lambda: reference.causal_conv1d_varlen(x, w, pool_ref, slots, lens, init), nbytes, peak,
+                        extra="includes the host->device metadata copy"))
+    return rows
+
+
+def print_table(rows: list[Row]) -> None:
+    head = (f"{'op':<26} {'shape':<24} {'triton us':>10} {'ref us':>10} {'speedup':>8} {'GB/s':>8} "
+            f"{'% bw bound':>10} {'rel_err':>9}  notes")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r.op:<26} {r.shape:<24} {r.triton_us:>10.1f} {r.reference_us:>10.1f} "
+              f"{r.reference_us / r.triton_us:>7.1f}x {r.gbps:>8.0f} {r.bound_pct:>9.0f}% {r.rel_err:>9.1e}  {r.extra}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ops", default="fp8,norms,conv", help="comma list of fp8, norms, conv")
+    p.add_argument("--batch-sizes", default=f"1,8,64,256,{PREFILL}", help="token counts (decode batches, prefill)")
+    p.add_argument("--peak-gbps", type=float, default=None, help="memory bandwidth bound; default: measured copy")
+    p.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/kernels.py times the Triton kernels on a GPU: no CUDA device is visible here, nothing to "
+                 "measure. (On CPU the kernels are checked, not timed, by tests/test_triton_*.py under "
+                 "TRITON_INTERPRET=1.)")
+    from kernels.dispatch import force_triton
+    torch.manual_seed(0)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    peak = args.peak_gbps or copy_gbps()
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  bandwidth bound {peak:.0f} GB/s"
+          f"{' (given)' if args.peak_gbps else ' (measured copy)'}\n")
+    builders = {"fp8": fp8_rows, "norms": norm_rows, "conv": conv_rows}
+    rows: list[Row] = []
+    with force_triton(), torch.inference_mode():
+        for op in args.ops.split(","):
+            rows += builders[op.strip()](batch_sizes, peak)
+    print_table(rows)
+    if args.out:
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "peak_gbps": peak,
+                                        "rows": [asdict(r) for r in rows]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
