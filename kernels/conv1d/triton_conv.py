@@ -33,47 +33,54 @@ def causal_conv1d_fwd_kernel(
     flags = tl.load(meta_ptr + num_seqs + 1 + b)
     has_init = (flags & 1) != 0
     slot = tl.load(slots_ptr + b).to(tl.int64)
-    state = state_ptr + slot * stride_ss
+    state = state_ptr + slot * stride_ss  # 64-bit scalar bases, 32-bit offsets within a sequence
+    x_seq = x_ptr + start.to(tl.int64) * stride_x
 
     t = t0 + tl.arange(0, BLOCK_T)  # positions in the sequence
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     t_ok, d_ok = t < n, d < D
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    first = t0 == 0  # only the first item of a sequence touches its conv state
     for k in tl.static_range(K):
         q = t + k  # index into seq: hist for q < K-1, else token q - (K-1)
-        from_x = q >= K - 1
-        row = (start + q - (K - 1)).to(tl.int64)
-        xv = tl.load(x_ptr + row[:, None] * stride_x + d[None, :],
-                     mask=(t_ok & from_x)[:, None] & d_ok[None, :], other=0.0)
-        hv = tl.load(state + d[None, :] * stride_sd + q[:, None],
-                     mask=(t_ok & ~from_x & has_init)[:, None] & d_ok[None, :], other=0.0)
-        v = tl.where(from_x[:, None], xv, hv.to(xv.dtype))  # [BLOCK_T, BLOCK_D], x's dtype like the reference
+        v = tl.load(x_seq + (q - (K - 1))[:, None] * stride_x + d[None, :],
+                    mask=(t_ok & (q >= K - 1))[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_D]
+        for r in tl.static_range(K - 1 - k):  # row t = r reads hist[r + k]: one [BLOCK_D] load per row
+            h = tl.load(state + d * stride_sd + (r + k), mask=d_ok & has_init & first, other=0.0)
+            v = tl.where((t == r)[:, None], h.to(v.dtype)[None, :], v)  # in x's dtype, like the reference
         wk = tl.load(w_ptr + d * stride_wd + k, mask=d_ok, other=0.0).to(tl.float32)
         acc += v.to(tl.float32) * wk[None, :]
-        if HAS_VERIFY and k >= 1:  # the state after position t holds seq[t+1 : t+K]; this tile is its entry k-1
-            is_verify = (flags & 2) != 0
-            spec = spec_ptr + slot * stride_ps + t[:, None].to(tl.int64) * stride_pj + d[None, :] * stride_pd
-            tl.store(spec + (k - 1), v.to(spec_ptr.dtype.element_ty),
-                     mask=((t < n - 1) & is_verify)[:, None] & d_ok[None, :])
+        if HAS_VERIFY:
+            if k >= 1:  # the state after position t holds seq[t+1 : t+K]; this tile is its entry k-1
+                is_verify = (flags & 2) != 0
+                spec = spec_ptr + slot * stride_ps + t[:, None] * stride_pj + d[None, :] * stride_pd
+                tl.store(spec + (k - 1), v.to(spec_ptr.dtype.element_ty),
+                         mask=((t < n - 1) & is_verify)[:, None] & d_ok[None, :])
     y = acc * tl.sigmoid(acc)
-    rows = (start + t).to(tl.int64)
-    tl.store(out_ptr + rows[:, None] * stride_out + d[None, :], y.to(out_ptr.dtype.element_ty),
+    out_seq = out_ptr + start.to(tl.int64) * stride_out
+    tl.store(out_seq + t[:, None] * stride_out + d[None, :], y.to(out_ptr.dtype.element_ty),
              mask=t_ok[:, None] & d_ok[None, :])
 
-    if t0 == 0:  # new state = seq[n : n+K-1], read whole before any of it is written
+    if first:  # new state = seq[n : n+K-1], read whole before any of it is written
         i = tl.arange(0, BLOCK_S)
-        q = n + i
-        from_x = q >= K - 1
-        row = (start + q - (K - 1)).to(tl.int64)
+        sq = n + i
         s_ok = i < K - 1
-        xv = tl.load(x_ptr + row[None, :] * stride_x + d[:, None],
-                     mask=(s_ok & from_x)[None, :] & d_ok[:, None], other=0.0)
-        hv = tl.load(state + d[:, None] * stride_sd + q[None, :],
-                     mask=(s_ok & ~from_x & has_init)[None, :] & d_ok[:, None], other=0.0)
-        new = tl.where(from_x[None, :], xv, hv.to(xv.dtype))  # [BLOCK_D, BLOCK_S]
+        sx = tl.load(x_seq + (sq - (K - 1))[:, None] * stride_x + d[None, :],
+                     mask=(s_ok & (sq >= K - 1))[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
+        sh = tl.load(state + d[None, :] * stride_sd + sq[:, None],
+                     mask=(s_ok & (sq < K - 1) & has_init)[:, None] & d_ok[None, :], other=0.0)
+        new = tl.where((sq >= K - 1)[:, None], sx, sh.to(sx.dtype))
         tl.debug_barrier()
-        tl.store(state + d[:, None] * stride_sd + i[None, :], new.to(state_ptr.dtype.element_ty),
-                 mask=s_ok[None, :] & d_ok[:, None])
+        tl.store(state + d[None, :] * stride_sd + i[:, None], new.to(state_ptr.dtype.element_ty),
+                 mask=s_ok[:, None] & d_ok[None, :])
+
+
+def launch_config(max_len: int, D: int) -> dict[str, int]:
+    """2K-element tiles; one-token tiles for pure decode. Compiles without spills for sm_90
+    (test_triton_compile.py); not yet timed on a GPU."""
+    block_t = min(32, triton.next_power_of_2(max_len))
+    block_d = min(triton.next_power_of_2(D), max(64, min(512, 2048 // block_t)))
+    return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
 
 
 def causal_conv1d_varlen_fwd(
@@ -87,6 +94,7 @@ def causal_conv1d_varlen_fwd(
     spec_conv: torch.Tensor | None = None,  # [S, J, D, K-1]
     out: torch.Tensor | None = None,  # [T, D]
 ) -> torch.Tensor:
+    """out [T, D] = silu(causal conv of each sequence continuing from its conv state); the pools are updated."""
     T, D = x.shape
     K = weight.shape[1]
     B = len(query_lens)
@@ -94,7 +102,7 @@ def causal_conv1d_varlen_fwd(
     assert weight.shape == (D, K) and weight.stride(1) == 1, "weight: [D, K], K contiguous"
     assert conv_state.dim() == 3 and conv_state.shape[1:] == (D, K - 1) and conv_state.stride(2) == 1
     assert state_slots.shape == (B,) and len(has_initial_state) == B and sum(query_lens) == T
-    assert 2 <= K <= 65, "kernel width: 2..65 (BLOCK_T >= K-1 keeps state reads in a sequence's first item)"
+    assert 2 <= K <= 33, "kernel width: 2..33 (BLOCK_T >= K-1 keeps state reads in a sequence's first item)"
     verify = [bool(v) for v in is_verify] if is_verify else [False] * B
     if any(verify):
         assert spec_conv is not None and spec_conv.shape[2:] == (D, K - 1) and spec_conv.stride(3) == 1
@@ -103,9 +111,8 @@ def causal_conv1d_varlen_fwd(
     assert y.shape == (T, D) and y.stride(1) == 1
     if T == 0:
         return y
-    block_t = min(64, triton.next_power_of_2(max(query_lens)))
-    block_d = min(triton.next_power_of_2(D), max(128, 4096 // block_t))
-    items = [(i, t0) for i, n in enumerate(query_lens) for t0 in range(0, n, block_t)]
+    cfg = launch_config(max(query_lens), D)
+    items = [(i, t0) for i, n in enumerate(query_lens) for t0 in range(0, n, cfg["BLOCK_T"])]
     starts = [0]
     for n in query_lens:
         starts.append(starts[-1] + n)
@@ -115,10 +122,9 @@ def causal_conv1d_varlen_fwd(
     has_verify = any(verify)
     spec = spec_conv if has_verify else conv_state  # the pointer goes unused without verify chunks
     spec_strides = spec_conv.stride()[:3] if has_verify else (0, 0, 0)
-    causal_conv1d_fwd_kernel[(len(items), triton.cdiv(D, block_d))](
-        x, weight, y, conv_state, spec, state_slots.to(device=x.device, dtype=torch.int64),
+    causal_conv1d_fwd_kernel[(len(items), triton.cdiv(D, cfg["BLOCK_D"]))](
+        x, weight, y, conv_state, spec, state_slots.to(device=x.device, dtype=torch.int64).contiguous(),
         meta, meta[2 * B + 1:], D, B, x.stride(0), y.stride(0), weight.stride(0), conv_state.stride(0),
         conv_state.stride(1), *spec_strides,
-        K=K, HAS_VERIFY=has_verify, BLOCK_T=block_t, BLOCK_D=block_d,
-        BLOCK_S=triton.next_power_of_2(K - 1), num_warps=4)
+        K=K, HAS_VERIFY=has_verify, BLOCK_S=triton.next_power_of_2(K - 1), **cfg)
     return y

@@ -47,6 +47,12 @@ def per_token_group_quant_fwd_kernel(
     tl.store(s_ptr + row * stride_s + groups, s, mask=groups < G)
 
 
+def launch_config(G: int, group: int) -> dict[str, int]:
+    """Up to 4K elements (BLOCK_G groups of one row) a program."""
+    block_g = min(triton.next_power_of_2(G), max(1, 4096 // group))
+    return dict(BLOCK_G=block_g, num_warps=min(8, max(1, block_g * group // 256)))
+
+
 def per_token_group_quant_fwd(x: torch.Tensor, group: int = 128, eps: float = 1e-10,
                               out: tuple[torch.Tensor, torch.Tensor] | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,8 +67,7 @@ def per_token_group_quant_fwd(x: torch.Tensor, group: int = 128, eps: float = 1e
     assert s.shape == (M, G) and s.dtype == torch.float32 and s.stride(1) == 1
     if M == 0 or K == 0:
         return q, s
-    block_g = min(triton.next_power_of_2(G), max(1, 4096 // group))
-    per_token_group_quant_fwd_kernel[(M, triton.cdiv(G, block_g))](
-        x, q, s, K, G, x.stride(0), q.stride(0), s.stride(0), eps, FP8_MAX,
-        GROUP=group, BLOCK_G=block_g, num_warps=min(8, max(1, block_g * group // 256)))
+    cfg = launch_config(G, group)
+    per_token_group_quant_fwd_kernel[(M, triton.cdiv(G, cfg["BLOCK_G"]))](
+        x, q, s, K, G, x.stride(0), q.stride(0), s.stride(0), eps, FP8_MAX, GROUP=group, **cfg)
     return q, s

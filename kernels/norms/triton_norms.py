@@ -55,11 +55,11 @@ def gated_rms_norm_fwd_kernel(
     tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _tiles(n_rows: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_ROWS, BLOCK_D, programs): whole rows, about 4K elements a program."""
+def launch_config(n_rows: int, D: int) -> dict[str, int]:
+    """Whole rows, about 4K elements a program (compiles without spills for sm_90: test_triton_compile.py)."""
     block_d = triton.next_power_of_2(D)
     block_rows = max(1, min(4096 // block_d, triton.next_power_of_2(n_rows)))
-    return block_rows, block_d, triton.cdiv(n_rows, block_rows)
+    return dict(BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=min(8, max(1, block_rows * block_d // 512)))
 
 
 def _check_rows(name: str, t: torch.Tensor, rows: int, D: int) -> None:
@@ -83,13 +83,11 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
         _check_rows("residual_out", h, rows, D)
     if rows == 0:
         return y, h
-    block_rows, block_d, grid = _tiles(rows, D)
-    rms_norm_fwd_kernel[(grid,)](
+    cfg = launch_config(rows, D)
+    rms_norm_fwd_kernel[(triton.cdiv(rows, cfg["BLOCK_ROWS"]),)](
         x, residual if residual is not None else x, weight, y, h if h is not None else y,
         rows, D, x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
-        h.stride(0) if h is not None else 0, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
-        num_warps=min(8, max(1, block_rows * block_d // 512)))
+        h.stride(0) if h is not None else 0, eps, HAS_RESIDUAL=residual is not None, **cfg)
     return y, h
 
 
@@ -104,9 +102,8 @@ def gated_rms_norm_fwd(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, e
     _check_rows("out", y, rows, D)
     if rows == 0:
         return y
-    block_rows, block_d, grid = _tiles(rows, D)
-    gated_rms_norm_fwd_kernel[(grid,)](
+    cfg = launch_config(rows, D)
+    gated_rms_norm_fwd_kernel[(triton.cdiv(rows, cfg["BLOCK_ROWS"]),)](
         x, z, weight, y, rows, D, x.stride(0), z.stride(0), y.stride(0), eps,
-        ROUND_PRODUCT=torch.promote_types(weight.dtype, x.dtype) == x.dtype,
-        BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=min(8, max(1, block_rows * block_d // 512)))
+        ROUND_PRODUCT=torch.promote_types(weight.dtype, x.dtype) == x.dtype, **cfg)
     return y

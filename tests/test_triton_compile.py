@@ -1,0 +1,145 @@
+"""Every Triton kernel compiled for the H200 (sm_90) on a machine without a GPU, at the tiles its host wrapper
+picks for the model's shapes: catches what the interpreter cannot (errors of the compiled language, such as a
+variable changing shape across an `if`, found this way) and register spills (ptxas's stack frame).
+
+Arguments that a real launch sees as multiples of 16 (pointers, and the model's dims and strides) get Triton's
+divisibility attribute, as they would at run time, so loads vectorise and the GEMM pipelines as on the GPU.
+The compiles run in a child process: the interpreter that other test modules use patches triton.language in
+this one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BF16, FP32, FP8 = "*bf16", "*fp32", "*fp8e4nv"
+
+
+def compile_sm90(fn, types: dict[str, str], cfg: dict[str, object], divisible: tuple[str, ...] = ()):
+    """fn compiled to a cubin: `types` for pointers and floats (other arguments i32), `cfg` the constexprs plus
+    num_warps / num_stages, `divisible` the integer arguments that are multiples of 16 at run time."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    cfg = dict(cfg)
+    options = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
+    names = fn.arg_names
+    sig = {n: "constexpr" if n in cfg else types.get(n, "i32") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if sig[n].startswith("*") or n in divisible}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in cfg.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def rms_norm(rows: int, D: int, has_residual: bool):
+    from kernels.norms import triton_norms as m
+    return compile_sm90(m.rms_norm_fwd_kernel, dict(x_ptr=BF16, r_ptr=BF16, w_ptr=BF16, y_ptr=BF16, h_ptr=BF16,
+                                                    eps="fp32"),
+                        dict(m.launch_config(rows, D), HAS_RESIDUAL=has_residual),
+                        ("D", "stride_x", "stride_r", "stride_y", "stride_h"))
+
+
+def gated_rms_norm(w_type: str, round_product: bool):
+    from kernels.norms import triton_norms as m
+    return compile_sm90(m.gated_rms_norm_fwd_kernel, dict(x_ptr=BF16, z_ptr=BF16, w_ptr=w_type, y_ptr=BF16,
+                                                          eps="fp32"),
+                        dict(m.launch_config(256 * 32, 128), ROUND_PRODUCT=round_product),
+                        ("D", "stride_x", "stride_z", "stride_y"))
+
+
+def quant(K: int):
+    from kernels.fp8 import triton_quant as m
+    return compile_sm90(m.per_token_group_quant_fwd_kernel, dict(x_ptr=BF16, q_ptr=FP8, s_ptr=FP32, eps="fp32",
+                                                                 fp8_max="fp32"),
+                        dict(m.launch_config(K // 128, 128), GROUP=128), ("K", "stride_x", "stride_q"))
+
+
+def gemm(M: int):
+    from kernels.fp8 import triton_gemm as m
+    return compile_sm90(m.fp8_block_gemm_fwd_kernel, dict(a_ptr=FP8, b_ptr=FP8, c_ptr=BF16, as_ptr=FP32,
+                                                           bs_ptr=FP32),
+                        dict(m.launch_config(M), K=2048, GROUP_N=128, BLOCK_K=128),
+                        ("N", "stride_am", "stride_bn", "stride_cm", "stride_asm", "stride_bsn"))
+
+
+def conv(max_len: int, has_verify: bool):
+    from kernels.conv1d import triton_conv as m
+    return compile_sm90(m.causal_conv1d_fwd_kernel, dict(x_ptr=BF16, w_ptr=BF16, out_ptr=BF16, state_ptr=BF16,
+                                                         spec_ptr=BF16, slots_ptr="*i64", meta_ptr="*i32",
+                                                         items_ptr="*i32"),
+                        dict(m.launch_config(max_len, 8192), K=4, HAS_VERIFY=has_verify, BLOCK_S=4),
+                        ("D", "stride_x", "stride_out", "stride_ss", "stride_ps", "stride_pj"))
+
+
+CASES: dict[str, Callable[[], object]] = {
+    **{f"rms_norm-{r}x{d}-res{h}": (lambda r=r, d=d, h=h: rms_norm(r, d, h))
+       for r, d in [(1, 2048), (4096, 2048), (64 * 16, 256)] for h in (False, True)},
+    "gated_rms_norm-bf16w": lambda: gated_rms_norm(BF16, True),
+    "gated_rms_norm-fp32w": lambda: gated_rms_norm(FP32, False),
+    **{f"quant-K{k}": (lambda k=k: quant(k)) for k in (512, 2048, 4096)},
+    **{f"gemm-M{m}": (lambda m=m: gemm(m)) for m in (1, 64, 4096)},
+    **{f"conv-len{n}-verify{v}": (lambda n=n, v=v: conv(n, v)) for n in (1, 4, 4096) for v in (False, True)},
+}
+
+
+def stack_bytes(cubin: bytes, cuobjdump: Path) -> int:
+    """ptxas's per-thread stack frame: > 0 means registers spilled."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    return int(re.search(r"STACK:(\d+)", usage).group(1))
+
+
+def compile_all() -> dict[str, dict[str, object]]:
+    """Child process: compile every case, report errors, spills and what the PTX uses."""
+    import triton
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    results: dict[str, dict[str, object]] = {}
+    for case, build in CASES.items():
+        try:
+            kernel = build()
+        except Exception as e:  # noqa: BLE001 - reported per case by the test
+            results[case] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        ptx = kernel.asm["ptx"]
+        results[case] = {"error": None, "stack": stack_bytes(kernel.asm["cubin"], cuobjdump),
+                         "cp_async": "cp.async" in ptx, "wgmma": "wgmma" in ptx}
+    return results
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, dict[str, object]]:
+    pytest.importorskip("triton", reason="triton is not installed")
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="triton has no NVIDIA backend here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiles_for_sm90_without_spills(case: str, results) -> None:
+    r = results[case]
+    assert r["error"] is None, r["error"]
+    assert r["stack"] == 0, f"registers spill at these tiles ({r['stack']} bytes of stack)"
+    if case.startswith("gemm"):
+        assert r["cp_async"], "the K loop is not pipelined"
+        assert r["wgmma"] == (case != "gemm-M1"), "Hopper's wgmma for the 64-row tiles and up, mma.sync below"
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_all()))
