@@ -89,7 +89,7 @@ def test_preemption_under_a_tiny_cache(ckpt, engines):
     small = engines(ckpt, block_size=4)
     # room for ~3 sequences' worth of KV blocks: forces preemption by recompute
     per_block, per_slot = small.cache_info.bytes_per_block, small.cache_info.bytes_per_slot
-    tiny = engines(ckpt, block_size=4, cache_memory=int(6 * per_slot + 45 * per_block))
+    tiny = engines(ckpt, block_size=4, max_num_seqs=6, cache_memory=int(6 * per_slot + 45 * per_block))
     assert tiny.cache_info.num_blocks < sum(len(p) + 24 for p in ps) // 4
     got = tiny.generate(ps, GREEDY, StoppingParams(max_new_tokens=24, ignore_eos=True))
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
@@ -98,7 +98,7 @@ def test_preemption_under_a_tiny_cache(ckpt, engines):
 
 def test_preemptions_are_counted(ckpt, engines):
     e0 = engines(ckpt, block_size=4)
-    e = engines(ckpt, block_size=4, cache_memory=int(6 * e0.cache_info.bytes_per_slot
+    e = engines(ckpt, block_size=4, max_num_seqs=6, cache_memory=int(6 * e0.cache_info.bytes_per_slot
                                                      + 30 * e0.cache_info.bytes_per_block))
     for i, p in enumerate(prompts([40, 40, 40], seed=3)):
         e.add_request(GenerationRequest(f"p{i}", p, GREEDY, StoppingParams(max_new_tokens=20, ignore_eos=True)))

@@ -83,27 +83,36 @@ def run(engine: Engine, ps: list[list[int]], ks: list[int | None], max_new: int 
 
 @pytest.mark.parametrize("ckpt_name", ["random_ckpt", "aligned_ckpt"])
 def test_greedy_is_exact_for_every_k(request, engines, ckpt_name):
+    """Every prompt runs with every k = 0..4 in one engine: a mixed batch where some requests speculate and
+    some do not, arriving at different steps, with chunked prefill in flight (a 16-token budget)."""
     ckpt = request.getfixturevalue(ckpt_name)
-    ps = prompts([3, 17, 40, 9, 25, 1], seed=1)
-    want = run(engines(ckpt), ps, [0] * 6)
-    for k in (1, 2, 3, 4):
-        e = engines(ckpt, num_speculative_tokens=4, max_num_batched_tokens=16)  # chunked prefill in flight
-        ks = [k, 0, k, k, 0, k]  # some requests speculate, some do not
-        assert run(e, ps, ks, arrive_at=[0, 0, 1, 3, 3, 6]) == want, f"k={k}"
-        c = e.spec_counters
-        assert c.num_drafted > 0
-        if ckpt_name == "aligned_ckpt":  # multi-accept and bonus-token paths ran
-            assert c.num_accepted == c.num_drafted and c.mean_acceptance_length == pytest.approx(k + 1, rel=0.3)
+    ps = prompts([3, 17, 40], seed=1)
+    want = run(engines(ckpt), ps, [0] * 3, max_new=12)
+    e = engines(ckpt, num_speculative_tokens=4, max_num_batched_tokens=16)
+    ks = [0, 1, 2, 3, 4]
+    got = run(e, [p for p in ps for _ in ks], ks * len(ps), max_new=12,
+              arrive_at=[i // 2 for i in range(len(ps) * len(ks))])
+    for i, k in enumerate(ks * len(ps)):
+        assert got[i] == want[i // len(ks)], f"prompt {i // len(ks)}, k={k}"
+    c = e.spec_counters
+    assert c.num_drafted > 0
+    if ckpt_name == "aligned_ckpt":  # every draft accepted: the multi-accept and bonus-token paths ran
+        assert c.num_accepted == c.num_drafted and c.accepted_by_position[3] > 0
 
 
 def test_greedy_exact_under_preemption(random_ckpt, aligned_ckpt, engines):
+    from worker.cache_tensors import kv_bytes_per_block, state_bytes_per_slot
+    from worker.config import load_config
+
+    cfg = load_config(random_ckpt, has_mtp_tensors=True)
+    per_slot = state_bytes_per_slot(cfg, torch.float32, torch.float32, 3)
+    per_block = kv_bytes_per_block(cfg, 4, torch.float32)
     for ckpt in (random_ckpt, aligned_ckpt):
         ps = prompts([30, 22, 41, 15], seed=2)
-        want = run(engines(ckpt), ps, [0] * 4, max_new=24)
-        probe = engines(ckpt, num_speculative_tokens=3, block_size=4)
-        per_slot, per_block = probe.cache_info.bytes_per_slot, probe.cache_info.bytes_per_block
-        tiny = engines(ckpt, num_speculative_tokens=3, block_size=4, cache_memory=int(4 * per_slot + 40 * per_block))
-        got = run(tiny, ps, [3, 2, 3, 1], max_new=24)
+        want = run(engines(ckpt), ps, [0] * 4, max_new=16)
+        tiny = engines(ckpt, num_speculative_tokens=3, block_size=4, cache_memory=int(4 * per_slot + 36 * per_block))
+        assert tiny.cache_info.num_blocks < sum(len(p) + 16 for p in ps) // 4  # cannot hold them all: preempts
+        got = run(tiny, ps, [3, 2, 3, 1], max_new=16)
         assert got == want
 
 
@@ -111,7 +120,7 @@ def test_rolled_back_state_equals_plain_decoding(random_ckpt, engines):
     p = prompts([13], seed=3)[0]
 
     def states(engine: Engine, k: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        engine.add_request(GenerationRequest("s", p, GREEDY, StoppingParams(max_new_tokens=30, ignore_eos=True), k))
+        engine.add_request(GenerationRequest("s", p, GREEDY, StoppingParams(max_new_tokens=20, ignore_eos=True), k))
         seen = {}
         while engine.has_unfinished():
             engine.step()
@@ -130,7 +139,7 @@ def test_rolled_back_state_equals_plain_decoding(random_ckpt, engines):
     c = spec_engine.spec_counters
     assert c.num_accepted < c.num_drafted  # rejections happened, so rollbacks did
     common = sorted(set(plain) & set(spec))
-    assert len(common) >= 8
+    assert len(common) >= 6
     for n in common:
         assert torch.allclose(spec[n][0], plain[n][0], atol=1e-10, rtol=0), n
         assert torch.allclose(spec[n][1], plain[n][1], atol=1e-10, rtol=0), n
@@ -175,8 +184,10 @@ def test_same_seed_same_tokens_with_speculation(random_ckpt, engines):
     ps = prompts([5, 11, 19], seed=4)
     sp = [SamplingParams(temperature=1.0, seed=3), SamplingParams(temperature=0.7, top_k=40, seed=4),
           SamplingParams(temperature=1.1, top_p=0.9, repetition_penalty=1.2, seed=5)]
-    alone = [run(engines(random_ckpt, num_speculative_tokens=2), [p], [2], sampling=[s])[0] for p, s in zip(ps, sp)]
-    together = run(engines(random_ckpt, num_speculative_tokens=2), ps, [2, 2, 2], sampling=sp, arrive_at=[0, 1, 2])
+    alone = [run(engines(random_ckpt, num_speculative_tokens=2), [p], [2], sampling=[s], max_new=12)[0]
+             for p, s in zip(ps, sp)]
+    together = run(engines(random_ckpt, num_speculative_tokens=2), ps, [2, 2, 2], sampling=sp, arrive_at=[0, 1, 2],
+                   max_new=12)
     assert together == alone
 
 

@@ -20,7 +20,7 @@ from worker.cache import HybridCacheManager
 from worker.cache_tensors import CacheShape, CacheTensors, kv_bytes_per_block, state_bytes_per_slot
 from worker.loader import load_model
 from worker.model import ForwardBatch
-from worker.sampler import SamplingBatch, SamplingParams, processed_probs, sample
+from worker.sampler import GREEDY_TEMPERATURE, SamplingBatch, SamplingParams, processed_probs, sample
 from worker.spec_decode import STREAM_DRAFT, SpecCounters, accept_drafts, race
 from worker.scheduler import (FinishReason, Request, RequestStatus, SchedulePlan, Scheduler, SchedulerConfig,
                               StepOutput, StoppingParams)
@@ -123,14 +123,15 @@ def eos_token_ids(model_dir: Path, config_eos: tuple[int, ...]) -> tuple[int, ..
 
 
 def size_cache(config: EngineConfig, bytes_per_block: int, bytes_per_slot: int, device: torch.device) -> tuple[int, int]:
-    """Split the budget: state slots for max_num_seqs sequences (at most half the budget), the rest KV blocks."""
+    """Split the budget: a state slot for each of max_num_seqs sequences (at most 90% of the budget: a running
+    sequence needs its slot whatever its length), the rest KV blocks."""
     budget = config.cache_memory
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = int(free * (budget or 0.85))
     else:
         budget = int(budget or 512 << 20)
-    num_slots = max(1, min(config.max_num_seqs, budget // 2 // bytes_per_slot))
+    num_slots = max(1, min(config.max_num_seqs, int(budget * 0.9) // bytes_per_slot))
     num_blocks = (budget - num_slots * bytes_per_slot) // bytes_per_block
     if num_blocks < 1:
         raise ValueError(f"cache_memory: {budget} bytes hold no KV block after {num_slots} state slots")
@@ -275,8 +276,9 @@ class Engine:
         p_rows = list(p.split([len(d) + 1 for d in drafts]))
         q_rows = [self._draft_probs.pop(r.request_id)[:len(d)] for r, d in zip(requests, drafts)]
         result = accept_drafts(p_rows, q_rows, drafts, [r.seed for r in requests],
-                               [len(r.output_token_ids) for r in requests])
-        raw = torch.log_softmax(logits.float(), dim=-1)
+                               [len(r.output_token_ids) for r in requests], [_is_greedy(r) for r in requests])
+        raw = logits.float()
+        lse = torch.logsumexp(raw, dim=-1, keepdim=True)  # raw log-probs = logit - lse, as the sampler reports
         offsets = [0]
         for d in drafts:
             offsets.append(offsets[-1] + len(d) + 1)
@@ -284,12 +286,14 @@ class Engine:
         for i, (r, d) in enumerate(zip(requests, drafts)):
             tokens, a = result.tokens[i], result.num_accepted[i]
             sampled[r.request_id] = tokens
-            lp_rows = raw[offsets[i]:offsets[i] + len(tokens)]
-            lps = lp_rows.gather(1, torch.tensor(tokens, device=raw.device)[:, None])[:, 0].tolist()
+            rows = slice(offsets[i], offsets[i] + len(tokens))
+            lp_rows, lse_rows = raw[rows], lse[rows]
+            lps = (lp_rows.gather(1, torch.tensor(tokens, device=raw.device)[:, None]) - lse_rows)[:, 0].tolist()
             n = r.sampling.top_logprobs
             tops = []
             if n:
                 tv, ti = lp_rows.topk(n, dim=-1)
+                tv = tv - lse_rows
                 tops = [list(zip(a_, b_)) for a_, b_ in zip(ti.tolist(), tv.tolist())]
             logprobs[r.request_id] = (lps, tops)
             self._spec[r.request_id].add(len(d), a)
@@ -323,6 +327,8 @@ class Engine:
             return
         batch = self._forward_batch(mtp_pieces, None)
         h = self.model.mtp_forward(batch.input_ids, hidden[mtp_rows], batch, self.cache)
+        if not drafting:  # only prefill chunks that sample nothing yet: their MTP KV is written, no drafts
+            return
         last = batch.last_token_indices[drafting]
         requests = [mtp_pieces[i][0] for i in drafting]
         h = h[last]
@@ -334,8 +340,9 @@ class Engine:
             rs = [requests[i] for i in active]
             q = processed_probs(logits, self._sampling_batch(rs, [drafts[i] for i in active], with_drafts=True,
                                                              last_only=True))
-            tok = race(q, torch.tensor([r.seed for r in rs], dtype=torch.int64),
-                       torch.tensor([len(r.output_token_ids) + j for r in rs]), STREAM_DRAFT).tolist()
+            tok = race(q, torch.tensor([r.seed for r in rs], dtype=torch.int64, device=self.device),
+                       torch.tensor([len(r.output_token_ids) + j for r in rs], device=self.device), STREAM_DRAFT,
+                       torch.tensor([_is_greedy(r) for r in rs], device=self.device)).tolist()
             keep = []
             for row, i in enumerate(active):
                 drafts[i].append(tok[row])
@@ -440,6 +447,10 @@ class Engine:
                 if out.finished:
                     c.finish_reason = out.finish_reason
         return [results[rid] for rid in ids]
+
+
+def _is_greedy(r: Request) -> bool:
+    return r.sampling.temperature < GREEDY_TEMPERATURE
 
 
 @dataclass

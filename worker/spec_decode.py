@@ -29,11 +29,18 @@ STREAM_ACCEPT = 2  # the accept test's uniform
 STREAM_RESIDUAL = 3  # drawing from the residual after a rejection
 
 
-def race(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, stream: int) -> torch.Tensor:
-    """Exponential race: one token per row drawn exactly from probs [n, V] (rows need not be normalised)."""
-    exp_noise = uniform_noise(seeds, steps, stream, probs.shape[1]).log_().neg_()
-    # fp32 like the sampler's own race, so a bonus token equals the token plain decoding draws at that step
-    return (probs.float() / exp_noise.to(torch.float32)).argmax(dim=-1)
+def race(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, stream: int,
+         greedy: torch.Tensor | None = None) -> torch.Tensor:
+    """Exponential race: one token per row drawn exactly from probs [n, V] (rows need not be normalised).
+    Greedy rows (one-hot distributions) take the argmax without paying for noise over the vocabulary."""
+    tokens = probs.argmax(dim=-1)
+    draw = torch.ones_like(tokens, dtype=torch.bool) if greedy is None else ~greedy
+    if draw.any():
+        rows = draw.nonzero()[:, 0]
+        exp_noise = uniform_noise(seeds[rows], steps[rows], stream, probs.shape[1]).log_().neg_()
+        # fp32 like the sampler's own race, so a bonus token equals the token plain decoding draws at that step
+        tokens[rows] = (probs[rows].float() / exp_noise.to(torch.float32)).argmax(dim=-1)
+    return tokens
 
 
 @dataclass
@@ -48,6 +55,7 @@ def accept_drafts(
     drafts: list[list[int]],  # per request k_r draft tokens
     seeds: list[int],
     first_steps: list[int],  # per request: the output index of the first token this step emits
+    greedy: list[bool] | None = None,  # requests whose p and q are one-hot (only skips work)
 ) -> VerifyResult:
     """The acceptance rule above, for a batch of verify chunks."""
     dev = target_probs[0].device
@@ -74,10 +82,14 @@ def accept_drafts(
     rows = torch.stack(final_rows)
     seeds_t = torch.tensor(final_seeds, dtype=torch.int64, device=dev)
     steps_t = torch.tensor(final_steps, device=dev)
-    bonus = race(rows, seeds_t, steps_t, STREAM_SAMPLE)
-    residual = race(rows, seeds_t, steps_t, STREAM_RESIDUAL)
-    for i, b in enumerate(is_bonus):
-        tokens[i].append(int(bonus[i] if b else residual[i]))
+    greedy_t = torch.tensor(greedy or [False] * len(rows), device=dev)
+    bonus_t = torch.tensor(is_bonus, device=dev)
+    # each row draws once: the bonus rows from p on the sampler's stream, the others from the residual
+    final = race(rows, seeds_t, steps_t, STREAM_SAMPLE, greedy_t | ~bonus_t)
+    residual = race(rows, seeds_t, steps_t, STREAM_RESIDUAL, greedy_t | bonus_t)
+    final = torch.where(bonus_t | greedy_t, final, residual).tolist()
+    for i in range(len(tokens)):
+        tokens[i].append(int(final[i]))
     return VerifyResult(tokens, accepted)
 
 
