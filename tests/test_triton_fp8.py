@@ -85,8 +85,9 @@ def test_fp8_block_gemm_fp32(M: int, N: int, K: int) -> None:
     out = torch.full((M, N), float("nan"), device=DEVICE)
     y = fp8_block_gemm_fwd(xq, xs, w, ws, out_dtype=torch.float32, out=out)
     assert y is out and torch.isfinite(y).all()
-    # the reference's fp32 sum of dequantised products: the same sum in another order
-    assert rel_err(y, reference.fp8_block_linear(x, w, ws)) < 1e-5
+    # The reference's fp32 sum of dequantised products: the same sum in another order (the interpreter) or with
+    # Hopper's fp8 MMA, which keeps ~14 bits while summing each 128-wide block (the GPU).
+    assert rel_err(y, reference.fp8_block_linear(x, w, ws)) < (1e-5 if DEVICE == "cpu" else 1e-3)
 
 
 @pytest.mark.parametrize("M", [1, 33])  # 2 * 33 rows: the M > 64 tiles
