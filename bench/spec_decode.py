@@ -46,13 +46,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from anywhere without installing
 
 import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
 
 from worker.engine import Engine, EngineConfig, GenerationRequest, StepTimings  # noqa: E402
 from worker.sampler import SamplingParams  # noqa: E402
 from worker.scheduler import StoppingParams  # noqa: E402
 from worker.spec_decode import SpecCounters  # noqa: E402
-from worker.tiny import default_checkpoint  # noqa: E402
+from worker.tiny import align_mtp_with_target, default_checkpoint  # noqa: E402
 
 FIRST_SPECIAL_ID = 151643  # <|endoftext|>: prompts draw from the ordinary BPE ids below it
 GREEDY = SamplingParams(temperature=0.0)
@@ -64,19 +63,9 @@ def make_prompts(batch: int, length: int, seed: int) -> list[list[int]]:
 
 
 def make_aligned_checkpoint(src: Path, dst: Path) -> Path:
-    """Copy src to dst and rearrange its weights as tests/test_spec_decode.py's aligned_ckpt fixture does."""
+    """A copy of src whose MTP head drafts exactly the target's prediction (worker.tiny.align_mtp_with_target)."""
     shutil.copytree(src, dst)
-    hidden = json.loads((dst / "config.json").read_text())["hidden_size"]
-    for shard in sorted(dst.glob("*.safetensors")):
-        t = load_file(shard)
-        for n in t:
-            if n.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
-                t[n] = torch.zeros_like(t[n])
-            elif "norm" in n and "linear_attn.norm" not in n:
-                t[n] = torch.zeros_like(t[n])
-            elif n == "mtp.fc.weight":
-                t[n] = torch.cat([torch.eye(hidden), torch.zeros(hidden, hidden)], 1).to(t[n].dtype)
-        save_file(t, shard, metadata={"format": "pt"})
+    align_mtp_with_target(dst)
     return dst
 
 

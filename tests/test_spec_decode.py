@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from worker.engine import Engine, EngineConfig, GenerationRequest
 from worker.sampler import SamplingParams
 from worker.scheduler import StoppingParams
 from worker.spec_decode import accept_drafts
-from worker.tiny import make_checkpoint, tiny_config
+from worker.tiny import align_mtp_with_target, make_checkpoint, tiny_config
 
 GREEDY = SamplingParams(temperature=0.0)
 SMALL = tiny_config(vocab_size=512)
@@ -27,22 +26,9 @@ def random_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def aligned_ckpt(tmp_path_factory) -> Path:
-    """Weights arranged so the MTP head drafts exactly the target's next prediction: every layer's output
-    projection is zero (each layer adds nothing), all RMSNorm weights are zero (scale 1), and mtp.fc passes the
-    embedding half through. The target then predicts g(t) = argmax lm_head(norm(embed(t))) from the current
-    token alone, and the MTP, fed t_{p+1}, predicts g(t_{p+1}): the target's prediction one step ahead."""
+    """Weights arranged so the MTP head drafts exactly the target's next prediction (worker.tiny)."""
     d = make_checkpoint(tmp_path_factory.mktemp("spec_aligned"), SMALL, seed=12, tokenizer=False)
-    H = SMALL["hidden_size"]
-    for shard in d.glob("*.safetensors"):
-        t = load_file(shard)
-        for n in t:
-            if n.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
-                t[n] = torch.zeros_like(t[n])
-            elif "norm" in n and "linear_attn.norm" not in n:
-                t[n] = torch.zeros_like(t[n])
-            elif n == "mtp.fc.weight":
-                t[n] = torch.cat([torch.eye(H), torch.zeros(H, H)], 1).to(t[n].dtype)
-        save_file(t, shard, metadata={"format": "pt"})
+    align_mtp_with_target(d)
     return d
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from kernels.fp8 import quantize_weight_block
 from worker.config import FULL_ATTENTION, ModelConfig, config_from_dict
@@ -218,6 +218,28 @@ def make_checkpoint(out_dir: str | Path, config: dict[str, Any] | None = None, *
     if tokenizer:
         write_tokenizer_files(out, thinking=thinking)
     return out
+
+
+def align_mtp_with_target(model_dir: str | Path) -> None:
+    """Rewrite a checkpoint's weights in place so its MTP head drafts exactly the target's next prediction
+    (every speculative draft is then accepted: the upper bound of MTP, and the multi-accept paths in tests).
+
+    Every layer's output projection is zeroed (each layer adds nothing), all RMSNorm weights are zeroed (scale
+    1), and mtp.fc passes the embedding half through. The target then predicts g(t) = argmax
+    lm_head(norm(embed(t))) from the current token alone, and the MTP, fed t_{p+1}, predicts g(t_{p+1}): the
+    target's prediction one step ahead."""
+    model_dir = Path(model_dir)
+    hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        t = load_file(shard)
+        for n in t:
+            if n.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
+                t[n] = torch.zeros_like(t[n])
+            elif "norm" in n and "linear_attn.norm" not in n:
+                t[n] = torch.zeros_like(t[n])
+            elif n == "mtp.fc.weight":
+                t[n] = torch.cat([torch.eye(hidden), torch.zeros(hidden, hidden)], 1).to(t[n].dtype)
+        save_file(t, shard, metadata={"format": "pt"})
 
 
 def cache_root() -> Path:
