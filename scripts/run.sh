@@ -3,9 +3,5 @@
 # Extra arguments go to qnext-serve, e.g. `bash scripts/run.sh --port 50052 --num-speculative-tokens 2`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-. .venv/bin/activate
-pip install -q --upgrade pip
-pip install -q torch==2.13.0
-pip install -q -e .
+. scripts/setup.sh
 exec qnext-serve "$@"

@@ -1,10 +1,6 @@
 #!/usr/bin/env bash
-# Set up a virtual environment (CPU torch from the local wheel, never a multi-GB CUDA build) and run the tests.
+# Set up the virtualenv with the test-only dependencies and run the tests (what CI's .ci/run calls).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-. .venv/bin/activate
-pip install -q --upgrade pip
-pip install -q torch==2.13.0
-pip install -q -e '.[test]'
+. scripts/setup.sh "[test]"
 python -m pytest -q "$@"
