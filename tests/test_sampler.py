@@ -320,3 +320,9 @@ def test_build_and_sample_validate_inputs() -> None:
         SamplingBatch.build([SamplingParams()], [], [0], [[]], [[]], [[]], 10, cpu)
     with pytest.raises(ValueError, match="logits"):
         sample(torch.zeros(1, 11), make_batch([SamplingParams()], cpu, 10))
+
+
+def test_no_logprobs_unless_asked(device: torch.device) -> None:
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(2)).to(device)
+    out = sample(logits, make_batch([SamplingParams(), SamplingParams(temperature=0.0)], device, 50))
+    assert out.logprobs is None and out.top_ids is None and out.top_logprobs is None

@@ -258,14 +258,14 @@ class Engine:
                       logprobs: dict[str, tuple[list[float], list[list[tuple[int, float]]]]]) -> None:
         result = sample(logits, self._sampling_batch(requests))
         tokens = result.token_ids.tolist()
-        lps = result.logprobs.tolist()
+        lps = result.logprobs.tolist() if result.logprobs is not None else None
         top_ids = result.top_ids.tolist() if result.top_ids is not None else None
         top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
         for j, r in enumerate(requests):
             sampled[r.request_id] = [tokens[j]]
             n = r.sampling.top_logprobs
             top = list(zip(top_ids[j][:n], top_lps[j][:n])) if n and top_ids is not None else []
-            logprobs[r.request_id] = ([lps[j]], [top] if top else [])
+            logprobs[r.request_id] = ([lps[j]] if n and lps else [], [top] if top else [])
 
     def _verify(self, chunks: list, logits: torch.Tensor, sampled: dict[str, list[int]],
                 logprobs: dict[str, tuple[list[float], list[list[tuple[int, float]]]]]) -> None:
@@ -277,8 +277,10 @@ class Engine:
         q_rows = [self._draft_probs.pop(r.request_id)[:len(d)] for r, d in zip(requests, drafts)]
         result = accept_drafts(p_rows, q_rows, drafts, [r.seed for r in requests],
                                [len(r.output_token_ids) for r in requests], [_is_greedy(r) for r in requests])
+        want_logprobs = any(r.sampling.top_logprobs for r in requests)
         raw = logits.float()
-        lse = torch.logsumexp(raw, dim=-1, keepdim=True)  # raw log-probs = logit - lse, as the sampler reports
+        # raw log-probs = logit - lse, as the sampler reports; only when a request asked for them
+        lse = torch.logsumexp(raw, dim=-1, keepdim=True) if want_logprobs else None
         offsets = [0]
         for d in drafts:
             offsets.append(offsets[-1] + len(d) + 1)
@@ -286,12 +288,13 @@ class Engine:
         for i, (r, d) in enumerate(zip(requests, drafts)):
             tokens, a = result.tokens[i], result.num_accepted[i]
             sampled[r.request_id] = tokens
-            rows = slice(offsets[i], offsets[i] + len(tokens))
-            lp_rows, lse_rows = raw[rows], lse[rows]
-            lps = (lp_rows.gather(1, torch.tensor(tokens, device=raw.device)[:, None]) - lse_rows)[:, 0].tolist()
             n = r.sampling.top_logprobs
-            tops = []
+            lps, tops = [], []
             if n:
+                rows = slice(offsets[i], offsets[i] + len(tokens))
+                lp_rows, lse_rows = raw[rows], lse[rows]
+                picked = lp_rows.gather(1, torch.tensor(tokens, device=raw.device)[:, None])
+                lps = (picked - lse_rows)[:, 0].tolist()
                 tv, ti = lp_rows.topk(n, dim=-1)
                 tv = tv - lse_rows
                 tops = [list(zip(a_, b_)) for a_, b_ in zip(ti.tolist(), tv.tolist())]

@@ -190,7 +190,9 @@ class SamplingBatch:
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor  # [B] int64
-    logprobs: torch.Tensor  # [B] float32, log-prob of token_ids under the raw model distribution
+    # [B] float32, log-prob of token_ids under the raw model distribution; None when no row asked for logprobs
+    # (top_logprobs > 0), which saves a reduction over the vocabulary per step
+    logprobs: torch.Tensor | None
     top_ids: torch.Tensor | None  # [B, n] int64, n = max top_logprobs in batch (None if all 0)
     top_logprobs: torch.Tensor | None  # [B, n] float32, raw log-probs of top_ids, descending
 
@@ -302,12 +304,11 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         drawn = (probs / exp_noise.to(torch.float32)).argmax(dim=-1)
         tokens = torch.where(batch.greedy, tokens, drawn)
 
+    if batch.max_top_logprobs == 0:  # nobody asked: skip the vocabulary-wide reduction
+        return SamplerOutput(token_ids=tokens, logprobs=None, top_ids=None, top_logprobs=None)
     # Raw log-probs as logit - logsumexp: one reduction instead of materialising log_softmax [B, V].
     raw = logits.float()
     lse = torch.logsumexp(raw, dim=-1, keepdim=True)  # [B, 1]
-    top_ids = top_logprobs = None
-    if batch.max_top_logprobs > 0:
-        top_logprobs, top_ids = raw.topk(batch.max_top_logprobs, dim=-1)
-        top_logprobs = top_logprobs - lse
+    top_logprobs, top_ids = raw.topk(batch.max_top_logprobs, dim=-1)
     return SamplerOutput(token_ids=tokens, logprobs=(raw.gather(1, tokens[:, None]) - lse).squeeze(1),
-                         top_ids=top_ids, top_logprobs=top_logprobs)
+                         top_ids=top_ids, top_logprobs=top_logprobs - lse)
