@@ -286,6 +286,8 @@ def _filtered_logits(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 def processed_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """[B, V] float32: the distribution `sample` draws from; greedy rows are one-hot at their argmax."""
     x = _penalize_and_suppress(logits, batch)
+    if batch.all_greedy:  # one-hot rows: no filtering or softmax over the vocabulary needed
+        return torch.nn.functional.one_hot(x.argmax(dim=-1), batch.vocab_size).to(torch.float32)
     probs = _filtered_logits(x, batch).softmax(dim=-1)
     if batch.any_greedy:
         one_hot = torch.nn.functional.one_hot(x.argmax(dim=-1), batch.vocab_size).to(probs.dtype)
