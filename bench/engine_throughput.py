@@ -25,7 +25,6 @@ import os
 import platform
 import pstats
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from anywhere without installing
+from bench.provenance import git_state  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -125,18 +125,6 @@ def bench_batch(engine: Engine, hf, batch: int, args: argparse.Namespace) -> dic
         "overhead_pct_runs": over_pct,
         "greedy_equal": not mismatched, "mismatched_sequences": sorted(mismatched),
     }
-
-
-def git_state() -> dict[str, Any]:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.split("\n")
-        return {"commit": head, "modified": [line[3:] for line in dirty if line.strip()]}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "modified": []}
 
 
 def mark(ok: bool) -> str:

@@ -35,7 +35,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from anywhere without installing
+from bench.provenance import git_state  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -266,18 +266,6 @@ def bench_checkpoint(name: str, model_dir: Path, args: argparse.Namespace) -> li
         r["break_even_alpha"] = break_even_alpha(r["step_ratio"], r["k"]) if r["k"] and base else None
     del engines
     return results
-
-
-def git_state() -> dict[str, Any]:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.split("\n")
-        return {"commit": head, "modified": [line[3:] for line in dirty if line.strip()]}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "modified": []}
 
 
 def pct(x: float | None) -> str:

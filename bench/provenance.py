@@ -1,0 +1,19 @@
+"""What a benchmark ran on: the git commit and the files modified in the working tree."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+
+def git_state() -> dict[str, Any]:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.split("\n")
+        return {"commit": head, "modified": [line[3:] for line in dirty if line.strip()]}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "modified": []}
