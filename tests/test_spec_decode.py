@@ -52,7 +52,9 @@ def prompts(lengths: list[int], seed: int) -> list[list[int]]:
 
 
 def run(engine: Engine, ps: list[list[int]], ks: list[int | None], max_new: int = 20,
-        sampling: list[SamplingParams] | None = None, arrive_at: list[int] | None = None) -> list[list[int]]:
+        sampling: list[SamplingParams] | None = None, arrive_at: list[int] | None = None,
+        preemptions: list[int] | None = None) -> list[list[int]]:
+    """Each request's tokens; `preemptions` (if given) collects each finished request's preemption count."""
     out = {i: [] for i in range(len(ps))}
     arrive_at = arrive_at or [0] * len(ps)
     pending, step = sorted(range(len(ps)), key=lambda i: arrive_at[i]), 0
@@ -63,6 +65,8 @@ def run(engine: Engine, ps: list[list[int]], ks: list[int | None], max_new: int 
                                                  StoppingParams(max_new_tokens=max_new, ignore_eos=True), ks[i]))
         for o in engine.step():
             out[int(o.request_id)] += o.new_token_ids
+            if o.finished and preemptions is not None:
+                preemptions.append(o.num_preemptions)
         step += 1
     return [out[i] for i in range(len(ps))]
 
@@ -98,8 +102,10 @@ def test_greedy_exact_under_preemption(random_ckpt, aligned_ckpt, engines):
         want = run(engines(ckpt), ps, [0] * 4, max_new=16)
         tiny = engines(ckpt, num_speculative_tokens=3, block_size=4, cache_memory=int(4 * per_slot + 36 * per_block))
         assert tiny.cache_info.num_blocks < sum(len(p) + 16 for p in ps) // 4  # cannot hold them all: preempts
-        got = run(tiny, ps, [3, 2, 3, 1], max_new=16)
+        preempted: list[int] = []
+        got = run(tiny, ps, [3, 2, 3, 1], max_new=16, preemptions=preempted)
         assert got == want
+        assert sum(preempted) > 0  # the recompute path really ran
 
 
 def test_rolled_back_state_equals_plain_decoding(random_ckpt, engines):

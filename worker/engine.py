@@ -224,7 +224,7 @@ class Engine:
         pieces = [(c.request, c.start, self._chunk_tokens(c)) for c in plan.chunks]
         batch = self._forward_batch(pieces, [bool(c.draft_token_ids) for c in plan.chunks])
         # logits rows: first the last token of each plain sampling chunk, then every token of each verify chunk
-        ends = dict(zip((c.request.request_id for c in plan.chunks), batch.last_token_indices.tolist()))
+        ends = {c.request.request_id: end - 1 for c, end in zip(plan.chunks, accumulate(batch.query_lens))}
         plain = [c for c in plan.chunks if c.sample and not c.draft_token_ids]
         verify = [c for c in plan.chunks if c.draft_token_ids]
         rows = [ends[c.request.request_id] for c in plain]

@@ -11,6 +11,7 @@ Parameter names mirror the checkpoint's, so the loader maps names 1:1 except the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ class ForwardBatch:
     # after each position must be kept for rollback (None = no verify chunks).
     is_verify: list[bool] | None = None
 
-    @property
+    @cached_property  # read by every DeltaNet layer: computed once per step
     def has_initial_state(self) -> list[bool]:
         """A sequence whose earlier tokens were computed continues from its saved conv/recurrent state."""
         return [c > q for q, c in zip(self.query_lens, self.context_lens)]
