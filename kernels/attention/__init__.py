@@ -1,3 +1,33 @@
-from kernels.attention.reference import paged_attention_varlen
+"""Causal GQA attention over the paged KV cache (FACTS §3.8): the Triton kernels on CUDA
+(`triton_attention.py`), the torch reference elsewhere. triton is imported only when a kernel runs."""
+
+import torch
+
+from kernels.attention import reference
+from kernels.dispatch import use_triton
+
+
+def paged_attention_varlen(
+    q: torch.Tensor,  # [T, Hq, D], RoPE applied
+    k: torch.Tensor,  # [T, Hkv, D], RoPE applied
+    v: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D], written in place
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T] int64 flat slot (block * block_size + offset) of each new token
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    query_lens: list[int],  # new tokens per sequence
+    context_lens: list[int],  # cached + new tokens per sequence
+    scale: float,
+) -> torch.Tensor:  # [T, Hq, D] in q's dtype
+    """Writes this step's k/v into the cache at slot_mapping, then each sequence's new tokens attend causally
+    over its whole context read back through its block table."""
+    if not use_triton(q):
+        return reference.paged_attention_varlen(q, k, v, k_cache, v_cache, slot_mapping, block_tables, query_lens,
+                                                context_lens, scale)
+    from kernels.attention.triton_attention import paged_attention_fwd, write_kv_fwd
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    write_kv_fwd(k, v, k_cache, v_cache, slot_mapping)
+    return paged_attention_fwd(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale)
+
 
 __all__ = ["paged_attention_varlen"]

@@ -1,0 +1,202 @@
+"""Triton causal GQA attention over a paged KV cache (FACTS §3.8), the semantics of
+`reference.paged_attention_varlen`: prefill chunks, speculative-verify chunks and single-token decodes of a packed
+varlen batch in one launch, after a second small kernel has written this step's keys/values into the pools.
+
+Design. Work is cut into (sequence, BLOCK_Q query tokens) items x KV heads. A program owns the GROUP query heads
+that share one KV head, packed into the rows of its tile (row r = token r // GROUP_P, head r % GROUP_P), so every
+key/value tile it loads serves all of them: at decode (one token) the 8 heads of a Qwen3-Next group fill 8 rows of
+a 16-row tile instead of one row of eight tiles. Query token t of a sequence with n new tokens and context length
+L sits at position L - n + t and sees keys 0 ..= that position; the key loop stops at the tile's last position.
+Keys are gathered position by position through the block table (any block size, any BLOCK_N). Online softmax in
+base 2 with fp32 accumulators; probabilities are cast to V's dtype for the second product, like FlashAttention.
+
+The sigmoid output gate stays in the model: fusing it saves one elementwise pass over [T, 4096], but the gate
+comes out of q_proj interleaved per head with the query, so the kernel would need a third strided operand for
+a few microseconds; not worth it before it shows in a profile. Decode is not split along the keys (no
+flash-decoding): at batch 1 a 32K context runs on only 2 programs (bench/kernels.py measures what that costs).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_common import dot, interpreting
+
+
+@triton.jit
+def kv_cache_write_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,  # k, v: [T, Hkv, D]; caches: [blocks, BS, Hkv, D]
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_cp, stride_ch, stride_vb, stride_vp, stride_vch,
+    HKV: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slots_ptr + t)
+    if slot < 0:  # a padding token (vLLM's convention); the engine never sends one today
+        return
+    blk, off = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < HKV) & (d < D)
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    tl.store(k_cache_ptr + blk * stride_cb + off * stride_cp + h * stride_ch + d,
+             k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + blk * stride_vb + off * stride_vp + h * stride_vch + d,
+             v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attend_keys(acc, m_i, l_i, q, start, hi, qpos, table, kvh, k_cache_ptr, v_cache_ptr,
+                 stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh, scale_log2,
+                 HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """One BLOCK_N tile of keys [start, start + BLOCK_N) folded into the online softmax of the rows."""
+    kpos = start + tl.arange(0, BLOCK_N)
+    k_ok = kpos < hi
+    blk = tl.load(table + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)  # physical block of each key
+    off = kpos % BLOCK_SIZE
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    kt = tl.load(k_cache_ptr + blk[None, :] * stride_kb + off[None, :] * stride_kp + kvh * stride_kh + d[:, None],
+                 mask=d_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
+    s = dot(q, kt.to(q.dtype), PRECISION, INTERPRET) * scale_log2  # [BLOCK_M, BLOCK_N], log2 units
+    s = tl.where((kpos[None, :] <= qpos[:, None]) & k_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vp + kvh * stride_vh + d[None, :],
+                mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+    acc = acc * alpha[:, None] + dot(p.to(q.dtype), v.to(q.dtype), PRECISION, INTERPRET)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def paged_attention_fwd_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr,  # q, out: [T, Hq, D]; tables: [B, max_blocks] int32
+    meta_ptr, items_ptr,  # meta: [B+1 query starts | B context lens] int32; items: [n, 2] (sequence, first token)
+    num_seqs, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kp, stride_kh,
+    stride_vb, stride_vp, stride_vh, stride_table, scale_log2,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr,  # q heads per KV head, and that rounded up to a power of two
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P
+    item = tl.program_id(0)
+    kvh = tl.program_id(1)
+    b = tl.load(items_ptr + 2 * item)
+    t0 = tl.load(items_ptr + 2 * item + 1)
+    start = tl.load(meta_ptr + b)
+    n = tl.load(meta_ptr + b + 1) - start
+    ctx = tl.load(meta_ptr + num_seqs + 1 + b)
+
+    r = tl.arange(0, BLOCK_M)
+    t = t0 + r // GROUP_P  # token within the sequence
+    h = kvh * GROUP + r % GROUP_P  # query head
+    row_ok = (t < n) & (r % GROUP_P < GROUP)
+    qpos = ctx - n + t  # absolute position: the last key this row may see
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    row_off = (start + t).to(tl.int64)
+    q = tl.load(q_ptr + row_off[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+
+    # m starts finite: a row that sees no key in a tile (a padding row, or a causal row in the last tile) keeps
+    # alpha = 1 and p = 0 instead of exp2(-inf - -inf) = NaN
+    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    hi = tl.minimum(ctx, ctx - n + t0 + BLOCK_Q)  # one past the tile's last visible key
+    table = tables_ptr + b.to(tl.int64) * stride_table
+    if INTERPRET:  # the interpreter's for loops need a constant bound (triton_common.interpreting)
+        s0 = hi * 0
+        while s0 < hi:
+            acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, s0, hi, qpos, table, kvh, k_cache_ptr, v_cache_ptr,
+                                         stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+                                         scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, PRECISION, INTERPRET)
+            s0 += BLOCK_N
+    else:
+        for s0 in range(0, hi, BLOCK_N):
+            acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, s0, hi, qpos, table, kvh, k_cache_ptr, v_cache_ptr,
+                                         stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
+                                         scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, PRECISION, INTERPRET)
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + row_off[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def launch_config(max_query_len: int, group: int, head_dim: int) -> dict[str, int]:
+    """Rows of a tile = BLOCK_Q tokens x the group's heads (padded to a power of two): 16 rows or more for
+    tl.dot, 64 at most for prefill (the fp32 accumulator is rows x head_dim). Decode-only steps take a
+    one-token tile. Checked for spills on sm_90 at head_dim 256 (test_triton_compile.py); not yet tuned."""
+    group_p = triton.next_power_of_2(group)
+    rows = 64 if max_query_len > 1 else 16
+    block_q = max(1, 16 // group_p, min(triton.next_power_of_2(max_query_len), rows // group_p))
+    block_d = triton.next_power_of_2(head_dim)
+    block_n = 32 if block_d >= 256 else 64
+    return dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4 if block_d <= 128 else 8,
+                num_stages=2)
+
+
+def write_kv_fwd(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    """k, v [T, Hkv, D] -> k_cache/v_cache [num_blocks, block_size, Hkv, D] at flat slots [T] (< 0: skipped)."""
+    T, Hkv, D = k.shape
+    assert v.shape == k.shape and k_cache.shape[2:] == (Hkv, D) and v_cache.shape == k_cache.shape
+    assert k.stride(2) == 1 and v.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    assert slot_mapping.shape == (T,)
+    if T == 0:
+        return
+    kv_cache_write_kernel[(T,)](
+        k, v, k_cache, v_cache, slot_mapping.to(device=k.device, dtype=torch.int64).contiguous(),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        HKV=Hkv, D=D, BLOCK_SIZE=k_cache.shape[1], BLOCK_H=triton.next_power_of_2(Hkv),
+        BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+
+
+def paged_attention_fwd(
+    q: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    query_lens: list[int],
+    context_lens: list[int],
+    scale: float,
+    out: torch.Tensor | None = None,  # [T, Hq, D]
+) -> torch.Tensor:
+    """out [T, Hq, D] (q's dtype) = causal softmax(q k^T * scale) v of each sequence over its cached context,
+    whose last query_len positions are this step's tokens (already in the cache)."""
+    T, Hq, D = q.shape
+    num_blocks, block_size, Hkv, _ = k_cache.shape
+    B = len(query_lens)
+    assert Hq % Hkv == 0 and k_cache.shape[3] == D and v_cache.shape == k_cache.shape
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head dim contiguous"
+    assert len(context_lens) == B and sum(query_lens) == T and block_tables.shape[0] >= B
+    assert all(0 <= n <= c for n, c in zip(query_lens, context_lens)), "query_len <= context_len"
+    assert all(c <= block_tables.shape[1] * block_size for c in context_lens), "block table too short"
+    y = torch.empty_like(q) if out is None else out
+    assert y.shape == q.shape and y.stride(2) == 1
+    if T == 0:
+        return y
+    group = Hq // Hkv
+    cfg = launch_config(max(query_lens), group, D)
+    items = [(i, t0) for i, n in enumerate(query_lens) for t0 in range(0, n, cfg["BLOCK_Q"])]
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    meta = torch.tensor(starts + list(context_lens) + [v for it in items for v in it], dtype=torch.int32)
+    meta = meta.to(q.device)  # one host -> device copy for the step's metadata
+    tables = block_tables.to(device=q.device, dtype=torch.int32)
+    tables = tables if tables.stride(1) == 1 else tables.contiguous()
+    # fp32 activations (the CPU/tiny model) get exact fp32 products; on the GPU the model runs in bf16
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    paged_attention_fwd_kernel[(len(items), Hkv)](
+        q, k_cache, v_cache, y, tables, meta, meta[2 * B + 1:], B, q.stride(0), q.stride(1), y.stride(0),
+        y.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), tables.stride(0), scale * 1.4426950408889634,
+        GROUP=group, GROUP_P=triton.next_power_of_2(group), HEAD_DIM=D, BLOCK_SIZE=block_size,
+        PRECISION=precision, INTERPRET=interpreting(), **cfg)
+    return y
