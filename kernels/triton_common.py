@@ -18,8 +18,11 @@ def interpreting() -> bool:
 
 @triton.jit
 def dot(a, b, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    """tl.dot(a, b) with fp32 accumulation. Under the interpreter both tiles go to fp32 first: exact for bf16
-    operands (their products fit fp32), so the result is what the GPU's bf16 MMA computes."""
+    """tl.dot(a, b) with fp32 accumulation. Under the interpreter bf16 tiles go to fp32 first: exact (bf16
+    products fit fp32), so the result is what the GPU's bf16 MMA computes. (FP8 tiles it handles itself.)"""
     if INTERPRET:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+        if b.dtype == tl.bfloat16:
+            b = b.to(tl.float32)
     return tl.dot(a, b, input_precision=PRECISION)

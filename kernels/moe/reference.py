@@ -2,13 +2,14 @@
 
 The shared expert and its sigmoid gate are an ordinary gated MLP in the model; only the routed part is here.
 Expert weights are stacked per projection: w_gate, w_up [E, I, H], w_down [E, H, I]; for FP8 each has a
-block scale tensor [E, ceil(rows/128), ceil(cols/128)].
+block scale tensor [E, ceil(rows/128), ceil(cols/128)], and each projection is W8A8 like `Fp8Linear` (its input
+quantised per token per 128-group), which is what the Triton kernels compute.
 """
 
 import torch
 import torch.nn.functional as F
 
-from kernels.fp8.reference import dequantize_weight_block
+from kernels.fp8.reference import fp8_block_linear
 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
@@ -21,8 +22,8 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
     return weights, ids
 
 
-def _expert_weight(w: torch.Tensor, scale: torch.Tensor | None, e: int, dtype: torch.dtype) -> torch.Tensor:
-    return w[e] if scale is None else dequantize_weight_block(w[e], scale[e]).to(dtype)
+def _expert_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, e: int) -> torch.Tensor:
+    return F.linear(x, w[e]) if scale is None else fp8_block_linear(x, w[e], scale[e])
 
 
 # Up to this many experts (the tiny test/default models, not the real 512) every expert runs on every token as
@@ -68,9 +69,8 @@ def fused_moe(
         tokens = token_of[start:start + n]
         start += n
         xe = x[tokens]
-        h = F.silu(F.linear(xe, _expert_weight(w_gate, s_gate, e, x.dtype))) * F.linear(
-            xe, _expert_weight(w_up, s_up, e, x.dtype))
-        y = F.linear(h, _expert_weight(w_down, s_down, e, x.dtype))
+        h = F.silu(_expert_linear(xe, w_gate, s_gate, e)) * _expert_linear(xe, w_up, s_up, e)
+        y = _expert_linear(h, w_down, s_down, e)
         # index_put_(accumulate) rather than index_add_: the latter costs milliseconds per call on CPU torch
         out.index_put_((tokens,), y.to(out.dtype) * weights.reshape(-1)[pairs, None].to(out.dtype), accumulate=True)
     return out.to(x.dtype)
