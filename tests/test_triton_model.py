@@ -1,4 +1,4 @@
-"""The Triton kernels of kernels/ (norms, conv1d, FP8 linears) inside the tiny model, through the real call sites,
+"""The Triton kernels of kernels/ (norms, conv1d, paged attention, MoE, FP8 linears) inside the tiny model, through the real call sites,
 against the torch references: prefill chunks, decodes and a fresh sequence in mixed batches. The model runs on CPU,
 the kernels through the Triton interpreter (so the module is skipped where CUDA is present)."""
 
@@ -56,12 +56,28 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).norm() / want.norm()).item()
 
 
-def test_model_with_triton_kernels_matches_references(ckpts, report) -> None:
+def test_model_with_triton_kernels_matches_references(ckpts, report, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernels.attention import triton_attention
+    from kernels.moe import triton_moe
+    calls = {"attention": 0, "moe": 0}
+
+    def counted(name: str, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(triton_attention, "paged_attention_fwd",
+                        counted("attention", triton_attention.paged_attention_fwd))
+    monkeypatch.setattr(triton_moe, "fused_moe_fwd", counted("moe", triton_moe.fused_moe_fwd))
     model = load_model(ckpts["bf16"])  # fp32 activations
     want, want_conv = run(model, triton=False)
+    assert calls == {"attention": 0, "moe": 0}
     got, got_conv = run(model, triton=True)
+    assert calls["attention"] > 0 and calls["moe"] > 0, calls
     errs = [rel_err(g, w) for g, w in zip(got, want)]
-    report("tiny model, Triton norms + conv1d vs references, worst logits rel err", f"{max(errs):.2e}")
+    report("tiny model, Triton norms + conv1d + attention + MoE vs references, worst logits rel err",
+           f"{max(errs):.2e}")
     assert max(errs) < 1e-5, errs
     assert rel_err(got_conv, want_conv) < 1e-5
 
