@@ -81,6 +81,38 @@ def conv(max_len: int, has_verify: bool):
                         ("D", "stride_x", "stride_out", "stride_ss", "stride_ps", "stride_pj"))
 
 
+def kv_write():
+    from kernels.attention import triton_attention as m
+    return compile_sm90(m.kv_cache_write_kernel, dict(k_ptr=BF16, v_ptr=BF16, k_cache_ptr=BF16, v_cache_ptr=BF16,
+                                                      slots_ptr="*i64"),
+                        dict(HKV=2, D=256, BLOCK_SIZE=16, BLOCK_H=2, BLOCK_D=256, num_warps=4),
+                        ("stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_cb", "stride_cp", "stride_ch",
+                         "stride_vb", "stride_vp", "stride_vch"))
+
+
+def attention(max_query_len: int):
+    from kernels.attention import triton_attention as m
+    return compile_sm90(m.paged_attention_fwd_kernel, dict(q_ptr=BF16, k_cache_ptr=BF16, v_cache_ptr=BF16,
+                                                           out_ptr=BF16, tables_ptr="*i32", meta_ptr="*i32",
+                                                           items_ptr="*i32", scale_log2="fp32"),
+                        dict(m.launch_config(max_query_len, 8, 256), GROUP=8, GROUP_P=8, HEAD_DIM=256,
+                             BLOCK_SIZE=16, PRECISION="tf32", INTERPRET=False),
+                        ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "stride_kp", "stride_kh",
+                         "stride_vb", "stride_vp", "stride_vh"))
+
+
+def moe_gemm(num_pairs: int, is_fp8: bool, gated: bool):
+    from kernels.moe import triton_moe as m
+    w = FP8 if is_fp8 else BF16
+    return compile_sm90(m.moe_gemm_kernel, dict(a_ptr=w, as_ptr=FP32, b_ptr=w, b2_ptr=w, bs_ptr=FP32, b2s_ptr=FP32,
+                                                c_ptr=BF16, pairs_ptr="*i32", block_expert_ptr="*i32",
+                                                num_padded_ptr="*i32", route_w_ptr=FP32),
+                        dict(m.launch_config(num_pairs, is_fp8), K=2048 if gated else 512, ROW_DIV=10 if gated else 1,
+                             GATED=gated, MUL_ROUTE_W=not gated, IS_FP8=is_fp8, GROUP_N=128, PRECISION="tf32",
+                             INTERPRET=False),
+                        ("N", "stride_am", "stride_asm", "stride_be", "stride_bn", "stride_bse", "stride_cm"))
+
+
 CASES: dict[str, Callable[[], object]] = {
     **{f"rms_norm-{r}x{d}-res{h}": (lambda r=r, d=d, h=h: rms_norm(r, d, h))
        for r, d in [(1, 2048), (4096, 2048), (64 * 16, 256)] for h in (False, True)},
@@ -89,6 +121,10 @@ CASES: dict[str, Callable[[], object]] = {
     **{f"quant-K{k}": (lambda k=k: quant(k)) for k in (512, 2048, 4096)},
     **{f"gemm-M{m}": (lambda m=m: gemm(m)) for m in (1, 64, 4096)},
     **{f"conv-len{n}-verify{v}": (lambda n=n, v=v: conv(n, v)) for n in (1, 4, 4096) for v in (False, True)},
+    "kv_write": kv_write,
+    **{f"attention-qlen{n}": (lambda n=n: attention(n)) for n in (1, 4, 4096)},
+    **{f"moe-pairs{p}-fp8{f}-gated{g}": (lambda p=p, f=f, g=g: moe_gemm(p, f, g))
+       for p in (10, 40960) for f in (False, True) for g in (True, False)},
 }
 
 
