@@ -72,7 +72,7 @@ def make_batch(query_lens: list[int], context_lens: list[int], Hq: int, Hkv: int
 
 
 def run_both(query_lens: list[int], context_lens: list[int], Hq: int, Hkv: int, D: int, dtype: torch.dtype,
-             seed: int = 0) -> float:
+             seed: int = 0, num_splits: int = 1) -> float:
     q, k, v, k_cache, v_cache, slots, tables = make_batch(query_lens, context_lens, Hq, Hkv, D, dtype, seed)
     scale = D ** -0.5
     # The reference pads decodes to the longest context and masks scores, which still multiplies NaN by 0:
@@ -82,7 +82,8 @@ def run_both(query_lens: list[int], context_lens: list[int], Hq: int, Hkv: int, 
     from kernels.attention.triton_attention import paged_attention_fwd, write_kv_fwd
     out = torch.full_like(q, float("nan"))
     write_kv_fwd(k, v, k_cache, v_cache, slots)
-    got = paged_attention_fwd(q, k_cache, v_cache, tables, query_lens, context_lens, scale, out=out)
+    got = paged_attention_fwd(q, k_cache, v_cache, tables, query_lens, context_lens, scale, out=out,
+                              num_splits=num_splits)
     assert got is out and torch.isfinite(got).all()
     for cache, ref, new in ((k_cache, k_ref, k), (v_cache, v_ref, v)):
         expect = torch.where(ref == 0, cache, ref)  # the poisoned slots stay NaN, the written ones hold `new`
@@ -103,12 +104,22 @@ def test_varlen_prefill_decode_mix(dtype: torch.dtype, report) -> None:
     report(f"paged attention varlen mix {dtype}, rel err", f"{err:.1e}")
 
 
-@pytest.mark.parametrize("query_lens,context_lens", [([1] * 5, [1, 17, 64, 65, 300]),  # decode only
-                                                     ([4, 1, 4], [20, 33, 4])])  # verify chunks of k+1
-def test_qwen3_next_heads(query_lens: list[int], context_lens: list[int], report) -> None:
+@pytest.mark.parametrize("num_splits", [2, 5])
+def test_split_kv(num_splits: int, report) -> None:
+    """Keys split across programs and merged by log-sum-exp; with 5 splits the short contexts leave some
+    splits without a key (and the causal rows of a prefill tile without one in the late splits)."""
+    err = run_both([1, 1, 17, 4, 1], [300, 1, 100, 33, 40], Hq=4, Hkv=2, D=40, dtype=torch.float32, seed=3,
+                   num_splits=num_splits)
+    report(f"paged attention split-KV x{num_splits}, rel err", f"{err:.1e}")
+
+
+@pytest.mark.parametrize("query_lens,context_lens,num_splits", [([1] * 5, [1, 17, 64, 65, 300], 3),  # decode only
+                                                                ([4, 1, 4], [20, 33, 4], 1)])  # verify chunks
+def test_qwen3_next_heads(query_lens: list[int], context_lens: list[int], num_splits: int, report) -> None:
     """16 query heads over 2 KV heads of 256: the 8-head groups fill the rows of one tile."""
-    err = run_both(query_lens, context_lens, Hq=16, Hkv=2, D=256, dtype=torch.bfloat16, seed=1)
-    report(f"paged attention 16q/2kv x 256 lens {query_lens}, rel err", f"{err:.1e}")
+    err = run_both(query_lens, context_lens, Hq=16, Hkv=2, D=256, dtype=torch.bfloat16, seed=1,
+                   num_splits=num_splits)
+    report(f"paged attention 16q/2kv x 256 lens {query_lens} splits {num_splits}, rel err", f"{err:.1e}")
 
 
 def test_chunked_prefill_equals_one_shot() -> None:

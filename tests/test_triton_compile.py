@@ -90,15 +90,23 @@ def kv_write():
                          "stride_vb", "stride_vp", "stride_vch"))
 
 
-def attention(max_query_len: int):
+def attention(max_query_len: int, num_splits: int):
     from kernels.attention import triton_attention as m
     return compile_sm90(m.paged_attention_fwd_kernel, dict(q_ptr=BF16, k_cache_ptr=BF16, v_cache_ptr=BF16,
                                                            out_ptr=BF16, tables_ptr="*i32", meta_ptr="*i32",
-                                                           items_ptr="*i32", scale_log2="fp32"),
+                                                           items_ptr="*i32", part_ptr=FP32, lse_ptr=FP32,
+                                                           scale_log2="fp32"),
                         dict(m.launch_config(max_query_len, 8, 256), GROUP=8, GROUP_P=8, HEAD_DIM=256,
-                             BLOCK_SIZE=16, PRECISION="tf32", INTERPRET=False),
+                             BLOCK_SIZE=16, NUM_SPLITS=num_splits, PRECISION="tf32", INTERPRET=False),
                         ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "stride_kp", "stride_kh",
-                         "stride_vb", "stride_vp", "stride_vh"))
+                         "stride_vb", "stride_vp", "stride_vh", "stride_ps", "stride_pt", "stride_ls", "stride_lt"))
+
+
+def split_kv_combine():
+    from kernels.attention import triton_attention as m
+    return compile_sm90(m.split_kv_combine_kernel, dict(part_ptr=FP32, lse_ptr=FP32, out_ptr=BF16),
+                        dict(HEAD_DIM=256, NUM_SPLITS=32, BLOCK_S=32, BLOCK_D=256, num_warps=2),
+                        ("stride_ps", "stride_pt", "stride_ls", "stride_lt", "stride_ot", "stride_oh"))
 
 
 def moe_gemm(num_pairs: int, is_fp8: bool, gated: bool):
@@ -122,7 +130,9 @@ CASES: dict[str, Callable[[], object]] = {
     **{f"gemm-M{m}": (lambda m=m: gemm(m)) for m in (1, 64, 4096)},
     **{f"conv-len{n}-verify{v}": (lambda n=n, v=v: conv(n, v)) for n in (1, 4, 4096) for v in (False, True)},
     "kv_write": kv_write,
-    **{f"attention-qlen{n}": (lambda n=n: attention(n)) for n in (1, 4, 4096)},
+    **{f"attention-qlen{n}-splits{s}": (lambda n=n, s=s: attention(n, s)) for n, s in ((1, 1), (1, 16), (4, 1),
+                                                                                        (4096, 1))},
+    "split_kv_combine": split_kv_combine,
     **{f"moe-pairs{p}-fp8{f}-gated{g}": (lambda p=p, f=f, g=g: moe_gemm(p, f, g))
        for p in (10, 40960) for f in (False, True) for g in (True, False)},
 }

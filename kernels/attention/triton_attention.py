@@ -12,8 +12,11 @@ base 2 with fp32 accumulators; probabilities are cast to V's dtype for the secon
 
 The sigmoid output gate stays in the model: fusing it saves one elementwise pass over [T, 4096], but the gate
 comes out of q_proj interleaved per head with the query, so the kernel would need a third strided operand for
-a few microseconds; not worth it before it shows in a profile. Decode is not split along the keys (no
-flash-decoding): at batch 1 a 32K context runs on only 2 programs (bench/kernels.py measures what that costs).
+a few microseconds; not worth it before it shows in a profile.
+
+Small batches of long contexts would leave most SMs idle (batch-1 decode is 2 programs, one per KV head), so the
+keys can be split across programs (flash-decoding): each split writes its normalised partial output and
+log2-sum-exp, and a small kernel merges them.
 """
 
 from __future__ import annotations
@@ -77,15 +80,17 @@ def _attend_keys(acc, m_i, l_i, q, start, hi, qpos, table, kvh, k_cache_ptr, v_c
 def paged_attention_fwd_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr,  # q, out: [T, Hq, D]; tables: [B, max_blocks] int32
     meta_ptr, items_ptr,  # meta: [B+1 query starts | B context lens] int32; items: [n, 2] (sequence, first token)
+    part_ptr, lse_ptr,  # split-KV partials: out [S, T, Hq, D] fp32, log2-sum-exp [S, T, Hq] fp32
     num_seqs, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kp, stride_kh,
-    stride_vb, stride_vp, stride_vh, stride_table, scale_log2,
+    stride_vb, stride_vp, stride_vh, stride_table, stride_ps, stride_pt, stride_ls, stride_lt, scale_log2,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr,  # q heads per KV head, and that rounded up to a power of two
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P
     item = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     b = tl.load(items_ptr + 2 * item)
     t0 = tl.load(items_ptr + 2 * item + 1)
     start = tl.load(meta_ptr + b)
@@ -108,23 +113,56 @@ def paged_attention_fwd_kernel(
     m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    hi = tl.minimum(ctx, ctx - n + t0 + BLOCK_Q)  # one past the tile's last visible key
+    end = tl.minimum(ctx, ctx - n + t0 + BLOCK_Q)  # one past the tile's last visible key
+    # this split's keys: an equal share of [0, end), whole BLOCK_N tiles (the last splits may get none)
+    chunk = tl.cdiv(tl.cdiv(end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(end, lo + chunk)
     table = tables_ptr + b.to(tl.int64) * stride_table
     if INTERPRET:  # the interpreter's for loops need a constant bound (triton_common.interpreting)
-        s0 = hi * 0
+        s0 = lo
         while s0 < hi:
             acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, s0, hi, qpos, table, kvh, k_cache_ptr, v_cache_ptr,
                                          stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
                                          scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, PRECISION, INTERPRET)
             s0 += BLOCK_N
     else:
-        for s0 in range(0, hi, BLOCK_N):
+        for s0 in range(lo, hi, BLOCK_N):
             acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, s0, hi, qpos, table, kvh, k_cache_ptr, v_cache_ptr,
                                          stride_kb, stride_kp, stride_kh, stride_vb, stride_vp, stride_vh,
                                          scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, PRECISION, INTERPRET)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + row_off[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + row_off[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:  # this split's normalised output and its log2-sum-exp; a split that saw no key has weight 0
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(part_ptr + split * stride_ps + row_off[:, None] * stride_pt + h[:, None] * HEAD_DIM + d[None, :],
+                 o, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(lse_ptr + split * stride_ls + row_off * stride_lt + h, lse, mask=row_ok)
+
+
+@triton.jit
+def split_kv_combine_kernel(
+    part_ptr, lse_ptr, out_ptr,  # part: [S, T, Hq, D] fp32; lse: [S, T, Hq] fp32; out: [T, Hq, D]
+    stride_ps, stride_pt, stride_ls, stride_lt, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    sp = tl.arange(0, BLOCK_S)
+    lse = tl.load(lse_ptr + sp * stride_ls + t * stride_lt + h, mask=sp < NUM_SPLITS, other=float("-inf"))
+    m = tl.max(lse, 0)  # finite: split 0 holds key 0, which every query sees
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    den = 0.0
+    for s in range(NUM_SPLITS):
+        w = tl.exp2(tl.load(lse_ptr + s * stride_ls + t * stride_lt + h) - m)
+        part = tl.load(part_ptr + s * stride_ps + t * stride_pt + h * HEAD_DIM + d, mask=d < HEAD_DIM, other=0.0)
+        acc += w * part
+        den += w
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + d, (acc / den).to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
 
 
 def launch_config(max_query_len: int, group: int, head_dim: int) -> dict[str, int]:
@@ -157,6 +195,15 @@ def write_kv_fwd(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
         BLOCK_D=triton.next_power_of_2(D), num_warps=4)
 
 
+def choose_num_splits(num_programs: int, max_context: int, device: torch.device) -> int:
+    """Split the keys (flash-decoding) when the (item, KV head) programs cannot fill the GPU: enough splits for
+    about two programs per SM, each still >= 512 keys, at most 32. On CPU (the interpreter) one split."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(32, triton.cdiv(2 * sms, num_programs), max_context // 512))
+
+
 def paged_attention_fwd(
     q: torch.Tensor,  # [T, Hq, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
@@ -166,9 +213,14 @@ def paged_attention_fwd(
     context_lens: list[int],
     scale: float,
     out: torch.Tensor | None = None,  # [T, Hq, D]
+    num_splits: int | None = None,  # key splits per (item, KV head); None: choose_num_splits
 ) -> torch.Tensor:
     """out [T, Hq, D] (q's dtype) = causal softmax(q k^T * scale) v of each sequence over its cached context,
-    whose last query_len positions are this step's tokens (already in the cache)."""
+    whose last query_len positions are this step's tokens (already in the cache).
+
+    With num_splits > 1 each program attends over a share of the keys and a second kernel merges the partial
+    outputs by their log-sum-exp: more programs for small batches of long contexts. The split count changes the
+    order of the sums, so results differ in the last bits between batch compositions (as in vLLM)."""
     T, Hq, D = q.shape
     num_blocks, block_size, Hkv, _ = k_cache.shape
     B = len(query_lens)
@@ -191,12 +243,23 @@ def paged_attention_fwd(
     meta = meta.to(q.device)  # one host -> device copy for the step's metadata
     tables = block_tables.to(device=q.device, dtype=torch.int32)
     tables = tables if tables.stride(1) == 1 else tables.contiguous()
+    S = num_splits or choose_num_splits(len(items) * Hkv, max(context_lens), q.device)
+    assert S >= 1
+    if S > 1:
+        part = torch.empty(S, T, Hq, D, dtype=torch.float32, device=q.device)
+        lse = torch.empty(S, T, Hq, dtype=torch.float32, device=q.device)
+    else:
+        part, lse = y, y  # unused pointers
     # fp32 activations (the CPU/tiny model) get exact fp32 products; on the GPU the model runs in bf16
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    paged_attention_fwd_kernel[(len(items), Hkv)](
-        q, k_cache, v_cache, y, tables, meta, meta[2 * B + 1:], B, q.stride(0), q.stride(1), y.stride(0),
-        y.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), tables.stride(0), scale * 1.4426950408889634,
-        GROUP=group, GROUP_P=triton.next_power_of_2(group), HEAD_DIM=D, BLOCK_SIZE=block_size,
-        PRECISION=precision, INTERPRET=interpreting(), **cfg)
+    paged_attention_fwd_kernel[(len(items), Hkv, S)](
+        q, k_cache, v_cache, y, tables, meta, meta[2 * B + 1:], part, lse, B, q.stride(0), q.stride(1),
+        y.stride(0), y.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
+        v_cache.stride(1), v_cache.stride(2), tables.stride(0), T * Hq * D, Hq * D, T * Hq, Hq,
+        scale * 1.4426950408889634, GROUP=group, GROUP_P=triton.next_power_of_2(group), HEAD_DIM=D,
+        BLOCK_SIZE=block_size, NUM_SPLITS=S, PRECISION=precision, INTERPRET=interpreting(), **cfg)
+    if S > 1:
+        split_kv_combine_kernel[(T, Hq)](
+            part, lse, y, T * Hq * D, Hq * D, T * Hq, Hq, y.stride(0), y.stride(1), HEAD_DIM=D, NUM_SPLITS=S,
+            BLOCK_S=triton.next_power_of_2(S), BLOCK_D=triton.next_power_of_2(D), num_warps=2)
     return y
