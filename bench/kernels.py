@@ -13,8 +13,10 @@ plain bf16 matmul of the same shape. The rel_err column compares the Triton outp
 Shapes (FACTS §1, §2.2, §3): hidden 2048; FP8 linears in_proj_qkvz [12288, 2048], q_proj [8192, 2048],
 out_proj/o_proj [2048, 4096], shared-expert up [512, 2048] and down [2048, 512]; norms over hidden 2048
 (optionally with the residual add), q/k norm (16 heads x 256) and the gated norm (32 value heads x 128); conv
-over conv_dim 8192, kernel 4. Decode batches of 1/8/64/256 tokens (conv: that many sequences of one token) and
-a 4096-token prefill.
+over conv_dim 8192, kernel 4; paged attention with 16 query / 2 KV heads of 256 over 16-token blocks (decodes
+over a 4096-token context, prefills of 4K and 32K tokens); the routed MoE with 512 experts, top-10,
+moe_intermediate 512 (bf16 and FP8 weights). Decode batches of 1/8/64/256 tokens (conv, attention: that many
+sequences of one token) and a 4096-token prefill.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 import torch  # noqa: E402
 
 HIDDEN, CONV_DIM, CONV_K = 2048, 8192, 4
+HEADS_Q, HEADS_KV, HEAD_DIM, KV_BLOCK = 16, 2, 256, 16
+NUM_EXPERTS, TOP_K, MOE_INTERMEDIATE = 512, 10, 512
+DECODE_CONTEXT = 4096  # context of every sequence in the attention decode rows
+PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16; the bound for the compute-bound rows (prefill, big MoE)
 FP8_LINEARS = {"in_proj_qkvz": (12288, 2048), "q_proj": (8192, 2048), "out_proj": (2048, 4096),
                "shared_up": (512, 2048), "shared_down": (2048, 512)}
 PREFILL = 4096
@@ -146,6 +152,104 @@ def conv_rows(batch_sizes: list[int], peak: float) -> list[Row]:
     return rows
 
 
+def paged_kv(lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K/V pools holding `lens` tokens per sequence in shuffled blocks, and the block tables [B, max_blocks]."""
+    need = [-(-n // KV_BLOCK) for n in lens]
+    perm = torch.randperm(sum(need), device="cuda").to(torch.int32)
+    tables = torch.zeros(len(lens), max(need), dtype=torch.int32, device="cuda")
+    s = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = perm[s:s + n]
+        s += n
+    shape = (sum(need), KV_BLOCK, HEADS_KV, HEAD_DIM)
+    return (torch.randn(shape, device="cuda", dtype=torch.bfloat16),
+            torch.randn(shape, device="cuda", dtype=torch.bfloat16), tables)
+
+
+def attention_rows(batch_sizes: list[int], peak: float) -> list[Row]:
+    """Decodes (batch B, each over DECODE_CONTEXT tokens) and one-sequence prefills of 4K and 32K tokens: this
+    step's k/v written into the pool, then attention over it. At 32K the paged reference would materialise
+    64 GB of scores, so torch's SDPA (flash, causal, GQA) over contiguous K/V stands in as the reference."""
+    import torch.nn.functional as F
+
+    from kernels import attention
+    from kernels.attention import reference
+    rows = []
+    scale = HEAD_DIM ** -0.5
+    cases = [(f"decode B={B} ctx={DECODE_CONTEXT}", [1] * B, [DECODE_CONTEXT] * B) for B in batch_sizes if B <= 1024]
+    cases.append((f"decode B=1 ctx={8 * DECODE_CONTEXT}", [1], [8 * DECODE_CONTEXT]))  # split-KV territory
+    cases += [(f"prefill T={n}", [n], [n]) for n in (PREFILL, 8 * PREFILL)]
+    for label, qlens, ctx in cases:
+        T = sum(qlens)
+        k_cache, v_cache, tables = paged_kv(ctx)
+        q = torch.randn(T, HEADS_Q, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(T, HEADS_KV, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        pos = torch.tensor([c - n + j for n, c in zip(qlens, ctx) for j in range(n)], device="cuda")
+        seq = torch.repeat_interleave(torch.arange(len(qlens), device="cuda"), torch.tensor(qlens, device="cuda"))
+        slots = (tables[seq, pos // KV_BLOCK].long() * KV_BLOCK + pos % KV_BLOCK)
+
+        def fast():
+            return attention.paged_attention_varlen(q, k, v, k_cache, v_cache, slots, tables, qlens, ctx, scale)
+
+        if T <= PREFILL:
+            def ref():
+                return reference.paged_attention_varlen(q, k, v, k_cache, v_cache, slots, tables, qlens, ctx, scale)
+            note = ""
+        else:
+            def ref():
+                kc = k_cache[tables[0].long()].flatten(0, 1)[:T].transpose(0, 1)[None]  # [1, Hkv, T, D]
+                vc = v_cache[tables[0].long()].flatten(0, 1)[:T].transpose(0, 1)[None]
+                o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kc, vc, is_causal=True, scale=scale,
+                                                   enable_gqa=True)
+                return o[0].transpose(0, 1)
+            note = "ref = torch SDPA on contiguous K/V; "
+        kv_read = sum(ctx) * HEADS_KV * HEAD_DIM * 2 * 2
+        nbytes = kv_read + 2 * q.numel() * 2 + 2 * k.numel() * 2
+        flops = sum(4 * HEADS_Q * HEAD_DIM * n * (c - n + (n + 1) / 2) for n, c in zip(qlens, ctx))
+        r = row("paged_attention", label, fast, ref, nbytes, peak)
+        tflops = flops / (r.triton_us * 1e-6) / 1e12
+        r.extra = note + f"{tflops:.0f} TFLOP/s ({100 * tflops / PEAK_BF16_TFLOPS:.0f}% of bf16 peak)"
+        rows.append(r)
+    return rows
+
+
+def stacked_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, N, K] -> block-128 fp8 [E, N, K] and scales [E, N/128, K/128] (N, K multiples of 128 here, so the
+    stacked [E*N, K] matrix has the same blocks as each expert's)."""
+    from kernels.fp8.reference import quantize_weight_block
+    E, N, K = w.shape
+    q, s = quantize_weight_block(w.reshape(E * N, K))
+    return q.view(E, N, K), s.view(E, N // 128, K // 128)
+
+
+def moe_rows(batch_sizes: list[int], peak: float) -> list[Row]:
+    """The routed experts (router excluded) for T tokens routed by a random router: bf16 and FP8 weights. The
+    bytes are the weights of the experts the batch touches plus activations; FLOPs 6 T k H I."""
+    from kernels import moe
+    from kernels.moe import reference
+    rows = []
+    E, H, I = NUM_EXPERTS, HIDDEN, MOE_INTERMEDIATE
+    w_gate, w_up = (torch.randn(E, I, H, device="cuda", dtype=torch.bfloat16) * H ** -0.5 for _ in range(2))
+    w_down = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * I ** -0.5
+    (g8, gs), (u8, us), (d8, ds) = (stacked_fp8(w) for w in (w_gate, w_up, w_down))
+    router = torch.randn(E, H, device="cuda", dtype=torch.bfloat16) * 0.05
+    for T in batch_sizes:
+        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        weights, ids = reference.route(x, router, TOP_K, True)
+        touched = int(ids.unique().numel())
+        flops = 6 * T * TOP_K * H * I
+        for kind, ws, scales, itemsize in (("bf16", (w_gate, w_up, w_down), None, 2),
+                                           ("fp8", (g8, u8, d8), (gs, us, ds), 1)):
+            nbytes = touched * 3 * H * I * itemsize + 2 * T * H * 2
+            r = row(f"fused_moe {kind}", f"T={T} E={E} k={TOP_K}",
+                    lambda: moe.fused_moe(x, weights, ids, *ws, scales),
+                    lambda: reference.fused_moe(x, weights, ids, *ws, scales), nbytes, peak)
+            tflops = flops / (r.triton_us * 1e-6) / 1e12
+            r.extra = f"{touched} experts touched; {tflops:.0f} TFLOP/s"
+            rows.append(r)
+    return rows
+
+
 def print_table(rows: list[Row]) -> None:
     head = (f"{'op':<26} {'shape':<24} {'triton us':>10} {'ref us':>10} {'speedup':>8} {'GB/s':>8} "
             f"{'% bw bound':>10} {'rel_err':>9}  notes")
@@ -158,7 +262,8 @@ def print_table(rows: list[Row]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ops", default="fp8,norms,conv", help="comma list of fp8, norms, conv")
+    p.add_argument("--ops", default="fp8,norms,conv,attention,moe",
+                   help="comma list of fp8, norms, conv, attention, moe")
     p.add_argument("--batch-sizes", default=f"1,8,64,256,{PREFILL}", help="token counts (decode batches, prefill)")
     p.add_argument("--peak-gbps", type=float, default=None, help="memory bandwidth bound; default: measured copy")
     p.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
@@ -173,7 +278,8 @@ def main() -> None:
     peak = args.peak_gbps or copy_gbps()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  bandwidth bound {peak:.0f} GB/s"
           f"{' (given)' if args.peak_gbps else ' (measured copy)'}\n")
-    builders = {"fp8": fp8_rows, "norms": norm_rows, "conv": conv_rows}
+    builders = {"fp8": fp8_rows, "norms": norm_rows, "conv": conv_rows, "attention": attention_rows,
+                "moe": moe_rows}
     rows: list[Row] = []
     with force_triton(), torch.inference_mode():
         for op in args.ops.split(","):
