@@ -119,7 +119,7 @@ def test_gemm_writes_every_pair_row() -> None:
     from kernels.moe.triton_moe import launch_config, moe_gemm_fwd
     T, E, k, H, I = 9, 6, 3, 48, 40
     x, _, ids, w_gate, w_up, _ = make_moe(T, E, k, H, I, torch.float32, seed=3)
-    cfg = launch_config(T * k, False)
+    cfg = launch_config(T * k, E, False)
     pairs, block_expert, num_padded = align_pairs_by_expert(ids, E, cfg["BLOCK_M"])
     out = torch.full((T * k, I), float("nan"), device=DEVICE)
     h = moe_gemm_fwd(x, None, w_gate, None, pairs, block_expert, num_padded, T * k, k, cfg, x.dtype, w2=w_up,

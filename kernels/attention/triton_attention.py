@@ -21,6 +21,8 @@ log2-sum-exp, and a small kernel merges them.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -195,13 +197,17 @@ def write_kv_fwd(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
         BLOCK_D=triton.next_power_of_2(D), num_warps=4)
 
 
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def choose_num_splits(num_programs: int, max_context: int, device: torch.device) -> int:
     """Split the keys (flash-decoding) when the (item, KV head) programs cannot fill the GPU: enough splits for
     about two programs per SM, each still >= 512 keys, at most 32. On CPU (the interpreter) one split."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(32, triton.cdiv(2 * sms, num_programs), max_context // 512))
+    return max(1, min(32, triton.cdiv(2 * _num_sms(device), num_programs), max_context // 512))
 
 
 def paged_attention_fwd(

@@ -83,11 +83,11 @@ def moe_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def launch_config(num_pairs: int, is_fp8: bool) -> dict[str, int]:
-    """Few pairs (decode: ~1 pair per expert touched) are weight-bandwidth bound: 16-row blocks waste little on
-    padding. Bigger batches take 64-row blocks. BLOCK_K is the FP8 group (128). Checked for spills on sm_90
-    (test_triton_compile.py); not yet tuned on a GPU."""
-    if num_pairs <= 256:
+def launch_config(num_pairs: int, num_experts: int, is_fp8: bool) -> dict[str, int]:
+    """A few pairs per expert (decode, and 512-expert batches up to a few hundred tokens) are weight-bandwidth
+    bound: 16-row blocks waste little on padding. More pairs per expert take 64-row blocks. BLOCK_K is the FP8
+    group (128). Checked for spills on sm_90 (test_triton_compile.py); not yet tuned on a GPU."""
+    if num_pairs <= 8 * num_experts:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128 if is_fp8 else 64, num_warps=8, num_stages=3)
 
@@ -148,7 +148,7 @@ def fused_moe_fwd(
         return torch.empty_like(x)
     from kernels.fp8.triton_quant import per_token_group_quant_fwd
     num_pairs = T * k
-    cfg = launch_config(num_pairs, is_fp8)
+    cfg = launch_config(num_pairs, E, is_fp8)
     sorted_pairs, block_expert, num_padded = align_pairs_by_expert(ids, E, cfg["BLOCK_M"])
     route_w = weights.reshape(-1).float().contiguous()
     ct = torch.promote_types(x.dtype, torch.float32)
