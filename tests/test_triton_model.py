@@ -15,10 +15,11 @@ if torch.cuda.is_available():
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the first @triton.jit of the kernels
 pytest.importorskip("triton", reason="triton is not installed")
 
-from kernels import dispatch, fp8  # noqa: E402
+from kernels import dispatch, fp8, moe  # noqa: E402
 from kernels.fp8 import reference  # noqa: E402
 from paged_runner import PagedRunner  # noqa: E402
 from worker.fp8 import Fp8Linear  # noqa: E402
+from worker.model import Experts  # noqa: E402
 from worker.loader import load_model  # noqa: E402
 from worker.tiny import make_checkpoint, tiny_config  # noqa: E402
 
@@ -101,3 +102,25 @@ def test_fp8_linears_at_the_models_call_sites(ckpts, monkeypatch: pytest.MonkeyP
         runner.step([(runner.new_seq(), list(range(3, 23))), (runner.new_seq(), [50])])
     assert len(calls) > 10
     assert max(err for _, _, err in calls) < 1e-5, calls
+
+
+def test_fp8_experts_at_the_models_call_sites(ckpts, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each FP8 Experts call of a W8A8 forward (the tiny model's 16 experts, top-4), Triton vs reference on the
+    same input and routing."""
+    from kernels.moe import reference as moe_reference
+    model = load_model(ckpts["fp8"], keep_fp8=True)
+    calls = []
+
+    def both(self: Experts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        want = moe_reference.fused_moe(x, weights, ids, self.w_gate, self.w_up, self.w_down, self.scales)
+        with dispatch.force_triton():
+            got = moe.fused_moe(x, weights, ids, self.w_gate, self.w_up, self.w_down, self.scales)
+        calls.append((tuple(x.shape), rel_err(got, want)))
+        return want
+
+    monkeypatch.setattr(Experts, "forward", both)
+    runner = PagedRunner(model)
+    with torch.inference_mode():
+        runner.step([(runner.new_seq(), list(range(3, 15))), (runner.new_seq(), [50])])
+    assert len(calls) >= 4 and all(s[0] == 13 for s, _ in calls)
+    assert max(err for _, err in calls) < 1e-5, calls
