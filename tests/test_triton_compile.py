@@ -115,9 +115,9 @@ def moe_gemm(num_pairs: int, is_fp8: bool, gated: bool):
     return compile_sm90(m.moe_gemm_kernel, dict(a_ptr=w, as_ptr=FP32, b_ptr=w, b2_ptr=w, bs_ptr=FP32, b2s_ptr=FP32,
                                                 c_ptr=BF16, pairs_ptr="*i32", block_expert_ptr="*i32",
                                                 num_padded_ptr="*i32", route_w_ptr=FP32),
-                        dict(m.launch_config(num_pairs, 512, is_fp8), K=2048 if gated else 512, ROW_DIV=10 if gated else 1,
-                             GATED=gated, MUL_ROUTE_W=not gated, IS_FP8=is_fp8, GROUP_N=128, PRECISION="tf32",
-                             INTERPRET=False),
+                        dict(m.launch_config(num_pairs, 512, is_fp8), K=2048 if gated else 512,
+                             ROW_DIV=10 if gated else 1, GATED=gated, MUL_ROUTE_W=not gated, IS_FP8=is_fp8,
+                             GROUP_N=128, PRECISION="tf32", INTERPRET=False),
                         ("N", "stride_am", "stride_asm", "stride_be", "stride_bn", "stride_bse", "stride_cm"))
 
 

@@ -1,6 +1,7 @@
-"""The Triton kernels of kernels/ (norms, conv1d, paged attention, MoE, FP8 linears) inside the tiny model, through the real call sites,
-against the torch references: prefill chunks, decodes and a fresh sequence in mixed batches. The model runs on CPU,
-the kernels through the Triton interpreter (so the module is skipped where CUDA is present)."""
+"""The Triton kernels of kernels/ (norms, conv1d, paged attention, MoE, FP8 linears and experts) inside the tiny
+model, through the real call sites, against the torch references: prefill chunks, decodes and a fresh sequence in
+mixed batches. The model runs on CPU, the kernels through the Triton interpreter (so the module is skipped where
+CUDA is present)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""Triton routed experts vs the torch reference: 1, 7, 90 and 200 tokens (the last two past the small-batch tiles), 8, 64 and 512 experts with top-k 2..10,
-hidden/intermediate sizes that are not multiples of the tiles, fp32, bf16 and FP8 block-128 weights (vs the W8A8
-reference, and vs the dequantized weights for scale); the expert grouping on its own; a NaN-filled GEMM output
-(every pair row written). On a machine without CUDA the kernels run on CPU through the Triton interpreter."""
+"""Triton routed experts vs the torch reference: 1, 7, 90 and 200 tokens (the last two past the small-batch
+tiles), 8, 64 and 512 experts with top-k 2..10, hidden/intermediate sizes that are not multiples of the tiles, fp32,
+bf16 and FP8 block-128 weights (vs the W8A8 reference, and vs the dequantized weights for scale); the expert
+grouping on its own; a NaN-filled GEMM output (every pair row written). On a machine without CUDA the kernels run
+on CPU through the Triton interpreter."""
 
 from __future__ import annotations
 

@@ -139,8 +139,9 @@ def paged_attention_fwd_kernel(
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:  # this split's normalised output and its log2-sum-exp; a split that saw no key has weight 0
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        tl.store(part_ptr + split.to(tl.int64) * stride_ps + row_off[:, None] * stride_pt + h[:, None] * HEAD_DIM + d[None, :],
-                 o, mask=row_ok[:, None] & d_ok[None, :])
+        part = part_ptr + split.to(tl.int64) * stride_ps
+        tl.store(part + row_off[:, None] * stride_pt + h[:, None] * HEAD_DIM + d[None, :], o,
+                 mask=row_ok[:, None] & d_ok[None, :])
         tl.store(lse_ptr + split.to(tl.int64) * stride_ls + row_off * stride_lt + h, lse, mask=row_ok)
 
 
