@@ -10,9 +10,10 @@ L sits at position L - n + t and sees keys 0 ..= that position; the key loop sto
 Keys are gathered position by position through the block table (any block size, any BLOCK_N). Online softmax in
 base 2 with fp32 accumulators; probabilities are cast to V's dtype for the second product, like FlashAttention.
 
-The sigmoid output gate stays in the model: fusing it saves one elementwise pass over [T, 4096], but the gate
-comes out of q_proj interleaved per head with the query, so the kernel would need a third strided operand for
-a few microseconds; not worth it before it shows in a profile.
+The sigmoid output gate stays in the model. Fusing it (one more strided load in the epilogue) would save one
+elementwise launch and a [T, 4096] round trip per attention layer, at the price of a gate argument in this op's
+signature and the model's call site; under CUDA graphs (issue 6, item 9) the launch is nearly free, so it waits
+for a profile that shows it.
 
 Small batches of long contexts would leave most SMs idle (batch-1 decode is 2 programs, one per KV head), so the
 keys can be split across programs (flash-decoding): each split writes its normalised partial output and
@@ -170,8 +171,10 @@ def split_kv_combine_kernel(
 
 def launch_config(max_query_len: int, group: int, head_dim: int) -> dict[str, int]:
     """Rows of a tile = BLOCK_Q tokens x the group's heads (padded to a power of two): 16 rows or more for
-    tl.dot, 64 at most for prefill (the fp32 accumulator is rows x head_dim). Decode-only steps take a
-    one-token tile. Checked for spills on sm_90 at head_dim 256 (test_triton_compile.py); not yet tuned."""
+    tl.dot, 64 at most for prefill (the fp32 accumulator is rows x head_dim). Decode-only steps take 16-row
+    tiles; in a mixed step the decodes ride in the prefill's tile shape (idle rows, but decode is bound by
+    reading K/V, not by the MMA). Checked for spills on sm_90 at head_dim 256 (test_triton_compile.py); not yet
+    tuned."""
     group_p = triton.next_power_of_2(group)
     rows = 64 if max_query_len > 1 else 16
     block_q = max(1, 16 // group_p, min(triton.next_power_of_2(max_query_len), rows // group_p))
