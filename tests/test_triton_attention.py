@@ -135,3 +135,12 @@ def test_chunked_prefill_equals_one_shot() -> None:
                                                           slots[s:s + n], tables, [n], [s + n], 0.2))
             s += n
     assert torch.allclose(torch.cat(parts), one, atol=1e-6)
+
+
+def test_step_without_new_tokens() -> None:
+    """Only empty sequences: nothing written, nothing launched, an empty output."""
+    q, k, v, k_cache, v_cache, slots, tables = make_batch([0, 0], [5, 0], 4, 2, 32, torch.float32)
+    before = k_cache.clone()
+    with dispatch.force_triton():
+        out = attention.paged_attention_varlen(q, k, v, k_cache, v_cache, slots, tables, [0, 0], [5, 0], 0.2)
+    assert out.shape == (0, 4, 32) and same(k_cache, before)

@@ -131,3 +131,9 @@ def test_gemm_writes_every_pair_row() -> None:
     want = torch.nn.functional.silu(torch.einsum("ph,pih->pi", xe, w_gate[e])) * torch.einsum("ph,pih->pi", xe,
                                                                                              w_up[e])
     assert rel_err(h, want) < 1e-5
+
+
+def test_no_tokens() -> None:
+    x, weights, ids, w_gate, w_up, w_down = make_moe(0, 8, 2, H=32, I=16, dtype=torch.float32)
+    with dispatch.force_triton():
+        assert moe.fused_moe(x, weights, ids, w_gate, w_up, w_down).shape == (0, 32)
