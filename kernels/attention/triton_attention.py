@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import dot, interpreting
+from kernels.triton_common import dot, int32_on, interpreting
 
 
 @triton.jit
@@ -249,8 +249,7 @@ def paged_attention_fwd(
     starts = [0]
     for n in query_lens:
         starts.append(starts[-1] + n)
-    meta = torch.tensor(starts + list(context_lens) + [v for it in items for v in it], dtype=torch.int32)
-    meta = meta.to(q.device)  # one host -> device copy for the step's metadata
+    meta = int32_on(starts + list(context_lens) + [v for it in items for v in it], q.device)  # one copy
     tables = block_tables.to(device=q.device, dtype=torch.int32)
     tables = tables if tables.stride(1) == 1 else tables.contiguous()
     S = num_splits or choose_num_splits(len(items) * Hkv, max(context_lens), q.device)

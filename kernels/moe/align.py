@@ -31,7 +31,8 @@ def align_pairs_by_expert(ids: torch.Tensor, num_experts: int,
     n = flat.numel()
     P = max_padded_pairs(n, num_experts, block_m)
     order = flat.argsort(stable=True)  # pairs in expert order
-    counts = torch.bincount(flat, minlength=num_experts)  # [E]
+    # [E] pairs per expert; not torch.bincount, which on CUDA reads max(ids) back to the host (a sync)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = padded.cumsum(0)
     sorted_experts = flat[order]
