@@ -223,8 +223,9 @@ def stacked_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def moe_rows(batch_sizes: list[int], peak: float) -> list[Row]:
-    """The routed experts (router excluded) for T tokens routed by a random router: bf16 and FP8 weights. The
-    bytes are the weights of the experts the batch touches plus activations; FLOPs 6 T k H I."""
+    """The router (logits GEMM + fused softmax/top-k) and the routed experts for T tokens routed by a random
+    router, bf16 and FP8 weights. The experts' bytes are the weights of the experts the batch touches plus
+    activations; FLOPs 6 T k H I."""
     from kernels import moe
     from kernels.moe import reference
     rows = []
@@ -236,6 +237,8 @@ def moe_rows(batch_sizes: list[int], peak: float) -> list[Row]:
     for T in batch_sizes:
         x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
         weights, ids = reference.route(x, router, TOP_K, True)
+        rows.append(row("route", f"T={T} E={E} k={TOP_K}", lambda: moe.route(x, router, TOP_K, True)[0],
+                        lambda: reference.route(x, router, TOP_K, True)[0], router.numel() * 2 + T * H * 2, peak))
         touched = int(ids.unique().numel())
         flops = 6 * T * TOP_K * H * I
         for kind, ws, scales, itemsize in (("bf16", (w_gate, w_up, w_down), None, 2),

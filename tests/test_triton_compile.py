@@ -121,6 +121,22 @@ def moe_gemm(num_pairs: int, is_fp8: bool, gated: bool):
                         ("N", "stride_am", "stride_asm", "stride_be", "stride_bn", "stride_bse", "stride_cm"))
 
 
+def moe_align(num_pairs: int):
+    from kernels.moe import triton_align as m
+    from kernels.moe.align import max_padded_pairs
+    max_entries = -(-max_padded_pairs(num_pairs, 512, 16) // 256) * 256
+    return compile_sm90(m.moe_align_kernel, dict(ids_ptr="*i64", pairs_ptr="*i32", block_expert_ptr="*i32",
+                                                 num_padded_ptr="*i32"),
+                        dict(m.launch_config(num_pairs, 512), E=512, BLOCK_M=16, MAX_PAIRS=num_pairs,
+                             MAX_ENTRIES=max_entries))
+
+
+def router():
+    from kernels.moe import triton_router as m
+    return compile_sm90(m.topk_softmax_kernel, dict(logits_ptr=BF16, weights_ptr=FP32, ids_ptr="*i64"),
+                        dict(K=10, BLOCK_K=16, BLOCK_E=512, RENORMALIZE=True, num_warps=4), ("E", "stride_l"))
+
+
 CASES: dict[str, Callable[[], object]] = {
     **{f"rms_norm-{r}x{d}-res{h}": (lambda r=r, d=d, h=h: rms_norm(r, d, h))
        for r, d in [(1, 2048), (4096, 2048), (64 * 16, 256)] for h in (False, True)},
@@ -135,6 +151,8 @@ CASES: dict[str, Callable[[], object]] = {
     "split_kv_combine": split_kv_combine,
     **{f"moe-pairs{p}-fp8{f}-gated{g}": (lambda p=p, f=f, g=g: moe_gemm(p, f, g))
        for p in (10, 40960) for f in (False, True) for g in (True, False)},
+    **{f"moe_align-pairs{p}": (lambda p=p: moe_align(p)) for p in (16, 1024)},
+    "router": router,
 }
 
 

@@ -20,6 +20,7 @@ from kernels import dispatch, moe  # noqa: E402
 from kernels.fp8.reference import dequantize_weight_block, quantize_weight_block  # noqa: E402
 from kernels.moe import reference  # noqa: E402
 from kernels.moe.align import align_pairs_by_expert, max_padded_pairs  # noqa: E402
+from kernels.moe.triton_align import align_pairs_by_expert_fwd  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,6 +68,37 @@ def test_align_groups_pairs_by_expert() -> None:
         blk = blk[blk < T * k]
         assert blk.numel() > 0 and (flat[blk] == int(block_expert[b])).all()
         assert torch.equal(blk, blk.sort().values)  # stable: pairs in token order within an expert
+
+
+@pytest.mark.parametrize("T,E,k,renorm,dtype", [(1, 8, 2, True, torch.float32), (7, 512, 10, True, torch.bfloat16),
+                                                (50, 64, 6, False, torch.float32), (3, 60, 5, True, torch.float32)])
+def test_router(T: int, E: int, k: int, renorm: bool, dtype: torch.dtype) -> None:
+    """Softmax, top-k, renormalise: the same experts in the same order, weights to fp32 rounding. bf16 logits
+    tie (512 experts, 8 mantissa bits), and tied experts may come in either order: there the chosen
+    probabilities are compared."""
+    gen = torch.Generator().manual_seed(E)
+    x = torch.randn(T, 48, generator=gen).to(dtype).to(DEVICE)
+    router = torch.randn(E, 48, generator=gen).to(dtype).to(DEVICE)
+    want_w, want_ids = reference.route(x, router, k, renorm)
+    with dispatch.force_triton():
+        got_w, got_ids = moe.route(x, router, k, renorm)
+    assert got_w.dtype == torch.float32 and got_ids.dtype == torch.int64 and got_ids.shape == (T, k)
+    assert torch.allclose(got_w, want_w, rtol=1e-5, atol=1e-7)
+    if dtype == torch.float32:
+        assert torch.equal(got_ids, want_ids)
+    else:
+        probs = torch.nn.functional.linear(x, router).float().softmax(-1)
+        assert torch.equal(probs.gather(1, got_ids), probs.gather(1, want_ids))
+        assert all(len(set(row)) == k for row in got_ids.tolist())
+
+
+@pytest.mark.parametrize("T,E,k,block_m", [(1, 512, 10, 16), (37, 10, 3, 16), (100, 512, 10, 16), (50, 16, 4, 64)])
+def test_one_program_align_equals_torch(T: int, E: int, k: int, block_m: int) -> None:
+    gen = torch.Generator().manual_seed(T)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]).to(DEVICE)
+    want = align_pairs_by_expert(ids, E, block_m)
+    got = align_pairs_by_expert_fwd(ids, E, block_m)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 @pytest.mark.parametrize("T,E,k,dtype", [(1, 8, 2, torch.float32), (7, 64, 10, torch.float32),

@@ -1,12 +1,22 @@
-"""Routed experts of the sparse MoE block (FACTS §3.9): the Triton grouped GEMMs on CUDA (`triton_moe.py`), the
-torch reference elsewhere. The router is torch everywhere (why: triton_moe.py). triton is imported only when a
-kernel runs."""
+"""Router and routed experts of the sparse MoE block (FACTS §3.9): the Triton kernels on CUDA (`triton_router.py`,
+`triton_align.py`, `triton_moe.py`), the torch references elsewhere. The shared expert is an ordinary MLP in the
+model. triton is imported only when a kernel runs."""
 
 import torch
+import torch.nn.functional as F
 
 from kernels.dispatch import use_triton
 from kernels.moe import reference
-from kernels.moe.reference import route
+
+
+def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
+          renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H], router_weight [E, H] -> (weights fp32 [T, k], expert ids int64 [T, k]): softmax over the experts
+    in fp32, the top k, renormalised to sum to 1 when asked."""
+    if not use_triton(x):
+        return reference.route(x, router_weight, top_k, renormalize)
+    from kernels.moe.triton_router import topk_softmax_fwd
+    return topk_softmax_fwd(F.linear(x, router_weight), top_k, renormalize)
 
 
 def fused_moe(

@@ -2,7 +2,8 @@
 
     y[t] = sum_j w[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])),   e = ids[t, j]
 
-Design. `align.py` groups the T*k token-expert pairs by expert into BLOCK_M-aligned blocks. One grouped-GEMM
+Design. `align.py` groups the T*k token-expert pairs by expert into BLOCK_M-aligned blocks (`triton_align.py`
+in one launch for decode-sized batches). One grouped-GEMM
 kernel then runs twice over those blocks, a program multiplying one block of pairs by one expert's weights:
   1. gate+up: rows x[pair // k] against w_gate[e] and w_up[e] (two accumulators over the same K loop),
      h[pair] = silu(gate) * up on the way out                                           -> h [T*k, I]
@@ -15,8 +16,7 @@ FP8 (block-128 weights with weight_scale_inv [E, ceil(rows/128), ceil(cols/128)]
 h are quantised per token per 128-group by kernels/fp8's kernel, BLOCK_K = 128 so each K step applies one
 activation scale per row and one weight scale per column.
 
-The router (softmax over the experts, top-k, renormalise) stays in torch (`reference.route`): at 512 experts it is
-a [T, 512] softmax and a top-k, two small kernels next to the ~90 MB of expert weights a decode step streams.
+The router is `triton_router.py` (its logits GEMM stays a cuBLAS linear).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import triton.language as tl
 
 from kernels.fp8.reference import FP8_DTYPE
 from kernels.moe.align import align_pairs_by_expert
+from kernels.moe.triton_align import DECODE_MAX_PAIRS, align_pairs_by_expert_fwd
 from kernels.triton_common import dot, interpreting
 
 
@@ -149,7 +150,8 @@ def fused_moe_fwd(
     from kernels.fp8.triton_quant import per_token_group_quant_fwd
     num_pairs = T * k
     cfg = launch_config(num_pairs, E, is_fp8)
-    sorted_pairs, block_expert, num_padded = align_pairs_by_expert(ids, E, cfg["BLOCK_M"])
+    align = align_pairs_by_expert_fwd if num_pairs <= DECODE_MAX_PAIRS else align_pairs_by_expert
+    sorted_pairs, block_expert, num_padded = align(ids, E, cfg["BLOCK_M"])
     route_w = weights.reshape(-1).float().contiguous()
     ct = torch.promote_types(x.dtype, torch.float32)
     s_gate, s_up, s_down = scales if is_fp8 else (None, None, None)
