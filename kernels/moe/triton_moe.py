@@ -3,8 +3,8 @@
     y[t] = sum_j w[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])),   e = ids[t, j]
 
 Design. `align.py` groups the T*k token-expert pairs by expert into BLOCK_M-aligned blocks (`triton_align.py`
-in one launch for decode-sized batches). One grouped-GEMM
-kernel then runs twice over those blocks, a program multiplying one block of pairs by one expert's weights:
+in one launch for decode-sized batches). One grouped-GEMM kernel then runs twice over those blocks, a program
+multiplying one block of pairs by one expert's weights:
   1. gate+up: rows x[pair // k] against w_gate[e] and w_up[e] (two accumulators over the same K loop),
      h[pair] = silu(gate) * up on the way out                                           -> h [T*k, I]
   2. down: rows h[pair] against w_down[e], scaled by the pair's routing weight          -> y [T*k, H]
@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from kernels.fp8.reference import FP8_DTYPE
+from kernels.fp8.triton_quant import per_token_group_quant_fwd
 from kernels.moe.align import align_pairs_by_expert
 from kernels.moe.triton_align import DECODE_MAX_PAIRS, align_pairs_by_expert_fwd
 from kernels.triton_common import dot, interpreting
@@ -147,7 +148,6 @@ def fused_moe_fwd(
     assert (w_gate.dtype == FP8_DTYPE) == is_fp8, "FP8 expert weights come with their block scales"
     if T == 0:
         return torch.empty_like(x)
-    from kernels.fp8.triton_quant import per_token_group_quant_fwd
     num_pairs = T * k
     cfg = launch_config(num_pairs, E, is_fp8)
     align = align_pairs_by_expert_fwd if num_pairs <= DECODE_MAX_PAIRS else align_pairs_by_expert
