@@ -21,6 +21,8 @@ class AddRequest:
     sampling: SamplingParams
     stopping: StoppingParams
     num_speculative_tokens: int = 0
+    use_prefix_cache: bool = True
+    cache_checkpoints: tuple[int, ...] = ()  # prompt offsets to keep the recurrent state at
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,16 @@ class WorkerStats:
     num_steps: int = 0
     spec_drafted_tokens: int = 0
     spec_accepted_tokens: int = 0
+    prefix_cache_enabled: bool = False
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_query_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    checkpoints_used: int = 0
+    checkpoints_total: int = 0
+    checkpoint_evictions: int = 0
+    kv_blocks_cached: int = 0
+    kv_block_evictions: int = 0
 
 
 @dataclass(frozen=True)

@@ -183,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cache-memory", type=float, default=0.0,
       help="KV + state cache budget: fraction of device memory (CUDA, <= 1) or bytes (CPU); 0 = default")
     a("--num-speculative-tokens", type=int, default=0, help="largest MTP draft length a request may use; 0 = off")
+    a("--no-prefix-caching", dest="prefix_caching", action="store_false",
+      help="turn the prefix cache (KV blocks + recurrent-state checkpoints) off")
+    a("--num-checkpoints", type=int, default=0,
+      help="recurrent-state checkpoints the prefix cache keeps; 0 = as many as 10%% of the cache budget holds")
     a("--max-pending-requests", type=int, default=256, help="open requests before RESOURCE_EXHAUSTED")
     a("--max-new-tokens-default", type=int, default=2048, help="max_new_tokens when a request gives none")
     a("--reasoning-parser", nargs="?", const="qwen3", default=None,
@@ -205,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         engine = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                               cache_memory=args.cache_memory, seed=args.seed,
-                              num_speculative_tokens=args.num_speculative_tokens)
+                              num_speculative_tokens=args.num_speculative_tokens,
+                              enable_prefix_caching=args.prefix_caching, num_checkpoints=args.num_checkpoints)
         cfg = ServerConfig(host=args.host, port=args.port, metrics_host=args.metrics_host,
                            metrics_port=args.metrics_port, max_pending_requests=args.max_pending_requests,
                            num_speculative_tokens=args.num_speculative_tokens,

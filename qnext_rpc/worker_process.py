@@ -75,7 +75,8 @@ def _apply(engine: Engine, msg: Submit, unstarted: set[str], conn: Connection) -
 
 def _generation_request(add: AddRequest) -> GenerationRequest:
     return GenerationRequest(add.request_id, add.prompt_token_ids, add.sampling, add.stopping,
-                             add.num_speculative_tokens)
+                             add.num_speculative_tokens, use_prefix_cache=add.use_prefix_cache,
+                             cache_checkpoints=add.cache_checkpoints)
 
 
 def _newly_started(engine: Engine, unstarted: set[str], step_start: float) -> dict[str, float]:
@@ -92,8 +93,16 @@ def _newly_started(engine: Engine, unstarted: set[str], step_start: float) -> di
 def _stats(engine: Engine) -> WorkerStats:
     cm = engine.cache_manager
     spec = engine.spec_counters
+    prefix = {}
+    if cm.prefix is not None:
+        st = cm.prefix.stats
+        prefix = dict(prefix_cache_enabled=True, prefix_cache_queries=st.num_queries, prefix_cache_hits=st.num_hits,
+                      prefix_cache_query_tokens=st.query_tokens, prefix_cache_hit_tokens=st.hit_tokens,
+                      checkpoints_used=cm.prefix.num_checkpoints_used, checkpoints_total=cm.prefix.num_checkpoints,
+                      checkpoint_evictions=st.checkpoint_evictions, kv_blocks_cached=cm.kv_blocks_cached,
+                      kv_block_evictions=st.block_evictions)
     return WorkerStats(num_running=engine.scheduler.num_running, num_waiting=engine.scheduler.num_waiting,
                        kv_blocks_used=cm.kv_blocks_used, kv_blocks_total=cm.kv_blocks_total,
                        state_slots_used=cm.state_slots_used, state_slots_total=cm.state_slots_total,
                        num_steps=engine.timings.num_steps,
-                       spec_drafted_tokens=spec.num_drafted, spec_accepted_tokens=spec.num_accepted)
+                       spec_drafted_tokens=spec.num_drafted, spec_accepted_tokens=spec.num_accepted, **prefix)

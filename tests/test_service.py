@@ -213,6 +213,8 @@ VALIDATION = [
     (dict(text="hi", num_speculative_tokens=1), "num_speculative_tokens"),
     (dict(text="hi", top_logprobs=21), "top_logprobs"),
     (dict(text="hi", request_id="r" * 1000), "request_id"),
+    (dict(token_ids=[1, 2, 3], cache_checkpoints=[4]), "cache_checkpoints"),
+    (dict(token_ids=[1, 2, 3], cache_checkpoints=[0]), "cache_checkpoints"),
 ]
 
 
@@ -261,3 +263,34 @@ def test_health_reflection_and_metrics(server):
         assert name in families, name
     ok = [s for s in families["qnext_requests"].samples if s.labels.get("status") == "length"]
     assert ok and ok[0].value > 0
+
+
+def test_prefix_cache_serves_shared_system_prompts_and_earlier_turns(server):
+    """Chat through the template: a second conversation with the same system prompt, and turn 2 of the first,
+    are served from the prefix cache (Usage.cached_tokens); a bypassing request is not; stats count it."""
+    system = ("system", "You are the qnext test assistant. Answer briefly, in plain words, and never use lists. " * 3)
+    turn1 = [system, ("user", "What is a recurrent state checkpoint?")]
+    other = [system, ("user", "And what is a KV block?")]
+
+    async def go():
+        async with Client(server.target) as c:
+            before = await c.server_stats()
+            sys_len = len(await c.tokenize(chat=[system]))  # rendered with the generation prompt: >= the boundary
+            turn1_len = len(await c.tokenize(chat=turn1))
+            r1 = await c.generate(chat=turn1, temperature=0.0, max_new_tokens=6, ignore_eos=True)
+            r_other = await c.generate(chat=other, temperature=0.0, max_new_tokens=6, ignore_eos=True)
+            turn2 = turn1 + [("assistant", r1.text), ("user", "Shorter, please.")]
+            r2 = await c.generate(chat=turn2, temperature=0.0, max_new_tokens=6, ignore_eos=True)
+            r_bypass = await c.generate(chat=other, temperature=0.0, max_new_tokens=6, ignore_eos=True,
+                                        bypass_prefix_cache=True)
+            after = await c.server_stats()
+        return before, sys_len, turn1_len, r1, r_other, r2, r_bypass, after
+    before, sys_len, turn1_len, r1, r_other, r2, r_bypass, after = run(go())
+    assert r1.finish.usage.cached_tokens < sys_len - 5  # cold (up to whatever earlier tests left cached)
+    assert sys_len - 5 <= r_other.finish.usage.cached_tokens < turn1_len  # the system message, mid-block
+    assert r2.finish.usage.cached_tokens >= turn1_len  # all of turn 1's prompt, at least
+    assert r_bypass.finish.usage.cached_tokens == 0 and r_bypass.token_ids == r_other.token_ids
+    assert after.prefix_cache_enabled and after.checkpoints_total > 0 and after.checkpoints_used > 0
+    assert after.prefix_cache_hits - before.prefix_cache_hits >= 2
+    assert after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens >= (
+        r_other.finish.usage.cached_tokens + r2.finish.usage.cached_tokens)

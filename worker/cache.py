@@ -93,6 +93,7 @@ class HybridCacheManager:
         self.slots = SlotPool(num_slots)
         self.prefix = PrefixCache(block_size, num_checkpoints) if num_checkpoints > 0 else None
         self._refs = [0] * num_blocks
+        self.num_checkpoint_blocks = 0  # tail blocks held by prefix-cache checkpoints
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -133,6 +134,18 @@ class HybridCacheManager:
                 else:
                     self.blocks.free([b])
 
+    def allocate_checkpoint_block(self) -> int | None:
+        """A block for a checkpoint's tail (counted apart from the sequences' blocks), or None."""
+        blocks = self.allocate_blocks(1)
+        if blocks is None:
+            return None
+        self.num_checkpoint_blocks += 1
+        return blocks[0]
+
+    def release_checkpoint_block(self, block: int) -> None:
+        self.num_checkpoint_blocks -= 1
+        self.drop_blocks([block])
+
     def ensure(self, block_ids: list[int], slot: int | None, total_tokens: int) -> tuple[list[int], int] | None:
         """The sequence's (block_ids, slot) grown to cover total_tokens tokens and to own a slot.
 
@@ -161,7 +174,8 @@ class HybridCacheManager:
             return
         idle, tails = self.prefix.clear()
         self.blocks.free(idle)
-        self.drop_blocks(tails)
+        for b in tails:
+            self.release_checkpoint_block(b)
 
     def is_full(self) -> bool:
         """Every block and slot is free again (nothing leaked). Cached prefixes hold blocks: clear them first."""
@@ -169,8 +183,13 @@ class HybridCacheManager:
 
     @property
     def kv_blocks_used(self) -> int:
-        """Blocks referenced by a sequence or a checkpoint (idle cached blocks are reusable: not counted)."""
-        return self.blocks.num_total - self.num_available_blocks
+        """Blocks referenced by running sequences (idle cached blocks and checkpoint tails: `kv_blocks_cached`)."""
+        return self.blocks.num_total - self.num_available_blocks - self.num_checkpoint_blocks
+
+    @property
+    def kv_blocks_cached(self) -> int:
+        """Blocks holding a cached prefix: named in the index (in use or idle) or a checkpoint's tail."""
+        return (self.prefix.num_cached_blocks if self.prefix else 0) + self.num_checkpoint_blocks
 
     @property
     def kv_blocks_total(self) -> int:

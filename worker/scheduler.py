@@ -364,14 +364,14 @@ class Scheduler:
         tail = tuple(tokens[depth * bs:position])
         if prefix.has_checkpoint(parent, tail):
             return
-        blocks = self.cache.allocate_blocks(1)
-        if blocks is None:
+        tail_block = self.cache.allocate_checkpoint_block()
+        if tail_block is None:
             return  # no block to spare: skip this checkpoint rather than evict a running request
-        ckpt, evicted = prefix.add_checkpoint(parent, tail, position, blocks[0])
+        ckpt, evicted = prefix.add_checkpoint(parent, tail, position, tail_block)
         if evicted is not None:
-            self.cache.drop_blocks([evicted.tail_block])
+            self.cache.release_checkpoint_block(evicted.tail_block)
         plan.checkpoints.append(CheckpointCopy(request.request_id, ckpt.ckpt_id, request.state_slot,
-                                               request.block_ids[depth], blocks[0], position))
+                                               request.block_ids[depth], tail_block, position))
 
     def _try_chunk(self, request: Request, budget: int) -> ScheduledChunk | None:
         """The request's next chunk (at most budget tokens) with the cache grown to hold it, or None."""
