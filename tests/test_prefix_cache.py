@@ -142,16 +142,38 @@ def test_eviction_under_small_pools_keeps_outputs_exact(mtp_ckpt, engines):
     convs = conversations(4)
     off = Recorder(engines(mtp_ckpt, enable_prefix_caching=False, num_speculative_tokens=2))
     want = [off.conversation(f"c{i}", c) for i, c in enumerate(convs)]
-    probe = engines(mtp_ckpt, enable_prefix_caching=False).cache_info
+    probe = engines(mtp_ckpt, num_speculative_tokens=2).cache_info
     small = engines(mtp_ckpt, num_checkpoints=3, num_speculative_tokens=2, max_num_seqs=2,
-                    cache_memory=2 * probe.bytes_per_slot * 3 + 24 * probe.bytes_per_block
-                    + 3 * probe.bytes_per_checkpoint)
-    assert small.cache_info.num_checkpoints == 3 and small.cache_info.num_blocks <= 30
+                    cache_memory=2 * probe.bytes_per_slot + 12 * probe.bytes_per_block + 3 * probe.bytes_per_checkpoint)
+    assert small.cache_info.num_checkpoints == 3 and small.cache_info.num_blocks <= 14
     rec = Recorder(small)
     got = [rec.conversation(f"c{i}", c) for i, c in enumerate(convs)]
     assert [[o for o, _ in c] for c in got] == [[o for o, _ in c] for c in want]
     stats = small.cache_manager.prefix.stats
     assert stats.checkpoint_evictions > 0 and stats.block_evictions > 0 and stats.num_hits > 0
+
+
+def test_preemption_with_prefix_caching_stays_exact(mtp_ckpt, engines):
+    """A KV pool too small for the batch, with MTP: preemption by recompute while the cache evicts."""
+    ps = [tokens(40 + 3 * i, 300 + i) for i in range(4)]
+    stop = StoppingParams(max_new_tokens=24, ignore_eos=True)
+    want = [c.token_ids for c in engines(mtp_ckpt, enable_prefix_caching=False).generate(ps, GREEDY, stop)]
+    probe = engines(mtp_ckpt, num_speculative_tokens=2).cache_info
+    tight = engines(mtp_ckpt, num_checkpoints=8, num_speculative_tokens=2, max_num_seqs=4,
+                    cache_memory=4 * probe.bytes_per_slot + 12 * probe.bytes_per_block + 8 * probe.bytes_per_checkpoint)
+    assert tight.cache_info.num_slots == 4 and tight.cache_info.num_checkpoints == 8
+    assert tight.cache_info.num_blocks < sum(-(-(len(p) + 24) // BLOCK) for p in ps)
+    got, preempted = {}, 0
+    for i, p in enumerate(ps):
+        tight.add_request(GenerationRequest(f"p{i}", p, GREEDY, stop))
+    while tight.has_unfinished():
+        for o in tight.step():
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if o.finished:
+                preempted += o.num_preemptions
+    assert [got[f"p{i}"] for i in range(4)] == want
+    # the pressure that preempts also evicts (idle blocks, then checkpoints): what matters is exactness
+    assert preempted > 0 and tight.cache_manager.prefix.stats.block_evictions > 0
 
 
 # ---- the index alone (no torch) -------------------------------------------------------------------------------
@@ -207,3 +229,17 @@ def test_scheduler_splits_prefill_at_checkpoint_positions() -> None:
     assert lens == [[7], [6], [17], [1]]
     hit = cm.prefix.lookup(0, list(range(30)) + [5], limit=30)
     assert hit.position == 30  # the end-of-prompt checkpoint
+
+
+def test_allocation_evicts_checkpoints_when_idle_blocks_run_out() -> None:
+    cm = HybridCacheManager(num_blocks=3, block_size=2, num_slots=1, num_checkpoints=2)
+    tails = [cm.allocate_checkpoint_block() for _ in range(2)]
+    cm.prefix.add_checkpoint(0, (1,), 1, tails[0])
+    cm.prefix.add_checkpoint(0, (2,), 1, tails[1])
+    assert cm.kv_blocks_used == 0 and cm.kv_blocks_cached == 2 and cm.num_available_blocks == 3
+    got = cm.allocate_blocks(2)  # the free block + the least recently used checkpoint's tail
+    assert tails[0] in got and cm.prefix.num_checkpoints_used == 1 and cm.prefix.has_checkpoint(0, (2,))
+    assert cm.prefix.stats.checkpoint_evictions == 1
+    cm.drop_blocks(got)
+    cm.clear_prefix_cache()
+    assert cm.is_full() and cm.num_checkpoint_blocks == 0

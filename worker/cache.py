@@ -83,7 +83,9 @@ class HybridCacheManager:
 
     With a prefix cache, a block may be referenced by several sequences (a shared prefix) and by a checkpoint
     (its tail block): it returns to the free list, or becomes an idle cached block, when the last reference
-    goes. Idle cached blocks count as free: allocation evicts them, least recently used first.
+    goes. Idle cached blocks and checkpoint tail blocks count as available: an allocation the free list cannot
+    serve evicts idle blocks (least recently used first), then whole checkpoints (least recently used first),
+    so the cache never keeps a sequence from running.
     """
 
     def __init__(self, num_blocks: int, block_size: int, num_slots: int, num_checkpoints: int = 0) -> None:
@@ -100,16 +102,20 @@ class HybridCacheManager:
 
     @property
     def num_available_blocks(self) -> int:
-        """Blocks an allocation can get: free ones and idle cached ones."""
-        return self.blocks.num_free + (self.prefix.num_idle_blocks if self.prefix else 0)
+        """Blocks an allocation can get: free ones, idle cached ones and checkpoint tails."""
+        if self.prefix is None:
+            return self.blocks.num_free
+        return self.blocks.num_free + self.prefix.num_idle_blocks + self.num_checkpoint_blocks
 
     def allocate_blocks(self, n: int) -> list[int] | None:
-        """n blocks with one reference each, evicting idle cached blocks when the free list is short."""
+        """n blocks with one reference each, evicting cached prefixes when the free list is short."""
         if n > self.num_available_blocks:
             return None
         short = n - self.blocks.num_free
         if short > 0:
-            self.blocks.free(self.prefix.evict_idle(short))
+            self.blocks.free(self.prefix.evict_idle(min(short, self.prefix.num_idle_blocks)))
+        while n > self.blocks.num_free:
+            self.release_checkpoint_block(self.prefix.evict_lru_checkpoint().tail_block)
         ids = self.blocks.allocate(n)
         assert ids is not None
         for b in ids:
@@ -184,7 +190,7 @@ class HybridCacheManager:
     @property
     def kv_blocks_used(self) -> int:
         """Blocks referenced by running sequences (idle cached blocks and checkpoint tails: `kv_blocks_cached`)."""
-        return self.blocks.num_total - self.num_available_blocks - self.num_checkpoint_blocks
+        return self.blocks.num_total - self.num_available_blocks
 
     @property
     def kv_blocks_cached(self) -> int:

@@ -65,6 +65,7 @@ class PrefixCacheStats:
     num_hits: int = 0
     query_tokens: int = 0  # prompt tokens of the requests looked up
     hit_tokens: int = 0  # of which served from the cache
+    num_restores: int = 0  # admissions that started from a checkpoint (re-admissions after preemption too)
     checkpoints_taken: int = 0
     checkpoint_evictions: int = 0
     block_evictions: int = 0
@@ -181,15 +182,21 @@ class PrefixCache:
         """A new checkpoint, evicting the least recently used one when the pool is full (returned second: its
         tail block must be released). The caller checks `has_checkpoint` first."""
         assert 1 <= len(tail) <= self.block_size and not self.has_checkpoint(parent, tail)
-        evicted = None
-        if not self._free_ckpts:
-            evicted = self._remove(next(iter(self._ckpts)))
-            self.stats.checkpoint_evictions += 1
+        evicted = self.evict_lru_checkpoint() if not self._free_ckpts else None
         ckpt = Checkpoint(self._free_ckpts.popleft(), parent, tail, position, tail_block)
         self._ckpts[ckpt.ckpt_id] = ckpt
         self._ckpt_by_parent.setdefault(parent, {})[tail] = ckpt
         self.stats.checkpoints_taken += 1
         return ckpt, evicted
+
+    def evict_lru_checkpoint(self) -> Checkpoint:
+        """Forget the least recently used checkpoint; returns it (its tail block must be released)."""
+        self.stats.checkpoint_evictions += 1
+        return self._remove(next(iter(self._ckpts)))
+
+    def is_live(self, ckpt: Checkpoint) -> bool:
+        """The checkpoint was not evicted (its id and tail block may belong to a newer one if it was)."""
+        return self._ckpts.get(ckpt.ckpt_id) is ckpt
 
     def _remove(self, ckpt_id: int) -> Checkpoint:
         ckpt = self._ckpts.pop(ckpt_id)

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from worker.cache import HybridCacheManager
-from worker.prefix_cache import Hit
+from worker.prefix_cache import Checkpoint, Hit
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -150,6 +150,7 @@ class CheckpointCopy:
     src_block: int
     tail_block: int
     position: int
+    checkpoint: Checkpoint = field(compare=False, repr=False)
 
 
 @dataclass
@@ -280,6 +281,8 @@ class Scheduler:
             if reason is not None:
                 self._finish(request, reason)
             outputs.append(StepOutput(request.request_id, emitted, reason is not None, reason))
+        if plan.checkpoints:  # a checkpoint taken and evicted again within this update must not be copied
+            plan.checkpoints = [cp for cp in plan.checkpoints if self.cache.prefix.is_live(cp.checkpoint)]
         return outputs
 
     def _schedule_running(self, plan: SchedulePlan, budget: int) -> int:
@@ -316,6 +319,7 @@ class Scheduler:
                 request.num_cached_tokens = min(hit.position, len(request.prompt_token_ids)) if hit else 0
             if restore is not None:
                 plan.restores.append(restore)
+                self.cache.prefix.stats.num_restores += 1
             self._waiting.popleft()
             request.status = RequestStatus.RUNNING
             self._running.append(request)
@@ -371,7 +375,7 @@ class Scheduler:
         if evicted is not None:
             self.cache.release_checkpoint_block(evicted.tail_block)
         plan.checkpoints.append(CheckpointCopy(request.request_id, ckpt.ckpt_id, request.state_slot,
-                                               request.block_ids[depth], tail_block, position))
+                                               request.block_ids[depth], tail_block, position, ckpt))
 
     def _try_chunk(self, request: Request, budget: int) -> ScheduledChunk | None:
         """The request's next chunk (at most budget tokens) with the cache grown to hold it, or None."""
