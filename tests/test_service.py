@@ -259,7 +259,8 @@ def test_health_reflection_and_metrics(server):
     families = {f.name: f for f in text_string_to_metric_families(body)}
     for name in ("qnext_requests", "qnext_time_to_first_token_seconds", "qnext_inter_token_seconds",
                  "qnext_request_duration_seconds", "qnext_num_waiting", "qnext_num_running", "qnext_kv_blocks_used",
-                 "qnext_state_slots_used", "qnext_spec_accepted_tokens"):
+                 "qnext_state_slots_used", "qnext_spec_accepted_tokens", "qnext_prefix_cache_hit_rate",
+                 "qnext_prefix_checkpoints_used", "qnext_prefix_kv_block_evictions"):
         assert name in families, name
     ok = [s for s in families["qnext_requests"].samples if s.labels.get("status") == "length"]
     assert ok and ok[0].value > 0
