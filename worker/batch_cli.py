@@ -170,11 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-speculative-tokens", type=int, default=0,
                    help="MTP speculative decoding: draft tokens per step (0-4; 0 = off); the default and maximum "
                         "for every line, which may ask for fewer with num_speculative_tokens")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="turn the prefix cache off (lines sharing a prefix then recompute it)")
     args = p.parse_args(argv)
     engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                  cache_memory=args.cache_memory, seed=args.seed,
-                                 num_speculative_tokens=args.num_speculative_tokens))
+                                 num_speculative_tokens=args.num_speculative_tokens,
+                                 enable_prefix_caching=args.prefix_caching))
     tokenizer = Tokenizer.from_file(str(engine.model_dir / "tokenizer.json"))
     info = engine.cache_info
     print(f"qnext-batch: model {engine.model_dir}, cache {info.num_kv_tokens} KV tokens, "
