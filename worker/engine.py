@@ -314,8 +314,8 @@ class Engine:
     @staticmethod
     def _chunk_tokens(c) -> list[int]:
         if c.draft_token_ids:
-            return [c.request.all_token_ids[c.start]] + c.draft_token_ids
-        return c.request.all_token_ids[c.start:c.start + c.num_tokens]
+            return c.request.token_slice(c.start, c.start + 1) + c.draft_token_ids
+        return c.request.token_slice(c.start, c.start + c.num_tokens)
 
     def _sample_plain(self, requests: list[Request], logits: torch.Tensor, sampled: dict[str, list[int]],
                       logprobs: dict[str, tuple[list[float], list[list[tuple[int, float]]]]]) -> None:
@@ -384,11 +384,13 @@ class Engine:
             if r.num_speculative_tokens == 0 or r.status != RequestStatus.RUNNING:
                 continue
             n_valid = len(sampled[r.request_id]) if c.draft_token_ids else c.num_tokens
-            nxt = (r.all_token_ids + sampled.get(r.request_id, []))[start + 1:start + 1 + n_valid]
+            # the next token of each row: later tokens of the request, then what this step sampled
+            known = r.token_slice(start + 1, min(start + 1 + n_valid, r.num_tokens))
+            nxt = known + sampled.get(r.request_id, [])[:n_valid - len(known)]
             first = end - len(toks)
             restored = self._restored_hidden.pop(r.request_id, None)
             if restored is not None and restored[0] == start:
-                mtp_pieces.append((r, start - 1, [r.all_token_ids[start]] + nxt))
+                mtp_pieces.append((r, start - 1, r.token_slice(start, start + 1) + nxt))
                 h_parts.append(restored[1][None].to(hidden.dtype))
             else:
                 mtp_pieces.append((r, start, nxt))

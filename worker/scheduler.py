@@ -116,6 +116,15 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """all_token_ids[start:end] without building all_token_ids (a step must not cost O(context))."""
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n:end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - n]
+
 
 @dataclass
 class ScheduledChunk:
@@ -352,12 +361,13 @@ class Scheduler:
         prefix = self.cache.prefix
         if prefix is None or not request.use_prefix_cache:
             return
-        bs, tokens = self.cache.block_size, request.all_token_ids
+        bs = self.cache.block_size
         known = min(request.num_computed_tokens, request.num_tokens - 1)
         while len(request.prefix_nodes) < known // bs:
             i = len(request.prefix_nodes)
             parent = request.prefix_nodes[-1] if request.prefix_nodes else request.prefix_root
-            node, _ = prefix.register_block(parent, tuple(tokens[i * bs:(i + 1) * bs]), request.block_ids[i])
+            node, _ = prefix.register_block(parent, tuple(request.token_slice(i * bs, (i + 1) * bs)),
+                                            request.block_ids[i])
             request.prefix_nodes.append(node)
         position = request.num_computed_tokens
         wanted = finished or position == len(request.prompt_token_ids) or position in request.checkpoint_positions
@@ -365,7 +375,7 @@ class Scheduler:
             return
         depth = (position - 1) // bs
         parent = request.prefix_nodes[depth - 1] if depth else request.prefix_root
-        tail = tuple(tokens[depth * bs:position])
+        tail = tuple(request.token_slice(depth * bs, position))
         if prefix.has_checkpoint(parent, tail):
             return
         tail_block = self.cache.allocate_checkpoint_block()
