@@ -21,37 +21,44 @@ from worker.sampler import SamplingParams
 from worker.scheduler import StoppingParams
 from worker.tiny import make_checkpoint, tiny_config
 
-# (prompt, draft tokens): plain decoding and MTP speculation (2 drafts) share each batch; the 40-token prompt
-# is prefilled in chunks of max_num_batched_tokens.
-REQUESTS = [([1, 2, 3, 4, 5, 6, 7], 2), ([100, 200, 300], 0), (list(range(1000, 1040)), 2), ([42] * 5, 0)]
+LONG = list(range(1000, 1040))
+# Rounds of (prompt, draft tokens). Plain decoding and MTP speculation (2 drafts) share each batch; the 40-token
+# prompt is prefilled in chunks of max_num_batched_tokens; round 2 extends it, so it starts from the prefix
+# cache (block copies and a DeltaNet state checkpoint restored on every rank).
+ROUNDS = [[([1, 2, 3, 4, 5, 6, 7], 2), ([100, 200, 300], 0), (LONG, 2), ([42] * 5, 0)],
+          [(LONG + [7, 8, 9, 10, 11], 2)]]
 
 
-def _generate(ckpt, tp: int) -> tuple[dict[str, tuple[list[int], list[float]]], int]:
+def _generate(ckpt, tp: int) -> tuple[dict[str, tuple[list[int], list[float]]], int, int]:
     engine = Engine(EngineConfig(model=str(ckpt), dtype="float64", tensor_parallel_size=tp, num_speculative_tokens=2,
                                  max_num_batched_tokens=16, cache_memory=64 << 20))
+    out: dict[str, tuple[list[int], list[float]]] = {}
     try:
-        for i, (prompt, k) in enumerate(REQUESTS):
-            engine.add_request(GenerationRequest(f"r{i}", prompt, SamplingParams(temperature=0.0, top_logprobs=1),
-                                                 StoppingParams(max_new_tokens=10, ignore_eos=True), k))
-        out: dict[str, tuple[list[int], list[float]]] = {f"r{i}": ([], []) for i in range(len(REQUESTS))}
-        while engine.has_unfinished():
-            for o in engine.step():
-                out[o.request_id][0].extend(o.new_token_ids)
-                out[o.request_id][1].extend(o.logprobs)
-        return out, engine.spec_counters.num_drafted
+        for n, requests in enumerate(ROUNDS):
+            for i, (prompt, k) in enumerate(requests):
+                out[f"r{n}.{i}"] = ([], [])
+                engine.add_request(GenerationRequest(f"r{n}.{i}", prompt,
+                                                     SamplingParams(temperature=0.0, top_logprobs=1),
+                                                     StoppingParams(max_new_tokens=10, ignore_eos=True), k))
+            while engine.has_unfinished():
+                for o in engine.step():
+                    out[o.request_id][0].extend(o.new_token_ids)
+                    out[o.request_id][1].extend(o.logprobs)
+        return out, engine.spec_counters.num_drafted, engine.cache_manager.prefix.stats.num_hits
     finally:
         engine.close()
 
 
 def test_two_ranks_generate_what_one_does(default_ckpt, report):
-    one, drafted_one = _generate(default_ckpt, 1)
-    two, drafted_two = _generate(default_ckpt, 2)
+    one, drafted_one, hits_one = _generate(default_ckpt, 1)
+    two, drafted_two, hits_two = _generate(default_ckpt, 2)
     assert drafted_one > 0 and drafted_two == drafted_one  # MTP drafted, and verified, the same on both
+    assert hits_one > 0 and hits_two == hits_one
     for rid, (tokens, logprobs) in one.items():
         assert len(tokens) == 10
         assert two[rid][0] == tokens, rid
         assert torch.allclose(torch.tensor(two[rid][1]), torch.tensor(logprobs), rtol=0, atol=1e-9), rid
-    report("TP=2 vs TP=1 greedy tokens (4 requests, 2 with MTP k=2)", "identical")
+    report("TP=2 vs TP=1 greedy tokens (5 requests, 3 with MTP k=2, 1 prefix-cache hit)", "identical")
 
 
 def test_rank_slices_partition_every_split_tensor(default_ckpt):
