@@ -8,14 +8,15 @@ far below any logit gap: greedy tokens must match exactly, log-probs to 1e-9.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from qnext_rpc import server
 from worker.config import load_config
 from worker.engine import Engine, EngineConfig, GenerationRequest
+from worker.loader import CheckpointFiles, load_model
 from worker.parallel import TensorShard, shard_config
 from worker.sampler import SamplingParams
 from worker.scheduler import StoppingParams
@@ -102,13 +103,38 @@ def test_sizes_that_do_not_divide_the_heads_are_refused(default_ckpt, capsys):
 
 def test_fp8_slices_must_keep_blocks_whole(tmp_path):
     """FACTS §2.2: a rank's slice of an FP8 weight must start (and end) on a 128 block edge, or its block
-    scales would be shared between ranks. The tiny experts' 64 intermediate rows split into 32 and 32."""
+    scales would be shared between ranks. The tiny model's halves (32 rows of k_proj, of each expert) are refused,
+    a wider model's (all multiples of 128) are loaded, still FP8, and checked against the stored tensors."""
     from worker.tp_worker import check_tensor_parallel
-    ckpt = make_checkpoint(tmp_path / "fp8", tiny_config(num_hidden_layers=4), fp8=True, tokenizer=False)
+    small = tiny_config(num_hidden_layers=4, vocab_size=512)
+    ckpt = make_checkpoint(tmp_path / "fp8", small, fp8=True, tokenizer=False)
     with pytest.raises(ValueError, match=r"--tensor-parallel-size.*FP8 128x128 blocks"):
         check_tensor_parallel(ckpt, 2)
-    wide = tiny_config(num_hidden_layers=4, num_experts=4, head_dim=128, moe_intermediate_size=256,
+    wide = tiny_config(num_hidden_layers=4, vocab_size=512, num_experts=4, head_dim=128, moe_intermediate_size=256,
                        shared_expert_intermediate_size=256, linear_key_head_dim=64, linear_value_head_dim=64)
     ok = make_checkpoint(tmp_path / "fp8-wide", wide, fp8=True, tokenizer=False)
     check_tensor_parallel(ok, 2)  # every boundary on a multiple of 128: accepted
-    assert json.loads((ok / "config.json").read_text())["quantization_config"]["weight_block_size"] == [128, 128]
+
+    # Kept FP8 (as on CUDA), each rank's weights and block scales are exactly its rows / columns of the stored ones.
+    ranks = [load_model(ok, keep_fp8=True, tp_rank=r, tp_size=2) for r in range(2)]
+    files = CheckpointFiles(ok)
+
+    def stored(name: str) -> torch.Tensor:
+        with safe_open(ok / files.header[name][2], framework="pt") as f:
+            return f.get_tensor(name)
+
+    attn, gdn, mtp, moe = "model.layers.3.self_attn", "model.layers.0.linear_attn", "mtp.layers.0", "model.layers.1.mlp"
+    # (stored weight, our parameter, expert index or None, split dim)
+    for name, param, expert, dim in [(f"{attn}.q_proj.weight", f"{attn}.q_proj.weight", None, 0),
+                                     (f"{gdn}.in_proj_qkvz.weight", f"{gdn}.in_proj_qkvz.weight", None, 0),
+                                     (f"{gdn}.out_proj.weight", f"{gdn}.out_proj.weight", None, 1),
+                                     (f"{mtp}.self_attn.o_proj.weight", f"{mtp}.self_attn.o_proj.weight", None, 1),
+                                     (f"{moe}.experts.3.down_proj.weight", f"{moe}.experts.w_down", 3, 1),
+                                     (f"{moe}.experts.2.up_proj.weight", f"{moe}.experts.w_up", 2, 0)]:
+        scale = param.removesuffix(".weight") + (".weight_scale_inv" if expert is None else "_scale_inv")
+        for stored_name, key in ((name, param), (name + "_scale_inv", scale)):
+            parts = [m.get_parameter(key) for m in ranks]
+            parts = parts if expert is None else [p[expert] for p in parts]
+            whole = stored(stored_name)
+            assert parts[0].dtype == whole.dtype, stored_name  # FP8 stays FP8, scales fp32
+            assert torch.equal(torch.cat([p.float() for p in parts], dim), whole.float()), stored_name
