@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"num_speculative_tokens: {args.model} has no MTP head (mtp.* tensors)")
         if args.tensor_parallel_size > 1:
             from worker.tp_worker import check_tensor_parallel
-            check_tensor_parallel(args.model, args.tensor_parallel_size)
+            check_tensor_parallel(args.model, args.tensor_parallel_size, args.device)
     except (ValueError, FileNotFoundError) as e:
         print(f"qnext-serve: {e}", file=sys.stderr)
         return 2

@@ -99,6 +99,9 @@ def test_sizes_that_do_not_divide_the_heads_are_refused(default_ckpt, capsys):
         Engine(EngineConfig(model=str(default_ckpt), tensor_parallel_size=3))
     assert server.main(["--model", str(default_ckpt), "--tensor-parallel-size", "3"]) == 2
     assert "--tensor-parallel-size" in capsys.readouterr().err
+    beyond = f"cuda:{torch.cuda.device_count()}"  # the first device that is not there
+    assert server.main(["--model", str(default_ckpt), "--device", beyond, "--tensor-parallel-size", "2"]) == 2
+    assert "--tensor-parallel-size" in capsys.readouterr().err
 
 
 def test_fp8_slices_must_keep_blocks_whole(tmp_path):

@@ -45,7 +45,7 @@ import torch.distributed as dist
 from worker.cache_tensors import CacheTensors
 from worker.config import load_config
 from worker.loader import CheckpointFiles, load_model
-from worker.parallel import TensorShard, check_fp8_blocks, shard_config
+from worker.parallel import FLAG, TensorShard, check_fp8_blocks, shard_config
 
 # Generous: the first forward's all-reduce waits for the slowest rank to finish loading its weights. A rank
 # that dies is caught by process supervision, not by this timeout.
@@ -53,9 +53,13 @@ _COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 _LOCAL_ONLY = frozenset({"compute_logits"})  # model methods that run on rank 0 alone (see the module note)
 
 
-def check_tensor_parallel(model_dir: str | Path, size: int) -> None:
-    """ValueError naming --tensor-parallel-size when the checkpoint cannot be split `size` ways; reads only
-    config.json and the safetensors headers."""
+def check_tensor_parallel(model_dir: str | Path, size: int, device: str = "cpu") -> None:
+    """ValueError naming --tensor-parallel-size when the checkpoint cannot be split `size` ways, or there are
+    not `size` devices from `device` on; reads only config.json and the safetensors headers."""
+    last = rank_device(device, size - 1)
+    if last.type == "cuda" and last.index >= torch.cuda.device_count():
+        raise ValueError(f"{FLAG}: {size} ranks from {device} need {last}, but {torch.cuda.device_count()} "
+                         f"CUDA device(s) are visible")
     ckpt = CheckpointFiles(model_dir)
     cfg = load_config(model_dir, has_mtp_tensors=ckpt.has_mtp)
     shard_config(cfg, size)
@@ -165,7 +169,7 @@ class Followers:
     """Rank 0's handle on ranks 1..N-1: launch, call, supervise, close."""
 
     def __init__(self, model_dir: Path, device: str, dtype: str, size: int) -> None:
-        check_tensor_parallel(model_dir, size)
+        check_tensor_parallel(model_dir, size, device)
         self.size = size
         self.device = rank_device(device, 0)
         self._dir = tempfile.mkdtemp(prefix="qnext-tp-")
