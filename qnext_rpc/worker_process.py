@@ -24,8 +24,11 @@ def run_worker(config: EngineConfig, conn: Connection) -> None:
     """Entry point of the spawned process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop (Shutdown or pipe EOF)
     engine = Engine(config)
-    conn.send(Ready(model=_summary(engine), cache=engine.cache_info, pid=os.getpid()))
-    _loop(engine, conn)
+    try:
+        conn.send(Ready(model=_summary(engine), cache=engine.cache_info, pid=os.getpid()))
+        _loop(engine, conn)
+    finally:
+        engine.close()  # joins the other tensor-parallel ranks, if any
 
 
 def _summary(engine: Engine) -> ModelSummary:
@@ -36,7 +39,12 @@ def _summary(engine: Engine) -> ModelSummary:
                         dtype=str(engine.dtype).removeprefix("torch."), quantization=quant,
                         max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
                         eos_token_ids=tuple(engine.eos_token_ids), num_mtp_layers=mcfg.num_mtp_layers,
-                        spec_supported=engine.max_spec_tokens > 0, device=str(engine.device))
+                        spec_supported=engine.max_spec_tokens > 0, device=_device(engine))
+
+
+def _device(engine: Engine) -> str:
+    tp = engine.config.tensor_parallel_size
+    return str(engine.device) if tp == 1 else f"{engine.device} (tensor parallel: {tp} ranks from here)"
 
 
 def _loop(engine: Engine, conn: Connection) -> None:

@@ -25,6 +25,7 @@ from worker.sampler import GREEDY_TEMPERATURE, SamplingBatch, SamplingParams, pr
 from worker.spec_decode import STREAM_DRAFT, SpecCounters, accept_drafts, race
 from worker.scheduler import (FinishReason, Request, RequestStatus, SchedulePlan, Scheduler, SchedulerConfig,
                               StepOutput, StoppingParams)
+from worker.tp_worker import Followers
 
 # float64 exists for exactness tests (rounding out of the way), not for serving.
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -48,9 +49,11 @@ class EngineConfig:
     # Prefix caching (worker/prefix_cache.py): KV blocks + DeltaNet state checkpoints of earlier prompts.
     enable_prefix_caching: bool = True
     num_checkpoints: int = 0  # state checkpoints kept; 0 = as many as 10% of the cache budget holds
+    # Tensor parallelism: ranks (processes, one device each) the model is split across (worker/parallel.py).
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.dtype not in ("auto", *_DTYPES):
@@ -168,7 +171,10 @@ class Engine:
         else:
             self.model_dir = Path(config.model)
         dtype = None if config.dtype == "auto" else _DTYPES[config.dtype]
-        self.model = load_model(self.model_dir, self.device, dtype)
+        tp = config.tensor_parallel_size
+        # rank 0 of a tensor-parallel group: start the other ranks (they load their shards meanwhile)
+        self.followers = Followers(self.model_dir, config.device, config.dtype, tp) if tp > 1 else None
+        self.model = load_model(self.model_dir, self.device, dtype, tp_size=tp)
         mcfg = self.model.config
         self.dtype = self.model.model.embed_tokens.weight.dtype  # activations / KV dtype
         self.eos_token_ids = eos_token_ids(self.model_dir, mcfg.eos_token_ids)
@@ -186,6 +192,8 @@ class Engine:
         self.cache = CacheTensors(mcfg, CacheShape(num_blocks, config.block_size, num_slots, self.dtype, state_dtype,
                                                    self.dtype, self.max_spec_tokens, num_ckpts), self.device)
         self.cache_manager = HybridCacheManager(num_blocks, config.block_size, num_slots, num_ckpts)
+        if self.followers is not None:  # from here on, every model / cache call runs on every rank
+            self.model, self.cache = self.followers.lead(self.model, self.cache)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=config.max_num_seqs,
                                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                                    max_model_len=self.max_model_len), self.cache_manager)
@@ -238,6 +246,11 @@ class Engine:
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (running requests keep their blocks as private ones)."""
         self.cache_manager.clear_prefix_cache()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (a single-device engine holds nothing to release)."""
+        if self.followers is not None:
+            self.followers.close()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted)
