@@ -142,6 +142,14 @@ def server_stats(w: WorkerStats, server: dict[str, Any]) -> Any:
                           kv_blocks_cached=w.kv_blocks_cached, kv_block_evictions=w.kv_block_evictions, **server)
 
 
+def reset_prefix_cache_response(reset: Any) -> Any:
+    return pb.ResetPrefixCacheResponse(checkpoints_freed=reset.checkpoints_freed, kv_blocks_freed=reset.kv_blocks_freed)
+
+
+def empty_reset_prefix_cache_request() -> Any:
+    return pb.ResetPrefixCacheRequest()
+
+
 def request(**fields: Any) -> Any:
     """A GenerateRequest from keyword fields (for clients): text=/token_ids=/chat=[(role, content)], ..."""
     req = pb.GenerateRequest(request_id=fields.pop("request_id", ""), top_logprobs=fields.pop("top_logprobs", 0))

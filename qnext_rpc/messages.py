@@ -1,8 +1,10 @@
 """The typed messages between the server process and the worker process (pickled over a spawn-context Pipe).
 
-server -> worker: `Submit` (every arrival and abort of one event-loop tick, coalesced), `Shutdown`.
-worker -> server: `Ready` once (the readiness handshake), then one `StepResult` per engine step, and
-`Rejected` for a request the engine refused (a backstop: the server validates before submitting).
+server -> worker: `Submit` (every arrival and abort of one event-loop tick, coalesced, and a prefix-cache reset
+when asked), `Shutdown`.
+worker -> server: `Ready` once (the readiness handshake), then one `StepResult` per engine step,
+`Rejected` for a request the engine refused (a backstop: the server validates before submitting), and
+`PrefixCacheReset` after each reset.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class AddRequest:
 class Submit:
     adds: list[AddRequest] = field(default_factory=list)
     aborts: list[str] = field(default_factory=list)
+    reset_prefix_cache: bool = False  # drop every cached prefix after applying the aborts
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,13 @@ class StepResult:
     stats: WorkerStats
     # request_id -> time.monotonic() when the worker first saw it RUNNING (CLOCK_MONOTONIC is system-wide).
     started: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PrefixCacheReset:
+    checkpoints_freed: int
+    kv_blocks_freed: int
+    stats: WorkerStats  # pool usage after the reset
 
 
 @dataclass(frozen=True)

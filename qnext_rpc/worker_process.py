@@ -15,8 +15,8 @@ import signal
 import time
 from multiprocessing.connection import Connection
 
-from qnext_rpc.messages import (AddRequest, ModelSummary, Ready, Rejected, Shutdown, StepResult, Submit,
-                                WorkerStats)
+from qnext_rpc.messages import (AddRequest, ModelSummary, PrefixCacheReset, Ready, Rejected, Shutdown, StepResult,
+                                Submit, WorkerStats)
 from worker.engine import Engine, EngineConfig, GenerationRequest
 from worker.scheduler import RequestStatus
 
@@ -72,6 +72,11 @@ def _apply(engine: Engine, msg: Submit, unstarted: set[str], conn: Connection) -
     for rid in msg.aborts:
         engine.abort(rid)
         unstarted.discard(rid)
+    if msg.reset_prefix_cache:
+        cm = engine.cache_manager
+        checkpoints, blocks = (cm.prefix.num_checkpoints_used if cm.prefix else 0), cm.kv_blocks_cached
+        engine.reset_prefix_cache()
+        conn.send(PrefixCacheReset(checkpoints, blocks, _stats(engine)))
     for add in msg.adds:
         try:
             engine.add_request(_generation_request(add))

@@ -295,3 +295,19 @@ def test_prefix_cache_serves_shared_system_prompts_and_earlier_turns(server):
     assert after.prefix_cache_hits - before.prefix_cache_hits >= 2
     assert after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens >= (
         r_other.finish.usage.cached_tokens + r2.finish.usage.cached_tokens)
+
+
+def test_reset_prefix_cache_empties_the_cache_and_keeps_serving(server):
+    async def go():
+        async with Client(server.target) as c:
+            await c.generate(token_ids=list(range(100, 160)), temperature=0.0, max_new_tokens=4)  # something cached
+            before = await c.server_stats()
+            reset = await c.reset_prefix_cache()
+            after = await c.server_stats()
+            again = await c.generate(token_ids=list(range(100, 160)), temperature=0.0, max_new_tokens=4)
+        return before, reset, after, again
+    before, reset, after, again = run(go())
+    assert before.checkpoints_used > 0 and before.kv_blocks_cached > 0
+    assert reset.checkpoints_freed == before.checkpoints_used and reset.kv_blocks_freed == before.kv_blocks_cached
+    assert after.checkpoints_used == 0 and after.kv_blocks_cached == 0 and after.kv_blocks_used == 0
+    assert again.finish.usage.cached_tokens == 0 and len(again.token_ids) == 4
