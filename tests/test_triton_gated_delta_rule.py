@@ -20,8 +20,9 @@ from kernels import dispatch, gated_delta_rule  # noqa: E402
 from kernels.gated_delta_rule import reference  # noqa: E402
 
 S, J = 12, 4  # slots in the pool, spec states per slot
-# fp32 dots: the interpreter multiplies in fp32; the GPU runs them as tf32x3, a little less exact.
-FP32_TOL = 1e-5 if DEVICE == "cpu" else 5e-5
+# fp32 inputs: the interpreter multiplies in fp32; on the GPU the chunked path's dots run in TF32
+# (triton_chunk.launch_config), 2^-11 per product.
+FP32_TOL = 1e-5 if DEVICE == "cpu" else 2e-3
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -18,9 +18,8 @@ sum of g inside the chunk and D[i, j] = exp(G_i - G_j) for i >= j:
    Every exponent is <= 0 (g <= 0 makes G decrease along the chunk), and D is masked before the exp.
 
 A chunk's tail past the sequence's end loads k = v = g = beta = 0, as the reference pads: those rows neither
-decay nor write the state and their outputs are not stored. The dots take fp32 operands; on the GPU they run
-as three TF32 products ("tf32x3", about fp32 accurate) rather than plain TF32, whose 10-bit mantissa would be
-carried through the state from chunk to chunk.
+decay nor write the state and their outputs are not stored. Dots take fp32 operands; `launch_config` says at
+which precision the GPU multiplies them.
 """
 
 from __future__ import annotations
@@ -112,12 +111,16 @@ def gdr_chunk_fwd_kernel(
     while ci * C < n:  # not `range`: the interpreter cannot take a loaded scalar as a range bound
         rows = start + ci * C + i  # int64
         ok = ci * C + i < n
-        q = tl.load(q_ptr + rows[:, None] * stride_qt + kh * stride_qh + d[None, :],
-                    mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [C, BLOCK_K]
-        k = tl.load(k_ptr + rows[:, None] * stride_kt + kh * stride_kh + d[None, :],
-                    mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        q = q * (tl.rsqrt(tl.sum(q * q, 1) + 1e-6) * scale)[:, None]
-        k = k * tl.rsqrt(tl.sum(k * k, 1) + 1e-6)[:, None]
+        qf = tl.load(q_ptr + rows[:, None] * stride_qt + kh * stride_qh + d[None, :],
+                     mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [C, BLOCK_K]
+        kf = tl.load(k_ptr + rows[:, None] * stride_kt + kh * stride_kh + d[None, :],
+                     mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        # The L2 norms (and every other per-row factor) scale rows of a dot's operand, so they are applied to
+        # its result or to the small [C, BLOCK_V] operand instead: Q and K enter the dots as loaded, with no
+        # scaled [C, BLOCK_K] copies (those made the compiled kernel spill), and bf16 inputs, exact in TF32,
+        # multiply exactly.
+        rq = tl.rsqrt(tl.sum(qf * qf, 1) + 1e-6) * scale  # [C]
+        rk = tl.rsqrt(tl.sum(kf * kf, 1) + 1e-6)
         v = tl.load(v_ptr + rows[:, None] * stride_vt + h * stride_vh + c[None, :],
                     mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)  # [C, BLOCK_V]
         g = tl.load(g_ptr + rows * stride_gt + h, mask=ok, other=0.0).to(tl.float32)
@@ -128,26 +131,32 @@ def gdr_chunk_fwd_kernel(
         a = a_ptr + ((chunk0 + ci) * H + h).to(tl.int64) * (C * C)
         A = tl.load(a + i[:, None] * C + i[None, :])  # [C, C]
 
-        rhs = v * beta[:, None] - tl.dot(k * (beta * eG)[:, None], S, input_precision=DOT_PRECISION)
+        kS = tl.dot(kf, S, input_precision=DOT_PRECISION)  # [C, BLOCK_V], unnormalised K
+        rhs = beta[:, None] * (v - (rk * eG)[:, None] * kS)
         v_new = tl.dot(A, rhs, input_precision=DOT_PRECISION)  # [C, BLOCK_V]
         decay = tl.exp(tl.where(lower, G[:, None] - G[None, :], float("-inf")))
-        attn = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * decay  # [C, C]
-        o = tl.dot(q * eG[:, None], S, input_precision=DOT_PRECISION)
+        attn = tl.dot(qf, tl.trans(kf), input_precision=DOT_PRECISION) * (rq[:, None] * rk[None, :] * decay)
+        o = tl.dot(qf, S, input_precision=DOT_PRECISION) * (rq * eG)[:, None]
         o = tl.dot(attn, v_new, o, input_precision=DOT_PRECISION)
         tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + c[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=ok[:, None] & c_ok[None, :])
-        k_end = k * tl.exp(G_last - G)[:, None]
-        S = tl.dot(tl.trans(k_end), v_new, S * tl.exp(G_last), input_precision=DOT_PRECISION)
+        v_end = v_new * (rk * tl.exp(G_last - G))[:, None]
+        S = tl.dot(tl.trans(kf), v_end, S * tl.exp(G_last), input_precision=DOT_PRECISION)
         ci += 1
     tl.store(state + tile, S.to(state_ptr.dtype.element_ty), mask=tile_ok)
 
 
 def launch_config(dk: int, dv: int, on_cuda: bool) -> dict[str, object]:
     """tl.dot wants every dim >= 16. BLOCK_V = 32: at dk = dv = 128, 32 heads x 4 column blocks = 128 programs
-    per prefilling sequence (about one per SM of an H200); fp32 Q, K tiles of [64, 128] need 8 warps to stay in
-    registers (test_triton_compile.py checks for spills). Not yet timed on a GPU."""
+    per prefilling sequence (about one per SM of an H200), 8 warps. Dot precision on the GPU (the interpreter
+    multiplies in fp32 whatever it is told): the inverse, parallel and off the chunk-to-chunk path, runs
+    "tf32x3" (about fp32); the chunk walk runs plain TF32, whose 2^-11 per product is below the bf16 rounding of
+    the outputs and finer than the bf16 operands flash-linear-attention and vLLM use there. tf32x3 in the walk
+    spilled 2.3 KB of registers at these tiles (test_triton_compile.py); TF32 still spills about 0.6 KB, which
+    the first GPU timing should weigh. Not yet timed on a GPU."""
     return dict(BLOCK_K=max(16, triton.next_power_of_2(dk)), BLOCK_V=max(16, min(32, triton.next_power_of_2(dv))),
-                DOT_PRECISION="tf32x3" if on_cuda else "ieee", num_warps=8)
+                DOT_PRECISION="tf32" if on_cuda else "ieee", INVERSE_PRECISION="tf32x3" if on_cuda else "ieee",
+                num_warps=8)
 
 
 def gdr_chunk_fwd(
@@ -170,7 +179,7 @@ def gdr_chunk_fwd(
     a = torch.empty(items.shape[0], H, CHUNK_SIZE, CHUNK_SIZE, dtype=torch.float32, device=q.device)
     gdr_chunk_inverse_kernel[(items.shape[0], H)](
         k, g, beta, a, items, dk, group, k.stride(0), k.stride(1), g.stride(0), beta.stride(0),
-        C=CHUNK_SIZE, SUB=CHUNK_SIZE // 4, BLOCK_K=block_k, DOT_PRECISION=prec, num_warps=4)
+        C=CHUNK_SIZE, SUB=CHUNK_SIZE // 4, BLOCK_K=block_k, DOT_PRECISION=cfg["INVERSE_PRECISION"], num_warps=4)
     gdr_chunk_fwd_kernel[(meta.shape[0], H, triton.cdiv(dv, cfg["BLOCK_V"]))](
         q, k, v, g, beta, out, a, ssm_state, state_slots, meta, dk, dv, group, dk ** -0.5,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0), beta.stride(0),
