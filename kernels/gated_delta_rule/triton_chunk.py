@@ -152,8 +152,9 @@ def launch_config(dk: int, dv: int, on_cuda: bool) -> dict[str, object]:
     multiplies in fp32 whatever it is told): the inverse, parallel and off the chunk-to-chunk path, runs
     "tf32x3" (about fp32); the chunk walk runs plain TF32, whose 2^-11 per product is below the bf16 rounding of
     the outputs and finer than the bf16 operands flash-linear-attention and vLLM use there. tf32x3 in the walk
-    spilled 2.3 KB of registers at these tiles (test_triton_compile.py); TF32 still spills about 0.6 KB, which
-    the first GPU timing should weigh. Not yet timed on a GPU."""
+    spilled 2.3 KB of registers at these tiles (test_triton_compile.py); TF32 still spills about 0.6 KB (BLOCK_V
+    = 16 spills 0.25 KB but doubles the Q K^T work and the programs), which the first GPU timing should weigh.
+    Not yet timed on a GPU."""
     return dict(BLOCK_K=max(16, triton.next_power_of_2(dk)), BLOCK_V=max(16, min(32, triton.next_power_of_2(dv))),
                 DOT_PRECISION="tf32" if on_cuda else "ieee", INVERSE_PRECISION="tf32x3" if on_cuda else "ieee",
                 num_warps=8)
