@@ -96,7 +96,7 @@ class Recorder:
 
 @pytest.mark.parametrize("k", [0, 2])
 def test_multi_turn_outputs_identical_cold_warm_disabled(mtp_ckpt, engines, k, report):
-    convs = conversations(3)
+    convs = conversations(2)
     off = Recorder(engines(mtp_ckpt, enable_prefix_caching=False, num_speculative_tokens=k))
     want = [off.conversation(f"c{i}", c) for i, c in enumerate(convs)]
     on = Recorder(engines(mtp_ckpt, num_speculative_tokens=k))
