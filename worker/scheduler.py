@@ -346,9 +346,9 @@ class Scheduler:
             return None, None
         self.cache.share_blocks(hit.blocks)
         grown = self.cache.ensure(hit.blocks, None, hit.position)  # + the tail's block and a slot
-        if grown is None:
+        if grown is None:  # no slot or block for it now: the request waits like any other
             self.cache.drop_blocks(hit.blocks)
-            return hit, None
+            return None, None
         request.block_ids, request.state_slot = grown
         request.num_computed_tokens, request.prefix_nodes = hit.position, list(hit.nodes)
         ckpt = hit.checkpoint
