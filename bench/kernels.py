@@ -13,10 +13,12 @@ plain bf16 matmul of the same shape. The rel_err column compares the Triton outp
 Shapes (FACTS §1, §2.2, §3): hidden 2048; FP8 linears in_proj_qkvz [12288, 2048], q_proj [8192, 2048],
 out_proj/o_proj [2048, 4096], shared-expert up [512, 2048] and down [2048, 512]; norms over hidden 2048
 (optionally with the residual add), q/k norm (16 heads x 256) and the gated norm (32 value heads x 128); conv
-over conv_dim 8192, kernel 4; paged attention with 16 query / 2 KV heads of 256 over 16-token blocks (decodes
-over a 4096-token context, prefills of 4K and 32K tokens); the routed MoE with 512 experts, top-10,
-moe_intermediate 512 (bf16 and FP8 weights). Decode batches of 1/8/64/256 tokens (conv, attention: that many
-sequences of one token) and a 4096-token prefill.
+over conv_dim 8192, kernel 4; gated delta rule with 16 key / 32 value heads of 128, fp32 states; paged attention
+with 16 query / 2 KV heads of 256 over 16-token blocks; the router and routed MoE with 512 experts, top-10,
+moe_intermediate 512 (bf16 and FP8 weights). Decode batches of 1/8/64/256 tokens (conv, gated delta rule,
+attention: that many sequences of one token; attention over a 4096-token context, and batch 1 over 32768),
+speculative-verify batches of 3-token chunks (gated delta rule, up to 64 sequences), a 4096-token prefill, and
+32768 for the gated delta rule and attention.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16; the bound for the compute-
 FP8_LINEARS = {"in_proj_qkvz": (12288, 2048), "q_proj": (8192, 2048), "out_proj": (2048, 4096),
                "shared_up": (512, 2048), "shared_down": (2048, 512)}
 PREFILL = 4096
+PREFILL_LONG = 32768
+GDR_HK, GDR_HV, GDR_D = 16, 32, 128  # key heads, value heads, dk = dv
 
 
 @dataclass
@@ -177,8 +181,8 @@ def attention_rows(batch_sizes: list[int], peak: float) -> list[Row]:
     rows = []
     scale = HEAD_DIM ** -0.5
     cases = [(f"decode B={B} ctx={DECODE_CONTEXT}", [1] * B, [DECODE_CONTEXT] * B) for B in batch_sizes if B <= 1024]
-    cases.append((f"decode B=1 ctx={8 * DECODE_CONTEXT}", [1], [8 * DECODE_CONTEXT]))  # split-KV territory
-    cases += [(f"prefill T={n}", [n], [n]) for n in (PREFILL, 8 * PREFILL)]
+    cases.append((f"decode B=1 ctx={PREFILL_LONG}", [1], [PREFILL_LONG]))  # split-KV territory
+    cases += [(f"prefill T={n}", [n], [n]) for n in (PREFILL, PREFILL_LONG)]
     for label, qlens, ctx in cases:
         T = sum(qlens)
         k_cache, v_cache, tables = paged_kv(ctx)
@@ -209,6 +213,64 @@ def attention_rows(batch_sizes: list[int], peak: float) -> list[Row]:
         r = row("paged_attention", label, fast, ref, nbytes, peak)
         tflops = flops / (r.triton_us * 1e-6) / 1e12
         r.extra = note + f"{tflops:.0f} TFLOP/s ({100 * tflops / PEAK_BF16_TFLOPS:.0f}% of bf16 peak)"
+        rows.append(r)
+    return rows
+
+
+def gdr_cases(batch_sizes: list[int]) -> list[tuple[str, list[int], list[bool], list[bool]]]:
+    """(label, query_lens, has_initial_state, is_verify) of each gated delta rule case."""
+    cases = [(f"decode B={B}", [1] * B, [True] * B, [False] * B) for B in batch_sizes if B <= 1024]
+    cases += [(f"verify B={B} n=3", [3] * B, [True] * B, [True] * B) for B in batch_sizes if B <= 64]
+    cases += [(f"prefill T={T}", [T], [False], [False]) for T in (PREFILL, PREFILL_LONG)]
+    return cases
+
+
+def gdr_inputs(lens: list[int], verify: list[bool], device: str, Hk: int = GDR_HK, Hv: int = GDR_HV,
+               d: int = GDR_D, spare_slots: int = 8) -> dict[str, object]:
+    """The op's arguments at the model's layout (q, k unrepeated, bf16; g fp32; states fp32), slots offset
+    from 0 so that the pool has untouched neighbours."""
+    B, T = len(lens), sum(lens)
+    bf16 = torch.bfloat16
+    q, k = (torch.randn(T, Hk, d, device=device, dtype=bf16) for _ in range(2))
+    spec_len = max((n - 1 for n, x in zip(lens, verify) if x), default=0)
+    return dict(q=q, k=k, v=torch.randn(T, Hv, d, device=device, dtype=bf16),
+                g=-torch.rand(T, Hv, device=device), beta=torch.rand(T, Hv, device=device).to(bf16),
+                ssm_state=torch.randn(B + spare_slots, Hv, d, d, device=device) * 0.1,
+                state_slots=torch.arange(B, device=device) + spare_slots // 2,
+                spec_ssm=torch.zeros(B + spare_slots, spec_len, Hv, d, d, device=device) if spec_len else None)
+
+
+def gdr_bytes(lens: list[int], init: list[bool], verify: list[bool], Hk: int = GDR_HK, Hv: int = GDR_HV,
+              d: int = GDR_D) -> tuple[int, int]:
+    """(minimum bytes moved, FLOPs of the chunked form): tokens' q, k, v, g, beta read and outputs written once;
+    states read where continued, written once, plus a verify chunk's intermediate states."""
+    T = sum(lens)
+    state = Hv * d * d * 4
+    nbytes = T * (2 * Hk * d * 2 + Hv * d * 2 + Hv * 4 + Hv * 2 + Hv * d * 2)
+    nbytes += sum(state * (int(i) + 1 + (n - 1) * int(v)) for n, i, v in zip(lens, init, verify) if n)
+    # per 64-token chunk and value head: K K^T, Q K^T (2 C^2 d each), K S, Q S, K^T V (2 C d^2 each),
+    # A @ rhs, attn @ V (2 C^2 d each)
+    chunks = sum(-(-n // 64) for n, v in zip(lens, verify) if n > 1 and not v)
+    flops = chunks * Hv * (4 * 2 * 64 * 64 * d + 3 * 2 * 64 * d * d)
+    return nbytes, flops
+
+
+def gdr_rows(batch_sizes: list[int], peak: float) -> list[Row]:
+    from kernels import gated_delta_rule
+    from kernels.gated_delta_rule import reference
+    rows = []
+    for label, lens, init, verify in gdr_cases(batch_sizes):
+        args = gdr_inputs(lens, verify, "cuda")
+        ref_args = {n: x.clone() if n in ("ssm_state", "spec_ssm") and x is not None else x for n, x in args.items()}
+        nbytes, flops = gdr_bytes(lens, init, verify)
+        r = row("gated_delta_rule", label,
+                lambda: gated_delta_rule.gated_delta_rule_varlen(**args, query_lens=lens, has_initial_state=init,
+                                                                 is_verify=verify),
+                lambda: reference.gated_delta_rule_varlen(**ref_args, query_lens=lens, has_initial_state=init,
+                                                          is_verify=verify), nbytes, peak,
+                extra="includes the host->device metadata copy")
+        if flops:
+            r.extra = f"{flops / (r.triton_us * 1e-6) / 1e12:.1f} TFLOP/s (chunked form); " + r.extra
         rows.append(r)
     return rows
 
@@ -265,8 +327,8 @@ def print_table(rows: list[Row]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ops", default="fp8,norms,conv,attention,moe",
-                   help="comma list of fp8, norms, conv, attention, moe")
+    p.add_argument("--ops", default="fp8,norms,conv,gdr,attention,moe",
+                   help="comma list of fp8, norms, conv, gdr, attention, moe")
     p.add_argument("--batch-sizes", default=f"1,8,64,256,{PREFILL}", help="token counts (decode batches, prefill)")
     p.add_argument("--peak-gbps", type=float, default=None, help="memory bandwidth bound; default: measured copy")
     p.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
@@ -281,8 +343,8 @@ def main() -> None:
     peak = args.peak_gbps or copy_gbps()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  bandwidth bound {peak:.0f} GB/s"
           f"{' (given)' if args.peak_gbps else ' (measured copy)'}\n")
-    builders = {"fp8": fp8_rows, "norms": norm_rows, "conv": conv_rows, "attention": attention_rows,
-                "moe": moe_rows}
+    builders = {"fp8": fp8_rows, "norms": norm_rows, "conv": conv_rows, "gdr": gdr_rows,
+                "attention": attention_rows, "moe": moe_rows}
     rows: list[Row] = []
     with force_triton(), torch.inference_mode():
         for op in args.ops.split(","):

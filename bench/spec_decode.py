@@ -57,6 +57,11 @@ FIRST_SPECIAL_ID = 151643  # <|endoftext|>: prompts draw from the ordinary BPE i
 GREEDY = SamplingParams(temperature=0.0)
 
 
+def _pools_free(engine) -> bool:
+    engine.reset_prefix_cache()  # cached prefixes hold blocks until cleared
+    return engine.cache_manager.is_full() and not engine._draft_probs
+
+
 def make_prompts(batch: int, length: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, FIRST_SPECIAL_ID, (batch, length), generator=g).tolist()
@@ -169,7 +174,7 @@ class Run:
             # the per-request counters of the final RequestOutputs must add up to the engine-wide ones
             "request_counters_agree": (sum(o.num_drafted_tokens for o in self.finals.values()) == c.num_drafted
                                        and sum(o.num_accepted_tokens for o in self.finals.values()) == c.num_accepted),
-            "pools_free": engine.cache_manager.is_full() and not engine._draft_probs,
+            "pools_free": _pools_free(engine),
             "steps": self.steps,
         }
 

@@ -23,7 +23,8 @@ from multiprocessing.connection import Connection
 
 import structlog
 
-from qnext_rpc.messages import AddRequest, Ready, Rejected, Shutdown, StepResult, Submit, WorkerStats
+from qnext_rpc.messages import (AddRequest, PrefixCacheReset, Ready, Rejected, Shutdown, StepResult, Submit,
+                                WorkerStats)
 from qnext_rpc.worker_process import run_worker
 from worker.engine import EngineConfig, RequestOutput
 
@@ -82,6 +83,8 @@ class Batcher:
         self._in_worker: set[str] = set()  # submitted to the worker and not finished there
         self._adds: list[AddRequest] = []
         self._aborts: list[str] = []
+        self._resets: list[asyncio.Future] = []  # ResetPrefixCache calls: sent / waiting for the worker's answer
+        self._reset_pending = False  # a reset to send with the next flush
         self._flush_scheduled = False
         self._proc: mp.process.BaseProcess | None = None
         self._conn: Connection | None = None
@@ -140,6 +143,16 @@ class Batcher:
             self._aborts.append(request_id)
             self._schedule_flush()
 
+    async def reset_prefix_cache(self) -> PrefixCacheReset:
+        """Ask the worker to drop its cached prefixes; resolves with what it freed."""
+        if self.ready is None:
+            raise WorkerUnavailable("the worker is not ready (starting or restarting); retry shortly")
+        fut = self._loop.create_future()
+        self._resets.append(fut)
+        self._reset_pending = True
+        self._schedule_flush()
+        return await fut
+
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -147,11 +160,11 @@ class Batcher:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if not (self._adds or self._aborts) or self._sendq is None or self.ready is None:
+        if not (self._adds or self._aborts or self._reset_pending) or self._sendq is None or self.ready is None:
             return
         self._in_worker.update(a.request_id for a in self._adds)
-        self._sendq.put(Submit(adds=self._adds, aborts=self._aborts))
-        self._adds, self._aborts = [], []
+        self._sendq.put(Submit(adds=self._adds, aborts=self._aborts, reset_prefix_cache=self._reset_pending))
+        self._adds, self._aborts, self._reset_pending = [], [], False
 
     def _on_readable(self, conn: Connection) -> None:
         try:
@@ -178,6 +191,13 @@ class Batcher:
             if self._ready_fut is not None and not self._ready_fut.done():
                 self._ready_fut.set_result(msg)
             self.on_ready_change(True)
+        elif isinstance(msg, PrefixCacheReset):
+            self.stats = msg.stats
+            # the worker answers resets in order and one answer covers every reset sent before it
+            for fut in self._resets:
+                if not fut.done():
+                    fut.set_result(msg)
+            self._resets = []
         elif isinstance(msg, Rejected):
             self._in_worker.discard(msg.request_id)
             if (h := self._handles.get(msg.request_id)) is not None:
@@ -201,6 +221,10 @@ class Batcher:
         error = WorkerUnavailable(f"the worker died ({why}); it is being restarted, retry shortly")
         for h in self._handles.values():
             h._fail(error)
+        for fut in self._resets:
+            if not fut.done():
+                fut.set_exception(error)
+        self._resets, self._reset_pending = [], False
         self._handles.clear()
         self._in_worker.clear()
         self._adds, self._aborts = [], []

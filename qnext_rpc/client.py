@@ -58,3 +58,6 @@ class Client:
 
     async def server_stats(self) -> Any:
         return await self._stub.GetServerStats(convert.empty_stats_request(), timeout=self.timeout)
+
+    async def reset_prefix_cache(self) -> Any:
+        return await self._stub.ResetPrefixCache(convert.empty_reset_prefix_cache_request(), timeout=self.timeout)

@@ -52,6 +52,8 @@ def parse_generate(req: Any) -> GenerateSpec:
     spec.include_stop_strings = st.include_stop_strings
     if req.HasField("num_speculative_tokens"):
         spec.num_speculative_tokens = req.num_speculative_tokens
+    spec.bypass_prefix_cache = req.bypass_prefix_cache
+    spec.cache_checkpoints = list(req.cache_checkpoints)
     return spec
 
 
@@ -133,7 +135,19 @@ def server_stats(w: WorkerStats, server: dict[str, Any]) -> Any:
                           kv_blocks_total=w.kv_blocks_total, state_slots_used=w.state_slots_used,
                           state_slots_total=w.state_slots_total, num_steps=w.num_steps,
                           spec_drafted_tokens=w.spec_drafted_tokens, spec_accepted_tokens=w.spec_accepted_tokens,
-                          **server)
+                          prefix_cache_enabled=w.prefix_cache_enabled, prefix_cache_queries=w.prefix_cache_queries,
+                          prefix_cache_hits=w.prefix_cache_hits, prefix_cache_query_tokens=w.prefix_cache_query_tokens,
+                          prefix_cache_hit_tokens=w.prefix_cache_hit_tokens, checkpoints_used=w.checkpoints_used,
+                          checkpoints_total=w.checkpoints_total, checkpoint_evictions=w.checkpoint_evictions,
+                          kv_blocks_cached=w.kv_blocks_cached, kv_block_evictions=w.kv_block_evictions, **server)
+
+
+def reset_prefix_cache_response(reset: Any) -> Any:
+    return pb.ResetPrefixCacheResponse(checkpoints_freed=reset.checkpoints_freed, kv_blocks_freed=reset.kv_blocks_freed)
+
+
+def empty_reset_prefix_cache_request() -> Any:
+    return pb.ResetPrefixCacheRequest()
 
 
 def request(**fields: Any) -> Any:
@@ -150,6 +164,10 @@ def request(**fields: Any) -> Any:
         req.chat.enable_thinking = fields.pop("enable_thinking")
     if "num_speculative_tokens" in fields:
         req.num_speculative_tokens = fields.pop("num_speculative_tokens")
+    if "bypass_prefix_cache" in fields:
+        req.bypass_prefix_cache = fields.pop("bypass_prefix_cache")
+    if "cache_checkpoints" in fields:
+        req.cache_checkpoints.extend(fields.pop("cache_checkpoints"))
     for name in SAMPLING_FIELDS:
         if name in fields:
             setattr(req.sampling, name, fields.pop(name))

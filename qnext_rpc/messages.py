@@ -1,8 +1,10 @@
 """The typed messages between the server process and the worker process (pickled over a spawn-context Pipe).
 
-server -> worker: `Submit` (every arrival and abort of one event-loop tick, coalesced), `Shutdown`.
-worker -> server: `Ready` once (the readiness handshake), then one `StepResult` per engine step, and
-`Rejected` for a request the engine refused (a backstop: the server validates before submitting).
+server -> worker: `Submit` (every arrival and abort of one event-loop tick, coalesced, and a prefix-cache reset
+when asked), `Shutdown`.
+worker -> server: `Ready` once (the readiness handshake), then one `StepResult` per engine step,
+`Rejected` for a request the engine refused (a backstop: the server validates before submitting), and
+`PrefixCacheReset` after each reset.
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ class AddRequest:
     sampling: SamplingParams
     stopping: StoppingParams
     num_speculative_tokens: int = 0
+    use_prefix_cache: bool = True
+    cache_checkpoints: tuple[int, ...] = ()  # prompt offsets to keep the recurrent state at
 
 
 @dataclass(frozen=True)
 class Submit:
     adds: list[AddRequest] = field(default_factory=list)
     aborts: list[str] = field(default_factory=list)
+    reset_prefix_cache: bool = False  # drop every cached prefix after applying the aborts
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,16 @@ class WorkerStats:
     num_steps: int = 0
     spec_drafted_tokens: int = 0
     spec_accepted_tokens: int = 0
+    prefix_cache_enabled: bool = False
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_query_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    checkpoints_used: int = 0
+    checkpoints_total: int = 0
+    checkpoint_evictions: int = 0
+    kv_blocks_cached: int = 0
+    kv_block_evictions: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,13 @@ class StepResult:
     stats: WorkerStats
     # request_id -> time.monotonic() when the worker first saw it RUNNING (CLOCK_MONOTONIC is system-wide).
     started: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PrefixCacheReset:
+    checkpoints_freed: int
+    kv_blocks_freed: int
+    stats: WorkerStats  # pool usage after the reset
 
 
 @dataclass(frozen=True)

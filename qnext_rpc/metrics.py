@@ -9,6 +9,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from qnext_rpc.messages import StepResult
 
+_PREFIX_GAUGES = {  # WorkerStats field -> (metric name, help)
+    "prefix_cache_queries": ("prefix_cache_queries", "Requests looked up in the prefix cache (worker lifetime)"),
+    "prefix_cache_hits": ("prefix_cache_hits", "Requests that hit the prefix cache (worker lifetime)"),
+    "prefix_cache_query_tokens": ("prefix_cache_query_tokens", "Prompt tokens looked up (worker lifetime)"),
+    "prefix_cache_hit_tokens": ("prefix_cache_hit_tokens", "Prompt tokens served from the cache (worker lifetime)"),
+    "checkpoints_used": ("prefix_checkpoints_used", "Recurrent-state checkpoints held"),
+    "checkpoints_total": ("prefix_checkpoints_total", "Recurrent-state checkpoint pool size"),
+    "checkpoint_evictions": ("prefix_checkpoint_evictions", "Checkpoints evicted (worker lifetime)"),
+    "kv_blocks_cached": ("prefix_kv_blocks_cached", "KV blocks holding a cached prefix"),
+    "kv_block_evictions": ("prefix_kv_block_evictions", "Cached KV blocks evicted (worker lifetime)"),
+}
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -35,6 +46,11 @@ class Metrics:
                                   registry=r)
         self.spec_accepted = Gauge("qnext_spec_accepted_tokens", "MTP draft tokens accepted (worker lifetime)",
                                    registry=r)
+        # prefix cache: one gauge per WorkerStats field (worker-lifetime counters are exported as gauges, like the
+        # MTP ones, because a worker restart resets them)
+        self.prefix = {f: Gauge(f"qnext_{name}", doc, registry=r) for f, (name, doc) in _PREFIX_GAUGES.items()}
+        self.prefix_hit_rate = Gauge("qnext_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / "
+                                     "prompt tokens looked up (worker lifetime)", registry=r)
         self.worker_ready = Gauge("qnext_worker_ready", "1 when the worker is up and ready", registry=r)
         self.worker_restarts = Counter("qnext_worker_restarts", "Worker restarts", registry=r)
         self.num_generated = 0
@@ -65,6 +81,10 @@ class Metrics:
         self.slots_total.set(s.state_slots_total)
         self.spec_drafted.set(s.spec_drafted_tokens)
         self.spec_accepted.set(s.spec_accepted_tokens)
+        for f, gauge in self.prefix.items():
+            gauge.set(getattr(s, f))
+        self.prefix_hit_rate.set(s.prefix_cache_hit_tokens / s.prefix_cache_query_tokens
+                                 if s.prefix_cache_query_tokens else 0.0)
 
     def tokens_per_second(self) -> float:
         now = time.monotonic()

@@ -177,12 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     a("--metrics-port", type=int, default=9090, help="Prometheus HTTP port (0 = a free port, -1 = off)")
     a("--device", default="cpu", help="torch device of the worker, e.g. cuda:0")
     a("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    a("--tensor-parallel-size", type=int, default=1,
+      help="split the model across this many devices (one worker process each; --device names the first); "
+           "must divide the attention and DeltaNet key heads")
     a("--max-model-len", type=int, default=None, help="prompt + output tokens per request (default: the model's)")
     a("--max-num-seqs", type=int, default=64, help="sequences running at once")
     a("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step")
     a("--cache-memory", type=float, default=0.0,
       help="KV + state cache budget: fraction of device memory (CUDA, <= 1) or bytes (CPU); 0 = default")
     a("--num-speculative-tokens", type=int, default=0, help="largest MTP draft length a request may use; 0 = off")
+    a("--no-prefix-caching", dest="prefix_caching", action="store_false",
+      help="turn the prefix cache (KV blocks + recurrent-state checkpoints) off")
+    a("--num-checkpoints", type=int, default=0,
+      help="recurrent-state checkpoints the prefix cache keeps; 0 = as many as 10%% of the cache budget holds")
     a("--max-pending-requests", type=int, default=256, help="open requests before RESOURCE_EXHAUSTED")
     a("--max-new-tokens-default", type=int, default=2048, help="max_new_tokens when a request gives none")
     a("--reasoning-parser", nargs="?", const="qwen3", default=None,
@@ -202,10 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         from worker.tiny import default_checkpoint
         args.model = str(default_checkpoint())
     try:
-        engine = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+        engine = EngineConfig(model=args.model, device=args.device, tensor_parallel_size=args.tensor_parallel_size,
+                              dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                               cache_memory=args.cache_memory, seed=args.seed,
-                              num_speculative_tokens=args.num_speculative_tokens)
+                              num_speculative_tokens=args.num_speculative_tokens,
+                              enable_prefix_caching=args.prefix_caching, num_checkpoints=args.num_checkpoints)
         cfg = ServerConfig(host=args.host, port=args.port, metrics_host=args.metrics_host,
                            metrics_port=args.metrics_port, max_pending_requests=args.max_pending_requests,
                            num_speculative_tokens=args.num_speculative_tokens,
@@ -215,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
             from worker.loader import CheckpointFiles
             if not CheckpointFiles(args.model).has_mtp:
                 raise ValueError(f"num_speculative_tokens: {args.model} has no MTP head (mtp.* tensors)")
+        if args.tensor_parallel_size > 1:
+            from worker.tp_worker import check_tensor_parallel
+            check_tensor_parallel(args.model, args.tensor_parallel_size, args.device)
     except (ValueError, FileNotFoundError) as e:
         print(f"qnext-serve: {e}", file=sys.stderr)
         return 2

@@ -171,6 +171,12 @@ class GenerationService(convert.GenerationServicer):
             "has_chat_template": self.text.has_chat_template})
 
     @_grpc_errors
+    async def ResetPrefixCache(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        reset = await self.batcher.reset_prefix_cache()
+        log.info("prefix cache reset", checkpoints_freed=reset.checkpoints_freed, kv_blocks_freed=reset.kv_blocks_freed)
+        return convert.reset_prefix_cache_response(reset)
+
+    @_grpc_errors
     async def GetServerStats(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         m = self.metrics
         return convert.server_stats(self.batcher.stats, {

@@ -79,6 +79,7 @@ class OutputAssembler:
         self.token_ids: list[int] = []
         self.num_preemptions = 0
         self.spec = (0, 0)  # (drafted, accepted) so far, from the engine's per-request MTP counters
+        self.num_cached_tokens = 0  # prompt tokens the engine served from its prefix cache
         self.finish: Finish | None = None
 
     @property
@@ -97,6 +98,7 @@ class OutputAssembler:
                                    zip(out.new_token_ids, out.logprobs, out.top_logprobs)]
             self.num_preemptions = out.num_preemptions
             self.spec = (getattr(out, "num_drafted_tokens", 0), getattr(out, "num_accepted_tokens", 0))
+            self.num_cached_tokens = getattr(out, "num_cached_tokens", 0)
             if out.finished:
                 engine_finish = out
                 break
@@ -131,6 +133,7 @@ class OutputAssembler:
                           time_to_first_token_ms=ms(self.arrival, first), total_ms=ms(self.arrival, now),
                           num_preemptions=self.num_preemptions)
         usage = Usage(prompt_tokens=len(self.prepared.add.prompt_token_ids), completion_tokens=len(self.token_ids),
+                      cached_tokens=self.num_cached_tokens,
                       reasoning_tokens=self._reasoning_tokens())
         self.finish = Finish(reason=reason, usage=usage, timings=timings, stop_token_id=stop_token_id,
                              stop_string=stop_string, drafted_tokens=self.spec[0], accepted_tokens=self.spec[1])

@@ -83,6 +83,25 @@ class TextProcessor:
     def encode_chat(self, messages: Sequence[ChatMessage], enable_thinking: bool | None = None) -> list[int]:
         return self.encode(self.render_chat(messages, enable_thinking))
 
+    def chat_turn_boundaries(self, messages: Sequence[ChatMessage], enable_thinking: bool | None,
+                             prompt_ids: Sequence[int]) -> list[int]:
+        """Token offsets in prompt_ids where an earlier message ends (the end of the system prompt, of each
+        earlier turn): where the next request of the same conversation can resume from the prefix cache.
+        Each is the token count of the conversation rendered up to that message without the generation
+        prompt, kept only when those tokens are exactly a prefix of prompt_ids (a template may render an earlier
+        turn differently once later turns exist, e.g. dropping its reasoning)."""
+        if self._template is None:
+            return []
+        extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        boundaries = []
+        for n in range(1, len(messages)):
+            head = self._template.render(messages=[{"role": m.role, "content": m.content} for m in messages[:n]],
+                                         add_generation_prompt=False, **self._special, **extra)
+            ids = self.encode(head)
+            if 0 < len(ids) < len(prompt_ids) and list(prompt_ids[:len(ids)]) == ids:
+                boundaries.append(len(ids))
+        return boundaries
+
     def starts_in_reasoning(self, prompt_ids: Sequence[int]) -> bool:
         """True when the prompt opened a think block it did not close (the Thinking template's implicit tag)."""
         if self.think_start_id is None:

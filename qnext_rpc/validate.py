@@ -32,6 +32,7 @@ class Limits:
     max_stop_string_length: int = 256
     max_request_id_length: int = 256
     max_chat_messages: int = 1024
+    max_cache_checkpoints: int = 64
     chars_per_token_limit: int = 16  # text longer than max_model_len * this is refused before tokenising
     default_sampling: dict[str, Any] = field(default_factory=dict)  # generation_config.json's values
 
@@ -56,6 +57,8 @@ class GenerateSpec:
     include_stop_strings: bool = False
     top_logprobs: int = 0
     num_speculative_tokens: int | None = None
+    bypass_prefix_cache: bool = False
+    cache_checkpoints: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -163,8 +166,16 @@ def prepare(spec: GenerateSpec, limits: Limits, text: TextProcessor) -> Prepared
     _require(len(ids) < limits.max_model_len, field_name,
              f"the prompt has {len(ids)} tokens, which leaves no room within max_model_len {limits.max_model_len}")
     stopping = stopping_params(spec, limits, len(ids))
+    _require(len(spec.cache_checkpoints) <= limits.max_cache_checkpoints, "cache_checkpoints",
+             f"{len(spec.cache_checkpoints)} offsets is over the limit of {limits.max_cache_checkpoints}")
+    bad = [p for p in spec.cache_checkpoints if not 1 <= p <= len(ids)]
+    _require(not bad, "cache_checkpoints", f"offsets must be in [1, {len(ids)}] (the prompt's tokens), got {bad[:5]}")
+    checkpoints = set(spec.cache_checkpoints)
+    if field_name == "chat" and not spec.bypass_prefix_cache:
+        checkpoints.update(text.chat_turn_boundaries(spec.chat or [], spec.enable_thinking, ids))
     rid = spec.request_id or uuid.uuid4().hex
-    add = AddRequest(rid, ids, sampling, stopping, num_speculative_tokens=num_spec)
+    add = AddRequest(rid, ids, sampling, stopping, num_speculative_tokens=num_spec,
+                     use_prefix_cache=not spec.bypass_prefix_cache, cache_checkpoints=tuple(sorted(checkpoints)))
     return PreparedRequest(add=add, stop_strings=list(spec.stop_strings),
                            include_stop_strings=spec.include_stop_strings, top_logprobs=spec.top_logprobs,
                            starts_in_reasoning=text.starts_in_reasoning(ids))

@@ -15,8 +15,8 @@ import signal
 import time
 from multiprocessing.connection import Connection
 
-from qnext_rpc.messages import (AddRequest, ModelSummary, Ready, Rejected, Shutdown, StepResult, Submit,
-                                WorkerStats)
+from qnext_rpc.messages import (AddRequest, ModelSummary, PrefixCacheReset, Ready, Rejected, Shutdown, StepResult,
+                                Submit, WorkerStats)
 from worker.engine import Engine, EngineConfig, GenerationRequest
 from worker.scheduler import RequestStatus
 
@@ -24,8 +24,11 @@ def run_worker(config: EngineConfig, conn: Connection) -> None:
     """Entry point of the spawned process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop (Shutdown or pipe EOF)
     engine = Engine(config)
-    conn.send(Ready(model=_summary(engine), cache=engine.cache_info, pid=os.getpid()))
-    _loop(engine, conn)
+    try:
+        conn.send(Ready(model=_summary(engine), cache=engine.cache_info, pid=os.getpid()))
+        _loop(engine, conn)
+    finally:
+        engine.close()  # joins the other tensor-parallel ranks, if any
 
 
 def _summary(engine: Engine) -> ModelSummary:
@@ -36,7 +39,12 @@ def _summary(engine: Engine) -> ModelSummary:
                         dtype=str(engine.dtype).removeprefix("torch."), quantization=quant,
                         max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
                         eos_token_ids=tuple(engine.eos_token_ids), num_mtp_layers=mcfg.num_mtp_layers,
-                        spec_supported=engine.max_spec_tokens > 0, device=str(engine.device))
+                        spec_supported=engine.max_spec_tokens > 0, device=_device(engine))
+
+
+def _device(engine: Engine) -> str:
+    tp = engine.config.tensor_parallel_size
+    return str(engine.device) if tp == 1 else f"{engine.device} (tensor parallel: {tp} ranks from here)"
 
 
 def _loop(engine: Engine, conn: Connection) -> None:
@@ -64,6 +72,11 @@ def _apply(engine: Engine, msg: Submit, unstarted: set[str], conn: Connection) -
     for rid in msg.aborts:
         engine.abort(rid)
         unstarted.discard(rid)
+    if msg.reset_prefix_cache:
+        cm = engine.cache_manager
+        checkpoints, blocks = (cm.prefix.num_checkpoints_used if cm.prefix else 0), cm.kv_blocks_cached
+        engine.reset_prefix_cache()
+        conn.send(PrefixCacheReset(checkpoints, blocks, _stats(engine)))
     for add in msg.adds:
         try:
             engine.add_request(_generation_request(add))
@@ -75,7 +88,8 @@ def _apply(engine: Engine, msg: Submit, unstarted: set[str], conn: Connection) -
 
 def _generation_request(add: AddRequest) -> GenerationRequest:
     return GenerationRequest(add.request_id, add.prompt_token_ids, add.sampling, add.stopping,
-                             add.num_speculative_tokens)
+                             add.num_speculative_tokens, use_prefix_cache=add.use_prefix_cache,
+                             cache_checkpoints=add.cache_checkpoints)
 
 
 def _newly_started(engine: Engine, unstarted: set[str], step_start: float) -> dict[str, float]:
@@ -92,8 +106,16 @@ def _newly_started(engine: Engine, unstarted: set[str], step_start: float) -> di
 def _stats(engine: Engine) -> WorkerStats:
     cm = engine.cache_manager
     spec = engine.spec_counters
+    prefix = {}
+    if cm.prefix is not None:
+        st = cm.prefix.stats
+        prefix = dict(prefix_cache_enabled=True, prefix_cache_queries=st.num_queries, prefix_cache_hits=st.num_hits,
+                      prefix_cache_query_tokens=st.query_tokens, prefix_cache_hit_tokens=st.hit_tokens,
+                      checkpoints_used=cm.prefix.num_checkpoints_used, checkpoints_total=cm.prefix.num_checkpoints,
+                      checkpoint_evictions=st.checkpoint_evictions, kv_blocks_cached=cm.kv_blocks_cached,
+                      kv_block_evictions=st.block_evictions)
     return WorkerStats(num_running=engine.scheduler.num_running, num_waiting=engine.scheduler.num_waiting,
                        kv_blocks_used=cm.kv_blocks_used, kv_blocks_total=cm.kv_blocks_total,
                        state_slots_used=cm.state_slots_used, state_slots_total=cm.state_slots_total,
                        num_steps=engine.timings.num_steps,
-                       spec_drafted_tokens=spec.num_drafted, spec_accepted_tokens=spec.num_accepted)
+                       spec_drafted_tokens=spec.num_drafted, spec_accepted_tokens=spec.num_accepted, **prefix)

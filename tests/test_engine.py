@@ -36,7 +36,9 @@ def engines():
 
     yield new
     for e in made:  # every block and state slot is back after any mix of finished / aborted / preempted
-        assert not e.has_unfinished() and e.cache_manager.is_full()
+        assert not e.has_unfinished()
+        e.reset_prefix_cache()  # cached prefixes hold blocks until cleared
+        assert e.cache_manager.is_full() and not e._restored_hidden
 
 
 def prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
@@ -89,7 +91,9 @@ def test_preemption_under_a_tiny_cache(ckpt, engines):
     small = engines(ckpt, block_size=4)
     # room for ~3 sequences' worth of KV blocks: forces preemption by recompute
     per_block, per_slot = small.cache_info.bytes_per_block, small.cache_info.bytes_per_slot
-    tiny = engines(ckpt, block_size=4, max_num_seqs=6, cache_memory=int(6 * per_slot + 45 * per_block))
+    per_ckpt = small.cache_info.bytes_per_checkpoint  # prefix caching on, 2 checkpoints budgeted on top
+    tiny = engines(ckpt, block_size=4, max_num_seqs=6, num_checkpoints=2,
+                   cache_memory=int(6 * per_slot + 45 * per_block + 2 * per_ckpt))
     assert tiny.cache_info.num_blocks < sum(len(p) + 24 for p in ps) // 4
     got = tiny.generate(ps, GREEDY, StoppingParams(max_new_tokens=24, ignore_eos=True))
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
@@ -98,8 +102,9 @@ def test_preemption_under_a_tiny_cache(ckpt, engines):
 
 def test_preemptions_are_counted(ckpt, engines):
     e0 = engines(ckpt, block_size=4)
-    e = engines(ckpt, block_size=4, max_num_seqs=6, cache_memory=int(6 * e0.cache_info.bytes_per_slot
-                                                     + 30 * e0.cache_info.bytes_per_block))
+    e = engines(ckpt, block_size=4, max_num_seqs=6, num_checkpoints=2,
+                cache_memory=int(6 * e0.cache_info.bytes_per_slot + 30 * e0.cache_info.bytes_per_block
+                                 + 2 * e0.cache_info.bytes_per_checkpoint))
     for i, p in enumerate(prompts([40, 40, 40], seed=3)):
         e.add_request(GenerationRequest(f"p{i}", p, GREEDY, StoppingParams(max_new_tokens=20, ignore_eos=True)))
     preempted = 0

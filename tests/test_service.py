@@ -213,6 +213,8 @@ VALIDATION = [
     (dict(text="hi", num_speculative_tokens=1), "num_speculative_tokens"),
     (dict(text="hi", top_logprobs=21), "top_logprobs"),
     (dict(text="hi", request_id="r" * 1000), "request_id"),
+    (dict(token_ids=[1, 2, 3], cache_checkpoints=[4]), "cache_checkpoints"),
+    (dict(token_ids=[1, 2, 3], cache_checkpoints=[0]), "cache_checkpoints"),
 ]
 
 
@@ -257,7 +259,55 @@ def test_health_reflection_and_metrics(server):
     families = {f.name: f for f in text_string_to_metric_families(body)}
     for name in ("qnext_requests", "qnext_time_to_first_token_seconds", "qnext_inter_token_seconds",
                  "qnext_request_duration_seconds", "qnext_num_waiting", "qnext_num_running", "qnext_kv_blocks_used",
-                 "qnext_state_slots_used", "qnext_spec_accepted_tokens"):
+                 "qnext_state_slots_used", "qnext_spec_accepted_tokens", "qnext_prefix_cache_hit_rate",
+                 "qnext_prefix_checkpoints_used", "qnext_prefix_kv_block_evictions"):
         assert name in families, name
     ok = [s for s in families["qnext_requests"].samples if s.labels.get("status") == "length"]
     assert ok and ok[0].value > 0
+
+
+def test_prefix_cache_serves_shared_system_prompts_and_earlier_turns(server):
+    """Chat through the template: a second conversation with the same system prompt, and turn 2 of the first,
+    are served from the prefix cache (Usage.cached_tokens); a bypassing request is not; stats count it."""
+    system = ("system", "You are the qnext test assistant. Answer briefly, in plain words, and never use lists. " * 3)
+    turn1 = [system, ("user", "What is a recurrent state checkpoint?")]
+    other = [system, ("user", "And what is a KV block?")]
+
+    async def go():
+        async with Client(server.target) as c:
+            before = await c.server_stats()
+            sys_len = len(await c.tokenize(chat=[system]))  # rendered with the generation prompt: >= the boundary
+            turn1_len = len(await c.tokenize(chat=turn1))
+            r1 = await c.generate(chat=turn1, temperature=0.0, max_new_tokens=6, ignore_eos=True)
+            r_other = await c.generate(chat=other, temperature=0.0, max_new_tokens=6, ignore_eos=True)
+            turn2 = turn1 + [("assistant", r1.text), ("user", "Shorter, please.")]
+            r2 = await c.generate(chat=turn2, temperature=0.0, max_new_tokens=6, ignore_eos=True)
+            r_bypass = await c.generate(chat=other, temperature=0.0, max_new_tokens=6, ignore_eos=True,
+                                        bypass_prefix_cache=True)
+            after = await c.server_stats()
+        return before, sys_len, turn1_len, r1, r_other, r2, r_bypass, after
+    before, sys_len, turn1_len, r1, r_other, r2, r_bypass, after = run(go())
+    assert r1.finish.usage.cached_tokens < sys_len - 5  # cold (up to whatever earlier tests left cached)
+    assert sys_len - 5 <= r_other.finish.usage.cached_tokens < turn1_len  # the system message, mid-block
+    assert r2.finish.usage.cached_tokens >= turn1_len  # all of turn 1's prompt, at least
+    assert r_bypass.finish.usage.cached_tokens == 0 and r_bypass.token_ids == r_other.token_ids
+    assert after.prefix_cache_enabled and after.checkpoints_total > 0 and after.checkpoints_used > 0
+    assert after.prefix_cache_hits - before.prefix_cache_hits >= 2
+    assert after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens >= (
+        r_other.finish.usage.cached_tokens + r2.finish.usage.cached_tokens)
+
+
+def test_reset_prefix_cache_empties_the_cache_and_keeps_serving(server):
+    async def go():
+        async with Client(server.target) as c:
+            await c.generate(token_ids=list(range(100, 160)), temperature=0.0, max_new_tokens=4)  # something cached
+            before = await c.server_stats()
+            reset = await c.reset_prefix_cache()
+            after = await c.server_stats()
+            again = await c.generate(token_ids=list(range(100, 160)), temperature=0.0, max_new_tokens=4)
+        return before, reset, after, again
+    before, reset, after, again = run(go())
+    assert before.checkpoints_used > 0 and before.kv_blocks_cached > 0
+    assert reset.checkpoints_freed == before.checkpoints_used and reset.kv_blocks_freed == before.kv_blocks_cached
+    assert after.checkpoints_used == 0 and after.kv_blocks_cached == 0 and after.kv_blocks_used == 0
+    assert again.finish.usage.cached_tokens == 0 and len(again.token_ids) == 4

@@ -43,7 +43,9 @@ def engines():
 
     yield new
     for e in made:
-        assert not e.has_unfinished() and e.cache_manager.is_full() and not e._draft_probs
+        assert not e.has_unfinished()
+        e.reset_prefix_cache()  # cached prefixes hold blocks until cleared
+        assert e.cache_manager.is_full() and not e._draft_probs and not e._restored_hidden
 
 
 def prompts(lengths: list[int], seed: int) -> list[list[int]]:
@@ -91,7 +93,7 @@ def test_greedy_is_exact_for_every_k(request, engines, ckpt_name):
 
 
 def test_greedy_exact_under_preemption(random_ckpt, aligned_ckpt, engines):
-    from worker.cache_tensors import kv_bytes_per_block, state_bytes_per_slot
+    from worker.cache_tensors import kv_bytes_per_block, checkpoint_bytes, state_bytes_per_slot
     from worker.config import load_config
 
     cfg = load_config(random_ckpt, has_mtp_tensors=True)
@@ -100,7 +102,10 @@ def test_greedy_exact_under_preemption(random_ckpt, aligned_ckpt, engines):
     for ckpt in (random_ckpt, aligned_ckpt):
         ps = prompts([30, 22, 41, 15], seed=2)
         want = run(engines(ckpt), ps, [0] * 4, max_new=16)
-        tiny = engines(ckpt, num_speculative_tokens=3, block_size=4, cache_memory=int(4 * per_slot + 36 * per_block))
+        # with prefix caching on (2 checkpoints, budgeted on top): preempted requests may restart from a hit
+        per_ckpt = checkpoint_bytes(cfg, torch.float32, torch.float32, torch.float32)
+        tiny = engines(ckpt, num_speculative_tokens=3, block_size=4, num_checkpoints=2,
+                       cache_memory=int(4 * per_slot + 36 * per_block + 2 * per_ckpt))
         assert tiny.cache_info.num_blocks < sum(len(p) + 16 for p in ps) // 4  # cannot hold them all: preempts
         preempted: list[int] = []
         got = run(tiny, ps, [3, 2, 3, 1], max_new=16, preemptions=preempted)

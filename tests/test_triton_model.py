@@ -1,7 +1,7 @@
-"""The Triton kernels of kernels/ (norms, conv1d, paged attention, MoE, FP8 linears and experts) inside the tiny
-model, through the real call sites, against the torch references: prefill chunks, decodes and a fresh sequence in
-mixed batches. The model runs on CPU, the kernels through the Triton interpreter (so the module is skipped where
-CUDA is present)."""
+"""The Triton kernels of kernels/ (norms, conv1d, gated delta rule, paged attention, MoE, FP8 linears and experts)
+inside the tiny model, through the real call sites, against the torch references: prefill chunks, decodes and a
+fresh sequence in mixed batches. The model runs on CPU, the kernels through the Triton interpreter (so the module
+is skipped where CUDA is present)."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from worker.model import Experts  # noqa: E402
 from worker.loader import load_model  # noqa: E402
 from worker.tiny import make_checkpoint, tiny_config  # noqa: E402
 
-# Steps of (sequence, tokens): two prefills (one longer than the conv kernel's 32-token tile), then decodes
-# mixed with a new sequence.
-STEPS = [[(0, list(range(3, 43))), (1, list(range(50, 55)))],
+# Steps of (sequence, tokens): two prefills (one longer than the conv kernel's 32-token tile and the gated delta
+# rule's 64-token chunk), then decodes mixed with a new sequence.
+STEPS = [[(0, list(range(3, 73))), (1, list(range(80, 85)))],
          [(0, [7]), (1, [9]), (2, [11, 12, 13])],
          [(0, [8]), (1, [10]), (2, [14])]]
 
@@ -39,7 +39,7 @@ def ckpts(tmp_path_factory):
             "fp8": make_checkpoint(root / "fp8", small, seed=5, fp8=True, tokenizer=False)}
 
 
-def run(model, triton: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+def run(model, triton: bool) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     runner = PagedRunner(model)
     sids = [runner.new_seq() for _ in range(3)]
     logits = []
@@ -51,7 +51,7 @@ def run(model, triton: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
                     logits += runner.step(chunks)
             else:
                 logits += runner.step(chunks)
-    return logits, runner.cache.conv_state.clone()
+    return logits, runner.cache.conv_state.clone(), runner.cache.ssm_state.clone()
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -73,15 +73,17 @@ def test_model_with_triton_kernels_matches_references(ckpts, report, monkeypatch
                         counted("attention", triton_attention.paged_attention_fwd))
     monkeypatch.setattr(triton_moe, "fused_moe_fwd", counted("moe", triton_moe.fused_moe_fwd))
     model = load_model(ckpts["bf16"])  # fp32 activations
-    want, want_conv = run(model, triton=False)
+    want, want_conv, want_ssm = run(model, triton=False)
     assert calls == {"attention": 0, "moe": 0}
-    got, got_conv = run(model, triton=True)
+    got, got_conv, got_ssm = run(model, triton=True)
     assert calls["attention"] > 0 and calls["moe"] > 0, calls
     errs = [rel_err(g, w) for g, w in zip(got, want)]
-    report("tiny model, Triton norms + conv1d + attention + MoE vs references, worst logits rel err",
+    report("tiny model, Triton norms + conv1d + gated delta rule + attention + MoE vs references, worst logits "
+           "rel err",
            f"{max(errs):.2e}")
     assert max(errs) < 1e-5, errs
     assert rel_err(got_conv, want_conv) < 1e-5
+    assert rel_err(got_ssm, want_ssm) < 1e-5
 
 
 def test_fp8_linears_at_the_models_call_sites(ckpts, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -170,17 +170,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-speculative-tokens", type=int, default=0,
                    help="MTP speculative decoding: draft tokens per step (0-4; 0 = off); the default and maximum "
                         "for every line, which may ask for fewer with num_speculative_tokens")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="turn the prefix cache off (lines sharing a prefix then recompute it)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the model across this many devices (one process each; --device names the first)")
     args = p.parse_args(argv)
     engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                  cache_memory=args.cache_memory, seed=args.seed,
-                                 num_speculative_tokens=args.num_speculative_tokens))
+                                 num_speculative_tokens=args.num_speculative_tokens,
+                                 enable_prefix_caching=args.prefix_caching,
+                                 tensor_parallel_size=args.tensor_parallel_size))
     tokenizer = Tokenizer.from_file(str(engine.model_dir / "tokenizer.json"))
     info = engine.cache_info
     print(f"qnext-batch: model {engine.model_dir}, cache {info.num_kv_tokens} KV tokens, "
           f"{info.num_slots} sequences", file=sys.stderr)
-    with open(args.input) as src, open(args.output, "w") as dst:
-        completed, rejected = run(engine, tokenizer, src, dst, progress=sys.stderr.isatty())
+    try:
+        with open(args.input) as src, open(args.output, "w") as dst:
+            completed, rejected = run(engine, tokenizer, src, dst, progress=sys.stderr.isatty())
+    finally:
+        engine.close()
     c = engine.spec_counters
     spec = (f"; MTP drafted {c.num_drafted}, accepted {c.num_accepted} "
             f"({c.mean_acceptance_length:.2f} tokens per verify step)" if c.num_verify_steps else "")

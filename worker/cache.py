@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from worker.prefix_cache import PrefixCache
+
 
 class _IdPool:
     """Free list of the ids 0..num_total-1. Freed ids go to the back, so recently freed ones are reused last."""
@@ -77,16 +79,78 @@ class SlotPool:
 
 
 class HybridCacheManager:
-    """Grows and releases a sequence's (block table, slot) pair as one unit; "no room" is a None return."""
+    """Grows and releases a sequence's (block table, slot) pair as one unit; "no room" is a None return.
 
-    def __init__(self, num_blocks: int, block_size: int, num_slots: int) -> None:
+    With a prefix cache, a block may be referenced by several sequences (a shared prefix) and by a checkpoint
+    (its tail block): it returns to the free list, or becomes an idle cached block, when the last reference
+    goes. Idle cached blocks and checkpoint tail blocks count as available: an allocation the free list cannot
+    serve evicts idle blocks (least recently used first), then whole checkpoints (least recently used first),
+    so the cache never keeps a sequence from running.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, num_slots: int, num_checkpoints: int = 0) -> None:
         assert block_size >= 1, block_size
         self.block_size = block_size
         self.blocks = BlockPool(num_blocks)
         self.slots = SlotPool(num_slots)
+        self.prefix = PrefixCache(block_size, num_checkpoints) if num_checkpoints > 0 else None
+        self._refs = [0] * num_blocks
+        self.num_checkpoint_blocks = 0  # tail blocks held by prefix-cache checkpoints
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    @property
+    def num_available_blocks(self) -> int:
+        """Blocks an allocation can get: free ones, idle cached ones and checkpoint tails."""
+        if self.prefix is None:
+            return self.blocks.num_free
+        return self.blocks.num_free + self.prefix.num_idle_blocks + self.num_checkpoint_blocks
+
+    def allocate_blocks(self, n: int) -> list[int] | None:
+        """n blocks with one reference each, evicting cached prefixes when the free list is short."""
+        if n > self.num_available_blocks:
+            return None
+        short = n - self.blocks.num_free
+        if short > 0:
+            self.blocks.free(self.prefix.evict_idle(min(short, self.prefix.num_idle_blocks)))
+        while n > self.blocks.num_free:
+            self.release_checkpoint_block(self.prefix.evict_lru_checkpoint().tail_block)
+        ids = self.blocks.allocate(n)
+        assert ids is not None
+        for b in ids:
+            self._refs[b] = 1
+        return ids
+
+    def share_blocks(self, block_ids: list[int]) -> None:
+        """One more reference to each (cached) block."""
+        for b in block_ids:
+            if self._refs[b] == 0:
+                self.prefix.set_busy(b)
+            self._refs[b] += 1
+
+    def drop_blocks(self, block_ids: list[int]) -> None:
+        """One reference less to each; deepest first, so a prefix's tail is evicted before its head."""
+        for b in reversed(block_ids):
+            assert self._refs[b] > 0, f"block {b} released more often than referenced"
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                if self.prefix is not None and self.prefix.is_cached(b):
+                    self.prefix.set_idle(b)
+                else:
+                    self.blocks.free([b])
+
+    def allocate_checkpoint_block(self) -> int | None:
+        """A block for a checkpoint's tail (counted apart from the sequences' blocks), or None."""
+        blocks = self.allocate_blocks(1)
+        if blocks is None:
+            return None
+        self.num_checkpoint_blocks += 1
+        return blocks[0]
+
+    def release_checkpoint_block(self, block: int) -> None:
+        self.num_checkpoint_blocks -= 1
+        self.drop_blocks([block])
 
     def ensure(self, block_ids: list[int], slot: int | None, total_tokens: int) -> tuple[list[int], int] | None:
         """The sequence's (block_ids, slot) grown to cover total_tokens tokens and to own a slot.
@@ -96,9 +160,9 @@ class HybridCacheManager:
         total_tokens is kept as it is (never shrunk).
         """
         num_new = max(0, self.blocks_for(total_tokens) - len(block_ids))
-        if num_new > self.blocks.num_free or (slot is None and self.slots.num_free == 0):
+        if num_new > self.num_available_blocks or (slot is None and self.slots.num_free == 0):
             return None
-        new_blocks = self.blocks.allocate(num_new)
+        new_blocks = self.allocate_blocks(num_new)
         assert new_blocks is not None  # checked above
         if slot is None:
             slot = self.slots.allocate()
@@ -106,17 +170,32 @@ class HybridCacheManager:
         return block_ids + new_blocks, slot
 
     def release(self, block_ids: list[int], slot: int | None) -> None:
-        self.blocks.free(block_ids)
+        self.drop_blocks(block_ids)
         if slot is not None:
             self.slots.free(slot)
 
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prefix: idle blocks and checkpoint tail blocks go back to the free list."""
+        if self.prefix is None:
+            return
+        idle, tails = self.prefix.clear()
+        self.blocks.free(idle)
+        for b in tails:
+            self.release_checkpoint_block(b)
+
     def is_full(self) -> bool:
-        """Every block and slot is free again (nothing leaked)."""
+        """Every block and slot is free again (nothing leaked). Cached prefixes hold blocks: clear them first."""
         return self.blocks.num_free == self.blocks.num_total and self.slots.num_free == self.slots.num_total
 
     @property
     def kv_blocks_used(self) -> int:
-        return self.blocks.num_total - self.blocks.num_free
+        """Blocks referenced by running sequences (idle cached blocks and checkpoint tails: `kv_blocks_cached`)."""
+        return self.blocks.num_total - self.num_available_blocks
+
+    @property
+    def kv_blocks_cached(self) -> int:
+        """Blocks holding a cached prefix: named in the index (in use or idle) or a checkpoint's tail."""
+        return (self.prefix.num_cached_blocks if self.prefix else 0) + self.num_checkpoint_blocks
 
     @property
     def kv_blocks_total(self) -> int:

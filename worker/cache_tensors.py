@@ -7,6 +7,8 @@
 - With MTP speculation (up to k_max draft tokens), each slot also has k_max intermediate states
   [n_gdn, num_slots, k_max, ...]: a verify step records the state after each of its first k positions there,
   so the slot can be rolled back to the last accepted token. This multiplies the state memory by 1 + k_max.
+- Prefix caching: a pool of state checkpoints [n_gdn, num_checkpoints, ...] (conv and recurrent state after a
+  given token of a cached prefix) and the target's final hidden state at that token [num_checkpoints, H].
 
 Which block or slot belongs to whom is decided by the (torch-free) allocator in `worker/cache.py`.
 """
@@ -29,6 +31,7 @@ class CacheShape:
     state_dtype: torch.dtype  # recurrent state; fp32 by default (bf16 halves it)
     conv_dtype: torch.dtype
     max_spec_tokens: int = 0  # k_max: intermediate states kept per slot for speculative verify
+    num_checkpoints: int = 0  # prefix-cache state checkpoints (0 = prefix caching off)
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, kv_dtype: torch.dtype) -> int:
@@ -36,6 +39,13 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, kv_dtype: torch.dtype)
     layers = len(cfg.full_attention_layers) + cfg.num_mtp_layers
     per_layer = 2 * block_size * cfg.num_key_value_heads * cfg.head_dim * kv_dtype.itemsize
     return layers * per_layer
+
+
+def checkpoint_bytes(cfg: ModelConfig, state_dtype: torch.dtype, conv_dtype: torch.dtype,
+                     hidden_dtype: torch.dtype) -> int:
+    """Bytes of one prefix-cache checkpoint: a slot's state (no speculative copies) and one hidden vector.
+    Its tail KV block comes out of the KV pool."""
+    return state_bytes_per_slot(cfg, state_dtype, conv_dtype) + cfg.hidden_size * hidden_dtype.itemsize
 
 
 def state_bytes_per_slot(cfg: ModelConfig, state_dtype: torch.dtype, conv_dtype: torch.dtype,
@@ -65,6 +75,10 @@ class CacheTensors:
                                      dtype=shape.conv_dtype, device=device) if k else None
         self.spec_ssm = torch.zeros(n_gdn, shape.num_slots, k, *self.ssm_state.shape[2:],
                                     dtype=shape.state_dtype, device=device) if k else None
+        c = shape.num_checkpoints
+        self.ckpt_conv = torch.zeros(n_gdn, c, *self.conv_state.shape[2:], dtype=shape.conv_dtype, device=device)
+        self.ckpt_ssm = torch.zeros(n_gdn, c, *self.ssm_state.shape[2:], dtype=shape.state_dtype, device=device)
+        self.ckpt_hidden = torch.zeros(c, cfg.hidden_size, dtype=shape.kv_dtype, device=device)
 
     def rollback(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
         """Set each slot's DeltaNet state to the one recorded after verify position `positions[i]`
@@ -72,3 +86,29 @@ class CacheTensors:
         assert self.spec_conv is not None and self.spec_ssm is not None
         self.conv_state[:, slots] = self.spec_conv[:, slots, positions]
         self.ssm_state[:, slots] = self.spec_ssm[:, slots, positions]
+
+    # ---- prefix cache: checkpoints and block copies (worker/prefix_cache.py) ----------------------------------
+
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """KV block src[i] -> dst[i] in every attention pool (MTP's included). All reads happen before any
+        write, so a destination may be another pair's source."""
+        s, d = self._index(src), self._index(dst)
+        for pool in (*self.k_cache, *self.v_cache):
+            pool[d] = pool[s]
+
+    def save_checkpoints(self, slots: list[int], ckpt_ids: list[int], hidden: torch.Tensor) -> None:
+        """The DeltaNet state of slots[i] (every layer) and hidden[i] ([n, H], the target's final hidden state
+        of the checkpoint's last token) into checkpoint ckpt_ids[i]."""
+        s, c = self._index(slots), self._index(ckpt_ids)
+        self.ckpt_conv[:, c] = self.conv_state[:, s]
+        self.ckpt_ssm[:, c] = self.ssm_state[:, s]
+        self.ckpt_hidden[c] = hidden.to(self.ckpt_hidden.dtype)
+
+    def restore_checkpoints(self, ckpt_ids: list[int], slots: list[int]) -> None:
+        """Checkpoint ckpt_ids[i]'s DeltaNet state into slots[i] (the request's own slot: copy on write)."""
+        c, s = self._index(ckpt_ids), self._index(slots)
+        self.conv_state[:, s] = self.ckpt_conv[:, c]
+        self.ssm_state[:, s] = self.ckpt_ssm[:, c]
+
+    def _index(self, ids: list[int]) -> torch.Tensor:
+        return torch.tensor(ids, dtype=torch.int64, device=self.conv_state.device)

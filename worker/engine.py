@@ -17,13 +17,15 @@ from pathlib import Path
 import torch
 
 from worker.cache import HybridCacheManager
-from worker.cache_tensors import CacheShape, CacheTensors, kv_bytes_per_block, state_bytes_per_slot
+from worker.cache_tensors import (CacheShape, CacheTensors, checkpoint_bytes, kv_bytes_per_block,
+                                  state_bytes_per_slot)
 from worker.loader import load_model
 from worker.model import ForwardBatch
 from worker.sampler import GREEDY_TEMPERATURE, SamplingBatch, SamplingParams, processed_probs, sample
 from worker.spec_decode import STREAM_DRAFT, SpecCounters, accept_drafts, race
 from worker.scheduler import (FinishReason, Request, RequestStatus, SchedulePlan, Scheduler, SchedulerConfig,
                               StepOutput, StoppingParams)
+from worker.tp_worker import Followers
 
 # float64 exists for exactness tests (rounding out of the way), not for serving.
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -44,9 +46,14 @@ class EngineConfig:
     seed: int | None = None  # seeds the per-request seeds drawn for requests that give none
     # MTP speculative decoding: the server's maximum (and default) draft length; 0 = off. Needs mtp.* weights.
     num_speculative_tokens: int = 0
+    # Prefix caching (worker/prefix_cache.py): KV blocks + DeltaNet state checkpoints of earlier prompts.
+    enable_prefix_caching: bool = True
+    num_checkpoints: int = 0  # state checkpoints kept; 0 = as many as 10% of the cache budget holds
+    # Tensor parallelism: ranks (processes, one device each) the model is split across (worker/parallel.py).
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.dtype not in ("auto", *_DTYPES):
@@ -57,6 +64,8 @@ class EngineConfig:
             raise ValueError(f"num_speculative_tokens: must be in [0, 4], got {self.num_speculative_tokens}")
         if self.cache_memory < 0:
             raise ValueError(f"cache_memory: must be >= 0, got {self.cache_memory}")
+        if self.num_checkpoints < 0:
+            raise ValueError(f"num_checkpoints: must be >= 0, got {self.num_checkpoints}")
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,10 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stopping: StoppingParams = field(default_factory=StoppingParams)
     num_speculative_tokens: int | None = None  # None = the engine's default; 0 = off; <= the engine's maximum
+    use_prefix_cache: bool = True  # False: this request neither reads nor fills the prefix cache
+    # Prompt positions (1..len(prompt)) where a DeltaNet state checkpoint should be taken, so a later prompt
+    # sharing exactly that prefix can start there (chat-turn boundaries, client-chosen offsets).
+    cache_checkpoints: tuple[int, ...] = ()
 
 
 @dataclass
@@ -83,6 +96,7 @@ class RequestOutput:
     num_preemptions: int
     num_drafted_tokens: int = 0  # MTP drafts verified for this request so far
     num_accepted_tokens: int = 0  # of which accepted
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @dataclass
@@ -106,6 +120,8 @@ class CacheInfo:
     num_slots: int
     bytes_per_block: int
     bytes_per_slot: int
+    num_checkpoints: int = 0  # prefix-cache state checkpoints (0 = prefix caching off)
+    bytes_per_checkpoint: int = 0
 
     @property
     def num_kv_tokens(self) -> int:
@@ -122,20 +138,27 @@ def eos_token_ids(model_dir: Path, config_eos: tuple[int, ...]) -> tuple[int, ..
     return config_eos
 
 
-def size_cache(config: EngineConfig, bytes_per_block: int, bytes_per_slot: int, device: torch.device) -> tuple[int, int]:
-    """Split the budget: a state slot for each of max_num_seqs sequences (at most 90% of the budget: a running
-    sequence needs its slot whatever its length), the rest KV blocks."""
+def size_cache(config: EngineConfig, bytes_per_block: int, bytes_per_slot: int, bytes_per_checkpoint: int,
+               device: torch.device) -> tuple[int, int, int]:
+    """Split the budget: prefix-cache checkpoints first (num_checkpoints, or 10% of the budget), then a state
+    slot for each of max_num_seqs sequences (at most 90% of the rest: a running sequence needs its slot
+    whatever its length), the rest KV blocks. Returns (blocks, slots, checkpoints)."""
     budget = config.cache_memory
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = int(free * (budget or 0.85))
     else:
         budget = int(budget or 512 << 20)
+    num_ckpts = 0
+    if config.enable_prefix_caching:
+        num_ckpts = config.num_checkpoints or max(1, int(budget * 0.1) // bytes_per_checkpoint)
+        budget -= num_ckpts * bytes_per_checkpoint
     num_slots = max(1, min(config.max_num_seqs, int(budget * 0.9) // bytes_per_slot))
     num_blocks = (budget - num_slots * bytes_per_slot) // bytes_per_block
     if num_blocks < 1:
-        raise ValueError(f"cache_memory: {budget} bytes hold no KV block after {num_slots} state slots")
-    return int(num_blocks), int(num_slots)
+        raise ValueError(f"cache_memory: {budget} bytes hold no KV block after {num_slots} state slots "
+                         f"and {num_ckpts} prefix-cache checkpoints")
+    return int(num_blocks), int(num_slots), int(num_ckpts)
 
 
 class Engine:
@@ -148,7 +171,10 @@ class Engine:
         else:
             self.model_dir = Path(config.model)
         dtype = None if config.dtype == "auto" else _DTYPES[config.dtype]
-        self.model = load_model(self.model_dir, self.device, dtype)
+        tp = config.tensor_parallel_size
+        # rank 0 of a tensor-parallel group: start the other ranks (they load their shards meanwhile)
+        self.followers = Followers(self.model_dir, config.device, config.dtype, tp) if tp > 1 else None
+        self.model = load_model(self.model_dir, self.device, dtype, tp_size=tp)
         mcfg = self.model.config
         self.dtype = self.model.model.embed_tokens.weight.dtype  # activations / KV dtype
         self.eos_token_ids = eos_token_ids(self.model_dir, mcfg.eos_token_ids)
@@ -159,11 +185,15 @@ class Engine:
         if self.max_spec_tokens and mcfg.num_mtp_layers == 0:
             raise ValueError(f"num_speculative_tokens: {self.model_dir} has no MTP head (mtp.* tensors)")
         per_slot = state_bytes_per_slot(mcfg, state_dtype, self.dtype, self.max_spec_tokens)
-        num_blocks, num_slots = size_cache(config, per_block, per_slot, self.device)
-        self.cache_info = CacheInfo(num_blocks, config.block_size, num_slots, per_block, per_slot)
+        per_ckpt = checkpoint_bytes(mcfg, state_dtype, self.dtype, self.dtype)
+        num_blocks, num_slots, num_ckpts = size_cache(config, per_block, per_slot, per_ckpt, self.device)
+        self.cache_info = CacheInfo(num_blocks, config.block_size, num_slots, per_block, per_slot, num_ckpts,
+                                    per_ckpt if num_ckpts else 0)
         self.cache = CacheTensors(mcfg, CacheShape(num_blocks, config.block_size, num_slots, self.dtype, state_dtype,
-                                                   self.dtype, self.max_spec_tokens), self.device)
-        self.cache_manager = HybridCacheManager(num_blocks, config.block_size, num_slots)
+                                                   self.dtype, self.max_spec_tokens, num_ckpts), self.device)
+        self.cache_manager = HybridCacheManager(num_blocks, config.block_size, num_slots, num_ckpts)
+        if self.followers is not None:  # from here on, every model / cache call runs on every rank
+            self.model, self.cache = self.followers.lead(self.model, self.cache)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=config.max_num_seqs,
                                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                                    max_model_len=self.max_model_len), self.cache_manager)
@@ -173,6 +203,8 @@ class Engine:
         self.spec_counters = SpecCounters()  # all requests
         self._spec: dict[str, SpecCounters] = {}  # per request
         self._draft_probs: dict[str, torch.Tensor] = {}  # request id -> q of its pending drafts [k, V]
+        # request id -> (hit position P, checkpoint's hidden state at P-1) for the MTP row at P-1 (prefix cache)
+        self._restored_hidden: dict[str, tuple[int, torch.Tensor]] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -189,10 +221,15 @@ class Engine:
         if not 0 <= k <= self.max_spec_tokens:
             raise ValueError(f"num_speculative_tokens: must be in [0, {self.max_spec_tokens}] (the server's "
                              f"maximum), got {k}")
+        bad = [p for p in req.cache_checkpoints if not 1 <= p <= len(req.prompt_token_ids)]
+        if bad:
+            raise ValueError(f"cache_checkpoints: positions must be in [1, {len(req.prompt_token_ids)}] (the prompt "
+                             f"length), got {bad[:5]}")
         seed = req.sampling.seed if req.sampling.seed is not None else self._seed_rng.getrandbits(63)
         self.scheduler.add(Request(request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
                                    stopping=req.stopping, eos_token_ids=self.eos_token_ids, sampling=req.sampling,
-                                   seed=seed, num_speculative_tokens=k))
+                                   seed=seed, num_speculative_tokens=k, use_prefix_cache=req.use_prefix_cache,
+                                   checkpoint_positions=tuple(sorted(set(req.cache_checkpoints)))))
         if k:
             self._spec[req.request_id] = SpecCounters()
 
@@ -202,8 +239,18 @@ class Engine:
         if request is None or not self.scheduler.abort(request_id):
             return False
         self._draft_probs.pop(request_id, None)
+        self._restored_hidden.pop(request_id, None)
         self._aborted.append(request)
         return True
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (running requests keep their blocks as private ones)."""
+        self.cache_manager.clear_prefix_cache()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (a single-device engine holds nothing to release)."""
+        if self.followers is not None:
+            self.followers.close()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted)
@@ -221,6 +268,8 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return outputs
+        if plan.restores:
+            self._restore(plan)
         pieces = [(c.request, c.start, self._chunk_tokens(c)) for c in plan.chunks]
         batch = self._forward_batch(pieces, [bool(c.draft_token_ids) for c in plan.chunks])
         # logits rows: first the last token of each plain sampling chunk, then every token of each verify chunk
@@ -239,20 +288,47 @@ class Engine:
             self._sample_plain([c.request for c in plain], logits[:len(plain)], sampled, logprobs)
         if verify:
             self._verify(verify, logits[len(plain):], sampled, logprobs)
+        # MTP over this step's rows before update: a request finishing now still gets its MTP KV written, so
+        # the blocks and checkpoint update() caches hold complete MTP rows
+        mtp_last = self._mtp_catch_up(plan, pieces, hidden, sampled) if self.max_spec_tokens else {}
         by_id = {c.request.request_id: c.request for c in plan.chunks}
         for so in self.scheduler.update(plan, sampled):
             outputs.append(self._output(by_id[so.request_id], so, *logprobs.get(so.request_id, ([], []))))
             if so.finished:
                 self._draft_probs.pop(so.request_id, None)
-        if self.max_spec_tokens:
-            self._propose_drafts(plan, pieces, hidden, sampled)
+        if plan.checkpoints:  # first device work after update: finished requests' blocks are free from here on
+            self._save_checkpoints(plan, hidden, ends)
+        drafting = [(by_id[rid], h) for rid, h in mtp_last.items() if by_id[rid].status == RequestStatus.RUNNING]
+        if drafting:
+            self._propose_drafts(drafting)
         return outputs
+
+    def _restore(self, plan: SchedulePlan) -> None:
+        """Prefix-cache hits: each request's slot gets the checkpoint's state, its fresh block the tail rows."""
+        rs = plan.restores
+        self.cache.copy_blocks([r.tail_block for r in rs], [r.dst_block for r in rs])
+        self.cache.restore_checkpoints([r.ckpt_id for r in rs], [r.slot for r in rs])
+        by_id = {c.request.request_id: c.request for c in plan.chunks}
+        for r in rs:
+            if by_id[r.request_id].num_speculative_tokens:
+                self._restored_hidden[r.request_id] = (r.position, self.cache.ckpt_hidden[r.ckpt_id].clone())
+
+    def _save_checkpoints(self, plan: SchedulePlan, hidden: torch.Tensor, ends: dict[str, int]) -> None:
+        """The checkpoints update() decided on: state of the slot, tail block, hidden state of the last token."""
+        starts = {c.request.request_id: (ends[c.request.request_id] - c.num_tokens + 1, c.start) for c in plan.chunks}
+        cps = plan.checkpoints
+        rows = []
+        for cp in cps:
+            first_row, start = starts[cp.request_id]
+            rows.append(first_row + cp.position - 1 - start)
+        self.cache.copy_blocks([cp.src_block for cp in cps], [cp.tail_block for cp in cps])
+        self.cache.save_checkpoints([cp.slot for cp in cps], [cp.ckpt_id for cp in cps], hidden[rows])
 
     @staticmethod
     def _chunk_tokens(c) -> list[int]:
         if c.draft_token_ids:
-            return [c.request.all_token_ids[c.start]] + c.draft_token_ids
-        return c.request.all_token_ids[c.start:c.start + c.num_tokens]
+            return c.request.token_slice(c.start, c.start + 1) + c.draft_token_ids
+        return c.request.token_slice(c.start, c.start + c.num_tokens)
 
     def _sample_plain(self, requests: list[Request], logits: torch.Tensor, sampled: dict[str, list[int]],
                       logprobs: dict[str, tuple[list[float], list[list[tuple[int, float]]]]]) -> None:
@@ -308,33 +384,47 @@ class Engine:
             self.cache.rollback(torch.tensor(rollback_slots, device=self.device),
                                 torch.tensor(rollback_pos, device=self.device))
 
-    def _propose_drafts(self, plan: SchedulePlan, pieces: list, hidden: torch.Tensor,
-                        sampled: dict[str, list[int]]) -> None:
-        """MTP drafting (FACTS §3.10). Pass 1 runs the MTP over every row this step made real, pairing the
-        target's hidden state h_p with token t_{p+1} (this keeps the MTP's own KV cache complete, prompt
-        included); its last row proposes draft 1. Passes 2..k feed each draft back with the MTP's own output
-        hidden state, one position further each time."""
+    def _mtp_catch_up(self, plan: SchedulePlan, pieces: list, hidden: torch.Tensor,
+                      sampled: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+        """MTP pass 1 (FACTS §3.10): the MTP over every row this step made real, pairing the target's hidden
+        state h_p with token t_{p+1} (this keeps the MTP's own KV cache complete, prompt included). Returns,
+        per request that sampled, the MTP hidden state of its last row: what proposes draft 1.
+        A request restored from the prefix cache at P also gets the row at P-1, from the checkpoint's hidden
+        state and its own token P (the cached row paired the prefix's owner's token P)."""
         ends = list(accumulate(len(toks) for _, _, toks in pieces))  # row after each piece in the target batch
-        mtp_pieces, mtp_rows, drafting = [], [], []
+        mtp_pieces, h_parts, sampling = [], [], []
         for c, (r, start, toks), end in zip(plan.chunks, pieces, ends):
             if r.num_speculative_tokens == 0 or r.status != RequestStatus.RUNNING:
                 continue
             n_valid = len(sampled[r.request_id]) if c.draft_token_ids else c.num_tokens
-            nxt = r.all_token_ids[start + 1:start + 1 + n_valid]
-            mtp_pieces.append((r, start, nxt))
+            # the next token of each row: later tokens of the request, then what this step sampled
+            known = r.token_slice(start + 1, min(start + 1 + n_valid, r.num_tokens))
+            nxt = known + sampled.get(r.request_id, [])[:n_valid - len(known)]
             first = end - len(toks)
-            mtp_rows += range(first, first + n_valid)
+            restored = self._restored_hidden.pop(r.request_id, None)
+            if restored is not None and restored[0] == start:
+                mtp_pieces.append((r, start - 1, r.token_slice(start, start + 1) + nxt))
+                h_parts.append(restored[1][None].to(hidden.dtype))
+            else:
+                mtp_pieces.append((r, start, nxt))
+            h_parts.append(hidden[first:first + n_valid])
             if c.sample:
-                drafting.append(len(mtp_pieces) - 1)
+                sampling.append(len(mtp_pieces) - 1)
         if not mtp_pieces:
-            return
+            return {}
+        h_in = h_parts[0] if len(h_parts) == 1 else torch.cat(h_parts)
         batch = self._forward_batch(mtp_pieces, None)
-        h = self.model.mtp_forward(batch.input_ids, hidden[mtp_rows], batch, self.cache)
-        if not drafting:  # only prefill chunks that sample nothing yet: their MTP KV is written, no drafts
-            return
-        last = batch.last_token_indices[drafting]
-        requests = [mtp_pieces[i][0] for i in drafting]
-        h = h[last]
+        h = self.model.mtp_forward(batch.input_ids, h_in, batch, self.cache)
+        if not sampling:  # only prefill chunks that sample nothing yet: their MTP KV is written, no drafts
+            return {}
+        last = batch.last_token_indices[sampling]
+        return {mtp_pieces[i][0].request_id: h[j] for i, j in zip(sampling, last.tolist())}
+
+    def _propose_drafts(self, drafting: list[tuple[Request, torch.Tensor]]) -> None:
+        """MTP drafting (FACTS §3.10): draft 1 from pass 1's last row; passes 2..k feed each draft back with the
+        MTP's own output hidden state, one position further each time."""
+        requests = [r for r, _ in drafting]
+        h = torch.stack([h for _, h in drafting])
         drafts: list[list[int]] = [[] for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
         active = list(range(len(requests)))
@@ -390,7 +480,7 @@ class Engine:
             top_logprobs=(tops or [])[:n], finished=so.finished, finish_reason=so.finish_reason,
             num_prompt_tokens=len(r.prompt_token_ids), num_output_tokens=len(r.output_token_ids),
             num_preemptions=r.num_preemptions, num_drafted_tokens=spec.num_drafted if spec else 0,
-            num_accepted_tokens=spec.num_accepted if spec else 0)
+            num_accepted_tokens=spec.num_accepted if spec else 0, num_cached_tokens=r.num_cached_tokens)
 
     def _forward_batch(self, pieces: list[tuple[Request, int, list[int]]],
                        is_verify: list[bool] | None) -> ForwardBatch:

@@ -27,6 +27,7 @@ from kernels.fp8.reference import FP8_DTYPE
 from worker.config import ModelConfig, load_config
 from worker.fp8 import Fp8Linear, apply_fp8, experts_are_quantized, is_quantized_linear
 from worker.model import Experts, Qwen3NextForCausalLM, RotaryEmbedding
+from worker.parallel import TensorShard, add_all_reduce_hooks, check_fp8_blocks, shard_config
 
 _FLOAT_DTYPES = {"BF16", "F16", "F32"}
 _EXPERT_RE = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\."
@@ -151,15 +152,17 @@ def _base_name(name: str) -> str:
     return name[: -len(".weight_scale_inv")] if name.endswith(".weight_scale_inv") else name[: -len(".weight")]
 
 
-def load_weights(model: Qwen3NextForCausalLM, ckpt: CheckpointFiles, expected: dict[str, TensorSpec]) -> None:
-    """Stream every tensor into its parameter. FP8 tensors whose destination is not FP8 are dequantized."""
+def load_weights(model: Qwen3NextForCausalLM, ckpt: CheckpointFiles, expected: dict[str, TensorSpec],
+                 tp_shard: TensorShard | None = None) -> None:
+    """Stream every tensor into its parameter. FP8 tensors whose destination is not FP8 are dequantized.
+    With a tensor-parallel `tp_shard`, only this rank's slice of each tensor is read."""
     pending: dict[str, dict[str, torch.Tensor]] = {}  # FP8 weight waiting for its scale (or vice versa)
     loaded: set[str] = set()
     for shard in ckpt.shards:
         with safe_open(ckpt.dir / shard, framework="pt", device="cpu") as f:
             for name in f.keys():
                 spec = expected[name]
-                value = f.get_tensor(name)
+                value = tp_shard.read(f, name) if tp_shard is not None else f.get_tensor(name)
                 base = _base_name(name) if spec.kind != "float" else name
                 if spec.kind != "float" and _target(model, base + ".weight").dtype != FP8_DTYPE:
                     # FP8 in the checkpoint, not on this device: dequantize once both halves have arrived.
@@ -178,9 +181,11 @@ def load_weights(model: Qwen3NextForCausalLM, ckpt: CheckpointFiles, expected: d
 
 
 def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-               keep_fp8: bool | None = None) -> Qwen3NextForCausalLM:
+               keep_fp8: bool | None = None, tp_rank: int = 0, tp_size: int = 1) -> Qwen3NextForCausalLM:
     """Build and load the model. dtype: None = bfloat16 on CUDA, float32 elsewhere.
-    keep_fp8: None = keep FP8 weights as FP8 on CUDA, dequantize elsewhere."""
+    keep_fp8: None = keep FP8 weights as FP8 on CUDA, dequantize elsewhere.
+    tp_size > 1: rank `tp_rank`'s part of a tensor-parallel model (`worker/parallel.py`), whose row-parallel
+    outputs are all-reduced over the default process group."""
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -189,16 +194,22 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype:
     if keep_fp8 is None:
         keep_fp8 = device.type == "cuda"
     keep_fp8 = keep_fp8 and cfg.quant is not None
+    shard = TensorShard(cfg, tp_rank, tp_size) if tp_size > 1 else None
     with torch.device("meta"):
-        model = Qwen3NextForCausalLM(cfg).to(dtype)
+        model = Qwen3NextForCausalLM(shard_config(cfg, tp_size)).to(dtype)
+        full = model if shard is None else Qwen3NextForCausalLM(cfg)  # the checkpoint's shapes, for validate
+    expected = expected_tensors(full, cfg)  # before apply_fp8: which tensors are FP8 depends on names only
     if keep_fp8:
         apply_fp8(model, cfg.quant)
-    expected = expected_tensors(model, cfg)
     validate(expected, ckpt)
+    if shard is not None:
+        check_fp8_blocks([shard], {n: ckpt.header[n][0] for n, s in expected.items() if s.kind == "fp8"})
     model.to_empty(device=device)
     model.requires_grad_(False)
-    load_weights(model, ckpt, expected)
+    load_weights(model, ckpt, expected, shard)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary = RotaryEmbedding(cfg).to(device)  # its buffer was on meta; compute it for real
+    if shard is not None:
+        add_all_reduce_hooks(model)
     return model.eval()

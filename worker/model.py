@@ -155,9 +155,8 @@ class GatedDeltaNet(nn.Module):
                                      batch.state_slots, batch.query_lens, batch.has_initial_state,
                                      batch.is_verify, spec_conv)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        # value head h reads key head h // r
-        q = q.reshape(T, self.Hk, self.dk).repeat_interleave(r, dim=1)  # [T, Hv, dk]
-        k = k.reshape(T, self.Hk, self.dk).repeat_interleave(r, dim=1)
+        q = q.reshape(T, self.Hk, self.dk)  # value head h reads key head h // r, inside the kernel
+        k = k.reshape(T, self.Hk, self.dk)
         v = v.reshape(T, self.Hv, self.dv)
         beta = torch.sigmoid(b.reshape(T, self.Hv))
         ct = torch.promote_types(x.dtype, torch.float32)  # fp32 even for bf16 weights: A_log.exp() overflows fp16

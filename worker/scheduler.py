@@ -18,6 +18,20 @@ Policy (FCFS, chunked prefill, preemption by recompute):
 Invariants: running requests arrived before all waiting ones (admission is in order, victims are the latest
 running and go to the front), so both queues stay in arrival order. Waiting requests own no blocks or slot.
 
+Prefix caching (when the cache manager has a prefix cache, see `worker/prefix_cache.py`):
+- Admission looks the request's tokens up; a hit shares the cached full blocks, gives the request a fresh block
+  for the tail and a slot, and starts it at the hit position. The plan lists the `Restore` copies the engine
+  makes before the forward (checkpoint state -> slot, tail block -> the fresh block).
+- A prefill chunk never runs past the next position where the request wants a state checkpoint (its
+  `checkpoint_positions`: chat-turn boundaries, client offsets, the end of the prompt), so the state at that
+  exact token exists after some step.
+- `update()` names every newly completed full block in the index and, when a chunk ended at a checkpoint
+  position (or the request finished normally), takes a checkpoint: the plan lists the `CheckpointCopy` the engine
+  makes right after update, before anything else touches the device (finished requests are released inside
+  update, and their blocks and slot keep their contents until the next device write).
+Only positions whose next token is known are indexed (min(computed, tokens - 1)): the MTP KV row of a position
+pairs it with the next token, and a speculative stop can leave computed drafts that are not tokens.
+
 Plain Python, no torch: the engine turns a plan into device tensors.
 """
 
@@ -28,6 +42,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from worker.cache import HybridCacheManager
+from worker.prefix_cache import Checkpoint, Hit
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -72,6 +87,8 @@ class Request:
     sampling: object = None  # the engine's SamplingParams; opaque here
     seed: int = 0  # effective sampling seed; opaque here
     num_speculative_tokens: int = 0  # MTP draft length this request asked for (0 = no speculation)
+    use_prefix_cache: bool = True  # False: neither reads nor fills the prefix cache
+    checkpoint_positions: tuple[int, ...] = ()  # prompt positions to take a state checkpoint at (sorted)
     # State owned by the scheduler.
     output_token_ids: list[int] = field(default_factory=list, init=False)
     num_computed_tokens: int = field(default=0, init=False)  # tokens of all_token_ids whose KV/state exist
@@ -83,6 +100,13 @@ class Request:
     # MTP drafts for the tokens after all_token_ids, proposed by the engine after the last step; the next
     # decode chunk verifies them. Never part of all_token_ids until accepted.
     draft_token_ids: list[int] = field(default_factory=list, init=False)
+    num_cached_tokens: int = field(default=0, init=False)  # prompt tokens served by the prefix cache
+    prefix_nodes: list[int] = field(default_factory=list, init=False)  # index node of each full block so far
+
+    @property
+    def prefix_root(self) -> int:
+        """Requests that run the MTP head write its KV for every position; the others do not (ROOTS)."""
+        return 1 if self.num_speculative_tokens else 0
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -91,6 +115,15 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """all_token_ids[start:end] without building all_token_ids (a step must not cost O(context))."""
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n:end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - n]
 
 
 @dataclass
@@ -103,10 +136,38 @@ class ScheduledChunk:
     draft_token_ids: list[int] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Restore:
+    """Before the forward: checkpoint `ckpt_id`'s state into `slot`, its tail block into `dst_block`."""
+
+    request_id: str
+    ckpt_id: int
+    slot: int
+    tail_block: int
+    dst_block: int
+    position: int  # the request starts computing here
+
+
+@dataclass(frozen=True)
+class CheckpointCopy:
+    """After update: the state in `slot` and the block `src_block` (rows up to position-1) into checkpoint
+    `ckpt_id` and its tail block; the hidden state of position-1 from this step's row of that token."""
+
+    request_id: str
+    ckpt_id: int
+    slot: int
+    src_block: int
+    tail_block: int
+    position: int
+    checkpoint: Checkpoint = field(compare=False, repr=False)
+
+
 @dataclass
 class SchedulePlan:
     chunks: list[ScheduledChunk]  # running requests first, then newly admitted ones; each request at most once
     preempted: list[str]  # request ids preempted while building this plan (none of them is in chunks)
+    restores: list[Restore] = field(default_factory=list)  # prefix-cache hits admitted in this plan
+    checkpoints: list[CheckpointCopy] = field(default_factory=list)  # filled by update()
 
     @property
     def num_batched_tokens(self) -> int:
@@ -211,6 +272,7 @@ class Scheduler:
             request.draft_token_ids = []
             if not chunk.sample:
                 request.num_computed_tokens += chunk.num_tokens
+                self._index(request, plan, finished=False)
                 continue
             assert request.request_id in sampled, f"no sampled token for {request.request_id!r}"
             tokens = sampled[request.request_id]
@@ -223,9 +285,13 @@ class Scheduler:
                 emitted.append(token)
                 reason = self._stop_reason(request, token)
                 if reason is not None:
-                    self._finish(request, reason)
                     break
+            self._index(request, plan, finished=reason is not None)
+            if reason is not None:
+                self._finish(request, reason)
             outputs.append(StepOutput(request.request_id, emitted, reason is not None, reason))
+        if plan.checkpoints:  # a checkpoint taken and evicted again within this update must not be copied
+            plan.checkpoints = [cp for cp in plan.checkpoints if self.cache.prefix.is_live(cp.checkpoint)]
         return outputs
 
     def _schedule_running(self, plan: SchedulePlan, budget: int) -> int:
@@ -250,19 +316,84 @@ class Scheduler:
         """Admit waiting requests in order until one does not fit (it and everyone behind it wait)."""
         while self._waiting and len(self._running) < self.config.max_num_seqs and budget > 0:
             request = self._waiting[0]
+            hit, restore = self._restore_prefix(request)
             chunk = self._try_chunk(request, budget)
             if chunk is None:
+                if restore is not None:  # undo the hit: the request waits with nothing, as before
+                    self._release(request)
+                    request.num_computed_tokens, request.prefix_nodes = 0, []
                 return
+            if self.cache.prefix is not None and request.use_prefix_cache and request.num_preemptions == 0:
+                self.cache.prefix.count_query(len(request.prompt_token_ids), hit)
+                request.num_cached_tokens = min(hit.position, len(request.prompt_token_ids)) if hit else 0
+            if restore is not None:
+                plan.restores.append(restore)
+                self.cache.prefix.stats.num_restores += 1
             self._waiting.popleft()
             request.status = RequestStatus.RUNNING
             self._running.append(request)
             plan.chunks.append(chunk)
             budget -= chunk.num_tokens
 
+    def _restore_prefix(self, request: Request) -> tuple[Hit | None, Restore | None]:
+        """For a request starting from nothing: the deepest cached prefix, with the blocks shared, a fresh tail
+        block and a slot taken (undone with `_release` if the request is not admitted after all)."""
+        prefix = self.cache.prefix
+        if prefix is None or not request.use_prefix_cache or request.num_computed_tokens:
+            return None, None
+        hit = prefix.lookup(request.prefix_root, request.all_token_ids, limit=request.num_tokens - 1)
+        if hit is None:
+            return None, None
+        self.cache.share_blocks(hit.blocks)
+        grown = self.cache.ensure(hit.blocks, None, hit.position)  # + the tail's block and a slot
+        if grown is None:  # no slot or block for it now: the request waits like any other
+            self.cache.drop_blocks(hit.blocks)
+            return None, None
+        request.block_ids, request.state_slot = grown
+        request.num_computed_tokens, request.prefix_nodes = hit.position, list(hit.nodes)
+        ckpt = hit.checkpoint
+        return hit, Restore(request.request_id, ckpt.ckpt_id, request.state_slot, ckpt.tail_block,
+                            request.block_ids[len(hit.blocks)], hit.position)
+
+    def _index(self, request: Request, plan: SchedulePlan, finished: bool) -> None:
+        """Name the request's newly completed full blocks in the prefix index; checkpoint its state when this
+        chunk ended where it wants one, or it finished (its whole conversation so far is the next turn's prefix)."""
+        prefix = self.cache.prefix
+        if prefix is None or not request.use_prefix_cache:
+            return
+        bs = self.cache.block_size
+        known = min(request.num_computed_tokens, request.num_tokens - 1)
+        while len(request.prefix_nodes) < known // bs:
+            i = len(request.prefix_nodes)
+            parent = request.prefix_nodes[-1] if request.prefix_nodes else request.prefix_root
+            node, _ = prefix.register_block(parent, tuple(request.token_slice(i * bs, (i + 1) * bs)),
+                                            request.block_ids[i])
+            request.prefix_nodes.append(node)
+        position = request.num_computed_tokens
+        wanted = finished or position == len(request.prompt_token_ids) or position in request.checkpoint_positions
+        if position != known or position < 1 or not wanted:
+            return
+        depth = (position - 1) // bs
+        parent = request.prefix_nodes[depth - 1] if depth else request.prefix_root
+        tail = tuple(request.token_slice(depth * bs, position))
+        if prefix.has_checkpoint(parent, tail):
+            return
+        tail_block = self.cache.allocate_checkpoint_block()
+        if tail_block is None:
+            return  # no block to spare: skip this checkpoint rather than evict a running request
+        ckpt, evicted = prefix.add_checkpoint(parent, tail, position, tail_block)
+        if evicted is not None:
+            self.cache.release_checkpoint_block(evicted.tail_block)
+        plan.checkpoints.append(CheckpointCopy(request.request_id, ckpt.ckpt_id, request.state_slot,
+                                               request.block_ids[depth], tail_block, position, ckpt))
+
     def _try_chunk(self, request: Request, budget: int) -> ScheduledChunk | None:
         """The request's next chunk (at most budget tokens) with the cache grown to hold it, or None."""
         start = request.num_computed_tokens
         num_tokens = min(request.num_tokens - start, budget)
+        if self.cache.prefix is not None and request.use_prefix_cache:
+            # stop at the next checkpoint position so the state after exactly that token exists
+            num_tokens = min([num_tokens] + [p - start for p in request.checkpoint_positions if p > start])
         assert num_tokens >= 1, f"{request.request_id!r} has nothing to compute"
         drafts = self._drafts_to_verify(request, budget) if start + 1 == request.num_tokens else []
         if drafts:
@@ -314,4 +445,4 @@ class Scheduler:
 
     def _release(self, request: Request) -> None:
         self.cache.release(request.block_ids, request.state_slot)
-        request.block_ids, request.state_slot = [], None
+        request.block_ids, request.state_slot, request.prefix_nodes = [], None, []

@@ -93,6 +93,13 @@ def chunk_forward(
     return o, S
 
 
+def _initial_states(ssm_state: torch.Tensor, slots: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """[B, H, dk, dv]: the slots' states where `keep`, else zeros. A fresh sequence's slot may hold anything
+    (a freed slot, NaN in tests), so it is selected away, not multiplied by zero."""
+    s = ssm_state[slots]
+    return torch.where(keep[:, None, None, None], s, torch.zeros((), dtype=s.dtype, device=s.device))
+
+
 def _chunked_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                      ssm_state: torch.Tensor, state_slots: torch.Tensor, starts: list[int], query_lens: list[int],
                      has_initial_state: list[bool], seqs: list[int], out: torch.Tensor) -> None:
@@ -112,7 +119,7 @@ def _chunked_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
 
     slots = state_slots[seqs]
     keep = torch.tensor([has_initial_state[i] for i in seqs], device=q.device)
-    s0 = (ssm_state[slots] * keep[:, None, None, None]).reshape(B * H, *ssm_state.shape[2:])
+    s0 = _initial_states(ssm_state, slots, keep).reshape(B * H, *ssm_state.shape[2:])
     o, s1 = chunk_forward(packed(q), packed(k), packed(v), packed(g), packed(beta), s0)
     o = o.reshape(n_max, B, H, -1).transpose(0, 1).reshape(B * n_max, H, -1)
     out[rows[valid]] = o[valid]
@@ -120,8 +127,8 @@ def _chunked_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
 
 
 def gated_delta_rule_varlen(
-    q: torch.Tensor,  # [T, H, dk] (key heads already repeated to the value heads)
-    k: torch.Tensor,  # [T, H, dk]
+    q: torch.Tensor,  # [T, Hk, dk] with H % Hk == 0: value head h reads key head h // (H // Hk)
+    k: torch.Tensor,  # [T, Hk, dk]
     v: torch.Tensor,  # [T, H, dv]
     g: torch.Tensor,  # [T, H]
     beta: torch.Tensor,  # [T, H]
@@ -134,7 +141,11 @@ def gated_delta_rule_varlen(
 ) -> torch.Tensor:  # [T, H, dv] in v's dtype
     """Prefill chunks (chunked form), decodes (one batched recurrent step) and speculative-verify chunks
     (recurrent steps, recording the state after each position but the last so the engine can roll the slot
-    back to the last accepted token) in one packed batch."""
+    back to the last accepted token) in one packed batch. A sequence of 0 tokens leaves its slot as it is."""
+    H = v.shape[1]
+    assert q.shape == k.shape and H % q.shape[1] == 0, "q, k: [T, Hk, dk] with Hk dividing v's H"
+    if q.shape[1] != H:
+        q, k = (x.repeat_interleave(H // x.shape[1], dim=1) for x in (q, k))
     out = torch.empty(v.shape, dtype=compute_dtype(v.dtype), device=v.device)
     is_verify = is_verify or [False] * len(query_lens)
     starts = [0]
@@ -145,7 +156,7 @@ def gated_delta_rule_varlen(
         rows = torch.tensor([starts[i] for i in single], device=v.device)
         slots = state_slots[single]
         keep = torch.tensor([has_initial_state[i] for i in single], device=v.device)
-        s0 = ssm_state[slots] * keep[:, None, None, None]
+        s0 = _initial_states(ssm_state, slots, keep)
         o, s1 = recurrent_step(q[rows], k[rows], v[rows], g[rows], beta[rows], s0)
         out[rows] = o
         ssm_state[slots] = s1.to(ssm_state.dtype)
