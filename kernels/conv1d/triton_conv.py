@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_common import int32_on
+
 
 @triton.jit
 def causal_conv1d_fwd_kernel(
@@ -118,7 +120,7 @@ def causal_conv1d_varlen_fwd(
         starts.append(starts[-1] + n)
     flags = [int(h) | 2 * v for h, v in zip(has_initial_state, verify)]
     # one host -> device copy for the step's metadata
-    meta = torch.tensor(starts + flags + [v for it in items for v in it], dtype=torch.int32).to(x.device)
+    meta = int32_on(starts + flags + [v for it in items for v in it], x.device)  # no host stall per layer
     has_verify = any(verify)
     spec = spec_conv if has_verify else conv_state  # the pointer goes unused without verify chunks
     spec_strides = spec_conv.stride()[:3] if has_verify else (0, 0, 0)

@@ -10,6 +10,7 @@ import torch
 
 from kernels.gated_delta_rule.triton_chunk import CHUNK_SIZE, gdr_chunk_fwd
 from kernels.gated_delta_rule.triton_recurrent import gdr_recurrent_fwd
+from kernels.triton_common import int32_on
 
 
 def gdr_varlen_fwd(
@@ -58,7 +59,7 @@ def gdr_varlen_fwd(
         items += [x for t0 in range(0, query_lens[i], CHUNK_SIZE)
                   for x in (starts[i] + t0, min(CHUNK_SIZE, query_lens[i] - t0))]
     # one host -> device copy for the call's metadata
-    meta = torch.tensor(rec_meta + chunk_meta + items, dtype=torch.int32).to(v.device)
+    meta = int32_on(rec_meta + chunk_meta + items, v.device)  # no host stall per layer
     slots = state_slots.to(device=v.device, dtype=torch.int64)
     n_rec, n_chunk = len(rec_meta), len(chunk_meta)
     if recurrent:
