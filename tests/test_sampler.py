@@ -326,3 +326,29 @@ def test_no_logprobs_unless_asked(device: torch.device) -> None:
     logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(2)).to(device)
     out = sample(logits, make_batch([SamplingParams(), SamplingParams(temperature=0.0)], device, 50))
     assert out.logprobs is None and out.top_ids is None and out.top_logprobs is None
+
+
+def _race_over_the_vocabulary(logits: torch.Tensor, params: list[SamplingParams], batch: SamplingBatch) -> list[int]:
+    """The exponential race written out over every column (independent of the sampler's top-k shortcut): among
+    the tokens processed_probs keeps, argmax of (scaled logit - log E) with E = -log u(seed, step, column)."""
+    probs = processed_probs(logits, batch)
+    temps = torch.tensor([[p.temperature] for p in params], dtype=torch.float32, device=logits.device)
+    e = uniform_noise(batch.seeds, batch.steps, STREAM_SAMPLE, logits.shape[-1]).log_().neg_()
+    score = (logits.float() / temps - e.float().log()).masked_fill(probs == 0, -math.inf)
+    return score.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_top_k_shortcut_draws_the_same_tokens_as_the_full_race(device: torch.device, ties: bool) -> None:
+    """With a top-k on every sampling row only the max_k largest columns get noise; the tokens must equal the
+    race over the whole vocabulary, also when ties at the k-th logit run past max_k (the shortcut backs off)."""
+    g = torch.Generator().manual_seed(3)
+    vocab, n = 3000, 24
+    logits = torch.randn(n, vocab, generator=g) * 2
+    if ties:
+        logits[:, :40] = 5.0  # 40 columns tie for the top: top_k <= 12 keeps all 40 (ties are kept)
+    params = [SamplingParams(temperature=[0.5, 1.0, 1.7][i % 3], top_k=[3, 12, 7][i % 3],
+                             top_p=[1.0, 0.9, 0.6][i % 3], min_p=[0.0, 0.0, 0.05][i % 3]) for i in range(n)]
+    logits = logits.to(device)
+    batch = make_batch(params, device, vocab, seeds=[100 + i for i in range(n)], steps=[i % 5 for i in range(n)])
+    assert sample(logits, batch).token_ids.tolist() == _race_over_the_vocabulary(logits, params, batch)

@@ -14,7 +14,10 @@ Processing order, per row (each step is a no-op for rows that leave its paramete
    All three become a per-row logit threshold, so they cost one sort per step (or one topk when only top-k
    is active) and ties at a threshold are kept rather than broken by sort order.
 9. softmax -> the distribution returned by `processed_probs`
-10. exponential race: token = argmax(probs / E), E = -log(u), which draws exactly from probs.
+10. exponential race: token = argmax(probs / E), E = -log(u), which draws exactly from probs. `sample` computes
+    it as argmax over kept tokens of (logit - log E) (the same argmax: probs = exp(logit - lse), and lse is one
+    constant per row), so only the kept tokens need noise: with a top-k that is k columns instead of 151,936,
+    and the result is the same whichever path a batch takes.
 
 Randomness is counter based: u = hash(seed, step, stream, column) (splitmix64 on int64 tensors), so a row's
 draw depends only on its own (seed, step): reproducible and independent of batch composition, with no torch
@@ -109,6 +112,8 @@ class SamplingBatch:
     temperature: torch.Tensor | None  # [B, 1] float32 (1 for greedy rows)
     top_k: torch.Tensor | None  # [B, 1] int64, 0 = off (already clamped to V)
     max_top_k: int
+    top_k_bounds_top_p: bool  # every sampling row with top_p < 1 also has top_k > 0: top-p needs no full sort
+    top_k_covers_sampling: bool  # every sampling row has top_k > 0: the race needs noise for max_k columns only
     top_p: torch.Tensor | None  # [B, 1] float32
     log_min_p: torch.Tensor | None  # [B, 1] float32, log(min_p); -inf = off
     repetition_penalty: torch.Tensor | None  # [B, 1] float32
@@ -173,6 +178,8 @@ class SamplingBatch:
             top_k=(torch.tensor(top_k, dtype=torch.int64, device=device).unsqueeze(1)
                    if any(s and k > 0 for s, k in zip(sampled, top_k)) else None),
             max_top_k=max(top_k, default=0),
+            top_k_bounds_top_p=all(k > 0 for s, k, p in zip(sampled, top_k, params) if s and p.top_p < 1.0),
+            top_k_covers_sampling=all(k > 0 for s, k in zip(sampled, top_k) if s),
             top_p=(col([p.top_p for p in params])
                    if any(s and p.top_p < 1.0 for s, p in zip(sampled, params)) else None),
             log_min_p=(col([math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params])
@@ -223,11 +230,16 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, stream: int, n: int)
     (c+1)-th output of a splitmix64 sequence started at that key. The top 52 bits give u = (k + 0.5) / 2**52,
     which is exact in float64 and never 0 or 1.
     """
+    return uniform_noise_at(seeds, steps, stream, torch.arange(n, device=seeds.device)[None, :])
+
+
+def uniform_noise_at(seeds: torch.Tensor, steps: torch.Tensor, stream: int, columns: torch.Tensor) -> torch.Tensor:
+    """uniform_noise's values at the given columns only: [B, n] int64 columns (or [1, n]) -> [B, n] float64."""
     if not 0 <= stream < 2**63:
         raise ValueError(f"stream must be in [0, 2**63), got {stream}")
     key = _mix64(_mix64(_mix64(seeds.long() ^ _GOLDEN) ^ steps.long()) ^ stream)  # [B]
-    offsets = torch.arange(1, n + 1, dtype=torch.int64, device=seeds.device) * _GOLDEN  # [n]
-    bits = _shr(_mix64(key[:, None] + offsets[None, :]), 12)  # [B, n] in [0, 2**52)
+    offsets = (columns.long() + 1) * _GOLDEN
+    bits = _shr(_mix64(key[:, None] + offsets), 12)  # [B, n] in [0, 2**52)
     return (bits.double() + 0.5) * 2.0**-52
 
 
@@ -250,15 +262,29 @@ def _penalize_and_suppress(logits: torch.Tensor, batch: SamplingBatch) -> torch.
     return x
 
 
-def _filtered_logits(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Steps 5-8: temperature, then top-k / top-p / min-p as one per-row threshold. x: [B, V] float32."""
-    if batch.temperature is not None:
-        x = x / batch.temperature
-    neg_inf = torch.full((x.shape[0], 1), -math.inf, device=x.device)
-    threshold = neg_inf  # [B, 1]: keep logits >= threshold
+def _scaled(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Step 5: temperature (greedy rows carry 1)."""
+    return x / batch.temperature if batch.temperature is not None else x
+
+
+def _threshold(x: torch.Tensor | None, batch: SamplingBatch, top: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Steps 6-8 (top-k, top-p, min-p) as one per-row threshold [B, 1] on temperature-scaled logits x [B, V]:
+    keep logits >= threshold; None when no row filters. `top`: the max_top_k (or more) largest of x, descending,
+    when every sampling row has a top-k; then x itself is not needed (None)."""
+    if batch.top_k is None and batch.top_p is None and batch.log_min_p is None:
+        return None
+    neg_inf = torch.full((batch.size, 1), -math.inf, device=batch.seeds.device)
+    threshold = neg_inf
+    k_cols = batch.max_top_k
     if batch.top_p is not None:
-        # One descending sort serves both top-k and top-p. Top-k's threshold is its k-th largest logit.
-        desc = x.sort(dim=-1, descending=True).values  # [B, V]
+        # One descending order serves top-k and top-p; when every top-p row also has a top-k, the k largest are
+        # all top-p can keep: a topk, not a full sort. Top-k's threshold is its k-th largest logit.
+        if top is not None:
+            desc = top[:, :k_cols]
+        elif batch.top_k_bounds_top_p and k_cols < x.shape[-1]:
+            desc = x.topk(k_cols, dim=-1).values
+        else:
+            desc = x.sort(dim=-1, descending=True).values  # [B, V]
         if batch.top_k is not None:
             kth = desc.gather(1, (batch.top_k - 1).clamp(min=0))
             threshold = torch.where(batch.top_k > 0, kth, neg_inf)
@@ -272,15 +298,21 @@ def _filtered_logits(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         p_threshold = torch.where(batch.top_p < 1.0, desc.gather(1, keep - 1), neg_inf)
         threshold = torch.maximum(threshold, p_threshold)
     elif batch.top_k is not None:
-        top = x.topk(batch.max_top_k, dim=-1).values  # [B, max_k]
-        kth = top.gather(1, (batch.top_k - 1).clamp(min=0))
+        top_values = top if top is not None else x.topk(k_cols, dim=-1).values  # [B, max_k]
+        kth = top_values.gather(1, (batch.top_k - 1).clamp(min=0))
         threshold = torch.where(batch.top_k > 0, kth, neg_inf)
     if batch.log_min_p is not None:
         # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p); min_p = 0 gives -inf, i.e. keep all.
-        threshold = torch.maximum(threshold, x.amax(dim=-1, keepdim=True) + batch.log_min_p)
-    if batch.top_k is None and batch.top_p is None and batch.log_min_p is None:
-        return x
-    return x.masked_fill(x < threshold, -math.inf)
+        x_max = top[:, :1] if top is not None else x.amax(dim=-1, keepdim=True)
+        threshold = torch.maximum(threshold, x_max + batch.log_min_p)
+    return threshold
+
+
+def _filtered_logits(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Steps 5-8 over the whole vocabulary: scaled logits, dropped ones at -inf. x: [B, V] float32."""
+    x = _scaled(x, batch)
+    threshold = _threshold(x, batch)
+    return x if threshold is None else x.masked_fill(x < threshold, -math.inf)
 
 
 def processed_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -295,16 +327,37 @@ def processed_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return probs
 
 
+def _draw(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Steps 5-10 for the sampling rows of penalised logits x [B, V]: the exponential race, argmax_i p_i / E_i
+    with E_i ~ Exp(1) i.i.d. (picks i with probability p_i), computed as argmax over kept i of (x_i - log E_i).
+    When every sampling row has a top-k, its kept columns are among the max_k largest (checked: ties at a
+    threshold may run past them, and then the whole vocabulary is used), so only those are scaled, filtered and
+    given noise. A kept column's score is the same in both paths, so the token is too."""
+    vocab = x.shape[-1]
+    if batch.top_k_covers_sampling and batch.max_top_k < vocab:
+        # temperature > 0 keeps the order, so the largest penalised logits are the largest scaled ones
+        top_values, top_columns = x.topk(batch.max_top_k + 1, dim=-1)
+        top_values = _scaled(top_values, batch)
+        threshold = _threshold(None, batch, top=top_values)
+        if bool(((top_values[:, -1:] < threshold) | batch.greedy[:, None]).all()):
+            values = top_values[:, :-1].masked_fill(top_values[:, :-1] < threshold, -math.inf)
+            return _race(values, top_columns[:, :-1], batch)
+    return _race(_filtered_logits(x, batch), torch.arange(vocab, device=x.device)[None, :], batch)
+
+
+def _race(values: torch.Tensor, columns: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """argmax_i (values_i - log E_i) with E_i = -log u(seed, step, column_i): the token id of each row."""
+    log_e = uniform_noise_at(batch.seeds, batch.steps, STREAM_SAMPLE, columns).log_().neg_().float().log_()
+    best = (values - log_e).argmax(dim=-1, keepdim=True)
+    return columns.expand(values.shape).gather(1, best).squeeze(1)
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """Draw one token per row of logits [B, V] (any float dtype)."""
     x = _penalize_and_suppress(logits, batch)
     tokens = x.argmax(dim=-1)  # greedy choice, [B]
     if not batch.all_greedy:
-        probs = _filtered_logits(x, batch).softmax(dim=-1)  # [B, V]
-        # Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d. picks i with probability p_i.
-        exp_noise = uniform_noise(batch.seeds, batch.steps, STREAM_SAMPLE, batch.vocab_size).log_().neg_()
-        drawn = (probs / exp_noise.to(torch.float32)).argmax(dim=-1)
-        tokens = torch.where(batch.greedy, tokens, drawn)
+        tokens = torch.where(batch.greedy, tokens, _draw(x, batch))
 
     if batch.max_top_logprobs == 0:  # nobody asked: skip the vocabulary-wide reduction
         return SamplerOutput(token_ids=tokens, logprobs=None, top_ids=None, top_logprobs=None)
