@@ -5,7 +5,8 @@
     qnext-bench --target host:50051 --request-rate 2,4,8 --duration 60 --dataset prompts.jsonl --slo-ttft-ms 500
 
 A comma list for --concurrency or --request-rate is a sweep: one load point per value, each sending the same
-requests. Writes OUTPUT_DIR/result.json, latency_cdf.png and, for sweeps, sweep.png.
+requests. Writes OUTPUT_DIR/result.json, latency_cdf.png and, for sweeps, sweep.png. Exit status: 0; 1 when a
+load point had no successful request (its errors are in the summary); 2 for a bad flag.
 """
 
 from __future__ import annotations
