@@ -9,6 +9,7 @@ import math
 import random
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,16 +30,20 @@ def server(default_ckpt, tmp_path_factory):
     assert s.stop() == 0
 
 
-def bench(*args: str, out) -> tuple[int, dict]:
-    rc = cli.main([*args, "--output-dir", str(out), "--no-progress"])
+def bench(*args: str, out: Path, plots: bool = False) -> tuple[int, dict]:
+    """Run qnext-bench in-process; plots (and the progress line) only where a test looks at them: matplotlib
+    costs seconds on this machine."""
+    rc = cli.main([*args, "--output-dir", str(out), *([] if plots else ["--no-plots", "--no-progress"])])
     return rc, json.loads((out / "result.json").read_text())
 
 
 def test_sweep_numbers_are_internally_consistent(server, tmp_path, capsys):
     rc, doc = bench("--target", server.target, "--concurrency", "1,3", "--num-requests", "3", "--input-len", "8",
-                    "--output-len", "4", "--ignore-eos", "--slo-ttft-ms", "60000", out=tmp_path)
+                    "--output-len", "4", "--ignore-eos", "--slo-ttft-ms", "60000", out=tmp_path, plots=True)
     assert rc == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "\rconcurrency=3: [" in captured.err and "3/3  0 errors" in captured.err  # the live progress line
     assert "concurrency=1: 3/3 ok" in printed and "concurrency=3: 3/3 ok" in printed and "x first" in printed
     assert [p["summary"]["value"] for p in doc["points"]] == [1, 3]
     assert doc["config"]["server"]["max_num_seqs"] == 32
@@ -90,7 +95,7 @@ def test_unreachable_target_is_unavailable(tmp_path, capsys):
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    rc, doc = bench("--target", f"127.0.0.1:{port}", "--num-requests", "3", out=tmp_path)
+    rc, doc = bench("--target", f"127.0.0.1:{port}", "--num-requests", "3", out=tmp_path, plots=True)
     assert rc == 1 and "did not answer GetModelInfo" in capsys.readouterr().err
     s = doc["points"][0]["summary"]
     assert s["num_ok"] == 0 and s["errors"] == {"UNAVAILABLE": 3} and s["ttft"] is None
