@@ -50,9 +50,10 @@ def main() -> None:
         workload = Workload(Length(args.output_len), Length(args.input_len), vocab_size=info.vocab_size,
                             excluded_ids=frozenset(info.eos_token_ids))
         greedy = {"temperature": 0.0}
-        asyncio.run(run_point(server.target, Load("concurrency", 1), workload.requests(), num_requests=1,
+        requests = workload.requests()  # one stream: no level repeats another's prompts (prefix cache hits)
+        asyncio.run(run_point(server.target, Load("concurrency", 1), requests, num_requests=1,
                               duration_s=None, ignore_eos=True, extra=greedy, progress=False))  # warm-up
-        points = [asyncio.run(run_point(server.target, Load("concurrency", c), workload.requests(),
+        points = [asyncio.run(run_point(server.target, Load("concurrency", c), requests,
                                         num_requests=max(4, 2 * c), duration_s=None, ignore_eos=True, extra=greedy))
                   for c in levels]
     finally:

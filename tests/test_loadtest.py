@@ -54,6 +54,7 @@ def test_sweep_numbers_are_internally_consistent(server, tmp_path, capsys):
             # tokens counted from the stream == Usage == what ignore_eos forced
             assert r["output_tokens"] == r["usage_completion_tokens"] == r["requested_tokens"] == 4
             assert r["prompt_tokens"] == 8 and r["finish_reason"] == "length"
+            assert r["cached_tokens"] == 0  # random prompts, none repeated across the sweep
             assert 0 < r["ttft_s"] <= r["e2e_s"]
             assert len(r["itl_s"]) == 3 and sum(r["itl_s"]) <= r["e2e_s"] - r["ttft_s"] + 1e-9
             assert 0 <= r["start_s"] and r["start_s"] + r["e2e_s"] <= s["duration_s"] + 1e-6
@@ -89,6 +90,19 @@ def test_server_errors_are_counted_by_code(server, tmp_path):
     rc, doc = bench("--target", server.target, "--num-requests", "2", "--input-len", "4", "--output-len", "5000",
                     out=tmp_path / "long")
     assert rc == 1 and doc["points"][0]["summary"]["errors"] == {"INVALID_ARGUMENT": 2}
+
+
+def test_prefix_cache_hits_are_reported_and_bypassed(server, tmp_path):
+    data = tmp_path / "grow.jsonl"  # the second prompt extends the first (an exact repeat has nothing left to
+    prefix = list(range(1000, 1040))  # compute, so the server serves it from a checkpoint short of its end)
+    data.write_text(json.dumps({"token_ids": prefix, "output_len": 2}) + "\n" +
+                    json.dumps({"token_ids": prefix + list(range(2000, 2008)), "output_len": 2}) + "\n")
+    for bypass, out in ((True, tmp_path / "bypass"), (False, tmp_path / "cached")):
+        args = ["--target", server.target, "--num-requests", "2", "--dataset", str(data), "--ignore-eos"]
+        rc, doc = bench(*args, *(["--bypass-prefix-cache"] if bypass else []), out=out)
+        cached = [r["cached_tokens"] for r in doc["points"][0]["requests"]]
+        # sent one after the other: the second hits the first's end-of-prompt checkpoint unless bypassed
+        assert rc == 0 and (cached == [0, 0] if bypass else cached[1] > 0), cached
 
 
 def test_unreachable_target_is_unavailable(tmp_path, capsys):
@@ -176,7 +190,7 @@ def test_synthetic_workload_is_reproducible_and_within_range():
     w = Workload(Length(10, 0.5), Length(20, 0.5), vocab_size=50, excluded_ids=frozenset({0, 1}), seed=3)
     a = [x for x, _ in zip(w.requests(), range(50))]
     b = [x for x, _ in zip(w.requests(), range(50))]
-    assert a == b  # every sweep point sends the same requests
+    assert a == b  # the same seed sends the same requests
     assert all(10 <= len(x.token_ids) <= 30 and 5 <= x.max_new_tokens <= 15 for x in a)
     assert not {0, 1} & {t for x in a for t in x.token_ids}
     assert len({len(x.token_ids) for x in a}) > 5

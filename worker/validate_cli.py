@@ -153,7 +153,9 @@ def validate(model: str, reference: str, prompts: list[str], max_new_tokens: int
     if any(not p for p in ids):
         raise ValueError("--prompts: a prompt encodes to no tokens")
     max_len = max(len(p) for p in ids) + max_new_tokens + 1
-    cfg = dict(device=device, dtype=dtype, cache_memory=cache_memory, max_num_seqs=1, max_model_len=max_len)
+    # No prefix cache: the warm-up and the scoring pass repeat prompts, and a cache hit would time no prefill.
+    cfg = dict(device=device, dtype=dtype, cache_memory=cache_memory, max_num_seqs=1, max_model_len=max_len,
+               enable_prefix_caching=False)
     ref = run_checkpoint(EngineConfig(model=reference, **cfg), ids, max_new_tokens, None)
     mod = run_checkpoint(EngineConfig(model=model, **cfg), ids, max_new_tokens, ref.continuations)
     if mod.vocab_size != ref.vocab_size:

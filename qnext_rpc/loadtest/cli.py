@@ -4,8 +4,8 @@
         --ignore-eos --output-dir out/bench
     qnext-bench --target host:50051 --request-rate 2,4,8 --duration 60 --dataset prompts.jsonl --slo-ttft-ms 500
 
-A comma list for --concurrency or --request-rate is a sweep: one load point per value, each sending the same
-requests. Writes OUTPUT_DIR/result.json, latency_cdf.png and, for sweeps, sweep.png. Exit status: 0; 1 when a
+A comma list for --concurrency or --request-rate is a sweep: one load point per value (each with new prompts
+of the same length distribution). Writes OUTPUT_DIR/result.json, latency_cdf.png and, for sweeps, sweep.png. Exit status: 0; 1 when a
 load point had no successful request (its errors are in the summary); 2 for a bad flag.
 """
 
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ignore-eos", action="store_true", help="generate exactly the requested lengths")
     a("--temperature", type=float, help="sampling temperature (default: the server's)")
     a("--num-speculative-tokens", type=int, help="MTP draft length per request (default: the server's)")
+    a("--bypass-prefix-cache", action="store_true", help="requests neither use nor fill the server's prefix cache")
     a("--slo-ttft-ms", type=float, help="goodput counts requests with TTFT at most this")
     a("--slo-tpot-ms", type=float, help="goodput counts requests with TPOT at most this")
     a("--timeout", type=float, help="per-request deadline in seconds (expired -> DEADLINE_EXCEEDED)")
@@ -129,9 +130,12 @@ async def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     workload = build_workload(args, info)
     extra = {k: getattr(args, k) for k in ("temperature", "num_speculative_tokens") if getattr(args, k) is not None}
+    if args.bypass_prefix_cache:
+        extra["bypass_prefix_cache"] = True
+    requests = workload.requests()  # one stream across the points (see workload.py)
     points, summaries = [], []
     for i, load in enumerate(loads):
-        point = await run_point(args.target, load, workload.requests(), ignore_eos=args.ignore_eos, extra=extra,
+        point = await run_point(args.target, load, requests, ignore_eos=args.ignore_eos, extra=extra,
                                 timeout=args.timeout, seed=args.seed + i, progress=not args.no_progress, **stop)
         points.append(point)
         summaries.append(summarize(point, args.slo_ttft_ms, args.slo_tpot_ms))

@@ -34,7 +34,8 @@ def format_summary(s: Summary) -> str:
         f"== {s.label}: {s.num_ok}/{s.num_requests} ok in {s.duration_s:.2f} s; errors: {errors}",
         f"  requests/s {s.request_throughput:.3f}   output tok/s {s.output_throughput:.2f}   "
         f"total tok/s {s.total_token_throughput:.2f}",
-        f"  mean prompt {s.mean_prompt_tokens:.1f} tokens, mean output {s.mean_output_tokens:.1f} tokens; "
+        f"  mean prompt {s.mean_prompt_tokens:.1f} tokens ({s.mean_cached_tokens:.1f} from the prefix cache), "
+        f"mean output {s.mean_output_tokens:.1f} tokens; "
         f"streamed token count != Usage in {s.num_usage_mismatches} requests",
         *(f"  {code}: {msg}" for code, msg in sorted(s.error_examples.items())),
         _dist_line("TTFT", s.ttft), _dist_line("TPOT", s.tpot), _dist_line("ITL", s.itl), _dist_line("E2E", s.e2e),

@@ -34,6 +34,7 @@ class RequestRecord:
     itl_s: list[float] = field(default_factory=list)
     output_tokens: int = 0  # counted from the stream's token_ids
     prompt_tokens: int = 0  # Usage.prompt_tokens (or the prompt's length when no Usage came)
+    cached_tokens: int = 0  # Usage.cached_tokens: prompt tokens the server's prefix cache served
     usage_completion_tokens: int | None = None  # Usage.completion_tokens of the final response
     requested_tokens: int = 0
     finish_reason: str = ""
@@ -74,6 +75,7 @@ async def send_one(client: Client, spec: RequestSpec, t0: float, *, ignore_eos: 
                 rec.finish_reason = convert.finish_reason_name(resp.finish.reason)
                 rec.usage_completion_tokens = resp.finish.usage.completion_tokens
                 rec.prompt_tokens = resp.finish.usage.prompt_tokens
+                rec.cached_tokens = resp.finish.usage.cached_tokens
     except grpc.aio.AioRpcError as e:
         rec.status, rec.error = e.code().name, e.details() or ""
     rec.e2e_s = time.perf_counter() - start

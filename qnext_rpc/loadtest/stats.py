@@ -60,6 +60,7 @@ class Summary:
     total_token_throughput: float  # prompt + output tokens of successful requests / s
     mean_prompt_tokens: float
     mean_output_tokens: float
+    mean_cached_tokens: float  # prompt tokens served from the server's prefix cache
     num_usage_mismatches: int  # successful requests whose streamed token count != Usage.completion_tokens
     ttft: Distribution | None
     tpot: Distribution | None
@@ -99,6 +100,7 @@ def summarize(point: PointResult, slo_ttft_ms: float | None = None, slo_tpot_ms:
         total_token_throughput=(out_tokens + prompt_tokens) / dur,
         mean_prompt_tokens=prompt_tokens / len(ok) if ok else 0.0,
         mean_output_tokens=out_tokens / len(ok) if ok else 0.0,
+        mean_cached_tokens=sum(r.cached_tokens for r in ok) / len(ok) if ok else 0.0,
         num_usage_mismatches=sum(r.usage_completion_tokens != r.output_tokens for r in ok),
         ttft=Distribution.of_seconds([r.ttft_s for r in ok if r.ttft_s is not None]),
         tpot=Distribution.of_seconds([t for r in ok if (t := r.tpot_s) is not None]),

@@ -3,8 +3,10 @@
 Synthetic prompts are random token ids (sent as `token_ids`, so the server tokenises nothing and the prompt
 length is exact). Lengths are fixed, or uniform in [n * (1 - r), n * (1 + r)] with `--*-len-range r`.
 A dataset line is {"text": str} | {"token_ids": [int]} | {"chat": [{"role", "content"}]}, with an optional
-"output_len" (else the --output-len distribution applies). Requests are drawn in a fixed order from a seed,
-so every point of a sweep sends the same requests.
+"output_len" (else the --output-len distribution applies). Requests come in a fixed order from a seed, as one
+stream for the whole run: a sweep's later points get new prompts, not the earlier points' again, which a
+server's prefix cache would serve without prefill. A dataset shorter than the run is cycled (its repeats can hit
+the prefix cache: Usage.cached_tokens is reported).
 """
 
 from __future__ import annotations
