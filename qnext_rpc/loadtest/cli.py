@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -100,6 +101,8 @@ def plan(args: argparse.Namespace) -> tuple[list[Load], dict[str, Any]]:
     for flag, value in (("--duration", args.duration), ("--timeout", args.timeout),
                         ("--slo-ttft-ms", args.slo_ttft_ms), ("--slo-tpot-ms", args.slo_tpot_ms)):
         _positive(flag, value)
+    if not args.no_plots and importlib.util.find_spec("matplotlib") is None:  # fail now, not after the run
+        raise UsageError("--no-plots: matplotlib is not installed (pip install 'qnext[bench]'), or pass --no-plots")
     if ":" not in args.target:
         raise UsageError(f"--target: expected HOST:PORT, got {args.target!r}")
     stop = {"num_requests": None, "duration_s": args.duration} if args.duration else \
