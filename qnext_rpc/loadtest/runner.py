@@ -9,7 +9,6 @@ has (tokens - 1) entries and sums to (last token time - first token time).
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 from collections.abc import Iterator
