@@ -1,0 +1,322 @@
+"""Randomized differential test of the hybrid prefix cache (worker/prefix_cache.py, worker/cache.py, the
+scheduler's restore / index / checkpoint paths and the engine's device copies).
+
+Each seed draws a small engine (block size 4 or 16, a handful of KV blocks and checkpoints, a tiny token budget
+so prefill is chunked, few sequences so requests queue and get preempted) and a workload built to hit the
+cache in awkward ways: shared prefixes with random extensions, exact repeats, prompts diverging mid-block,
+strict prefixes of an earlier prompt + output, conversation continuations, random checkpoint offsets, random
+MTP draft lengths, requests bypassing the cache, aborts, arrivals interleaved with steps, and the occasional
+`reset_prefix_cache()` while requests run.
+
+Oracle (float64, greedy, so chunk boundaries cannot flip an argmax): every request that was not aborted
+produces exactly the tokens the same model produces with prefix caching off; an aborted one produced a prefix
+of them. Between steps the allocator's bookkeeping is checked against the scheduler's (`check_invariants`);
+after the run, clearing the prefix cache gives every block, slot and checkpoint back.
+
+CI runs a few seeds; QNEXT_FUZZ_SEEDS=N (or "a-b", or "a,b,c") runs more.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from worker.engine import Engine, EngineConfig, GenerationRequest
+from worker.sampler import SamplingParams
+from worker.scheduler import FinishReason, RequestStatus, StoppingParams
+from worker.tiny import make_checkpoint, tiny_config
+
+GREEDY = SamplingParams(temperature=0.0)
+VOCAB = 512
+MAX_TOKENS = 48  # prompt + max_new tokens of any one request
+MAX_SPEC = 2
+
+
+def _seeds() -> list[int]:
+    spec = os.environ.get("QNEXT_FUZZ_SEEDS", "")
+    if not spec:
+        return [0, 1]
+    if "-" in spec:
+        a, b = spec.split("-")
+        return list(range(int(a), int(b) + 1))
+    if "," in spec:
+        return [int(s) for s in spec.split(",")]
+    return list(range(int(spec)))
+
+
+@pytest.fixture(scope="module")
+def fuzz_ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("prefix_fuzz"), tiny_config(vocab_size=VOCAB), seed=21,
+                           tokenizer=False)
+
+
+def _engine(ckpt: Path, **kw) -> Engine:
+    return Engine(EngineConfig(model=str(ckpt), seed=0, dtype="float64", state_dtype="float64",
+                               num_speculative_tokens=MAX_SPEC, **kw))
+
+
+class Oracle:
+    """Greedy continuations with prefix caching off, memoised per prompt (one engine per block size)."""
+
+    def __init__(self, ckpt: Path) -> None:
+        self.ckpt = ckpt
+        self.engines: dict[int, Engine] = {}
+        self.memo: dict[tuple[int, ...], list[int]] = {}
+
+    def compute(self, block_size: int, wants: dict[tuple[int, ...], int]) -> None:
+        todo = {p: n for p, n in wants.items() if len(self.memo.get(p, ())) < n}
+        if not todo:
+            return
+        e = self.engines.get(block_size)
+        if e is None:
+            e = self.engines[block_size] = _engine(self.ckpt, block_size=block_size, enable_prefix_caching=False,
+                                                   cache_memory=64 << 20)
+        prompts = list(todo)
+        stops = [StoppingParams(max_new_tokens=todo[p], ignore_eos=True) for p in prompts]
+        for p, c in zip(prompts, e.generate([list(p) for p in prompts], GREEDY, stops)):
+            self.memo[p] = c.token_ids
+
+    def expected(self, prompt: tuple[int, ...], max_new: int, stops: tuple[int, ...]) -> list[int]:
+        out = self.memo[prompt][:max_new]
+        for i, t in enumerate(out):
+            if t in stops:
+                return out[:i + 1]
+        return out
+
+
+@pytest.fixture(scope="module")
+def oracle(fuzz_ckpt) -> Oracle:
+    return Oracle(fuzz_ckpt)
+
+
+def check_invariants(engine: Engine) -> None:
+    """The allocator's state is exactly what the scheduler's requests and the index's checkpoints reference."""
+    cm, sched, pc = engine.cache_manager, engine.scheduler, engine.cache_manager.prefix
+    bs, total = cm.block_size, cm.blocks.num_total
+    running, waiting = list(sched._running), list(sched._waiting)
+    assert len(running) <= engine.config.max_num_seqs
+    for r in waiting:
+        assert r.status == RequestStatus.WAITING
+        assert not r.block_ids and r.state_slot is None and r.num_computed_tokens == 0 and not r.prefix_nodes
+    refs: Counter[int] = Counter()
+    for r in running:
+        assert r.status == RequestStatus.RUNNING and r.state_slot is not None
+        assert len(set(r.block_ids)) == len(r.block_ids), f"{r.request_id} lists a block twice: {r.block_ids}"
+        assert len(r.block_ids) >= cm.blocks_for(r.num_computed_tokens)
+        assert len(r.prefix_nodes) <= len(r.block_ids)
+        assert 0 < r.num_computed_tokens <= r.num_tokens
+        refs.update(r.block_ids)
+    slots = [r.state_slot for r in running]
+    assert len(set(slots)) == len(slots)
+    assert cm.slots.num_free == cm.slots.num_total - len(running)
+    free = {b for b in range(total) if cm.blocks._is_free[b]}
+    assert len(free) == cm.blocks.num_free == len(cm.blocks._free)
+    tails = [c.tail_block for c in pc._ckpts.values()] if pc else []
+    assert len(set(tails)) == len(tails) == cm.num_checkpoint_blocks
+    refs.update(tails)
+    for b in range(total):
+        assert cm._refs[b] == refs[b], f"block {b}: {cm._refs[b]} references counted, {refs[b]} held"
+        if b in free:
+            assert refs[b] == 0 and not (pc and pc.is_cached(b)), f"free block {b} is referenced or cached"
+        elif refs[b] == 0:
+            assert pc is not None and b in pc._idle, f"block {b} is neither free, referenced nor idle"
+    assert cm.kv_blocks_used == len({b for r in running for b in r.block_ids})
+    if pc is None:
+        return
+    for b in pc._idle:
+        assert pc.is_cached(b) and refs[b] == 0
+    for t in tails:
+        assert not pc.is_cached(t) and refs[t] == 1, f"checkpoint tail block {t} is shared or cached"
+    assert len(pc._nodes) == len(pc._node_of_block)
+    by_id = {}
+    for key, node in pc._nodes.items():
+        assert node.key == key and pc._node_of_block[node.block] is node
+        by_id[node.node_id] = node
+    assert sorted(list(pc._free_ckpts) + list(pc._ckpts)) == list(range(pc.num_checkpoints))
+    for cid, c in pc._ckpts.items():
+        assert c.ckpt_id == cid and pc._ckpt_by_parent[c.parent][c.tail] is c
+        assert c.position % bs == len(c.tail) % bs and 1 <= len(c.tail) <= bs
+    assert sum(len(v) for v in pc._ckpt_by_parent.values()) == len(pc._ckpts)
+    for r in running:  # a request's chain of index nodes names its own tokens (where the nodes still exist)
+        parent = r.prefix_root
+        for i, nid in enumerate(r.prefix_nodes):
+            node = by_id.get(nid)
+            if node is not None:
+                assert node.key == (parent, tuple(r.token_slice(i * bs, (i + 1) * bs))), (r.request_id, i)
+            parent = nid
+        want = min(r.num_computed_tokens, r.num_tokens - 1) // bs if r.use_prefix_cache else 0
+        assert len(r.prefix_nodes) == want, (r.request_id, r.prefix_nodes, r.num_computed_tokens, r.num_tokens)
+    assert not engine._restored_hidden, "a restored MTP row was never consumed"
+    assert set(engine._draft_probs) <= set(sched._requests)
+
+
+@dataclass
+class Sent:
+    rid: str
+    prompt: tuple[int, ...]
+    max_new: int
+    stops: tuple[int, ...]
+    k: int
+    bypass: bool
+    checkpoints: tuple[int, ...] = ()
+    out: list[int] = field(default_factory=list)
+    finished: FinishReason | None = None
+    aborted: bool = False
+
+
+class Workload:
+    """Draws requests; later ones reuse earlier prompts and finished outputs."""
+
+    def __init__(self, rng: random.Random, block_size: int) -> None:
+        self.rng = rng
+        self.bs = block_size
+        n = rng.randint(1, 3)
+        self.bases = [self.toks(rng.randint(max(1, block_size - 2), min(36, 2 * block_size + 8))) for _ in range(n)]
+        self.prompts: list[tuple[int, ...]] = []
+        self.done: list[Sent] = []  # finished, not aborted
+        self.seen_outputs: list[int] = []
+        self.count = 0
+        self.ks = rng.choice([[0], [2], [0, 1, 2]])  # draft lengths (roots: with MTP or without)
+
+    def toks(self, n: int) -> list[int]:
+        return [self.rng.randrange(VOCAB) for _ in range(n)]
+
+    def prompt(self) -> tuple[list[int], str, list[int]]:
+        rng, bs = self.rng, self.bs
+        kinds = ["ext", "ext"]
+        if self.prompts:
+            kinds += ["repeat", "diverge"]
+        if self.done:
+            kinds += ["prefix_of_output", "continue", "continue"]
+        kind = rng.choice(kinds)
+        boundaries = []  # a chat template's turn boundaries
+        if kind == "ext":
+            base = rng.choice(self.bases)
+            p = list(base) + self.toks(rng.randint(0, 12))
+            boundaries.append(len(base))
+        elif kind == "repeat":
+            p = list(rng.choice(self.prompts))
+        elif kind == "diverge":
+            src = list(rng.choice(self.prompts))
+            cut = rng.randint(0, len(src))
+            if rng.random() < 0.5:  # a point just off a block boundary
+                cut = min(len(src), max(0, (cut // bs) * bs + rng.choice([-1, 1, bs - 1])))
+            p = src[:cut] + self.toks(rng.randint(1, 6))
+        else:
+            s = rng.choice(self.done)
+            full = list(s.prompt) + s.out
+            if kind == "prefix_of_output":
+                p = full[:rng.randint(1, len(full))]
+            else:
+                p = full + self.toks(rng.randint(1, 8))
+                boundaries.append(len(full))
+        p = p[:MAX_TOKENS - 1]
+        return p, kind, [b for b in boundaries if 1 <= b <= len(p) and rng.random() < 0.7]
+
+    def request(self) -> Sent:
+        rng = self.rng
+        p, kind, boundaries = self.prompt()
+        max_new = rng.randint(1, min(8, MAX_TOKENS - len(p)))
+        stops = ()
+        if self.seen_outputs and rng.random() < 0.2:  # tokens the model does produce, so stops do happen
+            stops = tuple(rng.sample(self.seen_outputs, min(2, len(self.seen_outputs))))
+        self.count += 1
+        self.prompts.append(tuple(p))
+        offsets = [rng.randint(1, len(p)) for _ in range(rng.choice([0, 0, 1, 2]))]  # client-chosen offsets
+        return Sent(f"q{self.count}-{kind}", tuple(p), max_new, stops, k=rng.choice(self.ks),
+                    bypass=rng.random() < 0.15, checkpoints=tuple(boundaries + offsets))
+
+
+def run_seed(seed: int, ckpt: Path, oracle: Oracle, num_requests: int | None = None) -> dict:
+    rng = random.Random(seed)
+    bs = rng.choice([4, 16])
+    max_num_seqs = rng.choice([1, 2, 3])
+    num_ckpts = rng.choice([1, 4, 8, 16])
+    num_blocks = MAX_TOKENS // bs + rng.choice([0, 2, 6, 30]) * (16 // bs)  # from one request's worth up
+    probe = oracle.engines.get(bs) or _engine(ckpt, block_size=bs, enable_prefix_caching=False,
+                                              cache_memory=64 << 20)
+    oracle.engines[bs] = probe
+    info = probe.cache_info
+    per_ckpt = info.bytes_per_slot // (1 + MAX_SPEC) + 128 * 8  # checkpoint_bytes: a slot's state + hidden
+    cache_memory = max_num_seqs * info.bytes_per_slot + num_blocks * info.bytes_per_block + num_ckpts * per_ckpt
+    config = dict(block_size=bs, max_num_seqs=max_num_seqs, max_num_batched_tokens=rng.choice([3, 5, 8, 16, 32]),
+                  num_checkpoints=num_ckpts, cache_memory=cache_memory)
+    engine = _engine(ckpt, **config)
+    assert engine.cache_info.num_checkpoints == num_ckpts
+    assert engine.cache_info.num_blocks * bs >= MAX_TOKENS
+    wl = Workload(rng, bs)
+    n_total = num_requests or rng.randint(10, 16)
+    sent: dict[str, Sent] = {}
+    p_abort = rng.choice([0.0, 0.03, 0.1])
+    p_reset = rng.choice([0.0, 0.0, 0.03])
+    p_arrive = rng.choice([0.1, 0.3, 0.6])
+    steps = preemptions = resets = 0
+
+    def add_some():
+        for _ in range(rng.randint(1, 3)):
+            if len(sent) >= n_total:
+                return
+            s = wl.request()
+            sent[s.rid] = s
+            engine.add_request(GenerationRequest(s.rid, list(s.prompt), GREEDY,
+                                                 StoppingParams(max_new_tokens=s.max_new, ignore_eos=True,
+                                                                stop_token_ids=s.stops),
+                                                 num_speculative_tokens=s.k, use_prefix_cache=not s.bypass,
+                                                 cache_checkpoints=s.checkpoints))
+
+    while len(sent) < n_total or engine.has_unfinished():
+        if len(sent) < n_total and (not engine.has_unfinished() or rng.random() < p_arrive):
+            add_some()
+        for o in engine.step():
+            s = sent[o.request_id]
+            s.out += o.new_token_ids
+            if o.finished:
+                s.finished = o.finish_reason
+                preemptions += o.num_preemptions
+                if o.finish_reason != FinishReason.ABORTED:
+                    wl.done.append(s)
+                    wl.seen_outputs += s.out
+        steps += 1
+        check_invariants(engine)
+        assert steps < 2000, "no progress"
+        live = [s for s in sent.values() if s.finished is None and not s.aborted]
+        if live and rng.random() < p_abort:
+            victim = rng.choice(live)
+            victim.aborted = engine.abort(victim.rid)
+            assert victim.aborted
+            check_invariants(engine)
+        if rng.random() < p_reset:
+            engine.reset_prefix_cache()
+            resets += 1
+            check_invariants(engine)
+
+    wants: dict[tuple[int, ...], int] = {}
+    for s in sent.values():
+        wants[s.prompt] = max(wants.get(s.prompt, 0), s.max_new)
+    oracle.compute(bs, wants)
+    for s in sent.values():
+        want = oracle.expected(s.prompt, s.max_new, s.stops)
+        if s.aborted:
+            assert s.finished == FinishReason.ABORTED and s.out == want[:len(s.out)], (seed, config, s)
+        else:
+            assert s.out == want, (seed, config, s, want)
+    engine.reset_prefix_cache()
+    check_invariants(engine)
+    assert engine.cache_manager.is_full() and engine.cache_manager.prefix.num_checkpoints_used == 0
+    assert engine.cache_manager.num_checkpoint_blocks == 0 and engine.cache_manager.prefix.num_cached_blocks == 0
+    assert not engine._restored_hidden and not engine._draft_probs
+    stats = engine.cache_manager.prefix.stats
+    return dict(seed=seed, steps=steps, requests=len(sent), aborted=sum(s.aborted for s in sent.values()),
+                preemptions=preemptions, resets=resets, hits=stats.num_hits, restores=stats.num_restores,
+                ckpt_evictions=stats.checkpoint_evictions, block_evictions=stats.block_evictions, **config)
+
+
+@pytest.mark.parametrize("seed", _seeds())
+def test_prefix_cache_differential_fuzz(seed, fuzz_ckpt, oracle, report):
+    result = run_seed(seed, fuzz_ckpt, oracle)
+    report(f"prefix fuzz seed {seed}", result)
