@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+import worker.engine as engine_module
 from worker.engine import Engine, EngineConfig, GenerationRequest
 from worker.sampler import SamplingParams
 from worker.scheduler import FinishReason, RequestStatus, StoppingParams
@@ -55,31 +56,53 @@ def fuzz_ckpt(tmp_path_factory) -> Path:
                            tokenizer=False)
 
 
-def _engine(ckpt: Path, **kw) -> Engine:
-    return Engine(EngineConfig(model=str(ckpt), seed=0, dtype="float64", state_dtype="float64",
-                               num_speculative_tokens=MAX_SPEC, **kw))
+def _engine(ckpt: Path, sizes: tuple[int, int, int] | None = None, **kw) -> Engine:
+    """sizes: exactly (KV blocks, state slots, checkpoints), in place of splitting a memory budget."""
+    config = EngineConfig(model=str(ckpt), seed=0, dtype="float64", state_dtype="float64",
+                          num_speculative_tokens=MAX_SPEC, **kw)
+    if sizes is None:
+        return Engine(config)
+    split = engine_module.size_cache
+    engine_module.size_cache = lambda *args: sizes
+    try:
+        return Engine(config)
+    finally:
+        engine_module.size_cache = split
 
 
 class Oracle:
-    """Greedy continuations with prefix caching off, memoised per prompt (one engine per block size)."""
+    """Greedy continuations with prefix caching off, memoised per prompt (one engine per block size), and the
+    MTP drafts proposed along the way, keyed by the tokens so far: a draft is a function of the MTP head's KV
+    cache, so a wrong MTP row restored from the prefix cache shows up there (greedy outputs cannot show it)."""
 
     def __init__(self, ckpt: Path) -> None:
         self.ckpt = ckpt
         self.engines: dict[int, Engine] = {}
         self.memo: dict[tuple[int, ...], list[int]] = {}
+        self.drafts: dict[tuple[int, ...], list[int]] = {}
+
+    def engine(self, block_size: int) -> Engine:
+        if block_size not in self.engines:
+            self.engines[block_size] = _engine(self.ckpt, block_size=block_size, enable_prefix_caching=False,
+                                               cache_memory=64 << 20)
+        return self.engines[block_size]
 
     def compute(self, block_size: int, wants: dict[tuple[int, ...], int]) -> None:
         todo = {p: n for p, n in wants.items() if len(self.memo.get(p, ())) < n}
         if not todo:
             return
-        e = self.engines.get(block_size)
-        if e is None:
-            e = self.engines[block_size] = _engine(self.ckpt, block_size=block_size, enable_prefix_caching=False,
-                                                   cache_memory=64 << 20)
-        prompts = list(todo)
-        stops = [StoppingParams(max_new_tokens=todo[p], ignore_eos=True) for p in prompts]
-        for p, c in zip(prompts, e.generate([list(p) for p in prompts], GREEDY, stops)):
-            self.memo[p] = c.token_ids
+        e = self.engine(block_size)
+        outs: dict[str, list[int]] = {}
+        for i, (p, n) in enumerate(todo.items()):
+            e.add_request(GenerationRequest(f"oracle-{len(self.memo)}-{i}", list(p), GREEDY,
+                                            StoppingParams(max_new_tokens=n, ignore_eos=True)))
+            outs[f"oracle-{len(self.memo)}-{i}"] = []
+        while e.has_unfinished():
+            for o in e.step():
+                outs[o.request_id] += o.new_token_ids
+            record_drafts(e, self.drafts)
+        for p, out in zip(todo, outs.values()):
+            self.memo[p] = out
 
     def expected(self, prompt: tuple[int, ...], max_new: int, stops: tuple[int, ...]) -> list[int]:
         out = self.memo[prompt][:max_new]
@@ -87,6 +110,12 @@ class Oracle:
             if t in stops:
                 return out[:i + 1]
         return out
+
+
+def record_drafts(engine: Engine, into: dict[tuple[int, ...], list[int]]) -> None:
+    for r in engine.scheduler._running:
+        if r.draft_token_ids:
+            into[tuple(r.all_token_ids)] = list(r.draft_token_ids)
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +201,10 @@ class Sent:
 class Workload:
     """Draws requests; later ones reuse earlier prompts and finished outputs."""
 
-    def __init__(self, rng: random.Random, block_size: int) -> None:
+    def __init__(self, rng: random.Random, block_size: int, max_tokens: int, max_new: int) -> None:
         self.rng = rng
+        self.max_new = max_new
+        self.max_tokens = max_tokens  # prompt + max_new of one request (it must fit the KV pool alone)
         self.bs = block_size
         n = rng.randint(1, 3)
         self.bases = [self.toks(rng.randint(max(1, block_size - 2), min(36, 2 * block_size + 8))) for _ in range(n)]
@@ -215,13 +246,13 @@ class Workload:
             else:
                 p = full + self.toks(rng.randint(1, 8))
                 boundaries.append(len(full))
-        p = p[:MAX_TOKENS - 1]
+        p = p[:self.max_tokens - 1]
         return p, kind, [b for b in boundaries if 1 <= b <= len(p) and rng.random() < 0.7]
 
     def request(self) -> Sent:
         rng = self.rng
         p, kind, boundaries = self.prompt()
-        max_new = rng.randint(1, min(8, MAX_TOKENS - len(p)))
+        max_new = rng.randint(1, min(self.max_new, self.max_tokens - len(p)))
         stops = ()
         if self.seen_outputs and rng.random() < 0.2:  # tokens the model does produce, so stops do happen
             stops = tuple(rng.sample(self.seen_outputs, min(2, len(self.seen_outputs))))
@@ -235,26 +266,26 @@ class Workload:
 def run_seed(seed: int, ckpt: Path, oracle: Oracle, num_requests: int | None = None) -> dict:
     rng = random.Random(seed)
     bs = rng.choice([4, 16])
-    max_num_seqs = rng.choice([1, 2, 3])
+    max_num_seqs = rng.choice([1, 2, 3, 4])
     num_ckpts = rng.choice([1, 4, 8, 16])
-    num_blocks = MAX_TOKENS // bs + rng.choice([0, 2, 6, 30]) * (16 // bs)  # from one request's worth up
-    probe = oracle.engines.get(bs) or _engine(ckpt, block_size=bs, enable_prefix_caching=False,
-                                              cache_memory=64 << 20)
-    oracle.engines[bs] = probe
-    info = probe.cache_info
-    per_ckpt = info.bytes_per_slot // (1 + MAX_SPEC) + 128 * 8  # checkpoint_bytes: a slot's state + hidden
-    cache_memory = max_num_seqs * info.bytes_per_slot + num_blocks * info.bytes_per_block + num_ckpts * per_ckpt
+    # from less than one long request's worth (requests are cut to fit alone) to roomy
+    num_blocks = rng.choice([2, 3, 4, 5, 9]) * (16 // bs) + rng.choice([0, 1])
+    pressure = rng.random() < 0.3  # many sequences on a pool that fits about one: preemption by recompute
+    if pressure:
+        max_num_seqs, num_blocks = 4, 3 * (16 // bs) + rng.choice([0, 1])
     config = dict(block_size=bs, max_num_seqs=max_num_seqs, max_num_batched_tokens=rng.choice([3, 5, 8, 16, 32]),
-                  num_checkpoints=num_ckpts, cache_memory=cache_memory)
-    engine = _engine(ckpt, **config)
-    assert engine.cache_info.num_checkpoints == num_ckpts
-    assert engine.cache_info.num_blocks * bs >= MAX_TOKENS
-    wl = Workload(rng, bs)
+                  num_checkpoints=num_ckpts, num_blocks=num_blocks)
+    engine = _engine(ckpt, sizes=(num_blocks, max_num_seqs, num_ckpts),
+                     **{k: v for k, v in config.items() if k != "num_blocks"})
+    assert engine.cache_info.num_checkpoints == num_ckpts and engine.cache_info.num_blocks == num_blocks
+    max_tokens = min(MAX_TOKENS, engine.cache_info.num_blocks * bs)
+    wl = Workload(rng, bs, max_tokens, max_new=16 if pressure else 8)
     n_total = num_requests or rng.randint(10, 16)
     sent: dict[str, Sent] = {}
+    drafts: dict[tuple[int, ...], list[int]] = {}
     p_abort = rng.choice([0.0, 0.03, 0.1])
     p_reset = rng.choice([0.0, 0.0, 0.03])
-    p_arrive = rng.choice([0.1, 0.3, 0.6])
+    p_arrive = 0.9 if pressure else rng.choice([0.1, 0.3, 0.6])
     steps = preemptions = resets = 0
 
     def add_some():
@@ -282,6 +313,7 @@ def run_seed(seed: int, ckpt: Path, oracle: Oracle, num_requests: int | None = N
                     wl.done.append(s)
                     wl.seen_outputs += s.out
         steps += 1
+        record_drafts(engine, drafts)
         check_invariants(engine)
         assert steps < 2000, "no progress"
         live = [s for s in sent.values() if s.finished is None and not s.aborted]
@@ -305,13 +337,16 @@ def run_seed(seed: int, ckpt: Path, oracle: Oracle, num_requests: int | None = N
             assert s.finished == FinishReason.ABORTED and s.out == want[:len(s.out)], (seed, config, s)
         else:
             assert s.out == want, (seed, config, s, want)
+    common = [key for key in drafts if key in oracle.drafts]
+    for key in common:  # a draft pass short of blocks stops early: a prefix
+        assert drafts[key] == oracle.drafts[key][:len(drafts[key])], (seed, config, key, drafts[key])
     engine.reset_prefix_cache()
     check_invariants(engine)
     assert engine.cache_manager.is_full() and engine.cache_manager.prefix.num_checkpoints_used == 0
     assert engine.cache_manager.num_checkpoint_blocks == 0 and engine.cache_manager.prefix.num_cached_blocks == 0
     assert not engine._restored_hidden and not engine._draft_probs
     stats = engine.cache_manager.prefix.stats
-    return dict(seed=seed, steps=steps, requests=len(sent), aborted=sum(s.aborted for s in sent.values()),
+    return dict(seed=seed, pressure=pressure, slots=engine.cache_info.num_slots, steps=steps, drafts_compared=f"{len(common)}/{len(drafts)}", requests=len(sent), aborted=sum(s.aborted for s in sent.values()),
                 preemptions=preemptions, resets=resets, hits=stats.num_hits, restores=stats.num_restores,
                 ckpt_evictions=stats.checkpoint_evictions, block_evictions=stats.block_evictions, **config)
 
