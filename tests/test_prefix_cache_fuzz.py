@@ -13,7 +13,8 @@ produces exactly the tokens the same model produces with prefix caching off; an 
 of them. Between steps the allocator's bookkeeping is checked against the scheduler's (`check_invariants`);
 after the run, clearing the prefix cache gives every block, slot and checkpoint back.
 
-CI runs a few seeds; QNEXT_FUZZ_SEEDS=N (or "a-b", or "a,b,c") runs more.
+CI runs a few seeds; QNEXT_FUZZ_SEEDS=N (or "a-b", or "a,b,c") runs more, QNEXT_FUZZ_BLOCK_SIZES="1,3,4,16"
+draws other block sizes (default 4,16).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 import worker.engine as engine_module
 from worker.engine import Engine, EngineConfig, GenerationRequest
@@ -36,6 +38,7 @@ GREEDY = SamplingParams(temperature=0.0)
 VOCAB = 512
 MAX_TOKENS = 48  # prompt + max_new tokens of any one request
 MAX_SPEC = 2
+BLOCK_SIZES = [int(b) for b in os.environ.get("QNEXT_FUZZ_BLOCK_SIZES", "4,16").split(",")]
 
 
 def _seeds() -> list[int]:
@@ -208,7 +211,7 @@ class Workload:
         self.bs = block_size
         n = rng.randint(1, 3)
         self.bases = [self.toks(rng.randint(max(1, block_size - 2), min(36, 2 * block_size + 8))) for _ in range(n)]
-        self.prompts: list[tuple[int, ...]] = []
+        self.prompts: list[Sent] = []
         self.done: list[Sent] = []  # finished, not aborted
         self.seen_outputs: list[int] = []
         self.count = 0
@@ -217,8 +220,9 @@ class Workload:
     def toks(self, n: int) -> list[int]:
         return [self.rng.randrange(VOCAB) for _ in range(n)]
 
-    def prompt(self) -> tuple[list[int], str, list[int]]:
+    def prompt(self) -> tuple[list[int], str, list[int], Sent | None]:
         rng, bs = self.rng, self.bs
+        src = None  # the earlier request this prompt is derived from
         kinds = ["ext", "ext"]
         if self.prompts:
             kinds += ["repeat", "diverge"]
@@ -231,48 +235,53 @@ class Workload:
             p = list(base) + self.toks(rng.randint(0, 12))
             boundaries.append(len(base))
         elif kind == "repeat":
-            p = list(rng.choice(self.prompts))
+            src = rng.choice(self.prompts)
+            p = list(src.prompt)
         elif kind == "diverge":
-            src = list(rng.choice(self.prompts))
-            cut = rng.randint(0, len(src))
+            src = rng.choice(self.prompts)
+            cut = rng.randint(0, len(src.prompt))
             if rng.random() < 0.5:  # a point just off a block boundary
-                cut = min(len(src), max(0, (cut // bs) * bs + rng.choice([-1, 1, bs - 1])))
-            p = src[:cut] + self.toks(rng.randint(1, 6))
+                cut = min(len(src.prompt), max(0, (cut // bs) * bs + rng.choice([-1, 1, bs - 1])))
+            p = list(src.prompt[:cut]) + self.toks(rng.randint(1, 6))
         else:
-            s = rng.choice(self.done)
-            full = list(s.prompt) + s.out
+            src = rng.choice(self.done)
+            full = list(src.prompt) + src.out
             if kind == "prefix_of_output":
                 p = full[:rng.randint(1, len(full))]
             else:
                 p = full + self.toks(rng.randint(1, 8))
                 boundaries.append(len(full))
         p = p[:self.max_tokens - 1]
-        return p, kind, [b for b in boundaries if 1 <= b <= len(p) and rng.random() < 0.7]
+        return p, kind, [b for b in boundaries if 1 <= b <= len(p) and rng.random() < 0.7], src
 
     def request(self) -> Sent:
         rng = self.rng
-        p, kind, boundaries = self.prompt()
+        p, kind, boundaries, src = self.prompt()
         max_new = rng.randint(1, min(self.max_new, self.max_tokens - len(p)))
         stops = ()
         if self.seen_outputs and rng.random() < 0.2:  # tokens the model does produce, so stops do happen
             stops = tuple(rng.sample(self.seen_outputs, min(2, len(self.seen_outputs))))
         self.count += 1
-        self.prompts.append(tuple(p))
         offsets = [rng.randint(1, len(p)) for _ in range(rng.choice([0, 0, 1, 2]))]  # client-chosen offsets
-        return Sent(f"q{self.count}-{kind}", tuple(p), max_new, stops, k=rng.choice(self.ks),
-                    bypass=rng.random() < 0.15, checkpoints=tuple(boundaries + offsets))
+        k, bypass = rng.choice(self.ks), rng.random() < 0.15
+        if src is not None and rng.random() < 0.7:  # the same client again: same draft length, cache on
+            k, bypass = src.k, False
+        sent = Sent(f"q{self.count}-{kind}", tuple(p), max_new, stops, k=k, bypass=bypass,
+                    checkpoints=tuple(boundaries + offsets))
+        self.prompts.append(sent)
+        return sent
 
 
 def run_seed(seed: int, ckpt: Path, oracle: Oracle, num_requests: int | None = None) -> dict:
     rng = random.Random(seed)
-    bs = rng.choice([4, 16])
+    bs = rng.choice(BLOCK_SIZES)
     max_num_seqs = rng.choice([1, 2, 3, 4])
     num_ckpts = rng.choice([1, 4, 8, 16])
     # from less than one long request's worth (requests are cut to fit alone) to roomy
-    num_blocks = rng.choice([2, 3, 4, 5, 9]) * (16 // bs) + rng.choice([0, 1])
+    num_blocks = -(-rng.choice([2, 3, 4, 5, 9]) * 16 // bs) + rng.choice([0, 1])
     pressure = rng.random() < 0.3  # many sequences on a pool that fits about one: preemption by recompute
     if pressure:
-        max_num_seqs, num_blocks = 4, 3 * (16 // bs) + rng.choice([0, 1])
+        max_num_seqs, num_blocks = 4, -(-3 * 16 // bs) + rng.choice([0, 1])
     config = dict(block_size=bs, max_num_seqs=max_num_seqs, max_num_batched_tokens=rng.choice([3, 5, 8, 16, 32]),
                   num_checkpoints=num_ckpts, num_blocks=num_blocks)
     engine = _engine(ckpt, sizes=(num_blocks, max_num_seqs, num_ckpts),
@@ -355,3 +364,85 @@ def run_seed(seed: int, ckpt: Path, oracle: Oracle, num_requests: int | None = N
 def test_prefix_cache_differential_fuzz(seed, fuzz_ckpt, oracle, report):
     result = run_seed(seed, fuzz_ckpt, oracle)
     report(f"prefix fuzz seed {seed}", result)
+
+
+# ---- directed cases the fuzz reaches only by luck ----------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_restore_from_a_checkpoint_evicted_by_its_own_admission(fuzz_ckpt, oracle, k):
+    """The pool is exhausted when a hit is admitted: the fresh tail block it needs can only come from evicting
+    the one checkpoint, the very one it restores from. Its tail block becomes the request's copy of it and its
+    id is reused by a checkpoint taken in the same step; the restore (device copies, and the hidden state of the
+    MTP row at P-1) happens at the start of the step, before either is overwritten."""
+    e = _engine(fuzz_ckpt, sizes=(4, 2, 1), block_size=4, max_num_batched_tokens=16, max_num_seqs=2)
+    stop1 = StoppingParams(max_new_tokens=1, ignore_eos=True)
+    a = [5, 6, 7]
+    b = list(range(100, 112))  # 12 tokens: the 3 blocks the checkpoint's tail leaves
+    c = a + [8]
+    plans = []
+    schedule = e.scheduler.schedule
+
+    def spy():
+        plans.append(schedule())
+        return plans[-1]
+
+    e.scheduler.schedule = spy
+
+    def run(*reqs):
+        for r in reqs:
+            e.add_request(r)
+        out = {r.request_id: [] for r in reqs}
+        while e.has_unfinished():
+            for o in e.step():
+                out[o.request_id] += o.new_token_ids
+            check_invariants(e)
+        return out
+
+    run(GenerationRequest("a", a, GREEDY, stop1, num_speculative_tokens=k))  # checkpoint at P=3, root tail
+    assert e.cache_manager.prefix.num_checkpoints_used == 1 and e.cache_manager.blocks.num_free == 3
+    got = run(GenerationRequest("b", b, GREEDY, stop1, use_prefix_cache=False),
+              GenerationRequest("c", c, GREEDY, StoppingParams(max_new_tokens=6, ignore_eos=True),
+                                num_speculative_tokens=k))
+    restores = [r for p in plans for r in p.restores if r.request_id == "c"]
+    assert restores and restores[0].position == 3 and restores[0].dst_block == restores[0].tail_block
+    oracle.compute(4, {tuple(b): 1, tuple(c): 6})
+    assert got == {"b": oracle.memo[tuple(b)][:1], "c": oracle.memo[tuple(c)][:6]}
+    e.reset_prefix_cache()
+    assert e.cache_manager.is_full()
+
+
+def _kv_rows(e: Engine, rid: str, n: int) -> list:
+    """Every KV pool's (k, v) rows of positions [0, n) of a running request, target layers and MTP head."""
+    r = e.scheduler.get(rid)
+    bs = e.config.block_size
+    idx = torch.tensor([r.block_ids[p // bs] for p in range(n)]), torch.tensor([p % bs for p in range(n)])
+    return [(k[idx], v[idx]) for k, v in zip(e.cache.k_cache, e.cache.v_cache)]
+
+
+def test_hit_through_a_block_cached_by_a_request_that_diverged_right_after_it(fuzz_ckpt):
+    """The MTP KV row of a block's last position pairs it with the NEXT token, outside the block. A (8 shared
+    tokens, then a...) caches blocks 0-1; C (same 8 tokens, then c...) computes its own copies, but the index
+    keeps A's; C's checkpoint at 10 hangs under them. R (C's first 10 tokens, then its own) hits it: every KV row
+    it gets from the cache, MTP rows included, must equal the ones computed without the cache."""
+    x = list(range(10, 18))  # 8 tokens: 2 blocks of 4
+    a, c = x + [40, 41, 42], x + [50, 51, 52, 53]
+    r = c[:10] + [60, 61]
+    stop = StoppingParams(max_new_tokens=3, ignore_eos=True)
+    on = _engine(fuzz_ckpt, block_size=4, cache_memory=64 << 20, num_checkpoints=8)
+    off = _engine(fuzz_ckpt, block_size=4, cache_memory=64 << 20, enable_prefix_caching=False)
+    for rid, p, cps in (("a", a, ()), ("c", c, (10,))):
+        on.add_request(GenerationRequest(rid, p, GREEDY, stop, cache_checkpoints=cps))
+        while on.has_unfinished():
+            on.step()
+    rows = []
+    for e in (on, off):
+        e.add_request(GenerationRequest("r", r, GREEDY, stop))
+        e.step()
+        rows.append(_kv_rows(e, "r", len(r)))
+        while e.has_unfinished():
+            e.step()
+    assert on.cache_manager.prefix.stats.hit_tokens == 10  # R restored at 10: blocks 0-1 shared, 2 copied
+    for layer, ((k_on, v_on), (k_off, v_off)) in enumerate(zip(*rows)):
+        bad = [p for p in range(len(r)) if not (torch.allclose(k_on[p], k_off[p], atol=1e-9)
+                                               and torch.allclose(v_on[p], v_off[p], atol=1e-9))]
+        assert not bad, f"KV pool {layer}: rows {bad} differ from the recomputed ones"
