@@ -179,7 +179,8 @@ def check_invariants(engine: Engine) -> None:
         for i, nid in enumerate(r.prefix_nodes):
             node = by_id.get(nid)
             if node is not None:
-                assert node.key == (parent, tuple(r.token_slice(i * bs, (i + 1) * bs))), (r.request_id, i)
+                span = pc.chain_span(r.prefix_root)  # with MTP, a block's key includes the token after it
+                assert node.key == (parent, tuple(r.token_slice(i * bs, i * bs + span))), (r.request_id, i)
             parent = nid
         want = min(r.num_computed_tokens, r.num_tokens - 1) // bs if r.use_prefix_cache else 0
         assert len(r.prefix_nodes) == want, (r.request_id, r.prefix_nodes, r.num_computed_tokens, r.num_tokens)
