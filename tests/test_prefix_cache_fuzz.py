@@ -126,6 +126,66 @@ def oracle(fuzz_ckpt) -> Oracle:
     return Oracle(fuzz_ckpt)
 
 
+class KVProvenance:
+    """A shadow of the KV pools: for each (block, row), the tokens its content is a function of. A target row at
+    position p depends on tokens [0, p]; an MTP row pairs the target's hidden state at p with token p+1, so it
+    depends on tokens [0, p+1]. Fed by the engine's batches and block copies; `check` asserts that every row a
+    running request has computed was computed from its own tokens, whoever wrote it (the request, a shared
+    cached block's owner, a checkpoint's tail). Catches a wrong shared row whether or not it flips a token."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.bs = engine, engine.config.block_size
+        self.target: dict[tuple[int, int], tuple[int, ...] | None] = {}
+        self.mtp: dict[tuple[int, int], tuple[int, ...] | None] = {}
+        self.drafting = False
+        forward_batch, copy_blocks, propose = engine._forward_batch, engine.cache.copy_blocks, engine._propose_drafts
+
+        def forward_batch_spy(pieces, is_verify):
+            target = is_verify is not None  # the target forward passes a list; MTP passes None
+            for r, start, toks in pieces:
+                if target:  # rows start + j: tokens [0, start) + toks[:j + 1]
+                    head = tuple(r.token_slice(0, start))
+                    for j in range(len(toks)):
+                        self.target[self._row(r, start + j)] = head + tuple(toks[:j + 1])
+                else:  # MTP rows start + j pair the hidden state there with toks[j], the token after it
+                    head = tuple(r.token_slice(0, start + 1))
+                    for j in range(len(toks)):
+                        self.mtp[self._row(r, start + j)] = None if self.drafting else head + tuple(toks[:j + 1])
+            return forward_batch(pieces, is_verify)
+
+        def copy_blocks_spy(src, dst):
+            for shadow in (self.target, self.mtp):
+                rows = [{o: shadow.get((b, o)) for o in range(self.bs)} for b in src]
+                for b, got in zip(dst, rows):
+                    for o, v in got.items():
+                        shadow[(b, o)] = v
+            return copy_blocks(src, dst)
+
+        def propose_spy(drafting):
+            self.drafting = True
+            try:
+                return propose(drafting)
+            finally:
+                self.drafting = False
+
+        engine._forward_batch, engine.cache.copy_blocks, engine._propose_drafts = \
+            forward_batch_spy, copy_blocks_spy, propose_spy
+
+    def _row(self, r, p: int) -> tuple[int, int]:
+        return r.block_ids[p // self.bs], p % self.bs
+
+    def check(self) -> None:
+        for r in self.engine.scheduler._running:
+            computed = min(r.num_computed_tokens, r.num_tokens)
+            for p in range(computed):
+                got = self.target.get(self._row(r, p))
+                assert got == tuple(r.token_slice(0, p + 1)), f"{r.request_id}: target KV row {p} is {got}"
+            if r.num_speculative_tokens:
+                for p in range(min(computed, r.num_tokens - 1)):
+                    got = self.mtp.get(self._row(r, p))
+                    assert got == tuple(r.token_slice(0, p + 2)), f"{r.request_id}: MTP KV row {p} is {got}"
+
+
 def check_invariants(engine: Engine) -> None:
     """The allocator's state is exactly what the scheduler's requests and the index's checkpoints reference."""
     cm, sched, pc = engine.cache_manager, engine.scheduler, engine.cache_manager.prefix
@@ -287,6 +347,7 @@ def run_seed(seed: int, ckpt: Path, oracle: Oracle, num_requests: int | None = N
                   num_checkpoints=num_ckpts, num_blocks=num_blocks)
     engine = _engine(ckpt, sizes=(num_blocks, max_num_seqs, num_ckpts),
                      **{k: v for k, v in config.items() if k != "num_blocks"})
+    provenance = KVProvenance(engine)
     assert engine.cache_info.num_checkpoints == num_ckpts and engine.cache_info.num_blocks == num_blocks
     max_tokens = min(MAX_TOKENS, engine.cache_info.num_blocks * bs)
     wl = Workload(rng, bs, max_tokens, max_new=16 if pressure else 8)
@@ -325,6 +386,7 @@ def run_seed(seed: int, ckpt: Path, oracle: Oracle, num_requests: int | None = N
         steps += 1
         record_drafts(engine, drafts)
         check_invariants(engine)
+        provenance.check()
         assert steps < 2000, "no progress"
         live = [s for s in sent.values() if s.finished is None and not s.aborted]
         if live and rng.random() < p_abort:
@@ -420,7 +482,7 @@ def _kv_rows(e: Engine, rid: str, n: int) -> list:
     return [(k[idx], v[idx]) for k, v in zip(e.cache.k_cache, e.cache.v_cache)]
 
 
-def test_hit_through_a_block_cached_by_a_request_that_diverged_right_after_it(fuzz_ckpt):
+def test_hit_through_a_block_cached_by_a_request_that_diverged_right_after_it(fuzz_ckpt, oracle):
     """The MTP KV row of a block's last position pairs it with the NEXT token, outside the block. A (8 shared
     tokens, then a...) caches blocks 0-1; C (same 8 tokens, then c...) computes its own copies, but the index
     keeps A's; C's checkpoint at 10 hangs under them. R (C's first 10 tokens, then its own) hits it: every KV row
@@ -429,8 +491,9 @@ def test_hit_through_a_block_cached_by_a_request_that_diverged_right_after_it(fu
     a, c = x + [40, 41, 42], x + [50, 51, 52, 53]
     r = c[:10] + [60, 61]
     stop = StoppingParams(max_new_tokens=3, ignore_eos=True)
-    on = _engine(fuzz_ckpt, block_size=4, cache_memory=64 << 20, num_checkpoints=8)
-    off = _engine(fuzz_ckpt, block_size=4, cache_memory=64 << 20, enable_prefix_caching=False)
+    on = _engine(fuzz_ckpt, sizes=(32, 2, 8), block_size=4, num_checkpoints=8)
+    off = oracle.engine(4)
+    provenance = KVProvenance(on)
     for rid, p, cps in (("a", a, ()), ("c", c, (10,))):
         on.add_request(GenerationRequest(rid, p, GREEDY, stop, cache_checkpoints=cps))
         while on.has_unfinished():
@@ -439,6 +502,9 @@ def test_hit_through_a_block_cached_by_a_request_that_diverged_right_after_it(fu
     for e in (on, off):
         e.add_request(GenerationRequest("r", r, GREEDY, stop))
         e.step()
+        check_invariants(e)
+        if e is on:
+            provenance.check()  # names the wrong row's tokens, where the comparison below only finds it
         rows.append(_kv_rows(e, "r", len(r)))
         while e.has_unfinished():
             e.step()
