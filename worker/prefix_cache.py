@@ -12,7 +12,9 @@ block"): on a hit, the request shares the full blocks before it (read only, refe
 block the tail is copied into, because it will write the rows after P-1 there. The checkpoint also keeps the
 target's final hidden state at P-1, so the MTP head's KV row at P-1 (which pairs that hidden state with token P,
 a token the prefix does not fix) can be recomputed for the new request; every other MTP row of the prefix pairs
-tokens inside the prefix.
+tokens inside the prefix. For the same reason a block of the MTP root's chain is keyed by its tokens AND the
+token after it (`chain_span`): the MTP row of a block's last position pairs it with that next token, so two
+requests that diverge right after a block hold different MTP rows in it and must not share it.
 
 Keys compare token tuples, never hashes, so a hit is exact by construction. Node ids are never reused: a key
 whose parent was evicted is unreachable (the walk starts at the root) and is evicted in its turn.
@@ -98,10 +100,18 @@ class PrefixCache:
     def is_cached(self, block: int) -> bool:
         return block in self._node_of_block
 
+    def chain_span(self, root: int) -> int:
+        """Tokens that name a block of the chain from `root`: its own, and for the MTP root the next one too.
+        The MTP KV row of a block's last position pairs it with the next token (outside the block): without it in
+        the key, a request diverging right after a block cached by another one would get the other's MTP row
+        there (wrong drafts; the target KV alone does not depend on later tokens)."""
+        return self.block_size + (1 if root == ROOTS[1] else 0)
+
     def register_block(self, parent: int, tokens: tuple[int, ...], block: int) -> tuple[int, bool]:
-        """Name `block` as holding `tokens` after the prefix `parent`. Returns (node id, registered): when the
-        key is already cached the existing node continues the chain and `block` stays private (False)."""
-        assert len(tokens) == self.block_size
+        """Name `block` as holding `tokens` (`chain_span` of them) after the prefix `parent`. Returns (node id,
+        registered): when the key is already cached the existing node continues the chain and `block` stays
+        private (False)."""
+        assert len(tokens) in (self.block_size, self.block_size + 1), len(tokens)
         key = (parent, tokens)
         node = self._nodes.get(key)
         if node is not None:
@@ -137,12 +147,13 @@ class PrefixCache:
 
     def lookup(self, root: int, tokens: list[int], limit: int) -> Hit | None:
         """The deepest P <= limit where tokens[:P]'s full blocks and a checkpoint at P are both cached."""
-        bs = self.block_size
+        bs, span = self.block_size, self.chain_span(root)
         nodes: list[_Node] = []
         parent = root
-        while (len(nodes) + 1) * bs <= limit - 1:  # full blocks strictly before the tail (P-1's block)
+        # full blocks strictly before the tail (P-1's block); the token after each is <= P-1, inside the prefix
+        while (len(nodes) + 1) * bs <= limit - 1:
             start = len(nodes) * bs
-            node = self._nodes.get((parent, tuple(tokens[start:start + bs])))
+            node = self._nodes.get((parent, tuple(tokens[start:start + span])))
             if node is None:
                 break
             nodes.append(node)

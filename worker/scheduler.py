@@ -361,12 +361,12 @@ class Scheduler:
         prefix = self.cache.prefix
         if prefix is None or not request.use_prefix_cache:
             return
-        bs = self.cache.block_size
+        bs, span = self.cache.block_size, prefix.chain_span(request.prefix_root)
         known = min(request.num_computed_tokens, request.num_tokens - 1)
-        while len(request.prefix_nodes) < known // bs:
+        while len(request.prefix_nodes) < known // bs:  # (i + 1) * bs <= known: the token after block i is known
             i = len(request.prefix_nodes)
             parent = request.prefix_nodes[-1] if request.prefix_nodes else request.prefix_root
-            node, _ = prefix.register_block(parent, tuple(request.token_slice(i * bs, (i + 1) * bs)),
+            node, _ = prefix.register_block(parent, tuple(request.token_slice(i * bs, i * bs + span)),
                                             request.block_ids[i])
             request.prefix_nodes.append(node)
         position = request.num_computed_tokens
