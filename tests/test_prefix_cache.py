@@ -243,3 +243,23 @@ def test_allocation_evicts_checkpoints_when_idle_blocks_run_out() -> None:
     cm.drop_blocks(got)
     cm.clear_prefix_cache()
     assert cm.is_full() and cm.num_checkpoint_blocks == 0
+
+
+def test_reset_while_running_keeps_serving_and_caching(mtp_ckpt, engines):
+    """A reset mid-generation: the running request names its blocks in the index again, so a later request
+    sharing its prompt hits, with exact outputs."""
+    e = engines(mtp_ckpt)
+    prompt = tokens(50, 7)
+    stop = StoppingParams(max_new_tokens=6, ignore_eos=True)
+    want = engines(mtp_ckpt, enable_prefix_caching=False).generate([prompt], GREEDY, stop)[0].token_ids
+    e.add_request(GenerationRequest("first", prompt, GREEDY, stop, cache_checkpoints=(33,)))
+    out = []
+    for _ in range(3):
+        out += [t for o in e.step() for t in o.new_token_ids]
+    e.reset_prefix_cache()
+    assert e.cache_manager.prefix.num_cached_blocks == 0
+    while e.has_unfinished():
+        out += [t for o in e.step() for t in o.new_token_ids]
+    assert out == want and e.cache_manager.prefix.num_cached_blocks > 0  # registered again after the reset
+    # the next turn hits the first request's end-of-generation checkpoint, taken under its re-registered chain
+    assert Recorder(e).turn("second", prompt + out + [1, 2], [], max_new=6)[1] == len(prompt) + len(out) - 1

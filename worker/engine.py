@@ -245,7 +245,7 @@ class Engine:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (running requests keep their blocks as private ones)."""
-        self.cache_manager.clear_prefix_cache()
+        self.scheduler.reset_prefix_cache()
 
     def close(self) -> None:
         """Stop the other tensor-parallel ranks, if any (a single-device engine holds nothing to release)."""

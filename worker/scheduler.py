@@ -243,6 +243,13 @@ class Scheduler:
         self._finish(request, FinishReason.ABORTED)
         return True
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix. Running requests keep their blocks, now private, and name them in the
+        index again from the root at their next step (their old chains point at forgotten nodes)."""
+        self.cache.clear_prefix_cache()
+        for request in self._running:
+            request.prefix_nodes = []
+
     def suppressed_token_ids(self, request: Request, ahead: int = 0) -> list[int]:
         """Token ids the sampler must not produce for the request's next token (the min_new_tokens rule);
         `ahead`: for the token that many positions later (speculative verify of drafts)."""
@@ -392,8 +399,10 @@ class Scheduler:
         start = request.num_computed_tokens
         num_tokens = min(request.num_tokens - start, budget)
         if self.cache.prefix is not None and request.use_prefix_cache:
-            # stop at the next checkpoint position so the state after exactly that token exists
-            num_tokens = min([num_tokens] + [p - start for p in request.checkpoint_positions if p > start])
+            # stop at the next checkpoint position so the state after exactly that token exists (the end of the
+            # prompt too: a preempted request recomputing past it takes that checkpoint again)
+            ends = (*request.checkpoint_positions, len(request.prompt_token_ids))
+            num_tokens = min([num_tokens] + [p - start for p in ends if p > start])
         assert num_tokens >= 1, f"{request.request_id!r} has nothing to compute"
         drafts = self._drafts_to_verify(request, budget) if start + 1 == request.num_tokens else []
         if drafts:
