@@ -256,8 +256,8 @@ def test_reset_while_running_keeps_serving_and_caching(mtp_ckpt, engines):
     out = []
     for _ in range(3):
         out += [t for o in e.step() for t in o.new_token_ids]
-    e.reset_prefix_cache()
-    assert e.cache_manager.prefix.num_cached_blocks == 0
+    e.reset_prefix_cache()  # forgets everything, then the running request names its own blocks again
+    assert e.cache_manager.prefix.num_checkpoints_used == 0 and e.cache_manager.prefix.num_idle_blocks == 0
     while e.has_unfinished():
         out += [t for o in e.step() for t in o.new_token_ids]
     assert out == want and e.cache_manager.prefix.num_cached_blocks > 0  # registered again after the reset

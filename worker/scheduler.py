@@ -244,11 +244,15 @@ class Scheduler:
         return True
 
     def reset_prefix_cache(self) -> None:
-        """Forget every cached prefix. Running requests keep their blocks, now private, and name them in the
-        index again from the root at their next step (their old chains point at forgotten nodes)."""
+        """Forget every cached prefix. Running requests keep their blocks and name them in the index again from
+        the root (their old chains point at forgotten nodes, so what they cache later would be unreachable)."""
+        if self.cache.prefix is None:
+            return
         self.cache.clear_prefix_cache()
         for request in self._running:
             request.prefix_nodes = []
+            if request.use_prefix_cache:
+                self._register_blocks(request)
 
     def suppressed_token_ids(self, request: Request, ahead: int = 0) -> list[int]:
         """Token ids the sampler must not produce for the request's next token (the min_new_tokens rule);
@@ -368,14 +372,8 @@ class Scheduler:
         prefix = self.cache.prefix
         if prefix is None or not request.use_prefix_cache:
             return
-        bs, span = self.cache.block_size, prefix.chain_span(request.prefix_root)
-        known = min(request.num_computed_tokens, request.num_tokens - 1)
-        while len(request.prefix_nodes) < known // bs:  # (i + 1) * bs <= known: the token after block i is known
-            i = len(request.prefix_nodes)
-            parent = request.prefix_nodes[-1] if request.prefix_nodes else request.prefix_root
-            node, _ = prefix.register_block(parent, tuple(request.token_slice(i * bs, i * bs + span)),
-                                            request.block_ids[i])
-            request.prefix_nodes.append(node)
+        bs = self.cache.block_size
+        known = self._register_blocks(request)
         position = request.num_computed_tokens
         wanted = finished or position == len(request.prompt_token_ids) or position in request.checkpoint_positions
         if position != known or position < 1 or not wanted:
@@ -393,6 +391,20 @@ class Scheduler:
             self.cache.release_checkpoint_block(evicted.tail_block)
         plan.checkpoints.append(CheckpointCopy(request.request_id, ckpt.ckpt_id, request.state_slot,
                                                request.block_ids[depth], tail_block, position, ckpt))
+
+    def _register_blocks(self, request: Request) -> int:
+        """Name the request's newly completed full blocks in the prefix index; returns the tokens whose next
+        token is known (only those count: a block's key includes the token after it with MTP)."""
+        prefix, bs = self.cache.prefix, self.cache.block_size
+        span = prefix.chain_span(request.prefix_root)
+        known = min(request.num_computed_tokens, request.num_tokens - 1)
+        while len(request.prefix_nodes) < known // bs:  # (i + 1) * bs <= known: the token after block i is known
+            i = len(request.prefix_nodes)
+            parent = request.prefix_nodes[-1] if request.prefix_nodes else request.prefix_root
+            node, _ = prefix.register_block(parent, tuple(request.token_slice(i * bs, i * bs + span)),
+                                            request.block_ids[i])
+            request.prefix_nodes.append(node)
+        return known
 
     def _try_chunk(self, request: Request, budget: int) -> ScheduledChunk | None:
         """The request's next chunk (at most budget tokens) with the cache grown to hold it, or None."""
