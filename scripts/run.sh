@@ -3,5 +3,5 @@
 # Extra arguments go to qnext-serve, e.g. `bash scripts/run.sh --port 50052 --num-speculative-tokens 2`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/setup.sh
+. scripts/setup.sh ""  # no extras (sourced without arguments it would see ours as its $1)
 exec qnext-serve "$@"
