@@ -131,11 +131,13 @@ class Server:
             self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.metrics_host)
         self._on_ready_change(True)
         c = ready.cache
+        cache_mib = (c.num_blocks * c.bytes_per_block + c.num_slots * c.bytes_per_slot
+                     + c.num_checkpoints * c.bytes_per_checkpoint) / 2**20
         print(f"qnext-serve: listening on {cfg.host}:{self.port} (gRPC), metrics on "
               f"{cfg.metrics_host}:{self.metrics_port}; model {m.model_dir} ({m.architecture}, {m.dtype}) on "
-              f"{m.device}; cache {c.num_kv_tokens} KV tokens in {c.num_blocks} blocks, {c.num_slots} state slots "
-              f"({(c.num_blocks * c.bytes_per_block + c.num_slots * c.bytes_per_slot) / 2**20:.0f} MiB); "
-              f"max_model_len {m.max_model_len}", flush=True)
+              f"{m.device}; cache {c.num_kv_tokens} KV tokens in {c.num_blocks} blocks, {c.num_slots} state slots, "
+              f"{c.num_checkpoints} prefix-cache checkpoints ({cache_mib:.0f} MiB); max_model_len {m.max_model_len}",
+              flush=True)
 
     async def drain(self) -> None:
         """Refuse new requests, finish in-flight ones within the grace period, stop."""

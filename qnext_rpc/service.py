@@ -134,7 +134,8 @@ class GenerationService(convert.GenerationServicer):
         self.metrics.num_prompt += finish.usage.prompt_tokens
         t = finish.timings
         rlog.info("request done", status=status, prompt_tokens=finish.usage.prompt_tokens,
-                  completion_tokens=finish.usage.completion_tokens, queue_ms=round(t.queue_ms, 1),
+                  completion_tokens=finish.usage.completion_tokens, cached_tokens=finish.usage.cached_tokens,
+                  queue_ms=round(t.queue_ms, 1),
                   ttft_ms=round(t.time_to_first_token_ms, 1), total_ms=round(t.total_ms, 1),
                   preemptions=t.num_preemptions)
 
