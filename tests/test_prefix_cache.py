@@ -224,7 +224,7 @@ def test_scheduler_splits_prefill_at_checkpoint_positions() -> None:
         plan = sched.schedule()
         lens.append([c.num_tokens for c in plan.chunks])
         sched.update(plan, {"r": [1]} if plan.chunks[0].sample else {})
-        assert [cp.position for cp in plan.checkpoints] == (
+        assert [cp.checkpoint.position for cp in plan.checkpoints] == (
             [r.num_computed_tokens] if r.num_computed_tokens in (7, 13, 30) or r.finish_reason else [])
     assert lens == [[7], [6], [17], [1]]
     hit = cm.prefix.lookup(0, list(range(30)) + [5], limit=30)

@@ -320,9 +320,9 @@ class Engine:
         rows = []
         for cp in cps:
             first_row, start = starts[cp.request_id]
-            rows.append(first_row + cp.position - 1 - start)
-        self.cache.copy_blocks([cp.src_block for cp in cps], [cp.tail_block for cp in cps])
-        self.cache.save_checkpoints([cp.slot for cp in cps], [cp.ckpt_id for cp in cps], hidden[rows])
+            rows.append(first_row + cp.checkpoint.position - 1 - start)
+        self.cache.copy_blocks([cp.src_block for cp in cps], [cp.checkpoint.tail_block for cp in cps])
+        self.cache.save_checkpoints([cp.slot for cp in cps], [cp.checkpoint.ckpt_id for cp in cps], hidden[rows])
 
     @staticmethod
     def _chunk_tokens(c) -> list[int]:

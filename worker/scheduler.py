@@ -150,15 +150,12 @@ class Restore:
 
 @dataclass(frozen=True)
 class CheckpointCopy:
-    """After update: the state in `slot` and the block `src_block` (rows up to position-1) into checkpoint
-    `ckpt_id` and its tail block; the hidden state of position-1 from this step's row of that token."""
+    """After update: the state in `slot` and the block `src_block` (rows up to P-1) into `checkpoint` (its id
+    and tail block), with the hidden state of P-1 from this step's row of that token; P = checkpoint.position."""
 
     request_id: str
-    ckpt_id: int
     slot: int
     src_block: int
-    tail_block: int
-    position: int
     checkpoint: Checkpoint = field(compare=False, repr=False)
 
 
@@ -389,8 +386,8 @@ class Scheduler:
         ckpt, evicted = prefix.add_checkpoint(parent, tail, position, tail_block)
         if evicted is not None:
             self.cache.release_checkpoint_block(evicted.tail_block)
-        plan.checkpoints.append(CheckpointCopy(request.request_id, ckpt.ckpt_id, request.state_slot,
-                                               request.block_ids[depth], tail_block, position, ckpt))
+        plan.checkpoints.append(CheckpointCopy(request.request_id, request.state_slot, request.block_ids[depth],
+                                               ckpt))
 
     def _register_blocks(self, request: Request) -> int:
         """Name the request's newly completed full blocks in the prefix index; returns the tokens whose next
