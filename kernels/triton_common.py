@@ -5,17 +5,8 @@ from __future__ import annotations
 
 import os
 
-import torch
 import triton
 import triton.language as tl
-
-
-def int32_on(values: list[int], device: torch.device) -> torch.Tensor:
-    """A host list as an int32 tensor on `device`. To CUDA through pinned memory without blocking: a copy from
-    pageable memory makes the host wait for the GPU to drain its queue, once per layer per step."""
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=torch.int32, device=device)
-    return torch.tensor(values, dtype=torch.int32, pin_memory=True).to(device, non_blocking=True)
 
 
 def interpreting() -> bool:

@@ -10,6 +10,9 @@
 - Prefix caching: a pool of state checkpoints [n_gdn, num_checkpoints, ...] (conv and recurrent state after a
   given token of a cached prefix) and the target's final hidden state at that token [num_checkpoints, H].
 
+One state slot more than `num_slots` exists: the padding slot, never handed out. The padded rows of a CUDA-graph
+batch (worker/graph_runner.py) run as sequences of their own and compute into it, so they touch no real state.
+
 Which block or slot belongs to whom is decided by the (torch-free) allocator in `worker/cache.py`.
 """
 
@@ -66,14 +69,16 @@ class CacheTensors:
         self.k_cache = [torch.zeros(kv, dtype=shape.kv_dtype, device=device) for _ in range(n_kv)]
         self.v_cache = [torch.zeros(kv, dtype=shape.kv_dtype, device=device) for _ in range(n_kv)]
         n_gdn = len(cfg.linear_attention_layers)
-        self.conv_state = torch.zeros(n_gdn, shape.num_slots, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1,
+        self.padding_slot = shape.num_slots
+        slots = shape.num_slots + 1
+        self.conv_state = torch.zeros(n_gdn, slots, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1,
                                       dtype=shape.conv_dtype, device=device)
-        self.ssm_state = torch.zeros(n_gdn, shape.num_slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+        self.ssm_state = torch.zeros(n_gdn, slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                                      cfg.linear_value_head_dim, dtype=shape.state_dtype, device=device)
         k = shape.max_spec_tokens
-        self.spec_conv = torch.zeros(n_gdn, shape.num_slots, k, *self.conv_state.shape[2:],
+        self.spec_conv = torch.zeros(n_gdn, slots, k, *self.conv_state.shape[2:],
                                      dtype=shape.conv_dtype, device=device) if k else None
-        self.spec_ssm = torch.zeros(n_gdn, shape.num_slots, k, *self.ssm_state.shape[2:],
+        self.spec_ssm = torch.zeros(n_gdn, slots, k, *self.ssm_state.shape[2:],
                                     dtype=shape.state_dtype, device=device) if k else None
         c = shape.num_checkpoints
         self.ckpt_conv = torch.zeros(n_gdn, c, *self.conv_state.shape[2:], dtype=shape.conv_dtype, device=device)

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
+from kernels.dispatch import kernels_mode
 from worker.cache import HybridCacheManager
 from worker.cache_tensors import (CacheShape, CacheTensors, checkpoint_bytes, kv_bytes_per_block,
                                   state_bytes_per_slot)
+from worker.graph_runner import MODES as GRAPH_MODES, DecodeGraphRunner
 from worker.loader import load_model
 from worker.model import ForwardBatch
 from worker.sampler import GREEDY_TEMPERATURE, SamplingBatch, SamplingParams, processed_probs, sample
@@ -51,9 +53,14 @@ class EngineConfig:
     num_checkpoints: int = 0  # state checkpoints kept; 0 = as many as 10% of the cache budget holds
     # Tensor parallelism: ranks (processes, one device each) the model is split across (worker/parallel.py).
     tensor_parallel_size: int = 1
+    # Decode steps as CUDA graphs (worker/graph_runner.py): auto (on CUDA with the Triton kernels, tensor
+    # parallel size 1), off (vLLM's --enforce-eager), padded-eager (the graphs' static buffers without capture).
+    cuda_graphs: str = "auto"
+    cuda_graph_max_batch_size: int = 256  # largest captured batch (capped by max_num_seqs)
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size",
+                     "cuda_graph_max_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.dtype not in ("auto", *_DTYPES):
@@ -64,6 +71,8 @@ class EngineConfig:
             raise ValueError(f"num_speculative_tokens: must be in [0, 4], got {self.num_speculative_tokens}")
         if self.cache_memory < 0:
             raise ValueError(f"cache_memory: must be >= 0, got {self.cache_memory}")
+        if self.cuda_graphs not in GRAPH_MODES:
+            raise ValueError(f"cuda_graphs: must be one of {', '.join(GRAPH_MODES)}, got {self.cuda_graphs!r}")
         if self.num_checkpoints < 0:
             raise ValueError(f"num_checkpoints: must be >= 0, got {self.num_checkpoints}")
 
@@ -153,8 +162,9 @@ def size_cache(config: EngineConfig, bytes_per_block: int, bytes_per_slot: int, 
     if config.enable_prefix_caching:
         num_ckpts = config.num_checkpoints or max(1, int(budget * 0.1) // bytes_per_checkpoint)
         budget -= num_ckpts * bytes_per_checkpoint
-    num_slots = max(1, min(config.max_num_seqs, int(budget * 0.9) // bytes_per_slot))
-    num_blocks = (budget - num_slots * bytes_per_slot) // bytes_per_block
+    # + 1: CacheTensors' padding slot (CUDA-graph padding rows compute into it)
+    num_slots = max(1, min(config.max_num_seqs, int(budget * 0.9) // bytes_per_slot - 1))
+    num_blocks = (budget - (num_slots + 1) * bytes_per_slot) // bytes_per_block
     if num_blocks < 1:
         raise ValueError(f"cache_memory: {budget} bytes hold no KV block after {num_slots} state slots "
                          f"and {num_ckpts} prefix-cache checkpoints")
@@ -194,6 +204,7 @@ class Engine:
         self.cache_manager = HybridCacheManager(num_blocks, config.block_size, num_slots, num_ckpts)
         if self.followers is not None:  # from here on, every model / cache call runs on every rank
             self.model, self.cache = self.followers.lead(self.model, self.cache)
+        self.graphs = self._graph_runner()
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=config.max_num_seqs,
                                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                                    max_model_len=self.max_model_len), self.cache_manager)
@@ -205,6 +216,20 @@ class Engine:
         self._draft_probs: dict[str, torch.Tensor] = {}  # request id -> q of its pending drafts [k, V]
         # request id -> (hit position P, checkpoint's hidden state at P-1) for the MTP row at P-1 (prefix cache)
         self._restored_hidden: dict[str, tuple[int, torch.Tensor]] = {}
+
+    def _graph_runner(self) -> DecodeGraphRunner | None:
+        """Capture the decode graphs (before serving: it takes seconds), unless they are off or cannot run here:
+        the graphs hold Triton launches (QNEXT_KERNELS=reference turns them off) on one device."""
+        mode = self.config.cuda_graphs
+        capture = (mode == "auto" and self.device.type == "cuda" and kernels_mode() == "auto"
+                   and self.dtype != torch.float64)  # fp64 runs the references (kernels/dispatch.py)
+        if mode == "off" or (mode == "auto" and not capture) or self.followers is not None:
+            return None
+        k = self.max_spec_tokens
+        return DecodeGraphRunner(self.model, self.cache, max_batch=min(self.config.cuda_graph_max_batch_size,
+                                                                       self.config.max_num_seqs),
+                                 max_model_len=self.max_model_len, block_size=self.config.block_size,
+                                 query_lens=(1, 1 + k) if k else (1,), capture=capture)
 
     @property
     def vocab_size(self) -> int:
@@ -464,7 +489,7 @@ class Engine:
     def _run_model(self, batch: ForwardBatch, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The forward and the logits of `rows`; timed (synchronised on CUDA) for StepTimings."""
         start = time.perf_counter()
-        hidden = self.model(batch, self.cache)
+        hidden = self.graphs.forward(batch) if self.graphs is not None else self.model(batch, self.cache)
         logits = self.model.compute_logits(hidden[rows])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -10,7 +10,7 @@ Parameter names mirror the checkpoint's, so the loader maps names 1:1 except the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -22,6 +22,7 @@ from kernels.conv1d import causal_conv1d_varlen
 from kernels.gated_delta_rule import gated_delta_rule_varlen
 from kernels.moe import fused_moe, route
 from kernels.norms import gated_rms_norm, rms_norm_zero_centred
+from kernels.step_metadata import StepMetadata, VarlenLayout
 from worker.cache_tensors import CacheTensors
 from worker.config import FULL_ATTENTION, ModelConfig, yarn_inv_freq_and_scale
 
@@ -40,6 +41,13 @@ class ForwardBatch:
     # Speculative verify: per sequence, whether its chunk is [last token, drafts...] whose DeltaNet states
     # after each position must be kept for rollback (None = no verify chunks).
     is_verify: list[bool] | None = None
+    # The Triton kernels' varlen tables for this step, built on first use and shared by every layer. Not an init
+    # field: each process (tensor-parallel rank) builds its own; a CUDA graph's static batch swaps in its own.
+    kernel_meta: StepMetadata = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.kernel_meta = StepMetadata(VarlenLayout.of(self.query_lens, self.context_lens, self.is_verify),
+                                        self.input_ids.device)
 
     @cached_property  # read by every DeltaNet layer: computed once per step
     def has_initial_state(self) -> list[bool]:
@@ -115,7 +123,7 @@ class GatedAttention(nn.Module):
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
         o = paged_attention_varlen(
             q, k, v, cache.k_cache[self.cache_index], cache.v_cache[self.cache_index], batch.slot_mapping,
-            batch.block_tables, batch.query_lens, batch.context_lens, self.head_dim ** -0.5)
+            batch.block_tables, batch.query_lens, batch.context_lens, self.head_dim ** -0.5, batch.kernel_meta)
         o = o * torch.sigmoid(gate)
         return self.o_proj(o.reshape(T, -1))
 
@@ -153,7 +161,7 @@ class GatedDeltaNet(nn.Module):
         spec_ssm = cache.spec_ssm[self.cache_index] if cache.spec_ssm is not None else None
         mixed = causal_conv1d_varlen(mixed, self.conv1d.weight[:, 0], cache.conv_state[self.cache_index],
                                      batch.state_slots, batch.query_lens, batch.has_initial_state,
-                                     batch.is_verify, spec_conv)
+                                     batch.is_verify, spec_conv, batch.kernel_meta)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.reshape(T, self.Hk, self.dk)  # value head h reads key head h // r, inside the kernel
         k = k.reshape(T, self.Hk, self.dk)
@@ -163,7 +171,7 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.to(ct).exp() * F.softplus(a.reshape(T, self.Hv).to(ct) + self.dt_bias.to(ct))  # [T, Hv]
         o = gated_delta_rule_varlen(q, k, v, g, beta, cache.ssm_state[self.cache_index], batch.state_slots,
                                     batch.query_lens, batch.has_initial_state, batch.is_verify,
-                                    spec_ssm)  # [T, Hv, dv]
+                                    spec_ssm, batch.kernel_meta)  # [T, Hv, dv]
         o = gated_rms_norm(o, z.reshape(T, self.Hv, self.dv), self.norm.weight, self.eps)
         return self.out_proj(o.reshape(T, self.value_dim))
 

@@ -5,6 +5,7 @@ import torch
 
 from kernels.attention import reference
 from kernels.dispatch import use_triton
+from kernels.step_metadata import StepMetadata
 
 
 def paged_attention_varlen(
@@ -18,6 +19,7 @@ def paged_attention_varlen(
     query_lens: list[int],  # new tokens per sequence
     context_lens: list[int],  # cached + new tokens per sequence
     scale: float,
+    step_meta: StepMetadata | None = None,  # the step's shared device tables (Triton only)
 ) -> torch.Tensor:  # [T, Hq, D] in q's dtype
     """Writes this step's k/v into the cache at slot_mapping, then each sequence's new tokens attend causally
     over its whole context read back through its block table."""
@@ -27,7 +29,8 @@ def paged_attention_varlen(
     from kernels.attention.triton_attention import paged_attention_fwd, write_kv_fwd
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     write_kv_fwd(k, v, k_cache, v_cache, slot_mapping)
-    return paged_attention_fwd(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale)
+    return paged_attention_fwd(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale,
+                               step_meta=step_meta)
 
 
 __all__ = ["paged_attention_varlen"]

@@ -12,9 +12,11 @@ from kernels.gated_delta_rule.reference import compute_dtype
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """k_cache/v_cache: [num_blocks, block_size, Hkv, D]; k, v: [T, Hkv, D]; slot_mapping: [T] flat slot ids."""
-    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k.to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v.to(v_cache.dtype)
+    """k_cache/v_cache: [num_blocks, block_size, Hkv, D]; k, v: [T, Hkv, D]; slot_mapping: [T] flat slot ids,
+    < 0 for a padding token (a CUDA-graph batch's padded rows), which writes nothing."""
+    keep = slot_mapping >= 0
+    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping[keep]] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping[keep]] = v[keep].to(v_cache.dtype)
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

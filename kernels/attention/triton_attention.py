@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import dot, int32_on, interpreting
+from kernels.step_metadata import StepMetadata, VarlenLayout, query_starts
+from kernels.triton_common import dot, interpreting
 
 
 @triton.jit
@@ -214,6 +215,12 @@ def choose_num_splits(num_programs: int, max_context: int, device: torch.device)
     return max(1, min(32, triton.cdiv(2 * _num_sms(device), num_programs), max_context // 512))
 
 
+def attention_metadata(layout: VarlenLayout, block_q: int) -> list[int]:
+    """[B+1 query starts | B context lens | n x (sequence, first token) work items of BLOCK_Q tokens]."""
+    items = [(i, t0) for i, n in enumerate(layout.query_lens) for t0 in range(0, n, block_q)]
+    return query_starts(layout.query_lens) + list(layout.context_lens) + [v for it in items for v in it]
+
+
 def paged_attention_fwd(
     q: torch.Tensor,  # [T, Hq, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
@@ -224,6 +231,7 @@ def paged_attention_fwd(
     scale: float,
     out: torch.Tensor | None = None,  # [T, Hq, D]
     num_splits: int | None = None,  # key splits per (item, KV head); None: choose_num_splits
+    step_meta: StepMetadata | None = None,  # the step's shared device tables (kernels/step_metadata.py)
 ) -> torch.Tensor:
     """out [T, Hq, D] (q's dtype) = causal softmax(q k^T * scale) v of each sequence over its cached context,
     whose last query_len positions are this step's tokens (already in the cache).
@@ -239,20 +247,20 @@ def paged_attention_fwd(
     assert len(context_lens) == B and sum(query_lens) == T and block_tables.shape[0] >= B
     assert all(0 <= n <= c for n, c in zip(query_lens, context_lens)), "query_len <= context_len"
     assert all(c <= block_tables.shape[1] * block_size for c in context_lens), "block table too short"
+    step_meta = step_meta or StepMetadata(VarlenLayout.of(query_lens, context_lens), q.device)
+    assert step_meta.layout.query_lens == tuple(query_lens), "step_meta describes another batch"
     y = torch.empty_like(q) if out is None else out
     assert y.shape == q.shape and y.stride(2) == 1
     if T == 0:
         return y
     group = Hq // Hkv
     cfg = launch_config(max(query_lens), group, D)
-    items = [(i, t0) for i, n in enumerate(query_lens) for t0 in range(0, n, cfg["BLOCK_Q"])]
-    starts = [0]
-    for n in query_lens:
-        starts.append(starts[-1] + n)
-    meta = int32_on(starts + list(context_lens) + [v for it in items for v in it], q.device)  # one copy
+    block_q = cfg["BLOCK_Q"]
+    meta = step_meta.get(("attention", block_q), lambda layout: attention_metadata(layout, block_q))
+    num_items = (meta.numel() - 2 * B - 1) // 2
     tables = block_tables.to(device=q.device, dtype=torch.int32)
     tables = tables if tables.stride(1) == 1 else tables.contiguous()
-    S = num_splits or choose_num_splits(len(items) * Hkv, max(context_lens), q.device)
+    S = num_splits or choose_num_splits(num_items * Hkv, step_meta.layout.max_context, q.device)
     assert S >= 1
     if S > 1:
         part = torch.empty(S, T, Hq, D, dtype=torch.float32, device=q.device)
@@ -261,7 +269,7 @@ def paged_attention_fwd(
         part, lse = y, y  # unused pointers
     # fp32 activations (the CPU/tiny model) get exact fp32 products; on the GPU the model runs in bf16
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    paged_attention_fwd_kernel[(len(items), Hkv, S)](
+    paged_attention_fwd_kernel[(num_items, Hkv, S)](
         q, k_cache, v_cache, y, tables, meta, meta[2 * B + 1:], part, lse, B, q.stride(0), q.stride(1),
         y.stride(0), y.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
         v_cache.stride(1), v_cache.stride(2), tables.stride(0), T * Hq * D, Hq * D, T * Hq, Hq,

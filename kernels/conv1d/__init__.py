@@ -5,6 +5,7 @@ import torch
 
 from kernels.conv1d import reference
 from kernels.dispatch import use_triton
+from kernels.step_metadata import StepMetadata
 
 
 def causal_conv1d_varlen(
@@ -16,6 +17,7 @@ def causal_conv1d_varlen(
     has_initial_state: list[bool],  # False: the sequence starts here, its history is zeros
     is_verify: list[bool] | None = None,  # speculative verify: keep the conv state after every position
     spec_conv: torch.Tensor | None = None,  # [S, k_max, D, K-1]: state after position j of slot s at [s, j]
+    step_meta: StepMetadata | None = None,  # the step's shared device tables (Triton only)
 ) -> torch.Tensor:  # [T, D] silu(conv(x))
     """Continues each sequence from its conv state (its last K-1 inputs) and leaves the new one in the pool."""
     if not use_triton(x):
@@ -25,7 +27,7 @@ def causal_conv1d_varlen(
     x = x if x.stride(-1) == 1 else x.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     return causal_conv1d_varlen_fwd(x, weight, conv_state, state_slots, query_lens, has_initial_state, is_verify,
-                                    spec_conv)
+                                    spec_conv, step_meta=step_meta)
 
 
 __all__ = ["causal_conv1d_varlen"]

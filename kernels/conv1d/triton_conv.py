@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import int32_on
+from kernels.step_metadata import StepMetadata, VarlenLayout, query_starts
 
 
 @triton.jit
@@ -85,6 +85,13 @@ def launch_config(max_len: int, D: int) -> dict[str, int]:
     return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
 
 
+def conv1d_metadata(layout: VarlenLayout, block_t: int) -> list[int]:
+    """[B+1 query starts | B flags (1: has initial state, 2: verify) | n x (sequence, first token) items]."""
+    items = [(i, t0) for i, n in enumerate(layout.query_lens) for t0 in range(0, n, block_t)]
+    flags = [int(h) | 2 * v for h, v in zip(layout.has_initial_state, layout.is_verify)]
+    return query_starts(layout.query_lens) + flags + [v for it in items for v in it]
+
+
 def causal_conv1d_varlen_fwd(
     x: torch.Tensor,  # [T, D]
     weight: torch.Tensor,  # [D, K]
@@ -95,6 +102,7 @@ def causal_conv1d_varlen_fwd(
     is_verify: list[bool] | None = None,
     spec_conv: torch.Tensor | None = None,  # [S, J, D, K-1]
     out: torch.Tensor | None = None,  # [T, D]
+    step_meta: StepMetadata | None = None,  # the step's shared device tables (kernels/step_metadata.py)
 ) -> torch.Tensor:
     """out [T, D] = silu(causal conv of each sequence continuing from its conv state); the pools are updated."""
     T, D = x.shape
@@ -113,18 +121,18 @@ def causal_conv1d_varlen_fwd(
     assert y.shape == (T, D) and y.stride(1) == 1
     if T == 0:
         return y
+    step_meta = step_meta or StepMetadata(VarlenLayout.for_states(query_lens, has_initial_state, verify), x.device)
+    layout = step_meta.layout
+    assert layout.query_lens == tuple(query_lens) and layout.has_initial_state == tuple(has_initial_state) \
+        and layout.is_verify == tuple(verify), "step_meta describes another batch"
     cfg = launch_config(max(query_lens), D)
-    items = [(i, t0) for i, n in enumerate(query_lens) for t0 in range(0, n, cfg["BLOCK_T"])]
-    starts = [0]
-    for n in query_lens:
-        starts.append(starts[-1] + n)
-    flags = [int(h) | 2 * v for h, v in zip(has_initial_state, verify)]
-    # one host -> device copy for the step's metadata
-    meta = int32_on(starts + flags + [v for it in items for v in it], x.device)  # no host stall per layer
+    block_t = cfg["BLOCK_T"]
+    meta = step_meta.get(("conv1d", block_t), lambda layout: conv1d_metadata(layout, block_t))
+    num_items = (meta.numel() - 2 * B - 1) // 2
     has_verify = any(verify)
     spec = spec_conv if has_verify else conv_state  # the pointer goes unused without verify chunks
     spec_strides = spec_conv.stride()[:3] if has_verify else (0, 0, 0)
-    causal_conv1d_fwd_kernel[(len(items), triton.cdiv(D, cfg["BLOCK_D"]))](
+    causal_conv1d_fwd_kernel[(num_items, triton.cdiv(D, cfg["BLOCK_D"]))](
         x, weight, y, conv_state, spec, state_slots.to(device=x.device, dtype=torch.int64).contiguous(),
         meta, meta[2 * B + 1:], D, B, x.stride(0), y.stride(0), weight.stride(0), conv_state.stride(0),
         conv_state.stride(1), *spec_strides,

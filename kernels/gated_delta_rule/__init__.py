@@ -5,6 +5,7 @@ import torch
 
 from kernels.dispatch import use_triton
 from kernels.gated_delta_rule import reference
+from kernels.step_metadata import StepMetadata
 
 
 def gated_delta_rule_varlen(
@@ -19,6 +20,7 @@ def gated_delta_rule_varlen(
     has_initial_state: list[bool],  # False: the sequence starts here from a zero state
     is_verify: list[bool] | None = None,  # speculative verify: keep the state after every position
     spec_ssm: torch.Tensor | None = None,  # [S, k_max, H, dk, dv]: state after position j of slot s at [s, j]
+    step_meta: StepMetadata | None = None,  # the step's shared device tables (Triton only)
 ) -> torch.Tensor:  # [T, H, dv] in v's dtype
     """Continues each sequence from its state slot (L2-normalised q, k; q scaled by dk^-0.5; fp32 inside) and
     leaves the new state in the slot: prefills chunked, decodes and verify chunks token by token."""
@@ -29,7 +31,7 @@ def gated_delta_rule_varlen(
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     g, beta = (x if x.stride(-1) == 1 else x.contiguous() for x in (g, beta))
     return gdr_varlen_fwd(q, k, v, g, beta, ssm_state, state_slots, query_lens, has_initial_state, is_verify,
-                          spec_ssm)
+                          spec_ssm, step_meta=step_meta)
 
 
 __all__ = ["gated_delta_rule_varlen"]

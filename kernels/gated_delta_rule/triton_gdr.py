@@ -10,7 +10,7 @@ import torch
 
 from kernels.gated_delta_rule.triton_chunk import CHUNK_SIZE, gdr_chunk_fwd
 from kernels.gated_delta_rule.triton_recurrent import gdr_recurrent_fwd
-from kernels.triton_common import int32_on
+from kernels.step_metadata import StepMetadata, VarlenLayout, query_starts
 
 
 def gdr_varlen_fwd(
@@ -26,6 +26,7 @@ def gdr_varlen_fwd(
     is_verify: list[bool] | None = None,
     spec_ssm: torch.Tensor | None = None,  # [S, J, H, dk, dv]
     out: torch.Tensor | None = None,  # [T, H, dv]
+    step_meta: StepMetadata | None = None,  # the step's shared device tables (kernels/step_metadata.py)
 ) -> torch.Tensor:
     """out [T, H, dv] in v's dtype; the slots' states advance, verify chunks keep every intermediate state."""
     T, Hk, dk = q.shape
@@ -46,25 +47,44 @@ def gdr_varlen_fwd(
     if T == 0:
         return y
 
-    starts = [0]
-    for n in query_lens:
-        starts.append(starts[-1] + n)
-    recurrent = [i for i, n in enumerate(query_lens) if n == 1 or verify[i]]
-    chunked = [i for i, n in enumerate(query_lens) if n > 1 and not verify[i]]
-    rec_meta = [x for i in recurrent
-                for x in (i, starts[i], query_lens[i], int(has_initial_state[i]) | 2 * verify[i])]
-    chunk_meta, items = [], []
-    for i in chunked:
-        chunk_meta += [i, starts[i], query_lens[i], int(has_initial_state[i]), len(items) // 2]
-        items += [x for t0 in range(0, query_lens[i], CHUNK_SIZE)
-                  for x in (starts[i] + t0, min(CHUNK_SIZE, query_lens[i] - t0))]
-    # one host -> device copy for the call's metadata
-    meta = int32_on(rec_meta + chunk_meta + items, v.device)  # no host stall per layer
+    marked = [bool(x) for x in is_verify] if is_verify else [False] * B  # as the caller marked them
+    step_meta = step_meta or StepMetadata(VarlenLayout.for_states(query_lens, has_initial_state, marked), v.device)
+    layout = step_meta.layout
+    assert layout.query_lens == tuple(query_lens) and layout.has_initial_state == tuple(has_initial_state) \
+        and layout.is_verify == tuple(marked), "step_meta describes another batch"
+    meta = step_meta.get("gated_delta_rule", gdr_metadata)
+    recurrent, chunked = split_recurrent_chunked(layout)
+    n_rec, n_chunk = 4 * len(recurrent), 5 * len(chunked)
     slots = state_slots.to(device=v.device, dtype=torch.int64)
-    n_rec, n_chunk = len(rec_meta), len(chunk_meta)
     if recurrent:
         gdr_recurrent_fwd(q, k, v, g, beta, ssm_state, spec_ssm, slots, meta[:n_rec].view(-1, 4), any(verify), y)
     if chunked:
         gdr_chunk_fwd(q, k, v, g, beta, ssm_state, slots, meta[n_rec:n_rec + n_chunk].view(-1, 5),
                       meta[n_rec + n_chunk:].view(-1, 2), y)
     return y
+
+
+def split_recurrent_chunked(layout: VarlenLayout) -> tuple[list[int], list[int]]:
+    """Sequences for the recurrent kernel (one token, or a verify chunk) and for the chunked one (the rest of
+    the non-empty ones)."""
+    recurrent, chunked = [], []
+    for i, (n, verify) in enumerate(zip(layout.query_lens, layout.is_verify)):
+        if n == 1 or (verify and n > 1):
+            recurrent.append(i)
+        elif n > 1:
+            chunked.append(i)
+    return recurrent, chunked
+
+
+def gdr_metadata(layout: VarlenLayout) -> list[int]:
+    """[recurrent sequences x (sequence, start, length, flags: 1 initial state, 2 verify) | chunked sequences x
+    (sequence, start, length, has initial state, first item) | items x (first row, tokens) of CHUNK_SIZE]."""
+    starts = query_starts(layout.query_lens)
+    lens, init, verify = layout.query_lens, layout.has_initial_state, layout.is_verify
+    recurrent, chunked = split_recurrent_chunked(layout)
+    rec_meta = [x for i in recurrent for x in (i, starts[i], lens[i], int(init[i]) | 2 * (verify[i] and lens[i] > 1))]
+    chunk_meta, items = [], []
+    for i in chunked:
+        chunk_meta += [i, starts[i], lens[i], int(init[i]), len(items) // 2]
+        items += [x for t0 in range(0, lens[i], CHUNK_SIZE) for x in (starts[i] + t0, min(CHUNK_SIZE, lens[i] - t0))]
+    return rec_meta + chunk_meta + items

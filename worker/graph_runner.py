@@ -1,0 +1,185 @@
+"""CUDA graphs for decode steps: the target model's forward captured once per (batch-size bucket, tokens per
+sequence) and replayed, so a decode step costs one graph launch instead of ~10 kernel launches per layer x 48
+layers (at batch 1 the launches, not the memory bandwidth, bound today's engines; FACTS §5).
+
+What a graph fixes at capture: the addresses it reads and writes and every launch's grid. So a captured step
+runs on static buffers (`StaticBatch`): this step's ids, positions, KV slots, block tables and state slots are
+copied into them, and the kernels' varlen tables (kernels/step_metadata.py) are refilled in place. A step of B
+sequences replays the smallest bucket >= B; rows B.. are padding sequences that attend over a few keys read
+through whatever their block-table rows hold (finite values, never written: their KV slots are -1) and compute
+their DeltaNet state in CacheTensors' padding slot. Their outputs are dropped.
+
+Which steps qualify: every sequence has the same number of new tokens q, and q is a captured length: 1 (plain
+decode) or 1 + k_max (a speculative verify chunk of every sequence); mixed prefill/decode steps, and verify
+chunks shortened by a request's own k or a full cache, run eagerly. The MTP head's passes run eagerly (one
+layer each; capturing them is the next step).
+
+Modes (EngineConfig.cuda_graphs): `auto` captures on CUDA (tensor parallel size 1, Triton kernels); `off` never;
+`padded-eager` runs qualifying steps through the same static buffers and padding without capturing, on any
+device: for the CPU tests (which cannot capture), and to tell a capture problem from a padding one on a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kernels.step_metadata import StepMetadata, VarlenLayout
+from worker.cache_tensors import CacheTensors
+from worker.model import ForwardBatch, Qwen3NextForCausalLM
+
+MODES = ("auto", "off", "padded-eager")
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Captured batch sizes: 1, 2, 4, 8, then every multiple of 8 up to max_batch (and max_batch itself), as
+    vLLM does: at most 7 padding rows above 8."""
+    sizes = [b for b in (1, 2, 4) if b < max_batch] + list(range(8, max_batch, 8)) + [max_batch]
+    return sorted(set(sizes))
+
+
+@dataclass
+class InputBuffers:
+    """The device buffers every graph reads its step's inputs from, sized for the largest bucket; a smaller one
+    reads the leading part (replays run one at a time, so they can share)."""
+
+    input_ids: torch.Tensor  # [max tokens] int64
+    positions: torch.Tensor  # [max tokens] int64
+    slot_mapping: torch.Tensor  # [max tokens] int64
+    block_tables: torch.Tensor  # [max batch, blocks of max_model_len] int32
+    state_slots: torch.Tensor  # [max batch] int64
+
+    @staticmethod
+    def allocate(max_batch: int, max_tokens: int, max_blocks: int, device: torch.device) -> InputBuffers:
+        def ints(*shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=device)
+        return InputBuffers(ints(max_tokens), ints(max_tokens), ints(max_tokens),
+                            ints(max_batch, max_blocks, dtype=torch.int32), ints(max_batch))
+
+
+class StaticBatch:
+    """What one graph reads, for `batch_size` sequences of `query_len` new tokens each."""
+
+    def __init__(self, batch_size: int, query_len: int, buffers: InputBuffers, max_model_len: int,
+                 padding_slot: int) -> None:
+        self.batch_size, self.query_len = batch_size, query_len
+        self.max_model_len, self.padding_slot = max_model_len, padding_slot
+        T = batch_size * query_len
+        self.batch = ForwardBatch(
+            input_ids=buffers.input_ids[:T], positions=buffers.positions[:T],
+            query_lens=[query_len] * batch_size, context_lens=[self.padding_context] * batch_size,
+            slot_mapping=buffers.slot_mapping[:T], block_tables=buffers.block_tables[:batch_size],
+            state_slots=buffers.state_slots[:batch_size], is_verify=[True] * batch_size if query_len > 1 else None)
+        # every row starts as padding: no KV write, the padding slot
+        self.batch.slot_mapping.fill_(-1)
+        self.batch.state_slots.fill_(padding_slot)
+        self.batch.kernel_meta = StepMetadata(self._layout(self.batch.context_lens), buffers.input_ids.device)
+
+    @property
+    def padding_context(self) -> int:
+        # one key more than the query: a padding row "continues" a sequence (a verify chunk must), and its
+        # attention sees keys 0..q of its block-table row
+        return self.query_len + 1
+
+    def _layout(self, context_lens: list[int]) -> VarlenLayout:
+        # launch choices (attention's key splits) must hold for any context a replay may bring
+        return VarlenLayout.of(self.batch.query_lens, context_lens, self.batch.is_verify, self.max_model_len)
+
+    def load(self, step: ForwardBatch) -> None:
+        """Copy a qualifying step's inputs into the buffers; rows past it become padding again."""
+        B, T = len(step.query_lens), step.input_ids.shape[0]
+        s = self.batch
+        s.input_ids[:T].copy_(step.input_ids, non_blocking=True)
+        s.positions[:T].copy_(step.positions, non_blocking=True)
+        s.slot_mapping[:T].copy_(step.slot_mapping, non_blocking=True)
+        s.slot_mapping[T:].fill_(-1)
+        width = step.block_tables.shape[1]
+        s.block_tables[:B, :width].copy_(step.block_tables, non_blocking=True)
+        s.state_slots[:B].copy_(step.state_slots, non_blocking=True)
+        s.state_slots[B:].fill_(self.padding_slot)
+        context_lens = list(step.context_lens) + [self.padding_context] * (self.batch_size - B)
+        # the host lists matter only to an eager run on these buffers (padded-eager); a replay reads the tables
+        s.context_lens = context_lens
+        s.__dict__.pop("has_initial_state", None)  # a cached_property of the old context lengths
+        s.kernel_meta.refill(self._layout(context_lens))
+
+
+@dataclass
+class GraphStats:
+    num_graphs: int = 0
+    capture_s: float = 0.0
+    replayed_steps: int = 0  # forwards served by a graph (or, padded-eager, by the static buffers)
+    eager_steps: int = 0  # forwards that did not qualify
+    padded_rows: int = 0  # padding sequences run in replayed steps
+
+
+class DecodeGraphRunner:
+    def __init__(self, model: Qwen3NextForCausalLM, cache: CacheTensors, *, max_batch: int, max_model_len: int,
+                 block_size: int, query_lens: tuple[int, ...], capture: bool) -> None:
+        self.model, self.cache, self.capture = model, cache, capture
+        self.buckets = batch_buckets(max_batch)
+        self.query_lens = tuple(sorted(set(query_lens)))
+        self.stats = GraphStats()
+        device = cache.conv_state.device
+        buffers = InputBuffers.allocate(self.buckets[-1], self.buckets[-1] * self.query_lens[-1],
+                                        -(-max_model_len // block_size), device)
+        self._static: dict[tuple[int, int], StaticBatch] = {}
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        start = time.perf_counter()
+        pool = None
+        # largest first: the later, smaller graphs fit in the memory pool the first one sized
+        for q in self.query_lens:
+            for b in reversed(self.buckets):
+                static = StaticBatch(b, q, buffers, max_model_len, cache.padding_slot)
+                self._static[(b, q)] = static
+                if capture:
+                    pool = self._capture(static, pool)
+        self.stats.num_graphs = len(self._graphs)
+        self.stats.capture_s = time.perf_counter() - start
+
+    def _capture(self, static: StaticBatch, pool) -> object:
+        """Warm up (compiles the Triton kernels, builds every varlen table), then capture one forward. The
+        padding rows touch only the padding slot, so warming up on the live cache is harmless."""
+        for _ in range(2):
+            self.model(static.batch, self.cache)
+        torch.cuda.synchronize()
+        static.batch.kernel_meta.frozen = True
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            hidden = self.model(static.batch, self.cache)
+        self._graphs[(static.batch_size, static.query_len)] = (graph, hidden)
+        return graph.pool()
+
+    def bucket_for(self, batch: ForwardBatch) -> tuple[int, int] | None:
+        """The (bucket, query length) that runs this step, or None when it must run eagerly."""
+        lens = batch.query_lens
+        q = lens[0]
+        if q not in self.query_lens or len(lens) > self.buckets[-1] or any(n != q for n in lens):
+            return None
+        verify = batch.is_verify or []
+        if (q > 1) != (bool(verify) and all(verify)):  # a q-token chunk that is not a verify chunk: a prefill
+            return None
+        b = next(b for b in self.buckets if b >= len(lens))
+        return b, q
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Final hidden states [T, H] of the step, like model(batch, cache)."""
+        key = self.bucket_for(batch)
+        if key is None:
+            self.stats.eager_steps += 1
+            return self.model(batch, self.cache)
+        static = self._static[key]
+        static.load(batch)
+        T = batch.input_ids.shape[0]
+        self.stats.replayed_steps += 1
+        self.stats.padded_rows += static.batch_size - len(batch.query_lens)
+        if key in self._graphs:
+            graph, hidden = self._graphs[key]
+            graph.replay()
+        else:  # padded-eager: the first run plays the warm-up; later ones must find every table built
+            hidden = self.model(static.batch, self.cache)
+            static.batch.kernel_meta.frozen = True
+        # a copy: the graph's output buffer is overwritten by the next replay
+        return hidden[:T].clone()
