@@ -53,6 +53,7 @@ class ModelSummary:
     num_mtp_layers: int
     spec_supported: bool  # the engine accepts a per-request num_speculative_tokens
     device: str
+    cuda_graphs: str = "off"  # decode graphs: "off", or what was captured (worker/graph_runner.py)
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,8 @@ class Server:
         print(f"qnext-serve: listening on {cfg.host}:{self.port} (gRPC), metrics on "
               f"{cfg.metrics_host}:{self.metrics_port}; model {m.model_dir} ({m.architecture}, {m.dtype}) on "
               f"{m.device}; cache {c.num_kv_tokens} KV tokens in {c.num_blocks} blocks, {c.num_slots} state slots, "
-              f"{c.num_checkpoints} prefix-cache checkpoints ({cache_mib:.0f} MiB); max_model_len {m.max_model_len}",
+              f"{c.num_checkpoints} prefix-cache checkpoints ({cache_mib:.0f} MiB); max_model_len {m.max_model_len}; "
+              f"CUDA graphs: {m.cuda_graphs}",
               flush=True)
 
     async def drain(self) -> None:
@@ -188,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cache-memory", type=float, default=0.0,
       help="KV + state cache budget: fraction of device memory (CUDA, <= 1) or bytes (CPU); 0 = default")
     a("--num-speculative-tokens", type=int, default=0, help="largest MTP draft length a request may use; 0 = off")
+    a("--enforce-eager", action="store_true",
+      help="no CUDA graphs: every decode step launches its kernels one by one (as vLLM's flag)")
+    a("--cuda-graph-max-batch-size", type=int, default=256,
+      help="largest decode batch captured as a CUDA graph (capped by --max-num-seqs); larger steps run eagerly")
     a("--no-prefix-caching", dest="prefix_caching", action="store_false",
       help="turn the prefix cache (KV blocks + recurrent-state checkpoints) off")
     a("--num-checkpoints", type=int, default=0,
@@ -216,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                               cache_memory=args.cache_memory, seed=args.seed,
                               num_speculative_tokens=args.num_speculative_tokens,
-                              enable_prefix_caching=args.prefix_caching, num_checkpoints=args.num_checkpoints)
+                              enable_prefix_caching=args.prefix_caching, num_checkpoints=args.num_checkpoints,
+                              cuda_graphs="off" if args.enforce_eager else "auto",
+                              cuda_graph_max_batch_size=args.cuda_graph_max_batch_size)
         cfg = ServerConfig(host=args.host, port=args.port, metrics_host=args.metrics_host,
                            metrics_port=args.metrics_port, max_pending_requests=args.max_pending_requests,
                            num_speculative_tokens=args.num_speculative_tokens,

@@ -14,13 +14,14 @@ from worker.model import ForwardBatch, Qwen3NextForCausalLM
 
 class PagedRunner:
     def __init__(self, model: Qwen3NextForCausalLM, num_blocks: int = 512, block_size: int = 4,
-                 num_slots: int = 8, seed: int = 0) -> None:
+                 num_slots: int = 8, seed: int = 0, max_spec_tokens: int = 0, device: str = "cpu") -> None:
         self.model = model
         self.block_size = block_size
         dtype = next(model.parameters()).dtype
         state_dtype = torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for exactness tests
+        self.device = torch.device(device)
         self.cache = CacheTensors(model.config, CacheShape(num_blocks, block_size, num_slots, dtype, state_dtype,
-                                                           dtype), "cpu")
+                                                           dtype, max_spec_tokens), self.device)
         self.free_blocks = list(range(num_blocks))
         random.Random(seed).shuffle(self.free_blocks)
         self.free_slots = list(range(num_slots))[::-1]
@@ -35,7 +36,8 @@ class PagedRunner:
         self.blocks[sid], self.slot[sid], self.length[sid] = [], self.free_slots.pop(), 0
         return sid
 
-    def batch(self, chunks: list[tuple[int, list[int]]]) -> ForwardBatch:
+    def batch(self, chunks: list[tuple[int, list[int]]], verify: bool = False) -> ForwardBatch:
+        """verify: every chunk is a speculative-verify chunk (its DeltaNet states after each position kept)."""
         ids, pos, slots, qlens, clens = [], [], [], [], []
         for sid, toks in chunks:
             start = self.length[sid]
@@ -53,10 +55,12 @@ class PagedRunner:
         tables = torch.zeros(len(chunks), width, dtype=torch.int32)
         for i, (sid, _) in enumerate(chunks):
             tables[i, :len(self.blocks[sid])] = torch.tensor(self.blocks[sid], dtype=torch.int32)
+        dev = self.device
         return ForwardBatch(
-            input_ids=torch.tensor(ids), positions=torch.tensor(pos), query_lens=qlens, context_lens=clens,
-            slot_mapping=torch.tensor(slots), block_tables=tables,
-            state_slots=torch.tensor([self.slot[sid] for sid, _ in chunks]))
+            input_ids=torch.tensor(ids, device=dev), positions=torch.tensor(pos, device=dev), query_lens=qlens,
+            context_lens=clens, slot_mapping=torch.tensor(slots, device=dev), block_tables=tables.to(dev),
+            state_slots=torch.tensor([self.slot[sid] for sid, _ in chunks], device=dev),
+            is_verify=[True] * len(chunks) if verify else None)
 
     def step(self, chunks: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
         """Run one forward over the chunks; returns each chunk's logits for all its tokens: [n_i, V]."""

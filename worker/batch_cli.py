@@ -174,17 +174,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="turn the prefix cache off (lines sharing a prefix then recompute it)")
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="split the model across this many devices (one process each; --device names the first)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs: every decode step launches its kernels one by one")
     args = p.parse_args(argv)
     engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                  cache_memory=args.cache_memory, seed=args.seed,
                                  num_speculative_tokens=args.num_speculative_tokens,
                                  enable_prefix_caching=args.prefix_caching,
-                                 tensor_parallel_size=args.tensor_parallel_size))
+                                 tensor_parallel_size=args.tensor_parallel_size,
+                                 cuda_graphs="off" if args.enforce_eager else "auto"))
     tokenizer = Tokenizer.from_file(str(engine.model_dir / "tokenizer.json"))
     info = engine.cache_info
     print(f"qnext-batch: model {engine.model_dir}, cache {info.num_kv_tokens} KV tokens, "
-          f"{info.num_slots} sequences", file=sys.stderr)
+          f"{info.num_slots} sequences; CUDA graphs: {engine.graphs.describe() if engine.graphs else 'off'}",
+          file=sys.stderr)
     try:
         with open(args.input) as src, open(args.output, "w") as dst:
             completed, rejected = run(engine, tokenizer, src, dst, progress=sys.stderr.isatty())

@@ -152,6 +152,14 @@ class DecodeGraphRunner:
         self._graphs[(static.batch_size, static.query_len)] = (graph, hidden)
         return graph.pool()
 
+    def describe(self) -> str:
+        """One line for the start-up log."""
+        shapes = f"batch <= {self.buckets[-1]} in {len(self.buckets)} buckets, tokens per sequence " \
+                 f"{'/'.join(map(str, self.query_lens))}"
+        if not self.capture:
+            return f"padded-eager ({shapes}; nothing captured)"
+        return f"{self.stats.num_graphs} captured in {self.stats.capture_s:.1f} s ({shapes})"
+
     def bucket_for(self, batch: ForwardBatch) -> tuple[int, int] | None:
         """The (bucket, query length) that runs this step, or None when it must run eagerly."""
         lens = batch.query_lens
