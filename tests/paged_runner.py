@@ -14,14 +14,16 @@ from worker.model import ForwardBatch, Qwen3NextForCausalLM
 
 class PagedRunner:
     def __init__(self, model: Qwen3NextForCausalLM, num_blocks: int = 512, block_size: int = 4,
-                 num_slots: int = 8, seed: int = 0, max_spec_tokens: int = 0, device: str = "cpu") -> None:
+                 num_slots: int = 8, seed: int = 0, max_spec_tokens: int = 0, device: str = "cpu",
+                 padding_slot: bool = False) -> None:
         self.model = model
         self.block_size = block_size
         dtype = next(model.parameters()).dtype
         state_dtype = torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for exactness tests
         self.device = torch.device(device)
         self.cache = CacheTensors(model.config, CacheShape(num_blocks, block_size, num_slots, dtype, state_dtype,
-                                                           dtype, max_spec_tokens), self.device)
+                                                           dtype, max_spec_tokens, padding_slot=padding_slot),
+                                  self.device)
         self.free_blocks = list(range(num_blocks))
         random.Random(seed).shuffle(self.free_blocks)
         self.free_slots = list(range(num_slots))[::-1]

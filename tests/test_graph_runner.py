@@ -53,8 +53,8 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def test_padded_static_steps_match_the_plain_forward(small_model, report) -> None:
-    plain = PagedRunner(small_model, num_slots=6, max_spec_tokens=2, device=DEVICE)
-    padded = PagedRunner(small_model, num_slots=6, max_spec_tokens=2, device=DEVICE)
+    plain = PagedRunner(small_model, num_slots=6, max_spec_tokens=2, device=DEVICE, padding_slot=True)
+    padded = PagedRunner(small_model, num_slots=6, max_spec_tokens=2, device=DEVICE, padding_slot=True)
     graphs = DecodeGraphRunner(small_model, padded.cache, max_batch=4, max_model_len=256, block_size=4,
                                query_lens=(1, 3), capture=DEVICE == "cuda")
     sids = []
@@ -86,7 +86,7 @@ def test_padded_static_steps_match_the_plain_forward(small_model, report) -> Non
 
 
 def test_steps_that_do_not_fit_a_bucket_run_eagerly(small_model) -> None:
-    runner = PagedRunner(small_model, num_slots=6, max_spec_tokens=2)
+    runner = PagedRunner(small_model, num_slots=6, max_spec_tokens=2, padding_slot=True)
     graphs = DecodeGraphRunner(small_model, runner.cache, max_batch=2, max_model_len=64, block_size=4,
                                query_lens=(1, 3), capture=False)
     s = [runner.new_seq() for _ in range(3)]
@@ -120,4 +120,5 @@ def test_graph_config_is_checked() -> None:
         EngineConfig(cuda_graphs="on")
     with pytest.raises(ValueError, match="cuda_graph_max_batch_size: must be >= 1"):
         EngineConfig(cuda_graph_max_batch_size=0)
-    assert Engine(EngineConfig(seed=0)).graphs is None  # auto on CPU: nothing to capture
+    engine = Engine(EngineConfig(seed=0))
+    assert engine.graphs is None and engine.cache.padding_slot is None  # auto on CPU: nothing to capture

@@ -10,8 +10,9 @@
 - Prefix caching: a pool of state checkpoints [n_gdn, num_checkpoints, ...] (conv and recurrent state after a
   given token of a cached prefix) and the target's final hidden state at that token [num_checkpoints, H].
 
-One state slot more than `num_slots` exists: the padding slot, never handed out. The padded rows of a CUDA-graph
-batch (worker/graph_runner.py) run as sequences of their own and compute into it, so they touch no real state.
+With CUDA graphs (worker/graph_runner.py) one state slot more than `num_slots` exists: the padding slot, never
+handed out. The padded rows of a graph's batch run as sequences of their own and compute into it, so they touch
+no real state.
 
 Which block or slot belongs to whom is decided by the (torch-free) allocator in `worker/cache.py`.
 """
@@ -35,6 +36,7 @@ class CacheShape:
     conv_dtype: torch.dtype
     max_spec_tokens: int = 0  # k_max: intermediate states kept per slot for speculative verify
     num_checkpoints: int = 0  # prefix-cache state checkpoints (0 = prefix caching off)
+    padding_slot: bool = False  # one more state slot, for CUDA-graph padding rows
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, kv_dtype: torch.dtype) -> int:
@@ -69,8 +71,8 @@ class CacheTensors:
         self.k_cache = [torch.zeros(kv, dtype=shape.kv_dtype, device=device) for _ in range(n_kv)]
         self.v_cache = [torch.zeros(kv, dtype=shape.kv_dtype, device=device) for _ in range(n_kv)]
         n_gdn = len(cfg.linear_attention_layers)
-        self.padding_slot = shape.num_slots
-        slots = shape.num_slots + 1
+        self.padding_slot = shape.num_slots if shape.padding_slot else None
+        slots = shape.num_slots + shape.padding_slot
         self.conv_state = torch.zeros(n_gdn, slots, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1,
                                       dtype=shape.conv_dtype, device=device)
         self.ssm_state = torch.zeros(n_gdn, slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim,

@@ -148,7 +148,7 @@ def eos_token_ids(model_dir: Path, config_eos: tuple[int, ...]) -> tuple[int, ..
 
 
 def size_cache(config: EngineConfig, bytes_per_block: int, bytes_per_slot: int, bytes_per_checkpoint: int,
-               device: torch.device) -> tuple[int, int, int]:
+               device: torch.device, padding_slot: bool = False) -> tuple[int, int, int]:
     """Split the budget: prefix-cache checkpoints first (num_checkpoints, or 10% of the budget), then a state
     slot for each of max_num_seqs sequences (at most 90% of the rest: a running sequence needs its slot
     whatever its length), the rest KV blocks. Returns (blocks, slots, checkpoints)."""
@@ -162,9 +162,9 @@ def size_cache(config: EngineConfig, bytes_per_block: int, bytes_per_slot: int, 
     if config.enable_prefix_caching:
         num_ckpts = config.num_checkpoints or max(1, int(budget * 0.1) // bytes_per_checkpoint)
         budget -= num_ckpts * bytes_per_checkpoint
-    # + 1: CacheTensors' padding slot (CUDA-graph padding rows compute into it)
-    num_slots = max(1, min(config.max_num_seqs, int(budget * 0.9) // bytes_per_slot - 1))
-    num_blocks = (budget - (num_slots + 1) * bytes_per_slot) // bytes_per_block
+    num_slots = max(1, min(config.max_num_seqs, int(budget * 0.9) // bytes_per_slot))
+    # CUDA graphs: CacheTensors' padding slot (padding rows compute into it) comes out of the KV share
+    num_blocks = (budget - (num_slots + padding_slot) * bytes_per_slot) // bytes_per_block
     if num_blocks < 1:
         raise ValueError(f"cache_memory: {budget} bytes hold no KV block after {num_slots} state slots "
                          f"and {num_ckpts} prefix-cache checkpoints")
@@ -196,15 +196,18 @@ class Engine:
             raise ValueError(f"num_speculative_tokens: {self.model_dir} has no MTP head (mtp.* tensors)")
         per_slot = state_bytes_per_slot(mcfg, state_dtype, self.dtype, self.max_spec_tokens)
         per_ckpt = checkpoint_bytes(mcfg, state_dtype, self.dtype, self.dtype)
-        num_blocks, num_slots, num_ckpts = size_cache(config, per_block, per_slot, per_ckpt, self.device)
+        graph_mode = self._graph_mode()
+        num_blocks, num_slots, num_ckpts = size_cache(config, per_block, per_slot, per_ckpt, self.device,
+                                                      padding_slot=graph_mode is not None)
         self.cache_info = CacheInfo(num_blocks, config.block_size, num_slots, per_block, per_slot, num_ckpts,
                                     per_ckpt if num_ckpts else 0)
         self.cache = CacheTensors(mcfg, CacheShape(num_blocks, config.block_size, num_slots, self.dtype, state_dtype,
-                                                   self.dtype, self.max_spec_tokens, num_ckpts), self.device)
+                                                   self.dtype, self.max_spec_tokens, num_ckpts,
+                                                   padding_slot=graph_mode is not None), self.device)
         self.cache_manager = HybridCacheManager(num_blocks, config.block_size, num_slots, num_ckpts)
         if self.followers is not None:  # from here on, every model / cache call runs on every rank
             self.model, self.cache = self.followers.lead(self.model, self.cache)
-        self.graphs = self._graph_runner()
+        self.graphs = self._graph_runner(graph_mode)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=config.max_num_seqs,
                                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                                    max_model_len=self.max_model_len), self.cache_manager)
@@ -217,19 +220,26 @@ class Engine:
         # request id -> (hit position P, checkpoint's hidden state at P-1) for the MTP row at P-1 (prefix cache)
         self._restored_hidden: dict[str, tuple[int, torch.Tensor]] = {}
 
-    def _graph_runner(self) -> DecodeGraphRunner | None:
-        """Capture the decode graphs (before serving: it takes seconds), unless they are off or cannot run here:
-        the graphs hold Triton launches (QNEXT_KERNELS=reference turns them off) on one device."""
+    def _graph_mode(self) -> str | None:
+        """"capture", "padded-eager" or None (no graphs: off, or they cannot run here). Graphs hold Triton
+        launches (QNEXT_KERNELS=reference turns them off; fp64 runs the references) on one device (no TP)."""
         mode = self.config.cuda_graphs
-        capture = (mode == "auto" and self.device.type == "cuda" and kernels_mode() == "auto"
-                   and self.dtype != torch.float64)  # fp64 runs the references (kernels/dispatch.py)
-        if mode == "off" or (mode == "auto" and not capture) or self.followers is not None:
+        if mode == "off" or self.followers is not None:
+            return None
+        if mode == "padded-eager":
+            return mode
+        can_capture = self.device.type == "cuda" and kernels_mode() == "auto" and self.dtype != torch.float64
+        return "capture" if can_capture else None
+
+    def _graph_runner(self, mode: str | None) -> DecodeGraphRunner | None:
+        """Capture the decode graphs (before serving: it takes seconds) or set up padded-eager."""
+        if mode is None:
             return None
         k = self.max_spec_tokens
         return DecodeGraphRunner(self.model, self.cache, max_batch=min(self.config.cuda_graph_max_batch_size,
                                                                        self.config.max_num_seqs),
                                  max_model_len=self.max_model_len, block_size=self.config.block_size,
-                                 query_lens=(1, 1 + k) if k else (1,), capture=capture)
+                                 query_lens=(1, 1 + k) if k else (1,), capture=mode == "capture")
 
     @property
     def vocab_size(self) -> int:

@@ -118,6 +118,8 @@ class GraphStats:
 class DecodeGraphRunner:
     def __init__(self, model: Qwen3NextForCausalLM, cache: CacheTensors, *, max_batch: int, max_model_len: int,
                  block_size: int, query_lens: tuple[int, ...], capture: bool) -> None:
+        if cache.padding_slot is None:
+            raise ValueError("the cache has no padding slot (CacheShape.padding_slot) for the graphs' padding rows")
         self.model, self.cache, self.capture = model, cache, capture
         self.buckets = batch_buckets(max_batch)
         self.query_lens = tuple(sorted(set(query_lens)))
@@ -142,8 +144,12 @@ class DecodeGraphRunner:
     def _capture(self, static: StaticBatch, pool) -> object:
         """Warm up (compiles the Triton kernels, builds every varlen table), then capture one forward. The
         padding rows touch only the padding slot, so warming up on the live cache is harmless."""
-        for _ in range(2):
-            self.model(static.batch, self.cache)
+        side = torch.cuda.Stream()  # warm up off the default stream, as torch.cuda.graph's docs ask
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.model(static.batch, self.cache)
+        torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         static.batch.kernel_meta.frozen = True
         graph = torch.cuda.CUDAGraph()
