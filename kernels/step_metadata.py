@@ -82,7 +82,8 @@ class StepMetadata:
             table.copy_(_host(values, table.device), non_blocking=True)
         self.layout = layout
 
-    def __len__(self) -> int:
+    @property
+    def num_tables(self) -> int:
         return len(self._tables)
 
 

@@ -247,7 +247,8 @@ def paged_attention_fwd(
     assert len(context_lens) == B and sum(query_lens) == T and block_tables.shape[0] >= B
     assert all(0 <= n <= c for n, c in zip(query_lens, context_lens)), "query_len <= context_len"
     assert all(c <= block_tables.shape[1] * block_size for c in context_lens), "block table too short"
-    step_meta = step_meta or StepMetadata(VarlenLayout.of(query_lens, context_lens), q.device)
+    if step_meta is None:  # a call outside a model step: tables of its own
+        step_meta = StepMetadata(VarlenLayout.of(query_lens, context_lens), q.device)
     assert step_meta.layout.query_lens == tuple(query_lens), "step_meta describes another batch"
     y = torch.empty_like(q) if out is None else out
     assert y.shape == q.shape and y.stride(2) == 1

@@ -121,7 +121,8 @@ def causal_conv1d_varlen_fwd(
     assert y.shape == (T, D) and y.stride(1) == 1
     if T == 0:
         return y
-    step_meta = step_meta or StepMetadata(VarlenLayout.for_states(query_lens, has_initial_state, verify), x.device)
+    if step_meta is None:  # a call outside a model step: tables of its own
+        step_meta = StepMetadata(VarlenLayout.for_states(query_lens, has_initial_state, verify), x.device)
     layout = step_meta.layout
     assert layout.query_lens == tuple(query_lens) and layout.has_initial_state == tuple(has_initial_state) \
         and layout.is_verify == tuple(verify), "step_meta describes another batch"

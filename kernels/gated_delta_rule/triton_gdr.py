@@ -48,7 +48,8 @@ def gdr_varlen_fwd(
         return y
 
     marked = [bool(x) for x in is_verify] if is_verify else [False] * B  # as the caller marked them
-    step_meta = step_meta or StepMetadata(VarlenLayout.for_states(query_lens, has_initial_state, marked), v.device)
+    if step_meta is None:  # a call outside a model step: tables of its own
+        step_meta = StepMetadata(VarlenLayout.for_states(query_lens, has_initial_state, marked), v.device)
     layout = step_meta.layout
     assert layout.query_lens == tuple(query_lens) and layout.has_initial_state == tuple(has_initial_state) \
         and layout.is_verify == tuple(marked), "step_meta describes another batch"
