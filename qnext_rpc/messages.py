@@ -74,6 +74,8 @@ class WorkerStats:
     num_steps: int = 0
     spec_drafted_tokens: int = 0
     spec_accepted_tokens: int = 0
+    cuda_graph_steps: int = 0  # target forwards run by a decode graph (worker/graph_runner.py)
+    cuda_graph_padded_rows: int = 0  # padding sequences those steps carried (the price of bucketing)
     prefix_cache_enabled: bool = False
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0

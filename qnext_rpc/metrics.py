@@ -48,6 +48,10 @@ class Metrics:
                                    registry=r)
         # prefix cache: one gauge per WorkerStats field (worker-lifetime counters are exported as gauges, like the
         # MTP ones, because a worker restart resets them)
+        self.graph_steps = Gauge("qnext_cuda_graph_steps", "Decode steps replayed from a CUDA graph (worker "
+                                 "lifetime; the rest ran eagerly)", registry=r)
+        self.graph_padded_rows = Gauge("qnext_cuda_graph_padded_rows", "Padding sequences in those steps (batch "
+                                       "rounded up to a captured size; worker lifetime)", registry=r)
         self.prefix = {f: Gauge(f"qnext_{name}", doc, registry=r) for f, (name, doc) in _PREFIX_GAUGES.items()}
         self.prefix_hit_rate = Gauge("qnext_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / "
                                      "prompt tokens looked up (worker lifetime)", registry=r)
@@ -81,6 +85,8 @@ class Metrics:
         self.slots_total.set(s.state_slots_total)
         self.spec_drafted.set(s.spec_drafted_tokens)
         self.spec_accepted.set(s.spec_accepted_tokens)
+        self.graph_steps.set(s.cuda_graph_steps)
+        self.graph_padded_rows.set(s.cuda_graph_padded_rows)
         for f, gauge in self.prefix.items():
             gauge.set(getattr(s, f))
         self.prefix_hit_rate.set(s.prefix_cache_hit_tokens / s.prefix_cache_query_tokens

@@ -107,6 +107,7 @@ def _newly_started(engine: Engine, unstarted: set[str], step_start: float) -> di
 def _stats(engine: Engine) -> WorkerStats:
     cm = engine.cache_manager
     spec = engine.spec_counters
+    graphs = engine.graphs.stats if engine.graphs else None
     prefix = {}
     if cm.prefix is not None:
         st = cm.prefix.stats
@@ -119,4 +120,6 @@ def _stats(engine: Engine) -> WorkerStats:
                        kv_blocks_used=cm.kv_blocks_used, kv_blocks_total=cm.kv_blocks_total,
                        state_slots_used=cm.state_slots_used, state_slots_total=cm.state_slots_total,
                        num_steps=engine.timings.num_steps,
-                       spec_drafted_tokens=spec.num_drafted, spec_accepted_tokens=spec.num_accepted, **prefix)
+                       spec_drafted_tokens=spec.num_drafted, spec_accepted_tokens=spec.num_accepted,
+                       cuda_graph_steps=graphs.replayed_steps if graphs else 0,
+                       cuda_graph_padded_rows=graphs.padded_rows if graphs else 0, **prefix)

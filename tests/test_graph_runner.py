@@ -21,6 +21,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from kernels import dispatch  # noqa: E402
 from paged_runner import PagedRunner  # noqa: E402
+from qnext_rpc.worker_process import _stats  # noqa: E402
 from worker.engine import Engine, EngineConfig  # noqa: E402
 from worker.graph_runner import DecodeGraphRunner, batch_buckets  # noqa: E402
 from worker.loader import load_model  # noqa: E402
@@ -99,6 +100,8 @@ def test_steps_that_do_not_fit_a_bucket_run_eagerly(small_model) -> None:
     assert graphs.bucket_for(runner.batch([(s[0], [1]), (s[1], [4, 5])])) is None  # a prefill chunk mixed in
     assert graphs.bucket_for(runner.batch([(s[0], [1, 2])], verify=True)) is None  # a shortened verify chunk
     assert graphs.bucket_for(runner.batch([(i, [9]) for i in s])) is None  # above the largest bucket
+    assert graphs.bucket_for(runner.batch([(s[2], list(range(70)))])) is None  # a prefill
+    assert graphs.bucket_for(runner.batch([(s[2], [1])])) is None  # its block table is wider than 64 + 3 tokens
     assert graphs.bucket_for(runner.batch([(s[0], [1, 2, 3])], verify=True)) == (1, 3)
     assert graphs.bucket_for(runner.batch([(s[1], [8])])) == (1, 1)
 
@@ -114,7 +117,11 @@ def test_engine_tokens_do_not_change_with_padded_steps(k: int) -> None:
         engine = Engine(EngineConfig(seed=0, cuda_graphs=mode, num_speculative_tokens=k, max_num_seqs=8))
         done = engine.generate(prompts, sampling, StoppingParams(max_new_tokens=7, ignore_eos=True))
         outs[mode] = [c.token_ids for c in done]
-        stats = engine.graphs.stats if engine.graphs else stats
+        if engine.graphs:
+            stats = engine.graphs.stats
+            worker = _stats(engine)  # what the server's metrics and stats report
+            assert (worker.cuda_graph_steps, worker.cuda_graph_padded_rows) == (stats.replayed_steps,
+                                                                                stats.padded_rows)
         assert engine.cache_manager.slots.num_free == engine.cache_info.num_slots  # nothing leaked
     assert outs["off"] == outs["padded-eager"]
     assert stats.replayed_steps >= 4 and stats.padded_rows > 0 and stats.num_graphs == 0

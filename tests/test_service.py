@@ -260,6 +260,7 @@ def test_health_reflection_and_metrics(server):
     for name in ("qnext_requests", "qnext_time_to_first_token_seconds", "qnext_inter_token_seconds",
                  "qnext_request_duration_seconds", "qnext_num_waiting", "qnext_num_running", "qnext_kv_blocks_used",
                  "qnext_state_slots_used", "qnext_spec_accepted_tokens", "qnext_prefix_cache_hit_rate",
+                 "qnext_cuda_graph_steps",
                  "qnext_prefix_checkpoints_used", "qnext_prefix_kv_block_evictions"):
         assert name in families, name
     ok = [s for s in families["qnext_requests"].samples if s.labels.get("status") == "length"]

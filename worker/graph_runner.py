@@ -125,8 +125,11 @@ class DecodeGraphRunner:
         self.query_lens = tuple(sorted(set(query_lens)))
         self.stats = GraphStats()
         device = cache.conv_state.device
-        buffers = InputBuffers.allocate(self.buckets[-1], self.buckets[-1] * self.query_lens[-1],
-                                        -(-max_model_len // block_size), device)
+        # block-table width: a verify chunk (and the MTP drafts after it) may reach q - 1 positions past the
+        # longest request
+        self.max_blocks = -(-(max_model_len + self.query_lens[-1]) // block_size)
+        buffers = InputBuffers.allocate(self.buckets[-1], self.buckets[-1] * self.query_lens[-1], self.max_blocks,
+                                        device)
         self._static: dict[tuple[int, int], StaticBatch] = {}
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         start = time.perf_counter()
@@ -171,6 +174,8 @@ class DecodeGraphRunner:
         lens = batch.query_lens
         q = lens[0]
         if q not in self.query_lens or len(lens) > self.buckets[-1] or any(n != q for n in lens):
+            return None
+        if batch.block_tables.shape[1] > self.max_blocks:
             return None
         verify = batch.is_verify or []
         if (q > 1) != (bool(verify) and all(verify)):  # a q-token chunk that is not a verify chunk: a prefill
