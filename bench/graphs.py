@@ -8,7 +8,7 @@ directly on the device (no checkpoint is written: 4 real layers are ~13 GB, most
 size B and tokens per sequence q (1 = plain decode, 3 = a verify step of 2 MTP drafts) it times
 
   eager  model(batch, cache), with a fresh ForwardBatch built from host lists each step, as the engine does
-  graph  DecodeGraphRunner.forward(batch) (same fresh ForwardBatch; loads it into the static buffers, refills
+  graph  target_runner(...).forward(batch) (same fresh ForwardBatch; loads it into the static buffers, refills
          the kernels' varlen tables, replays the bucket's graph, copies the output out)
   replay graph.replay() alone (what the launch costs once the inputs are in place; CUDA only)
 
@@ -287,7 +287,7 @@ def main() -> None:
 
     from kernels.dispatch import force_triton
     from worker.cache_tensors import CacheShape, CacheTensors
-    from worker.graph_runner import DecodeGraphRunner, batch_buckets
+    from worker.graph_runner import batch_buckets, target_runner
 
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     capture = device.type == "cuda" and not args.no_capture
@@ -325,7 +325,7 @@ def main() -> None:
         result["weights_gib"] = n_bytes / 2 ** 30
         per_seq = -(-args.context // BLOCK_SIZE)
         cache = CacheTensors(cfg, CacheShape(max_batch * per_seq, BLOCK_SIZE, max_batch, dtype, torch.float32,
-                                             dtype, max(query_lens) - 1), device)
+                                             dtype, max(query_lens) - 1, padding_slot=True), device)
         ctx = Context(cfg, cache, max_batch, args.context, device, args.seed)
         dims = {k: raw[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                                     "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
@@ -339,8 +339,8 @@ def main() -> None:
         runner = None
         try:
             sync()
-            runner = DecodeGraphRunner(model, cache, max_batch=max_batch, max_model_len=args.max_model_len,
-                                       block_size=BLOCK_SIZE, query_lens=query_lens, capture=capture)
+            runner = target_runner(model, cache, max_batch=max_batch, max_model_len=args.max_model_len,
+                                   block_size=BLOCK_SIZE, query_lens=query_lens, capture=capture)
             sync()
             result["graphs"] = dict(describe=runner.describe(), num_graphs=runner.stats.num_graphs,
                                     capture_s=runner.stats.capture_s, buckets=runner.buckets)

@@ -40,7 +40,7 @@ def _summary(engine: Engine) -> ModelSummary:
                         max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
                         eos_token_ids=tuple(engine.eos_token_ids), num_mtp_layers=mcfg.num_mtp_layers,
                         spec_supported=engine.max_spec_tokens > 0, device=_device(engine),
-                        cuda_graphs=engine.graphs.describe() if engine.graphs else "off")
+                        cuda_graphs=engine.describe_graphs())
 
 
 def _device(engine: Engine) -> str:

@@ -23,7 +23,7 @@ from kernels import dispatch  # noqa: E402
 from paged_runner import PagedRunner  # noqa: E402
 from qnext_rpc.worker_process import _stats  # noqa: E402
 from worker.engine import Engine, EngineConfig  # noqa: E402
-from worker.graph_runner import DecodeGraphRunner, batch_buckets  # noqa: E402
+from worker.graph_runner import batch_buckets, target_runner  # noqa: E402
 from worker.loader import load_model  # noqa: E402
 from worker.sampler import SamplingParams  # noqa: E402
 from worker.scheduler import StoppingParams  # noqa: E402
@@ -58,7 +58,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def test_padded_static_steps_match_the_plain_forward(small_model, report) -> None:
     plain = PagedRunner(small_model, num_slots=6, max_spec_tokens=2, device=DEVICE, padding_slot=True)
     padded = PagedRunner(small_model, num_slots=6, max_spec_tokens=2, device=DEVICE, padding_slot=True)
-    graphs = DecodeGraphRunner(small_model, padded.cache, max_batch=4, max_model_len=256, block_size=4,
+    graphs = target_runner(small_model, padded.cache, max_batch=4, max_model_len=256, block_size=4,
                                query_lens=(1, 3), capture=DEVICE == "cuda")
     sids = []
     for twin in (plain, padded):  # the same prefill on both caches (references: faster than the interpreter)
@@ -93,7 +93,7 @@ def test_padded_static_steps_match_the_plain_forward(small_model, report) -> Non
 
 def test_steps_that_do_not_fit_a_bucket_run_eagerly(small_model) -> None:
     runner = PagedRunner(small_model, num_slots=6, max_spec_tokens=2, padding_slot=True)
-    graphs = DecodeGraphRunner(small_model, runner.cache, max_batch=2, max_model_len=64, block_size=4,
+    graphs = target_runner(small_model, runner.cache, max_batch=2, max_model_len=64, block_size=4,
                                query_lens=(1, 3), capture=False)
     s = [runner.new_seq() for _ in range(3)]
     assert graphs.bucket_for(runner.batch([(s[0], [1, 2, 3]), (s[1], [4, 5, 6])])) is None  # prefill, not verify
@@ -112,19 +112,24 @@ def test_engine_tokens_do_not_change_with_padded_steps(k: int) -> None:
     tokens whether decode steps run on the padded static buffers or not."""
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [10] * 20, [3, 1, 4, 1, 5, 9, 2, 6], [5]]
     sampling = [SamplingParams(temperature=0.0)] * 3 + [SamplingParams(temperature=0.8, top_p=0.9, seed=11)] * 2
-    outs, stats = {}, None
+    outs, stats, mtp = {}, None, None
     for mode in ("off", "padded-eager"):
         engine = Engine(EngineConfig(seed=0, cuda_graphs=mode, num_speculative_tokens=k, max_num_seqs=8))
         done = engine.generate(prompts, sampling, StoppingParams(max_new_tokens=7, ignore_eos=True))
         outs[mode] = [c.token_ids for c in done]
         if engine.graphs:
             stats = engine.graphs.stats
+            mtp = engine.mtp_graphs.stats if engine.mtp_graphs else None
             worker = _stats(engine)  # what the server's metrics and stats report
             assert (worker.cuda_graph_steps, worker.cuda_graph_padded_rows) == (stats.replayed_steps,
                                                                                 stats.padded_rows)
         assert engine.cache_manager.slots.num_free == engine.cache_info.num_slots  # nothing leaked
     assert outs["off"] == outs["padded-eager"]
     assert stats.replayed_steps >= 4 and stats.padded_rows > 0 and stats.num_graphs == 0
+    if k >= 2:  # the MTP head's second drafting pass of each step ran on its own static buffers
+        assert mtp.replayed_steps >= 4 and mtp.padded_rows > 0
+    else:
+        assert mtp is None
 
 
 def test_graph_config_is_checked() -> None:

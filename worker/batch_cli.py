@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = Tokenizer.from_file(str(engine.model_dir / "tokenizer.json"))
     info = engine.cache_info
     print(f"qnext-batch: model {engine.model_dir}, cache {info.num_kv_tokens} KV tokens, "
-          f"{info.num_slots} sequences; CUDA graphs: {engine.graphs.describe() if engine.graphs else 'off'}",
+          f"{info.num_slots} sequences; CUDA graphs: {engine.describe_graphs()}",
           file=sys.stderr)
     try:
         with open(args.input) as src, open(args.output, "w") as dst:

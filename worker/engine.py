@@ -20,7 +20,7 @@ from kernels.dispatch import kernels_mode
 from worker.cache import HybridCacheManager
 from worker.cache_tensors import (CacheShape, CacheTensors, checkpoint_bytes, kv_bytes_per_block,
                                   state_bytes_per_slot)
-from worker.graph_runner import MODES as GRAPH_MODES, DecodeGraphRunner
+from worker.graph_runner import MODES as GRAPH_MODES, DecodeGraphRunner, mtp_draft_runner, target_runner
 from worker.loader import load_model
 from worker.model import ForwardBatch
 from worker.sampler import GREEDY_TEMPERATURE, SamplingBatch, SamplingParams, processed_probs, sample
@@ -207,7 +207,7 @@ class Engine:
         self.cache_manager = HybridCacheManager(num_blocks, config.block_size, num_slots, num_ckpts)
         if self.followers is not None:  # from here on, every model / cache call runs on every rank
             self.model, self.cache = self.followers.lead(self.model, self.cache)
-        self.graphs = self._graph_runner(graph_mode)
+        self.graphs, self.mtp_graphs = self._graph_runners(graph_mode)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=config.max_num_seqs,
                                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                                    max_model_len=self.max_model_len), self.cache_manager)
@@ -231,15 +231,24 @@ class Engine:
         can_capture = self.device.type == "cuda" and kernels_mode() == "auto" and self.dtype != torch.float64
         return "capture" if can_capture else None
 
-    def _graph_runner(self, mode: str | None) -> DecodeGraphRunner | None:
-        """Capture the decode graphs (before serving: it takes seconds) or set up padded-eager."""
+    def _graph_runners(self, mode: str | None) -> tuple[DecodeGraphRunner | None, DecodeGraphRunner | None]:
+        """Capture the decode graphs (before serving: it takes seconds) or set up padded-eager: the target's
+        decode / verify steps, and with MTP drafts of 2 or more tokens the MTP head's later drafting passes."""
         if mode is None:
-            return None
+            return None, None
         k = self.max_spec_tokens
-        return DecodeGraphRunner(self.model, self.cache, max_batch=min(self.config.cuda_graph_max_batch_size,
-                                                                       self.config.max_num_seqs),
-                                 max_model_len=self.max_model_len, block_size=self.config.block_size,
-                                 query_lens=(1, 1 + k) if k else (1,), capture=mode == "capture")
+        shape = dict(max_batch=min(self.config.cuda_graph_max_batch_size, self.config.max_num_seqs),
+                     max_model_len=self.max_model_len, block_size=self.config.block_size, capture=mode == "capture")
+        target = target_runner(self.model, self.cache, query_lens=(1, 1 + k) if k else (1,), **shape)
+        mtp = mtp_draft_runner(self.model, self.cache, pool=target.pool, **shape) if k > 1 else None
+        return target, mtp
+
+    def describe_graphs(self) -> str:
+        """What runs as CUDA graphs, for start-up logs."""
+        if self.graphs is None:
+            return "off"
+        mtp = f"; MTP drafting passes: {self.mtp_graphs.describe()}" if self.mtp_graphs is not None else ""
+        return self.graphs.describe() + mtp
 
     @property
     def vocab_size(self) -> int:
@@ -491,7 +500,10 @@ class Engine:
             active = [i for _, i in nxt]
             pieces_j = [(requests[i], requests[i].num_tokens + len(drafts[i]) - 2, [drafts[i][-1]]) for i in active]
             b = self._forward_batch(pieces_j, None)
-            h = self.model.mtp_forward(b.input_ids, h[rows_idx], b, self.cache)
+            if self.mtp_graphs is not None:
+                h = self.mtp_graphs.forward(b, h[rows_idx])
+            else:
+                h = self.model.mtp_forward(b.input_ids, h[rows_idx], b, self.cache)
         for r, d, pr in zip(requests, drafts, probs):
             r.draft_token_ids = d
             self._draft_probs[r.request_id] = torch.stack(pr)

@@ -11,8 +11,9 @@ their DeltaNet state in CacheTensors' padding slot. Their outputs are dropped.
 
 Which steps qualify: every sequence has the same number of new tokens q, and q is a captured length: 1 (plain
 decode) or 1 + k_max (a speculative verify chunk of every sequence); mixed prefill/decode steps, and verify
-chunks shortened by a request's own k or a full cache, run eagerly. The MTP head's passes run eagerly (one
-layer each; capturing them is the next step).
+chunks shortened by a request's own k or a full cache, run eagerly. The MTP head's drafting passes 2..k (one
+token per sequence) have graphs of their own (`mtp_draft_runner`, sharing the memory pool); its first pass, over
+the ragged rows a step made real, runs eagerly.
 
 Modes (EngineConfig.cuda_graphs): `auto` captures on CUDA (tensor parallel size 1, Triton kernels); `off` never;
 `padded-eager` runs qualifying steps through the same static buffers and padding without capturing, on any
@@ -22,6 +23,7 @@ device: for the CPU tests (which cannot capture), and to tell a capture problem 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -50,13 +52,16 @@ class InputBuffers:
     slot_mapping: torch.Tensor  # [max tokens] int64
     block_tables: torch.Tensor  # [max batch, blocks of max_model_len] int32
     state_slots: torch.Tensor  # [max batch] int64
+    hidden: torch.Tensor | None  # [max tokens, H]: the MTP head's hidden-state input (None for the target)
 
     @staticmethod
-    def allocate(max_batch: int, max_tokens: int, max_blocks: int, device: torch.device) -> InputBuffers:
+    def allocate(max_batch: int, max_tokens: int, max_blocks: int, device: torch.device,
+                 hidden: tuple[int, torch.dtype] | None = None) -> InputBuffers:
         def ints(*shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
             return torch.zeros(*shape, dtype=dtype, device=device)
+        h = torch.zeros(max_tokens, hidden[0], dtype=hidden[1], device=device) if hidden else None
         return InputBuffers(ints(max_tokens), ints(max_tokens), ints(max_tokens),
-                            ints(max_batch, max_blocks, dtype=torch.int32), ints(max_batch))
+                            ints(max_batch, max_blocks, dtype=torch.int32), ints(max_batch), h)
 
 
 class StaticBatch:
@@ -67,6 +72,7 @@ class StaticBatch:
         self.batch_size, self.query_len = batch_size, query_len
         self.max_model_len, self.padding_slot = max_model_len, padding_slot
         T = batch_size * query_len
+        self.hidden = buffers.hidden[:T] if buffers.hidden is not None else None
         self.batch = ForwardBatch(
             input_ids=buffers.input_ids[:T], positions=buffers.positions[:T],
             query_lens=[query_len] * batch_size, context_lens=[self.padding_context] * batch_size,
@@ -87,10 +93,13 @@ class StaticBatch:
         # launch choices (attention's key splits) must hold for any context a replay may bring
         return VarlenLayout.of(self.batch.query_lens, context_lens, self.batch.is_verify, self.max_model_len)
 
-    def load(self, step: ForwardBatch) -> None:
-        """Copy a qualifying step's inputs into the buffers; rows past it become padding again."""
+    def load(self, step: ForwardBatch, hidden: torch.Tensor | None) -> None:
+        """Copy a qualifying step's inputs into the buffers; rows past it become padding again (their hidden
+        input keeps whatever an earlier step left: finite, and their outputs are dropped)."""
         B, T = len(step.query_lens), step.input_ids.shape[0]
         s = self.batch
+        if self.hidden is not None:
+            self.hidden[:T].copy_(hidden, non_blocking=True)
         s.input_ids[:T].copy_(step.input_ids, non_blocking=True)
         s.positions[:T].copy_(step.positions, non_blocking=True)
         s.slot_mapping[:T].copy_(step.slot_mapping, non_blocking=True)
@@ -115,12 +124,19 @@ class GraphStats:
     padded_rows: int = 0  # padding sequences run in replayed steps
 
 
+StepForward = Callable[[ForwardBatch, torch.Tensor | None], torch.Tensor]
+
+
 class DecodeGraphRunner:
-    def __init__(self, model: Qwen3NextForCausalLM, cache: CacheTensors, *, max_batch: int, max_model_len: int,
-                 block_size: int, query_lens: tuple[int, ...], capture: bool) -> None:
+    """Runs `forward(batch, hidden)` (a forward of the target model or of the MTP head) for qualifying steps
+    through the captured graphs (or padded-eager), and eagerly otherwise."""
+
+    def __init__(self, forward: StepForward, cache: CacheTensors, *, max_batch: int, max_model_len: int,
+                 block_size: int, query_lens: tuple[int, ...], capture: bool,
+                 hidden_in: tuple[int, torch.dtype] | None = None, pool: object | None = None) -> None:
         if cache.padding_slot is None:
             raise ValueError("the cache has no padding slot (CacheShape.padding_slot) for the graphs' padding rows")
-        self.model, self.cache, self.capture = model, cache, capture
+        self._forward, self.cache, self.capture = forward, cache, capture
         self.buckets = batch_buckets(max_batch)
         self.query_lens = tuple(sorted(set(query_lens)))
         self.stats = GraphStats()
@@ -129,37 +145,37 @@ class DecodeGraphRunner:
         # longest request
         self.max_blocks = -(-(max_model_len + self.query_lens[-1]) // block_size)
         buffers = InputBuffers.allocate(self.buckets[-1], self.buckets[-1] * self.query_lens[-1], self.max_blocks,
-                                        device)
+                                        device, hidden_in)
         self._static: dict[tuple[int, int], StaticBatch] = {}
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         start = time.perf_counter()
-        pool = None
+        self.pool = pool  # the graphs' memory pool, shareable with another runner's (they never run at once)
         # largest first: the later, smaller graphs fit in the memory pool the first one sized
         for q in self.query_lens:
             for b in reversed(self.buckets):
                 static = StaticBatch(b, q, buffers, max_model_len, cache.padding_slot)
                 self._static[(b, q)] = static
                 if capture:
-                    pool = self._capture(static, pool)
+                    self._capture(static)
         self.stats.num_graphs = len(self._graphs)
         self.stats.capture_s = time.perf_counter() - start
 
-    def _capture(self, static: StaticBatch, pool) -> object:
+    def _capture(self, static: StaticBatch) -> None:
         """Warm up (compiles the Triton kernels, builds every varlen table), then capture one forward. The
         padding rows touch only the padding slot, so warming up on the live cache is harmless."""
         side = torch.cuda.Stream()  # warm up off the default stream, as torch.cuda.graph's docs ask
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.model(static.batch, self.cache)
+                self._forward(static.batch, static.hidden)
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         static.batch.kernel_meta.frozen = True
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            hidden = self.model(static.batch, self.cache)
-        self._graphs[(static.batch_size, static.query_len)] = (graph, hidden)
-        return graph.pool()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._forward(static.batch, static.hidden)
+        self._graphs[(static.batch_size, static.query_len)] = (graph, out)
+        self.pool = graph.pool()
 
     def describe(self) -> str:
         """One line for the start-up log."""
@@ -183,22 +199,36 @@ class DecodeGraphRunner:
         b = next(b for b in self.buckets if b >= len(lens))
         return b, q
 
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Final hidden states [T, H] of the step, like model(batch, cache)."""
+    def forward(self, batch: ForwardBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """forward(batch, hidden): [T, H], through a graph when the step qualifies."""
         key = self.bucket_for(batch)
         if key is None:
             self.stats.eager_steps += 1
-            return self.model(batch, self.cache)
+            return self._forward(batch, hidden)
         static = self._static[key]
-        static.load(batch)
+        static.load(batch, hidden)
         T = batch.input_ids.shape[0]
         self.stats.replayed_steps += 1
         self.stats.padded_rows += static.batch_size - len(batch.query_lens)
         if key in self._graphs:
-            graph, hidden = self._graphs[key]
+            graph, out = self._graphs[key]
             graph.replay()
         else:  # padded-eager: the first run plays the warm-up; later ones must find every table built
-            hidden = self.model(static.batch, self.cache)
+            out = self._forward(static.batch, static.hidden)
             static.batch.kernel_meta.frozen = True
         # a copy: the graph's output buffer is overwritten by the next replay
-        return hidden[:T].clone()
+        return out[:T].clone()
+
+
+def target_runner(model: Qwen3NextForCausalLM, cache: CacheTensors, **kwargs) -> DecodeGraphRunner:
+    """The target model's decode and verify steps."""
+    return DecodeGraphRunner(lambda batch, _: model(batch, cache), cache, **kwargs)
+
+
+def mtp_draft_runner(model: Qwen3NextForCausalLM, cache: CacheTensors, **kwargs) -> DecodeGraphRunner:
+    """The MTP head's drafting passes 2..k: one token per sequence (its previous draft), paired with the head's
+    own previous hidden state. (Pass 1, over every row a step made real, has ragged lengths: eager.)"""
+    cfg = model.config
+    dtype = model.model.embed_tokens.weight.dtype
+    return DecodeGraphRunner(lambda batch, h: model.mtp_forward(batch.input_ids, h, batch, cache), cache,
+                             query_lens=(1,), hidden_in=(cfg.hidden_size, dtype), **kwargs)
