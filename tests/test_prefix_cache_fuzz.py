@@ -70,7 +70,7 @@ def _engine(ckpt: Path, sizes: tuple[int, int, int] | None = None, **kw) -> Engi
     if sizes is None:
         return Engine(config)
     split = engine_module.size_cache
-    engine_module.size_cache = lambda *args: sizes
+    engine_module.size_cache = lambda *args, **kwargs: sizes
     try:
         return Engine(config)
     finally:
