@@ -166,3 +166,11 @@ def test_graph_config_is_checked() -> None:
         EngineConfig(cuda_graph_max_batch_size=0)
     engine = Engine(EngineConfig(seed=0))
     assert engine.graphs is None and engine.cache.padding_slot is None  # auto on CPU: nothing to capture
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on CPU a capture cannot succeed: that is what is checked")
+def test_a_failed_capture_names_the_graph_and_the_way_out(small_model) -> None:
+    runner = PagedRunner(small_model, num_slots=2, padding_slot=True)
+    with pytest.raises(RuntimeError, match=r"capture failed for batch 2, 1 tokens per sequence: .*--enforce-eager"):
+        target_runner(small_model, runner.cache, max_batch=2, max_model_len=64, block_size=4, query_lens=(1,),
+                      capture=True)

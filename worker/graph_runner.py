@@ -156,7 +156,11 @@ class DecodeGraphRunner:
                 static = StaticBatch(b, q, buffers, max_model_len, cache.padding_slot)
                 self._static[(b, q)] = static
                 if capture:
-                    self._capture(static)
+                    try:
+                        self._capture(static)
+                    except Exception as e:  # say which graph, and how to run without them
+                        raise RuntimeError(f"CUDA graph capture failed for batch {b}, {q} tokens per sequence: {e} "
+                                           f"(--enforce-eager / cuda_graphs='off' runs without graphs)") from e
         self.stats.num_graphs = len(self._graphs)
         self.stats.capture_s = time.perf_counter() - start
 
