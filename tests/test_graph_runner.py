@@ -166,6 +166,7 @@ def test_graph_config_is_checked() -> None:
         EngineConfig(cuda_graph_max_batch_size=0)
     engine = Engine(EngineConfig(seed=0))
     assert engine.graphs is None and engine.cache.padding_slot is None  # auto on CPU: nothing to capture
+    assert engine.describe_graphs() == "off (not on CUDA)"
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on CPU a capture cannot succeed: that is what is checked")

@@ -221,15 +221,20 @@ class Engine:
         self._restored_hidden: dict[str, tuple[int, torch.Tensor]] = {}
 
     def _graph_mode(self) -> str | None:
-        """"capture", "padded-eager" or None (no graphs: off, or they cannot run here). Graphs hold Triton
+        """"capture", "padded-eager" or None (no graphs; `graphs_off_because` says why). Graphs hold Triton
         launches (QNEXT_KERNELS=reference turns them off; fp64 runs the references) on one device (no TP)."""
         mode = self.config.cuda_graphs
-        if mode == "off" or self.followers is not None:
+        why = {"off": "--enforce-eager", "padded-eager": None}.get(mode)
+        if self.followers is not None:
+            why = "tensor parallel"
+        elif mode == "auto":
+            why = ("not on CUDA" if self.device.type != "cuda" else
+                   "QNEXT_KERNELS=reference" if kernels_mode() != "auto" else
+                   "float64 runs the references" if self.dtype == torch.float64 else None)
+        self.graphs_off_because = why
+        if why is not None:
             return None
-        if mode == "padded-eager":
-            return mode
-        can_capture = self.device.type == "cuda" and kernels_mode() == "auto" and self.dtype != torch.float64
-        return "capture" if can_capture else None
+        return "capture" if mode == "auto" else mode
 
     def _graph_runners(self, mode: str | None) -> tuple[DecodeGraphRunner | None, DecodeGraphRunner | None]:
         """Capture the decode graphs (before serving: it takes seconds) or set up padded-eager: the target's
@@ -246,7 +251,7 @@ class Engine:
     def describe_graphs(self) -> str:
         """What runs as CUDA graphs, for start-up logs."""
         if self.graphs is None:
-            return "off"
+            return f"off ({self.graphs_off_because})"
         mtp = f"; MTP drafting passes: {self.mtp_graphs.describe()}" if self.mtp_graphs is not None else ""
         return self.graphs.describe() + mtp
 
