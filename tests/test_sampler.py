@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from worker.sampler import (MAX_TOP_LOGPROBS, STREAM_SAMPLE, SamplingBatch, SamplingParams, processed_probs,
-                            sample, uniform_noise)
+from worker.sampler import (MAX_TOP_LOGPROBS, NUCLEUS_CANDIDATES, STREAM_SAMPLE, SamplingBatch, SamplingParams,
+                            processed_probs, sample, uniform_noise)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -352,3 +352,40 @@ def test_top_k_shortcut_draws_the_same_tokens_as_the_full_race(device: torch.dev
     logits = logits.to(device)
     batch = make_batch(params, device, vocab, seeds=[100 + i for i in range(n)], steps=[i % 5 for i in range(n)])
     assert sample(logits, batch).token_ids.tolist() == _race_over_the_vocabulary(logits, params, batch)
+
+
+@pytest.mark.parametrize("flat_row", [False, True])
+def test_nucleus_shortcut_draws_the_same_tokens_as_the_full_race(device: torch.device, flat_row: bool) -> None:
+    """Rows filtered by top-p or min-p alone (no top-k) first try the NUCLEUS_CANDIDATES largest columns; the
+    tokens must equal the race over the whole vocabulary, also when one row is so flat that its nucleus runs past
+    the candidates (the shortcut backs off for the batch), and with top-k rows and greedy rows mixed in."""
+    g = torch.Generator().manual_seed(5)
+    vocab, n = 4000, 24
+    logits = torch.randn(n, vocab, generator=g) * 4  # peaked: top-p 0.9 closes within a few hundred columns
+    if flat_row:  # rows whose top-p 0.5 keeps ~2000 columns: each would draw from the wrong set half the time
+        for i in (1, 5, 9, 13, 21):
+            logits[i] = torch.randn(vocab, generator=g) * 0.01
+    params = [SamplingParams(temperature=[0.7, 1.0, 1.3, 0.9][i % 4], top_p=[0.9, 0.5, 1.0, 0.95][i % 4],
+                             min_p=[0.0, 0.0, 0.1, 0.0][i % 4], top_k=20 if i % 7 == 3 else 0) for i in range(n)]
+    params[10] = SamplingParams(temperature=0.0)
+    assert NUCLEUS_CANDIDATES < vocab
+    logits = logits.to(device)
+    batch = make_batch(params, device, vocab, seeds=[7 + i for i in range(n)], steps=[i % 3 for i in range(n)])
+    assert batch.filters_cover_sampling and not batch.top_k_covers_sampling
+    assert sample(logits, batch).token_ids.tolist() == _race_over_the_vocabulary(logits, params, batch)
+
+
+def test_nucleus_shortcut_races_only_the_candidates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Peaked top-p rows race NUCLEUS_CANDIDATES columns, not the vocabulary (bench/sampler.py times it)."""
+    from worker import sampler
+    widths = []
+    race = sampler._race
+
+    def spy(values: torch.Tensor, columns: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        widths.append(columns.shape[-1])
+        return race(values, columns, batch)
+    monkeypatch.setattr(sampler, "_race", spy)
+    logits = torch.randn(4, 20000, generator=torch.Generator().manual_seed(1)) * 4
+    sample(logits, make_batch([SamplingParams(temperature=0.8, top_p=0.9)] * 4, torch.device("cpu"), 20000))
+    sample(logits * 0.001, make_batch([SamplingParams(top_p=0.9)] * 4, torch.device("cpu"), 20000))  # flat
+    assert widths == [NUCLEUS_CANDIDATES, 20000]

@@ -11,8 +11,9 @@ Processing order, per row (each step is a no-op for rows that leave its paramete
 4. greedy rows (temperature < 1e-5) take the argmax here; later steps do not affect them
 5. temperature: logit / t
 6. top-k, 7. top-p (on the top-k renormalised distribution), 8. min-p (relative to the max prob).
-   All three become a per-row logit threshold, so they cost one sort per step (or one topk when only top-k
-   is active) and ties at a threshold are kept rather than broken by sort order.
+   All three become a per-row logit threshold, so they cost one sort per step (one topk when every top-p
+   row has a top-k; `sample` first tries the largest NUCLEUS_CANDIDATES for top-p / min-p rows without one) and
+   ties at a threshold are kept rather than broken by sort order.
 9. softmax -> the distribution returned by `processed_probs`
 10. exponential race: token = argmax(probs / E), E = -log(u), which draws exactly from probs. `sample` computes
     it as argmax over kept tokens of (logit - log E) (the same argmax: probs = exp(logit - lse), and lse is one
@@ -38,6 +39,9 @@ import torch
 MAX_TOP_LOGPROBS = 20
 # Temperatures below this are treated as greedy (as vLLM does): logits / 1e-30 overflows to inf and NaNs.
 GREEDY_TEMPERATURE = 1e-5
+# Columns tried first for rows whose filter is top-p or min-p without a top-k: a trained model's nucleus is
+# usually far smaller, and a flat row (whose kept columns run past them) falls back to the whole vocabulary.
+NUCLEUS_CANDIDATES = 1024
 # Noise stream used for token sampling; other users of uniform_noise must pick another stream number.
 STREAM_SAMPLE = 0
 
@@ -114,6 +118,7 @@ class SamplingBatch:
     max_top_k: int
     top_k_bounds_top_p: bool  # every sampling row with top_p < 1 also has top_k > 0: top-p needs no full sort
     top_k_covers_sampling: bool  # every sampling row has top_k > 0: the race needs noise for max_k columns only
+    filters_cover_sampling: bool  # every sampling row has top-k, top-p or min-p: its kept columns may be few
     top_p: torch.Tensor | None  # [B, 1] float32
     log_min_p: torch.Tensor | None  # [B, 1] float32, log(min_p); -inf = off
     repetition_penalty: torch.Tensor | None  # [B, 1] float32
@@ -180,6 +185,8 @@ class SamplingBatch:
             max_top_k=max(top_k, default=0),
             top_k_bounds_top_p=all(k > 0 for s, k, p in zip(sampled, top_k, params) if s and p.top_p < 1.0),
             top_k_covers_sampling=all(k > 0 for s, k in zip(sampled, top_k) if s),
+            filters_cover_sampling=all(k > 0 or p.top_p < 1.0 or p.min_p > 0 for s, k, p in zip(sampled, top_k, params)
+                                       if s),
             top_p=(col([p.top_p for p in params])
                    if any(s and p.top_p < 1.0 for s, p in zip(sampled, params)) else None),
             log_min_p=(col([math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params])
@@ -267,10 +274,12 @@ def _scaled(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return x / batch.temperature if batch.temperature is not None else x
 
 
-def _threshold(x: torch.Tensor | None, batch: SamplingBatch, top: torch.Tensor | None = None) -> torch.Tensor | None:
+def _threshold(x: torch.Tensor | None, batch: SamplingBatch, top: torch.Tensor | None = None,
+               full_lse: torch.Tensor | None = None) -> torch.Tensor | None:
     """Steps 6-8 (top-k, top-p, min-p) as one per-row threshold [B, 1] on temperature-scaled logits x [B, V]:
-    keep logits >= threshold; None when no row filters. `top`: the max_top_k (or more) largest of x, descending,
-    when every sampling row has a top-k; then x itself is not needed (None)."""
+    keep logits >= threshold; None when no row filters. `top`: the max_top_k (or more) largest of x, descending;
+    then x itself is not needed (None). A top-p row without a top-k measures mass against `full_lse`, the
+    logsumexp of its scaled logits over the whole vocabulary (given with `top`; computed here from x)."""
     if batch.top_k is None and batch.top_p is None and batch.log_min_p is None:
         return None
     neg_inf = torch.full((batch.size, 1), -math.inf, device=batch.seeds.device)
@@ -280,11 +289,12 @@ def _threshold(x: torch.Tensor | None, batch: SamplingBatch, top: torch.Tensor |
         # One descending order serves top-k and top-p; when every top-p row also has a top-k, the k largest are
         # all top-p can keep: a topk, not a full sort. Top-k's threshold is its k-th largest logit.
         if top is not None:
-            desc = top[:, :k_cols]
+            desc = top
         elif batch.top_k_bounds_top_p and k_cols < x.shape[-1]:
             desc = x.topk(k_cols, dim=-1).values
         else:
             desc = x.sort(dim=-1, descending=True).values  # [B, V]
+            full_lse = torch.logsumexp(x, dim=-1, keepdim=True)
         if batch.top_k is not None:
             kth = desc.gather(1, (batch.top_k - 1).clamp(min=0))
             threshold = torch.where(batch.top_k > 0, kth, neg_inf)
@@ -292,7 +302,7 @@ def _threshold(x: torch.Tensor | None, batch: SamplingBatch, top: torch.Tensor |
         # Top-p keeps the shortest prefix whose mass reaches top_p: position i stays while the mass strictly
         # before it is < top_p (so the first token always stays). Rows with top_p == 1 are left alone even
         # if float rounding pushes their cumulative mass to 1.
-        probs = desc.softmax(dim=-1)
+        probs = _nucleus_probs(desc, batch, full_lse)
         mass_before = probs.cumsum(dim=-1) - probs
         keep = (mass_before < batch.top_p).sum(dim=-1, keepdim=True)  # [B, 1] >= 1
         p_threshold = torch.where(batch.top_p < 1.0, desc.gather(1, keep - 1), neg_inf)
@@ -306,6 +316,16 @@ def _threshold(x: torch.Tensor | None, batch: SamplingBatch, top: torch.Tensor |
         x_max = top[:, :1] if top is not None else x.amax(dim=-1, keepdim=True)
         threshold = torch.maximum(threshold, x_max + batch.log_min_p)
     return threshold
+
+
+def _nucleus_probs(desc: torch.Tensor, batch: SamplingBatch, full_lse: torch.Tensor | None) -> torch.Tensor:
+    """Top-p's probabilities of descending scaled logits desc [B, n]: a top-k row's renormalised over its k (desc
+    is -inf past them), another row's over the whole vocabulary (full_lse; None when no such row matters). The
+    same formula whether desc is the whole sorted row or its largest candidates, so both give the same sums."""
+    log_norm = desc.logsumexp(dim=-1, keepdim=True)
+    if full_lse is not None:
+        log_norm = full_lse if batch.top_k is None else torch.where(batch.top_k > 0, log_norm, full_lse)
+    return (desc - log_norm).exp()
 
 
 def _filtered_logits(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -332,14 +352,29 @@ def _draw(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     with E_i ~ Exp(1) i.i.d. (picks i with probability p_i), computed as argmax over kept i of (x_i - log E_i).
     When every sampling row has a top-k, its kept columns are among the max_k largest (checked: ties at a
     threshold may run past them, and then the whole vocabulary is used), so only those are scaled, filtered and
-    given noise. A kept column's score is the same in both paths, so the token is too."""
+    given noise. Rows filtered by top-p or min-p alone try the NUCLEUS_CANDIDATES largest the same way (checked
+    too: the nucleus must close inside them). A kept column's score is the same in both paths, so the token is."""
     vocab = x.shape[-1]
-    if batch.top_k_covers_sampling and batch.max_top_k < vocab:
-        # temperature > 0 keeps the order, so the largest penalised logits are the largest scaled ones
-        top_values, top_columns = x.topk(batch.max_top_k + 1, dim=-1)
+    width, full_lse = None, None
+    if batch.top_k_covers_sampling:
+        width = batch.max_top_k
+    elif batch.filters_cover_sampling:  # top-p / min-p rows without a top-k: their nucleus is usually small
+        width = max(batch.max_top_k, NUCLEUS_CANDIDATES)
+        if batch.top_p is not None:
+            full_lse = torch.logsumexp(_scaled(x, batch), dim=-1, keepdim=True)
+    if width is not None and width < vocab:
+        # temperature > 0 keeps the order, so the largest penalised logits are the largest scaled ones; one
+        # column more than the candidates tells whether the kept ones end inside them
+        top_values, top_columns = x.topk(width + 1, dim=-1)
         top_values = _scaled(top_values, batch)
-        threshold = _threshold(None, batch, top=top_values)
-        if bool(((top_values[:, -1:] < threshold) | batch.greedy[:, None]).all()):
+        threshold = _threshold(None, batch, top=top_values[:, :-1], full_lse=full_lse)
+        inside = (top_values[:, -1:] < threshold) | batch.greedy[:, None]
+        if full_lse is not None:  # and a top-p row without a top-k must not keep that extra column either
+            probs = (top_values - full_lse).exp()
+            extra_mass_before = probs.cumsum(dim=-1)[:, -1:] - probs[:, -1:]  # as the full sort would compute it
+            no_k = batch.top_k <= 0 if batch.top_k is not None else torch.ones_like(inside)
+            inside &= ~(no_k & (batch.top_p < 1.0)) | (extra_mass_before >= batch.top_p) | batch.greedy[:, None]
+        if bool(inside.all()):
             values = top_values[:, :-1].masked_fill(top_values[:, :-1] < threshold, -math.inf)
             return _race(values, top_columns[:, :-1], batch)
     return _race(_filtered_logits(x, batch), torch.arange(vocab, device=x.device)[None, :], batch)
