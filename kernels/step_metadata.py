@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -59,6 +60,7 @@ class StepMetadata:
         self.device = device
         self.frozen = False  # True while a CUDA graph is captured: a new table would not be refilled later
         self._tables: dict[Hashable, tuple[Builder, torch.Tensor]] = {}
+        self._derived: dict[Hashable, Any] = {}
 
     def get(self, key: Hashable, build: Builder) -> torch.Tensor:
         hit = self._tables.get(key)
@@ -71,6 +73,12 @@ class StepMetadata:
         self._tables[key] = (build, table)
         return table
 
+    def derived(self, key: Hashable, compute: Callable[[VarlenLayout], Any]) -> Any:
+        """A host-side value computed from the layout (a launch split, say), once per step, not once per layer."""
+        if key not in self._derived:
+            self._derived[key] = compute(self.layout)
+        return self._derived[key]
+
     def refill(self, layout: VarlenLayout) -> None:
         """Rewrite every table for `layout` into the same device memory. The new layout must give every table
         its old length (same batch size and query lengths: what a graph bucket fixes)."""
@@ -81,6 +89,7 @@ class StepMetadata:
                                  f"table: the layout changed shape")
             table.copy_(_host(values, table.device), non_blocking=True)
         self.layout = layout
+        self._derived.clear()
 
     @property
     def num_tables(self) -> int:

@@ -49,3 +49,16 @@ def test_a_frozen_step_builds_no_new_table() -> None:
     assert meta.get("a", lambda layout: [2]).tolist() == [1]
     with pytest.raises(RuntimeError, match="'b' first built while frozen"):
         meta.get("b", lambda layout: [2])
+
+
+def test_derived_host_values_are_computed_once_per_step() -> None:
+    meta = StepMetadata(VarlenLayout.of([1, 3], [5, 3]), torch.device("cpu"))
+    calls = []
+
+    def longest(layout: VarlenLayout) -> int:
+        calls.append(layout)
+        return max(layout.query_lens)
+
+    assert meta.derived("longest", longest) == 3 and meta.derived("longest", longest) == 3 and len(calls) == 1
+    meta.refill(VarlenLayout.of([4, 1], [9, 4]))  # a new step: recomputed from its layout
+    assert meta.derived("longest", longest) == 4 and len(calls) == 2

@@ -123,9 +123,7 @@ def causal_conv1d_varlen_fwd(
         return y
     if step_meta is None:  # a call outside a model step: tables of its own
         step_meta = StepMetadata(VarlenLayout.for_states(query_lens, has_initial_state, verify), x.device)
-    layout = step_meta.layout
-    assert layout.query_lens == tuple(query_lens) and layout.has_initial_state == tuple(has_initial_state) \
-        and layout.is_verify == tuple(verify), "step_meta describes another batch"
+    assert len(step_meta.layout.query_lens) == B, "step_meta describes another batch"  # O(1): runs per layer
     cfg = launch_config(max(query_lens), D)
     block_t = cfg["BLOCK_T"]
     meta = step_meta.get(("conv1d", block_t), lambda layout: conv1d_metadata(layout, block_t))

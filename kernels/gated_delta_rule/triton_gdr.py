@@ -47,14 +47,12 @@ def gdr_varlen_fwd(
     if T == 0:
         return y
 
-    marked = [bool(x) for x in is_verify] if is_verify else [False] * B  # as the caller marked them
     if step_meta is None:  # a call outside a model step: tables of its own
+        marked = [bool(x) for x in is_verify] if is_verify else [False] * B  # as the caller marked them
         step_meta = StepMetadata(VarlenLayout.for_states(query_lens, has_initial_state, marked), v.device)
-    layout = step_meta.layout
-    assert layout.query_lens == tuple(query_lens) and layout.has_initial_state == tuple(has_initial_state) \
-        and layout.is_verify == tuple(marked), "step_meta describes another batch"
+    assert len(step_meta.layout.query_lens) == B, "step_meta describes another batch"  # O(1): runs per layer
     meta = step_meta.get("gated_delta_rule", gdr_metadata)
-    recurrent, chunked = split_recurrent_chunked(layout)
+    recurrent, chunked = step_meta.derived("gated_delta_rule", split_recurrent_chunked)  # once per step
     n_rec, n_chunk = 4 * len(recurrent), 5 * len(chunked)
     slots = state_slots.to(device=v.device, dtype=torch.int64)
     if recurrent:
