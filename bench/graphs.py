@@ -63,13 +63,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 
 import torch  # noqa: E402
 
+from bench.random_model import build_random_model, random_config  # noqa: E402
+
 BLOCK_SIZE = 16  # the engine's default KV block
-# the real model's per-layer dimensions (FACTS §1.1), in config.json field names
-REAL_DIMS = dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
-                 linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
-                 linear_value_head_dim=128, linear_conv_kernel_dim=4, num_experts=512, num_experts_per_tok=10,
-                 moe_intermediate_size=512, shared_expert_intermediate_size=512, intermediate_size=5120,
-                 partial_rotary_factor=0.25, rope_theta=10000000, max_position_embeddings=262144)
 
 
 @dataclass
@@ -111,69 +107,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON results; default $OUT/graphs.json or ./graphs.json")
     return p.parse_args()
-
-
-# ---- the model, built on the device without a checkpoint -------------------------------------------------------
-
-def model_config(args: argparse.Namespace) -> tuple[dict, object]:
-    from worker.config import config_from_dict
-    from worker.tiny import modules_not_converted, tiny_config
-    raw = tiny_config(vocab_size=args.vocab, num_hidden_layers=args.layers, **({} if args.small else REAL_DIMS))
-    cfg = config_from_dict(raw, has_mtp_tensors=False)  # no MTP head: its passes are not captured
-    if args.fp8:  # the quantization_config make_checkpoint(..., fp8=True) writes, i.e. the real checkpoint's
-        raw["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                      "weight_block_size": [128, 128],
-                                      "modules_to_not_convert": modules_not_converted(cfg, with_mtp=False)}
-        cfg = config_from_dict(raw, has_mtp_tensors=False)
-    return raw, cfg
-
-
-@torch.no_grad()
-def init_(name: str, p: torch.Tensor, scales: dict[str, torch.Tensor]) -> None:
-    """Random values in the spirit of worker/tiny.py's random_weights (same scales), drawn on the device: writing
-    and loading a 13 GB checkpoint would eat minutes of a short GPU session."""
-    from kernels.fp8.reference import FP8_DTYPE
-    if name.endswith("_scale_inv"):
-        return  # set with its weight
-    if p.dtype == FP8_DTYPE:
-        # fp8 values ~N(0, 1) (e4m3 holds +-448) and every block scale = the std the weight should have
-        std = p.shape[-1] ** -0.5
-        for chunk in p.view(-1, p.shape[-1]).split(1 << 14):  # bounded temporary memory
-            chunk.copy_(torch.randn(chunk.shape, device=p.device).to(FP8_DTYPE))
-        scales[name + "_scale_inv" if name.endswith(("w_gate", "w_up", "w_down")) else
-               name[:-len("weight")] + "weight_scale_inv"].fill_(std)
-    elif name.endswith("A_log"):  # decay rates A in [1, 16) as the real init
-        p.copy_(torch.log(1 + 15 * torch.rand(p.shape, device=p.device)))
-    elif name.endswith(("dt_bias", "linear_attn.norm.weight")):
-        p.copy_(1 + 0.1 * torch.randn(p.shape, device=p.device))
-    elif name.endswith("norm.weight") or name.endswith("layernorm.weight"):  # zero-centred RMSNorm: 1 + w
-        p.normal_(0, 0.1)
-    elif name.endswith("conv1d.weight"):
-        p.normal_(0, 0.5)
-    elif name.endswith("embed_tokens.weight"):
-        p.normal_(0, 1.0)
-    elif name.endswith("bias"):
-        p.zero_()
-    else:  # projections and expert stacks: std 1/sqrt(fan_in), fan_in = last dim
-        p.normal_(0, p.shape[-1] ** -0.5)
-
-
-def build_model(args: argparse.Namespace, cfg, device: torch.device, dtype: torch.dtype):
-    """As worker/loader.py load_model builds it (meta -> dtype -> FP8 swap -> to_empty), then random init."""
-    from worker.fp8 import apply_fp8
-    from worker.model import Qwen3NextForCausalLM, RotaryEmbedding
-    with torch.device("meta"):
-        model = Qwen3NextForCausalLM(cfg).to(dtype)
-    if cfg.quant is not None:
-        apply_fp8(model, cfg.quant)
-    model.to_empty(device=device)
-    model.requires_grad_(False)
-    params = dict(model.named_parameters())
-    scales = {n: p for n, p in params.items() if n.endswith("_scale_inv")}
-    for name, p in params.items():
-        init_(name, p, scales)
-    model.rotary = RotaryEmbedding(cfg).to(device)  # its buffer was on meta
-    return model.eval()
 
 
 # ---- the synthetic context and the steps --------------------------------------------------------------------
@@ -299,7 +232,8 @@ def main() -> None:
                  "most --max-model-len")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(args.seed)
-    raw, cfg = model_config(args)
+    # no MTP head: its passes are not captured here
+    raw, cfg = random_config(args.layers, args.vocab, args.fp8, mtp=False, small=args.small)
     # bf16 matmuls reorder sums across batch shapes: 2% relative on the final hidden states still means "the
     # same computation"; a capture bug (stale table, wrong buffer, lost write) is O(1)
     tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
@@ -318,7 +252,7 @@ def main() -> None:
 
     with torch.inference_mode(), (force_triton() if args.interpret else nullcontext()):
         start = time.perf_counter()
-        model = build_model(args, cfg, device, dtype)
+        model = build_random_model(cfg, device, dtype, args.seed)
         sync()
         n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         result["build_s"] = time.perf_counter() - start

@@ -1,28 +1,56 @@
 #!/usr/bin/env bash
-# The prepared GPU run (issue 6), for a session lent a GPU through the device tool: one call,
-#     run(command="bash scripts/gpu_check.sh", timeout_s=540)
-# runs the Triton kernel tests on CUDA, the decode-graph capture check (tests/test_graph_runner.py captures real
-# graphs where CUDA exists), then bench/graphs.py and bench/kernels.py. Logs and JSON land in $OUT (at most 8
-# files come back). Every stage has its own time limit so that a hang in one still returns the others' results.
+# The prepared GPU run, for a session lent a GPU through the device tool: one call,
+#     run(command="bash scripts/gpu_check.sh", carry=[".whl", ".triton_cache"], timeout_s=480)
+# Stages, in priority order, each under its own time limit so that a hang or crash in one still returns the
+# others' results (all output in $OUT/log.txt, JSON beside it; at most 8 files come back):
+#   env         GPU, driver, torch / triton versions
+#   tests       the Triton kernel tests on CUDA, the captured-graph test, the engine on CUDA vs CPU (pytest-xdist)
+#   full_shape  bench/full_shape.py: the 48-layer FP8 model with random weights through the engine
+#   kernels     bench/kernels.py: each kernel vs its reference at the real shapes (+ flash-linear-attention)
+#   graphs      bench/graphs.py: eager vs replayed decode steps on 4 real layers
+# STAGES="tests kernels" runs a subset; LIMITS can be tuned per stage with e.g. LIMIT_full_shape=300.
 # That machine has torch, triton, pytest, safetensors and tokenizers but not this package: PYTHONPATH stands in.
+# .whl (carried, git-ignored) may hold wheels to install there (flash-linear-attention as the kernels' reference);
+# .triton_cache (carried, git-ignored) is a previous run's compiled kernels, and the run leaves its own in
+# $OUT/triton_cache.tgz (unpack it into .triton_cache for the next call).
 set -uo pipefail
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
+LOG="$OUT/log.txt"
+STAGES=${STAGES:-env tests full_shape kernels graphs}
 
-stage() {  # stage NAME SECONDS COMMAND...: run it under a limit, log to $OUT/NAME.log, never stop the script
-    local name=$1 limit=$2
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+        >>"$LOG" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+export TRITON_CACHE_DIR=/tmp/triton_cache
+mkdir -p "$TRITON_CACHE_DIR"
+[ -d .triton_cache ] && cp -r .triton_cache/. "$TRITON_CACHE_DIR"/
+
+stage() {  # stage NAME SECONDS COMMAND...: run it under a limit, log to $LOG, never stop the script
+    local name=$1 limit=$2 var="LIMIT_$1"
     shift 2
-    echo "== $name (limit ${limit}s): $*" | tee "$OUT/$name.log"
-    timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
-    echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
+    limit=${!var:-$limit}
+    case " $STAGES " in *" $name "*) ;; *) return ;; esac
+    local start=$SECONDS
+    echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start))s" | tee -a "$LOG"
 }
 
-stage env 30 "$PY" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
-stage tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_fp8.py tests/test_triton_norms.py \
-    tests/test_triton_conv1d.py tests/test_triton_gated_delta_rule.py tests/test_triton_attention.py \
-    tests/test_triton_moe.py tests/test_step_metadata.py \
+stage env 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
+    --format=csv; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, \
+    torch.cuda.get_device_name(), torch.cuda.get_device_capability())'; \
+    $PY -c 'import fla; print(\"fla\", fla.__version__)' || true"
+stage tests 140 "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 120 -rfE --junitxml "$OUT/tests.xml" \
+    tests/test_triton_fp8.py tests/test_triton_norms.py tests/test_triton_conv1d.py \
+    tests/test_triton_gated_delta_rule.py tests/test_triton_attention.py tests/test_triton_moe.py \
+    tests/test_step_metadata.py tests/test_engine_cuda.py \
     "tests/test_graph_runner.py::test_padded_static_steps_match_the_plain_forward"
-stage graphs 150 "$PY" bench/graphs.py --batch-sizes 1,8,64 --out "$OUT/graphs.json"
-stage kernels 120 "$PY" bench/kernels.py --out "$OUT/kernels.json"
+stage full_shape 200 "$PY" bench/full_shape.py --budget-s 170 --out "$OUT/full_shape.json"
+stage kernels 90 "$PY" bench/kernels.py --time-budget-s 75 --out "$OUT/kernels.json"
+stage graphs 50 "$PY" bench/graphs.py --batch-sizes 1,8,64 --iters 10 --out "$OUT/graphs.json"
+tar -czf "$OUT/triton_cache.tgz" -C "$TRITON_CACHE_DIR" . 2>>"$LOG"
+ls -la "$OUT" | tee -a "$LOG"

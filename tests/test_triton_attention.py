@@ -31,7 +31,9 @@ def triton_runs():
         c = torch.zeros(1, BLOCK, 1, 16, device=DEVICE)
         write_kv_fwd(torch.ones(1, 1, 16, device=DEVICE), torch.ones(1, 1, 16, device=DEVICE), c, c.clone(),
                      torch.zeros(1, dtype=torch.int64, device=DEVICE))
-    except Exception as e:  # noqa: BLE001 - any failure here means "cannot run", not "wrong"
+    except Exception as e:  # noqa: BLE001 - on CPU any failure means "the interpreter cannot run here"
+        if DEVICE == "cuda":
+            raise  # on a GPU a kernel that cannot run is a failure, never a skip
         pytest.skip(f"Triton cannot run here: {e!r}")
 
 

@@ -29,7 +29,9 @@ def triton_runs():
         causal_conv1d_varlen_fwd(torch.ones(1, 2, device=DEVICE), torch.ones(2, K, device=DEVICE),
                                  torch.zeros(1, 2, K - 1, device=DEVICE), torch.zeros(1, dtype=torch.int64,
                                                                                       device=DEVICE), [1], [False])
-    except Exception as e:  # noqa: BLE001 - any failure here means "cannot run", not "wrong"
+    except Exception as e:  # noqa: BLE001 - on CPU any failure means "the interpreter cannot run here"
+        if DEVICE == "cuda":
+            raise  # on a GPU a kernel that cannot run is a failure, never a skip
         pytest.skip(f"Triton cannot run here: {e!r}")
 
 

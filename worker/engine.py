@@ -22,7 +22,7 @@ from worker.cache_tensors import (CacheShape, CacheTensors, checkpoint_bytes, kv
                                   state_bytes_per_slot)
 from worker.graph_runner import MODES as GRAPH_MODES, DecodeGraphRunner, mtp_draft_runner, target_runner
 from worker.loader import load_model
-from worker.model import ForwardBatch
+from worker.model import ForwardBatch, Qwen3NextForCausalLM
 from worker.sampler import GREEDY_TEMPERATURE, SamplingBatch, SamplingParams, processed_probs, sample
 from worker.spec_decode import STREAM_DRAFT, SpecCounters, accept_drafts, race
 from worker.scheduler import (FinishReason, Request, RequestStatus, SchedulePlan, Scheduler, SchedulerConfig,
@@ -172,28 +172,39 @@ def size_cache(config: EngineConfig, bytes_per_block: int, bytes_per_slot: int, 
 
 
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, model: Qwen3NextForCausalLM | None = None) -> None:
+        """`model`: an already built model on `config.device` (bench/full_shape.py: random weights at the real
+        shape, no checkpoint on disk); then `config.model` is ignored and EOS ids come from the model's config.
+        Single device only."""
         self.config = config
         self.device = torch.device(config.device)
-        if config.model is None:
-            from worker.tiny import default_checkpoint
-            self.model_dir = default_checkpoint()
-        else:
-            self.model_dir = Path(config.model)
-        dtype = None if config.dtype == "auto" else _DTYPES[config.dtype]
         tp = config.tensor_parallel_size
-        # rank 0 of a tensor-parallel group: start the other ranks (they load their shards meanwhile)
-        self.followers = Followers(self.model_dir, config.device, config.dtype, tp) if tp > 1 else None
-        self.model = load_model(self.model_dir, self.device, dtype, tp_size=tp)
+        if model is not None:
+            if tp > 1:
+                raise ValueError("tensor_parallel_size: a prebuilt model runs on one device")
+            self.model_dir = None
+            self.followers = None
+            self.model = model
+        else:
+            if config.model is None:
+                from worker.tiny import default_checkpoint
+                self.model_dir = default_checkpoint()
+            else:
+                self.model_dir = Path(config.model)
+            dtype = None if config.dtype == "auto" else _DTYPES[config.dtype]
+            # rank 0 of a tensor-parallel group: start the other ranks (they load their shards meanwhile)
+            self.followers = Followers(self.model_dir, config.device, config.dtype, tp) if tp > 1 else None
+            self.model = load_model(self.model_dir, self.device, dtype, tp_size=tp)
         mcfg = self.model.config
         self.dtype = self.model.model.embed_tokens.weight.dtype  # activations / KV dtype
-        self.eos_token_ids = eos_token_ids(self.model_dir, mcfg.eos_token_ids)
+        self.eos_token_ids = (eos_token_ids(self.model_dir, mcfg.eos_token_ids) if self.model_dir is not None
+                              else mcfg.eos_token_ids)
         self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
         state_dtype = _DTYPES[config.state_dtype]
         per_block = kv_bytes_per_block(mcfg, config.block_size, self.dtype)
         self.max_spec_tokens = config.num_speculative_tokens
         if self.max_spec_tokens and mcfg.num_mtp_layers == 0:
-            raise ValueError(f"num_speculative_tokens: {self.model_dir} has no MTP head (mtp.* tensors)")
+            raise ValueError(f"num_speculative_tokens: {self.model_dir or 'the model'} has no MTP head (mtp.* tensors)")
         per_slot = state_bytes_per_slot(mcfg, state_dtype, self.dtype, self.max_spec_tokens)
         per_ckpt = checkpoint_bytes(mcfg, state_dtype, self.dtype, self.dtype)
         graph_mode = self._graph_mode()
