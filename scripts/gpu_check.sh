@@ -44,13 +44,13 @@ stage env 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,cl
     --format=csv; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, \
     torch.cuda.get_device_name(), torch.cuda.get_device_capability())'; \
     $PY -c 'import fla; print(\"fla\", fla.__version__)' || true"
-stage tests 140 "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 120 -rfE --junitxml "$OUT/tests.xml" \
+stage tests 120 "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 120 -rfE --junitxml "$OUT/tests.xml" \
     tests/test_triton_fp8.py tests/test_triton_norms.py tests/test_triton_conv1d.py \
     tests/test_triton_gated_delta_rule.py tests/test_triton_attention.py tests/test_triton_moe.py \
     tests/test_step_metadata.py tests/test_engine_cuda.py \
     "tests/test_graph_runner.py::test_padded_static_steps_match_the_plain_forward"
-stage full_shape 200 "$PY" bench/full_shape.py --budget-s 170 --out "$OUT/full_shape.json"
-stage kernels 90 "$PY" bench/kernels.py --time-budget-s 75 --out "$OUT/kernels.json"
-stage graphs 50 "$PY" bench/graphs.py --batch-sizes 1,8,64 --iters 10 --out "$OUT/graphs.json"
+stage full_shape 180 "$PY" bench/full_shape.py --budget-s 150 --out "$OUT/full_shape.json"
+stage kernels 80 "$PY" bench/kernels.py --time-budget-s 65 --out "$OUT/kernels.json"
+stage graphs 40 "$PY" bench/graphs.py --batch-sizes 1,8,64 --iters 10 --out "$OUT/graphs.json"
 tar -czf "$OUT/triton_cache.tgz" -C "$TRITON_CACHE_DIR" . 2>>"$LOG"
 ls -la "$OUT" | tee -a "$LOG"
