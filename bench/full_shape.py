@@ -17,7 +17,9 @@ when the time budget is spent, and a failure in one is recorded and does not sto
   mtp1     engine k=1, aligned, batch 1
   mtp3     engine k=3, aligned, batch 1
 
-Figures per run: decode tokens/s over the steps where every sequence decodes (median step ms too), prefill
+Every row runs once on the same shapes first (a warm-up, unmeasured: Triton compiles each new specialisation on
+first use), except the 32K one. Figures per run: decode tokens/s over the steps where every sequence decodes
+(median and slowest step ms too), prefill
 tokens/s (prompt tokens / time to first token), MTP acceptance and tokens per step, and the memory each engine
 took (weights, KV + state cache, graph pool, peak). A roofline per decode row: the bytes a step must move at least
 (weights the step reads once, counting only the experts its tokens touch; the DeltaNet states read and written;
@@ -232,6 +234,7 @@ def run(engine, ps: list[list[int]], new_tokens: int, tag: str, profile_steps: i
         row.update(decode_steps=len(decode_steps), decode_tok_s=round(toks / secs, 1),
                    decode_tok_s_per_seq=round(toks / secs / len(ps), 2),
                    step_ms_median=round(1e3 * statistics.median(s for s, _ in decode_steps), 3),
+                   step_ms_max=round(1e3 * max(s for s, _ in decode_steps), 3),
                    tokens_per_step=round(toks / len(decode_steps) / len(ps), 3))
     c = engine.spec_counters
     drafted, accepted, verifies = (c.num_drafted - spec0[0], c.num_accepted - spec0[1],
@@ -314,7 +317,8 @@ def section(name: str, model, args, sizes: Sizes, rep: Report, mtp: MtpAlignment
     print(f"[{name}] engine k={k}: {info}", flush=True)
     seed = 100 * SECTIONS.index(name)
 
-    def measure(label: str, n: int, ctx: int, new: int, aligned: bool = False, profile_steps: int = 0) -> None:
+    def measure(label: str, n: int, ctx: int, new: int, aligned: bool = False, profile_steps: int = 0,
+                warmup: bool = True) -> None:
         if rep.left_s() < 5:
             rep.data["skipped"].append(f"{name}/{label}: time budget spent")
             return
@@ -322,6 +326,8 @@ def section(name: str, model, args, sizes: Sizes, rep: Report, mtp: MtpAlignment
             if aligned:
                 mtp.align()
             try:
+                if warmup:  # the same shapes first: Triton compiles each new specialisation on first use
+                    run(engine, prompts(n, ctx, vocab, seed + 999), min(new, 8), f"{name}-{label}-warmup")
                 row = run(engine, prompts(n, ctx, vocab, seed + len(rep.data["rows"])), new, f"{name}-{label}",
                           profile_steps)
             finally:
@@ -346,11 +352,11 @@ def section(name: str, model, args, sizes: Sizes, rep: Report, mtp: MtpAlignment
 
     try:
         if name == "graphs":
-            measure("warmup", 1, sizes.prefill, 4)  # compiles the prefill and decode kernels
-            measure("b1_ctx1k", 1, sizes.short_ctx, sizes.new_tokens)
+            measure("b1_ctx1k", 1, sizes.short_ctx, sizes.new_tokens, profile_steps=sizes.profile_steps)
             measure("prefill_8k", 1, sizes.prefill, 1)
-            measure(f"conc{sizes.concurrency}_ctx1k", sizes.concurrency, sizes.short_ctx, sizes.new_tokens_long)
-            measure("b1_ctx32k", 1, sizes.long_ctx, sizes.new_tokens_long)
+            measure(f"conc{sizes.concurrency}_ctx1k", sizes.concurrency, sizes.short_ctx, sizes.new_tokens_long,
+                    profile_steps=sizes.profile_steps)
+            measure("b1_ctx32k", 1, sizes.long_ctx, sizes.new_tokens_long, warmup=False)  # a 32K warm-up: seconds
             if mtp is not None:
                 measure("b1_ctx1k_aligned", 1, sizes.short_ctx, sizes.new_tokens, aligned=True)
         elif name == "eager":
@@ -361,7 +367,7 @@ def section(name: str, model, args, sizes: Sizes, rep: Report, mtp: MtpAlignment
             measure("b1_ctx1k_random", 1, sizes.short_ctx, sizes.new_tokens)
             measure("b1_ctx1k_aligned", 1, sizes.short_ctx, sizes.new_tokens, aligned=True)
             measure(f"conc{sizes.concurrency}_ctx1k_aligned", sizes.concurrency, sizes.short_ctx,
-                    sizes.new_tokens_long, aligned=True)
+                    sizes.new_tokens_long, aligned=True, profile_steps=sizes.profile_steps)
         else:
             measure("b1_ctx1k_aligned", 1, sizes.short_ctx, sizes.new_tokens, aligned=True)
     finally:

@@ -175,3 +175,17 @@ def test_a_failed_capture_names_the_graph_and_the_way_out(small_model) -> None:
     with pytest.raises(RuntimeError, match=r"capture failed for batch 2, 1 tokens per sequence: .*--enforce-eager"):
         target_runner(small_model, runner.cache, max_batch=2, max_model_len=64, block_size=4, query_lens=(1,),
                       capture=True)
+
+
+def test_engine_steps_refill_the_static_tables_outside_inference_mode(small_model) -> None:
+    """Found on the first GPU run: the static batches' kernel tables are built inside the model's inference-mode
+    forward, and an engine step called from plain code refilled them in place (an error for inference tensors).
+    The engine's steps run in inference mode; here with the Triton kernels (interpreter), which build tables."""
+    from worker.engine import Engine, EngineConfig
+    engine = Engine(EngineConfig(device=DEVICE, cuda_graphs="padded-eager", max_num_seqs=2,
+                                 cache_memory=0.02 if DEVICE == "cuda" else 16 << 20), model=small_model)
+    with dispatch.force_triton():
+        done = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(temperature=0.0),
+                               StoppingParams(max_new_tokens=4, ignore_eos=True))
+    assert [len(c.token_ids) for c in done] == [4, 4]
+    assert engine.graphs.stats.replayed_steps >= 2

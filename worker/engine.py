@@ -317,7 +317,11 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
-        outputs = self._step()
+        # inference mode for the whole step, as for the model's own forward: the tensors a step creates (the
+        # kernels' varlen tables among them, refilled in place by later CUDA-graph steps) are inference tensors,
+        # and updating one in place outside inference mode is an error
+        with torch.inference_mode():
+            outputs = self._step()
         self.timings.total_s += time.perf_counter() - start
         return outputs
 

@@ -203,6 +203,7 @@ class DecodeGraphRunner:
         b = next(b for b in self.buckets if b >= len(lens))
         return b, q
 
+    @torch.inference_mode()  # the static tables were built inside the model's (inference-mode) forward
     def forward(self, batch: ForwardBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """forward(batch, hidden): [T, H], through a graph when the step qualifies."""
         key = self.bucket_for(batch)

@@ -38,7 +38,10 @@ def per_token_group_quant(x: torch.Tensor, group: int = 128, eps: float = 1e-10)
     M, K = x.shape
     g = -(-K // group)
     padded = torch.nn.functional.pad(x.float(), (0, g * group - K)).reshape(M, g, group)
-    s = padded.abs().amax(-1).clamp(min=eps) / FP8_MAX
+    amax = padded.abs().amax(-1).clamp(min=eps)
+    # divide by a tensor, not a Python scalar: on CUDA torch turns division by a scalar into a multiplication by
+    # its reciprocal (one ulp off in some scales); tensor / tensor rounds once, as the Triton kernel's div_rn
+    s = amax / torch.full_like(amax, FP8_MAX)
     q = (padded / s[..., None]).clamp(-FP8_MAX, FP8_MAX).reshape(M, g * group)[:, :K].to(FP8_DTYPE)
     return q, s
 
