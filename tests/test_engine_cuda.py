@@ -1,6 +1,7 @@
 """The engine on a GPU against the same engine on CPU: Triton kernels, captured CUDA graphs and MTP drafting
-graphs on one side, the torch references on the other, both in float32 (the kernels' fp32 dots are IEEE), on the
-tiny checkpoint. Greedy tokens must be equal and their logprobs close, with and without MTP speculation (k=2:
+graphs on one side, the torch references on the other, both in float32, on the
+tiny checkpoint. Greedy tokens must be equal and their logprobs close (the chunked gated delta rule walks in TF32 on
+the GPU), with and without MTP speculation (k=2:
 verify graphs and drafting graphs), in a batch that mixes prompt lengths so that padded buckets replay.
 
 Skipped without CUDA: on CPU the same paths are covered by test_graph_runner.py (padded-eager) and the kernel
@@ -47,7 +48,9 @@ def test_cuda_engine_matches_the_cpu_engine(ckpt, cpu_reference, k):
     got = engine.generate(prompts(), GREEDY, STOP)
     for g, want in zip(got, cpu_reference):
         assert g.token_ids == want.token_ids
-        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(want.logprobs), atol=2e-3, rtol=0)
+        # the chunked gated delta rule walks its chunks in TF32 on a GPU by design (kernels/gated_delta_rule/
+        # triton_chunk.py), even for fp32 models: 6.7e-3 was the largest difference on an H200 (logprobs ~ -3)
+        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(want.logprobs), atol=1.5e-2, rtol=0)
     assert engine.graphs.stats.replayed_steps > 0  # the decode steps did replay
     if k:
         assert engine.spec_counters.num_drafted > 0

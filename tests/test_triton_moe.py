@@ -143,9 +143,13 @@ def test_fp8_experts(T: int, dtype: torch.dtype, report) -> None:
     report(f"fused MoE FP8 T={T} {dtype}, rel err vs W8A8 reference / vs dequantized weights",
            f"{err:.1e} / {err_deq:.1e}")
     assert torch.isfinite(got).all()
-    # In fp32 both compute the same quantised products. In bf16 the reference rounds gate, up, silu and their
-    # product before quantising h, the kernel once: ~3e-3 apart, enough to move some of h by an e4m3 step.
-    assert err < (1e-5 if dtype == torch.float32 else 3e-2), err
+    # In fp32 both compute the same quantised products: under the interpreter to the last bits. On a GPU the
+    # FP8 tensor-core products are summed in less than fp32 precision (Hopper), which moves a few of the gate/up
+    # values h is quantised from across an e4m3 rounding boundary: 1.5e-3 measured on an H200 at T=90. In bf16
+    # the reference rounds gate, up, silu and their product before quantising h, the kernel once: ~3e-3 apart,
+    # enough to move some of h by an e4m3 step.
+    fp32_tol = 1e-5 if DEVICE == "cpu" else 5e-3
+    assert err < (fp32_tol if dtype == torch.float32 else 3e-2), err
     assert err_deq < 6e-2, err_deq  # what W8A8 costs: e4m3 keeps 3 mantissa bits
 
 
