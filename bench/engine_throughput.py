@@ -31,15 +31,15 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from anywhere without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.*; qnext itself: pip install -e .
 from bench.provenance import git_state  # noqa: E402
 
 import torch  # noqa: E402
 
-from worker.engine import Engine, EngineConfig, StepTimings  # noqa: E402
-from worker.sampler import SamplingParams  # noqa: E402
-from worker.scheduler import StoppingParams  # noqa: E402
-from worker.tiny import default_checkpoint  # noqa: E402
+from qnext.worker.engine import Engine, EngineConfig, StepTimings  # noqa: E402
+from qnext.worker.sampler import SamplingParams  # noqa: E402
+from qnext.worker.scheduler import StoppingParams  # noqa: E402
+from qnext.worker.tiny import default_checkpoint  # noqa: E402
 
 TARGET_SPEEDUP_B16 = 2.0  # ours / transformers tokens/s at batch 16
 TARGET_OVERHEAD_PCT = 10.0  # share of each engine step spent outside the forward

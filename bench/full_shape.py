@@ -44,7 +44,7 @@ import traceback
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from anywhere without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.*; qnext itself: pip install -e .
 
 import torch  # noqa: E402
 
@@ -157,7 +157,7 @@ def copy_gbps(device: torch.device) -> float:
 # ---- running the engine ------------------------------------------------------------------------------------------
 
 def make_engine(model, args, sizes: Sizes, k: int, graphs: str):
-    from worker.engine import Engine, EngineConfig
+    from qnext.worker.engine import Engine, EngineConfig
     cfg = EngineConfig(device=args.device, max_num_seqs=max(sizes.concurrency, 1),
                        max_num_batched_tokens=sizes.batched_tokens, num_speculative_tokens=k, cuda_graphs=graphs,
                        cuda_graph_max_batch_size=sizes.concurrency, seed=0,
@@ -184,9 +184,9 @@ def run(engine, ps: list[list[int]], new_tokens: int, tag: str, profile_steps: i
     sequence has its first token in which every sequence emitted (a full batch); prefill = prompt tokens over
     the time to the last first token. With `profile_steps`, that many full-batch decode steps run under
     torch.profiler and the kernels' device time is aggregated by name."""
-    from worker.engine import GenerationRequest
-    from worker.sampler import SamplingParams
-    from worker.scheduler import StoppingParams
+    from qnext.worker.engine import GenerationRequest
+    from qnext.worker.sampler import SamplingParams
+    from qnext.worker.scheduler import StoppingParams
     engine.reset_prefix_cache()
     spec0 = (engine.spec_counters.num_drafted, engine.spec_counters.num_accepted, engine.spec_counters.num_verify_steps)
     graph0 = (engine.graphs.stats.replayed_steps, engine.graphs.stats.eager_steps) if engine.graphs else (0, 0)

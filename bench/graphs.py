@@ -59,7 +59,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from anywhere without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.*; qnext itself: pip install -e .
 
 import torch  # noqa: E402
 
@@ -138,7 +138,7 @@ class Context:
         return dict(ids=ids, pos=pos, slots=slots, q=q, B=B, tables=[self.blocks[i] for i in range(B)])
 
     def batch(self, h: dict):
-        from worker.model import ForwardBatch
+        from qnext.worker.model import ForwardBatch
         dev = self.device
         return ForwardBatch(
             input_ids=torch.tensor(h["ids"], device=dev), positions=torch.tensor(h["pos"], device=dev),
@@ -218,9 +218,9 @@ def main() -> None:
         sys.exit("no CUDA device visible: run with --device cpu --small for the plumbing check")
     from contextlib import nullcontext
 
-    from kernels.dispatch import force_triton
-    from worker.cache_tensors import CacheShape, CacheTensors
-    from worker.graph_runner import batch_buckets, target_runner
+    from qnext.kernels.dispatch import force_triton
+    from qnext.worker.cache_tensors import CacheShape, CacheTensors
+    from qnext.worker.graph_runner import batch_buckets, target_runner
 
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     capture = device.type == "cuda" and not args.no_capture

@@ -17,11 +17,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from qnext_rpc.client import Client  # noqa: E402
+from qnext.rpc.client import Client  # noqa: E402
 from test_service_support import ServerProcess  # noqa: E402
-from worker.engine import Engine, EngineConfig  # noqa: E402
-from worker.sampler import SamplingParams  # noqa: E402
-from worker.scheduler import StoppingParams  # noqa: E402
+from qnext.worker.engine import Engine, EngineConfig  # noqa: E402
+from qnext.worker.sampler import SamplingParams  # noqa: E402
+from qnext.worker.scheduler import StoppingParams  # noqa: E402
 
 CACHE = 67108864
 
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     if args.model is None:
-        from worker.tiny import default_checkpoint
+        from qnext.worker.tiny import default_checkpoint
         args.model = str(default_checkpoint())
     ps = prompts(args.streams, args.prompt_tokens)
     engine = Engine(EngineConfig(model=args.model, device=args.device, cache_memory=CACHE, max_num_seqs=32,

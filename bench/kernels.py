@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from anywhere without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.*; qnext itself: pip install -e .
 
 import torch  # noqa: E402
 
@@ -182,9 +182,9 @@ def tflops(flops: float, us: float | None) -> float:
 
 
 def fp8_cases(b: Bench) -> Iterator[Case]:
-    from kernels import fp8
-    from kernels.fp8 import reference
-    from kernels.fp8.triton_gemm import fp8_block_gemm_fwd
+    from qnext.kernels import fp8
+    from qnext.kernels.fp8 import reference
+    from qnext.kernels.fp8.triton_gemm import fp8_block_gemm_fwd
     H, dev = b.shapes.hidden, b.device
     for M in b.token_counts():
         x = torch.randn(M, H, dtype=torch.bfloat16, device=dev)
@@ -204,8 +204,8 @@ def fp8_linear_row(b: Bench, name: str, x: torch.Tensor, w: torch.Tensor, ws: to
                    fp8_block_gemm_fwd: Callable[..., torch.Tensor]) -> Row:
     """Our quantise + block GEMM against the reference, with the GEMM alone, a bf16 matmul and cuBLAS's FP8
     GEMM forms on the same shape beside it."""
-    from kernels import fp8
-    from kernels.fp8 import reference
+    from qnext.kernels import fp8
+    from qnext.kernels.fp8 import reference
     M, K = x.shape
     N = w.shape[0]
     xq, xs = fp8.per_token_group_quant(x)
@@ -310,8 +310,8 @@ def _scaled_mm_v2_blockwise(xp, xqp, xsp, w, ws, w_bf16) -> Callable[[], torch.T
 
 
 def norm_cases(b: Bench) -> Iterator[Case]:
-    from kernels import norms
-    from kernels.norms import reference
+    from qnext.kernels import norms
+    from qnext.kernels.norms import reference
     s, dev, bf16 = b.shapes, b.device, torch.bfloat16
     H = s.hidden
     w = torch.randn(H, device=dev, dtype=bf16) * 0.1
@@ -339,8 +339,8 @@ def norm_cases(b: Bench) -> Iterator[Case]:
 
 
 def conv_cases(b: Bench) -> Iterator[Case]:
-    from kernels import conv1d
-    from kernels.conv1d import reference
+    from qnext.kernels import conv1d
+    from qnext.kernels.conv1d import reference
     s, dev, bf16 = b.shapes, b.device, torch.bfloat16
     D, Kc = s.conv_dim, s.conv_k
     w = torch.randn(D, Kc, device=dev, dtype=bf16) * 0.5
@@ -391,8 +391,8 @@ def attention_cases(b: Bench) -> Iterator[Case]:
 def attention_row(b: Bench, label: str, qlens: list[int], ctx: list[int]) -> Row:
     import torch.nn.functional as F
 
-    from kernels import attention
-    from kernels.attention import reference
+    from qnext.kernels import attention
+    from qnext.kernels.attention import reference
     s, dev, bf16 = b.shapes, b.device, torch.bfloat16
     scale = s.head_dim ** -0.5
     T = sum(qlens)
@@ -469,8 +469,8 @@ def gdr_bytes(lens: list[int], init: list[bool], verify: list[bool], Hk: int = M
 
 def gdr_call(args: dict[str, object], lens: list[int], init: list[bool], verify: list[bool],
              reference_op: bool = False) -> torch.Tensor:
-    from kernels import gated_delta_rule
-    from kernels.gated_delta_rule import reference
+    from qnext.kernels import gated_delta_rule
+    from qnext.kernels.gated_delta_rule import reference
     op = reference.gated_delta_rule_varlen if reference_op else gated_delta_rule.gated_delta_rule_varlen
     return op(**args, query_lens=lens, has_initial_state=init, is_verify=verify)
 
@@ -595,7 +595,7 @@ def fla_decode_row(b: Bench, B: int, fused_recurrent_gated_delta_rule: Callable[
 def stacked_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[E, N, K] -> block-128 fp8 [E, N, K] and scales [E, N/128, K/128] (N, K multiples of 128 here, so the
     stacked [E*N, K] matrix has the same blocks as each expert's)."""
-    from kernels.fp8.reference import quantize_weight_block
+    from qnext.kernels.fp8.reference import quantize_weight_block
     E, N, K = w.shape
     q, sc = quantize_weight_block(w.reshape(E * N, K))
     return q.view(E, N, K), sc.view(E, N // 128, K // 128)
@@ -605,8 +605,8 @@ def moe_cases(b: Bench) -> Iterator[Case]:
     """The router (logits GEMM + fused softmax/top-k) and the routed experts for T tokens routed by a random
     router, bf16 and FP8 weights. The experts' bytes are the weights of the experts the batch touches plus
     activations; FLOPs 6 T k H I."""
-    from kernels import moe
-    from kernels.moe import reference
+    from qnext.kernels import moe
+    from qnext.kernels.moe import reference
     s, dev, bf16 = b.shapes, b.device, torch.bfloat16
     E, H, I, k = s.experts, s.hidden, s.moe_intermediate, s.top_k
     w_gate, w_up = (torch.randn(E, I, H, device=dev, dtype=bf16) * H ** -0.5 for _ in range(2))
@@ -817,7 +817,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported (the kernels import it lazily)
     if args.fla_path:
         sys.path.insert(0, args.fla_path)
-    from kernels.dispatch import force_triton
+    from qnext.kernels.dispatch import force_triton
     torch.manual_seed(0)
     b = make_bench(args)
     b.peak_gbps = args.peak_gbps or copy_gbps(b)

@@ -22,14 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from anywhere without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.*; qnext itself: pip install -e .
 from bench.provenance import git_state  # noqa: E402
 
 import torch  # noqa: E402
 
-from worker.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
-from worker.sampler import SamplingParams  # noqa: E402
-from worker.scheduler import StoppingParams  # noqa: E402
+from qnext.worker.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
+from qnext.worker.sampler import SamplingParams  # noqa: E402
+from qnext.worker.scheduler import StoppingParams  # noqa: E402
 
 FIRST_SPECIAL_ID = 151643
 

@@ -28,8 +28,8 @@ REAL_LAYERS, REAL_VOCAB = 48, 151936
 
 def random_config(layers: int, vocab: int, fp8: bool, mtp: bool, small: bool = False):
     """(raw config.json dict, ModelConfig). Every 4th layer is full attention, as in the real model."""
-    from worker.config import config_from_dict
-    from worker.tiny import modules_not_converted, tiny_config
+    from qnext.worker.config import config_from_dict
+    from qnext.worker.tiny import modules_not_converted, tiny_config
     raw = tiny_config(vocab_size=vocab, num_hidden_layers=layers, **({} if small else REAL_DIMS))
     cfg = config_from_dict(raw, has_mtp_tensors=mtp)
     if fp8:  # what make_checkpoint(..., fp8=True) writes, i.e. the real FP8 checkpoint's
@@ -43,7 +43,7 @@ def random_config(layers: int, vocab: int, fp8: bool, mtp: bool, small: bool = F
 @torch.no_grad()
 def init_(name: str, p: torch.Tensor, scales: dict[str, torch.Tensor], gen: torch.Generator) -> None:
     """One parameter's random values (same scales as worker/tiny.py's random_weights), drawn on its device."""
-    from kernels.fp8.reference import FP8_DTYPE
+    from qnext.kernels.fp8.reference import FP8_DTYPE
 
     def randn(shape) -> torch.Tensor:
         return torch.randn(shape, device=p.device, generator=gen)
@@ -76,8 +76,8 @@ def init_(name: str, p: torch.Tensor, scales: dict[str, torch.Tensor], gen: torc
 
 def build_random_model(cfg, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """As worker/loader.py load_model builds it (meta -> dtype -> FP8 swap -> to_empty), then random values."""
-    from worker.fp8 import apply_fp8
-    from worker.model import Qwen3NextForCausalLM, RotaryEmbedding
+    from qnext.worker.fp8 import apply_fp8
+    from qnext.worker.model import Qwen3NextForCausalLM, RotaryEmbedding
     with torch.device("meta"):
         model = Qwen3NextForCausalLM(cfg).to(dtype)
     if cfg.quant is not None:
@@ -94,7 +94,7 @@ def build_random_model(cfg, device: torch.device, dtype: torch.dtype, seed: int 
 
 
 class MtpAlignment:
-    """worker.tiny.align_mtp_with_target on a built model, undoable: every layer's output projection gives zero
+    """qnext.worker.tiny.align_mtp_with_target on a built model, undoable: every layer's output projection gives zero
     (o_proj, out_proj, the experts' and shared expert's down projections; for FP8 weights their block scales are
     zeroed, so the kernels still read and multiply every byte), every RMSNorm weight except the gated norm is 0
     (scale 1), and mtp.fc passes the embedding half through. The target then predicts from the current token
@@ -104,7 +104,7 @@ class MtpAlignment:
                 "out_proj.weight_scale_inv", "down_proj.weight_scale_inv", "w_down_scale_inv")
 
     def __init__(self, model) -> None:
-        from kernels.fp8.reference import FP8_DTYPE
+        from qnext.kernels.fp8.reference import FP8_DTYPE
         params = dict(model.named_parameters())
         self.targets: dict[str, torch.Tensor] = {}
         for n, p in params.items():

@@ -17,12 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from anywhere without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.*; qnext itself: pip install -e .
 
 import torch  # noqa: E402
 
-from worker import sampler  # noqa: E402
-from worker.sampler import SamplingBatch, SamplingParams, sample  # noqa: E402
+from qnext.worker import sampler  # noqa: E402
+from qnext.worker.sampler import SamplingBatch, SamplingParams, sample  # noqa: E402
 
 VOCAB = 151936
 CASES = {

@@ -22,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from bench.provenance import git_state  # noqa: E402
-from qnext_rpc.loadtest.arrival import Load  # noqa: E402
-from qnext_rpc.loadtest.report import plot_cdfs, plot_sweep, write_json  # noqa: E402
-from qnext_rpc.loadtest.runner import model_info, run_point  # noqa: E402
-from qnext_rpc.loadtest.stats import summarize  # noqa: E402
-from qnext_rpc.loadtest.workload import Length, Workload  # noqa: E402
+from qnext.rpc.loadtest.arrival import Load  # noqa: E402
+from qnext.rpc.loadtest.report import plot_cdfs, plot_sweep, write_json  # noqa: E402
+from qnext.rpc.loadtest.runner import model_info, run_point  # noqa: E402
+from qnext.rpc.loadtest.stats import summarize  # noqa: E402
+from qnext.rpc.loadtest.workload import Length, Workload  # noqa: E402
 from test_service_support import ServerProcess  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     if args.model is None:
-        from worker.tiny import default_checkpoint
+        from qnext.worker.tiny import default_checkpoint
         args.model = str(default_checkpoint())
     server = ServerProcess(Path(args.model), "--device", args.device, "--max-num-seqs", str(max(levels)))
     try:

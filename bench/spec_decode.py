@@ -42,16 +42,16 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from anywhere without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.*; qnext itself: pip install -e .
 from bench.provenance import git_state  # noqa: E402
 
 import torch  # noqa: E402
 
-from worker.engine import Engine, EngineConfig, GenerationRequest, StepTimings  # noqa: E402
-from worker.sampler import SamplingParams  # noqa: E402
-from worker.scheduler import StoppingParams  # noqa: E402
-from worker.spec_decode import SpecCounters  # noqa: E402
-from worker.tiny import align_mtp_with_target, default_checkpoint  # noqa: E402
+from qnext.worker.engine import Engine, EngineConfig, GenerationRequest, StepTimings  # noqa: E402
+from qnext.worker.sampler import SamplingParams  # noqa: E402
+from qnext.worker.scheduler import StoppingParams  # noqa: E402
+from qnext.worker.spec_decode import SpecCounters  # noqa: E402
+from qnext.worker.tiny import align_mtp_with_target, default_checkpoint  # noqa: E402
 
 FIRST_SPECIAL_ID = 151643  # <|endoftext|>: prompts draw from the ordinary BPE ids below it
 GREEDY = SamplingParams(temperature=0.0)

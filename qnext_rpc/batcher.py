@@ -23,10 +23,10 @@ from multiprocessing.connection import Connection
 
 import structlog
 
-from qnext_rpc.messages import (AddRequest, PrefixCacheReset, Ready, Rejected, Shutdown, StepResult, Submit,
+from qnext.rpc.messages import (AddRequest, PrefixCacheReset, Ready, Rejected, Shutdown, StepResult, Submit,
                                 WorkerStats)
-from qnext_rpc.worker_process import run_worker
-from worker.engine import EngineConfig, RequestOutput
+from qnext.rpc.worker_process import run_worker
+from qnext.worker.engine import EngineConfig, RequestOutput
 
 log = structlog.get_logger("qnext.batcher")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from qnext_rpc import convert
+from qnext.rpc import convert
 
 
 class Client:

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from qnext_rpc._proto import ensure_stubs
-
-ensure_stubs()
-
-from qnext_rpc._gen import generation_pb2 as pb  # noqa: E402
-from qnext_rpc._gen import generation_pb2_grpc as pb_grpc  # noqa: E402
-from qnext_rpc.messages import Ready, WorkerStats  # noqa: E402
-from qnext_rpc.stream import Chunk, Finish, TokenLogprob  # noqa: E402
-from qnext_rpc.text import ChatMessage  # noqa: E402
-from qnext_rpc.validate import SAMPLING_FIELDS, GenerateSpec, Limits  # noqa: E402
+from qnext.v1 import generation_pb2 as pb
+from qnext.v1 import generation_pb2_grpc as pb_grpc
+from qnext.rpc.messages import Ready, WorkerStats
+from qnext.rpc.stream import Chunk, Finish, TokenLogprob
+from qnext.rpc.text import ChatMessage
+from qnext.rpc.validate import SAMPLING_FIELDS, GenerateSpec, Limits
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 DESCRIPTOR = pb.DESCRIPTOR

@@ -15,8 +15,8 @@ import sys
 
 import grpc
 
-from qnext_rpc import convert
-from qnext_rpc.client import Client
+from qnext.rpc import convert
+from qnext.rpc.client import Client
 
 
 def _fields(args: argparse.Namespace) -> dict:

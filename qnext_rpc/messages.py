@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from worker.engine import CacheInfo, RequestOutput
-from worker.sampler import SamplingParams
-from worker.scheduler import StoppingParams
+from qnext.worker.engine import CacheInfo, RequestOutput
+from qnext.worker.sampler import SamplingParams
+from qnext.worker.scheduler import StoppingParams
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from qnext_rpc.messages import StepResult
+from qnext.rpc.messages import StepResult
 
 _PREFIX_GAUGES = {  # WorkerStats field -> (metric name, help)
     "prefix_cache_queries": ("prefix_cache_queries", "Requests looked up in the prefix cache (worker lifetime)"),

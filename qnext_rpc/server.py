@@ -22,13 +22,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from qnext_rpc import convert
-from qnext_rpc.batcher import Batcher
-from qnext_rpc.metrics import Metrics
-from qnext_rpc.service import GenerationService
-from qnext_rpc.text import TextProcessor
-from qnext_rpc.validate import Limits
-from worker.engine import EngineConfig
+from qnext.rpc import convert
+from qnext.rpc.batcher import Batcher
+from qnext.rpc.metrics import Metrics
+from qnext.rpc.service import GenerationService
+from qnext.rpc.text import TextProcessor
+from qnext.rpc.validate import Limits
+from qnext.worker.engine import EngineConfig
 
 log = structlog.get_logger("qnext.server")
 _MAX_MESSAGE_BYTES = 64 << 20
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     if args.model is None:
-        from worker.tiny import default_checkpoint
+        from qnext.worker.tiny import default_checkpoint
         args.model = str(default_checkpoint())
     try:
         engine = EngineConfig(model=args.model, device=args.device, tensor_parallel_size=args.tensor_parallel_size,
@@ -230,11 +230,11 @@ def main(argv: list[str] | None = None) -> int:
                            default_max_new_tokens=args.max_new_tokens_default, reasoning_parser=args.reasoning_parser,
                            drain_grace_period_s=args.drain_grace_period)
         if args.num_speculative_tokens:  # fail here, not in a worker that would restart forever
-            from worker.loader import CheckpointFiles
+            from qnext.worker.loader import CheckpointFiles
             if not CheckpointFiles(args.model).has_mtp:
                 raise ValueError(f"num_speculative_tokens: {args.model} has no MTP head (mtp.* tensors)")
         if args.tensor_parallel_size > 1:
-            from worker.tp_worker import check_tensor_parallel
+            from qnext.worker.tp_worker import check_tensor_parallel
             check_tensor_parallel(args.model, args.tensor_parallel_size, args.device)
     except (ValueError, FileNotFoundError) as e:
         print(f"qnext-serve: {e}", file=sys.stderr)

@@ -15,12 +15,12 @@ from typing import Any
 import grpc
 import structlog
 
-from qnext_rpc import convert
-from qnext_rpc.batcher import AdmissionError, Batcher, WorkerUnavailable
-from qnext_rpc.metrics import Metrics
-from qnext_rpc.stream import CANCELLED, Chunk, OutputAssembler
-from qnext_rpc.text import TextProcessor
-from qnext_rpc.validate import Limits, prepare
+from qnext.rpc import convert
+from qnext.rpc.batcher import AdmissionError, Batcher, WorkerUnavailable
+from qnext.rpc.metrics import Metrics
+from qnext.rpc.stream import CANCELLED, Chunk, OutputAssembler
+from qnext.rpc.text import TextProcessor
+from qnext.rpc.validate import Limits, prepare
 
 log = structlog.get_logger("qnext.service")
 

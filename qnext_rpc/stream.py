@@ -7,10 +7,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from qnext_rpc.text import IncrementalDetokenizer, ReasoningSplitter, StopStringMatcher, TextProcessor
-from qnext_rpc.validate import PreparedRequest
-from worker.engine import RequestOutput
-from worker.scheduler import FinishReason
+from qnext.rpc.text import IncrementalDetokenizer, ReasoningSplitter, StopStringMatcher, TextProcessor
+from qnext.rpc.validate import PreparedRequest
+from qnext.worker.engine import RequestOutput
+from qnext.worker.scheduler import FinishReason
 
 # The service's finish reasons: the engine's, plus the ones only the server knows.
 STOP_STRING = "stop_string"

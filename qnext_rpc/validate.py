@@ -11,10 +11,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from qnext_rpc.messages import AddRequest
-from qnext_rpc.text import CHAT_ROLES, ChatMessage, TextProcessor
-from worker.sampler import MAX_TOP_LOGPROBS, SamplingParams
-from worker.scheduler import StoppingParams
+from qnext.rpc.messages import AddRequest
+from qnext.rpc.text import CHAT_ROLES, ChatMessage, TextProcessor
+from qnext.worker.sampler import MAX_TOP_LOGPROBS, SamplingParams
+from qnext.worker.scheduler import StoppingParams
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty", "seed")

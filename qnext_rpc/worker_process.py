@@ -15,10 +15,10 @@ import signal
 import time
 from multiprocessing.connection import Connection
 
-from qnext_rpc.messages import (AddRequest, ModelSummary, PrefixCacheReset, Ready, Rejected, Shutdown, StepResult,
+from qnext.rpc.messages import (AddRequest, ModelSummary, PrefixCacheReset, Ready, Rejected, Shutdown, StepResult,
                                 Submit, WorkerStats)
-from worker.engine import Engine, EngineConfig, GenerationRequest
-from worker.scheduler import RequestStatus
+from qnext.worker.engine import Engine, EngineConfig, GenerationRequest
+from qnext.worker.scheduler import RequestStatus
 
 def run_worker(config: EngineConfig, conn: Connection) -> None:
     """Entry point of the spawned process."""

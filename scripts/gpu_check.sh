@@ -9,7 +9,8 @@
 #   kernels     bench/kernels.py: each kernel vs its reference at the real shapes (+ flash-linear-attention)
 #   graphs      bench/graphs.py: eager vs replayed decode steps on 4 real layers
 # STAGES="tests kernels" runs a subset; a stage's limit can be changed with e.g. LIMIT_full_shape=300.
-# That machine has torch, triton, pytest, safetensors and tokenizers but not this package: PYTHONPATH stands in.
+# That machine has torch, triton, pytest, safetensors and tokenizers but not this package: a folder of links
+# gives the repository's folders the import names an install gives them (qnext.kernels, qnext.worker, ...).
 # .whl (carried, git-ignored) may hold wheels to install there (flash-linear-attention as the kernels' reference);
 # .triton_cache (carried, git-ignored) is a previous run's compiled kernels; TRITON_CACHE_TGZ=1 leaves this run's in
 # $OUT/triton_cache.tgz (unpack it into .triton_cache for the next call; ~21 MB, over the 16 MiB a file may be).
@@ -17,7 +18,13 @@
 set -uo pipefail
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+LINKS=$(mktemp -d)/src
+mkdir -p "$LINKS/qnext"
+ln -s "$PWD/kernels" "$LINKS/qnext/kernels"
+ln -s "$PWD/worker" "$LINKS/qnext/worker"
+ln -s "$PWD/qnext_rpc" "$LINKS/qnext/rpc"
+ln -s "$PWD/proto/qnext/v1" "$LINKS/qnext/v1"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$LINKS:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 LOG="$OUT/log.txt"
 STAGES=${STAGES:-env tests full_shape kernels graphs}

@@ -30,7 +30,7 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope="session")
 def default_ckpt(tmp_path_factory):
     """The embedded default checkpoint (real vocabulary and tokenizer), generated once per test session."""
-    from worker.tiny import default_checkpoint
+    from qnext.worker.tiny import default_checkpoint
 
     root = tmp_path_factory.mktemp("qnext_cache")
     mp = pytest.MonkeyPatch()

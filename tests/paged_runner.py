@@ -8,8 +8,8 @@ import random
 
 import torch
 
-from worker.cache_tensors import CacheShape, CacheTensors
-from worker.model import ForwardBatch, Qwen3NextForCausalLM
+from qnext.worker.cache_tensors import CacheShape, CacheTensors
+from qnext.worker.model import ForwardBatch, Qwen3NextForCausalLM
 
 
 class PagedRunner:

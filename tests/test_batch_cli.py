@@ -9,9 +9,9 @@ import sys
 
 from tokenizers import Tokenizer
 
-from worker.engine import Engine, EngineConfig
-from worker.sampler import SamplingParams
-from worker.scheduler import StoppingParams
+from qnext.worker.engine import Engine, EngineConfig
+from qnext.worker.sampler import SamplingParams
+from qnext.worker.scheduler import StoppingParams
 
 
 def test_qnext_batch(default_ckpt, tmp_path):
@@ -35,7 +35,7 @@ def test_qnext_batch(default_ckpt, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
     dst = tmp_path / "out.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "worker.batch_cli", "--model", str(default_ckpt), "--input",
+    proc = subprocess.run([sys.executable, "-m", "qnext.worker.batch_cli", "--model", str(default_ckpt), "--input",
                            str(src), "--output", str(dst), "--cache-memory", str(64 << 20), "--seed", "0"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -61,7 +61,7 @@ def test_qnext_batch_with_speculation_matches_plain(default_ckpt, tmp_path):
     outs = []
     for k in ("0", "2"):
         dst = tmp_path / f"out{k}.jsonl"
-        proc = subprocess.run([sys.executable, "-m", "worker.batch_cli", "--model", str(default_ckpt), "--input",
+        proc = subprocess.run([sys.executable, "-m", "qnext.worker.batch_cli", "--model", str(default_ckpt), "--input",
                                str(src), "--output", str(dst), "--cache-memory", str(64 << 20),
                                "--num-speculative-tokens", k], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr

@@ -19,7 +19,7 @@ if torch.cuda.is_available():
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the first @triton.jit of the kernels
 pytest.importorskip("triton", reason="triton is not installed")
 
-_spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parent.parent / "bench" / "kernels.py")
+_spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parent.parent / "bench" / "qnext.kernels.py")
 bk = importlib.util.module_from_spec(_spec)
 sys.modules["bench_kernels"] = bk  # dataclasses resolve the module's annotations through sys.modules
 _spec.loader.exec_module(bk)
@@ -107,7 +107,7 @@ def fake_fla(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_
 
 def test_fla_comparison_plumbing() -> None:
     """Our kernel (interpreted) against the stand-in, through the bench's own prefill and decode rows."""
-    from kernels.dispatch import force_triton
+    from qnext.kernels.dispatch import force_triton
     b = bk.make_bench(bk.parse_args(SMALL_ARGS))
     b.peak_gbps = 1.0
     with force_triton():

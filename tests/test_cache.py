@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from worker.cache import BlockPool, HybridCacheManager, SlotPool
+from qnext.worker.cache import BlockPool, HybridCacheManager, SlotPool
 
 
 def test_block_pool_all_or_nothing_and_free() -> None:

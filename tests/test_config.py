@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from worker.config import FULL_ATTENTION, LINEAR_ATTENTION, config_from_dict
+from qnext.worker.config import FULL_ATTENTION, LINEAR_ATTENTION, config_from_dict
 
 HUB_INSTRUCT = {  # FACTS §1.1, the hub's raw config.json of Qwen3-Next-80B-A3B-Instruct
     "architectures": ["Qwen3NextForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml  # PyYAML, a dependency of the test-only transformers
 
-from qnext_rpc import health_cli, server
+from qnext.rpc import health_cli, server
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
@@ -70,7 +70,7 @@ def env_defaults(value: str) -> str:
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_dockerfile_entrypoint_healthcheck_ports_user(name):
     assert json.loads(one(name, "ENTRYPOINT")) == ["qnext-serve"]
-    assert scripts()["qnext-serve"] == "qnext_rpc.server:main"
+    assert scripts()["qnext-serve"] == "qnext.rpc.server:main"
     port, metrics_port = serve_defaults()
     assert {int(p) for p in one(name, "EXPOSE").split()} == {port, metrics_port}
 
@@ -123,9 +123,9 @@ def test_compose_builds_from_existing_files_and_matches_the_cli():
     target = next(a.split("=", 1)[1] for a in bench["command"] if a.startswith("--target="))
     host, _, target_port = target.partition(":")
     assert host in services and int(target_port) == port
-    if importlib.util.find_spec("qnext_rpc.loadtest") is not None:  # issue 8's qnext-bench is installed
-        from qnext_rpc.loadtest import cli
-        assert scripts()["qnext-bench"] == "qnext_rpc.loadtest.cli:main"
+    if importlib.util.find_spec("qnext.rpc.loadtest") is not None:  # issue 8's qnext-bench is installed
+        from qnext.rpc.loadtest import cli
+        assert scripts()["qnext-bench"] == "qnext.rpc.loadtest.cli:main"
         cli.build_parser().parse_args(bench["command"])
 
 

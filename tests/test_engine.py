@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from hf_reference import make_hf_checkpoint
-from worker.engine import Engine, EngineConfig, GenerationRequest
-from worker.sampler import SamplingParams
-from worker.scheduler import FinishReason, StoppingParams
+from qnext.worker.engine import Engine, EngineConfig, GenerationRequest
+from qnext.worker.sampler import SamplingParams
+from qnext.worker.scheduler import FinishReason, StoppingParams
 
 GREEDY = SamplingParams(temperature=0.0)
 

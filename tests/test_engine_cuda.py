@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.engine import Engine, EngineConfig
-from worker.sampler import SamplingParams
-from worker.scheduler import StoppingParams
-from worker.tiny import make_checkpoint, tiny_config
+from qnext.worker.engine import Engine, EngineConfig
+from qnext.worker.sampler import SamplingParams
+from qnext.worker.scheduler import StoppingParams
+from qnext.worker.tiny import make_checkpoint, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -20,15 +20,15 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first @triton.jit of the kernels
 pytest.importorskip("triton", reason="triton is not installed")
 
-from kernels import dispatch  # noqa: E402
+from qnext.kernels import dispatch  # noqa: E402
 from paged_runner import PagedRunner  # noqa: E402
-from qnext_rpc.worker_process import _stats  # noqa: E402
-from worker.engine import Engine, EngineConfig  # noqa: E402
-from worker.graph_runner import batch_buckets, target_runner  # noqa: E402
-from worker.loader import load_model  # noqa: E402
-from worker.sampler import SamplingParams  # noqa: E402
-from worker.scheduler import StoppingParams  # noqa: E402
-from worker.tiny import make_checkpoint, tiny_config  # noqa: E402
+from qnext.rpc.worker_process import _stats  # noqa: E402
+from qnext.worker.engine import Engine, EngineConfig  # noqa: E402
+from qnext.worker.graph_runner import batch_buckets, target_runner  # noqa: E402
+from qnext.worker.loader import load_model  # noqa: E402
+from qnext.worker.sampler import SamplingParams  # noqa: E402
+from qnext.worker.scheduler import StoppingParams  # noqa: E402
+from qnext.worker.tiny import make_checkpoint, tiny_config  # noqa: E402
 
 PROMPTS = [list(range(3, 12)), list(range(40, 45)), list(range(60, 80)), [7]]
 # (sequences in the step, tokens per sequence, verify): bucket 4 (1 padding row), a verify step in bucket 4, then
@@ -181,7 +181,7 @@ def test_engine_steps_refill_the_static_tables_outside_inference_mode(small_mode
     """Found on the first GPU run: the static batches' kernel tables are built inside the model's inference-mode
     forward, and an engine step called from plain code refilled them in place (an error for inference tensors).
     The engine's steps run in inference mode; here with the Triton kernels (interpreter), which build tables."""
-    from worker.engine import Engine, EngineConfig
+    from qnext.worker.engine import Engine, EngineConfig
     engine = Engine(EngineConfig(device=DEVICE, cuda_graphs="padded-eager", max_num_seqs=2,
                                  cache_memory=0.02 if DEVICE == "cuda" else 16 << 20), model=small_model)
     with dispatch.force_triton():

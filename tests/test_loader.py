@@ -12,8 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from paged_runner import PagedRunner
-from worker.loader import CheckpointError, load_model
-from worker.tiny import make_checkpoint, tiny_config
+from qnext.worker.loader import CheckpointError, load_model
+from qnext.worker.tiny import make_checkpoint, tiny_config
 
 SMALL = tiny_config(vocab_size=512)  # the embedded default's shapes, with a small vocabulary
 
@@ -137,8 +137,8 @@ def test_fp8_logits_equal_dequantized_model(ckpts, tmp_path, report):
 
 def test_fp8_linear_w8a8_error_is_that_of_e4m3(report):
     """Fp8Linear (per-token-group activation quant + block weights) vs the same weights dequantized, in fp32."""
-    from kernels.fp8 import quantize_weight_block
-    from worker.fp8 import Fp8Linear
+    from qnext.kernels.fp8 import quantize_weight_block
+    from qnext.worker.fp8 import Fp8Linear
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 200, generator=g)  # neither dimension a multiple of 128

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qnext_rpc.loadtest import cli
-from qnext_rpc.loadtest.arrival import open_loop, poisson_gaps
-from qnext_rpc.loadtest.stats import percentile
-from qnext_rpc.loadtest.workload import Length, Workload, load_dataset
+from qnext.rpc.loadtest import cli
+from qnext.rpc.loadtest.arrival import open_loop, poisson_gaps
+from qnext.rpc.loadtest.stats import percentile
+from qnext.rpc.loadtest.workload import Length, Workload, load_dataset
 from test_service_support import ServerProcess
 
 PNG = b"\x89PNG\r\n\x1a\n"

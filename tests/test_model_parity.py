@@ -14,7 +14,7 @@ import torch
 
 from hf_reference import make_hf_checkpoint
 from paged_runner import PagedRunner
-from worker.loader import load_model
+from qnext.worker.loader import load_model
 
 TOL = 1e-4
 EXACT = 1e-9

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from paged_runner import PagedRunner
-from worker.loader import load_model
-from worker.tiny import make_checkpoint, tiny_config
+from qnext.worker.loader import load_model
+from qnext.worker.tiny import make_checkpoint, tiny_config
 
 
 def zc_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

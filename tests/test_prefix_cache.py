@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.cache import HybridCacheManager
-from worker.engine import Engine, EngineConfig, GenerationRequest
-from worker.prefix_cache import PrefixCache
-from worker.sampler import SamplingParams
-from worker.scheduler import Request, Scheduler, SchedulerConfig, StoppingParams
-from worker.tiny import make_checkpoint, tiny_config
+from qnext.worker.cache import HybridCacheManager
+from qnext.worker.engine import Engine, EngineConfig, GenerationRequest
+from qnext.worker.prefix_cache import PrefixCache
+from qnext.worker.sampler import SamplingParams
+from qnext.worker.scheduler import Request, Scheduler, SchedulerConfig, StoppingParams
+from qnext.worker.tiny import make_checkpoint, tiny_config
 
 GREEDY = SamplingParams(temperature=0.0)
 BLOCK = 16

@@ -32,11 +32,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import worker.engine as engine_module
-from worker.engine import Engine, EngineConfig, GenerationRequest
-from worker.sampler import SamplingParams
-from worker.scheduler import FinishReason, RequestStatus, StoppingParams
-from worker.tiny import make_checkpoint, tiny_config
+import qnext.worker.engine as engine_module
+from qnext.worker.engine import Engine, EngineConfig, GenerationRequest
+from qnext.worker.sampler import SamplingParams
+from qnext.worker.scheduler import FinishReason, RequestStatus, StoppingParams
+from qnext.worker.tiny import make_checkpoint, tiny_config
 
 GREEDY = SamplingParams(temperature=0.0)
 VOCAB = 512

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.conv1d.reference import causal_conv1d_varlen
-from kernels.gated_delta_rule.reference import gated_delta_rule_varlen
+from qnext.kernels.conv1d.reference import causal_conv1d_varlen
+from qnext.kernels.gated_delta_rule.reference import gated_delta_rule_varlen
 
 LENS = [1, 63, 64, 1, 65, 200, 3]
 INIT = [True, False, True, True, True, False, True]

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from worker.sampler import (MAX_TOP_LOGPROBS, NUCLEUS_CANDIDATES, STREAM_SAMPLE, SamplingBatch, SamplingParams,
+from qnext.worker.sampler import (MAX_TOP_LOGPROBS, NUCLEUS_CANDIDATES, STREAM_SAMPLE, SamplingBatch, SamplingParams,
                             processed_probs, sample, uniform_noise)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -377,7 +377,7 @@ def test_nucleus_shortcut_draws_the_same_tokens_as_the_full_race(device: torch.d
 
 def test_nucleus_shortcut_races_only_the_candidates(monkeypatch: pytest.MonkeyPatch) -> None:
     """Peaked top-p rows race NUCLEUS_CANDIDATES columns, not the vocabulary (bench/sampler.py times it)."""
-    from worker import sampler
+    from qnext.worker import sampler
     widths = []
     race = sampler._race
 

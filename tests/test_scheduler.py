@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.cache import HybridCacheManager
-from worker.scheduler import (FinishReason, Request, RequestStatus, SchedulePlan, Scheduler, SchedulerConfig,
+from qnext.worker.cache import HybridCacheManager
+from qnext.worker.scheduler import (FinishReason, Request, RequestStatus, SchedulePlan, Scheduler, SchedulerConfig,
                               StepOutput, StoppingParams)
 
 EOS = 1

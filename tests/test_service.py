@@ -13,12 +13,12 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from qnext_rpc import convert
-from qnext_rpc.client import Client
+from qnext.rpc import convert
+from qnext.rpc.client import Client
 from test_service_support import ServerProcess
-from worker.engine import Engine, EngineConfig
-from worker.sampler import SamplingParams
-from worker.scheduler import StoppingParams
+from qnext.worker.engine import Engine, EngineConfig
+from qnext.worker.sampler import SamplingParams
+from qnext.worker.scheduler import StoppingParams
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -37,7 +37,7 @@ def engine(default_ckpt):
 
 @pytest.fixture(scope="module")
 def tok(default_ckpt):
-    from qnext_rpc.text import TextProcessor
+    from qnext.rpc.text import TextProcessor
     return TextProcessor(default_ckpt)
 
 

@@ -13,8 +13,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from qnext_rpc import convert
-from qnext_rpc.client import Client
+from qnext.rpc import convert
+from qnext.rpc.client import Client
 from test_service_support import ServerProcess
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -119,7 +119,7 @@ def test_sigterm_drains_then_exits_0(server):
 
 
 def test_thinking_template_separates_reasoning(default_ckpt, tmp_path):
-    from worker.tiny import default_checkpoint
+    from qnext.worker.tiny import default_checkpoint
     ckpt = default_checkpoint(thinking=True)  # same cache dir as default_ckpt (its env is set for the session)
     s = ServerProcess(ckpt, "--reasoning-parser", log_path=tmp_path / "server.log")
     try:

@@ -8,10 +8,10 @@ import asyncio
 import grpc
 import pytest
 
-from qnext_rpc.client import Client
+from qnext.rpc.client import Client
 from test_service import collect, offline
 from test_service_support import ServerProcess
-from worker.engine import Engine, EngineConfig
+from qnext.worker.engine import Engine, EngineConfig
 
 
 def test_speculation_through_grpc(default_ckpt, tmp_path):

@@ -20,7 +20,7 @@ SERVER_ARGS = ["--cache-memory", "67108864", "--max-num-seqs", "32", "--max-mode
 
 class ServerProcess:
     def __init__(self, model: Path, *extra: str, log_path: Path | None = None) -> None:
-        cmd = [sys.executable, "-m", "qnext_rpc.server", "--model", str(model), "--host", "127.0.0.1", "--port", "0",
+        cmd = [sys.executable, "-m", "qnext.rpc.server", "--model", str(model), "--host", "127.0.0.1", "--port", "0",
                "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--log-format", "json", *SERVER_ARGS, *extra]
         self.log_path = log_path or Path(os.devnull)
         self._log = open(self.log_path, "w")

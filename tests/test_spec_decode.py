@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.engine import Engine, EngineConfig, GenerationRequest
-from worker.sampler import SamplingParams
-from worker.scheduler import StoppingParams
-from worker.spec_decode import accept_drafts
-from worker.tiny import align_mtp_with_target, make_checkpoint, tiny_config
+from qnext.worker.engine import Engine, EngineConfig, GenerationRequest
+from qnext.worker.sampler import SamplingParams
+from qnext.worker.scheduler import StoppingParams
+from qnext.worker.spec_decode import accept_drafts
+from qnext.worker.tiny import align_mtp_with_target, make_checkpoint, tiny_config
 
 GREEDY = SamplingParams(temperature=0.0)
 SMALL = tiny_config(vocab_size=512)
@@ -93,8 +93,8 @@ def test_greedy_is_exact_for_every_k(request, engines, ckpt_name):
 
 
 def test_greedy_exact_under_preemption(random_ckpt, aligned_ckpt, engines):
-    from worker.cache_tensors import kv_bytes_per_block, checkpoint_bytes, state_bytes_per_slot
-    from worker.config import load_config
+    from qnext.worker.cache_tensors import kv_bytes_per_block, checkpoint_bytes, state_bytes_per_slot
+    from qnext.worker.config import load_config
 
     cfg = load_config(random_ckpt, has_mtp_tensors=True)
     per_slot = state_bytes_per_slot(cfg, torch.float32, torch.float32, 3)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.step_metadata import StepMetadata, VarlenLayout, query_starts
+from qnext.kernels.step_metadata import StepMetadata, VarlenLayout, query_starts
 
 
 def test_layout_derives_initial_state_and_verify_flags() -> None:

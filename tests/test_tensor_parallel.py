@@ -13,14 +13,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qnext_rpc import server
-from worker.config import load_config
-from worker.engine import Engine, EngineConfig, GenerationRequest
-from worker.loader import CheckpointFiles, load_model
-from worker.parallel import TensorShard, shard_config
-from worker.sampler import SamplingParams
-from worker.scheduler import StoppingParams
-from worker.tiny import make_checkpoint, tiny_config
+from qnext.rpc import server
+from qnext.worker.config import load_config
+from qnext.worker.engine import Engine, EngineConfig, GenerationRequest
+from qnext.worker.loader import CheckpointFiles, load_model
+from qnext.worker.parallel import TensorShard, shard_config
+from qnext.worker.sampler import SamplingParams
+from qnext.worker.scheduler import StoppingParams
+from qnext.worker.tiny import make_checkpoint, tiny_config
 
 LONG = list(range(1000, 1040))
 # Rounds of (prompt, draft tokens). Plain decoding and MTP speculation (2 drafts) share each batch; the 40-token
@@ -108,7 +108,7 @@ def test_fp8_slices_must_keep_blocks_whole(tmp_path):
     """FACTS §2.2: a rank's slice of an FP8 weight must start (and end) on a 128 block edge, or its block
     scales would be shared between ranks. The tiny model's halves (32 rows of k_proj, of each expert) are refused,
     a wider model's (all multiples of 128) are loaded, still FP8, and checked against the stored tensors."""
-    from worker.tp_worker import check_tensor_parallel
+    from qnext.worker.tp_worker import check_tensor_parallel
     small = tiny_config(num_hidden_layers=4, vocab_size=512)
     ckpt = make_checkpoint(tmp_path / "fp8", small, fp8=True, tokenizer=False)
     with pytest.raises(ValueError, match=r"--tensor-parallel-size.*FP8 128x128 blocks"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from grpc_health.v1 import health_pb2
 
-from qnext_rpc.client import Client
+from qnext.rpc.client import Client
 from test_service_support import ServerProcess
 
 

@@ -9,9 +9,9 @@ import sys
 
 from safetensors import safe_open
 
-from worker.config import load_config
-from worker.loader import load_model
-from worker.tiny import default_checkpoint, make_checkpoint, tiny_config
+from qnext.worker.config import load_config
+from qnext.worker.loader import load_model
+from qnext.worker.tiny import default_checkpoint, make_checkpoint, tiny_config
 
 
 def test_default_checkpoint_layout(default_ckpt):
@@ -53,7 +53,7 @@ def test_make_tiny_is_deterministic_and_cli_writes_fp8(tmp_path):
     c = make_checkpoint(tmp_path / "c", small, seed=8, tokenizer=False)
     assert digest(a) == digest(b) != digest(c)
     out = tmp_path / "cli"
-    subprocess.run([sys.executable, "-m", "worker.tiny", str(out), "--fp8"], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "qnext.worker.tiny", str(out), "--fp8"], check=True, capture_output=True)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["weight_block_size"] == [128, 128]
     assert "lm_head" in cfg["quantization_config"]["modules_to_not_convert"]

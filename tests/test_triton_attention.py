@@ -17,8 +17,8 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first @triton.jit of the kernels below
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from kernels import attention, dispatch  # noqa: E402
-from kernels.attention import reference  # noqa: E402
+from qnext.kernels import attention, dispatch  # noqa: E402
+from qnext.kernels.attention import reference  # noqa: E402
 
 BLOCK = 16
 
@@ -26,7 +26,7 @@ BLOCK = 16
 @pytest.fixture(scope="module", autouse=True)
 def triton_runs():
     """Skip, with the reason, when this machine cannot run a Triton kernel (interpreter or GPU)."""
-    from kernels.attention.triton_attention import write_kv_fwd
+    from qnext.kernels.attention.triton_attention import write_kv_fwd
     try:
         c = torch.zeros(1, BLOCK, 1, 16, device=DEVICE)
         write_kv_fwd(torch.ones(1, 1, 16, device=DEVICE), torch.ones(1, 1, 16, device=DEVICE), c, c.clone(),
@@ -81,7 +81,7 @@ def run_both(query_lens: list[int], context_lens: list[int], Hq: int, Hkv: int, 
     # it gets the same caches with the empty slots zeroed.
     k_ref, v_ref = k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0)
     want = reference.paged_attention_varlen(q, k, v, k_ref, v_ref, slots, tables, query_lens, context_lens, scale)
-    from kernels.attention.triton_attention import paged_attention_fwd, write_kv_fwd
+    from qnext.kernels.attention.triton_attention import paged_attention_fwd, write_kv_fwd
     out = torch.full_like(q, float("nan"))
     write_kv_fwd(k, v, k_cache, v_cache, slots)
     got = paged_attention_fwd(q, k_cache, v_cache, tables, query_lens, context_lens, scale, out=out,

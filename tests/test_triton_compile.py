@@ -42,7 +42,7 @@ def compile_sm90(fn, types: dict[str, str], cfg: dict[str, object], divisible: t
 
 
 def rms_norm(rows: int, D: int, has_residual: bool):
-    from kernels.norms import triton_norms as m
+    from qnext.kernels.norms import triton_norms as m
     return compile_sm90(m.rms_norm_fwd_kernel, dict(x_ptr=BF16, r_ptr=BF16, w_ptr=BF16, y_ptr=BF16, h_ptr=BF16,
                                                     eps="fp32"),
                         dict(m.launch_config(rows, D), HAS_RESIDUAL=has_residual),
@@ -50,7 +50,7 @@ def rms_norm(rows: int, D: int, has_residual: bool):
 
 
 def gated_rms_norm(w_type: str, round_product: bool):
-    from kernels.norms import triton_norms as m
+    from qnext.kernels.norms import triton_norms as m
     return compile_sm90(m.gated_rms_norm_fwd_kernel, dict(x_ptr=BF16, z_ptr=BF16, w_ptr=w_type, y_ptr=BF16,
                                                           eps="fp32"),
                         dict(m.launch_config(256 * 32, 128), ROUND_PRODUCT=round_product),
@@ -58,14 +58,14 @@ def gated_rms_norm(w_type: str, round_product: bool):
 
 
 def quant(K: int):
-    from kernels.fp8 import triton_quant as m
+    from qnext.kernels.fp8 import triton_quant as m
     return compile_sm90(m.per_token_group_quant_fwd_kernel, dict(x_ptr=BF16, q_ptr=FP8, s_ptr=FP32, eps="fp32",
                                                                  fp8_max="fp32"),
                         dict(m.launch_config(K // 128, 128), GROUP=128), ("K", "stride_x", "stride_q"))
 
 
 def gemm(M: int):
-    from kernels.fp8 import triton_gemm as m
+    from qnext.kernels.fp8 import triton_gemm as m
     return compile_sm90(m.fp8_block_gemm_fwd_kernel, dict(a_ptr=FP8, b_ptr=FP8, c_ptr=BF16, as_ptr=FP32,
                                                            bs_ptr=FP32),
                         dict(m.launch_config(M), K=2048, GROUP_N=128, BLOCK_K=128),
@@ -73,7 +73,7 @@ def gemm(M: int):
 
 
 def conv(max_len: int, has_verify: bool):
-    from kernels.conv1d import triton_conv as m
+    from qnext.kernels.conv1d import triton_conv as m
     return compile_sm90(m.causal_conv1d_fwd_kernel, dict(x_ptr=BF16, w_ptr=BF16, out_ptr=BF16, state_ptr=BF16,
                                                          spec_ptr=BF16, slots_ptr="*i64", meta_ptr="*i32",
                                                          items_ptr="*i32"),
@@ -82,7 +82,7 @@ def conv(max_len: int, has_verify: bool):
 
 
 def kv_write():
-    from kernels.attention import triton_attention as m
+    from qnext.kernels.attention import triton_attention as m
     return compile_sm90(m.kv_cache_write_kernel, dict(k_ptr=BF16, v_ptr=BF16, k_cache_ptr=BF16, v_cache_ptr=BF16,
                                                       slots_ptr="*i64"),
                         dict(HKV=2, D=256, BLOCK_SIZE=16, BLOCK_H=2, BLOCK_D=256, num_warps=4),
@@ -91,7 +91,7 @@ def kv_write():
 
 
 def attention(max_query_len: int, num_splits: int):
-    from kernels.attention import triton_attention as m
+    from qnext.kernels.attention import triton_attention as m
     return compile_sm90(m.paged_attention_fwd_kernel, dict(q_ptr=BF16, k_cache_ptr=BF16, v_cache_ptr=BF16,
                                                            out_ptr=BF16, tables_ptr="*i32", meta_ptr="*i32",
                                                            items_ptr="*i32", part_ptr=FP32, lse_ptr=FP32,
@@ -103,14 +103,14 @@ def attention(max_query_len: int, num_splits: int):
 
 
 def split_kv_combine():
-    from kernels.attention import triton_attention as m
+    from qnext.kernels.attention import triton_attention as m
     return compile_sm90(m.split_kv_combine_kernel, dict(part_ptr=FP32, lse_ptr=FP32, out_ptr=BF16),
                         dict(HEAD_DIM=256, NUM_SPLITS=32, BLOCK_S=32, BLOCK_D=256, num_warps=2),
                         ("stride_ps", "stride_pt", "stride_ls", "stride_lt", "stride_ot", "stride_oh"))
 
 
 def moe_gemm(num_pairs: int, is_fp8: bool, gated: bool):
-    from kernels.moe import triton_moe as m
+    from qnext.kernels.moe import triton_moe as m
     w = FP8 if is_fp8 else BF16
     return compile_sm90(m.moe_gemm_kernel, dict(a_ptr=w, as_ptr=FP32, b_ptr=w, b2_ptr=w, bs_ptr=FP32, b2s_ptr=FP32,
                                                 c_ptr=BF16, pairs_ptr="*i32", block_expert_ptr="*i32",
@@ -122,8 +122,8 @@ def moe_gemm(num_pairs: int, is_fp8: bool, gated: bool):
 
 
 def moe_align(num_pairs: int):
-    from kernels.moe import triton_align as m
-    from kernels.moe.align import max_padded_pairs
+    from qnext.kernels.moe import triton_align as m
+    from qnext.kernels.moe.align import max_padded_pairs
     max_entries = -(-max_padded_pairs(num_pairs, 512, 16) // 256) * 256
     return compile_sm90(m.moe_align_kernel, dict(ids_ptr="*i64", pairs_ptr="*i32", block_expert_ptr="*i32",
                                                  num_padded_ptr="*i32"),
@@ -132,12 +132,12 @@ def moe_align(num_pairs: int):
 
 
 def router():
-    from kernels.moe import triton_router as m
+    from qnext.kernels.moe import triton_router as m
     return compile_sm90(m.topk_softmax_kernel, dict(logits_ptr=BF16, weights_ptr=FP32, ids_ptr="*i64"),
                         dict(K=10, BLOCK_K=16, BLOCK_E=512, RENORMALIZE=True, num_warps=4), ("E", "stride_l"))
 
 def gdr_recurrent(has_verify: bool):
-    from kernels.gated_delta_rule import triton_recurrent as m
+    from qnext.kernels.gated_delta_rule import triton_recurrent as m
     return compile_sm90(m.gdr_recurrent_fwd_kernel, dict(q_ptr=BF16, k_ptr=BF16, v_ptr=BF16, g_ptr=FP32,
                                                          beta_ptr=BF16, out_ptr=BF16, state_ptr=FP32, spec_ptr=FP32,
                                                          slots_ptr="*i64", meta_ptr="*i32", scale="fp32"),
@@ -148,7 +148,7 @@ def gdr_recurrent(has_verify: bool):
 
 
 def gdr_chunk(which: str):
-    from kernels.gated_delta_rule import triton_chunk as m
+    from qnext.kernels.gated_delta_rule import triton_chunk as m
     cfg = m.launch_config(128, 128, on_cuda=True)
     if which == "inverse":
         return compile_sm90(m.gdr_chunk_inverse_kernel, dict(k_ptr=BF16, g_ptr=FP32, beta_ptr=BF16, a_ptr=FP32,

@@ -15,8 +15,8 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first @triton.jit of the kernel below
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from kernels import conv1d, dispatch  # noqa: E402
-from kernels.conv1d import reference  # noqa: E402
+from qnext.kernels import conv1d, dispatch  # noqa: E402
+from qnext.kernels.conv1d import reference  # noqa: E402
 
 K, S = 4, 12
 
@@ -24,7 +24,7 @@ K, S = 4, 12
 @pytest.fixture(scope="module", autouse=True)
 def triton_runs():
     """Skip, with the reason, when this machine cannot run a Triton kernel (interpreter or GPU)."""
-    from kernels.conv1d.triton_conv import causal_conv1d_varlen_fwd
+    from qnext.kernels.conv1d.triton_conv import causal_conv1d_varlen_fwd
     try:
         causal_conv1d_varlen_fwd(torch.ones(1, 2, device=DEVICE), torch.ones(2, K, device=DEVICE),
                                  torch.zeros(1, 2, K - 1, device=DEVICE), torch.zeros(1, dtype=torch.int64,
@@ -57,7 +57,7 @@ def run_both(lens: list[int], init: list[bool], D: int, dtype: torch.dtype, stat
     spec = torch.full((S, 4, D, K - 1), float("nan"), dtype=state_dtype, device=DEVICE) if verify else None
     pool_ref, spec_ref = pool.clone(), spec.clone() if verify else None
     out = torch.full((T, D), float("nan"), dtype=dtype, device=DEVICE)
-    from kernels.conv1d.triton_conv import causal_conv1d_varlen_fwd
+    from qnext.kernels.conv1d.triton_conv import causal_conv1d_varlen_fwd
     y = causal_conv1d_varlen_fwd(x, w, pool, slots, lens, init, verify, spec, out=out)
     want = reference.causal_conv1d_varlen(x, w, pool_ref, slots, lens, init, verify, spec_ref)
     assert y is out and torch.isfinite(y).all()

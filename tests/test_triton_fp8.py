@@ -13,15 +13,15 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first @triton.jit of the kernels below
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from kernels import dispatch, fp8  # noqa: E402
-from kernels.fp8 import reference  # noqa: E402
-from kernels.fp8.reference import FP8_DTYPE  # noqa: E402
+from qnext.kernels import dispatch, fp8  # noqa: E402
+from qnext.kernels.fp8 import reference  # noqa: E402
+from qnext.kernels.fp8.reference import FP8_DTYPE  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
 def triton_runs():
     """Skip, with the reason, when this machine cannot run a Triton kernel (interpreter or GPU)."""
-    from kernels.fp8.triton_quant import per_token_group_quant_fwd
+    from qnext.kernels.fp8.triton_quant import per_token_group_quant_fwd
     try:
         per_token_group_quant_fwd(torch.ones(1, 16, device=DEVICE), 16)
     except Exception as e:  # noqa: BLE001 - on CPU any failure means "the interpreter cannot run here"
@@ -50,7 +50,7 @@ def nan_fp8(*shape: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M,K", [(1, 128), (3, 200), (129, 300), (9, 2048), (5, 64)])
 def test_per_token_group_quant_bitwise(M: int, K: int, dtype: torch.dtype) -> None:
-    from kernels.fp8.triton_quant import per_token_group_quant_fwd
+    from qnext.kernels.fp8.triton_quant import per_token_group_quant_fwd
     x = activations(M, K, dtype)
     G = -(-K // 128)
     out = (nan_fp8(M, K), torch.full((M, G), float("nan"), device=DEVICE))
@@ -80,7 +80,7 @@ def weights(N: int, K: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("M", [1, 3, 17, 129])
 @pytest.mark.parametrize("N,K", [(300, 200), (256, 384), (130, 100)])
 def test_fp8_block_gemm_fp32(M: int, N: int, K: int) -> None:
-    from kernels.fp8.triton_gemm import fp8_block_gemm_fwd
+    from qnext.kernels.fp8.triton_gemm import fp8_block_gemm_fwd
     x = activations(M, K, torch.float32)
     w, ws = weights(N, K)
     xq, xs = reference.per_token_group_quant(x)

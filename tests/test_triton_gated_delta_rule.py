@@ -16,8 +16,8 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first @triton.jit of the kernels below
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from kernels import dispatch, gated_delta_rule  # noqa: E402
-from kernels.gated_delta_rule import reference  # noqa: E402
+from qnext.kernels import dispatch, gated_delta_rule  # noqa: E402
+from qnext.kernels.gated_delta_rule import reference  # noqa: E402
 
 S, J = 12, 4  # slots in the pool, spec states per slot
 # fp32 inputs: the interpreter multiplies in fp32; on the GPU the chunked path's dots run in TF32
@@ -28,7 +28,7 @@ FP32_TOL = 1e-5 if DEVICE == "cpu" else 2e-3
 @pytest.fixture(scope="module", autouse=True)
 def triton_runs():
     """Skip, with the reason, when this machine cannot run a Triton kernel (interpreter or GPU)."""
-    from kernels.gated_delta_rule.triton_gdr import gdr_varlen_fwd
+    from qnext.kernels.gated_delta_rule.triton_gdr import gdr_varlen_fwd
     try:
         gdr_varlen_fwd(*(torch.ones(1, 1, 16, device=DEVICE) for _ in range(3)), torch.zeros(1, 1, device=DEVICE),
                        torch.ones(1, 1, device=DEVICE), torch.zeros(1, 1, 16, 16, device=DEVICE),
@@ -68,7 +68,7 @@ def run_both(lens: list[int], init: list[bool], verify: list[bool] | None = None
     spec = torch.full((S, J, H, dk, dv), float("nan"), dtype=state_dtype, device=DEVICE)
     pool_ref, spec_ref = pool.clone(), spec.clone()
     out = torch.full((T, H, dv), float("nan"), dtype=dtype, device=DEVICE)
-    from kernels.gated_delta_rule.triton_gdr import gdr_varlen_fwd
+    from qnext.kernels.gated_delta_rule.triton_gdr import gdr_varlen_fwd
     y = gdr_varlen_fwd(q, k, v, g, beta, pool, slots, lens, init, verify, spec, out=out)
     want = reference.gated_delta_rule_varlen(q, k, v, g, beta, pool_ref, slots, lens, init, verify, spec_ref)
     assert y is out and torch.isfinite(y).all()

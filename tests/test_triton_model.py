@@ -16,13 +16,13 @@ if torch.cuda.is_available():
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the first @triton.jit of the kernels
 pytest.importorskip("triton", reason="triton is not installed")
 
-from kernels import dispatch, fp8, moe  # noqa: E402
-from kernels.fp8 import reference  # noqa: E402
+from qnext.kernels import dispatch, fp8, moe  # noqa: E402
+from qnext.kernels.fp8 import reference  # noqa: E402
 from paged_runner import PagedRunner  # noqa: E402
-from worker.fp8 import Fp8Linear  # noqa: E402
-from worker.model import Experts  # noqa: E402
-from worker.loader import load_model  # noqa: E402
-from worker.tiny import make_checkpoint, tiny_config  # noqa: E402
+from qnext.worker.fp8 import Fp8Linear  # noqa: E402
+from qnext.worker.model import Experts  # noqa: E402
+from qnext.worker.loader import load_model  # noqa: E402
+from qnext.worker.tiny import make_checkpoint, tiny_config  # noqa: E402
 
 # Steps of (sequence, tokens): two prefills (one longer than the conv kernel's 32-token tile and the gated delta
 # rule's 64-token chunk), then decodes mixed with a new sequence.
@@ -59,8 +59,8 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def test_model_with_triton_kernels_matches_references(ckpts, report, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kernels.attention import triton_attention
-    from kernels.moe import triton_moe
+    from qnext.kernels.attention import triton_attention
+    from qnext.kernels.moe import triton_moe
     calls = {"attention": 0, "moe": 0}
 
     def counted(name: str, fn):
@@ -110,7 +110,7 @@ def test_fp8_linears_at_the_models_call_sites(ckpts, monkeypatch: pytest.MonkeyP
 def test_fp8_experts_at_the_models_call_sites(ckpts, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each FP8 Experts call of a W8A8 forward (the tiny model's 16 experts, top-4), Triton vs reference on the
     same input and routing."""
-    from kernels.moe import reference as moe_reference
+    from qnext.kernels.moe import reference as moe_reference
     model = load_model(ckpts["fp8"], keep_fp8=True)
     calls = []
 

@@ -16,17 +16,17 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first @triton.jit of the kernels below
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from kernels import dispatch, moe  # noqa: E402
-from kernels.fp8.reference import dequantize_weight_block, quantize_weight_block  # noqa: E402
-from kernels.moe import reference  # noqa: E402
-from kernels.moe.align import align_pairs_by_expert, max_padded_pairs  # noqa: E402
-from kernels.moe.triton_align import align_pairs_by_expert_fwd  # noqa: E402
+from qnext.kernels import dispatch, moe  # noqa: E402
+from qnext.kernels.fp8.reference import dequantize_weight_block, quantize_weight_block  # noqa: E402
+from qnext.kernels.moe import reference  # noqa: E402
+from qnext.kernels.moe.align import align_pairs_by_expert, max_padded_pairs  # noqa: E402
+from qnext.kernels.moe.triton_align import align_pairs_by_expert_fwd  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
 def triton_runs():
     """Skip, with the reason, when this machine cannot run a Triton kernel (interpreter or GPU)."""
-    from kernels.moe.triton_moe import fused_moe_fwd
+    from qnext.kernels.moe.triton_moe import fused_moe_fwd
     try:
         w = torch.ones(1, 16, 16, device=DEVICE)
         fused_moe_fwd(torch.ones(1, 16, device=DEVICE), torch.ones(1, 1, device=DEVICE),
@@ -155,7 +155,7 @@ def test_fp8_experts(T: int, dtype: torch.dtype, report) -> None:
 
 def test_gemm_writes_every_pair_row() -> None:
     """The gate+up GEMM into a NaN-filled [T*k, I]: every pair row written, each equal to its own expert's."""
-    from kernels.moe.triton_moe import launch_config, moe_gemm_fwd
+    from qnext.kernels.moe.triton_moe import launch_config, moe_gemm_fwd
     T, E, k, H, I = 9, 6, 3, 48, 40
     x, _, ids, w_gate, w_up, _ = make_moe(T, E, k, H, I, torch.float32, seed=3)
     cfg = launch_config(T * k, E, False)

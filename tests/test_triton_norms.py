@@ -13,8 +13,8 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first @triton.jit of the kernels below
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from kernels import dispatch, norms  # noqa: E402
-from kernels.norms import reference  # noqa: E402
+from qnext.kernels import dispatch, norms  # noqa: E402
+from qnext.kernels.norms import reference  # noqa: E402
 
 EPS = 1e-6
 # bf16: a few roundings of 2^-8, and the interpreter rounds fp32 -> bf16 towards zero (seen: 0.009 for the gated
@@ -25,7 +25,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 @pytest.fixture(scope="module", autouse=True)
 def triton_runs():
     """Skip, with the reason, when this machine cannot run a Triton kernel (interpreter or GPU)."""
-    from kernels.norms.triton_norms import rms_norm_fwd
+    from qnext.kernels.norms.triton_norms import rms_norm_fwd
     try:
         rms_norm_fwd(torch.ones(1, 4, device=DEVICE), torch.zeros(4, device=DEVICE), EPS)
     except Exception as e:  # noqa: BLE001 - on CPU any failure means "the interpreter cannot run here"
@@ -46,7 +46,7 @@ def randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> tor
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,D", [(1, 2048), (3, 200), (129, 256), (70, 72)])
 def test_rms_norm_zero_centred(rows: int, D: int, dtype: torch.dtype) -> None:
-    from kernels.norms.triton_norms import rms_norm_fwd
+    from qnext.kernels.norms.triton_norms import rms_norm_fwd
     x, w = randn(rows, D, dtype=dtype) * 3, randn(D, seed=1) * 0.1
     out = torch.full_like(x, float("nan"))
     y, h = rms_norm_fwd(x, w, EPS, out=out)
@@ -57,7 +57,7 @@ def test_rms_norm_zero_centred(rows: int, D: int, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_add_rms_norm_zero_centred(dtype: torch.dtype) -> None:
-    from kernels.norms.triton_norms import rms_norm_fwd
+    from qnext.kernels.norms.triton_norms import rms_norm_fwd
     x, r, w = randn(129, 200, dtype=dtype), randn(129, 200, dtype=dtype, seed=2), randn(200, seed=1) * 0.1
     out, res_out = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
     y, h = rms_norm_fwd(x, w, EPS, residual=r, out=out, residual_out=res_out)
@@ -73,7 +73,7 @@ def test_add_rms_norm_zero_centred(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,H,D", [(1, 32, 128), (3, 5, 100), (65, 2, 48)])
 def test_gated_rms_norm(T: int, H: int, D: int, dtype: torch.dtype, w_dtype: torch.dtype) -> None:
-    from kernels.norms.triton_norms import gated_rms_norm_fwd
+    from qnext.kernels.norms.triton_norms import gated_rms_norm_fwd
     x, z = randn(T * H, D, dtype=dtype), randn(T * H, D, dtype=dtype, seed=3) * 2
     w = (1 + 0.1 * randn(D, seed=1)).to(w_dtype)
     out = torch.full_like(x, float("nan"))

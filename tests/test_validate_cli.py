@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from paged_runner import PagedRunner
-from worker import validate_cli
-from worker.loader import load_model
-from worker.tiny import make_checkpoint
+from qnext.worker import validate_cli
+from qnext.worker.loader import load_model
+from qnext.worker.tiny import make_checkpoint
 
 N = 4
 PROMPTS = ["The capital of France is", "def fibonacci(n):\\n    "]  # a literal \n stands for a newline

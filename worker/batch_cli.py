@@ -19,9 +19,9 @@ from typing import Any, TextIO
 
 from tokenizers import Tokenizer
 
-from worker.engine import Engine, EngineConfig, GenerationRequest
-from worker.sampler import SamplingParams
-from worker.scheduler import StoppingParams
+from qnext.worker.engine import Engine, EngineConfig, GenerationRequest
+from qnext.worker.sampler import SamplingParams
+from qnext.worker.scheduler import StoppingParams
 
 _SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                     "frequency_penalty", "seed"}

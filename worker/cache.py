@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from worker.prefix_cache import PrefixCache
+from qnext.worker.prefix_cache import PrefixCache
 
 
 class _IdPool:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.config import ModelConfig
+from qnext.worker.config import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -16,18 +16,18 @@ from pathlib import Path
 
 import torch
 
-from kernels.dispatch import kernels_mode
-from worker.cache import HybridCacheManager
-from worker.cache_tensors import (CacheShape, CacheTensors, checkpoint_bytes, kv_bytes_per_block,
+from qnext.kernels.dispatch import kernels_mode
+from qnext.worker.cache import HybridCacheManager
+from qnext.worker.cache_tensors import (CacheShape, CacheTensors, checkpoint_bytes, kv_bytes_per_block,
                                   state_bytes_per_slot)
-from worker.graph_runner import MODES as GRAPH_MODES, DecodeGraphRunner, mtp_draft_runner, target_runner
-from worker.loader import load_model
-from worker.model import ForwardBatch, Qwen3NextForCausalLM
-from worker.sampler import GREEDY_TEMPERATURE, SamplingBatch, SamplingParams, processed_probs, sample
-from worker.spec_decode import STREAM_DRAFT, SpecCounters, accept_drafts, race
-from worker.scheduler import (FinishReason, Request, RequestStatus, SchedulePlan, Scheduler, SchedulerConfig,
+from qnext.worker.graph_runner import MODES as GRAPH_MODES, DecodeGraphRunner, mtp_draft_runner, target_runner
+from qnext.worker.loader import load_model
+from qnext.worker.model import ForwardBatch, Qwen3NextForCausalLM
+from qnext.worker.sampler import GREEDY_TEMPERATURE, SamplingBatch, SamplingParams, processed_probs, sample
+from qnext.worker.spec_decode import STREAM_DRAFT, SpecCounters, accept_drafts, race
+from qnext.worker.scheduler import (FinishReason, Request, RequestStatus, SchedulePlan, Scheduler, SchedulerConfig,
                               StepOutput, StoppingParams)
-from worker.tp_worker import Followers
+from qnext.worker.tp_worker import Followers
 
 # float64 exists for exactness tests (rounding out of the way), not for serving.
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -187,7 +187,7 @@ class Engine:
             self.model = model
         else:
             if config.model is None:
-                from worker.tiny import default_checkpoint
+                from qnext.worker.tiny import default_checkpoint
                 self.model_dir = default_checkpoint()
             else:
                 self.model_dir = Path(config.model)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.fp8 import fp8_block_linear
-from kernels.fp8.reference import FP8_DTYPE
-from worker.config import QuantConfig
-from worker.model import Experts
+from qnext.kernels.fp8 import fp8_block_linear
+from qnext.kernels.fp8.reference import FP8_DTYPE
+from qnext.worker.config import QuantConfig
+from qnext.worker.model import Experts
 
 
 def _blocks(n: int, block: int = 128) -> int:

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.step_metadata import StepMetadata, VarlenLayout
-from worker.cache_tensors import CacheTensors
-from worker.model import ForwardBatch, Qwen3NextForCausalLM
+from qnext.kernels.step_metadata import StepMetadata, VarlenLayout
+from qnext.worker.cache_tensors import CacheTensors
+from qnext.worker.model import ForwardBatch, Qwen3NextForCausalLM
 
 MODES = ("auto", "off", "padded-eager")
 

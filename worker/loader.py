@@ -22,12 +22,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from kernels.fp8 import dequantize_weight_block
-from kernels.fp8.reference import FP8_DTYPE
-from worker.config import ModelConfig, load_config
-from worker.fp8 import Fp8Linear, apply_fp8, experts_are_quantized, is_quantized_linear
-from worker.model import Experts, Qwen3NextForCausalLM, RotaryEmbedding
-from worker.parallel import TensorShard, add_all_reduce_hooks, check_fp8_blocks, shard_config
+from qnext.kernels.fp8 import dequantize_weight_block
+from qnext.kernels.fp8.reference import FP8_DTYPE
+from qnext.worker.config import ModelConfig, load_config
+from qnext.worker.fp8 import Fp8Linear, apply_fp8, experts_are_quantized, is_quantized_linear
+from qnext.worker.model import Experts, Qwen3NextForCausalLM, RotaryEmbedding
+from qnext.worker.parallel import TensorShard, add_all_reduce_hooks, check_fp8_blocks, shard_config
 
 _FLOAT_DTYPES = {"BF16", "F16", "F32"}
 _EXPERT_RE = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\."

@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import paged_attention_varlen
-from kernels.conv1d import causal_conv1d_varlen
-from kernels.gated_delta_rule import gated_delta_rule_varlen
-from kernels.moe import fused_moe, route
-from kernels.norms import gated_rms_norm, rms_norm_zero_centred
-from kernels.step_metadata import StepMetadata, VarlenLayout
-from worker.cache_tensors import CacheTensors
-from worker.config import FULL_ATTENTION, ModelConfig, yarn_inv_freq_and_scale
+from qnext.kernels.attention import paged_attention_varlen
+from qnext.kernels.conv1d import causal_conv1d_varlen
+from qnext.kernels.gated_delta_rule import gated_delta_rule_varlen
+from qnext.kernels.moe import fused_moe, route
+from qnext.kernels.norms import gated_rms_norm, rms_norm_zero_centred
+from qnext.kernels.step_metadata import StepMetadata, VarlenLayout
+from qnext.worker.cache_tensors import CacheTensors
+from qnext.worker.config import FULL_ATTENTION, ModelConfig, yarn_inv_freq_and_scale
 
 
 @dataclass

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from worker.config import ModelConfig
+from qnext.worker.config import ModelConfig
 
 FLAG = "tensor_parallel_size (--tensor-parallel-size)"
 FP8_BLOCK = 128

@@ -41,8 +41,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-from worker.cache import HybridCacheManager
-from worker.prefix_cache import Checkpoint, Hit
+from qnext.worker.cache import HybridCacheManager
+from qnext.worker.prefix_cache import Checkpoint, Hit
 
 
 def _require(ok: bool, name: str, message: str) -> None:

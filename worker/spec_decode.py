@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from worker.sampler import STREAM_SAMPLE, uniform_noise
+from qnext.worker.sampler import STREAM_SAMPLE, uniform_noise
 
 STREAM_DRAFT = 1  # drawing draft tokens from q
 STREAM_ACCEPT = 2  # the accept test's uniform

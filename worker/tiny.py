@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from kernels.fp8 import quantize_weight_block
-from worker.config import FULL_ATTENTION, ModelConfig, config_from_dict
-from worker.tokenizer_files import ENDOFTEXT_ID, IM_END_ID, VOCAB_SIZE, write_tokenizer_files
+from qnext.kernels.fp8 import quantize_weight_block
+from qnext.worker.config import FULL_ATTENTION, ModelConfig, config_from_dict
+from qnext.worker.tokenizer_files import ENDOFTEXT_ID, IM_END_ID, VOCAB_SIZE, write_tokenizer_files
 
 # Bump when the generated content changes, so stale cached copies are not reused.
 TINY_VERSION = 1

@@ -1,7 +1,7 @@
 """Tensor-parallel ranks as processes: rank 0 leads, ranks 1..N-1 follow (how the model is split: parallel.py).
 
 Rank 0 is the process that owns the engine (the server's worker process, qnext-batch, a test). `Followers.start`
-launches ranks 1..N-1 as subprocesses (`python -m worker.tp_worker`), joins them in one process group, and
+launches ranks 1..N-1 as subprocesses (`python -m qnext.worker.tp_worker`), joins them in one process group, and
 `lead()` wraps rank 0's model and cache in `Lead` proxies: every method call made on them (forward,
 mtp_forward, the cache's rollback, any cache method added later) is first sent to every follower, which makes
 the same call on its own shard, then runs locally. Every rank thus runs the same sequence of forwards, so
@@ -42,10 +42,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from worker.cache_tensors import CacheTensors
-from worker.config import load_config
-from worker.loader import CheckpointFiles, load_model
-from worker.parallel import FLAG, TensorShard, check_fp8_blocks, shard_config
+from qnext.worker.cache_tensors import CacheTensors
+from qnext.worker.config import load_config
+from qnext.worker.loader import CheckpointFiles, load_model
+from qnext.worker.parallel import FLAG, TensorShard, check_fp8_blocks, shard_config
 
 # Generous: the first forward's all-reduce waits for the slowest rank to finish loading its weights. A rank
 # that dies is caught by process supervision, not by this timeout.
@@ -178,7 +178,7 @@ class Followers:
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
         self._procs = [subprocess.Popen(
-            [sys.executable, "-m", "worker.tp_worker", "--rank", str(r), "--size", str(size), "--store", store,
+            [sys.executable, "-m", "qnext.worker.tp_worker", "--rank", str(r), "--size", str(size), "--store", store,
              "--model-dir", str(model_dir), "--device", device, "--dtype", dtype], stdin=subprocess.PIPE, env=env)
             for r in range(1, size)]
         self._closing = False
@@ -253,7 +253,7 @@ def _exit_when_orphaned(parent: int) -> None:
 
 
 def follower_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m worker.tp_worker", description="A tensor-parallel follower rank "
+    p = argparse.ArgumentParser(prog="python -m qnext.worker.tp_worker", description="A tensor-parallel follower rank "
                                 "(started by rank 0, reads its calls from stdin).")
     for flag in ("--rank", "--size"):
         p.add_argument(flag, type=int, required=True)
@@ -312,5 +312,5 @@ def _slots(obj: Any) -> list[_TensorSlot]:
 
 if __name__ == "__main__":
     # through the imported module, not __main__: the placeholders rank 0 pickles are worker.tp_worker classes
-    from worker.tp_worker import follower_main as main
+    from qnext.worker.tp_worker import follower_main as main
     sys.exit(main())

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from worker.engine import Engine, EngineConfig, GenerationRequest
-from worker.model import ForwardBatch
-from worker.sampler import SamplingParams
-from worker.scheduler import StoppingParams
+from qnext.worker.engine import Engine, EngineConfig, GenerationRequest
+from qnext.worker.model import ForwardBatch
+from qnext.worker.sampler import SamplingParams
+from qnext.worker.scheduler import StoppingParams
 
 DEFAULT_PROMPTS = [
     "The capital of France is",

@@ -3,9 +3,9 @@
 
 import torch
 
-from kernels.attention import reference
-from kernels.dispatch import use_triton
-from kernels.step_metadata import StepMetadata
+from qnext.kernels.attention import reference
+from qnext.kernels.dispatch import use_triton
+from qnext.kernels.step_metadata import StepMetadata
 
 
 def paged_attention_varlen(
@@ -26,7 +26,7 @@ def paged_attention_varlen(
     if not use_triton(q):
         return reference.paged_attention_varlen(q, k, v, k_cache, v_cache, slot_mapping, block_tables, query_lens,
                                                 context_lens, scale)
-    from kernels.attention.triton_attention import paged_attention_fwd, write_kv_fwd
+    from qnext.kernels.attention.triton_attention import paged_attention_fwd, write_kv_fwd
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     write_kv_fwd(k, v, k_cache, v_cache, slot_mapping)
     return paged_attention_fwd(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale,

@@ -7,7 +7,7 @@ sees exactly what a one-shot prefill sees.
 
 import torch
 
-from kernels.gated_delta_rule.reference import compute_dtype
+from qnext.kernels.gated_delta_rule.reference import compute_dtype
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

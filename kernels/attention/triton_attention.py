@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.step_metadata import StepMetadata, VarlenLayout, query_starts
-from kernels.triton_common import dot, interpreting
+from qnext.kernels.step_metadata import StepMetadata, VarlenLayout, query_starts
+from qnext.kernels.triton_common import dot, interpreting
 
 
 @triton.jit

@@ -3,9 +3,9 @@ reference elsewhere. triton is imported only when the kernel runs."""
 
 import torch
 
-from kernels.conv1d import reference
-from kernels.dispatch import use_triton
-from kernels.step_metadata import StepMetadata
+from qnext.kernels.conv1d import reference
+from qnext.kernels.dispatch import use_triton
+from qnext.kernels.step_metadata import StepMetadata
 
 
 def causal_conv1d_varlen(
@@ -23,7 +23,7 @@ def causal_conv1d_varlen(
     if not use_triton(x):
         return reference.causal_conv1d_varlen(x, weight, conv_state, state_slots, query_lens, has_initial_state,
                                               is_verify, spec_conv)
-    from kernels.conv1d.triton_conv import causal_conv1d_varlen_fwd
+    from qnext.kernels.conv1d.triton_conv import causal_conv1d_varlen_fwd
     x = x if x.stride(-1) == 1 else x.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     return causal_conv1d_varlen_fwd(x, weight, conv_state, state_slots, query_lens, has_initial_state, is_verify,

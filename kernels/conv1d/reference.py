@@ -6,7 +6,7 @@ prompt split into chunks gives exactly the one-shot result.
 import torch
 import torch.nn.functional as F
 
-from kernels.gated_delta_rule.reference import compute_dtype
+from qnext.kernels.gated_delta_rule.reference import compute_dtype
 
 
 def causal_conv1d_varlen(

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.step_metadata import StepMetadata, VarlenLayout, query_starts
+from qnext.kernels.step_metadata import StepMetadata, VarlenLayout, query_starts
 
 
 @triton.jit

@@ -3,9 +3,9 @@
 
 import torch
 
-from kernels.dispatch import use_triton
-from kernels.fp8 import reference
-from kernels.fp8.reference import dequantize_weight_block, quantize_weight_block
+from qnext.kernels.dispatch import use_triton
+from qnext.kernels.fp8 import reference
+from qnext.kernels.fp8.reference import dequantize_weight_block, quantize_weight_block
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -18,7 +18,7 @@ def per_token_group_quant(x: torch.Tensor, group: int = 128, eps: float = 1e-10)
     """x [M, K] -> (fp8 e4m3 [M, K], scales fp32 [M, ceil(K/group)]); s = max(amax(|x_group|), eps) / 448."""
     if not use_triton(x):
         return reference.per_token_group_quant(x, group, eps)
-    from kernels.fp8.triton_quant import per_token_group_quant_fwd
+    from qnext.kernels.fp8.triton_quant import per_token_group_quant_fwd
     return per_token_group_quant_fwd(_rows(x), group, eps)
 
 
@@ -28,8 +28,8 @@ def fp8_block_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor,
     w fp8 [N, K], scale_inv fp32 [ceil(N/block[0]), ceil(K/block[1])] -> [..., N] in x's dtype."""
     if not use_triton(x):
         return reference.fp8_block_linear(x, w, scale_inv, block)
-    from kernels.fp8.triton_gemm import fp8_block_gemm_fwd
-    from kernels.fp8.triton_quant import per_token_group_quant_fwd
+    from qnext.kernels.fp8.triton_gemm import fp8_block_gemm_fwd
+    from qnext.kernels.fp8.triton_quant import per_token_group_quant_fwd
     xq, xs = per_token_group_quant_fwd(_rows(x), block[1])
     y = fp8_block_gemm_fwd(xq, xs, w, scale_inv, block, out_dtype=x.dtype)
     return y.view(*x.shape[:-1], w.shape[0])

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8.reference import FP8_DTYPE
+from qnext.kernels.fp8.reference import FP8_DTYPE
 
 
 @triton.jit

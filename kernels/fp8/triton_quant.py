@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8.reference import FP8_DTYPE, FP8_MAX
+from qnext.kernels.fp8.reference import FP8_DTYPE, FP8_MAX
 
 
 @triton.jit

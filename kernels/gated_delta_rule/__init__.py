@@ -3,9 +3,9 @@ decode and speculative verify), the torch reference elsewhere. triton is importe
 
 import torch
 
-from kernels.dispatch import use_triton
-from kernels.gated_delta_rule import reference
-from kernels.step_metadata import StepMetadata
+from qnext.kernels.dispatch import use_triton
+from qnext.kernels.gated_delta_rule import reference
+from qnext.kernels.step_metadata import StepMetadata
 
 
 def gated_delta_rule_varlen(
@@ -27,7 +27,7 @@ def gated_delta_rule_varlen(
     if not use_triton(v):
         return reference.gated_delta_rule_varlen(q, k, v, g, beta, ssm_state, state_slots, query_lens,
                                                  has_initial_state, is_verify, spec_ssm)
-    from kernels.gated_delta_rule.triton_gdr import gdr_varlen_fwd
+    from qnext.kernels.gated_delta_rule.triton_gdr import gdr_varlen_fwd
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     g, beta = (x if x.stride(-1) == 1 else x.contiguous() for x in (g, beta))
     return gdr_varlen_fwd(q, k, v, g, beta, ssm_state, state_slots, query_lens, has_initial_state, is_verify,

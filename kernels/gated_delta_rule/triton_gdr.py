@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.gated_delta_rule.triton_chunk import CHUNK_SIZE, gdr_chunk_fwd
-from kernels.gated_delta_rule.triton_recurrent import gdr_recurrent_fwd
-from kernels.step_metadata import StepMetadata, VarlenLayout, query_starts
+from qnext.kernels.gated_delta_rule.triton_chunk import CHUNK_SIZE, gdr_chunk_fwd
+from qnext.kernels.gated_delta_rule.triton_recurrent import gdr_recurrent_fwd
+from qnext.kernels.step_metadata import StepMetadata, VarlenLayout, query_starts
 
 
 def gdr_varlen_fwd(

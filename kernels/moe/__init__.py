@@ -5,8 +5,8 @@ model. triton is imported only when a kernel runs."""
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import use_triton
-from kernels.moe import reference
+from qnext.kernels.dispatch import use_triton
+from qnext.kernels.moe import reference
 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
@@ -15,7 +15,7 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
     in fp32, the top k, renormalised to sum to 1 when asked."""
     if not use_triton(x):
         return reference.route(x, router_weight, top_k, renormalize)
-    from kernels.moe.triton_router import topk_softmax_fwd
+    from qnext.kernels.moe.triton_router import topk_softmax_fwd
     return topk_softmax_fwd(F.linear(x, router_weight), top_k, renormalize)
 
 
@@ -32,7 +32,7 @@ def fused_moe(
     take activations quantised per token per 128-group (W8A8, as Fp8Linear)."""
     if not use_triton(x):
         return reference.fused_moe(x, weights, ids, w_gate, w_up, w_down, scales)
-    from kernels.moe.triton_moe import fused_moe_fwd
+    from qnext.kernels.moe.triton_moe import fused_moe_fwd
     return fused_moe_fwd(x if x.stride(-1) == 1 else x.contiguous(), weights, ids, w_gate, w_up, w_down, scales)
 
 

@@ -9,7 +9,7 @@ quantised per token per 128-group), which is what the Triton kernels compute.
 import torch
 import torch.nn.functional as F
 
-from kernels.fp8.reference import fp8_block_linear
+from qnext.kernels.fp8.reference import fp8_block_linear
 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.moe.align import max_padded_pairs
+from qnext.kernels.moe.align import max_padded_pairs
 
 DECODE_MAX_PAIRS = 1024  # 102 tokens at top-10
 

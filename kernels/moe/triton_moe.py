@@ -25,11 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8.reference import FP8_DTYPE
-from kernels.fp8.triton_quant import per_token_group_quant_fwd
-from kernels.moe.align import align_pairs_by_expert
-from kernels.moe.triton_align import DECODE_MAX_PAIRS, align_pairs_by_expert_fwd
-from kernels.triton_common import dot, interpreting
+from qnext.kernels.fp8.reference import FP8_DTYPE
+from qnext.kernels.fp8.triton_quant import per_token_group_quant_fwd
+from qnext.kernels.moe.align import align_pairs_by_expert
+from qnext.kernels.moe.triton_align import DECODE_MAX_PAIRS, align_pairs_by_expert_fwd
+from qnext.kernels.triton_common import dot, interpreting
 
 
 @triton.jit

@@ -5,8 +5,8 @@ triton is imported only when a kernel runs, so CPU installs need not have it.
 
 import torch
 
-from kernels.dispatch import use_triton
-from kernels.norms import reference
+from qnext.kernels.dispatch import use_triton
+from qnext.kernels.norms import reference
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -19,7 +19,7 @@ def rms_norm_zero_centred(x: torch.Tensor, weight: torch.Tensor, eps: float) -> 
     """x: [..., D], weight: [D] -> [..., D] in x's dtype: x / rms(x) * (1 + w), computed in fp32."""
     if not use_triton(x):
         return reference.rms_norm_zero_centred(x, weight, eps)
-    from kernels.norms.triton_norms import rms_norm_fwd
+    from qnext.kernels.norms.triton_norms import rms_norm_fwd
     y, _ = rms_norm_fwd(_rows(x), weight.contiguous(), eps)
     return y.view(x.shape)
 
@@ -31,7 +31,7 @@ def add_rms_norm_zero_centred(x: torch.Tensor, residual: torch.Tensor, weight: t
     if not use_triton(x):
         h = x + residual
         return reference.rms_norm_zero_centred(h, weight, eps), h
-    from kernels.norms.triton_norms import rms_norm_fwd
+    from qnext.kernels.norms.triton_norms import rms_norm_fwd
     y, h = rms_norm_fwd(_rows(x), weight.contiguous(), eps, residual=_rows(residual))
     return y.view(x.shape), h.view(x.shape)
 
@@ -40,7 +40,7 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
     """x, z: [..., D], weight: [D] (plain, not 1 + w) -> [..., D] in x's dtype: w * (x / rms(x)) * silu(z)."""
     if not use_triton(x):
         return reference.gated_rms_norm(x, z, weight, eps)
-    from kernels.norms.triton_norms import gated_rms_norm_fwd
+    from qnext.kernels.norms.triton_norms import gated_rms_norm_fwd
     return gated_rms_norm_fwd(_rows(x), _rows(z), weight.contiguous(), eps).view(x.shape)
 
 

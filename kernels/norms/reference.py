@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from kernels.gated_delta_rule.reference import compute_dtype
+from qnext.kernels.gated_delta_rule.reference import compute_dtype
 
 
 def rms_norm_zero_centred(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

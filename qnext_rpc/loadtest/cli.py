@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qnext_rpc.loadtest.arrival import Load
-from qnext_rpc.loadtest.report import format_summary, format_sweep, plot_cdfs, plot_sweep, write_json
-from qnext_rpc.loadtest.runner import model_info, run_point
-from qnext_rpc.loadtest.stats import summarize
-from qnext_rpc.loadtest.workload import FALLBACK_VOCAB_SIZE, Length, Workload, load_dataset
+from qnext.rpc.loadtest.arrival import Load
+from qnext.rpc.loadtest.report import format_summary, format_sweep, plot_cdfs, plot_sweep, write_json
+from qnext.rpc.loadtest.runner import model_info, run_point
+from qnext.rpc.loadtest.stats import summarize
+from qnext.rpc.loadtest.workload import FALLBACK_VOCAB_SIZE, Length, Workload, load_dataset
 
 
 class UsageError(ValueError):

@@ -10,8 +10,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from qnext_rpc.loadtest.runner import PointResult
-from qnext_rpc.loadtest.stats import Distribution, Summary
+from qnext.rpc.loadtest.runner import PointResult
+from qnext.rpc.loadtest.stats import Distribution, Summary
 
 
 def write_json(path: Path, config: dict[str, Any], points: list[PointResult], summaries: list[Summary]) -> None:

@@ -17,10 +17,10 @@ from typing import Any
 
 import grpc
 
-from qnext_rpc import convert
-from qnext_rpc.client import Client
-from qnext_rpc.loadtest.arrival import Load, drive
-from qnext_rpc.loadtest.workload import RequestSpec
+from qnext.rpc import convert
+from qnext.rpc.client import Client
+from qnext.rpc.loadtest.arrival import Load, drive
+from qnext.rpc.loadtest.workload import RequestSpec
 
 
 @dataclass

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from qnext_rpc.loadtest.runner import PointResult
+from qnext.rpc.loadtest.runner import PointResult
 
 
 def percentile(values: list[float], q: float) -> float:
