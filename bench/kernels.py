@@ -20,7 +20,7 @@ printed as it is measured and --out is rewritten after each, so a run killed par
 and names the case it was in. The references are slow at long sequences: above --max-reference-tokens they
 are not timed, above --max-check-tokens not run at all (missing values print as "-").
 
-Shapes (FACTS §1, §2.2, §3): hidden 2048; FP8 linears in_proj_qkvz [12288, 2048], q_proj [8192, 2048],
+Shapes (docs/model.md §1, §4-§9): hidden 2048; FP8 linears in_proj_qkvz [12288, 2048], q_proj [8192, 2048],
 out_proj/o_proj [2048, 4096], shared-expert up [512, 2048] and down [2048, 512]; norms over hidden 2048
 (optionally with the residual add), q/k norm (16 heads x 256) and the gated norm (32 value heads x 128); conv
 over conv_dim 8192, kernel 4; gated delta rule with 16 key / 32 value heads of 128, fp32 states; paged attention

@@ -1,4 +1,5 @@
-"""The asyncio side of the worker pipe (DESIGN.md): admission, coalesced IPC, fan-out, worker lifecycle.
+"""The asyncio side of the worker pipe (docs/architecture.md §2-§3): admission, coalesced IPC, fan-out, worker
+lifecycle.
 
 - `submit()` admits a request (bounded: `AdmissionError` when `max_pending_requests` are open) and queues
   it; every arrival and abort of one event-loop tick goes to the worker as one `Submit` message.

@@ -17,6 +17,7 @@ import grpc
 
 from qnext.rpc import convert
 from qnext.rpc.client import Client
+from qnext.worker.cli_help import HelpFormatter
 
 
 def _fields(args: argparse.Namespace) -> dict:
@@ -39,42 +40,72 @@ def _fields(args: argparse.Namespace) -> dict:
 
 async def _run(args: argparse.Namespace) -> int:
     dim = sys.stderr.isatty()
+    out, err = sys.stdout, sys.stderr
+    unended = {out: False, err: False}  # the stream's last write left its line open
+
+    def write(stream, text: str, shown: str | None = None) -> None:
+        stream.write(text if shown is None else shown)
+        stream.flush()
+        unended[stream] = not text.endswith("\n")
+
+    def end_line(*streams) -> None:
+        """Ends the open line of each stream: the text then ends with a newline, and what follows (the finish or
+        error line, the shell prompt) starts on a line of its own."""
+        for stream in streams:
+            if unended[stream]:
+                write(stream, "\n")
+
     async with Client(args.server) as client:
         try:
             async for chunk in client.generate_stream(timeout=args.timeout, **_fields(args)):
                 if chunk.reasoning_text:
-                    sys.stderr.write(f"\x1b[2m{chunk.reasoning_text}\x1b[0m" if dim else chunk.reasoning_text)
-                    sys.stderr.flush()
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
+                    write(err, chunk.reasoning_text, f"\x1b[2m{chunk.reasoning_text}\x1b[0m" if dim else None)
+                if chunk.text:
+                    end_line(err)  # the reasoning ends where the content starts
+                    write(out, chunk.text)
                 if chunk.HasField("finish"):
                     f = chunk.finish
-                    print(f"\n[{convert.finish_reason_name(f.reason)}] prompt {f.usage.prompt_tokens} tokens, "
+                    end_line(out, err)
+                    print(f"[{convert.finish_reason_name(f.reason)}] prompt {f.usage.prompt_tokens} tokens, "
                           f"completion {f.usage.completion_tokens} tokens, ttft {f.timings.time_to_first_token_ms:.0f} ms, "
-                          f"total {f.timings.total_ms:.0f} ms", file=sys.stderr)
+                          f"total {f.timings.total_ms:.0f} ms", file=err)
         except grpc.aio.AioRpcError as e:
-            print(f"\nqnext-generate: {e.code().name}: {e.details()}", file=sys.stderr)
+            end_line(out, err)
+            print(f"qnext-generate: {e.code().name}: {e.details()}", file=err)
             return 1
+        finally:
+            end_line(out, err)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="qnext-generate", description="Stream a completion from a qnext server.")
-    p.add_argument("prompt", nargs="?", default="", help="prompt text (the user message with --chat)")
-    p.add_argument("--server", default="localhost:50051")
+    p = argparse.ArgumentParser(prog="qnext-generate", description="Stream a completion from a qnext server.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("prompt", nargs="?", default="",
+                   help="prompt text, the user message with --chat (default: empty)")
+    p.add_argument("--server", default="localhost:50051", help="HOST:PORT of the gRPC server")
     p.add_argument("--chat", action="store_true", help="send the prompt as a chat user message")
-    p.add_argument("--system", default=None, help="system message (with --chat)")
-    p.add_argument("--thinking", choices=["on", "off"], default=None, help="the chat template's enable_thinking")
-    p.add_argument("--token-ids", default=None, help="comma-separated prompt token ids instead of text")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument("--system", default=None, help="system message, with --chat (default: none)")
+    p.add_argument("--thinking", choices=["on", "off"], default=None,
+                   help="the chat template's enable_thinking (default: the template's own default)")
+    p.add_argument("--token-ids", default=None,
+                   help="comma-separated prompt token ids instead of text (default: the prompt text)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens to generate at most (default: the server's --max-new-tokens-default, capped by "
+                        "what the model length leaves)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature; 0 = greedy (default: the server's, from the model's "
+                        "generation_config.json)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling (default: the server's, from the model's generation_config.json)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="top-k sampling; 0 = off (default: the server's, from the model's generation_config.json)")
+    p.add_argument("--min-p", type=float, default=None, help="min-p sampling; 0 = off (default: the server's)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="repetition penalty; 1 = off (default: the server's)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: one the server draws)")
+    p.add_argument("--stop", action="append", default=[], help="stop string, repeatable (default: none)")
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds (default: none)")
     return asyncio.run(_run(p.parse_args(argv)))
 
 

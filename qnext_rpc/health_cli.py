@@ -13,6 +13,8 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from qnext.worker.cli_help import HelpFormatter
+
 
 def check(target: str, service: str, timeout: float) -> tuple[bool, str]:
     with grpc.insecure_channel(target) as channel:
@@ -26,9 +28,10 @@ def check(target: str, service: str, timeout: float) -> tuple[bool, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qnext-health", description="grpc.health.v1 check of a qnext server.")
+    p = argparse.ArgumentParser(prog="qnext-health", description="grpc.health.v1 check of a qnext server.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the gRPC server")
-    p.add_argument("--service", default="", help="service name to ask about ('' = the whole server)")
+    p.add_argument("--service", default="", help="service name to ask about (default: '', the whole server)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
     return p
 

@@ -28,6 +28,7 @@ from qnext.rpc.metrics import Metrics
 from qnext.rpc.service import GenerationService
 from qnext.rpc.text import TextProcessor
 from qnext.rpc.validate import Limits
+from qnext.worker.cli_help import HelpFormatter
 from qnext.worker.engine import EngineConfig
 
 log = structlog.get_logger("qnext.server")
@@ -171,7 +172,8 @@ async def serve(cfg: ServerConfig, engine: EngineConfig) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qnext-serve", description="Serve a Qwen3-Next checkpoint over gRPC (qnext.v1).")
+    p = argparse.ArgumentParser(prog="qnext-serve", description="Serve a Qwen3-Next checkpoint over gRPC (qnext.v1).",
+                                formatter_class=HelpFormatter)
     a = p.add_argument
     a("--model", default=None, help="checkpoint directory (default: the embedded tiny checkpoint)")
     a("--host", default="0.0.0.0", help="gRPC bind address")
@@ -183,11 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tensor-parallel-size", type=int, default=1,
       help="split the model across this many devices (one worker process each; --device names the first); "
            "must divide the attention and DeltaNet key heads")
-    a("--max-model-len", type=int, default=None, help="prompt + output tokens per request (default: the model's)")
+    a("--max-model-len", type=int, default=None,
+      help="prompt + output tokens per request (default: the model's max_position_embeddings)")
     a("--max-num-seqs", type=int, default=64, help="sequences running at once")
     a("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step")
     a("--cache-memory", type=float, default=0.0,
-      help="KV + state cache budget: fraction of device memory (CUDA, <= 1) or bytes (CPU); 0 = default")
+      help="KV + state cache budget: fraction of device memory (CUDA, <= 1) or bytes (CPU); 0 = 0.85 of free "
+           "memory on CUDA, 512 MiB on CPU")
     a("--num-speculative-tokens", type=int, default=0, help="largest MTP draft length a request may use; 0 = off")
     a("--enforce-eager", action="store_true",
       help="no CUDA graphs: every decode step launches its kernels one by one (as vLLM's flag)")
@@ -200,10 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-pending-requests", type=int, default=256, help="open requests before RESOURCE_EXHAUSTED")
     a("--max-new-tokens-default", type=int, default=2048, help="max_new_tokens when a request gives none")
     a("--reasoning-parser", nargs="?", const="qwen3", default=None,
-      help="split <think>...</think> into reasoning_text (qwen3, the default when given without a value)")
+      help="split <think>...</think> into reasoning_text; qwen3 when given without a value (default: off, the "
+           "whole output is text)")
     a("--drain-grace-period", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
-    a("--seed", type=int, default=None, help="seeds the seeds of requests that give none")
-    a("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    a("--seed", type=int, default=None,
+      help="seeds the seeds of requests that give none (default: a random seed per start)")
+    a("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="least severe level logged")
     a("--log-format", default="auto", choices=["auto", "json", "console"],
       help="auto = console on a TTY, JSON otherwise")
     return p

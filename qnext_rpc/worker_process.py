@@ -1,4 +1,4 @@
-"""The worker process: owns the engine (model + device) and runs the busy loop of DESIGN.md.
+"""The worker process: owns the engine (model + device) and runs the busy loop of docs/architecture.md §3.
 
     handshake: load the engine, send Ready (model summary + cache sizes)
     loop:      drain the inbox (blocking only when the engine has nothing to do) -> step -> send StepResult

@@ -68,3 +68,37 @@ def test_qnext_batch_with_speculation_matches_plain(default_ckpt, tmp_path):
         outs.append([json.loads(x) for x in dst.read_text().splitlines()])
     assert [o["token_ids"] for o in outs[0]] == [o["token_ids"] for o in outs[1]]
     assert all(o["spec"]["drafted_tokens"] > 0 for o in outs[1]) and "MTP drafted" in proc.stderr
+
+
+def test_qnext_batch_creates_the_output_directory(default_ckpt, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"id": "x", "token_ids": [1, 2, 3], "sampling": {"temperature": 0},
+                               "stopping": {"max_new_tokens": 2, "ignore_eos": True}}) + "\n")
+    dst = tmp_path / "out" / "nested" / "results.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "qnext.worker.batch_cli", "--model", str(default_ckpt), "--input",
+                           str(src), "--output", str(dst), "--cache-memory", str(16 << 20)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    [out] = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert out["id"] == "x" and len(out["token_ids"]) == 2
+
+
+def test_qnext_batch_bad_output_fails_before_loading_the_model(tmp_path):
+    """A usage error naming --output, exit 2, no traceback; the model (a directory that does not exist) is never
+    loaded, or the error would be about it."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"token_ids": [1]}\n')
+    (tmp_path / "a_file").write_text("")
+    missing_model = str(tmp_path / "no_model")
+    for output, why in ((tmp_path, "is a directory"), (tmp_path / "a_file" / "out.jsonl", "cannot create directory"),
+                        (tmp_path / "a_file" / "x" / "out.jsonl", "cannot create directory")):
+        proc = subprocess.run([sys.executable, "-m", "qnext.worker.batch_cli", "--model", missing_model, "--input",
+                               str(src), "--output", str(output)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert "qnext-batch: error: --output: " in proc.stderr and why in proc.stderr, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "qnext.worker.batch_cli", "--model", missing_model, "--input",
+                           str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "o" / "out.jsonl")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "qnext-batch: error: --input: no such file" in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()  # --input is checked first: nothing was created

@@ -19,7 +19,7 @@ if torch.cuda.is_available():
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the first @triton.jit of the kernels
 pytest.importorskip("triton", reason="triton is not installed")
 
-_spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parent.parent / "bench" / "qnext.kernels.py")
+_spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parent.parent / "bench" / "kernels.py")
 bk = importlib.util.module_from_spec(_spec)
 sys.modules["bench_kernels"] = bk  # dataclasses resolve the module's annotations through sys.modules
 _spec.loader.exec_module(bk)

@@ -4,7 +4,7 @@ import pytest
 
 from qnext.worker.config import FULL_ATTENTION, LINEAR_ATTENTION, config_from_dict
 
-HUB_INSTRUCT = {  # FACTS §1.1, the hub's raw config.json of Qwen3-Next-80B-A3B-Instruct
+HUB_INSTRUCT = {  # docs/model.md §1, the hub's raw config.json of Qwen3-Next-80B-A3B-Instruct
     "architectures": ["Qwen3NextForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
     "decoder_sparse_step": 1, "eos_token_id": 151645, "full_attention_interval": 4, "head_dim": 256,
     "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 5120,

@@ -1,4 +1,4 @@
-"""The MTP head (FACTS §3.10) against a plain-torch re-derivation written here from the checkpoint tensors."""
+"""The MTP head (docs/model.md §7) against a plain-torch re-derivation written here from the checkpoint tensors."""
 
 from __future__ import annotations
 

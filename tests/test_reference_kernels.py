@@ -14,7 +14,7 @@ INIT = [True, False, True, True, True, False, True]
 
 
 def naive_delta(q, k, v, g, beta, S):
-    """Token-by-token gated delta rule of FACTS §3.6 for one sequence; S [H, dk, dv]."""
+    """Token-by-token gated delta rule of docs/model.md §4.4 for one sequence; S [H, dk, dv]."""
     outs = []
     for t in range(q.shape[0]):
         # l2norm with the model's eps: x / sqrt(sum(x^2) + 1e-6)

@@ -105,7 +105,7 @@ def test_sizes_that_do_not_divide_the_heads_are_refused(default_ckpt, capsys):
 
 
 def test_fp8_slices_must_keep_blocks_whole(tmp_path):
-    """FACTS §2.2: a rank's slice of an FP8 weight must start (and end) on a 128 block edge, or its block
+    """docs/model.md §8: a rank's slice of an FP8 weight must start (and end) on a 128 block edge, or its block
     scales would be shared between ranks. The tiny model's halves (32 rows of k_proj, of each expert) are refused,
     a wider model's (all multiples of 128) are loaded, still FP8, and checked against the stored tensors."""
     from qnext.worker.tp_worker import check_tensor_parallel

@@ -17,6 +17,8 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first @triton.jit of the kernels below
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
+from conftest import require_triton  # noqa: E402
+
 from qnext.kernels import attention, dispatch  # noqa: E402
 from qnext.kernels.attention import reference  # noqa: E402
 
@@ -25,16 +27,7 @@ BLOCK = 16
 
 @pytest.fixture(scope="module", autouse=True)
 def triton_runs():
-    """Skip, with the reason, when this machine cannot run a Triton kernel (interpreter or GPU)."""
-    from qnext.kernels.attention.triton_attention import write_kv_fwd
-    try:
-        c = torch.zeros(1, BLOCK, 1, 16, device=DEVICE)
-        write_kv_fwd(torch.ones(1, 1, 16, device=DEVICE), torch.ones(1, 1, 16, device=DEVICE), c, c.clone(),
-                     torch.zeros(1, dtype=torch.int64, device=DEVICE))
-    except Exception as e:  # noqa: BLE001 - on CPU any failure means "the interpreter cannot run here"
-        if DEVICE == "cuda":
-            raise  # on a GPU a kernel that cannot run is a failure, never a skip
-        pytest.skip(f"Triton cannot run here: {e!r}")
+    require_triton(DEVICE)  # a skip only where Triton cannot run at all; an error of our kernels fails its test
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -15,6 +15,8 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first @triton.jit of the kernel below
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
+from conftest import require_triton  # noqa: E402
+
 from qnext.kernels import conv1d, dispatch  # noqa: E402
 from qnext.kernels.conv1d import reference  # noqa: E402
 
@@ -23,16 +25,7 @@ K, S = 4, 12
 
 @pytest.fixture(scope="module", autouse=True)
 def triton_runs():
-    """Skip, with the reason, when this machine cannot run a Triton kernel (interpreter or GPU)."""
-    from qnext.kernels.conv1d.triton_conv import causal_conv1d_varlen_fwd
-    try:
-        causal_conv1d_varlen_fwd(torch.ones(1, 2, device=DEVICE), torch.ones(2, K, device=DEVICE),
-                                 torch.zeros(1, 2, K - 1, device=DEVICE), torch.zeros(1, dtype=torch.int64,
-                                                                                      device=DEVICE), [1], [False])
-    except Exception as e:  # noqa: BLE001 - on CPU any failure means "the interpreter cannot run here"
-        if DEVICE == "cuda":
-            raise  # on a GPU a kernel that cannot run is a failure, never a skip
-        pytest.skip(f"Triton cannot run here: {e!r}")
+    require_triton(DEVICE)  # a skip only where Triton cannot run at all; an error of our kernels fails its test
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -13,6 +13,8 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first @triton.jit of the kernels below
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
+from conftest import require_triton  # noqa: E402
+
 from qnext.kernels import dispatch, fp8  # noqa: E402
 from qnext.kernels.fp8 import reference  # noqa: E402
 from qnext.kernels.fp8.reference import FP8_DTYPE  # noqa: E402
@@ -20,14 +22,7 @@ from qnext.kernels.fp8.reference import FP8_DTYPE  # noqa: E402
 
 @pytest.fixture(scope="module", autouse=True)
 def triton_runs():
-    """Skip, with the reason, when this machine cannot run a Triton kernel (interpreter or GPU)."""
-    from qnext.kernels.fp8.triton_quant import per_token_group_quant_fwd
-    try:
-        per_token_group_quant_fwd(torch.ones(1, 16, device=DEVICE), 16)
-    except Exception as e:  # noqa: BLE001 - on CPU any failure means "the interpreter cannot run here"
-        if DEVICE == "cuda":
-            raise  # on a GPU a kernel that cannot run is a failure, never a skip
-        pytest.skip(f"Triton cannot run here: {e!r}")
+    require_triton(DEVICE)  # a skip only where Triton cannot run at all; an error of our kernels fails its test
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -16,6 +16,8 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first @triton.jit of the kernels below
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
+from conftest import require_triton  # noqa: E402
+
 from qnext.kernels import dispatch, gated_delta_rule  # noqa: E402
 from qnext.kernels.gated_delta_rule import reference  # noqa: E402
 
@@ -27,16 +29,7 @@ FP32_TOL = 1e-5 if DEVICE == "cpu" else 2e-3
 
 @pytest.fixture(scope="module", autouse=True)
 def triton_runs():
-    """Skip, with the reason, when this machine cannot run a Triton kernel (interpreter or GPU)."""
-    from qnext.kernels.gated_delta_rule.triton_gdr import gdr_varlen_fwd
-    try:
-        gdr_varlen_fwd(*(torch.ones(1, 1, 16, device=DEVICE) for _ in range(3)), torch.zeros(1, 1, device=DEVICE),
-                       torch.ones(1, 1, device=DEVICE), torch.zeros(1, 1, 16, 16, device=DEVICE),
-                       torch.zeros(1, dtype=torch.int64, device=DEVICE), [1], [False])
-    except Exception as e:  # noqa: BLE001 - on CPU any failure means "the interpreter cannot run here"
-        if DEVICE == "cuda":
-            raise  # on a GPU a kernel that cannot run is a failure, never a skip
-        pytest.skip(f"Triton cannot run here: {e!r}")
+    require_triton(DEVICE)  # a skip only where Triton cannot run at all; an error of our kernels fails its test
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, TextIO
 
 from tokenizers import Tokenizer
 
+from qnext.worker.cli_help import HelpFormatter
 from qnext.worker.engine import Engine, EngineConfig, GenerationRequest
 from qnext.worker.sampler import SamplingParams
 from qnext.worker.scheduler import StoppingParams
@@ -155,18 +157,38 @@ def run(engine: Engine, tokenizer: Tokenizer, src: TextIO, dst: TextIO, progress
     return len(jobs), rejected
 
 
+def _prepare_output(path: Path) -> str | None:
+    """Create the output's missing parent directories; returns why `path` cannot be written, or None."""
+    if path.is_dir():
+        return f"{path} is a directory"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return f"cannot create directory {path.parent}: a file of that name exists"
+    except OSError as e:
+        return f"cannot create directory {path.parent}: {e.strerror or e}"
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return f"cannot write {path}: permission denied"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="qnext-batch", description="Offline batch inference over a JSONL file.")
+    p = argparse.ArgumentParser(prog="qnext-batch", description="Offline batch inference over a JSONL file.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny checkpoint)")
     p.add_argument("--input", required=True, type=Path, help="JSONL input, one request per line")
-    p.add_argument("--output", required=True, type=Path, help="JSONL output, one result per input line")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--output", required=True, type=Path,
+                   help="JSONL output, one result per input line (missing parent directories are created)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step")
     p.add_argument("--cache-memory", type=float, default=0.0,
-                   help="fraction of device memory (CUDA) or bytes (CPU) for the KV + state cache")
-    p.add_argument("--seed", type=int, default=None)
+                   help="fraction of device memory (CUDA) or bytes (CPU) for the KV + state cache; 0 = 0.85 of "
+                        "free memory on CUDA, 512 MiB on CPU")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seeds the seeds of lines that give none (default: a random seed per run)")
     p.add_argument("--num-speculative-tokens", type=int, default=0,
                    help="MTP speculative decoding: draft tokens per step (0-4; 0 = off); the default and maximum "
                         "for every line, which may ask for fewer with num_speculative_tokens")
@@ -177,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: every decode step launches its kernels one by one")
     args = p.parse_args(argv)
+    if not args.input.is_file():  # both checked before the model loads
+        p.error(f"--input: no such file: {args.input}")
+    problem = _prepare_output(args.output)
+    if problem:
+        p.error(f"--output: {problem}")
     engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                  cache_memory=args.cache_memory, seed=args.seed,

@@ -1,4 +1,4 @@
-"""Who owns which piece of the hybrid cache (DESIGN.md "The cache is two kinds of memory").
+"""Who owns which piece of the hybrid cache (docs/architecture.md §5).
 
 Two resources, handed out by the same free-list bookkeeping:
 - KV blocks of the full-attention layers: a sequence of n tokens owns ceil(n / block_size) blocks, listed in

@@ -1,4 +1,4 @@
-"""Device memory of the hybrid cache (DESIGN.md "The cache is two kinds of memory").
+"""Device memory of the hybrid cache (docs/architecture.md §5).
 
 - Full-attention layers (and the MTP head's attention layer): a paged KV pool per layer,
   k/v [num_blocks, block_size, Hkv, D]; a sequence owns blocks listed in its block table.

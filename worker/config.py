@@ -117,7 +117,7 @@ class ModelConfig:
         _require(self.linear_conv_kernel_dim >= 2, "linear_conv_kernel_dim",
                  f"must be >= 2, got {self.linear_conv_kernel_dim}")
 
-    # Derived sizes, named as in FACTS §3.3.
+    # Derived sizes, as named in docs/model.md §1.
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.rope.partial_rotary_factor)

@@ -450,9 +450,9 @@ class Engine:
 
     def _mtp_catch_up(self, plan: SchedulePlan, pieces: list, hidden: torch.Tensor,
                       sampled: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-        """MTP pass 1 (FACTS §3.10): the MTP over every row this step made real, pairing the target's hidden
-        state h_p with token t_{p+1} (this keeps the MTP's own KV cache complete, prompt included). Returns,
-        per request that sampled, the MTP hidden state of its last row: what proposes draft 1.
+        """MTP pass 1 (docs/architecture.md §9): the MTP over every row this step made real, pairing the target's
+        hidden state h_p with token t_{p+1} (this keeps the MTP's own KV cache complete, prompt included).
+        Returns, per request that sampled, the MTP hidden state of its last row: what proposes draft 1.
         A request restored from the prefix cache at P also gets the row at P-1, from the checkpoint's hidden
         state and its own token P (the cached row paired the prefix's owner's token P)."""
         ends = list(accumulate(len(toks) for _, _, toks in pieces))  # row after each piece in the target batch
@@ -485,8 +485,8 @@ class Engine:
         return {mtp_pieces[i][0].request_id: h[j] for i, j in zip(sampling, last.tolist())}
 
     def _propose_drafts(self, drafting: list[tuple[Request, torch.Tensor]]) -> None:
-        """MTP drafting (FACTS §3.10): draft 1 from pass 1's last row; passes 2..k feed each draft back with the
-        MTP's own output hidden state, one position further each time."""
+        """MTP drafting (docs/architecture.md §9): draft 1 from pass 1's last row; passes 2..k feed each draft
+        back with the MTP's own output hidden state, one position further each time."""
         requests = [r for r, _ in drafting]
         h = torch.stack([h for _, h in drafting])
         drafts: list[list[int]] = [[] for _ in requests]

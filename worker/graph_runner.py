@@ -1,6 +1,7 @@
 """CUDA graphs for decode steps: the target model's forward captured once per (batch-size bucket, tokens per
 sequence) and replayed, so a decode step costs one graph launch instead of ~10 kernel launches per layer x 48
-layers (at batch 1 the launches, not the memory bandwidth, bound today's engines; FACTS §5).
+layers (at batch 1 the launches, not the memory bandwidth, bound an eager step: graphs made batch-1 decode of the
+FP8 model 10.6x faster on an H200, bench/README.md; how the runner works: docs/architecture.md §7).
 
 What a graph fixes at capture: the addresses it reads and writes and every launch's grid. So a captured step
 runs on static buffers (`StaticBatch`): this step's ids, positions, KV slots, block tables and state slots are

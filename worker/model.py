@@ -1,4 +1,4 @@
-"""Qwen3-Next forward over a packed varlen batch (FACTS §3).
+"""Qwen3-Next forward over a packed varlen batch (docs/model.md §2-§7).
 
 Shapes: T tokens in the step (all sequences packed), H hidden, Hq/Hkv attention heads of size D,
 Hk/Hv DeltaNet key/value heads of sizes dk/dv, E experts.
@@ -99,7 +99,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class GatedAttention(nn.Module):
-    """Full attention with a per-head sigmoid output gate (FACTS §3.8)."""
+    """Full attention with a per-head sigmoid output gate (docs/model.md §5)."""
 
     def __init__(self, cfg: ModelConfig, cache_index: int) -> None:
         super().__init__()
@@ -129,7 +129,7 @@ class GatedAttention(nn.Module):
 
 
 class GatedDeltaNet(nn.Module):
-    """Linear attention with the gated delta rule (FACTS §3.3-3.7); state lives in the cache's state slots."""
+    """Linear attention with the gated delta rule (docs/model.md §4); state lives in the cache's state slots."""
 
     def __init__(self, cfg: ModelConfig, cache_index: int) -> None:
         super().__init__()
@@ -211,7 +211,7 @@ class Experts(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """softmax router -> top-k (renormalised) routed experts + sigmoid-gated shared expert (FACTS §3.9)."""
+    """softmax router -> top-k (renormalised) routed experts + sigmoid-gated shared expert (docs/model.md §6)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -271,7 +271,7 @@ class TransformerBody(nn.Module):
 
 
 class MtpHead(nn.Module):
-    """`mtp.*` (FACTS §3.10): x = fc([norm(embed(t_{p+1})) | norm(h_p)]) -> one full-attention MoE layer -> norm.
+    """`mtp.*` (docs/model.md §7): x = fc([norm(embed(t_{p+1})) | norm(h_p)]) -> one full-attention MoE layer -> norm.
 
     It shares `model.embed_tokens` and `lm_head` with the main model; its attention layer has its own KV pool,
     placed after the main model's full-attention pools.

@@ -5,7 +5,7 @@ Every rank holds the whole residual stream [T, H] and a slice of each layer's he
 - Gated attention: query heads split evenly; KV heads split too, or replicated when the size exceeds the number
   of KV heads (each rank then holds the one KV head its query heads read). o_proj is row-parallel.
 - Gated DeltaNet: split by key-head groups. A group is one key head with its Hv/Hk value heads; in the
-  checkpoint's interleaved in_proj_qkvz / in_proj_ba layout (FACTS §3.3) a rank's groups are one contiguous
+  checkpoint's interleaved in_proj_qkvz / in_proj_ba layout (docs/model.md §4.1) a rank's groups are one contiguous
   run of rows, while conv1d's channels ([all q | all k | all v]) give three runs. A_log / dt_bias follow the
   value heads; the gated norm (per head dim) is replicated. out_proj is row-parallel.
 - MoE: every expert's intermediate rows are split (not expert parallel): all ranks route the same way with the
@@ -166,7 +166,7 @@ class TensorShard:
 
 
 def check_fp8_blocks(shards: list[TensorShard], fp8_weights: dict[str, tuple[int, ...]]) -> None:
-    """Refuse a size whose slices would cut an FP8 128x128 block (FACTS §2.2): its scale would then belong to
+    """Refuse a size whose slices would cut an FP8 128x128 block (docs/model.md §8): its scale would then belong to
     two ranks. fp8_weights: checkpoint name -> full shape of every FP8 weight."""
     seen: set[str] = set()  # one check per tensor kind, not per layer and expert
     for name, shape in fp8_weights.items():

@@ -1,4 +1,5 @@
-"""MTP speculative decoding: drafting from the MTP head and the acceptance rule (FACTS §3.10, §4.3).
+"""MTP speculative decoding: drafting from the MTP head and the acceptance rule (docs/model.md §7,
+docs/architecture.md §9).
 
 Acceptance (speculative sampling, Leviathan et al. / Chen et al.): with target distribution p and draft
 distribution q at draft position j, accept draft d with probability min(1, p(d) / q(d)); at the first

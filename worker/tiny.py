@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qnext.kernels.fp8 import quantize_weight_block
+from qnext.worker.cli_help import HelpFormatter
 from qnext.worker.config import FULL_ATTENTION, ModelConfig, config_from_dict
 from qnext.worker.tokenizer_files import ENDOFTEXT_ID, IM_END_ID, VOCAB_SIZE, write_tokenizer_files
 
@@ -31,7 +32,7 @@ TINY_VERSION = 1
 
 
 def tiny_config(**overrides: Any) -> dict[str, Any]:
-    """config.json of the embedded default, in the hub's field names (FACTS §1.1), scaled down."""
+    """config.json of the embedded default, in the hub's field names (docs/model.md §1), scaled down."""
     cfg: dict[str, Any] = {
         "architectures": ["Qwen3NextForCausalLM"],
         "model_type": "qwen3_next",
@@ -147,7 +148,7 @@ def random_weights(cfg: ModelConfig, seed: int, with_mtp: bool = True) -> dict[s
 
 
 def modules_not_converted(cfg: ModelConfig, with_mtp: bool) -> list[str]:
-    """The real FP8 checkpoint's `modules_to_not_convert` pattern (FACTS §1.3) for this config."""
+    """The real FP8 checkpoint's `modules_to_not_convert` pattern (docs/model.md §8) for this config."""
     out = ["lm_head"]
     for i, lt in enumerate(cfg.layer_types):
         p = f"model.layers.{i}"
@@ -267,7 +268,8 @@ def default_checkpoint(fp8: bool = False, thinking: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="qnext-make-tiny", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="qnext-make-tiny", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("out_dir", type=Path, help="directory to write the checkpoint into")
     p.add_argument("--fp8", action="store_true", help="fine-grained FP8 (e4m3, 128x128 blocks) variant")
     p.add_argument("--thinking", action="store_true", help="Thinking-model chat template and generation config")

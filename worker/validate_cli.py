@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from qnext.worker.cli_help import HelpFormatter
 from qnext.worker.engine import Engine, EngineConfig, GenerationRequest
 from qnext.worker.model import ForwardBatch
 from qnext.worker.sampler import SamplingParams
@@ -209,7 +210,7 @@ def read_prompts(path: Path) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qnext-validate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     a = p.add_argument
     a("--model", required=True, help="checkpoint directory to validate (e.g. the FP8 one)")
     a("--reference", required=True, help="checkpoint directory to compare against (e.g. the BF16 one)")
@@ -217,8 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-new-tokens", type=int, default=32, help="N: length of the reference's greedy continuation")
     a("--device", default="cpu", help="torch device, e.g. cuda:0")
     a("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
-    a("--cache-memory", type=float, default=0.0, help="cache budget: fraction (CUDA) or bytes (CPU); 0 = default")
-    a("--out", type=Path, help="write the results as JSON here")
+    a("--cache-memory", type=float, default=0.0,
+      help="cache budget: fraction (CUDA) or bytes (CPU); 0 = 0.85 of free memory on CUDA, 512 MiB on CPU")
+    a("--out", type=Path, help="write the results as JSON here (default: only the table on stdout)")
     return p
 
 

@@ -1,4 +1,4 @@
-"""Causal GQA attention over the paged KV cache (FACTS §3.8): the Triton kernels on CUDA
+"""Causal GQA attention over the paged KV cache (docs/model.md §5): the Triton kernels on CUDA
 (`triton_attention.py`), the torch reference elsewhere. triton is imported only when a kernel runs."""
 
 import torch

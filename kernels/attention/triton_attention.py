@@ -1,4 +1,4 @@
-"""Triton causal GQA attention over a paged KV cache (FACTS §3.8), the semantics of
+"""Triton causal GQA attention over a paged KV cache (docs/model.md §5), the semantics of
 `reference.paged_attention_varlen`: prefill chunks, speculative-verify chunks and single-token decodes of a packed
 varlen batch in one launch, after a second small kernel has written this step's keys/values into the pools.
 

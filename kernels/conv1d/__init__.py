@@ -1,4 +1,4 @@
-"""Causal depthwise conv1d + SiLU (FACTS §3.4): the Triton kernel on CUDA (`triton_conv.py`), the torch
+"""Causal depthwise conv1d + SiLU (docs/model.md §4.2): the Triton kernel on CUDA (`triton_conv.py`), the torch
 reference elsewhere. triton is imported only when the kernel runs."""
 
 import torch

@@ -1,5 +1,5 @@
 """Causal depthwise conv1d + SiLU over a packed varlen batch, continuing from per-sequence conv states
-(FACTS §3.4). The conv state of a sequence holds its last K-1 inputs (zeros before the first token), so a
+(docs/model.md §4.2). The conv state of a sequence holds its last K-1 inputs (zeros before the first token), so a
 prompt split into chunks gives exactly the one-shot result.
 """
 

@@ -1,4 +1,4 @@
-"""Triton causal depthwise conv1d + SiLU over a packed varlen batch (FACTS §3.4), the semantics of
+"""Triton causal depthwise conv1d + SiLU over a packed varlen batch (docs/model.md §4.2), the semantics of
 `reference.causal_conv1d_varlen`: prefill chunks, single-token decodes and speculative-verify chunks in one launch.
 
 Sequence b's padded input is seq = [hist (K-1) | x[start_b : start_b + n_b]] with hist its conv state (zeros when

@@ -1,4 +1,4 @@
-"""Fine-grained FP8 (FACTS §3.11): Triton quantisation and block-scaled GEMM on CUDA (`triton_quant.py`,
+"""Fine-grained FP8 (docs/model.md §8): Triton quantisation and block-scaled GEMM on CUDA (`triton_quant.py`,
 `triton_gemm.py`), the torch references elsewhere. triton is imported only when a kernel runs."""
 
 import torch

@@ -1,4 +1,4 @@
-"""Fine-grained FP8 (e4m3, 128x128 weight blocks, dynamic per-token-group activations), FACTS §3.11.
+"""Fine-grained FP8 (e4m3, 128x128 weight blocks, dynamic per-token-group activations), docs/model.md §8.
 
 weight_scale_inv is the dequantisation multiplier: W = W_fp8 * weight_scale_inv[i // 128, j // 128].
 """

@@ -1,4 +1,4 @@
-"""Triton W8A8 block-scaled FP8 GEMM (FACTS §3.11), the blocked sum that `reference.fp8_block_linear` computes.
+"""Triton W8A8 block-scaled FP8 GEMM (docs/model.md §8), the blocked sum that `reference.fp8_block_linear` computes.
 
 y[m, n] = sum_kb (x_q[m, kb] . w_q[n, kb]) * s_x[m, kb] * s_w[n // GROUP_N, kb], fp32 accumulation.
 BLOCK_K equals the quantisation group along K, so each K step applies one scale per row of x and one per

@@ -1,4 +1,4 @@
-"""Triton per-token-group FP8 quantisation (FACTS §3.11), matching `reference.per_token_group_quant` bit for bit.
+"""Triton per-token-group FP8 quantisation (docs/model.md §8), matching `reference.per_token_group_quant` bit for bit.
 
 x [M, K] -> q fp8 e4m3 [M, K], s fp32 [M, ceil(K/group)] with s = max(amax(|x_group|), eps) / 448 and
 q = round(clamp(x / s, -448, 448)). A program quantises BLOCK_G groups of one row; the last group is masked

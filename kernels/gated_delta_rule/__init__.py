@@ -1,4 +1,4 @@
-"""Gated delta rule (FACTS §3.6-3.7): the Triton kernels on CUDA (`triton_gdr.py`: chunked prefill, recurrent
+"""Gated delta rule (docs/model.md §4.4-4.5): the Triton kernels on CUDA (`triton_gdr.py`: chunked prefill, recurrent
 decode and speculative verify), the torch reference elsewhere. triton is imported only when the kernels run."""
 
 import torch

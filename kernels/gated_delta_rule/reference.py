@@ -1,4 +1,4 @@
-"""Gated delta rule (FACTS §3.6-3.7), plain torch, fp32 inside (fp64 for fp64 inputs).
+"""Gated delta rule (docs/model.md §4.4-4.5), plain torch, fp32 inside (fp64 for fp64 inputs).
 
 Recurrence per value head, state S: [dk, dv]:
     S_t = exp(g_t) * S_{t-1};  u_t = beta_t * (v_t - S_t^T k_t);  S_t += k_t u_t^T;  o_t = S_t^T q_t

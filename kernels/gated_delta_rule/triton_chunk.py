@@ -1,4 +1,4 @@
-"""Triton gated delta rule for prefill, chunked (FACTS §3.7, chunk C = 64): the semantics of
+"""Triton gated delta rule for prefill, chunked (docs/model.md §4.5, chunk C = 64): the semantics of
 `reference.chunk_forward` over the multi-token sequences of a packed varlen batch, in two launches.
 
 Per chunk of one sequence and value head, with q, k L2-normalised (q also scaled by dk^-0.5), G the cumulative

@@ -1,5 +1,5 @@
-"""Triton gated delta rule, token by token (FACTS §3.6): single-token decodes and speculative-verify chunks, the
-semantics of `reference.recurrent_step` applied along each sequence.
+"""Triton gated delta rule, token by token (docs/model.md §4.4): single-token decodes and speculative-verify
+chunks, the semantics of `reference.recurrent_step` applied along each sequence.
 
 One program owns (sequence, value head, BLOCK_V columns of the state) and keeps that [dk, BLOCK_V] slice of S in
 registers, fp32, for all the sequence's tokens: the slice is read from the slot pool once (zeros for a fresh

@@ -1,6 +1,6 @@
-"""Router and routed experts of the sparse MoE block (FACTS §3.9): the Triton kernels on CUDA (`triton_router.py`,
-`triton_align.py`, `triton_moe.py`), the torch references elsewhere. The shared expert is an ordinary MLP in the
-model. triton is imported only when a kernel runs."""
+"""Router and routed experts of the sparse MoE block (docs/model.md §6): the Triton kernels on CUDA
+(`triton_router.py`, `triton_align.py`, `triton_moe.py`), the torch references elsewhere. The shared expert is an
+ordinary MLP in the model. triton is imported only when a kernel runs."""
 
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""Top-k softmax routing and the routed experts of a sparse MoE block (FACTS §3.9), plain torch.
+"""Top-k softmax routing and the routed experts of a sparse MoE block (docs/model.md §6), plain torch.
 
 The shared expert and its sigmoid gate are an ordinary gated MLP in the model; only the routed part is here.
 Expert weights are stacked per projection: w_gate, w_up [E, I, H], w_down [E, H, I]; for FP8 each has a

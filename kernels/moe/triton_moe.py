@@ -1,4 +1,4 @@
-"""Triton routed experts of a sparse MoE block (FACTS §3.9), the semantics of `reference.fused_moe`:
+"""Triton routed experts of a sparse MoE block (docs/model.md §6), the semantics of `reference.fused_moe`:
 
     y[t] = sum_j w[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])),   e = ids[t, j]
 

@@ -1,4 +1,4 @@
-"""Triton router tail (FACTS §3.9), the semantics of `reference.route` after its logits GEMM: softmax over the
+"""Triton router tail (docs/model.md §6), the semantics of `reference.route` after its logits GEMM: softmax over the
 experts in fp32, top-k, optional renormalisation, in one launch instead of torch's four (softmax, topk, sum, div).
 
 Why a kernel: at batch-1 decode the routed experts stream ~31 MB of FP8 weights per layer, ~7 us on an H200, so

@@ -1,4 +1,4 @@
-"""RMSNorms (FACTS §3.2): the Triton kernels on CUDA (`triton_norms.py`), the torch references elsewhere.
+"""RMSNorms (docs/model.md §3): the Triton kernels on CUDA (`triton_norms.py`), the torch references elsewhere.
 
 triton is imported only when a kernel runs, so CPU installs need not have it.
 """

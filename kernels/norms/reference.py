@@ -1,4 +1,4 @@
-"""Plain-torch norms of Qwen3-Next (FACTS §3.2)."""
+"""Plain-torch norms of Qwen3-Next (docs/model.md §3)."""
 
 import torch
 import torch.nn.functional as F

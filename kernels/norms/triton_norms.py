@@ -1,4 +1,4 @@
-"""Triton RMSNorms of Qwen3-Next (FACTS §3.2), matching `kernels/norms/reference.py`.
+"""Triton RMSNorms of Qwen3-Next (docs/model.md §3), matching `kernels/norms/reference.py`.
 
 Each program normalises BLOCK_ROWS rows of a [rows, D] view held whole in registers (D up to a few
 thousand: hidden 2048, head 256, value head 128), so small D still gives each program a few thousand elements.

@@ -24,6 +24,7 @@ from qnext.rpc.loadtest.report import format_summary, format_sweep, plot_cdfs, p
 from qnext.rpc.loadtest.runner import model_info, run_point
 from qnext.rpc.loadtest.stats import summarize
 from qnext.rpc.loadtest.workload import FALLBACK_VOCAB_SIZE, Length, Workload, load_dataset
+from qnext.worker.cli_help import HelpFormatter
 
 
 class UsageError(ValueError):
@@ -59,27 +60,30 @@ def _length(flag: str, mean: int, ratio: float) -> Length:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qnext-bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     a = p.add_argument
     a("--target", default="localhost:50051", help="HOST:PORT of the gRPC server")
     load = p.add_mutually_exclusive_group()
-    load.add_argument("--concurrency", help="requests in flight; a comma list is a sweep (default 1)")
-    load.add_argument("--request-rate", help="Poisson arrivals per second (inf = all at once); a comma list is a sweep")
+    load.add_argument("--concurrency", help="requests in flight; a comma list is a sweep (default: 1)")
+    load.add_argument("--request-rate", help="Poisson arrivals per second (inf = all at once); a comma list is a "
+                                             "sweep (default: off, --concurrency sets the load)")
     stop = p.add_mutually_exclusive_group()
-    stop.add_argument("--num-requests", type=int, help="requests per load point (default 100)")
-    stop.add_argument("--duration", type=float, help="seconds per load point (then in-flight requests finish)")
+    stop.add_argument("--num-requests", type=int, help="requests per load point (default: 100)")
+    stop.add_argument("--duration", type=float, help="seconds per load point, then in-flight requests finish "
+                                                    "(default: off, --num-requests ends a point)")
     a("--input-len", type=int, default=128, help="prompt tokens of synthetic prompts")
     a("--input-len-range", type=float, default=0.0, help="r: prompt lengths uniform in input-len * [1-r, 1+r]")
     a("--output-len", type=int, default=128, help="max_new_tokens of each request")
     a("--output-len-range", type=float, default=0.0, help="r: output lengths uniform in output-len * [1-r, 1+r]")
-    a("--dataset", type=Path, help="JSONL prompts ({text|token_ids|chat, output_len?} per line) instead of synthetic")
+    a("--dataset", type=Path, help="JSONL prompts, {text|token_ids|chat, output_len?} per line "
+                                   "(default: synthetic prompts, see --input-len)")
     a("--ignore-eos", action="store_true", help="generate exactly the requested lengths")
     a("--temperature", type=float, help="sampling temperature (default: the server's)")
     a("--num-speculative-tokens", type=int, help="MTP draft length per request (default: the server's)")
     a("--bypass-prefix-cache", action="store_true", help="requests neither use nor fill the server's prefix cache")
-    a("--slo-ttft-ms", type=float, help="goodput counts requests with TTFT at most this")
-    a("--slo-tpot-ms", type=float, help="goodput counts requests with TPOT at most this")
-    a("--timeout", type=float, help="per-request deadline in seconds (expired -> DEADLINE_EXCEEDED)")
+    a("--slo-ttft-ms", type=float, help="goodput counts requests with TTFT at most this (default: no TTFT limit)")
+    a("--slo-tpot-ms", type=float, help="goodput counts requests with TPOT at most this (default: no TPOT limit)")
+    a("--timeout", type=float, help="per-request deadline in seconds, expired -> DEADLINE_EXCEEDED (default: none)")
     a("--seed", type=int, default=0, help="seeds prompts, lengths and arrival times")
     a("--output-dir", type=Path, default=Path("qnext-bench-results"), help="where result.json and plots go")
     a("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
