@@ -55,7 +55,7 @@ stage env 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,cl
 stage tests 120 "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 120 -rfE --junitxml "$OUT/tests.xml" \
     tests/test_triton_fp8.py tests/test_triton_norms.py tests/test_triton_conv1d.py \
     tests/test_triton_gated_delta_rule.py tests/test_triton_attention.py tests/test_triton_moe.py \
-    tests/test_step_metadata.py tests/test_engine_cuda.py \
+    tests/test_step_metadata.py tests/test_engine_cuda.py tests/test_triton_model.py \
     "tests/test_graph_runner.py::test_padded_static_steps_match_the_plain_forward"
 stage full_shape 210 "$PY" bench/full_shape.py --budget-s 180 --out "$OUT/full_shape.json"
 stage kernels 80 "$PY" bench/kernels.py --time-budget-s 65 --out "$OUT/kernels.json" ${KERNELS_ARGS:-}
