@@ -6,7 +6,7 @@
 #   env         GPU, driver, torch / triton versions
 #   tests       the Triton kernel tests on CUDA, the captured-graph test, the engine on CUDA vs CPU (pytest-xdist)
 #   full_shape  bench/full_shape.py: the 48-layer FP8 model with random weights through the engine
-#   kernels     bench/kernels.py: each kernel vs its reference at the real shapes (+ flash-linear-attention)
+#   kernels     bench/kernel_bench.py: each kernel vs its reference at the real shapes (+ flash-linear-attention)
 #   graphs      bench/graphs.py: eager vs replayed decode steps on 4 real layers
 # STAGES="tests kernels" runs a subset; a stage's limit can be changed with e.g. LIMIT_full_shape=300.
 # That machine has torch, triton, pytest, safetensors and tokenizers but not this package: a folder of links
@@ -14,7 +14,7 @@
 # .whl (carried, git-ignored) may hold wheels to install there (flash-linear-attention as the kernels' reference);
 # .triton_cache (carried, git-ignored) is a previous run's compiled kernels; TRITON_CACHE_TGZ=1 leaves this run's in
 # $OUT/triton_cache.tgz (unpack it into .triton_cache for the next call; ~21 MB, over the 16 MiB a file may be).
-# KERNELS_ARGS adds arguments to bench/kernels.py (e.g. "--ops gdr,fla").
+# KERNELS_ARGS adds arguments to bench/kernel_bench.py (e.g. "--ops gdr,fla").
 set -uo pipefail
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
@@ -58,7 +58,7 @@ stage tests 120 "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 120 -rfE -
     tests/test_step_metadata.py tests/test_engine_cuda.py tests/test_triton_model.py \
     "tests/test_graph_runner.py::test_padded_static_steps_match_the_plain_forward"
 stage full_shape 210 "$PY" bench/full_shape.py --budget-s 180 --out "$OUT/full_shape.json"
-stage kernels 80 "$PY" bench/kernels.py --time-budget-s 65 --out "$OUT/kernels.json" ${KERNELS_ARGS:-}
+stage kernels 80 "$PY" bench/kernel_bench.py --time-budget-s 65 --out "$OUT/kernels.json" ${KERNELS_ARGS:-}
 stage graphs 40 "$PY" bench/graphs.py --batch-sizes 1,8,64 --iters 10 --out "$OUT/graphs.json"
 [ -n "${TRITON_CACHE_TGZ:-}" ] && tar -czf "$OUT/triton_cache.tgz" -C "$TRITON_CACHE_DIR" . 2>>"$LOG"
 ls -la "$OUT" | tee -a "$LOG"

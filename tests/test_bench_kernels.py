@@ -1,4 +1,4 @@
-"""bench/kernels.py's plumbing, on CPU through the Triton interpreter at --small shapes: rows are measured and
+"""bench/kernel_bench.py's plumbing, on CPU through the Triton interpreter at --small shapes: rows are measured and
 written to --out as they come, a failing case is recorded (op, shape, traceback) while the others still run and
 the exit status says so, a spent time budget skips the rest, an absent fla is a skip, and missing values print
 as "-". The GPU figures themselves come from running the script on a GPU."""
@@ -15,11 +15,11 @@ import pytest
 import torch
 
 if torch.cuda.is_available():
-    pytest.skip("the CPU plumbing check; on a GPU run bench/kernels.py itself", allow_module_level=True)
+    pytest.skip("the CPU plumbing check; on a GPU run bench/kernel_bench.py itself", allow_module_level=True)
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the first @triton.jit of the kernels
 pytest.importorskip("triton", reason="triton is not installed")
 
-_spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parent.parent / "bench" / "kernels.py")
+_spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parent.parent / "bench" / "kernel_bench.py")
 bk = importlib.util.module_from_spec(_spec)
 sys.modules["bench_kernels"] = bk  # dataclasses resolve the module's annotations through sys.modules
 _spec.loader.exec_module(bk)

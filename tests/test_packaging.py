@@ -29,3 +29,19 @@ def test_every_code_folder_is_a_listed_package() -> None:
 def test_top_level_folders_are_not_importable_packages() -> None:
     for folder in ("kernels", "worker", "qnext_rpc"):
         assert not (REPO / folder / "__init__.py").exists(), folder
+
+
+def test_bench_scripts_shadow_no_installed_module() -> None:
+    """Python puts a script's folder first on sys.path: a bench/kernels.py hid Hugging Face's `kernels` from
+    transformers inside every benchmark. No benchmark may carry the name of an importable top-level module."""
+    import importlib.util
+    import sys
+    bench = str(REPO / "bench")
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if p not in ("", bench, str(REPO))]
+    try:
+        clashes = [p.name for p in (REPO / "bench").glob("*.py")
+                   if p.stem != "__init__" and importlib.util.find_spec(p.stem) is not None]
+    finally:
+        sys.path[:] = saved
+    assert not clashes, clashes

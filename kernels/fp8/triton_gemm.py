@@ -57,7 +57,7 @@ def fp8_block_gemm_fwd_kernel(
 
 def launch_config(M: int) -> dict[str, int]:
     """Tiles by batch size. Small M is weight-bandwidth bound: thin M tiles, more programs along N. Each compiles
-    without spills for sm_90 (test_triton_compile.py); not yet tuned on the GPU (bench/kernels.py times them)."""
+    without spills for sm_90 (test_triton_compile.py); not yet tuned on the GPU (bench/kernel_bench.py times them)."""
     if M <= 16:
         return dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=4)
     if M <= 64:

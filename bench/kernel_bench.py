@@ -9,10 +9,10 @@ this torch has it, block-wise scaled). The rel_err column compares the Triton ou
 The gated delta rule is also compared, in the same run, with flash-linear-attention (`fla`, when importable)
 and, at 8K tokens, with published per-layer figures.
 
-    python bench/kernels.py --out kernels.json            # every op; about a minute or two on one GPU
-    python bench/kernels.py --ops fp8 --batch-sizes 1,256
-    python bench/kernels.py --quick --time-budget-s 60     # the key figures first, then stop
-    python bench/kernels.py --device cpu --small           # plumbing check: Triton interpreter, tiny shapes
+    python bench/kernel_bench.py --out kernels.json            # every op; about a minute or two on one GPU
+    python bench/kernel_bench.py --ops fp8 --batch-sizes 1,256
+    python bench/kernel_bench.py --quick --time-budget-s 60     # the key figures first, then stop
+    python bench/kernel_bench.py --device cpu --small           # plumbing check: Triton interpreter, tiny shapes
 
 Built to run once, unattended, under a hard timeout on a GPU where nothing has run before: each case runs on
 its own (a failure is recorded with its traceback and the run goes on; exit status 1 at the end), every row is
@@ -810,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         sys.exit(f"unknown op(s) {unknown}: choose from {', '.join(BUILDERS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench/kernels.py times the Triton kernels on a GPU: no CUDA device is visible here, nothing to "
+        sys.exit("bench/kernel_bench.py times the Triton kernels on a GPU: no CUDA device is visible here, nothing to "
                  "measure. (--device cpu --small runs every case through the Triton interpreter, to check the "
                  "plumbing; tests/test_triton_*.py check the kernels.)")
     if args.device == "cpu":
