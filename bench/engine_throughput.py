@@ -36,9 +36,9 @@ from bench.provenance import git_state  # noqa: E402
 
 import torch  # noqa: E402
 
-from qnext.worker.engine import Engine, EngineConfig, StepTimings  # noqa: E402
-from qnext.worker.sampler import SamplingParams  # noqa: E402
-from qnext.worker.scheduler import StoppingParams  # noqa: E402
+from qnext.worker.engine import Engine  # noqa: E402
+from qnext.worker.model_runner import StepTimings  # noqa: E402
+from qnext.worker.types import EngineConfig, SamplingParams, StoppingParams
 from qnext.worker.tiny import default_checkpoint  # noqa: E402
 
 TARGET_SPEEDUP_B16 = 2.0  # ours / transformers tokens/s at batch 16
@@ -63,12 +63,12 @@ def load_transformers(model_dir: Path):
 
 
 def run_ours(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]], StepTimings]:
-    engine.timings = StepTimings()
+    engine.runner.timings = StepTimings()
     start = time.perf_counter()
     out = engine.generate(prompts, SamplingParams(temperature=0.0),
                           StoppingParams(max_new_tokens=new_tokens, ignore_eos=True))
     wall = time.perf_counter() - start
-    return wall, [c.token_ids for c in out], engine.timings
+    return wall, [c.token_ids for c in out], engine.runner.timings
 
 
 def run_theirs(hf, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "model": str(model_dir), "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-        "engine_dtype": str(engine.dtype), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "engine_dtype": str(engine.runner.dtype), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "repeats": args.repeats, "seed": args.seed, "git": git_state(), "load_s": time.perf_counter() - t0,
     }
     print(f"model {model_dir}  |  torch {meta['torch']}, transformers {meta['transformers']}, "

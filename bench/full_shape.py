@@ -157,7 +157,8 @@ def copy_gbps(device: torch.device) -> float:
 # ---- running the engine ------------------------------------------------------------------------------------------
 
 def make_engine(model, args, sizes: Sizes, k: int, graphs: str):
-    from qnext.worker.engine import Engine, EngineConfig
+    from qnext.worker.engine import Engine
+    from qnext.worker.types import EngineConfig
     cfg = EngineConfig(device=args.device, max_num_seqs=max(sizes.concurrency, 1),
                        max_num_batched_tokens=sizes.batched_tokens, num_speculative_tokens=k, cuda_graphs=graphs,
                        cuda_graph_max_batch_size=sizes.concurrency, seed=0,
@@ -167,7 +168,7 @@ def make_engine(model, args, sizes: Sizes, k: int, graphs: str):
 
 def free_engine(engine, device: torch.device) -> None:
     """Drop an engine's cache and graphs before the next one sizes its cache from free memory."""
-    engine.graphs = engine.mtp_graphs = engine.cache = None
+    engine.runner.graphs = engine.runner.mtp_graphs = engine.runner.cache = None
     del engine
     gc.collect()
     if device.type == "cuda":
@@ -184,12 +185,12 @@ def run(engine, ps: list[list[int]], new_tokens: int, tag: str, profile_steps: i
     sequence has its first token in which every sequence emitted (a full batch); prefill = prompt tokens over
     the time to the last first token. With `profile_steps`, that many full-batch decode steps run under
     torch.profiler and the kernels' device time is aggregated by name."""
-    from qnext.worker.engine import GenerationRequest
-    from qnext.worker.sampler import SamplingParams
-    from qnext.worker.scheduler import StoppingParams
+    from qnext.worker.types import GenerationRequest
+    from qnext.worker.types import SamplingParams
+    from qnext.worker.types import StoppingParams
     engine.reset_prefix_cache()
-    spec0 = (engine.spec_counters.num_drafted, engine.spec_counters.num_accepted, engine.spec_counters.num_verify_steps)
-    graph0 = (engine.graphs.stats.replayed_steps, engine.graphs.stats.eager_steps) if engine.graphs else (0, 0)
+    spec0 = (engine.spec.counters.num_drafted, engine.spec.counters.num_accepted, engine.spec.counters.num_verify_steps)
+    graph0 = (engine.runner.graphs.stats.replayed_steps, engine.runner.graphs.stats.eager_steps) if engine.runner.graphs else (0, 0)
     ids = [f"{tag}-{i}" for i in range(len(ps))]
     start = time.perf_counter()
     for rid, p in zip(ids, ps):
@@ -236,15 +237,15 @@ def run(engine, ps: list[list[int]], new_tokens: int, tag: str, profile_steps: i
                    step_ms_median=round(1e3 * statistics.median(s for s, _ in decode_steps), 3),
                    step_ms_max=round(1e3 * max(s for s, _ in decode_steps), 3),
                    tokens_per_step=round(toks / len(decode_steps) / len(ps), 3))
-    c = engine.spec_counters
+    c = engine.spec.counters
     drafted, accepted, verifies = (c.num_drafted - spec0[0], c.num_accepted - spec0[1],
                                    c.num_verify_steps - spec0[2])
     if drafted:
         row.update(drafted=drafted, accepted=accepted, acceptance=round(accepted / drafted, 4),
                    mean_acceptance_length=round((accepted + verifies) / verifies, 3))
-    if engine.graphs is not None:
-        row.update(graph_steps=engine.graphs.stats.replayed_steps - graph0[0],
-                   eager_steps_in_graph_mode=engine.graphs.stats.eager_steps - graph0[1])
+    if engine.runner.graphs is not None:
+        row.update(graph_steps=engine.runner.graphs.stats.replayed_steps - graph0[0],
+                   eager_steps_in_graph_mode=engine.runner.graphs.stats.eager_steps - graph0[1])
     if profile is not None:
         row["profile"] = profile
     return row
@@ -253,7 +254,7 @@ def run(engine, ps: list[list[int]], new_tokens: int, tag: str, profile_steps: i
 def profiled_steps(engine, n: int) -> dict:
     """`n` engine steps under torch.profiler; kernel device time aggregated by name (per step) from its trace."""
     from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.runner.device.type == "cuda" else [])
     tokens: dict[str, int] = defaultdict(int)
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
@@ -286,7 +287,7 @@ def profiled_steps(engine, n: int) -> dict:
 
 def engine_info(engine, device: torch.device, built_s: float, before: int) -> dict:
     ci = engine.cache_info
-    info = dict(k=engine.max_spec_tokens, graphs=engine.describe_graphs(), build_s=round(built_s, 2),
+    info = dict(k=engine.runner.max_spec_tokens, graphs=engine.runner.describe_graphs(), build_s=round(built_s, 2),
                 cache_gib=gib(ci.num_blocks * ci.bytes_per_block + ci.num_slots * ci.bytes_per_slot +
                               ci.num_checkpoints * ci.bytes_per_checkpoint),
                 kv_tokens=ci.num_kv_tokens, state_slots=ci.num_slots, checkpoints=ci.num_checkpoints)
@@ -336,9 +337,9 @@ def section(name: str, model, args, sizes: Sizes, rep: Report, mtp: MtpAlignment
         except Exception:
             rep.error(f"{name}/{label}")
             return
-        row.update(section=name, label=label, k=k, graphs=engine.graphs is not None, aligned=aligned)
+        row.update(section=name, label=label, k=k, graphs=engine.runner.graphs is not None, aligned=aligned)
         if "decode_tok_s" in row and rep.data.get("copy_gbps"):
-            floor = decode_floor_bytes(model, engine.cache, wb, n, ctx + new // 2)
+            floor = decode_floor_bytes(model, engine.runner.cache, wb, n, ctx + new // 2)
             floor_ms = floor["total"] / (rep.data["copy_gbps"] * 1e9) * 1e3
             row["roofline"] = dict(bytes=floor, floor_ms_per_step=round(floor_ms, 4),
                                    floor_tok_s=round(n / floor_ms * 1e3, 1),

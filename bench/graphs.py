@@ -114,7 +114,7 @@ def parse_args() -> argparse.Namespace:
 class Context:
     """B sequences of `context` tokens already in the cache (random K/V, random DeltaNet states): sequence i owns
     state slot i and its own shuffled blocks. Host lists of each (B, q) step are built once; `batch()` turns them
-    into a fresh ForwardBatch each call, the way Engine._forward_batch does."""
+    into a fresh ForwardBatch each call, the way the engine's ModelRunner does."""
 
     def __init__(self, cfg, cache, max_batch: int, context: int, device: torch.device, seed: int) -> None:
         self.cfg, self.cache, self.context, self.device = cfg, cache, context, device

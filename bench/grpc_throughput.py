@@ -19,9 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from qnext.rpc.client import Client  # noqa: E402
 from test_service_support import ServerProcess  # noqa: E402
-from qnext.worker.engine import Engine, EngineConfig  # noqa: E402
-from qnext.worker.sampler import SamplingParams  # noqa: E402
-from qnext.worker.scheduler import StoppingParams  # noqa: E402
+from qnext.worker.engine import Engine  # noqa: E402
+from qnext.worker.types import EngineConfig, SamplingParams, StoppingParams
 
 CACHE = 67108864
 

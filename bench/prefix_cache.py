@@ -27,9 +27,8 @@ from bench.provenance import git_state  # noqa: E402
 
 import torch  # noqa: E402
 
-from qnext.worker.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
-from qnext.worker.sampler import SamplingParams  # noqa: E402
-from qnext.worker.scheduler import StoppingParams  # noqa: E402
+from qnext.worker.engine import Engine  # noqa: E402
+from qnext.worker.types import EngineConfig, GenerationRequest, SamplingParams, StoppingParams
 
 FIRST_SPECIAL_ID = 151643
 

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.*; 
 import torch  # noqa: E402
 
 from qnext.worker import sampler  # noqa: E402
-from qnext.worker.sampler import SamplingBatch, SamplingParams, sample  # noqa: E402
+from qnext.worker.sampler import SamplingBatch, sample  # noqa: E402
+from qnext.worker.types import SamplingParams
 
 VOCAB = 151936
 CASES = {

@@ -15,7 +15,7 @@ A benchmark, not a test: it prints figures and always exits 0 (unless something 
 For each checkpoint and batch size: one short warm-up run per engine, then --repeats runs; in each run all the
 engines generate at once, stepped round robin (k=0, 1, 2, ... then again), so a busy neighbour on a shared machine
 slows every k alike. tokens/s = tokens / (the run's own step() time); medians over runs. Every engine step is timed (step() wall, the model forward
-from engine.timings, the MTP drafting passes and the accept/rollback work inside it), and the steady-state steps
+from engine.runner.timings, the MTP drafting passes and the accept/rollback work inside it), and the steady-state steps
 (after prefill, every sequence decoding / verifying a full k drafts) give the cost that decides whether MTP pays:
 verify-step time / plain decode-step time. Speculation wins only if the tokens emitted per verify step (the mean
 acceptance length) exceed that ratio.
@@ -47,9 +47,9 @@ from bench.provenance import git_state  # noqa: E402
 
 import torch  # noqa: E402
 
-from qnext.worker.engine import Engine, EngineConfig, GenerationRequest, StepTimings  # noqa: E402
-from qnext.worker.sampler import SamplingParams  # noqa: E402
-from qnext.worker.scheduler import StoppingParams  # noqa: E402
+from qnext.worker.engine import Engine  # noqa: E402
+from qnext.worker.model_runner import StepTimings  # noqa: E402
+from qnext.worker.types import EngineConfig, GenerationRequest, SamplingParams, StoppingParams
 from qnext.worker.spec_decode import SpecCounters  # noqa: E402
 from qnext.worker.tiny import align_mtp_with_target, default_checkpoint  # noqa: E402
 
@@ -59,7 +59,7 @@ GREEDY = SamplingParams(temperature=0.0)
 
 def _pools_free(engine) -> bool:
     engine.reset_prefix_cache()  # cached prefixes hold blocks until cleared
-    return engine.cache_manager.is_full() and not engine._draft_probs
+    return engine.cache_manager.is_full() and engine.spec.num_tracked == 0
 
 
 def make_prompts(batch: int, length: int, seed: int) -> list[list[int]]:
@@ -76,15 +76,15 @@ def make_aligned_checkpoint(src: Path, dst: Path) -> Path:
 
 class StepProbe:
     """Times every engine step and its parts by wrapping the engine instance's own methods (no engine change):
-    scheduler.schedule (to see the plan), _propose_drafts (the MTP drafting passes), _verify (acceptance and the
-    DeltaNet rollback). The model forward comes from engine.timings.forward_s."""
+    scheduler.schedule (to see the plan), spec.propose (the MTP drafting passes), spec.verify (acceptance and the
+    DeltaNet rollback). The model forward comes from engine.runner.timings.forward_s."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.plan = None
         self.draft_s = 0.0
         self.verify_s = 0.0
-        sync = engine.device.type == "cuda"
+        sync = engine.runner.device.type == "cuda"
         schedule = engine.scheduler.schedule
 
         def schedule_hook():
@@ -98,19 +98,19 @@ class StepProbe:
                     return fn(*a, **kw)
                 finally:
                     if sync:
-                        torch.cuda.synchronize(engine.device)
+                        torch.cuda.synchronize(engine.runner.device)
                     setattr(self, attr, getattr(self, attr) + time.perf_counter() - start)
             return wrapper
 
         engine.scheduler.schedule = schedule_hook
-        engine._propose_drafts = timed(engine._propose_drafts, "draft_s")
-        engine._verify = timed(engine._verify, "verify_s")
+        engine.spec.propose = timed(engine.spec.propose, "draft_s")
+        engine.spec.verify = timed(engine.spec.verify, "verify_s")
 
     def step(self):
         """engine.step() plus a record: (kind, drafts per chunk, wall, forward, drafting, verify) of the step."""
         e = self.engine
         self.plan = None
-        fwd0, draft0, verify0 = e.timings.forward_s, self.draft_s, self.verify_s
+        fwd0, draft0, verify0 = e.runner.timings.forward_s, self.draft_s, self.verify_s
         start = time.perf_counter()
         outputs = e.step()
         wall = time.perf_counter() - start
@@ -123,7 +123,7 @@ class StepProbe:
         else:
             kind = "other"  # prefill, or a mix
         return outputs, {"kind": kind, "num_chunks": len(chunks), "drafts": drafts, "wall_s": wall,
-                         "forward_s": e.timings.forward_s - fwd0, "draft_s": self.draft_s - draft0,
+                         "forward_s": e.runner.timings.forward_s - fwd0, "draft_s": self.draft_s - draft0,
                          "verify_s": self.verify_s - verify0}
 
 
@@ -133,8 +133,8 @@ class Run:
     def __init__(self, probe: StepProbe, prompts: list[list[int]], new_tokens: int, tag: str) -> None:
         self.probe, self.new_tokens = probe, new_tokens
         engine = probe.engine
-        engine.timings = StepTimings()
-        engine.spec_counters = SpecCounters()
+        engine.runner.timings = StepTimings()
+        engine.spec.counters = SpecCounters()
         self.ids = [f"{tag}-{i}" for i in range(len(prompts))]
         self.tokens: dict[str, list[int]] = {rid: [] for rid in self.ids}
         self.finals: dict[str, Any] = {}
@@ -159,8 +159,8 @@ class Run:
 
     def result(self) -> dict[str, Any]:
         engine = self.probe.engine
-        c = engine.spec_counters
-        drafted_by_pos = [0] * max(engine.max_spec_tokens, 1)
+        c = engine.spec.counters
+        drafted_by_pos = [0] * max(engine.runner.max_spec_tokens, 1)
         for rec in self.steps:
             for d in rec["drafts"]:
                 for j in range(d):
@@ -168,7 +168,7 @@ class Run:
         token_lists = [self.tokens[rid] for rid in self.ids]
         assert all(len(t) == self.new_tokens for t in token_lists), "wrong number of generated tokens"
         return {
-            "wall_s": self.wall, "tokens": token_lists, "num_steps": engine.timings.num_steps,
+            "wall_s": self.wall, "tokens": token_lists, "num_steps": engine.runner.timings.num_steps,
             "drafted": c.num_drafted, "accepted": c.num_accepted, "verify_steps": c.num_verify_steps,
             "accepted_by_pos": list(c.accepted_by_position[:len(drafted_by_pos)]), "drafted_by_pos": drafted_by_pos,
             # the per-request counters of the final RequestOutputs must add up to the engine-wide ones
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'PASS' if not bad else 'FAIL'}  greedy tokens at every k == k=0 tokens (same checkpoint, batch)"
           + ("" if not bad else ": " + ", ".join(f"{r['checkpoint']} b{r['batch']} k{r['k']}" for r in bad)))
     bad = [r for r in results if not (r["request_counters_agree"] and r["pools_free"])]
-    print(f"  {'PASS' if not bad else 'FAIL'}  per-request counters sum to engine.spec_counters; blocks/slots freed"
+    print(f"  {'PASS' if not bad else 'FAIL'}  per-request counters sum to engine.spec.counters; blocks/slots freed"
           + ("" if not bad else ": " + ", ".join(f"{r['checkpoint']} b{r['batch']} k{r['k']}" for r in bad)))
     aligned = [r for r in results if r["checkpoint"] == "aligned" and r["k"]]
     if aligned:

@@ -24,10 +24,9 @@ from multiprocessing.connection import Connection
 
 import structlog
 
-from qnext.rpc.messages import (AddRequest, PrefixCacheReset, Ready, Rejected, Shutdown, StepResult, Submit,
-                                WorkerStats)
+from qnext.rpc.messages import PrefixCacheReset, Ready, Rejected, Shutdown, StepResult, Submit
+from qnext.worker.types import EngineConfig, EngineStats, GenerationRequest, RequestOutput
 from qnext.rpc.worker_process import run_worker
-from qnext.worker.engine import EngineConfig, RequestOutput
 
 log = structlog.get_logger("qnext.batcher")
 
@@ -77,12 +76,12 @@ class Batcher:
         self.max_pending_requests = max_pending_requests
         self.on_ready_change = on_ready_change
         self.ready: Ready | None = None  # the latest handshake; None while the worker is down
-        self.stats = WorkerStats()
+        self.stats = EngineStats()
         self.num_restarts = 0
         self.draining = False
         self._handles: dict[str, RequestHandle] = {}
         self._in_worker: set[str] = set()  # submitted to the worker and not finished there
-        self._adds: list[AddRequest] = []
+        self._adds: list[GenerationRequest] = []
         self._aborts: list[str] = []
         self._resets: list[asyncio.Future] = []  # ResetPrefixCache calls: sent / waiting for the worker's answer
         self._reset_pending = False  # a reset to send with the next flush
@@ -117,7 +116,7 @@ class Batcher:
         self._loop.add_reader(proc.sentinel, self._on_worker_exit, proc)
         return await self._ready_fut
 
-    def submit(self, add: AddRequest) -> RequestHandle:
+    def submit(self, add: GenerationRequest) -> RequestHandle:
         if self.draining:
             raise WorkerUnavailable("the server is draining (shutting down); retry on another replica")
         if self.ready is None:
@@ -177,8 +176,8 @@ class Batcher:
     def _dispatch(self, msg: object) -> None:
         if isinstance(msg, StepResult):
             self.stats = msg.stats
-            for rid, t in msg.started.items():
-                if (h := self._handles.get(rid)) is not None:
+            for rid, t in msg.started.items():  # a request preempted and admitted again keeps its first start
+                if (h := self._handles.get(rid)) is not None and h.started is None:
                     h.started = t
             for out in msg.outputs:
                 if out.finished:
@@ -229,7 +228,7 @@ class Batcher:
         self._handles.clear()
         self._in_worker.clear()
         self._adds, self._aborts = [], []
-        self.stats = WorkerStats()
+        self.stats = EngineStats()
         if self._ready_fut is not None and not self._ready_fut.done():
             self._ready_fut.set_exception(RuntimeError(f"the worker failed to start: {why}"))
         if self._closing:

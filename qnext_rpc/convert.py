@@ -6,7 +6,8 @@ from typing import Any
 
 from qnext.v1 import generation_pb2 as pb
 from qnext.v1 import generation_pb2_grpc as pb_grpc
-from qnext.rpc.messages import Ready, WorkerStats
+from qnext.rpc.messages import Ready
+from qnext.worker.types import EngineStats
 from qnext.rpc.stream import Chunk, Finish, TokenLogprob
 from qnext.rpc.text import ChatMessage
 from qnext.rpc.validate import SAMPLING_FIELDS, GenerateSpec, Limits
@@ -126,7 +127,7 @@ def model_info(ready: Ready, limits: Limits, server: dict[str, Any]) -> Any:
         default_sampling=pb.SamplingParams(**limits.default_sampling), device=m.device, **server)
 
 
-def server_stats(w: WorkerStats, server: dict[str, Any]) -> Any:
+def server_stats(w: EngineStats, server: dict[str, Any]) -> Any:
     return pb.ServerStats(num_running=w.num_running, num_waiting=w.num_waiting, kv_blocks_used=w.kv_blocks_used,
                           kv_blocks_total=w.kv_blocks_total, state_slots_used=w.state_slots_used,
                           state_slots_total=w.state_slots_total, num_steps=w.num_steps,

@@ -29,7 +29,7 @@ from qnext.rpc.service import GenerationService
 from qnext.rpc.text import TextProcessor
 from qnext.rpc.validate import Limits
 from qnext.worker.cli_help import HelpFormatter
-from qnext.worker.engine import EngineConfig
+from qnext.worker.types import EngineConfig
 
 log = structlog.get_logger("qnext.server")
 _MAX_MESSAGE_BYTES = 64 << 20

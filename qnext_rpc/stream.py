@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 
 from qnext.rpc.text import IncrementalDetokenizer, ReasoningSplitter, StopStringMatcher, TextProcessor
 from qnext.rpc.validate import PreparedRequest
-from qnext.worker.engine import RequestOutput
-from qnext.worker.scheduler import FinishReason
+from qnext.worker.types import FinishReason, RequestOutput
 
 # The service's finish reasons: the engine's, plus the ones only the server knows.
 STOP_STRING = "stop_string"

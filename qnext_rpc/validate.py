@@ -11,10 +11,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from qnext.rpc.messages import AddRequest
+from qnext.worker.types import GenerationRequest, MAX_TOP_LOGPROBS, SamplingParams, StoppingParams
 from qnext.rpc.text import CHAT_ROLES, ChatMessage, TextProcessor
-from qnext.worker.sampler import MAX_TOP_LOGPROBS, SamplingParams
-from qnext.worker.scheduler import StoppingParams
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty", "seed")
@@ -63,7 +61,7 @@ class GenerateSpec:
 
 @dataclass(frozen=True)
 class PreparedRequest:
-    add: AddRequest
+    add: GenerationRequest
     stop_strings: list[str]
     include_stop_strings: bool
     top_logprobs: int
@@ -174,7 +172,7 @@ def prepare(spec: GenerateSpec, limits: Limits, text: TextProcessor) -> Prepared
     if field_name == "chat" and not spec.bypass_prefix_cache:
         checkpoints.update(text.chat_turn_boundaries(spec.chat or [], spec.enable_thinking, ids))
     rid = spec.request_id or uuid.uuid4().hex
-    add = AddRequest(rid, ids, sampling, stopping, num_speculative_tokens=num_spec,
+    add = GenerationRequest(rid, ids, sampling, stopping, num_speculative_tokens=num_spec,
                      use_prefix_cache=not spec.bypass_prefix_cache, cache_checkpoints=tuple(sorted(checkpoints)))
     return PreparedRequest(add=add, stop_strings=list(spec.stop_strings),
                            include_stop_strings=spec.include_stop_strings, top_logprobs=spec.top_logprobs,

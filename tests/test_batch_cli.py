@@ -9,9 +9,8 @@ import sys
 
 from tokenizers import Tokenizer
 
-from qnext.worker.engine import Engine, EngineConfig
-from qnext.worker.sampler import SamplingParams
-from qnext.worker.scheduler import StoppingParams
+from qnext.worker.engine import Engine
+from qnext.worker.types import EngineConfig, SamplingParams, StoppingParams
 
 
 def test_qnext_batch(default_ckpt, tmp_path):

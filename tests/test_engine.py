@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from hf_reference import make_hf_checkpoint
-from qnext.worker.engine import Engine, EngineConfig, GenerationRequest
-from qnext.worker.sampler import SamplingParams
-from qnext.worker.scheduler import FinishReason, StoppingParams
+from qnext.worker.engine import Engine
+from qnext.worker.types import EngineConfig, FinishReason, GenerationRequest, SamplingParams, StoppingParams
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -38,7 +37,7 @@ def engines():
     for e in made:  # every block and state slot is back after any mix of finished / aborted / preempted
         assert not e.has_unfinished()
         e.reset_prefix_cache()  # cached prefixes hold blocks until cleared
-        assert e.cache_manager.is_full() and not e._restored_hidden
+        assert e.cache_manager.is_full() and e.spec.num_tracked == 0
 
 
 def prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
@@ -154,7 +153,7 @@ def test_eos_from_generation_config_and_ignore_eos(tmp_path, engines):
     free = e0.generate([p], GREEDY, StoppingParams(max_new_tokens=10, ignore_eos=True))[0].token_ids
     (d / "generation_config.json").write_text(f'{{"eos_token_id": [{free[2]}, 9999]}}')
     e = engines((d, None))
-    assert e.eos_token_ids == (free[2], 9999)
+    assert e.runner.eos_token_ids == (free[2], 9999)
     c = e.generate([p], GREEDY, StoppingParams(max_new_tokens=10))[0]
     assert c.token_ids == free[:free.index(free[2]) + 1] and c.finish_reason == FinishReason.EOS
     c = e.generate([p], GREEDY, StoppingParams(max_new_tokens=10, ignore_eos=True))[0]

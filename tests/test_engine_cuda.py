@@ -12,9 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qnext.worker.engine import Engine, EngineConfig
-from qnext.worker.sampler import SamplingParams
-from qnext.worker.scheduler import StoppingParams
+from qnext.worker.engine import Engine
+from qnext.worker.types import EngineConfig, SamplingParams, StoppingParams
 from qnext.worker.tiny import make_checkpoint, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -44,15 +43,15 @@ def cpu_reference(ckpt):
 def test_cuda_engine_matches_the_cpu_engine(ckpt, cpu_reference, k):
     engine = Engine(EngineConfig(model=str(ckpt), device="cuda", dtype="float32", cache_memory=0.02, seed=0,
                                  max_num_seqs=8, num_speculative_tokens=k))
-    assert engine.graphs is not None and engine.graphs.stats.num_graphs > 0, engine.describe_graphs()
+    assert engine.runner.graphs is not None and engine.runner.graphs.stats.num_graphs > 0, engine.runner.describe_graphs()
     got = engine.generate(prompts(), GREEDY, STOP)
     for g, want in zip(got, cpu_reference):
         assert g.token_ids == want.token_ids
         # the chunked gated delta rule walks its chunks in TF32 on a GPU by design (kernels/gated_delta_rule/
         # triton_chunk.py), even for fp32 models: 6.7e-3 was the largest difference on an H200 (logprobs ~ -3)
         torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(want.logprobs), atol=1.5e-2, rtol=0)
-    assert engine.graphs.stats.replayed_steps > 0  # the decode steps did replay
+    assert engine.runner.graphs.stats.replayed_steps > 0  # the decode steps did replay
     if k:
-        assert engine.spec_counters.num_drafted > 0
+        assert engine.spec.counters.num_drafted > 0
     engine.reset_prefix_cache()
     assert engine.cache_manager.is_full()

@@ -22,12 +22,10 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from qnext.kernels import dispatch  # noqa: E402
 from paged_runner import PagedRunner  # noqa: E402
-from qnext.rpc.worker_process import _stats  # noqa: E402
-from qnext.worker.engine import Engine, EngineConfig  # noqa: E402
+from qnext.worker.engine import Engine  # noqa: E402
+from qnext.worker.types import EngineConfig, SamplingParams, StoppingParams
 from qnext.worker.graph_runner import batch_buckets, target_runner  # noqa: E402
 from qnext.worker.loader import load_model  # noqa: E402
-from qnext.worker.sampler import SamplingParams  # noqa: E402
-from qnext.worker.scheduler import StoppingParams  # noqa: E402
 from qnext.worker.tiny import make_checkpoint, tiny_config  # noqa: E402
 
 PROMPTS = [list(range(3, 12)), list(range(40, 45)), list(range(60, 80)), [7]]
@@ -144,10 +142,10 @@ def test_engine_tokens_do_not_change_with_padded_steps(k: int) -> None:
         engine = Engine(EngineConfig(seed=0, cuda_graphs=mode, num_speculative_tokens=k, max_num_seqs=8))
         done = engine.generate(prompts, sampling, StoppingParams(max_new_tokens=7, ignore_eos=True))
         outs[mode] = [c.token_ids for c in done]
-        if engine.graphs:
-            stats = engine.graphs.stats
-            mtp = engine.mtp_graphs.stats if engine.mtp_graphs else None
-            worker = _stats(engine)  # what the server's metrics and stats report
+        if engine.runner.graphs:
+            stats = engine.runner.graphs.stats
+            mtp = engine.runner.mtp_graphs.stats if engine.runner.mtp_graphs else None
+            worker = engine.stats()  # what the server's metrics and stats report
             assert (worker.cuda_graph_steps, worker.cuda_graph_padded_rows) == (stats.replayed_steps,
                                                                                 stats.padded_rows)
         assert engine.cache_manager.slots.num_free == engine.cache_info.num_slots  # nothing leaked
@@ -165,8 +163,8 @@ def test_graph_config_is_checked() -> None:
     with pytest.raises(ValueError, match="cuda_graph_max_batch_size: must be >= 1"):
         EngineConfig(cuda_graph_max_batch_size=0)
     engine = Engine(EngineConfig(seed=0))
-    assert engine.graphs is None and engine.cache.padding_slot is None  # auto on CPU: nothing to capture
-    assert engine.describe_graphs() == "off (not on CUDA)"
+    assert engine.runner.graphs is None and engine.runner.cache.padding_slot is None  # auto on CPU: nothing to capture
+    assert engine.runner.describe_graphs() == "off (not on CUDA)"
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on CPU a capture cannot succeed: that is what is checked")
@@ -181,11 +179,12 @@ def test_engine_steps_refill_the_static_tables_outside_inference_mode(small_mode
     """Found on the first GPU run: the static batches' kernel tables are built inside the model's inference-mode
     forward, and an engine step called from plain code refilled them in place (an error for inference tensors).
     The engine's steps run in inference mode; here with the Triton kernels (interpreter), which build tables."""
-    from qnext.worker.engine import Engine, EngineConfig
+    from qnext.worker.engine import Engine
+    from qnext.worker.types import EngineConfig
     engine = Engine(EngineConfig(device=DEVICE, cuda_graphs="padded-eager", max_num_seqs=2,
                                  cache_memory=0.02 if DEVICE == "cuda" else 16 << 20), model=small_model)
     with dispatch.force_triton():
         done = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(temperature=0.0),
                                StoppingParams(max_new_tokens=4, ignore_eos=True))
     assert [len(c.token_ids) for c in done] == [4, 4]
-    assert engine.graphs.stats.replayed_steps >= 2
+    assert engine.runner.graphs.stats.replayed_steps >= 2

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from qnext.worker.cache import HybridCacheManager
-from qnext.worker.engine import Engine, EngineConfig, GenerationRequest
+from qnext.worker.engine import Engine
+from qnext.worker.types import EngineConfig, GenerationRequest, SamplingParams, StoppingParams
 from qnext.worker.prefix_cache import PrefixCache
-from qnext.worker.sampler import SamplingParams
-from qnext.worker.scheduler import Request, Scheduler, SchedulerConfig, StoppingParams
+from qnext.worker.scheduler import Request, Scheduler, SchedulerConfig
 from qnext.worker.tiny import make_checkpoint, tiny_config
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -43,7 +43,7 @@ def engines():
     for e in made:  # all pools are full again once the cache is cleared
         assert not e.has_unfinished()
         e.reset_prefix_cache()
-        assert e.cache_manager.is_full() and not e._restored_hidden and not e._draft_probs
+        assert e.cache_manager.is_full() and e.spec.num_tracked == 0
         if e.cache_manager.prefix is not None:
             assert e.cache_manager.prefix.num_checkpoints_used == 0
 

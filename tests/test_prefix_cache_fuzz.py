@@ -32,10 +32,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import qnext.worker.engine as engine_module
-from qnext.worker.engine import Engine, EngineConfig, GenerationRequest
-from qnext.worker.sampler import SamplingParams
-from qnext.worker.scheduler import FinishReason, RequestStatus, StoppingParams
+import qnext.worker.model_runner as runner_module
+from qnext.worker.engine import Engine
+from qnext.worker.types import EngineConfig, FinishReason, GenerationRequest, SamplingParams, StoppingParams
+from qnext.worker.scheduler import RequestStatus
 from qnext.worker.tiny import make_checkpoint, tiny_config
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -69,12 +69,12 @@ def _engine(ckpt: Path, sizes: tuple[int, int, int] | None = None, **kw) -> Engi
                           num_speculative_tokens=MAX_SPEC, **kw)
     if sizes is None:
         return Engine(config)
-    split = engine_module.size_cache
-    engine_module.size_cache = lambda *args, **kwargs: sizes
+    split = runner_module.size_cache
+    runner_module.size_cache = lambda *args, **kwargs: sizes
     try:
         return Engine(config)
     finally:
-        engine_module.size_cache = split
+        runner_module.size_cache = split
 
 
 class Oracle:
@@ -142,9 +142,10 @@ class KVProvenance:
         self.target: dict[tuple[int, int], tuple[int, ...] | None] = {}
         self.mtp: dict[tuple[int, int], tuple[int, ...] | None] = {}
         self.drafting = False
-        forward_batch, copy_blocks, propose = engine._forward_batch, engine.cache.copy_blocks, engine._propose_drafts
+        forward_batch, copy_blocks, propose = engine.runner.forward_batch, engine.runner.cache.copy_blocks, \
+            engine.spec.propose
 
-        def forward_batch_spy(pieces, is_verify):
+        def forward_batch_spy(pieces, is_verify=None):
             target = is_verify is not None  # the target forward passes a list; MTP passes None
             for r, start, toks in pieces:
                 if target:  # rows start + j: tokens [0, start) + toks[:j + 1]
@@ -172,7 +173,7 @@ class KVProvenance:
             finally:
                 self.drafting = False
 
-        engine._forward_batch, engine.cache.copy_blocks, engine._propose_drafts = \
+        engine.runner.forward_batch, engine.runner.cache.copy_blocks, engine.spec.propose = \
             forward_batch_spy, copy_blocks_spy, propose_spy
 
     def _row(self, r, p: int) -> tuple[int, int]:
@@ -248,8 +249,8 @@ def check_invariants(engine: Engine) -> None:
             parent = nid
         want = min(r.num_computed_tokens, r.num_tokens - 1) // bs if r.use_prefix_cache else 0
         assert len(r.prefix_nodes) == want, (r.request_id, r.prefix_nodes, r.num_computed_tokens, r.num_tokens)
-    assert not engine._restored_hidden, "a restored MTP row was never consumed"
-    assert set(engine._draft_probs) <= set(sched._requests)
+    assert not any(s.restored for s in engine.spec._requests.values()), "a restored MTP row was never consumed"
+    assert set(engine.spec._requests) <= set(sched._requests)
 
 
 @dataclass
@@ -420,7 +421,7 @@ def run_seed(seed: int, ckpt: Path, oracle: Oracle, num_requests: int | None = N
     check_invariants(engine)
     assert engine.cache_manager.is_full() and engine.cache_manager.prefix.num_checkpoints_used == 0
     assert engine.cache_manager.num_checkpoint_blocks == 0 and engine.cache_manager.prefix.num_cached_blocks == 0
-    assert not engine._restored_hidden and not engine._draft_probs
+    assert engine.spec.num_tracked == 0
     stats = engine.cache_manager.prefix.stats
     return dict(seed=seed, pressure=pressure, slots=engine.cache_info.num_slots, steps=steps, drafts_compared=f"{len(common)}/{len(drafts)}", requests=len(sent), aborted=sum(s.aborted for s in sent.values()),
                 preemptions=preemptions, resets=resets, hits=stats.num_hits, restores=stats.num_restores,
@@ -483,7 +484,7 @@ def _kv_rows(e: Engine, rid: str, n: int) -> list:
     r = e.scheduler.get(rid)
     bs = e.config.block_size
     idx = torch.tensor([r.block_ids[p // bs] for p in range(n)]), torch.tensor([p % bs for p in range(n)])
-    return [(k[idx], v[idx]) for k, v in zip(e.cache.k_cache, e.cache.v_cache)]
+    return [(k[idx], v[idx]) for k, v in zip(e.runner.cache.k_cache, e.runner.cache.v_cache)]
 
 
 def test_hit_through_a_block_cached_by_a_request_that_diverged_right_after_it(fuzz_ckpt, oracle):

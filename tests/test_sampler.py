@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from qnext.worker.sampler import (MAX_TOP_LOGPROBS, NUCLEUS_CANDIDATES, STREAM_SAMPLE, SamplingBatch, SamplingParams,
-                            processed_probs, sample, uniform_noise)
+from qnext.worker.sampler import NUCLEUS_CANDIDATES, STREAM_SAMPLE, SamplingBatch, processed_probs, sample, uniform_noise
+from qnext.worker.types import MAX_TOP_LOGPROBS, SamplingParams
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -306,7 +306,7 @@ def test_different_seeds_and_steps_give_different_draws(device: torch.device) ->
     ("top_logprobs", -1), ("top_logprobs", MAX_TOP_LOGPROBS + 1), ("temperature", "hot"), ("top_k", True),
 ])
 def test_bad_params_raise_naming_the_field(field: str, value: object) -> None:
-    with pytest.raises(ValueError, match=f"^{field} must be"):
+    with pytest.raises(ValueError, match=f"^{field}: must be"):
         SamplingParams(**{field: value})
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from qnext.worker.cache import HybridCacheManager
-from qnext.worker.scheduler import (FinishReason, Request, RequestStatus, SchedulePlan, Scheduler, SchedulerConfig,
-                              StepOutput, StoppingParams)
+from qnext.worker.scheduler import Request, RequestStatus, SchedulePlan, Scheduler, SchedulerConfig, StepOutput
+from qnext.worker.types import FinishReason, StoppingParams
 
 EOS = 1
 Model = Callable[[Request], int]
@@ -159,14 +159,14 @@ def test_min_new_tokens_and_ignore_eos() -> None:
     sched.add(a)
     sched.add(b)
     # While fewer than min_new_tokens outputs exist, eos and stop ids are suppressed (ignore_eos: stop ids only).
-    assert sched.suppressed_token_ids(a) == [EOS, 7] and sched.suppressed_token_ids(b) == [7]
+    assert a.suppressed_token_ids() == [EOS, 7] and b.suppressed_token_ids() == [7]
     # A (fake, unsuppressed) eos or stop id among the first min_new_tokens tokens does not stop.
     done = run(sched, scripted({"min": [EOS, 7, EOS], "ignore": [EOS, EOS, EOS]}))
     assert (done["min"].new_token_ids, done["min"].finish_reason) == ([EOS, 7, EOS], FinishReason.EOS)
     assert (done["ignore"].new_token_ids, done["ignore"].finish_reason) == ([EOS] * 3, FinishReason.LENGTH)
     c = make("after", 1, max_new=5, min_new_tokens=1)
     c.output_token_ids.append(5)
-    assert sched.suppressed_token_ids(c) == []
+    assert c.suppressed_token_ids() == []
 
 
 def test_max_model_len_finishes_with_length() -> None:

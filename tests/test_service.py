@@ -16,9 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from qnext.rpc import convert
 from qnext.rpc.client import Client
 from test_service_support import ServerProcess
-from qnext.worker.engine import Engine, EngineConfig
-from qnext.worker.sampler import SamplingParams
-from qnext.worker.scheduler import StoppingParams
+from qnext.worker.engine import Engine
+from qnext.worker.types import EngineConfig, SamplingParams, StoppingParams
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

@@ -11,7 +11,8 @@ import pytest
 from qnext.rpc.client import Client
 from test_service import collect, offline
 from test_service_support import ServerProcess
-from qnext.worker.engine import Engine, EngineConfig
+from qnext.worker.engine import Engine
+from qnext.worker.types import EngineConfig
 
 
 def test_speculation_through_grpc(default_ckpt, tmp_path):

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qnext.worker.engine import Engine, EngineConfig, GenerationRequest
-from qnext.worker.sampler import SamplingParams
-from qnext.worker.scheduler import StoppingParams
+from qnext.worker.engine import Engine
+from qnext.worker.types import EngineConfig, GenerationRequest, SamplingParams, StoppingParams
 from qnext.worker.spec_decode import accept_drafts
 from qnext.worker.tiny import align_mtp_with_target, make_checkpoint, tiny_config
 
@@ -45,7 +44,7 @@ def engines():
     for e in made:
         assert not e.has_unfinished()
         e.reset_prefix_cache()  # cached prefixes hold blocks until cleared
-        assert e.cache_manager.is_full() and not e._draft_probs and not e._restored_hidden
+        assert e.cache_manager.is_full() and e.spec.num_tracked == 0
 
 
 def prompts(lengths: list[int], seed: int) -> list[list[int]]:
@@ -86,7 +85,7 @@ def test_greedy_is_exact_for_every_k(request, engines, ckpt_name):
               arrive_at=[i // 2 for i in range(len(ps) * len(ks))])
     for i, k in enumerate(ks * len(ps)):
         assert got[i] == want[i // len(ks)], f"prompt {i // len(ks)}, k={k}"
-    c = e.spec_counters
+    c = e.spec.counters
     assert c.num_drafted > 0
     if ckpt_name == "aligned_ckpt":  # every draft accepted: the multi-accept and bonus-token paths ran
         assert c.num_accepted == c.num_drafted and c.accepted_by_position[3] > 0
@@ -124,8 +123,8 @@ def test_rolled_back_state_equals_plain_decoding(random_ckpt, engines):
             r = engine.scheduler.get("s")
             if r is not None:
                 slot = r.state_slot
-                seen[r.num_computed_tokens] = (engine.cache.conv_state[:, slot].clone(),
-                                               engine.cache.ssm_state[:, slot].clone())
+                seen[r.num_computed_tokens] = (engine.runner.cache.conv_state[:, slot].clone(),
+                                               engine.runner.cache.ssm_state[:, slot].clone())
         return seen
 
     # float64 (weights, activations and states): rounding differences between a k+1-token verify chunk and
@@ -133,7 +132,7 @@ def test_rolled_back_state_equals_plain_decoding(random_ckpt, engines):
     plain = states(engines(random_ckpt, dtype="float64", state_dtype="float64"), 0)
     spec_engine = engines(random_ckpt, num_speculative_tokens=3, dtype="float64", state_dtype="float64")
     spec = states(spec_engine, 3)
-    c = spec_engine.spec_counters
+    c = spec_engine.spec.counters
     assert c.num_accepted < c.num_drafted  # rejections happened, so rollbacks did
     common = sorted(set(plain) & set(spec))
     assert len(common) >= 6

@@ -15,11 +15,10 @@ from safetensors import safe_open
 
 from qnext.rpc import server
 from qnext.worker.config import load_config
-from qnext.worker.engine import Engine, EngineConfig, GenerationRequest
+from qnext.worker.engine import Engine
+from qnext.worker.types import EngineConfig, GenerationRequest, SamplingParams, StoppingParams
 from qnext.worker.loader import CheckpointFiles, load_model
 from qnext.worker.parallel import TensorShard, shard_config
-from qnext.worker.sampler import SamplingParams
-from qnext.worker.scheduler import StoppingParams
 from qnext.worker.tiny import make_checkpoint, tiny_config
 
 LONG = list(range(1000, 1040))
@@ -45,7 +44,7 @@ def _generate(ckpt, tp: int) -> tuple[dict[str, tuple[list[int], list[float]]], 
                 for o in engine.step():
                     out[o.request_id][0].extend(o.new_token_ids)
                     out[o.request_id][1].extend(o.logprobs)
-        return out, engine.spec_counters.num_drafted, engine.cache_manager.prefix.stats.num_hits
+        return out, engine.spec.counters.num_drafted, engine.cache_manager.prefix.stats.num_hits
     finally:
         engine.close()
 

@@ -21,9 +21,8 @@ from typing import Any, TextIO
 from tokenizers import Tokenizer
 
 from qnext.worker.cli_help import HelpFormatter
-from qnext.worker.engine import Engine, EngineConfig, GenerationRequest
-from qnext.worker.sampler import SamplingParams
-from qnext.worker.scheduler import StoppingParams
+from qnext.worker.engine import Engine
+from qnext.worker.types import EngineConfig, GenerationRequest, SamplingParams, StoppingParams
 
 _SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                     "frequency_penalty", "seed"}
@@ -211,17 +210,17 @@ def main(argv: list[str] | None = None) -> int:
                                  enable_prefix_caching=args.prefix_caching,
                                  tensor_parallel_size=args.tensor_parallel_size,
                                  cuda_graphs="off" if args.enforce_eager else "auto"))
-    tokenizer = Tokenizer.from_file(str(engine.model_dir / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(engine.runner.model_dir / "tokenizer.json"))
     info = engine.cache_info
-    print(f"qnext-batch: model {engine.model_dir}, cache {info.num_kv_tokens} KV tokens, "
-          f"{info.num_slots} sequences; CUDA graphs: {engine.describe_graphs()}",
+    print(f"qnext-batch: model {engine.runner.model_dir}, cache {info.num_kv_tokens} KV tokens, "
+          f"{info.num_slots} sequences; CUDA graphs: {engine.runner.describe_graphs()}",
           file=sys.stderr)
     try:
         with open(args.input) as src, open(args.output, "w") as dst:
             completed, rejected = run(engine, tokenizer, src, dst, progress=sys.stderr.isatty())
     finally:
         engine.close()
-    c = engine.spec_counters
+    c = engine.spec.counters
     spec = (f"; MTP drafted {c.num_drafted}, accepted {c.num_accepted} "
             f"({c.mean_acceptance_length:.2f} tokens per verify step)" if c.num_verify_steps else "")
     print(f"qnext-batch: {completed} completed, {rejected} rejected -> {args.output}{spec}", file=sys.stderr)

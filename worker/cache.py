@@ -7,14 +7,46 @@ Two resources, handed out by the same free-list bookkeeping:
 Ids are indices into the device pools of `worker/cache_tensors.py`. A slot handed out again still holds the
 previous owner's state; the model ignores it for a sequence's first chunk (`ForwardBatch.has_initial_state`).
 
+With prefix caching the manager also keeps the prefix index current for the sequences it serves (which of a
+request's full blocks are named in the index, which states to checkpoint, what a new request can restore): the
+scheduler decides who runs, this module what each one's blocks mean to the index.
+
 This module is plain Python on purpose: the scheduler runs it on the CPU and must not import torch.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from qnext.worker.prefix_cache import PrefixCache
+from qnext.worker.prefix_cache import Checkpoint, Hit, PrefixCache
+
+if TYPE_CHECKING:
+    from qnext.worker.scheduler import Request
+
+
+@dataclass(frozen=True)
+class Restore:
+    """Before the forward: checkpoint `ckpt_id`'s state into `slot`, its tail block into `dst_block`."""
+
+    request_id: str
+    ckpt_id: int
+    slot: int
+    tail_block: int
+    dst_block: int
+    position: int  # the request starts computing here
+
+
+@dataclass(frozen=True)
+class CheckpointCopy:
+    """After update: the state in `slot` and the block `src_block` (rows up to P-1) into `checkpoint` (its id
+    and tail block), with the hidden state of P-1 from this step's row of that token; P = checkpoint.position."""
+
+    request_id: str
+    slot: int
+    src_block: int
+    checkpoint: Checkpoint = field(compare=False, repr=False)
 
 
 class _IdPool:
@@ -208,3 +240,89 @@ class HybridCacheManager:
     @property
     def state_slots_total(self) -> int:
         return self.slots.num_total
+
+    # ---- the prefix index, kept current for the sequences' blocks (no-ops without a prefix cache) ----
+
+    def restore_prefix(self, request: Request) -> tuple[Hit | None, Restore | None]:
+        """For a request starting from nothing: the deepest cached prefix, with the blocks shared, a fresh tail
+        block and a slot taken (undone with `release` if the request is not admitted after all)."""
+        if self.prefix is None or not request.use_prefix_cache or request.num_computed_tokens:
+            return None, None
+        hit = self.prefix.lookup(request.prefix_root, request.all_token_ids, limit=request.num_tokens - 1)
+        if hit is None:
+            return None, None
+        self.share_blocks(hit.blocks)
+        grown = self.ensure(hit.blocks, None, hit.position)  # + the tail's block and a slot
+        if grown is None:  # no slot or block for it now: the request waits like any other
+            self.drop_blocks(hit.blocks)
+            return None, None
+        request.block_ids, request.state_slot = grown
+        request.num_computed_tokens, request.prefix_nodes = hit.position, list(hit.nodes)
+        ckpt = hit.checkpoint
+        return hit, Restore(request.request_id, ckpt.ckpt_id, request.state_slot, ckpt.tail_block,
+                            request.block_ids[len(hit.blocks)], hit.position)
+
+    def record_admission(self, request: Request, hit: Hit | None, restored: bool) -> None:
+        """Count an admission in the statistics: every restore, and a request's first admission as a query (a
+        preempted one's return is not one)."""
+        if self.prefix is None:
+            return
+        self.prefix.stats.num_restores += restored
+        if request.use_prefix_cache and request.num_preemptions == 0:
+            self.prefix.count_query(len(request.prompt_token_ids), hit)
+            request.num_cached_tokens = min(hit.position, len(request.prompt_token_ids)) if hit else 0
+
+    def index(self, request: Request, finished: bool) -> CheckpointCopy | None:
+        """Name the request's newly completed full blocks in the prefix index; checkpoint its state when it has
+        just computed a position where it wants one, or it finished (its conversation is the next turn's prefix).
+        Returns the copy the engine must make right after the scheduler's update, if any."""
+        prefix = self.prefix
+        if prefix is None or not request.use_prefix_cache:
+            return None
+        known = self.register_blocks(request)
+        position = request.num_computed_tokens
+        wanted = finished or position == len(request.prompt_token_ids) or position in request.checkpoint_positions
+        if position != known or position < 1 or not wanted:
+            return None
+        depth = (position - 1) // self.block_size
+        parent = request.prefix_nodes[depth - 1] if depth else request.prefix_root
+        tail = tuple(request.token_slice(depth * self.block_size, position))
+        if prefix.has_checkpoint(parent, tail):
+            return None
+        tail_block = self.allocate_checkpoint_block()
+        if tail_block is None:
+            return None  # no block to spare: skip this checkpoint rather than evict a running request
+        ckpt, evicted = prefix.add_checkpoint(parent, tail, position, tail_block)
+        if evicted is not None:
+            self.release_checkpoint_block(evicted.tail_block)
+        return CheckpointCopy(request.request_id, request.state_slot, request.block_ids[depth], ckpt)
+
+    def register_blocks(self, request: Request) -> int:
+        """Name the request's newly completed full blocks in the prefix index; returns the tokens whose next
+        token is known (only those count: a block's key includes the token after it with MTP)."""
+        bs = self.block_size
+        span = self.prefix.chain_span(request.prefix_root)
+        known = min(request.num_computed_tokens, request.num_tokens - 1)
+        while len(request.prefix_nodes) < known // bs:  # (i + 1) * bs <= known: the token after block i is known
+            i = len(request.prefix_nodes)
+            parent = request.prefix_nodes[-1] if request.prefix_nodes else request.prefix_root
+            node, _ = self.prefix.register_block(parent, tuple(request.token_slice(i * bs, i * bs + span)),
+                                                 request.block_ids[i])
+            request.prefix_nodes.append(node)
+        return known
+
+    def reset_prefix_cache(self, running: list[Request]) -> None:
+        """Forget every cached prefix. Running requests keep their blocks and name them in the index again from
+        the root (their old chains point at forgotten nodes, so what they cache later would be unreachable)."""
+        if self.prefix is None:
+            return
+        self.clear_prefix_cache()
+        for request in running:
+            request.prefix_nodes = []
+            if request.use_prefix_cache:
+                self.register_blocks(request)
+
+    def live(self, copies: list[CheckpointCopy]) -> list[CheckpointCopy]:
+        """The copies whose checkpoint was not evicted again after it was taken."""
+        return [cp for cp in copies if self.prefix.is_live(cp.checkpoint)]
+

@@ -30,54 +30,19 @@ vLLM does by default.
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 
 import torch
 
-MAX_TOP_LOGPROBS = 20
-# Temperatures below this are treated as greedy (as vLLM does): logits / 1e-30 overflows to inf and NaNs.
-GREEDY_TEMPERATURE = 1e-5
+from qnext.worker.types import GREEDY_TEMPERATURE, SamplingParams
+
 # Columns tried first for rows whose filter is top-p or min-p without a top-k: a trained model's nucleus is
 # usually far smaller, and a flat row (whose kept columns run past them) falls back to the whole vocabulary.
 NUCLEUS_CANDIDATES = 1024
 # Noise stream used for token sampling; other users of uniform_noise must pick another stream number.
 STREAM_SAMPLE = 0
-
-
-def _require(name: str, value: object, is_int: bool, ok: Callable[[float], bool], rule: str) -> None:
-    kind_ok = isinstance(value, int) if is_int else isinstance(value, (int, float))
-    if isinstance(value, bool) or not kind_ok or (not is_int and not math.isfinite(value)):
-        raise ValueError(f"{name} must be {'an int' if is_int else 'a finite number'}, got {value!r}")
-    if not ok(value):
-        raise ValueError(f"{name} must be {rule}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0  # 0 => greedy (argmax of processed logits; penalties still apply)
-    top_p: float = 1.0  # (0, 1]
-    top_k: int = 0  # 0 => off
-    min_p: float = 0.0  # [0, 1]
-    repetition_penalty: float = 1.0  # > 0, over prompt + output tokens
-    presence_penalty: float = 0.0  # [-2, 2], over output tokens
-    frequency_penalty: float = 0.0  # [-2, 2], over output tokens
-    seed: int | None = None  # same seed => same tokens regardless of batch composition
-    top_logprobs: int = 0  # 0..MAX_TOP_LOGPROBS alternatives to return
-
-    def __post_init__(self) -> None:
-        _require("temperature", self.temperature, False, lambda x: x >= 0, ">= 0")
-        _require("top_p", self.top_p, False, lambda x: 0 < x <= 1, "in (0, 1]")
-        _require("top_k", self.top_k, True, lambda x: x >= 0, ">= 0 (0 disables it)")
-        _require("min_p", self.min_p, False, lambda x: 0 <= x <= 1, "in [0, 1]")
-        _require("repetition_penalty", self.repetition_penalty, False, lambda x: x > 0, "> 0")
-        _require("presence_penalty", self.presence_penalty, False, lambda x: -2 <= x <= 2, "in [-2, 2]")
-        _require("frequency_penalty", self.frequency_penalty, False, lambda x: -2 <= x <= 2, "in [-2, 2]")
-        if self.seed is not None:
-            _require("seed", self.seed, True, lambda x: -(2**63) <= x < 2**64, "in [-2**63, 2**64)")
-        _require("top_logprobs", self.top_logprobs, True, lambda x: 0 <= x <= MAX_TOP_LOGPROBS,
-                 f"in [0, {MAX_TOP_LOGPROBS}]")
 
 
 def _to_int64(x: int) -> int:

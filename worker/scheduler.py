@@ -41,35 +41,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-from qnext.worker.cache import HybridCacheManager
-from qnext.worker.prefix_cache import Checkpoint, Hit
-
-
-def _require(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}: {message}")
-
-
-@dataclass(frozen=True)
-class StoppingParams:
-    max_new_tokens: int = 256
-    min_new_tokens: int = 0  # eos and stop ids are suppressed (and do not stop) for the first min_new_tokens
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        _require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        _require(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens",
-                 f"must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}")
-        _require(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-                 f"token ids must be >= 0, got {list(self.stop_token_ids)}")
-
-
-class FinishReason(str, Enum):
-    LENGTH = "length"
-    EOS = "eos"
-    STOP_TOKEN = "stop_token"
-    ABORTED = "aborted"
+from qnext.worker.cache import CheckpointCopy, HybridCacheManager, Restore
+from qnext.worker.types import FinishReason, SamplingParams, StoppingParams, require
 
 
 class RequestStatus(str, Enum):
@@ -84,7 +57,7 @@ class Request:
     prompt_token_ids: list[int]
     stopping: StoppingParams
     eos_token_ids: tuple[int, ...]
-    sampling: object = None  # the engine's SamplingParams; opaque here
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int = 0  # effective sampling seed; opaque here
     num_speculative_tokens: int = 0  # MTP draft length this request asked for (0 = no speculation)
     use_prefix_cache: bool = True  # False: neither reads nor fills the prefix cache
@@ -116,6 +89,14 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
+    def suppressed_token_ids(self, ahead: int = 0) -> list[int]:
+        """Token ids the sampler must not produce for the next token (the min_new_tokens rule); `ahead`: for
+        the token that many positions later (speculative verify of drafts)."""
+        if len(self.output_token_ids) + ahead >= self.stopping.min_new_tokens:
+            return []
+        eos = () if self.stopping.ignore_eos else self.eos_token_ids
+        return sorted(set(eos) | set(self.stopping.stop_token_ids))
+
     def token_slice(self, start: int, end: int) -> list[int]:
         """all_token_ids[start:end] without building all_token_ids (a step must not cost O(context))."""
         n = len(self.prompt_token_ids)
@@ -136,33 +117,11 @@ class ScheduledChunk:
     draft_token_ids: list[int] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class Restore:
-    """Before the forward: checkpoint `ckpt_id`'s state into `slot`, its tail block into `dst_block`."""
-
-    request_id: str
-    ckpt_id: int
-    slot: int
-    tail_block: int
-    dst_block: int
-    position: int  # the request starts computing here
-
-
-@dataclass(frozen=True)
-class CheckpointCopy:
-    """After update: the state in `slot` and the block `src_block` (rows up to P-1) into `checkpoint` (its id
-    and tail block), with the hidden state of P-1 from this step's row of that token; P = checkpoint.position."""
-
-    request_id: str
-    slot: int
-    src_block: int
-    checkpoint: Checkpoint = field(compare=False, repr=False)
-
-
 @dataclass
 class SchedulePlan:
     chunks: list[ScheduledChunk]  # running requests first, then newly admitted ones; each request at most once
     preempted: list[str]  # request ids preempted while building this plan (none of them is in chunks)
+    admitted: list[str] = field(default_factory=list)  # waiting requests that start (or restart) in this plan
     restores: list[Restore] = field(default_factory=list)  # prefix-cache hits admitted in this plan
     checkpoints: list[CheckpointCopy] = field(default_factory=list)  # filled by update()
 
@@ -180,7 +139,7 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             value = getattr(self, name)
-            _require(value >= 1, name, f"must be >= 1, got {value}")
+            require(value >= 1, name, f"must be >= 1, got {value}")
 
 
 @dataclass
@@ -217,13 +176,13 @@ class Scheduler:
         """Queue a new request; ValueError (naming the field) if it could never run to completion."""
         max_len, max_new = self.config.max_model_len, request.stopping.max_new_tokens
         num_prompt = len(request.prompt_token_ids)
-        _require(request.request_id not in self._requests, "request_id", f"{request.request_id!r} already exists")
-        _require(num_prompt >= 1, "prompt_token_ids", "must not be empty")
-        _require(num_prompt + max_new <= max_len, "max_new_tokens",
+        require(request.request_id not in self._requests, "request_id", f"{request.request_id!r} already exists")
+        require(num_prompt >= 1, "prompt_token_ids", "must not be empty")
+        require(num_prompt + max_new <= max_len, "max_new_tokens",
                  f"prompt ({num_prompt} tokens) + max_new_tokens ({max_new}) exceeds max_model_len ({max_len})")
         # The last sampled token is never computed, so a request's KV peaks at prompt + max_new - 1 tokens.
         need = self.cache.blocks_for(num_prompt + max_new - 1)
-        _require(need <= self.cache.kv_blocks_total, "max_new_tokens",
+        require(need <= self.cache.kv_blocks_total, "max_new_tokens",
                  f"prompt ({num_prompt} tokens) + max_new_tokens ({max_new}) needs {need} KV blocks, "
                  f"but the cache has only {self.cache.kv_blocks_total}")
         assert request.status == RequestStatus.WAITING and request.num_computed_tokens == 0, "request reused"
@@ -241,23 +200,21 @@ class Scheduler:
         return True
 
     def reset_prefix_cache(self) -> None:
-        """Forget every cached prefix. Running requests keep their blocks and name them in the index again from
-        the root (their old chains point at forgotten nodes, so what they cache later would be unreachable)."""
-        if self.cache.prefix is None:
-            return
-        self.cache.clear_prefix_cache()
-        for request in self._running:
-            request.prefix_nodes = []
-            if request.use_prefix_cache:
-                self._register_blocks(request)
+        """Forget every cached prefix (running requests keep their blocks as private ones)."""
+        self.cache.reset_prefix_cache(self._running)
 
-    def suppressed_token_ids(self, request: Request, ahead: int = 0) -> list[int]:
-        """Token ids the sampler must not produce for the request's next token (the min_new_tokens rule);
-        `ahead`: for the token that many positions later (speculative verify of drafts)."""
-        if len(request.output_token_ids) + ahead >= request.stopping.min_new_tokens:
-            return []
-        eos = () if request.stopping.ignore_eos else request.eos_token_ids
-        return sorted(set(eos) | set(request.stopping.stop_token_ids))
+    def set_drafts(self, request: Request, drafts: list[int]) -> None:
+        """The MTP drafts for the tokens after the request's last one: its next decode chunk verifies them."""
+        request.draft_token_ids = list(drafts)
+
+    def reserve_draft_room(self, request: Request, num_drafts: int) -> bool:
+        """Grow the request's blocks so that drafting can write the MTP head's KV `num_drafts` positions past its
+        tokens; False (nothing taken) when the cache has no room: drafting stops there."""
+        grown = self.cache.ensure(request.block_ids, request.state_slot, request.num_tokens + num_drafts)
+        if grown is None:
+            return False
+        request.block_ids, request.state_slot = grown
+        return True
 
     def schedule(self) -> SchedulePlan:
         plan = SchedulePlan(chunks=[], preempted=[])
@@ -299,7 +256,7 @@ class Scheduler:
                 self._finish(request, reason)
             outputs.append(StepOutput(request.request_id, emitted, reason is not None, reason))
         if plan.checkpoints:  # a checkpoint taken and evicted again within this update must not be copied
-            plan.checkpoints = [cp for cp in plan.checkpoints if self.cache.prefix.is_live(cp.checkpoint)]
+            plan.checkpoints = self.cache.live(plan.checkpoints)
         return outputs
 
     def _schedule_running(self, plan: SchedulePlan, budget: int) -> int:
@@ -324,84 +281,27 @@ class Scheduler:
         """Admit waiting requests in order until one does not fit (it and everyone behind it wait)."""
         while self._waiting and len(self._running) < self.config.max_num_seqs and budget > 0:
             request = self._waiting[0]
-            hit, restore = self._restore_prefix(request)
+            hit, restore = self.cache.restore_prefix(request)
             chunk = self._try_chunk(request, budget)
             if chunk is None:
                 if restore is not None:  # undo the hit: the request waits with nothing, as before
                     self._release(request)
-                    request.num_computed_tokens, request.prefix_nodes = 0, []
+                    request.num_computed_tokens = 0
                 return
-            if self.cache.prefix is not None and request.use_prefix_cache and request.num_preemptions == 0:
-                self.cache.prefix.count_query(len(request.prompt_token_ids), hit)
-                request.num_cached_tokens = min(hit.position, len(request.prompt_token_ids)) if hit else 0
+            self.cache.record_admission(request, hit, restore is not None)
             if restore is not None:
                 plan.restores.append(restore)
-                self.cache.prefix.stats.num_restores += 1
             self._waiting.popleft()
             request.status = RequestStatus.RUNNING
             self._running.append(request)
             plan.chunks.append(chunk)
+            plan.admitted.append(request.request_id)
             budget -= chunk.num_tokens
 
-    def _restore_prefix(self, request: Request) -> tuple[Hit | None, Restore | None]:
-        """For a request starting from nothing: the deepest cached prefix, with the blocks shared, a fresh tail
-        block and a slot taken (undone with `_release` if the request is not admitted after all)."""
-        prefix = self.cache.prefix
-        if prefix is None or not request.use_prefix_cache or request.num_computed_tokens:
-            return None, None
-        hit = prefix.lookup(request.prefix_root, request.all_token_ids, limit=request.num_tokens - 1)
-        if hit is None:
-            return None, None
-        self.cache.share_blocks(hit.blocks)
-        grown = self.cache.ensure(hit.blocks, None, hit.position)  # + the tail's block and a slot
-        if grown is None:  # no slot or block for it now: the request waits like any other
-            self.cache.drop_blocks(hit.blocks)
-            return None, None
-        request.block_ids, request.state_slot = grown
-        request.num_computed_tokens, request.prefix_nodes = hit.position, list(hit.nodes)
-        ckpt = hit.checkpoint
-        return hit, Restore(request.request_id, ckpt.ckpt_id, request.state_slot, ckpt.tail_block,
-                            request.block_ids[len(hit.blocks)], hit.position)
-
     def _index(self, request: Request, plan: SchedulePlan, finished: bool) -> None:
-        """Name the request's newly completed full blocks in the prefix index; checkpoint its state when this
-        chunk ended where it wants one, or it finished (its whole conversation so far is the next turn's prefix)."""
-        prefix = self.cache.prefix
-        if prefix is None or not request.use_prefix_cache:
-            return
-        bs = self.cache.block_size
-        known = self._register_blocks(request)
-        position = request.num_computed_tokens
-        wanted = finished or position == len(request.prompt_token_ids) or position in request.checkpoint_positions
-        if position != known or position < 1 or not wanted:
-            return
-        depth = (position - 1) // bs
-        parent = request.prefix_nodes[depth - 1] if depth else request.prefix_root
-        tail = tuple(request.token_slice(depth * bs, position))
-        if prefix.has_checkpoint(parent, tail):
-            return
-        tail_block = self.cache.allocate_checkpoint_block()
-        if tail_block is None:
-            return  # no block to spare: skip this checkpoint rather than evict a running request
-        ckpt, evicted = prefix.add_checkpoint(parent, tail, position, tail_block)
-        if evicted is not None:
-            self.cache.release_checkpoint_block(evicted.tail_block)
-        plan.checkpoints.append(CheckpointCopy(request.request_id, request.state_slot, request.block_ids[depth],
-                                               ckpt))
-
-    def _register_blocks(self, request: Request) -> int:
-        """Name the request's newly completed full blocks in the prefix index; returns the tokens whose next
-        token is known (only those count: a block's key includes the token after it with MTP)."""
-        prefix, bs = self.cache.prefix, self.cache.block_size
-        span = prefix.chain_span(request.prefix_root)
-        known = min(request.num_computed_tokens, request.num_tokens - 1)
-        while len(request.prefix_nodes) < known // bs:  # (i + 1) * bs <= known: the token after block i is known
-            i = len(request.prefix_nodes)
-            parent = request.prefix_nodes[-1] if request.prefix_nodes else request.prefix_root
-            node, _ = prefix.register_block(parent, tuple(request.token_slice(i * bs, i * bs + span)),
-                                            request.block_ids[i])
-            request.prefix_nodes.append(node)
-        return known
+        copy = self.cache.index(request, finished)
+        if copy is not None:
+            plan.checkpoints.append(copy)
 
     def _try_chunk(self, request: Request, budget: int) -> ScheduledChunk | None:
         """The request's next chunk (at most budget tokens) with the cache grown to hold it, or None."""

@@ -13,17 +13,24 @@ same the non-speculative path draws from, with each position's history extended 
 All randomness is counter based on (seed, step, stream): the bonus token uses the sampler's own stream and
 step, so a fully accepted step draws the very token plain decoding would have drawn at that step.
 
-The Gated DeltaNet state rollback lives in the kernels (verify chunks record the state after each position)
-and `CacheTensors.rollback`; the engine wires the steps together.
+`SpecDecoder` runs the whole cycle for the engine: after a step's forward it verifies the verify chunks
+(acceptance, then the Gated DeltaNet state rollback: verify chunks record the state after each position in the
+kernels, and `CacheTensors.rollback` picks the last accepted one), runs the MTP head over every row the step
+made real (so its KV stays complete), and after the scheduler's update drafts the next tokens of each running
+request, handing them to the scheduler with one call. Its per-request state (counters, the draft distributions
+q, a restored prefix's hidden state) lives here and is dropped in one place, `finish`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
-from qnext.worker.sampler import STREAM_SAMPLE, uniform_noise
+from qnext.worker.model_runner import ModelRunner, StepForward
+from qnext.worker.sampler import STREAM_SAMPLE, processed_probs, uniform_noise
+from qnext.worker.scheduler import Request, RequestStatus, ScheduledChunk, SchedulePlan, Scheduler
 
 STREAM_DRAFT = 1  # drawing draft tokens from q
 STREAM_ACCEPT = 2  # the accept test's uniform
@@ -116,3 +123,170 @@ class SpecCounters:
     def mean_acceptance_length(self) -> float:
         """Tokens emitted per verify step (accepted drafts + the target's own token)."""
         return (self.num_accepted + self.num_verify_steps) / self.num_verify_steps if self.num_verify_steps else 0.0
+
+
+@dataclass
+class _RequestSpec:
+    counters: SpecCounters = field(default_factory=SpecCounters)
+    draft_probs: torch.Tensor | None = None  # q of the pending drafts [k, V]
+    restored: tuple[int, torch.Tensor] | None = None  # (hit position P, the checkpoint's hidden state at P-1)
+
+
+Logprobs = dict[str, tuple[list[float], list[list[tuple[int, float]]]]]
+
+
+class SpecDecoder:
+    """MTP drafting, verification and rollback for the requests that speculate (num_speculative_tokens > 0)."""
+
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler) -> None:
+        self.runner, self.scheduler = runner, scheduler
+        self.counters = SpecCounters()  # all requests
+        self._requests: dict[str, _RequestSpec] = {}
+
+    @property
+    def num_tracked(self) -> int:
+        """Requests with speculative state (0 once every request has finished: nothing leaks)."""
+        return len(self._requests)
+
+    def add(self, request_id: str) -> None:
+        self._requests[request_id] = _RequestSpec()
+
+    def counters_of(self, request_id: str) -> SpecCounters | None:
+        spec = self._requests.get(request_id)
+        return spec.counters if spec else None
+
+    def finish(self, request_id: str) -> SpecCounters | None:
+        """Drop a finished or aborted request's state; returns its counters."""
+        spec = self._requests.pop(request_id, None)
+        return spec.counters if spec else None
+
+    def on_restores(self, plan: SchedulePlan) -> None:
+        """Prefix-cache hits of speculating requests: keep the checkpoint's hidden state for the MTP row at P-1."""
+        by_id = {c.request.request_id: c.request for c in plan.chunks}
+        for r in plan.restores:
+            spec = self._requests.get(r.request_id)
+            if spec is not None and by_id[r.request_id].num_speculative_tokens:
+                spec.restored = (r.position, self.runner.cache.ckpt_hidden[r.ckpt_id].clone())
+
+    def verify(self, chunks: list[ScheduledChunk], logits: torch.Tensor, sampled: dict[str, list[int]],
+               logprobs: Logprobs) -> None:
+        """Accept or reject each verify chunk's drafts; roll DeltaNet states back to the last accepted token."""
+        requests = [c.request for c in chunks]
+        drafts = [c.draft_token_ids for c in chunks]
+        p = processed_probs(logits, self.runner.sampling_batch(requests, drafts))
+        p_rows = list(p.split([len(d) + 1 for d in drafts]))
+        q_rows = [self._requests[r.request_id].draft_probs[:len(d)] for r, d in zip(requests, drafts)]
+        result = accept_drafts(p_rows, q_rows, drafts, [r.seed for r in requests],
+                               [len(r.output_token_ids) for r in requests], [r.sampling.is_greedy for r in requests])
+        rows = list(accumulate([0] + [len(d) + 1 for d in drafts]))
+        raw = logits.float()
+        rollback_slots, rollback_pos = [], []
+        for i, (r, d) in enumerate(zip(requests, drafts)):
+            tokens, a = result.tokens[i], result.num_accepted[i]
+            sampled[r.request_id] = tokens
+            logprobs[r.request_id] = _verified_logprobs(raw[rows[i]:rows[i] + len(tokens)], tokens,
+                                                        r.sampling.top_logprobs)
+            self._requests[r.request_id].draft_probs = None
+            self._requests[r.request_id].counters.add(len(d), a)
+            self.counters.add(len(d), a)
+            if a < len(d):
+                rollback_slots.append(r.state_slot)
+                rollback_pos.append(a)
+        if rollback_slots:
+            dev = self.runner.device
+            self.runner.cache.rollback(torch.tensor(rollback_slots, device=dev),
+                                       torch.tensor(rollback_pos, device=dev))
+
+    def catch_up(self, plan: SchedulePlan, step: StepForward, sampled: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+        """MTP pass 1 (docs/model.md §7): the MTP over every row this step made real, pairing the target's hidden
+        state h_p with token t_{p+1} (this keeps the MTP's own KV cache complete, prompt included). Returns,
+        per request that sampled, the MTP hidden state of its last row: what proposes draft 1.
+        A request restored from the prefix cache at P also gets the row at P-1, from the checkpoint's hidden
+        state and its own token P (the cached row paired the prefix's owner's token P)."""
+        mtp_pieces, h_parts, sampling = [], [], []
+        for c, (r, start, toks) in zip(plan.chunks, step.pieces):
+            if r.num_speculative_tokens == 0 or r.status != RequestStatus.RUNNING:
+                continue
+            n_valid = len(sampled[r.request_id]) if c.draft_token_ids else c.num_tokens
+            # the next token of each row: later tokens of the request, then what this step sampled
+            known = r.token_slice(start + 1, min(start + 1 + n_valid, r.num_tokens))
+            nxt = known + sampled.get(r.request_id, [])[:n_valid - len(known)]
+            first = step.ends[r.request_id] - len(toks)
+            spec = self._requests[r.request_id]
+            restored, spec.restored = spec.restored, None
+            if restored is not None and restored[0] == start:
+                mtp_pieces.append((r, start - 1, r.token_slice(start, start + 1) + nxt))
+                h_parts.append(restored[1][None].to(step.hidden.dtype))
+            else:
+                mtp_pieces.append((r, start, nxt))
+            h_parts.append(step.hidden[first:first + n_valid])
+            if c.sample:
+                sampling.append(len(mtp_pieces) - 1)
+        if not mtp_pieces:
+            return {}
+        h_in = h_parts[0] if len(h_parts) == 1 else torch.cat(h_parts)
+        batch = self.runner.forward_batch(mtp_pieces)
+        h = self.runner.model.mtp_forward(batch.input_ids, h_in, batch, self.runner.cache)
+        if not sampling:  # only prefill chunks that sample nothing yet: their MTP KV is written, no drafts
+            return {}
+        last = batch.last_token_indices[sampling]
+        return {mtp_pieces[i][0].request_id: h[j] for i, j in zip(sampling, last.tolist())}
+
+    def propose(self, drafting: list[tuple[Request, torch.Tensor]]) -> None:
+        """MTP drafting (docs/model.md §7): draft 1 from pass 1's last row; passes 2..k feed each draft back with
+        the MTP's own output hidden state, one position further each time. The drafts go to the scheduler."""
+        requests = [r for r, _ in drafting]
+        h = torch.stack([h for _, h in drafting])
+        drafts: list[list[int]] = [[] for _ in requests]
+        probs: list[list[torch.Tensor]] = [[] for _ in requests]
+        active = list(range(len(requests)))
+        for j in range(self.runner.max_spec_tokens):
+            rows_left = self._draft_one(h, [requests[i] for i in active], [drafts[i] for i in active],
+                                        [probs[i] for i in active], j)
+            # the next pass writes MTP KV one position further: the scheduler grows the blocks, or it stops there
+            nxt = [(row, active[row]) for row in rows_left
+                   if self.scheduler.reserve_draft_room(requests[active[row]], len(drafts[active[row]]))]
+            if not nxt:
+                break
+            active = [i for _, i in nxt]
+            pieces = [(requests[i], requests[i].num_tokens + len(drafts[i]) - 2, [drafts[i][-1]]) for i in active]
+            batch = self.runner.forward_batch(pieces)
+            h_in = h[[row for row, _ in nxt]]
+            if self.runner.mtp_graphs is not None:
+                h = self.runner.mtp_graphs.forward(batch, h_in)
+            else:
+                h = self.runner.model.mtp_forward(batch.input_ids, h_in, batch, self.runner.cache)
+        for r, d, pr in zip(requests, drafts, probs):
+            self.scheduler.set_drafts(r, d)
+            self._requests[r.request_id].draft_probs = torch.stack(pr)
+
+    def _draft_one(self, h: torch.Tensor, requests: list[Request], drafts: list[list[int]],
+                   probs: list[list[torch.Tensor]], j: int) -> list[int]:
+        """Draw draft j of each request from the MTP head's logits (appended to drafts / probs); returns the
+        rows whose request wants another draft."""
+        logits = self.runner.model.compute_logits(h)
+        q = processed_probs(logits, self.runner.sampling_batch(requests, drafts, last_only=True))
+        dev = self.runner.device
+        tok = race(q, torch.tensor([r.seed for r in requests], dtype=torch.int64, device=dev),
+                   torch.tensor([len(r.output_token_ids) + j for r in requests], device=dev), STREAM_DRAFT,
+                   torch.tensor([r.sampling.is_greedy for r in requests], device=dev)).tolist()
+        more = []
+        for row, r in enumerate(requests):
+            drafts[row].append(tok[row])
+            probs[row].append(q[row])
+            if len(drafts[row]) < r.num_speculative_tokens:
+                more.append(row)
+        return more
+
+
+def _verified_logprobs(raw: torch.Tensor, tokens: list[int], n: int) -> tuple[list[float], list[list]]:
+    """Raw log-probs (logit - logsumexp, as the sampler reports) of the emitted tokens and the top n at each of
+    their positions; nothing when the request asked for none."""
+    if not n:
+        return [], []
+    lse = torch.logsumexp(raw, dim=-1, keepdim=True)
+    picked = raw.gather(1, torch.tensor(tokens, device=raw.device)[:, None])
+    values, ids = raw.topk(n, dim=-1)
+    tops = [list(zip(i_, v_)) for i_, v_ in zip(ids.tolist(), (values - lse).tolist())]
+    return (picked - lse)[:, 0].tolist(), tops
+

@@ -29,10 +29,9 @@ import torch
 from tokenizers import Tokenizer
 
 from qnext.worker.cli_help import HelpFormatter
-from qnext.worker.engine import Engine, EngineConfig, GenerationRequest
+from qnext.worker.engine import Engine
+from qnext.worker.types import EngineConfig, GenerationRequest, SamplingParams, StoppingParams
 from qnext.worker.model import ForwardBatch
-from qnext.worker.sampler import SamplingParams
-from qnext.worker.scheduler import StoppingParams
 
 DEFAULT_PROMPTS = [
     "The capital of France is",
@@ -92,15 +91,15 @@ def teacher_forced_logprobs(engine: Engine, prompt: list[int], continuation: lis
         raise ValueError(f"--cache-memory: too small for one sequence of {n} tokens")
     blocks, slot = got
     bs = engine.config.block_size
-    dev = engine.device
+    dev = engine.runner.device
     try:
         batch = ForwardBatch(
             input_ids=torch.tensor(ids, device=dev), positions=torch.arange(n, device=dev), query_lens=[n],
             context_lens=[n], slot_mapping=torch.tensor([blocks[p // bs] * bs + p % bs for p in range(n)], device=dev),
             block_tables=torch.tensor([blocks], dtype=torch.int32, device=dev),
             state_slots=torch.tensor([slot], device=dev))
-        hidden = engine.model(batch, engine.cache)
-        logits = engine.model.compute_logits(hidden[len(prompt) - 1:])
+        hidden = engine.runner.model(batch, engine.runner.cache)
+        logits = engine.runner.model.compute_logits(hidden[len(prompt) - 1:])
         return torch.log_softmax(logits.float(), dim=-1).cpu()
     finally:
         engine.cache_manager.release(blocks, slot)
