@@ -36,7 +36,7 @@ from itertools import chain
 
 import torch
 
-from qnext.worker.types import GREEDY_TEMPERATURE, SamplingParams
+from qnext.worker.types import GREEDY_TEMPERATURE, SamplingParams, require
 
 # Columns tried first for rows whose filter is top-p or min-p without a top-k: a trained model's nucleus is
 # usually far smaller, and a flat row (whose kept columns run past them) falls back to the whole vocabulary.
@@ -102,15 +102,10 @@ class SamplingBatch:
     def build(params: list[SamplingParams], seeds: list[int], steps: list[int],
               prompt_ids: list[list[int]], output_ids: list[list[int]],
               suppressed_ids: list[list[int]], vocab_size: int, device: torch.device) -> "SamplingBatch":
-        b = len(params)
-        for name, rows in (("seeds", seeds), ("steps", steps), ("prompt_ids", prompt_ids),
-                           ("output_ids", output_ids), ("suppressed_ids", suppressed_ids)):
-            if len(rows) != b:
-                raise ValueError(f"{name} has {len(rows)} rows, expected {b}")
-        if vocab_size <= 0:
-            raise ValueError(f"vocab_size must be > 0, got {vocab_size}")
-        if any(s < 0 for s in steps):
-            raise ValueError("steps must be >= 0")
+        _check_rows(len(params), seeds=seeds, steps=steps, prompt_ids=prompt_ids, output_ids=output_ids,
+                    suppressed_ids=suppressed_ids)
+        require(vocab_size > 0, "vocab_size", f"must be > 0, got {vocab_size}")
+        require(all(s >= 0 for s in steps), "steps", "must be >= 0")
 
         def col(values: list[float]) -> torch.Tensor:  # [B, 1] float32
             return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
@@ -164,6 +159,11 @@ class SamplingBatch:
             suppress_mask=suppress > 0 if suppress is not None else None,
             max_top_logprobs=max((p.top_logprobs for p in params), default=0),
         )
+
+
+def _check_rows(b: int, **rows: Sequence) -> None:
+    for name, values in rows.items():
+        require(len(values) == b, name, f"has {len(values)} rows, expected {b}")
 
 
 @dataclass
