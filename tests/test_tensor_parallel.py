@@ -20,6 +20,7 @@ from qnext.worker.types import EngineConfig, GenerationRequest, SamplingParams, 
 from qnext.worker.loader import CheckpointFiles, load_model
 from qnext.worker.parallel import TensorShard, shard_config
 from qnext.worker.tiny import make_checkpoint, tiny_config
+from qnext.worker.tp_worker import LeadCache, LeadModel
 
 LONG = list(range(1000, 1040))
 # Rounds of (prompt, draft tokens). Plain decoding and MTP speculation (2 drafts) share each batch; the 40-token
@@ -34,6 +35,8 @@ def _generate(ckpt, tp: int) -> tuple[dict[str, tuple[list[int], list[float]]], 
                                  max_num_batched_tokens=16, cache_memory=64 << 20))
     out: dict[str, tuple[list[int], list[float]]] = {}
     try:
+        if tp > 1:
+            _check_lead_interface(engine)
         for n, requests in enumerate(ROUNDS):
             for i, (prompt, k) in enumerate(requests):
                 out[f"r{n}.{i}"] = ([], [])
@@ -47,6 +50,21 @@ def _generate(ckpt, tp: int) -> tuple[dict[str, tuple[list[int], list[float]]], 
         return out, engine.spec.counters.num_drafted, engine.cache_manager.prefix.stats.num_hits
     finally:
         engine.close()
+
+
+def _check_lead_interface(engine: Engine) -> None:
+    """Under TP the runner holds the explicit proxies, graphs are off, and what is not listed is refused on rank 0
+    before anything reaches the followers (the generation that follows would desynchronise the ranks otherwise)."""
+    runner = engine.runner
+    assert isinstance(runner.model, LeadModel) and isinstance(runner.cache, LeadCache)
+    assert runner.graphs is None and runner.mtp_graphs is None and runner.graphs_off_because == "tensor parallel"
+    assert runner.model.config.vocab_size == runner.vocab_size and runner.cache.ckpt_hidden.shape[0] > 0
+    for lead, name in [(runner.model, "forward"), (runner.model, "load_state_dict"), (runner.model, "lm_head"),
+                       (runner.cache, "conv_state"), (runner.cache, "k_cache"), (runner.cache, "shape")]:
+        with pytest.raises(AttributeError):
+            getattr(lead, name)
+    with pytest.raises(AttributeError):
+        runner.cache.extra = 1  # no new attributes on a proxy either
 
 
 def test_two_ranks_generate_what_one_does(default_ckpt, report):
@@ -140,3 +158,60 @@ def test_fp8_slices_must_keep_blocks_whole(tmp_path):
             whole = stored(stored_name)
             assert parts[0].dtype == whole.dtype, stored_name  # FP8 stays FP8, scales fp32
             assert torch.equal(torch.cat([p.float() for p in parts], dim), whole.float()), stored_name
+
+
+class _Recorder:
+    """Stands for the followers and for a led object: records what would cross ranks and what ran locally."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str]] = []
+        self.ran: list[str] = []
+        self.conv_state = torch.zeros(1)  # an attribute of the real cache that is not in the list
+
+    def send_call(self, target: str, method: str, args: tuple, kwargs: dict) -> None:
+        from qnext.worker.tp_worker import _pack
+        _pack((args, kwargs), [])
+        self.sent.append((target, method))
+
+    def copy_blocks(self, src, dst):
+        self.ran.append("copy_blocks")
+
+    def forward(self, *args):
+        self.ran.append("forward")
+
+
+def test_cross_rank_calls_are_a_fixed_list_and_others_fail_loudly():
+    """Engine redesign: the calls that cross ranks are named (LeadModel / LeadCache), not whatever __getattr__
+    finds. A listed call is sent to the followers, then run; anything else raises on rank 0 and sends nothing,
+    and a follower refuses a call outside the list."""
+    import io
+    import pickle
+
+    from qnext.worker.tp_worker import _serve
+    assert LeadModel.CALLS == ("__call__", "mtp_forward")
+    assert LeadCache.CALLS == ("copy_blocks", "save_checkpoints", "restore_checkpoints", "rollback")
+    # the whole interface: the calls above plus rank-0-only compute_logits and reads
+    public = {cls: {n for n in vars(cls) if not n.startswith("_") and n not in ("NAME", "CALLS")} for cls in
+              (LeadModel, LeadCache)}
+    assert public[LeadModel] == {"mtp_forward", "compute_logits", "config"} and "__call__" in vars(LeadModel)
+    assert public[LeadCache] == {*LeadCache.CALLS, "ckpt_hidden"}
+
+    rec = _Recorder()
+    cache, model = LeadCache(rec, rec), LeadModel(rec, rec)
+    cache.copy_blocks([1], [2])
+    assert rec.sent == [("cache", "copy_blocks")] and rec.ran == ["copy_blocks"]
+    for lead, name in [(cache, "conv_state"), (cache, "forward"), (model, "forward"), (model, "conv_state")]:
+        with pytest.raises(AttributeError):
+            getattr(lead, name)
+    from qnext.worker.cache_tensors import CacheTensors
+    for own in (CacheTensors.__new__(CacheTensors), torch.nn.Linear(1, 1)):  # rank 0's own objects: never pickled
+        with pytest.raises(TypeError, match="LeadModel / LeadCache"):
+            model(None, own)
+    assert rec.sent == [("cache", "copy_blocks")] and rec.ran == ["copy_blocks"]
+
+    for target, method in [("cache", "conv_state"), ("model", "forward"), ("model", "compute_logits"),
+                           ("engine", "step")]:
+        channel = io.BytesIO(pickle.dumps((target, method, ((), {}))))
+        with pytest.raises(RuntimeError, match="not a cross-rank call"):
+            _serve(channel, {"model": rec, "cache": rec}, torch.device("cpu"), None)
+    assert rec.ran == ["copy_blocks"]

@@ -146,7 +146,7 @@ class ModelRunner:
             raise ValueError(f"num_speculative_tokens: {self.model_dir or 'the model'} has no MTP head (mtp.* tensors)")
         graph_mode = self._graph_mode()
         self.cache_info, self.cache = self._allocate_cache(padding_slot=graph_mode is not None)
-        if self.followers is not None:  # from here on, every model / cache call runs on every rank
+        if self.followers is not None:  # from here on the cross-rank calls (tp_worker.LeadModel/LeadCache) run on every rank
             self.model, self.cache = self.followers.lead(self.model, self.cache)
         self.graphs, self.mtp_graphs = self._graph_runners(graph_mode)
         self.timings = StepTimings()

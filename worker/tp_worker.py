@@ -1,12 +1,21 @@
 """Tensor-parallel ranks as processes: rank 0 leads, ranks 1..N-1 follow (how the model is split: parallel.py).
 
-Rank 0 is the process that owns the engine (the server's worker process, qnext-batch, a test). `Followers.start`
-launches ranks 1..N-1 as subprocesses (`python -m qnext.worker.tp_worker`), joins them in one process group, and
-`lead()` wraps rank 0's model and cache in `Lead` proxies: every method call made on them (forward,
-mtp_forward, the cache's rollback, any cache method added later) is first sent to every follower, which makes
-the same call on its own shard, then runs locally. Every rank thus runs the same sequence of forwards, so
-the all-reduces inside them pair up. Scheduling, sampling and everything else stay on rank 0; compute_logits is
-rank-0 only, since lm_head is replicated and followers never need logits.
+Rank 0 is the process that owns the engine (the server's worker process, qnext-batch, a test). `Followers(...)`
+launches ranks 1..N-1 as subprocesses (`python -m qnext.worker.tp_worker`, same interpreter and environment),
+joins them in one process group, and `lead()` wraps rank 0's model and cache in `LeadModel` and `LeadCache`.
+Their methods are the whole interface the engine has to the model and cache under tensor parallelism, and
+which of them cross ranks is spelled out:
+
+- on every rank (`CALLS`; first sent to every follower, which makes the same call on its own shard, then run
+  locally): the model's forward (`__call__`) and `mtp_forward`; the cache's `copy_blocks`, `save_checkpoints`,
+  `restore_checkpoints` and `rollback`. Every rank thus runs the same sequence of forwards, so the all-reduces
+  inside them pair up, and the same cache writes.
+- on rank 0 alone: `compute_logits` (lm_head is replicated and followers never need logits), and the reads
+  `model.config` and `cache.ckpt_hidden`.
+
+Anything else (another method, an attribute such as a cache pool) is an AttributeError on rank 0, and a call
+outside `CALLS` reaching a follower stops it: nothing runs on rank 0 alone by accident. A new cross-rank call
+is a new method here and a new name in `CALLS`. Scheduling, sampling and everything else stay on rank 0.
 
 Transport: the call (target, method, arguments with each tensor replaced by a placeholder) is pickled into each
 follower's stdin pipe; the tensor data follows as broadcasts over the process group (NCCL on CUDA, gloo on
@@ -16,8 +25,8 @@ no collective timeout, and the pipe's EOF stops it when rank 0 closes it or dies
 Failure: a follower that exits unasked is fatal to rank 0, which may be blocked in a collective with it: rank 0
 stops the other followers and exits with status 1, so the server sees one dead worker and restarts the whole
 group. A follower whose parent has gone exits too. `close()` closes the pipes and joins every follower.
-State changes must go through methods of the model or cache: an in-place write made by rank 0 on a cache
-tensor it reached by attribute would not be seen by the followers.
+State changes must go through the listed calls: rank 0 writing in place into a tensor it reads (ckpt_hidden)
+would not be seen by the followers.
 """
 
 from __future__ import annotations
@@ -25,7 +34,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import dataclasses
-import inspect
 import os
 import pickle
 import shutil
@@ -43,14 +51,14 @@ import torch
 import torch.distributed as dist
 
 from qnext.worker.cache_tensors import CacheTensors
-from qnext.worker.config import load_config
+from qnext.worker.config import ModelConfig, load_config
 from qnext.worker.loader import CheckpointFiles, load_model
+from qnext.worker.model import ForwardBatch
 from qnext.worker.parallel import FLAG, TensorShard, check_fp8_blocks, shard_config
 
 # Generous: the first forward's all-reduce waits for the slowest rank to finish loading its weights. A rank
 # that dies is caught by process supervision, not by this timeout.
 _COLLECTIVE_TIMEOUT = timedelta(minutes=30)
-_LOCAL_ONLY = frozenset({"compute_logits"})  # model methods that run on rank 0 alone (see the module note)
 
 
 def check_tensor_parallel(model_dir: str | Path, size: int, device: str = "cpu") -> None:
@@ -113,8 +121,11 @@ class _Record:
 
 
 def _pack(obj: Any, tensors: list[torch.Tensor]) -> Any:
-    if isinstance(obj, Lead):
-        return _Ref(obj._name)
+    if isinstance(obj, _Lead):
+        return _Ref(obj.NAME)
+    if isinstance(obj, (CacheTensors, torch.nn.Module)):  # would be pickled whole, and not be the follower's own
+        raise TypeError(f"a cross-rank call takes the led {type(obj).__name__} (LeadModel / LeadCache), not "
+                        f"rank 0's own")
     if isinstance(obj, torch.Tensor):
         tensors.append(obj)
         return _TensorSlot(len(tensors) - 1, tuple(obj.shape), obj.dtype, obj.device.type != "cpu")
@@ -142,27 +153,81 @@ def _unpack(obj: Any, tensors: list[torch.Tensor], objects: dict[str, Any]) -> A
     return obj
 
 
-class Lead:
-    """Rank 0's stand-in for its model or cache: a method call runs on every rank (module note); attributes
-    read straight through."""
+class _Lead:
+    """Rank 0's stand-in for one led object (module note): its methods are the only calls it takes. There is
+    no __getattr__, so a method or attribute not defined here is an AttributeError, never a rank-0-only call."""
 
-    def __init__(self, name: str, target: Any, followers: Followers, local_only: frozenset[str] = frozenset()):
-        self._name, self._target, self._followers, self._local_only = name, target, followers, local_only
+    __slots__ = ("_target", "_followers")
+    NAME = ""  # the object's name on every rank
+    CALLS: tuple[str, ...] = ()  # its methods that run on every rank; the followers accept only these
 
-    def __getattr__(self, attr: str) -> Any:
-        value = getattr(self._target, attr)
-        if not inspect.ismethod(value) or attr in self._local_only:
-            return value
-        return lambda *args, **kwargs: self._call(attr, args, kwargs)
+    def __init__(self, target: Any, followers: Followers) -> None:
+        self._target, self._followers = target, followers
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call("__call__", args, kwargs)
-
-    def _call(self, method: str, args: tuple, kwargs: dict[str, Any]) -> Any:
-        self._followers.send_call(self._name, method, args, kwargs)
-        args = tuple(a._target if isinstance(a, Lead) else a for a in args)
-        kwargs = {k: v._target if isinstance(v, Lead) else v for k, v in kwargs.items()}
+    def _on_every_rank(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Send the call to every follower, then make it here (with rank 0's own objects for led ones)."""
+        if method not in self.CALLS:
+            raise AttributeError(f"{type(self).__name__}.{method} is not a cross-rank call ({self.CALLS})")
+        self._followers.send_call(self.NAME, method, args, kwargs)
+        args = tuple(a._target if isinstance(a, _Lead) else a for a in args)
+        kwargs = {k: v._target if isinstance(v, _Lead) else v for k, v in kwargs.items()}
         return getattr(self._target, method)(*args, **kwargs)
+
+
+class LeadModel(_Lead):
+    """Rank 0's model: the forwards run on every rank, logits on rank 0 alone."""
+
+    __slots__ = ()
+    NAME = "model"
+    CALLS = ("__call__", "mtp_forward")
+
+    def __call__(self, batch: ForwardBatch, cache: LeadCache) -> torch.Tensor:
+        """The target forward -> final hidden states [T, H]."""
+        return self._on_every_rank("__call__", batch, cache)
+
+    def mtp_forward(self, next_token_ids: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch,
+                    cache: LeadCache, step: int = 0) -> torch.Tensor:
+        """One MTP pass -> the MTP's hidden states [T, H] (writes the MTP layer's KV on every rank)."""
+        return self._on_every_rank("mtp_forward", next_token_ids, hidden, batch, cache, step=step)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Rank 0 alone: lm_head is replicated and only rank 0 samples."""
+        return self._target.compute_logits(hidden)
+
+    @property
+    def config(self) -> ModelConfig:
+        """Read on rank 0 (vocab size, MTP layers, quantisation for the summary)."""
+        return self._target.config
+
+
+class LeadCache(_Lead):
+    """Rank 0's cache: every write runs on every rank (each on its own heads); rank 0 reads ckpt_hidden."""
+
+    __slots__ = ()
+    NAME = "cache"
+    CALLS = ("copy_blocks", "save_checkpoints", "restore_checkpoints", "rollback")
+
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        self._on_every_rank("copy_blocks", src, dst)
+
+    def save_checkpoints(self, slots: list[int], ckpt_ids: list[int], hidden: torch.Tensor) -> None:
+        self._on_every_rank("save_checkpoints", slots, ckpt_ids, hidden)
+
+    def restore_checkpoints(self, ckpt_ids: list[int], slots: list[int]) -> None:
+        self._on_every_rank("restore_checkpoints", ckpt_ids, slots)
+
+    def rollback(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        self._on_every_rank("rollback", slots, positions)
+
+    @property
+    def ckpt_hidden(self) -> torch.Tensor:
+        """Rank 0 reads a checkpoint's hidden state (the MTP row of a prefix-cache hit). Read only: a write
+        into it would not reach the followers (save_checkpoints writes it on every rank)."""
+        return self._target.ckpt_hidden
+
+
+# what a follower accepts: (target, method) pairs of the calls above
+_FOLLOWER_CALLS = {lead.NAME: frozenset(lead.CALLS) for lead in (LeadModel, LeadCache)}
 
 
 class Followers:
@@ -174,23 +239,21 @@ class Followers:
         self.device = rank_device(device, 0)
         self._dir = tempfile.mkdtemp(prefix="qnext-tp-")
         store = os.path.join(self._dir, "store")
-        # followers import the code rank 0 runs, wherever it was imported from
-        root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        # same interpreter, inherited environment: the followers import the qnext.* rank 0 runs
         self._procs = [subprocess.Popen(
             [sys.executable, "-m", "qnext.worker.tp_worker", "--rank", str(r), "--size", str(size), "--store", store,
-             "--model-dir", str(model_dir), "--device", device, "--dtype", dtype], stdin=subprocess.PIPE, env=env)
+             "--model-dir", str(model_dir), "--device", device, "--dtype", dtype], stdin=subprocess.PIPE)
             for r in range(1, size)]
         self._closing = False
         atexit.register(self.close)
         threading.Thread(target=self._watch, name="qnext-tp-watch", daemon=True).start()
         self._host_group = _init_process_group(self.device, store, 0, size)
 
-    def lead(self, model: torch.nn.Module, cache: CacheTensors) -> tuple[Lead, Lead]:
+    def lead(self, model: torch.nn.Module, cache: CacheTensors) -> tuple[LeadModel, LeadCache]:
         """Hand the cache's shape to the followers (they build the same pools over their heads) and return
         the proxies the engine uses in place of `model` and `cache`."""
         self._send(cache.shape)
-        return Lead("model", model, self, _LOCAL_ONLY), Lead("cache", cache, self)
+        return LeadModel(model, self), LeadCache(cache, self)
 
     def send_call(self, target: str, method: str, args: tuple, kwargs: dict[str, Any]) -> None:
         tensors: list[torch.Tensor] = []
@@ -271,23 +334,31 @@ def follower_main(argv: list[str] | None = None) -> int:
         cache = CacheTensors(model.config, pickle.load(channel), device)
     except EOFError:
         return 0  # rank 0 closed before serving anything
-    objects = {"model": model, "cache": cache}
     with torch.inference_mode():
-        while True:
-            try:
-                target, method, packed = pickle.load(channel)
-            except EOFError:
-                break
-            tensors = []
-            for slot in _slots(packed):
-                t = torch.empty(slot.shape, dtype=slot.dtype, device=device if slot.on_device else "cpu")
-                if t.numel():
-                    dist.broadcast(t, src=0, group=None if slot.on_device else host_group)
-                tensors.append(t)
-            args_, kwargs = _unpack(packed, tensors, objects)
-            getattr(objects[target], method)(*args_, **kwargs)
+        _serve(channel, {LeadModel.NAME: model, LeadCache.NAME: cache}, device, host_group)
     dist.destroy_process_group()
     return 0
+
+
+def _serve(channel: Any, objects: dict[str, Any], device: torch.device,
+           host_group: dist.ProcessGroup | None) -> None:
+    """Make rank 0's calls, in order, until the pipe closes; a call outside the list stops this rank (loudly:
+    rank 0 then stops the group)."""
+    while True:
+        try:
+            target, method, packed = pickle.load(channel)
+        except EOFError:
+            return
+        if method not in _FOLLOWER_CALLS.get(target, ()):
+            raise RuntimeError(f"tensor-parallel follower: {target}.{method} is not a cross-rank call")
+        tensors = []
+        for slot in _slots(packed):
+            t = torch.empty(slot.shape, dtype=slot.dtype, device=device if slot.on_device else "cpu")
+            if t.numel():
+                dist.broadcast(t, src=0, group=None if slot.on_device else host_group)
+            tensors.append(t)
+        args, kwargs = _unpack(packed, tensors, objects)
+        getattr(objects[target], method)(*args, **kwargs)
 
 
 def _slots(obj: Any) -> list[_TensorSlot]:
@@ -311,6 +382,6 @@ def _slots(obj: Any) -> list[_TensorSlot]:
 
 
 if __name__ == "__main__":
-    # through the imported module, not __main__: the placeholders rank 0 pickles are worker.tp_worker classes
+    # through the imported module, not __main__: the placeholders rank 0 pickles are qnext.worker.tp_worker classes
     from qnext.worker.tp_worker import follower_main as main
     sys.exit(main())
