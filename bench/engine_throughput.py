@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import os
 import platform
 import pstats
@@ -32,24 +31,23 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.*; qnext itself: pip install -e .
-from bench.provenance import git_state  # noqa: E402
+from bench.provenance import git_line, git_state  # noqa: E402
 
 import torch  # noqa: E402
 
+from bench.bench_common import FIRST_SPECIAL_ID, random_prompts, write_json  # noqa: E402
 from qnext.worker.engine import Engine  # noqa: E402
 from qnext.worker.model_runner import StepTimings  # noqa: E402
-from qnext.worker.types import EngineConfig, SamplingParams, StoppingParams
+from qnext.worker.types import EngineConfig, SamplingParams, StoppingParams  # noqa: E402
 from qnext.worker.tiny import default_checkpoint  # noqa: E402
 
 TARGET_SPEEDUP_B16 = 2.0  # ours / transformers tokens/s at batch 16
 TARGET_OVERHEAD_PCT = 10.0  # share of each engine step spent outside the forward
-FIRST_SPECIAL_ID = 151643  # <|endoftext|>: prompts draw from the ordinary BPE ids below it
 
 
 def make_prompts(batch: int, length: int, seed: int) -> list[list[int]]:
     """Same length for every prompt, so transformers' batch needs no padding (mask is all ones)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, FIRST_SPECIAL_ID, (batch, length), generator=g).tolist()
+    return random_prompts(batch, length, seed)
 
 
 def load_transformers(model_dir: Path):
@@ -131,7 +129,7 @@ def mark(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-sizes", default="1,16", help="comma-separated (default 1,16)")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per sequence (default 32)")
@@ -145,36 +143,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="after the benchmark, cProfile one engine run at this batch size (top functions by tottime)")
     p.add_argument("--profile-top", type=int, default=10)
     args = p.parse_args(argv)
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    if args.repeats < 1 or args.new_tokens < 1 or args.prompt_len < 1 or not batch_sizes:
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    if args.repeats < 1 or args.new_tokens < 1 or args.prompt_len < 1 or not args.batch_sizes:
         p.error("--repeats, --new-tokens, --prompt-len must be >= 1 and --batch-sizes non-empty")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    return args
 
-    model_dir = Path(args.model) if args.model else default_checkpoint()
-    t0 = time.perf_counter()
-    engine = Engine(EngineConfig(model=str(model_dir), seed=0, cache_memory=256 << 20,
-                                 max_num_seqs=max(64, max(batch_sizes))))
-    hf = load_transformers(model_dir)
-    import transformers
-    meta = {
-        "model": str(model_dir), "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-        "engine_dtype": str(engine.runner.dtype), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-        "repeats": args.repeats, "seed": args.seed, "git": git_state(), "load_s": time.perf_counter() - t0,
-    }
-    print(f"model {model_dir}  |  torch {meta['torch']}, transformers {meta['transformers']}, "
-          f"threads {meta['threads']} (cpus {meta['cpu_count']}), engine dtype {meta['engine_dtype']}")
-    print(f"prompts {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy; 1 warm-up + {args.repeats} "
-          f"interleaved runs each, medians  |  git {meta['git']['commit']}"
-          + (f" (modified: {', '.join(meta['git']['modified'])})" if meta["git"]["modified"] else ""))
 
-    results = []
-    for b in batch_sizes:
-        r = bench_batch(engine, hf, b, args)
-        results.append(r)
-        print(f"  batch {b}: done ({sum(r['ours_wall_s']) + sum(r['theirs_wall_s']):.1f} s measured)", flush=True)
-
+def print_results(results: list[dict[str, Any]]) -> None:
     print()
     hdr = (f"{'batch':>5}  {'ours tok/s':>10}  {'hf tok/s':>9}  {'ours/hf':>7}  {'steps':>5}  "
            f"{'outside fwd µs/step':>19}  {'% of step':>9}  {'greedy ==':>9}")
@@ -185,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['steps_per_run']:>5.0f}  {r['overhead_us_per_step']:>19.0f}  {r['overhead_pct']:>8.1f}%  "
               f"{'yes' if r['greedy_equal'] else 'NO ' + str(r['mismatched_sequences']):>9}")
 
+
+def check_targets(results: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The issue's targets, PASS/MISS each, printed and returned."""
     targets = []
     b16 = next((r for r in results if r["batch"] == 16), None)
     if b16 is not None:
@@ -201,17 +179,45 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for t in targets:
         print(f"  {t['status']}  {t['target']:<42} measured {t['measured']}")
+    return targets
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model_dir = Path(args.model) if args.model else default_checkpoint()
+    t0 = time.perf_counter()
+    engine = Engine(EngineConfig(model=str(model_dir), seed=0, cache_memory=256 << 20,
+                                 max_num_seqs=max(64, max(args.batch_sizes))))
+    hf = load_transformers(model_dir)
+    import transformers
+    meta = {
+        "model": str(model_dir), "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+        "engine_dtype": str(engine.runner.dtype), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "repeats": args.repeats, "seed": args.seed, "git": git_state(), "load_s": time.perf_counter() - t0,
+    }
+    print(f"model {model_dir}  |  torch {meta['torch']}, transformers {meta['transformers']}, "
+          f"threads {meta['threads']} (cpus {meta['cpu_count']}), engine dtype {meta['engine_dtype']}")
+    print(f"prompts {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy; 1 warm-up + {args.repeats} "
+          f"interleaved runs each, medians  |  {git_line(meta['git'])}")
+    results = []
+    for b in args.batch_sizes:
+        r = bench_batch(engine, hf, b, args)
+        results.append(r)
+        print(f"  batch {b}: done ({sum(r['ours_wall_s']) + sum(r['theirs_wall_s']):.1f} s measured)", flush=True)
+    print_results(results)
+    targets = check_targets(results)
     profile = None
     if args.profile is not None:
         profile = profile_ours(engine, make_prompts(args.profile, args.prompt_len, args.seed + args.profile),
                                args.new_tokens, args.profile_top)
         print(f"\ncProfile of one engine run, batch {args.profile} (top {args.profile_top} by tottime):")
         print(profile)
-
     if args.out:
-        Path(args.out).write_text(json.dumps({"meta": meta, "results": results, "targets": targets,
-                                              "profile": profile}, indent=2) + "\n")
+        write_json(Path(args.out), {"meta": meta, "results": results, "targets": targets, "profile": profile},
+                   indent=2)
         print(f"wrote {args.out}")
     return 0
 

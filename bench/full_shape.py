@@ -33,22 +33,22 @@ the KV read) over the device's copy bandwidth measured here.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
 import platform
-import statistics
 import sys
 import time
 import traceback
-from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.*; qnext itself: pip install -e .
 
 import torch  # noqa: E402
 
+from bench.bench_common import default_out, random_prompts, sync, write_json  # noqa: E402
+from bench.engine_run import free_engine, run  # noqa: E402
 from bench.random_model import REAL_LAYERS, REAL_VOCAB, MtpAlignment, build_random_model, random_config  # noqa: E402
+from bench.roofline import copy_gbps, roofline, weight_bytes  # noqa: E402
 
 SECTIONS = ("graphs", "mtp2", "eager", "mtp1", "mtp3")
 
@@ -78,8 +78,7 @@ class Report:
         return self.deadline - time.monotonic()
 
     def write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.data, indent=1, default=str))
+        write_json(self.path, self.data)
 
     def error(self, where: str) -> None:
         tb = traceback.format_exc()
@@ -88,73 +87,11 @@ class Report:
         self.write()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def gib(n: float) -> float:
     return round(n / 2 ** 30, 3)
 
 
-# ---- the roofline ------------------------------------------------------------------------------------------------
-
-def weight_bytes(model) -> dict[str, int]:
-    """Bytes of the model's parameters by kind (FP8 scales included with their weights)."""
-    out: dict[str, int] = defaultdict(int)
-    for name, p in model.named_parameters():
-        kind = ("embedding" if "embed_tokens" in name else "lm_head" if name.startswith("lm_head") else
-                "mtp_experts" if name.startswith("mtp.") and ".experts." in name else
-                "mtp_other" if name.startswith("mtp.") else "experts" if ".experts." in name else "other")
-        out[kind] += p.numel() * p.element_size()
-    out["total"] = sum(out.values())
-    return dict(out)
-
-
-def decode_floor_bytes(model, cache, wb: dict[str, int], batch: int, context: int) -> dict[str, float]:
-    """The fewest bytes one decode step of `batch` sequences at `context` tokens must move: every non-expert
-    weight once (the embedding only its rows), the experts that batch x top-k random routings touch (expected
-    distinct count), the DeltaNet conv + recurrent states read and written, the KV of the context read and the
-    new K/V written. The MTP head is outside (k=0 step)."""
-    cfg = model.config
-    E, k = cfg.num_experts, cfg.num_experts_per_tok
-    touched = E * (1 - (1 - k / E) ** batch)
-    experts = wb.get("experts", 0) * touched / E
-    H = cfg.hidden_size
-    embed_rows = batch * H * model.model.embed_tokens.weight.element_size()
-    per_slot = sum(t[:, 0].numel() * t.element_size() for t in (cache.conv_state, cache.ssm_state))
-    states = 2 * batch * per_slot
-    kv_token = sum(p[0, 0].numel() * p.element_size() for p in (*cache.k_cache, *cache.v_cache))
-    n_main_pools = len(cfg.full_attention_layers)
-    kv_token = kv_token * n_main_pools // max(1, len(cache.k_cache))  # the MTP layer's pool is not read here
-    kv = batch * (context * kv_token + kv_token)
-    parts = dict(weights_dense=wb.get("other", 0) + wb.get("lm_head", 0), embedding_rows=embed_rows,
-                 experts=experts, experts_touched=touched, deltanet_states=states, kv=kv)
-    parts["total"] = parts["weights_dense"] + embed_rows + experts + states + kv
-    return parts
-
-
-def copy_gbps(device: torch.device) -> float:
-    """Device copy bandwidth: read + write of a 1 GiB buffer (median of 10 after 3 warm-ups)."""
-    if device.type != "cuda":
-        return float("nan")
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(13):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        if i >= 3:
-            times.append(start.elapsed_time(end) * 1e-3)
-    del src, dst
-    torch.cuda.empty_cache()  # the engines size their caches from free memory
-    return 2 * (1 << 30) / statistics.median(times) / 1e9
-
-
-# ---- running the engine ------------------------------------------------------------------------------------------
+# ---- the sections ------------------------------------------------------------------------------------------------
 
 def make_engine(model, args, sizes: Sizes, k: int, graphs: str):
     from qnext.worker.engine import Engine
@@ -165,125 +102,6 @@ def make_engine(model, args, sizes: Sizes, k: int, graphs: str):
                        cache_memory=0.0 if args.device == "cuda" else float(2 << 30))
     return Engine(cfg, model=model)
 
-
-def free_engine(engine, device: torch.device) -> None:
-    """Drop an engine's cache and graphs before the next one sizes its cache from free memory."""
-    engine.runner.graphs = engine.runner.mtp_graphs = engine.runner.cache = None
-    del engine
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, min(vocab, 150000), (n, length), generator=g).tolist()  # below the special ids
-
-
-def run(engine, ps: list[list[int]], new_tokens: int, tag: str, profile_steps: int = 0) -> dict:
-    """Run `ps` to completion (greedy, ignore_eos) and measure. Decode figures come from the steps after every
-    sequence has its first token in which every sequence emitted (a full batch); prefill = prompt tokens over
-    the time to the last first token. With `profile_steps`, that many full-batch decode steps run under
-    torch.profiler and the kernels' device time is aggregated by name."""
-    from qnext.worker.types import GenerationRequest
-    from qnext.worker.types import SamplingParams
-    from qnext.worker.types import StoppingParams
-    engine.reset_prefix_cache()
-    spec0 = (engine.spec.counters.num_drafted, engine.spec.counters.num_accepted, engine.spec.counters.num_verify_steps)
-    graph0 = (engine.runner.graphs.stats.replayed_steps, engine.runner.graphs.stats.eager_steps) if engine.runner.graphs else (0, 0)
-    ids = [f"{tag}-{i}" for i in range(len(ps))]
-    start = time.perf_counter()
-    for rid, p in zip(ids, ps):
-        engine.add_request(GenerationRequest(rid, p, SamplingParams(temperature=0.0),
-                                             StoppingParams(max_new_tokens=new_tokens, ignore_eos=True)))
-    got = {rid: 0 for rid in ids}
-    first_token_s: dict[str, float] = {}
-    decode_steps: list[tuple[float, int]] = []  # (seconds, tokens) of full-batch decode steps
-    steps = 0
-    profile: dict | None = None
-    while engine.has_unfinished():
-        all_started = len(first_token_s) == len(ids)
-        prof = None
-        if all_started and profile_steps and profile is None and len(decode_steps) >= 2:
-            prof = profiled_steps(engine, profile_steps)
-            profile = prof["summary"]
-            for rid, n in prof["tokens"].items():
-                got[rid] += n
-            continue
-        t0 = time.perf_counter()
-        outs = engine.step()
-        dt = time.perf_counter() - t0
-        steps += 1
-        emitted = 0
-        for o in outs:
-            if o.new_token_ids and o.request_id not in first_token_s:
-                first_token_s[o.request_id] = time.perf_counter() - start
-            got[o.request_id] += len(o.new_token_ids)
-            emitted += bool(o.new_token_ids)
-        if all_started and emitted == len(ids):
-            decode_steps.append((dt, sum(len(o.new_token_ids) for o in outs)))
-    total_s = time.perf_counter() - start
-    assert all(n == new_tokens for n in got.values()), f"{tag}: tokens per request {sorted(set(got.values()))}"
-    row: dict = dict(sequences=len(ps), prompt_tokens=len(ps[0]), new_tokens=new_tokens, steps=steps,
-                     total_s=round(total_s, 4))
-    ttft = max(first_token_s.values())
-    row["prefill_s"] = round(ttft, 4)
-    row["prefill_tok_s"] = round(sum(len(p) for p in ps) / ttft, 1)
-    if decode_steps:
-        secs = sum(s for s, _ in decode_steps)
-        toks = sum(n for _, n in decode_steps)
-        row.update(decode_steps=len(decode_steps), decode_tok_s=round(toks / secs, 1),
-                   decode_tok_s_per_seq=round(toks / secs / len(ps), 2),
-                   step_ms_median=round(1e3 * statistics.median(s for s, _ in decode_steps), 3),
-                   step_ms_max=round(1e3 * max(s for s, _ in decode_steps), 3),
-                   tokens_per_step=round(toks / len(decode_steps) / len(ps), 3))
-    c = engine.spec.counters
-    drafted, accepted, verifies = (c.num_drafted - spec0[0], c.num_accepted - spec0[1],
-                                   c.num_verify_steps - spec0[2])
-    if drafted:
-        row.update(drafted=drafted, accepted=accepted, acceptance=round(accepted / drafted, 4),
-                   mean_acceptance_length=round((accepted + verifies) / verifies, 3))
-    if engine.runner.graphs is not None:
-        row.update(graph_steps=engine.runner.graphs.stats.replayed_steps - graph0[0],
-                   eager_steps_in_graph_mode=engine.runner.graphs.stats.eager_steps - graph0[1])
-    if profile is not None:
-        row["profile"] = profile
-    return row
-
-
-def profiled_steps(engine, n: int) -> dict:
-    """`n` engine steps under torch.profiler; kernel device time aggregated by name (per step) from its trace."""
-    from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.runner.device.type == "cuda" else [])
-    tokens: dict[str, int] = defaultdict(int)
-    with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            for o in engine.step():
-                tokens[o.request_id] += len(o.new_token_ids)
-        wall = time.perf_counter() - t0
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"qnext_trace_{os.getpid()}.json"
-    prof.export_chrome_trace(str(path))
-    events = json.loads(path.read_text())["traceEvents"]
-    path.unlink()
-    kernels: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-    for e in events:
-        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
-            k = kernels[e["name"][:120]]
-            k[0] += 1
-            k[1] += e["dur"]
-    device_us = sum(v[1] for v in kernels.values())
-    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])
-    summary = dict(steps=n, wall_ms_per_step=round(1e3 * wall / n, 3),
-                   kernel_ms_per_step=round(device_us / 1e3 / n, 3), kernels_per_step=sum(v[0] for v in
-                                                                                          kernels.values()) / n,
-                   top=[dict(name=name, calls_per_step=c / n, us_per_step=round(us / n, 2),
-                             pct=round(100 * us / device_us, 2) if device_us else 0.0)
-                        for name, (c, us) in top[:40]])
-    return dict(summary=summary, tokens=tokens)
-
-
-# ---- the sections ------------------------------------------------------------------------------------------------
 
 def engine_info(engine, device: torch.device, built_s: float, before: int) -> dict:
     ci = engine.cache_info
@@ -297,13 +115,9 @@ def engine_info(engine, device: torch.device, built_s: float, before: int) -> di
     return info
 
 
-def section(name: str, model, args, sizes: Sizes, rep: Report, mtp: MtpAlignment | None, wb: dict) -> None:
+def start_engine(name: str, model, args, sizes: Sizes, k: int, rep: Report) -> tuple[object, dict]:
+    """The section's engine, its cache and graphs built; what it took is recorded in the report."""
     device = torch.device(args.device)
-    vocab = model.config.vocab_size
-    k = {"graphs": 0, "eager": 0, "mtp1": 1, "mtp2": 2, "mtp3": 3}[name]
-    if k and model.config.num_mtp_layers == 0:
-        rep.data["skipped"].append(f"{name}: the model has no MTP head")
-        return
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -316,61 +130,91 @@ def section(name: str, model, args, sizes: Sizes, rep: Report, mtp: MtpAlignment
     rep.data["engines"].append(info)
     rep.write()
     print(f"[{name}] engine k={k}: {info}", flush=True)
-    seed = 100 * SECTIONS.index(name)
+    return engine, info
 
-    def measure(label: str, n: int, ctx: int, new: int, aligned: bool = False, profile_steps: int = 0,
-                warmup: bool = True) -> None:
+
+def section_rows(name: str, sizes: Sizes, has_mtp: bool) -> list[tuple[str, dict]]:
+    """The rows of a section, in order: (label, measure_row's arguments)."""
+    b1 = dict(n=1, ctx=sizes.short_ctx, new=sizes.new_tokens)
+    conc = dict(n=sizes.concurrency, ctx=sizes.short_ctx, new=sizes.new_tokens_long)
+    prof, aligned = dict(profile_steps=sizes.profile_steps), dict(aligned=True)
+    conc_label = f"conc{sizes.concurrency}_ctx1k"
+    if name == "graphs":
+        long = dict(n=1, ctx=sizes.long_ctx, new=sizes.new_tokens_long, warmup=False)  # a 32K warm-up: seconds
+        rows = [("b1_ctx1k", b1 | prof), ("prefill_8k", dict(n=1, ctx=sizes.prefill, new=1)),
+                (conc_label, conc | prof), ("b1_ctx32k", long)]
+        return rows + ([("b1_ctx1k_aligned", b1 | aligned)] if has_mtp else [])
+    if name == "eager":
+        return [("b1_ctx1k", b1 | prof), (conc_label, conc | prof)]
+    if name == "mtp2":
+        return [("b1_ctx1k_random", b1), ("b1_ctx1k_aligned", b1 | aligned),
+                (f"{conc_label}_aligned", conc | aligned | prof)]
+    return [("b1_ctx1k_aligned", b1 | aligned)]
+
+
+@dataclass
+class Section:
+    """One section's engine and what its rows need."""
+    name: str
+    k: int
+    model: object
+    engine: object
+    rep: Report
+    mtp: MtpAlignment | None
+    wb: dict
+    seed: int
+
+    def measured_run(self, label: str, n: int, ctx: int, new: int, aligned: bool, profile_steps: int,
+                     warmup: bool) -> dict:
+        """The row's run, after a warm-up on the same shapes (Triton compiles each new specialisation on first use),
+        with the MTP-aligned weights switched in for the pair if `aligned`."""
+        vocab = min(self.model.config.vocab_size, 150000)  # prompts below the special ids
+        if aligned:
+            self.mtp.align()
+        try:
+            if warmup:
+                run(self.engine, random_prompts(n, ctx, self.seed + 999, vocab), min(new, 8),
+                    f"{self.name}-{label}-warmup")
+            return run(self.engine, random_prompts(n, ctx, self.seed + len(self.rep.data["rows"]), vocab), new,
+                       f"{self.name}-{label}", profile_steps)
+        finally:
+            if aligned:
+                self.mtp.restore()
+
+    def measure_row(self, label: str, n: int, ctx: int, new: int, aligned: bool = False, profile_steps: int = 0,
+                    warmup: bool = True) -> None:
+        rep = self.rep
         if rep.left_s() < 5:
-            rep.data["skipped"].append(f"{name}/{label}: time budget spent")
+            rep.data["skipped"].append(f"{self.name}/{label}: time budget spent")
             return
         try:
-            if aligned:
-                mtp.align()
-            try:
-                if warmup:  # the same shapes first: Triton compiles each new specialisation on first use
-                    run(engine, prompts(n, ctx, vocab, seed + 999), min(new, 8), f"{name}-{label}-warmup")
-                row = run(engine, prompts(n, ctx, vocab, seed + len(rep.data["rows"])), new, f"{name}-{label}",
-                          profile_steps)
-            finally:
-                if aligned:
-                    mtp.restore()
+            row = self.measured_run(label, n, ctx, new, aligned, profile_steps, warmup)
         except Exception:
-            rep.error(f"{name}/{label}")
+            rep.error(f"{self.name}/{label}")
             return
-        row.update(section=name, label=label, k=k, graphs=engine.runner.graphs is not None, aligned=aligned)
+        row.update(section=self.name, label=label, k=self.k, graphs=self.engine.runner.graphs is not None,
+                   aligned=aligned)
         if "decode_tok_s" in row and rep.data.get("copy_gbps"):
-            floor = decode_floor_bytes(model, engine.runner.cache, wb, n, ctx + new // 2)
-            floor_ms = floor["total"] / (rep.data["copy_gbps"] * 1e9) * 1e3
-            row["roofline"] = dict(bytes=floor, floor_ms_per_step=round(floor_ms, 4),
-                                   floor_tok_s=round(n / floor_ms * 1e3, 1),
-                                   pct_of_roofline=round(100 * floor_ms * row["tokens_per_step"] /
-                                                         row["step_ms_median"], 2))
+            row["roofline"] = roofline(self.model, self.engine.runner.cache, self.wb, n, ctx + new // 2, row,
+                                       rep.data["copy_gbps"])
         rep.data["rows"].append(row)
         rep.write()
         brief = {x: row.get(x) for x in ("decode_tok_s", "step_ms_median", "prefill_tok_s", "acceptance",
                                          "tokens_per_step")}
-        print(f"[{name}] {label}: {brief}", flush=True)
+        print(f"[{self.name}] {label}: {brief}", flush=True)
 
+
+def section(name: str, model, args, sizes: Sizes, rep: Report, mtp: MtpAlignment | None, wb: dict) -> None:
+    device = torch.device(args.device)
+    k = {"graphs": 0, "eager": 0, "mtp1": 1, "mtp2": 2, "mtp3": 3}[name]
+    if k and model.config.num_mtp_layers == 0:
+        rep.data["skipped"].append(f"{name}: the model has no MTP head")
+        return
+    engine, info = start_engine(name, model, args, sizes, k, rep)
+    s = Section(name, k, model, engine, rep, mtp, wb, seed=100 * SECTIONS.index(name))
     try:
-        if name == "graphs":
-            measure("b1_ctx1k", 1, sizes.short_ctx, sizes.new_tokens, profile_steps=sizes.profile_steps)
-            measure("prefill_8k", 1, sizes.prefill, 1)
-            measure(f"conc{sizes.concurrency}_ctx1k", sizes.concurrency, sizes.short_ctx, sizes.new_tokens_long,
-                    profile_steps=sizes.profile_steps)
-            measure("b1_ctx32k", 1, sizes.long_ctx, sizes.new_tokens_long, warmup=False)  # a 32K warm-up: seconds
-            if mtp is not None:
-                measure("b1_ctx1k_aligned", 1, sizes.short_ctx, sizes.new_tokens, aligned=True)
-        elif name == "eager":
-            measure("b1_ctx1k", 1, sizes.short_ctx, sizes.new_tokens, profile_steps=sizes.profile_steps)
-            measure(f"conc{sizes.concurrency}_ctx1k", sizes.concurrency, sizes.short_ctx, sizes.new_tokens_long,
-                    profile_steps=sizes.profile_steps)
-        elif name == "mtp2":
-            measure("b1_ctx1k_random", 1, sizes.short_ctx, sizes.new_tokens)
-            measure("b1_ctx1k_aligned", 1, sizes.short_ctx, sizes.new_tokens, aligned=True)
-            measure(f"conc{sizes.concurrency}_ctx1k_aligned", sizes.concurrency, sizes.short_ctx,
-                    sizes.new_tokens_long, aligned=True, profile_steps=sizes.profile_steps)
-        else:
-            measure("b1_ctx1k_aligned", 1, sizes.short_ctx, sizes.new_tokens, aligned=True)
+        for label, kw in section_rows(name, sizes, mtp is not None):
+            s.measure_row(label, **kw)
     finally:
         if device.type == "cuda":
             info["peak_allocated_gib"] = gib(torch.cuda.max_memory_allocated(device))
@@ -410,7 +254,7 @@ def summarise(rep: Report) -> None:
     print("ratios (same run):", json.dumps(ratios))
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--small", action="store_true", help="tiny dimensions, 4 layers, short prompts (CPU check)")
@@ -420,27 +264,19 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=0, help="stop starting rows after this many seconds (0: none)")
     p.add_argument("--out", type=Path, default=None, help="JSON; default $OUT/full_shape.json or ./full_shape.json")
     args = p.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device visible: use --device cpu --small for the plumbing check")
-    names = [s.strip() for s in args.sections.split(",") if s.strip()]
-    if set(names) - set(SECTIONS):
-        p.error(f"--sections: unknown {sorted(set(names) - set(SECTIONS))}")
-    out = args.out or (Path(os.environ["OUT"]) / "full_shape.json" if os.environ.get("OUT") else
-                       Path("full_shape.json"))
-    rep = Report(out, args.budget_s)
-    sizes = Sizes(args.small)
+    args.names = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if set(args.names) - set(SECTIONS):
+        p.error(f"--sections: unknown {sorted(set(args.names) - set(SECTIONS))}")
+    return args
+
+
+def build_model(args, rep: Report, device: torch.device):
+    """The random model at the real shape (or --small's), on the device; its size and the memory left recorded."""
     layers = args.layers or (4 if args.small else REAL_LAYERS)
     vocab = 4096 if args.small else REAL_VOCAB
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rep.data.update(args={k: str(v) for k, v in vars(args).items()}, torch=torch.__version__, host=platform.node(),
-                    device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    sizes=vars(sizes))
-    try:
-        import triton
-        rep.data["triton"] = triton.__version__
-    except ImportError:
-        pass
     torch.manual_seed(0)
     raw, cfg = random_config(layers, vocab, fp8=not args.bf16, mtp=True, small=args.small)
     rep.data["copy_gbps"] = round(copy_gbps(device), 1) if device.type == "cuda" else None
@@ -458,9 +294,27 @@ def main() -> None:
         rep.data["model"]["free_gib_after_build"], rep.data["model"]["device_gib"] = gib(free), gib(total)
     rep.write()
     print(f"{rep.data['device']} torch {torch.__version__}: model {rep.data['model']}", flush=True)
-    mtp = MtpAlignment(model) if cfg.num_mtp_layers else None
+    return model, wb
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    out = default_out(args.out, "full_shape.json")
+    rep = Report(out, args.budget_s)
+    sizes = Sizes(args.small)
+    rep.data.update(args={k: str(v) for k, v in vars(args).items() if k != "names"}, torch=torch.__version__,
+                    host=platform.node(), device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    sizes=vars(sizes))
+    try:
+        import triton
+        rep.data["triton"] = triton.__version__
+    except ImportError:
+        pass
+    model, wb = build_model(args, rep, device)
+    mtp = MtpAlignment(model) if model.config.num_mtp_layers else None
     with torch.inference_mode():
-        for name in names:
+        for name in args.names:
             if rep.left_s() < 20:
                 rep.data["skipped"].append(f"{name}: time budget spent")
                 continue

@@ -7,7 +7,7 @@ layers (default 4: one block of 3 DeltaNet + 1 full attention) and a small vocab
 directly on the device (no checkpoint is written: 4 real layers are ~13 GB, mostly experts). Then for each batch
 size B and tokens per sequence q (1 = plain decode, 3 = a verify step of 2 MTP drafts) it times
 
-  eager  model(batch, cache), with a fresh ForwardBatch built from host lists each step, as the engine does
+  eager  model(batch, cache), with a fresh ForwardBatch built each step by the engine's own build_forward_batch
   graph  target_runner(...).forward(batch) (same fresh ForwardBatch; loads it into the static buffers, refills
          the kernels' varlen tables, replays the bucket's graph, copies the output out)
   replay graph.replay() alone (what the launch costs once the inputs are in place; CUDA only)
@@ -47,10 +47,8 @@ compare launch overhead alone.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import random
 import statistics
 import sys
 import time
@@ -63,9 +61,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.*; 
 
 import torch  # noqa: E402
 
+from bench.bench_common import default_out, rel_err, sync, write_json  # noqa: E402
+from bench.graph_context import BLOCK_SIZE, Context  # noqa: E402
 from bench.random_model import build_random_model, random_config  # noqa: E402
-
-BLOCK_SIZE = 16  # the engine's default KV block
 
 
 @dataclass
@@ -109,72 +107,116 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-# ---- the synthetic context and the steps --------------------------------------------------------------------
-
-class Context:
-    """B sequences of `context` tokens already in the cache (random K/V, random DeltaNet states): sequence i owns
-    state slot i and its own shuffled blocks. Host lists of each (B, q) step are built once; `batch()` turns them
-    into a fresh ForwardBatch each call, the way the engine's ModelRunner does."""
-
-    def __init__(self, cfg, cache, max_batch: int, context: int, device: torch.device, seed: int) -> None:
-        self.cfg, self.cache, self.context, self.device = cfg, cache, context, device
-        per_seq = -(-context // BLOCK_SIZE)
-        blocks = list(range(max_batch * per_seq))
-        random.Random(seed).shuffle(blocks)  # the engine's blocks are scattered too
-        self.blocks = [blocks[i * per_seq:(i + 1) * per_seq] for i in range(max_batch)]
-        gen = torch.Generator(device=device).manual_seed(seed)
-        for pool in (*cache.k_cache, *cache.v_cache):
-            pool.copy_(torch.randn(pool.shape, generator=gen, device=device, dtype=pool.dtype))
-        cache.conv_state.copy_(torch.randn(cache.conv_state.shape, generator=gen, device=device))
-        cache.ssm_state.copy_(0.1 * torch.randn(cache.ssm_state.shape, generator=gen, device=device))
-
-    def host_lists(self, B: int, q: int, step: int = 0) -> dict:
-        ids, pos, slots = [], [], []
-        for i in range(B):
-            for p in range(self.context - q, self.context):  # the last q positions: rewritten every step
-                ids.append((7919 * i + 31 * p + step) % self.cfg.vocab_size)
-                pos.append(p)
-                slots.append(self.blocks[i][p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE)
-        return dict(ids=ids, pos=pos, slots=slots, q=q, B=B, tables=[self.blocks[i] for i in range(B)])
-
-    def batch(self, h: dict):
-        from qnext.worker.model import ForwardBatch
-        dev = self.device
-        return ForwardBatch(
-            input_ids=torch.tensor(h["ids"], device=dev), positions=torch.tensor(h["pos"], device=dev),
-            query_lens=[h["q"]] * h["B"], context_lens=[self.context] * h["B"],
-            slot_mapping=torch.tensor(h["slots"], device=dev),
-            block_tables=torch.tensor(h["tables"], dtype=torch.int32, device=dev),
-            state_slots=torch.tensor(list(range(h["B"])), device=dev),
-            is_verify=[True] * h["B"] if h["q"] > 1 else None)
-
-    # what a step can touch: its KV slots in every pool, its sequences' state slots (and their verify states)
-    _STATE = ("conv_state", "ssm_state", "spec_conv", "spec_ssm")
-
-    def snapshot(self, h: dict) -> dict:
-        kv = torch.tensor(h["slots"], device=self.device)
-        st = torch.arange(h["B"], device=self.device)
-        pools = [p.flatten(0, 1)[kv].clone() for p in (*self.cache.k_cache, *self.cache.v_cache)]
-        states = {n: getattr(self.cache, n)[:, st].clone() for n in self._STATE if getattr(self.cache, n) is not None}
-        return dict(kv=kv, st=st, pools=pools, states=states)
-
-    def restore(self, snap: dict) -> None:
-        for p, saved in zip((*self.cache.k_cache, *self.cache.v_cache), snap["pools"]):
-            p.flatten(0, 1)[snap["kv"]] = saved  # flatten of a contiguous pool is a view: writes land in it
-        for n, saved in snap["states"].items():
-            getattr(self.cache, n)[:, snap["st"]] = saved
-
-    def states_after(self, h: dict) -> torch.Tensor:
-        """The recurrent states the step leaves in its sequences' slots (and, verifying, the per-position ones)."""
-        st = torch.arange(h["B"], device=self.device)
-        parts = [self.cache.ssm_state[:, st].flatten()]
-        if h["q"] > 1:
-            parts.append(self.cache.spec_ssm[:, st, :h["q"] - 1].flatten())
-        return torch.cat(parts).float()
+def check_args(args: argparse.Namespace, device: torch.device) -> None:
+    if args.interpret:
+        if device.type != "cpu":
+            sys.exit("--interpret is for --device cpu (on a GPU the Triton kernels run natively)")
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels' first @triton.jit import
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device visible: run with --device cpu --small for the plumbing check")
+    if not max(int(q) for q in args.query_lens.split(",")) < args.context <= args.max_model_len:
+        sys.exit("--context must exceed the largest query length (every sequence continues a context) and be at "
+                 "most --max-model-len")
 
 
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-30)).item()
+@dataclass
+class Setup:
+    """The run: its settings, the model on its synthetic context, the graph runner (None if it failed to build)
+    and the result document, written after every shape."""
+    args: argparse.Namespace
+    device: torch.device
+    dtype: torch.dtype
+    batch_sizes: list[int]
+    query_lens: tuple[int, ...]
+    tol: float
+    model: object = None
+    cache: object = None
+    ctx: Context | None = None
+    runner: object = None
+    result: dict | None = None
+
+    def sync(self) -> None:
+        sync(self.device)
+
+    def write(self) -> None:
+        write_json(default_out(self.args.out, "graphs.json"), self.result)
+
+
+def new_setup(args: argparse.Namespace, device: torch.device) -> Setup:
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    # bf16 matmuls reorder sums across batch shapes: 2% relative on the final hidden states still means "the
+    # same computation"; a capture bug (stale table, wrong buffer, lost write) is O(1)
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+    s = Setup(args, device, dtype, [int(b) for b in args.batch_sizes.split(",")],
+              tuple(int(q) for q in args.query_lens.split(",")), tol)
+    s.result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "torch": torch.__version__, "host": platform.node(), "rows": [], "errors": [],
+                "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                           else f"cpu ({os.cpu_count()} cores)")}
+    return s
+
+
+def build(s: Setup) -> None:
+    """The random model (no MTP head: its passes are not captured here) and the cache holding the context."""
+    from qnext.worker.cache_tensors import CacheShape, CacheTensors
+    args, dtype, max_batch = s.args, s.dtype, max(s.batch_sizes)
+    raw, cfg = random_config(args.layers, args.vocab, args.fp8, mtp=False, small=args.small)
+    start = time.perf_counter()
+    s.model = build_random_model(cfg, s.device, dtype, args.seed)
+    s.sync()
+    s.result["build_s"] = time.perf_counter() - start
+    s.result["weights_gib"] = sum(p.numel() * p.element_size() for p in s.model.parameters()) / 2 ** 30
+    per_seq = -(-args.context // BLOCK_SIZE)
+    s.cache = CacheTensors(cfg, CacheShape(max_batch * per_seq, BLOCK_SIZE, max_batch, dtype, torch.float32,
+                                           dtype, max(s.query_lens) - 1, padding_slot=True), s.device)
+    s.ctx = Context(cfg, s.cache, max_batch, args.context, s.device, args.seed)
+    dims = {k: raw[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                                "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                                "num_experts", "num_experts_per_tok", "moe_intermediate_size", "vocab_size")}
+    s.result["model"] = dict(dims, layers=list(cfg.layer_types), fp8=cfg.quant is not None, dtype=str(dtype))
+    print(f"{s.result['device']}  torch {torch.__version__}  {'tiny' if args.small else 'real'} dims, "
+          f"{args.layers} layers ({len(cfg.full_attention_layers)} attention), "
+          f"{'FP8' if cfg.quant else str(dtype).replace('torch.', '')} weights {s.result['weights_gib']:.2f} GiB "
+          f"built in {s.result['build_s']:.1f} s; context {args.context}, max_model_len {args.max_model_len}")
+
+
+def build_runner(s: Setup) -> None:
+    """The target graph runner over every bucket up to the largest batch; a failure is reported and eager is still
+    measured (the GPU session should not come back empty)."""
+    from qnext.worker.graph_runner import target_runner
+    capture = s.device.type == "cuda" and not s.args.no_capture
+    try:
+        s.sync()
+        runner = target_runner(s.model, s.cache, max_batch=max(s.batch_sizes), max_model_len=s.args.max_model_len,
+                               block_size=BLOCK_SIZE, query_lens=s.query_lens, capture=capture)
+        s.sync()
+        s.result["graphs"] = dict(describe=runner.describe(), num_graphs=runner.stats.num_graphs,
+                                  capture_s=runner.stats.capture_s, buckets=runner.buckets)
+        if s.device.type == "cuda":
+            s.result["graphs"]["memory_allocated_gib"] = torch.cuda.memory_allocated(s.device) / 2 ** 30
+        print(f"graph runner: {runner.describe()}; capture time {runner.stats.capture_s:.2f} s, "
+              f"{runner.stats.num_graphs} graphs")
+        s.runner = runner
+    except Exception:
+        tb = traceback.format_exc()
+        print(f"graph runner construction FAILED (capture={capture}):\n{tb}", file=sys.stderr)
+        s.result["errors"].append({"where": "DecodeGraphRunner", "traceback": tb})
+
+
+def check(s: Setup, h: dict) -> tuple[float, float]:
+    """Eager and runner from the same cache state: rel err of the outputs and of the states left behind."""
+    snap = s.ctx.snapshot(h)
+    want = s.model(s.ctx.batch(h), s.cache)
+    want_state = s.ctx.states_after(h)
+    s.ctx.restore(snap)
+    got = s.runner.forward(s.ctx.batch(h))
+    return rel_err(got, want), rel_err(s.ctx.states_after(h), want_state)
+
+
+def record_error(s: Setup, where: str) -> None:
+    tb = traceback.format_exc()
+    print(f"{where} FAILED:\n{tb}", file=sys.stderr)
+    s.result["errors"].append({"where": where, "traceback": tb})
 
 
 def time_alternating(fns: dict[str, Callable[[], object]], sync: Callable[[], None], warmup: int,
@@ -194,6 +236,71 @@ def time_alternating(fns: dict[str, Callable[[], object]], sync: Callable[[], No
     return {n: statistics.median(t) for n, t in times.items()}
 
 
+def time_shape(s: Setup, B: int, q: int, bucket: int) -> Row:
+    """One timed (B, q) shape, its capture checked first."""
+    model, ctx, runner, cache = s.model, s.ctx, s.runner, s.cache
+    h = ctx.host_lists(B, q)
+    fns = {"eager": lambda: model(ctx.batch(h), cache)}
+    err_h = err_s = float("nan")
+    if runner is not None:
+        err_h, err_s = check(s, h)
+        fns["graph"] = lambda: runner.forward(ctx.batch(h))
+        if (bucket, q) in runner._graphs:  # private: the replay alone, to split the costs
+            fns["replay"] = runner._graphs[(bucket, q)][0].replay
+    t = time_alternating(fns, s.sync, s.args.warmup, s.args.iters)
+    graph_ms = t.get("graph", float("nan"))
+    return Row(B, q, bucket, t["eager"], graph_ms, t.get("replay"), t["eager"] / graph_ms,
+               (t["eager"] - graph_ms) * 1e3 / s.args.layers, err_h, err_s, err_h < s.tol and err_s < s.tol)
+
+
+def time_shapes(s: Setup) -> list[Row]:
+    from qnext.worker.graph_runner import batch_buckets
+    buckets = batch_buckets(max(s.batch_sizes))
+    rows: list[Row] = []
+    for q in s.query_lens:
+        for B in s.batch_sizes:
+            try:
+                rows.append(time_shape(s, B, q, next(b for b in buckets if b >= B)))
+            except Exception:
+                record_error(s, f"B={B} q={q}")
+                continue
+            s.result["rows"] = [asdict(r) for r in rows]
+            s.write()  # after every shape: a run cut short by the time limit still leaves its rows
+    return rows
+
+
+def padded_checks(s: Setup) -> list[dict]:
+    """The default batch sizes are buckets themselves, so their steps have no padding rows; these checks (not
+    timed) run steps with padding rows, which must neither change the real rows nor write their state."""
+    from qnext.worker.graph_runner import batch_buckets
+    max_batch = max(s.batch_sizes)
+    buckets = batch_buckets(max_batch)
+    wanted = f"5,{max_batch - 1}" if s.args.check_padded is None else s.args.check_padded
+    padded = sorted({B for B in map(int, filter(None, wanted.split(","))) if B <= max_batch and B not in buckets})
+    checks: list[dict] = []
+    for q in s.query_lens if s.runner is not None else ():
+        for B in padded:
+            try:
+                err_h, err_s = check(s, s.ctx.host_lists(B, q, step=1))
+            except Exception:
+                record_error(s, f"padded check B={B} q={q}")
+                continue
+            bucket = next(b for b in buckets if b >= B)
+            checks.append(dict(batch=B, q=q, bucket=bucket, rel_err_hidden=err_h, rel_err_state=err_s,
+                               ok=err_h < s.tol and err_s < s.tol))
+    return checks
+
+
+def runner_stats(s: Setup) -> None:
+    if s.runner is not None:
+        s.result["graphs"]["stats"] = asdict(s.runner.stats)
+        if s.runner.stats.eager_steps:  # a step that did not qualify ran eagerly: its figures are void
+            s.result["errors"].append({"where": "runner", "traceback": f"{s.runner.stats.eager_steps} steps "
+                                       f"fell back to eager"})
+    if s.device.type == "cuda":
+        s.result["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(s.device) / 2 ** 30
+
+
 def print_table(rows: list[Row], layers: int) -> None:
     head = (f"{'batch':>5} {'q':>2} {'bucket':>6} {'eager ms':>9} {'graph ms':>9} {'replay ms':>9} "
             f"{'eager/graph':>11} {'saved us/layer':>14} {'rel err out':>11} {'rel err state':>13}  check")
@@ -207,157 +314,39 @@ def print_table(rows: list[Row], layers: int) -> None:
     print(f"(saved us/layer = (eager - graph) / {layers} layers)")
 
 
-def main() -> None:
-    args = parse_args()
-    device = torch.device(args.device)
-    if args.interpret:
-        if device.type != "cpu":
-            sys.exit("--interpret is for --device cpu (on a GPU the Triton kernels run natively)")
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels' first @triton.jit import
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("no CUDA device visible: run with --device cpu --small for the plumbing check")
-    from contextlib import nullcontext
-
-    from qnext.kernels.dispatch import force_triton
-    from qnext.worker.cache_tensors import CacheShape, CacheTensors
-    from qnext.worker.graph_runner import batch_buckets, target_runner
-
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    capture = device.type == "cuda" and not args.no_capture
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    query_lens = tuple(int(q) for q in args.query_lens.split(","))
-    max_batch = max(batch_sizes)
-    if not max(query_lens) < args.context <= args.max_model_len:
-        sys.exit("--context must exceed the largest query length (every sequence continues a context) and be at "
-                 "most --max-model-len")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    torch.manual_seed(args.seed)
-    # no MTP head: its passes are not captured here
-    raw, cfg = random_config(args.layers, args.vocab, args.fp8, mtp=False, small=args.small)
-    # bf16 matmuls reorder sums across batch shapes: 2% relative on the final hidden states still means "the
-    # same computation"; a capture bug (stale table, wrong buffer, lost write) is O(1)
-    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
-
-    out_path = args.out or (Path(os.environ["OUT"]) / "graphs.json" if os.environ.get("OUT") else Path("graphs.json"))
-    result: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                    "torch": torch.__version__, "host": platform.node(), "rows": [], "errors": []}
-    if device.type == "cuda":
-        result["device"] = torch.cuda.get_device_name(device)
-    else:
-        result["device"] = f"cpu ({os.cpu_count()} cores)"
-
-    def write() -> None:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(result, indent=1))
-
-    with torch.inference_mode(), (force_triton() if args.interpret else nullcontext()):
-        start = time.perf_counter()
-        model = build_random_model(cfg, device, dtype, args.seed)
-        sync()
-        n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        result["build_s"] = time.perf_counter() - start
-        result["weights_gib"] = n_bytes / 2 ** 30
-        per_seq = -(-args.context // BLOCK_SIZE)
-        cache = CacheTensors(cfg, CacheShape(max_batch * per_seq, BLOCK_SIZE, max_batch, dtype, torch.float32,
-                                             dtype, max(query_lens) - 1, padding_slot=True), device)
-        ctx = Context(cfg, cache, max_batch, args.context, device, args.seed)
-        dims = {k: raw[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                                    "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
-                                    "num_experts", "num_experts_per_tok", "moe_intermediate_size", "vocab_size")}
-        result["model"] = dict(dims, layers=list(cfg.layer_types), fp8=cfg.quant is not None, dtype=str(dtype))
-        print(f"{result['device']}  torch {torch.__version__}  {'tiny' if args.small else 'real'} dims, "
-              f"{args.layers} layers ({len(cfg.full_attention_layers)} attention), "
-              f"{'FP8' if cfg.quant else str(dtype).replace('torch.', '')} weights {result['weights_gib']:.2f} GiB "
-              f"built in {result['build_s']:.1f} s; context {args.context}, max_model_len {args.max_model_len}")
-
-        runner = None
-        try:
-            sync()
-            runner = target_runner(model, cache, max_batch=max_batch, max_model_len=args.max_model_len,
-                                   block_size=BLOCK_SIZE, query_lens=query_lens, capture=capture)
-            sync()
-            result["graphs"] = dict(describe=runner.describe(), num_graphs=runner.stats.num_graphs,
-                                    capture_s=runner.stats.capture_s, buckets=runner.buckets)
-            if device.type == "cuda":
-                result["graphs"]["memory_allocated_gib"] = torch.cuda.memory_allocated(device) / 2 ** 30
-            print(f"graph runner: {runner.describe()}; capture time {runner.stats.capture_s:.2f} s, "
-                  f"{runner.stats.num_graphs} graphs")
-        except Exception:  # report it and still measure eager: the GPU session should not come back empty
-            tb = traceback.format_exc()
-            print(f"graph runner construction FAILED (capture={capture}):\n{tb}", file=sys.stderr)
-            result["errors"].append({"where": "DecodeGraphRunner", "traceback": tb})
-        def check(h: dict) -> tuple[float, float]:
-            """Eager and runner from the same cache state: rel err of the outputs and of the states left behind."""
-            snap = ctx.snapshot(h)
-            want = model(ctx.batch(h), cache)
-            want_state = ctx.states_after(h)
-            ctx.restore(snap)
-            got = runner.forward(ctx.batch(h))
-            return rel_err(got, want), rel_err(ctx.states_after(h), want_state)
-
-        buckets = batch_buckets(max_batch)
-        rows: list[Row] = []
-        for q in query_lens:
-            for B in batch_sizes:
-                h = ctx.host_lists(B, q)
-                bucket = next(b for b in buckets if b >= B)
-                try:
-                    fns = {"eager": lambda: model(ctx.batch(h), cache)}
-                    err_h = err_s = float("nan")
-                    if runner is not None:
-                        err_h, err_s = check(h)
-                        fns["graph"] = lambda: runner.forward(ctx.batch(h))
-                        if (bucket, q) in runner._graphs:  # private: the replay alone, to split the costs
-                            fns["replay"] = runner._graphs[(bucket, q)][0].replay
-                    t = time_alternating(fns, sync, args.warmup, args.iters)
-                except Exception:
-                    tb = traceback.format_exc()
-                    print(f"B={B} q={q} FAILED:\n{tb}", file=sys.stderr)
-                    result["errors"].append({"where": f"B={B} q={q}", "traceback": tb})
-                    continue
-                graph_ms = t.get("graph", float("nan"))
-                rows.append(Row(B, q, bucket, t["eager"], graph_ms, t.get("replay"), t["eager"] / graph_ms,
-                                (t["eager"] - graph_ms) * 1e3 / args.layers, err_h, err_s,
-                                err_h < tol and err_s < tol))
-                result["rows"] = [asdict(r) for r in rows]
-                write()  # after every shape: a run cut short by the time limit still leaves its rows
-        # The default batch sizes are buckets themselves, so their steps have no padding rows; these checks (not
-        # timed) run steps with padding rows, which must neither change the real rows nor write their state.
-        wanted = f"5,{max_batch - 1}" if args.check_padded is None else args.check_padded
-        padded = sorted({B for B in map(int, filter(None, wanted.split(","))) if B <= max_batch and B not in buckets})
-        checks: list[dict] = []
-        for q in query_lens if runner is not None else ():
-            for B in padded:
-                try:
-                    err_h, err_s = check(ctx.host_lists(B, q, step=1))
-                except Exception:
-                    tb = traceback.format_exc()
-                    print(f"padded check B={B} q={q} FAILED:\n{tb}", file=sys.stderr)
-                    result["errors"].append({"where": f"padded check B={B} q={q}", "traceback": tb})
-                    continue
-                bucket = next(b for b in buckets if b >= B)
-                checks.append(dict(batch=B, q=q, bucket=bucket, rel_err_hidden=err_h, rel_err_state=err_s,
-                                   ok=err_h < tol and err_s < tol))
-        result["padded_checks"] = checks
-        if runner is not None:
-            result["graphs"]["stats"] = asdict(runner.stats)
-            if runner.stats.eager_steps:  # a step that did not qualify ran eagerly: its figures are void
-                result["errors"].append({"where": "runner", "traceback": f"{runner.stats.eager_steps} steps "
-                                         f"fell back to eager"})
-        if device.type == "cuda":
-            result["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+def finish(s: Setup, rows: list[Row], checks: list[dict]) -> None:
+    """The table, the padded checks, the JSON; exit status 1 on an error or a failed check."""
     print()
-    print_table(rows, args.layers)
+    print_table(rows, s.args.layers)
     for c in checks:
         print(f"padded check: batch {c['batch']} in bucket {c['bucket']}, q {c['q']}: rel err out "
               f"{c['rel_err_hidden']:.1e}, state {c['rel_err_state']:.1e}  {'ok' if c['ok'] else 'FAIL'}")
-    result["rows"] = [asdict(r) for r in rows]
-    write()
-    print(f"\nwrote {out_path}")
+    s.result["rows"] = [asdict(r) for r in rows]
+    s.write()
+    print(f"\nwrote {default_out(s.args.out, 'graphs.json')}")
     failed = [r for r in rows if not r.ok] + [c for c in checks if not c["ok"]]
-    if result["errors"] or failed:
-        print(f"{len(result['errors'])} error(s), {len(failed)} failed check(s) (tolerance {tol:g})", file=sys.stderr)
+    if s.result["errors"] or failed:
+        print(f"{len(s.result['errors'])} error(s), {len(failed)} failed check(s) (tolerance {s.tol:g})",
+              file=sys.stderr)
         sys.exit(1)
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    check_args(args, device)
+    from contextlib import nullcontext
+
+    from qnext.kernels.dispatch import force_triton
+    torch.manual_seed(args.seed)
+    s = new_setup(args, device)
+    with torch.inference_mode(), (force_triton() if args.interpret else nullcontext()):
+        build(s)
+        build_runner(s)
+        rows = time_shapes(s)
+        s.result["padded_checks"] = checks = padded_checks(s)
+        runner_stats(s)
+    finish(s, rows, checks)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Greedy outputs of the two engines are compared turn by turn.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,10 +26,9 @@ from bench.provenance import git_state  # noqa: E402
 
 import torch  # noqa: E402
 
+from bench.bench_common import FIRST_SPECIAL_ID, write_json  # noqa: E402
 from qnext.worker.engine import Engine  # noqa: E402
-from qnext.worker.types import EngineConfig, GenerationRequest, SamplingParams, StoppingParams
-
-FIRST_SPECIAL_ID = 151643
+from qnext.worker.types import EngineConfig, GenerationRequest, SamplingParams, StoppingParams  # noqa: E402
 
 
 def random_tokens(n: int, g: torch.Generator) -> list[int]:
@@ -107,8 +105,8 @@ def main() -> int:
     print(f"hit rate {stats.hit_tokens / max(1, stats.query_tokens):.2f} of prompt tokens; checkpoints taken "
           f"{stats.checkpoints_taken}, evicted {stats.checkpoint_evictions}; KV blocks evicted {stats.block_evictions}")
     if args.out:
-        Path(args.out).write_text(json.dumps(dict(args=vars(args), rows=rows, outputs_identical=same,
-                                                  git=git_state(), threads=torch.get_num_threads()), indent=2))
+        write_json(Path(args.out), dict(args=vars(args), rows=rows, outputs_identical=same, git=git_state(),
+                                        threads=torch.get_num_threads()), indent=2)
     return 0
 
 

@@ -17,3 +17,8 @@ def git_state() -> dict[str, Any]:
         return {"commit": head, "modified": [line[3:] for line in dirty if line.strip()]}
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "modified": []}
+
+
+def git_line(state: dict[str, Any]) -> str:
+    """'git <commit>', and the modified files if any: for a benchmark's header line."""
+    return f"git {state['commit']}" + (f" (modified: {', '.join(state['modified'])})" if state["modified"] else "")

@@ -30,7 +30,6 @@ On a shared machine use --threads 1 (see bench/README.md).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -43,28 +42,24 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.*; qnext itself: pip install -e .
-from bench.provenance import git_state  # noqa: E402
+from bench.provenance import git_line, git_state  # noqa: E402
 
 import torch  # noqa: E402
 
+from bench.bench_common import random_prompts, write_json  # noqa: E402
+from bench.spec_report import print_step_costs, print_throughput, print_verdicts  # noqa: E402
 from qnext.worker.engine import Engine  # noqa: E402
 from qnext.worker.model_runner import StepTimings  # noqa: E402
-from qnext.worker.types import EngineConfig, GenerationRequest, SamplingParams, StoppingParams
+from qnext.worker.types import EngineConfig, GenerationRequest, SamplingParams, StoppingParams  # noqa: E402
 from qnext.worker.spec_decode import SpecCounters  # noqa: E402
 from qnext.worker.tiny import align_mtp_with_target, default_checkpoint  # noqa: E402
 
-FIRST_SPECIAL_ID = 151643  # <|endoftext|>: prompts draw from the ordinary BPE ids below it
 GREEDY = SamplingParams(temperature=0.0)
 
 
 def _pools_free(engine) -> bool:
     engine.reset_prefix_cache()  # cached prefixes hold blocks until cleared
     return engine.cache_manager.is_full() and engine.spec.num_tracked == 0
-
-
-def make_prompts(batch: int, length: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, FIRST_SPECIAL_ID, (batch, length), generator=g).tolist()
 
 
 def make_aligned_checkpoint(src: Path, dst: Path) -> Path:
@@ -227,7 +222,7 @@ def bench_checkpoint(name: str, model_dir: Path, args: argparse.Namespace) -> li
                                                    max_num_seqs=max(64, max(args.batch_sizes)))))
     results = []
     for b in args.batch_sizes:
-        prompts = make_prompts(b, args.prompt_len, args.seed + b)
+        prompts = random_prompts(b, args.prompt_len, args.seed + b)
         # warm-up: a short run through prefill, drafting and verify on every engine
         run_interleaved(engines, prompts, min(args.new_tokens, args.warmup_tokens), "warm")
         runs: dict[int, list[dict[str, Any]]] = {k: [] for k in args.ks}
@@ -273,47 +268,7 @@ def bench_checkpoint(name: str, model_dir: Path, args: argparse.Namespace) -> li
     return results
 
 
-def pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.0f}%"
-
-
-def print_throughput(results: list[dict[str, Any]], name: str, repeats: int) -> None:
-    print(f"\n[{name}] greedy, medians of {repeats} run(s); acceptance summed over runs")
-    hdr = (f"{'batch':>5} {'k':>2} {'tok/s':>7} {'vs k=0':>6} {'steps':>5} {'drafted':>7} {'accepted':>8} "
-           f"{'accept':>6} {'tok/verify':>10}  {'accept by draft position':<24} {'== k=0':>6}")
-    print(hdr)
-    print("-" * len(hdr))
-    for r in results:
-        by_pos = "/".join(pct(a) for a in r["acceptance_by_position"]) or "-"
-        mal = "-" if r["mean_acceptance_length"] is None else f"{r['mean_acceptance_length']:.2f}"
-        eq = "yes" if r["greedy_equal_k0"] else "NO " + ",".join(map(str, r["mismatched_sequences"]))
-        print(f"{r['batch']:>5} {r['k']:>2} {r['tok_s']:>7.1f} {r['speedup_vs_k0']:>5.2f}x {r['steps_per_run']:>5.0f} "
-              f"{r['drafted_per_run']:>7.0f} {r['accepted_per_run']:>8.0f} {pct(r['acceptance_rate']):>6} "
-              f"{mal:>10}  {by_pos:<24} {eq:>6}")
-
-
-def print_step_costs(results: list[dict[str, Any]]) -> None:
-    print("\nStep cost after prefill (median over steady steps: k=0 plain decode, k>0 verify of k drafts per sequence)."
-          "\nstep = wall of engine.step(): forward (target model + logits) + MTP drafting of the next k drafts + "
-          "accept/rollback + scheduling/sampling.\nbreak-even tok/step = step ratio: the mean acceptance length "
-          "speculation needs to win; alpha = the per-draft\nacceptance rate that gives it (i.i.d. model, "
-          "(1-a^(k+1))/(1-a)); 'never' = ratio above k+1, the most a step can emit.")
-    hdr = (f"{'checkpoint':<10} {'batch':>5} {'k':>2} {'n':>4} {'step ms':>8} {'ratio':>6} {'fwd ms':>7} "
-           f"{'fwd ratio':>9} {'draft ms':>8} {'accept ms':>9}  {'break-even tok/step':>19} {'alpha':>6}")
-    print(hdr)
-    print("-" * len(hdr))
-    for r in results:
-        if r["k"]:
-            be = f"{r['break_even_length']:.2f} (max {r['k'] + 1})"
-            alpha = "never" if r["break_even_alpha"] is None else pct(r["break_even_alpha"])
-        else:
-            be, alpha = "-", "-"
-        print(f"{r['checkpoint']:<10} {r['batch']:>5} {r['k']:>2} {r['steady_steps']:>4} {r['step_ms']:>8.1f} "
-              f"{r['step_ratio']:>5.2f}x {r['forward_ms']:>7.1f} {r['forward_ratio']:>8.2f}x {r['draft_ms']:>8.1f} "
-              f"{r['verify_ms']:>9.1f}  {be:>19} {alpha:>6}")
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ks", default="0,1,2,3,4", help="draft lengths, comma-separated; must start with 0 "
                    "(default 0,1,2,3,4)")
@@ -332,26 +287,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.ks = [int(k) for k in args.ks.split(",") if k.strip()]
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    names = [c.strip() for c in args.checkpoints.split(",") if c.strip()]
+    args.names = [c.strip() for c in args.checkpoints.split(",") if c.strip()]
     if not args.ks or args.ks[0] != 0 or any(not 0 <= k <= 4 for k in args.ks):
         p.error("--ks must start with 0 and hold values in [0, 4]")
     if args.repeats < 1 or args.new_tokens < 2 or args.prompt_len < 1 or not args.batch_sizes:
         p.error("--repeats, --prompt-len must be >= 1, --new-tokens >= 2, --batch-sizes non-empty")
-    if not names or set(names) - {"random", "aligned"}:
+    if not args.names or set(args.names) - {"random", "aligned"}:
         p.error("--checkpoints: random, aligned or both")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    return args
 
-    meta = {
-        "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(), "device": args.device, "ks": args.ks, "batch_sizes": args.batch_sizes,
-        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats, "seed": args.seed,
-        "git": git_state(),
-    }
-    src = default_checkpoint()
+
+def print_header(args: argparse.Namespace, meta: dict[str, Any], src: Path) -> None:
     print(f"model {src}  |  torch {meta['torch']}, device {args.device}, threads {meta['threads']} "
-          f"(cpus {meta['cpu_count']})  |  git {meta['git']['commit']}"
-          + (f" (modified: {', '.join(meta['git']['modified'])})" if meta["git"]["modified"] else ""))
+          f"(cpus {meta['cpu_count']})  |  {git_line(meta['git'])}")
     print(f"k = {','.join(map(str, args.ks))}, batch {','.join(map(str, args.batch_sizes))}, prompts "
           f"{args.prompt_len} random ids, {args.new_tokens} new tokens greedy (ignore_eos); 1 warm-up + "
           f"{args.repeats} run(s) per engine, the engines stepped round robin")
@@ -359,40 +307,35 @@ def main(argv: list[str] | None = None) -> int:
           "target's argmax, so acceptance is ~0 and speculation cannot pay on it (each verify step emits 1 token at\n"
           "a higher cost). The 'aligned' checkpoint (drafts always accepted) shows the upper bound.")
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    meta = {
+        "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(), "device": args.device, "ks": args.ks, "batch_sizes": args.batch_sizes,
+        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats, "seed": args.seed,
+        "git": git_state(),
+    }
+    src = default_checkpoint()
+    print_header(args, meta, src)
     t_start = time.perf_counter()
     results: list[dict[str, Any]] = []
     tmp = Path(tempfile.mkdtemp(prefix="qnext-spec-bench."))
     try:
-        for name in names:
+        for name in args.names:
             model_dir = src if name == "random" else make_aligned_checkpoint(src, tmp / "aligned")
             results += bench_checkpoint(name, model_dir, args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-    for name in names:
+    for name in args.names:
         print_throughput([r for r in results if r["checkpoint"] == name], name, args.repeats)
     print_step_costs(results)
-
-    print()
-    bad = [r for r in results if not r["greedy_equal_k0"]]
-    print(f"  {'PASS' if not bad else 'FAIL'}  greedy tokens at every k == k=0 tokens (same checkpoint, batch)"
-          + ("" if not bad else ": " + ", ".join(f"{r['checkpoint']} b{r['batch']} k{r['k']}" for r in bad)))
-    bad = [r for r in results if not (r["request_counters_agree"] and r["pools_free"])]
-    print(f"  {'PASS' if not bad else 'FAIL'}  per-request counters sum to engine.spec.counters; blocks/slots freed"
-          + ("" if not bad else ": " + ", ".join(f"{r['checkpoint']} b{r['batch']} k{r['k']}" for r in bad)))
-    aligned = [r for r in results if r["checkpoint"] == "aligned" and r["k"]]
-    if aligned:
-        full = all(r["acceptance_rate"] == 1.0 for r in aligned)
-        print(f"  {'PASS' if full else 'MISS'}  aligned checkpoint accepts every draft "
-              f"(rates {', '.join(pct(r['acceptance_rate']) for r in aligned)})")
-    rnd = [r for r in results if r["checkpoint"] == "random" and r["k"]]
-    if rnd:
-        print(f"  info  random checkpoint acceptance {', '.join(pct(r['acceptance_rate']) for r in rnd)} "
-              "(expected ~0: random weights)")
+    print_verdicts(results)
     print(f"total {time.perf_counter() - t_start:.0f} s")
-
     if args.out:
-        Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+        write_json(Path(args.out), {"meta": meta, "results": results}, indent=2)
         print(f"wrote {args.out}")
     return 0
 

@@ -1,8 +1,12 @@
 """`qnext-serve`: the gRPC server (Generation + grpc.health.v1 + reflection), Prometheus metrics, signals.
 
-Start-up: spawn the worker (it loads the model) while the tokenizer loads here; health turns SERVING when
-the worker's readiness handshake arrives. SIGTERM / SIGINT: health NOT_SERVING, new requests refused with
+Start-up: what needs torch to check (no --model: the embedded default's directory; the MTP head, the
+tensor-parallel split) is checked in a short-lived subprocess (qnext/rpc/preflight.py): this process never
+imports torch. Then spawn the worker (it loads the model) while the tokenizer loads here; health turns SERVING
+when the worker's readiness handshake arrives. SIGTERM / SIGINT: health NOT_SERVING, new requests refused with
 UNAVAILABLE, in-flight ones drained for up to --drain-grace-period seconds, then exit 0.
+
+The engine's flags are EngineConfig's (worker/engine_flags.py), the same as qnext-batch's.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from grpc_reflection.v1alpha import reflection
 from qnext.rpc import convert
 from qnext.rpc.batcher import Batcher
 from qnext.rpc.metrics import Metrics
+from qnext.rpc.preflight import run_preflight
 from qnext.rpc.service import GenerationService
 from qnext.rpc.text import TextProcessor
 from qnext.rpc.validate import Limits
 from qnext.worker.cli_help import HelpFormatter
+from qnext.worker.engine_flags import add_engine_flags, engine_config_from_args, name_the_flag
 from qnext.worker.types import EngineConfig
 
 log = structlog.get_logger("qnext.server")
@@ -42,7 +48,6 @@ class ServerConfig:
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9090  # 0 = a free port, -1 = off
     max_pending_requests: int = 256
-    num_speculative_tokens: int = 0  # the largest per-request draft length; 0 = MTP off
     default_max_new_tokens: int = 2048
     max_stop_strings: int = 16
     max_stop_string_length: int = 256
@@ -53,8 +58,6 @@ class ServerConfig:
         for name in ("max_pending_requests", "default_max_new_tokens", "max_stop_strings", "max_stop_string_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.num_speculative_tokens < 0:
-            raise ValueError(f"num_speculative_tokens: must be >= 0, got {self.num_speculative_tokens}")
         if self.reasoning_parser not in (None, "qwen3"):
             raise ValueError(f"reasoning_parser: only qwen3 (<think>...</think>) exists, got {self.reasoning_parser!r}")
 
@@ -77,6 +80,7 @@ def _default_sampling(model_dir: Path) -> dict[str, float | int]:
 
 class Server:
     def __init__(self, cfg: ServerConfig, engine: EngineConfig) -> None:
+        """`engine.model` must be set (`run_preflight` resolves None to the embedded default's directory)."""
         self.cfg = cfg
         self.engine = engine
         self.metrics = Metrics()
@@ -108,7 +112,7 @@ class Server:
         ready = await started
         m, cfg = ready.model, self.cfg
         limits = Limits(max_model_len=m.max_model_len, vocab_size=m.vocab_size,
-                        max_num_speculative_tokens=cfg.num_speculative_tokens,
+                        max_num_speculative_tokens=self.engine.num_speculative_tokens,
                         default_max_new_tokens=cfg.default_max_new_tokens, max_stop_strings=cfg.max_stop_strings,
                         max_stop_string_length=cfg.max_stop_string_length,
                         default_sampling=_default_sampling(model_dir))
@@ -175,75 +179,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qnext-serve", description="Serve a Qwen3-Next checkpoint over gRPC (qnext.v1).",
                                 formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--model", default=None, help="checkpoint directory (default: the embedded tiny checkpoint)")
     a("--host", default="0.0.0.0", help="gRPC bind address")
     a("--port", type=int, default=50051, help="gRPC port (0 = a free port, printed at start)")
     a("--metrics-host", default="0.0.0.0", help="Prometheus HTTP bind address")
     a("--metrics-port", type=int, default=9090, help="Prometheus HTTP port (0 = a free port, -1 = off)")
-    a("--device", default="cpu", help="torch device of the worker, e.g. cuda:0")
-    a("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
-    a("--tensor-parallel-size", type=int, default=1,
-      help="split the model across this many devices (one worker process each; --device names the first); "
-           "must divide the attention and DeltaNet key heads")
-    a("--max-model-len", type=int, default=None,
-      help="prompt + output tokens per request (default: the model's max_position_embeddings)")
-    a("--max-num-seqs", type=int, default=64, help="sequences running at once")
-    a("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step")
-    a("--cache-memory", type=float, default=0.0,
-      help="KV + state cache budget: fraction of device memory (CUDA, <= 1) or bytes (CPU); 0 = 0.85 of free "
-           "memory on CUDA, 512 MiB on CPU")
-    a("--num-speculative-tokens", type=int, default=0, help="largest MTP draft length a request may use; 0 = off")
-    a("--enforce-eager", action="store_true",
-      help="no CUDA graphs: every decode step launches its kernels one by one (as vLLM's flag)")
-    a("--cuda-graph-max-batch-size", type=int, default=256,
-      help="largest decode batch captured as a CUDA graph (capped by --max-num-seqs); larger steps run eagerly")
-    a("--no-prefix-caching", dest="prefix_caching", action="store_false",
-      help="turn the prefix cache (KV blocks + recurrent-state checkpoints) off")
-    a("--num-checkpoints", type=int, default=0,
-      help="recurrent-state checkpoints the prefix cache keeps; 0 = as many as 10%% of the cache budget holds")
     a("--max-pending-requests", type=int, default=256, help="open requests before RESOURCE_EXHAUSTED")
     a("--max-new-tokens-default", type=int, default=2048, help="max_new_tokens when a request gives none")
     a("--reasoning-parser", nargs="?", const="qwen3", default=None,
       help="split <think>...</think> into reasoning_text; qwen3 when given without a value (default: off, the "
            "whole output is text)")
     a("--drain-grace-period", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
-    a("--seed", type=int, default=None,
-      help="seeds the seeds of requests that give none (default: a random seed per start)")
     a("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="least severe level logged")
     a("--log-format", default="auto", choices=["auto", "json", "console"],
       help="auto = console on a TTY, JSON otherwise")
+    add_engine_flags(p)  # --model, --device, --max-num-seqs, ...: EngineConfig's (worker/types.py)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     configure_logging(args.log_level, args.log_format)
-    if args.model is None:
-        from qnext.worker.tiny import default_checkpoint
-        args.model = str(default_checkpoint())
+    engine = engine_config_from_args(args, parser)  # a bad engine value: usage error naming the flag, exit 2
     try:
-        engine = EngineConfig(model=args.model, device=args.device, tensor_parallel_size=args.tensor_parallel_size,
-                              dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                              cache_memory=args.cache_memory, seed=args.seed,
-                              num_speculative_tokens=args.num_speculative_tokens,
-                              enable_prefix_caching=args.prefix_caching, num_checkpoints=args.num_checkpoints,
-                              cuda_graphs="off" if args.enforce_eager else "auto",
-                              cuda_graph_max_batch_size=args.cuda_graph_max_batch_size)
         cfg = ServerConfig(host=args.host, port=args.port, metrics_host=args.metrics_host,
                            metrics_port=args.metrics_port, max_pending_requests=args.max_pending_requests,
-                           num_speculative_tokens=args.num_speculative_tokens,
                            default_max_new_tokens=args.max_new_tokens_default, reasoning_parser=args.reasoning_parser,
                            drain_grace_period_s=args.drain_grace_period)
-        if args.num_speculative_tokens:  # fail here, not in a worker that would restart forever
-            from qnext.worker.loader import CheckpointFiles
-            if not CheckpointFiles(args.model).has_mtp:
-                raise ValueError(f"num_speculative_tokens: {args.model} has no MTP head (mtp.* tensors)")
-        if args.tensor_parallel_size > 1:
-            from qnext.worker.tp_worker import check_tensor_parallel
-            check_tensor_parallel(args.model, args.tensor_parallel_size, args.device)
+        # no --model: the embedded default's directory; the MTP head and tensor-parallel split checked here, not
+        # in a worker that would restart forever (in a subprocess: they need torch, this process never imports it)
+        engine = run_preflight(engine)
     except (ValueError, FileNotFoundError) as e:
-        print(f"qnext-serve: {e}", file=sys.stderr)
+        print(f"qnext-serve: {name_the_flag(str(e))}", file=sys.stderr)
         return 2
     return asyncio.run(serve(cfg, engine))
 

@@ -10,6 +10,7 @@ import torch
 
 from qnext.worker.cache_tensors import CacheShape, CacheTensors
 from qnext.worker.model import ForwardBatch, Qwen3NextForCausalLM
+from qnext.worker.model_runner import SeqChunk, build_forward_batch
 
 
 class PagedRunner:
@@ -40,29 +41,15 @@ class PagedRunner:
 
     def batch(self, chunks: list[tuple[int, list[int]]], verify: bool = False) -> ForwardBatch:
         """verify: every chunk is a speculative-verify chunk (its DeltaNet states after each position kept)."""
-        ids, pos, slots, qlens, clens = [], [], [], [], []
+        seq_chunks = []
         for sid, toks in chunks:
             start = self.length[sid]
-            end = start + len(toks)
-            while len(self.blocks[sid]) * self.block_size < end:
+            self.length[sid] = start + len(toks)
+            while len(self.blocks[sid]) * self.block_size < self.length[sid]:
                 self.blocks[sid].append(self.free_blocks.pop())
-            for p in range(start, end):
-                slots.append(self.blocks[sid][p // self.block_size] * self.block_size + p % self.block_size)
-            ids += toks
-            pos += range(start, end)
-            qlens.append(len(toks))
-            clens.append(end)
-            self.length[sid] = end
-        width = max(len(self.blocks[sid]) for sid, _ in chunks)
-        tables = torch.zeros(len(chunks), width, dtype=torch.int32)
-        for i, (sid, _) in enumerate(chunks):
-            tables[i, :len(self.blocks[sid])] = torch.tensor(self.blocks[sid], dtype=torch.int32)
-        dev = self.device
-        return ForwardBatch(
-            input_ids=torch.tensor(ids, device=dev), positions=torch.tensor(pos, device=dev), query_lens=qlens,
-            context_lens=clens, slot_mapping=torch.tensor(slots, device=dev), block_tables=tables.to(dev),
-            state_slots=torch.tensor([self.slot[sid] for sid, _ in chunks], device=dev),
-            is_verify=[True] * len(chunks) if verify else None)
+            seq_chunks.append(SeqChunk(list(self.blocks[sid]), self.slot[sid], start, toks))
+        return build_forward_batch(seq_chunks, self.block_size, self.device,
+                                   is_verify=[True] * len(chunks) if verify else None)
 
     def step(self, chunks: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
         """Run one forward over the chunks; returns each chunk's logits for all its tokens: [n_i, V]."""

@@ -5,7 +5,6 @@ as "-". The GPU figures themselves come from running the script on a GPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -19,10 +18,13 @@ if torch.cuda.is_available():
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the first @triton.jit of the kernels
 pytest.importorskip("triton", reason="triton is not installed")
 
-_spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parent.parent / "bench" / "kernel_bench.py")
-bk = importlib.util.module_from_spec(_spec)
-sys.modules["bench_kernels"] = bk  # dataclasses resolve the module's annotations through sys.modules
-_spec.loader.exec_module(bk)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for bench.* (not installed)
+from bench import kernel_bench as bk  # noqa: E402
+from bench.kernel_suite.fla import fla_decode_row, fla_prefill_row  # noqa: E402
+from bench.kernel_suite.measure import Row, measure  # noqa: E402
+from bench.kernel_suite.norms import norm_cases  # noqa: E402
+from bench.kernel_suite.report import row_line  # noqa: E402
+from bench.kernel_suite.runner import BUILDERS  # noqa: E402
 
 SMALL_ARGS = ["--device", "cpu", "--small", "--batch-sizes", "1", "--peak-gbps", "100"]
 
@@ -43,14 +45,14 @@ def test_a_failing_case_is_recorded_and_the_rest_run(tmp_path: Path, monkeypatch
         def boom():
             raise RuntimeError("kernel exploded")
         yield "broken_op", "[1]", boom
-        yield from bk.norm_cases(b)
+        yield from norm_cases(b)
 
     def broken_setup(b):
         raise ValueError("no weights")
         yield  # a generator
 
-    monkeypatch.setitem(bk.BUILDERS, "norms", broken)
-    monkeypatch.setitem(bk.BUILDERS, "conv", broken_setup)
+    monkeypatch.setitem(BUILDERS, "norms", broken)
+    monkeypatch.setitem(BUILDERS, "conv", broken_setup)
     out = tmp_path / "k.json"
     assert bk.main(SMALL_ARGS + ["--ops", "conv,norms", "--out", str(out)]) == 1
     doc = json.loads(out.read_text())
@@ -67,7 +69,7 @@ def test_time_budget_skips_the_rest(tmp_path: Path) -> None:
 
 
 def test_missing_values_print_as_dash() -> None:
-    line = bk.row_line(bk.Row("op", "shape", 10.0, None, 100, 1.0, 5.0, None, "note"))
+    line = row_line(Row("op", "shape", 10.0, None, 100, 1.0, 5.0, None, "note"))
     assert line.split()[2:8] == ["10.0", "-", "-", "1", "5%", "-"]
 
 
@@ -77,12 +79,12 @@ def test_reference_caps() -> None:
     b = bk.make_bench(bk.parse_args(SMALL_ARGS + ["--max-reference-tokens", "4", "--max-check-tokens", "8"]))
     b.peak_gbps = 1.0
     fast, ref = (lambda: torch.ones(3)), (lambda: calls.append(1) or torch.ones(3))
-    r = bk.measure(b, "op", "s", fast, ref, 1, tokens=4)
+    r = measure(b, "op", "s", fast, ref, 1, tokens=4)
     assert r.reference_us is not None and r.rel_err == 0.0
     n = len(calls)
-    r = bk.measure(b, "op", "s", fast, ref, 1, tokens=8)
+    r = measure(b, "op", "s", fast, ref, 1, tokens=8)
     assert r.reference_us is None and r.rel_err == 0.0 and len(calls) == n + 1
-    r = bk.measure(b, "op", "s", fast, ref, 1, tokens=9)
+    r = measure(b, "op", "s", fast, ref, 1, tokens=9)
     assert r.reference_us is None and r.rel_err is None and len(calls) == n + 1
 
 
@@ -111,8 +113,8 @@ def test_fla_comparison_plumbing() -> None:
     b = bk.make_bench(bk.parse_args(SMALL_ARGS))
     b.peak_gbps = 1.0
     with force_triton():
-        prefill = bk.fla_prefill_row(b, b.shapes.prefill_mid, fake_fla, "fake")
-        decode = bk.fla_decode_row(b, 3, fake_fla, "fake")
+        prefill = fla_prefill_row(b, b.shapes.prefill_mid, fake_fla, "fake")
+        decode = fla_decode_row(b, 3, fake_fla, "fake")
     assert prefill.rel_err < 1e-2 and prefill.reference_us > 0  # bf16 outputs
     assert float(prefill.extra.split("final state rel_err ")[1].split(";")[0]) < 1e-5
     assert decode.rel_err < 1e-2 and float(decode.extra.split("new state rel_err ")[1].split(";")[0]) < 1e-5

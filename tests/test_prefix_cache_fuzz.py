@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import os
 import random
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 
 import qnext.worker.model_runner as runner_module
+from prefix_cache_checks import KVProvenance, check_invariants
+from prefix_fuzz_workload import Sent, Workload
 from qnext.worker.engine import Engine
 from qnext.worker.types import EngineConfig, FinishReason, GenerationRequest, SamplingParams, StoppingParams
-from qnext.worker.scheduler import RequestStatus
 from qnext.worker.tiny import make_checkpoint, tiny_config
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -130,216 +129,8 @@ def oracle(fuzz_ckpt) -> Oracle:
     return Oracle(fuzz_ckpt)
 
 
-class KVProvenance:
-    """A shadow of the KV pools: for each (block, row), the tokens its content is a function of. A target row at
-    position p depends on tokens [0, p]; an MTP row pairs the target's hidden state at p with token p+1, so it
-    depends on tokens [0, p+1]. Fed by the engine's batches and block copies; `check` asserts that every row a
-    running request has computed was computed from its own tokens, whoever wrote it (the request, a shared
-    cached block's owner, a checkpoint's tail). Catches a wrong shared row whether or not it flips a token."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine, self.bs = engine, engine.config.block_size
-        self.target: dict[tuple[int, int], tuple[int, ...] | None] = {}
-        self.mtp: dict[tuple[int, int], tuple[int, ...] | None] = {}
-        self.drafting = False
-        forward_batch, copy_blocks, propose = engine.runner.forward_batch, engine.runner.cache.copy_blocks, \
-            engine.spec.propose
-
-        def forward_batch_spy(pieces, is_verify=None):
-            target = is_verify is not None  # the target forward passes a list; MTP passes None
-            for r, start, toks in pieces:
-                if target:  # rows start + j: tokens [0, start) + toks[:j + 1]
-                    head = tuple(r.token_slice(0, start))
-                    for j in range(len(toks)):
-                        self.target[self._row(r, start + j)] = head + tuple(toks[:j + 1])
-                else:  # MTP rows start + j pair the hidden state there with toks[j], the token after it
-                    head = tuple(r.token_slice(0, start + 1))
-                    for j in range(len(toks)):
-                        self.mtp[self._row(r, start + j)] = None if self.drafting else head + tuple(toks[:j + 1])
-            return forward_batch(pieces, is_verify)
-
-        def copy_blocks_spy(src, dst):
-            for shadow in (self.target, self.mtp):
-                rows = [{o: shadow.get((b, o)) for o in range(self.bs)} for b in src]
-                for b, got in zip(dst, rows):
-                    for o, v in got.items():
-                        shadow[(b, o)] = v
-            return copy_blocks(src, dst)
-
-        def propose_spy(drafting):
-            self.drafting = True
-            try:
-                return propose(drafting)
-            finally:
-                self.drafting = False
-
-        engine.runner.forward_batch, engine.runner.cache.copy_blocks, engine.spec.propose = \
-            forward_batch_spy, copy_blocks_spy, propose_spy
-
-    def _row(self, r, p: int) -> tuple[int, int]:
-        return r.block_ids[p // self.bs], p % self.bs
-
-    def check(self) -> None:
-        for r in self.engine.scheduler._running:
-            computed = min(r.num_computed_tokens, r.num_tokens)
-            for p in range(computed):
-                got = self.target.get(self._row(r, p))
-                assert got == tuple(r.token_slice(0, p + 1)), f"{r.request_id}: target KV row {p} is {got}"
-            if r.num_speculative_tokens:
-                for p in range(min(computed, r.num_tokens - 1)):
-                    got = self.mtp.get(self._row(r, p))
-                    assert got == tuple(r.token_slice(0, p + 2)), f"{r.request_id}: MTP KV row {p} is {got}"
-
-
-def check_invariants(engine: Engine) -> None:
-    """The allocator's state is exactly what the scheduler's requests and the index's checkpoints reference."""
-    cm, sched, pc = engine.cache_manager, engine.scheduler, engine.cache_manager.prefix
-    bs, total = cm.block_size, cm.blocks.num_total
-    running, waiting = list(sched._running), list(sched._waiting)
-    assert len(running) <= engine.config.max_num_seqs
-    for r in waiting:
-        assert r.status == RequestStatus.WAITING
-        assert not r.block_ids and r.state_slot is None and r.num_computed_tokens == 0 and not r.prefix_nodes
-    refs: Counter[int] = Counter()
-    for r in running:
-        assert r.status == RequestStatus.RUNNING and r.state_slot is not None
-        assert len(set(r.block_ids)) == len(r.block_ids), f"{r.request_id} lists a block twice: {r.block_ids}"
-        assert len(r.block_ids) >= cm.blocks_for(r.num_computed_tokens)
-        assert len(r.prefix_nodes) <= len(r.block_ids)
-        assert 0 < r.num_computed_tokens <= r.num_tokens
-        refs.update(r.block_ids)
-    slots = [r.state_slot for r in running]
-    assert len(set(slots)) == len(slots)
-    assert cm.slots.num_free == cm.slots.num_total - len(running)
-    free = {b for b in range(total) if cm.blocks._is_free[b]}
-    assert len(free) == cm.blocks.num_free == len(cm.blocks._free)
-    tails = [c.tail_block for c in pc._ckpts.values()] if pc else []
-    assert len(set(tails)) == len(tails) == cm.num_checkpoint_blocks
-    refs.update(tails)
-    for b in range(total):
-        assert cm._refs[b] == refs[b], f"block {b}: {cm._refs[b]} references counted, {refs[b]} held"
-        if b in free:
-            assert refs[b] == 0 and not (pc and pc.is_cached(b)), f"free block {b} is referenced or cached"
-        elif refs[b] == 0:
-            assert pc is not None and b in pc._idle, f"block {b} is neither free, referenced nor idle"
-    assert cm.kv_blocks_used == len({b for r in running for b in r.block_ids})
-    if pc is None:
-        return
-    for b in pc._idle:
-        assert pc.is_cached(b) and refs[b] == 0
-    for t in tails:
-        assert not pc.is_cached(t) and refs[t] == 1, f"checkpoint tail block {t} is shared or cached"
-    assert len(pc._nodes) == len(pc._node_of_block)
-    by_id = {}
-    for key, node in pc._nodes.items():
-        assert node.key == key and pc._node_of_block[node.block] is node
-        by_id[node.node_id] = node
-    assert sorted(list(pc._free_ckpts) + list(pc._ckpts)) == list(range(pc.num_checkpoints))
-    for cid, c in pc._ckpts.items():
-        assert c.ckpt_id == cid and pc._ckpt_by_parent[c.parent][c.tail] is c
-        assert c.position % bs == len(c.tail) % bs and 1 <= len(c.tail) <= bs
-    assert sum(len(v) for v in pc._ckpt_by_parent.values()) == len(pc._ckpts)
-    for r in running:  # a request's chain of index nodes names its own tokens (where the nodes still exist)
-        parent = r.prefix_root
-        for i, nid in enumerate(r.prefix_nodes):
-            node = by_id.get(nid)
-            if node is not None:
-                span = pc.chain_span(r.prefix_root)  # with MTP, a block's key includes the token after it
-                assert node.key == (parent, tuple(r.token_slice(i * bs, i * bs + span))), (r.request_id, i)
-            parent = nid
-        want = min(r.num_computed_tokens, r.num_tokens - 1) // bs if r.use_prefix_cache else 0
-        assert len(r.prefix_nodes) == want, (r.request_id, r.prefix_nodes, r.num_computed_tokens, r.num_tokens)
-    assert not any(s.restored for s in engine.spec._requests.values()), "a restored MTP row was never consumed"
-    assert set(engine.spec._requests) <= set(sched._requests)
-
-
-@dataclass
-class Sent:
-    rid: str
-    prompt: tuple[int, ...]
-    max_new: int
-    stops: tuple[int, ...]
-    k: int
-    bypass: bool
-    checkpoints: tuple[int, ...] = ()
-    out: list[int] = field(default_factory=list)
-    finished: FinishReason | None = None
-    aborted: bool = False
-
-
-class Workload:
-    """Draws requests; later ones reuse earlier prompts and finished outputs."""
-
-    def __init__(self, rng: random.Random, block_size: int, max_tokens: int, max_new: int) -> None:
-        self.rng = rng
-        self.max_new = max_new
-        self.max_tokens = max_tokens  # prompt + max_new of one request (it must fit the KV pool alone)
-        self.bs = block_size
-        n = rng.randint(1, 3)
-        self.bases = [self.toks(rng.randint(max(1, block_size - 2), min(36, 2 * block_size + 8))) for _ in range(n)]
-        self.prompts: list[Sent] = []
-        self.done: list[Sent] = []  # finished, not aborted
-        self.seen_outputs: list[int] = []
-        self.count = 0
-        self.ks = rng.choice([[0], [2], [0, 1, 2]])  # draft lengths (roots: with MTP or without)
-
-    def toks(self, n: int) -> list[int]:
-        return [self.rng.randrange(VOCAB) for _ in range(n)]
-
-    def prompt(self) -> tuple[list[int], str, list[int], Sent | None]:
-        rng, bs = self.rng, self.bs
-        src = None  # the earlier request this prompt is derived from
-        kinds = ["ext", "ext"]
-        if self.prompts:
-            kinds += ["repeat", "diverge"]
-        if self.done:
-            kinds += ["prefix_of_output", "continue", "continue"]
-        kind = rng.choice(kinds)
-        boundaries = []  # a chat template's turn boundaries
-        if kind == "ext":
-            base = rng.choice(self.bases)
-            p = list(base) + self.toks(rng.randint(0, 12))
-            boundaries.append(len(base))
-        elif kind == "repeat":
-            src = rng.choice(self.prompts)
-            p = list(src.prompt)
-        elif kind == "diverge":
-            src = rng.choice(self.prompts)
-            cut = rng.randint(0, len(src.prompt))
-            if rng.random() < 0.6:  # at a block boundary (the next token is outside the block), or just off it
-                cut = min(len(src.prompt), max(0, (cut // bs) * bs + rng.choice([0, 0, -1, 1, bs - 1])))
-            p = list(src.prompt[:cut]) + self.toks(rng.randint(1, 6))
-        else:
-            src = rng.choice(self.done)
-            full = list(src.prompt) + src.out
-            if kind == "prefix_of_output":
-                p = full[:rng.randint(1, len(full))]
-            else:
-                p = full + self.toks(rng.randint(1, 8))
-                boundaries.append(len(full))
-        p = p[:self.max_tokens - 1]
-        return p, kind, [b for b in boundaries if 1 <= b <= len(p) and rng.random() < 0.7], src
-
-    def request(self) -> Sent:
-        rng = self.rng
-        p, kind, boundaries, src = self.prompt()
-        max_new = rng.randint(1, min(self.max_new, self.max_tokens - len(p)))
-        stops = ()
-        if self.seen_outputs and rng.random() < 0.2:  # tokens the model does produce, so stops do happen
-            stops = tuple(rng.sample(self.seen_outputs, min(2, len(self.seen_outputs))))
-        self.count += 1
-        offsets = [rng.randint(1, len(p)) for _ in range(rng.choice([0, 0, 1, 2]))]  # client-chosen offsets
-        k, bypass = rng.choice(self.ks), rng.random() < 0.15
-        if src is not None and rng.random() < 0.7:  # the same client again: same draft length, cache on
-            k, bypass = src.k, False
-        sent = Sent(f"q{self.count}-{kind}", tuple(p), max_new, stops, k=k, bypass=bypass,
-                    checkpoints=tuple(boundaries + offsets))
-        self.prompts.append(sent)
-        return sent
-
-
-def run_seed(seed: int, ckpt: Path, oracle: Oracle, num_requests: int | None = None) -> dict:
-    rng = random.Random(seed)
+def draw_engine(rng: random.Random, ckpt: Path) -> tuple[Engine, dict, bool]:
+    """A small engine: (engine, its drawn config, whether it is under preemption pressure)."""
     bs = rng.choice(BLOCK_SIZES)
     max_num_seqs = rng.choice([1, 2, 3, 4])
     num_ckpts = rng.choice([1, 4, 8, 16])
@@ -352,80 +143,118 @@ def run_seed(seed: int, ckpt: Path, oracle: Oracle, num_requests: int | None = N
                   num_checkpoints=num_ckpts, num_blocks=num_blocks)
     engine = _engine(ckpt, sizes=(num_blocks, max_num_seqs, num_ckpts),
                      **{k: v for k, v in config.items() if k != "num_blocks"})
-    provenance = KVProvenance(engine)
     assert engine.cache_info.num_checkpoints == num_ckpts and engine.cache_info.num_blocks == num_blocks
-    max_tokens = min(MAX_TOKENS, engine.cache_info.num_blocks * bs)
-    wl = Workload(rng, bs, max_tokens, max_new=16 if pressure else 8)
-    n_total = num_requests or rng.randint(10, 16)
-    sent: dict[str, Sent] = {}
-    drafts: dict[tuple[int, ...], list[int]] = {}
-    p_abort = rng.choice([0.0, 0.03, 0.1])
-    p_reset = rng.choice([0.0, 0.0, 0.03])
-    p_arrive = 0.9 if pressure else rng.choice([0.1, 0.3, 0.6])
-    steps = preemptions = resets = 0
+    return engine, config, pressure
 
-    def add_some():
-        for _ in range(rng.randint(1, 3)):
-            if len(sent) >= n_total:
+
+class Driver:
+    """Feeds a workload to the engine, arrivals interleaved with steps, with random aborts and prefix-cache
+    resets; after every step the invariants and the KV provenance are checked."""
+
+    def __init__(self, engine: Engine, wl: Workload, rng: random.Random, n_total: int, pressure: bool) -> None:
+        self.engine, self.wl, self.rng, self.n_total = engine, wl, rng, n_total
+        self.provenance = KVProvenance(engine)
+        self.sent: dict[str, Sent] = {}
+        self.drafts: dict[tuple[int, ...], list[int]] = {}
+        self.p_abort = rng.choice([0.0, 0.03, 0.1])
+        self.p_reset = rng.choice([0.0, 0.0, 0.03])
+        self.p_arrive = 0.9 if pressure else rng.choice([0.1, 0.3, 0.6])
+        self.steps = self.preemptions = self.resets = 0
+
+    def run(self) -> None:
+        engine, rng = self.engine, self.rng
+        while len(self.sent) < self.n_total or engine.has_unfinished():
+            if len(self.sent) < self.n_total and (not engine.has_unfinished() or rng.random() < self.p_arrive):
+                self.add_some()
+            self.step()
+            self.disturb()
+
+    def add_some(self) -> None:
+        for _ in range(self.rng.randint(1, 3)):
+            if len(self.sent) >= self.n_total:
                 return
-            s = wl.request()
-            sent[s.rid] = s
-            engine.add_request(GenerationRequest(s.rid, list(s.prompt), GREEDY,
-                                                 StoppingParams(max_new_tokens=s.max_new, ignore_eos=True,
-                                                                stop_token_ids=s.stops),
-                                                 num_speculative_tokens=s.k, use_prefix_cache=not s.bypass,
-                                                 cache_checkpoints=s.checkpoints))
+            s = self.wl.request()
+            self.sent[s.rid] = s
+            self.engine.add_request(GenerationRequest(s.rid, list(s.prompt), GREEDY,
+                                                      StoppingParams(max_new_tokens=s.max_new, ignore_eos=True,
+                                                                     stop_token_ids=s.stops),
+                                                      num_speculative_tokens=s.k, use_prefix_cache=not s.bypass,
+                                                      cache_checkpoints=s.checkpoints))
 
-    while len(sent) < n_total or engine.has_unfinished():
-        if len(sent) < n_total and (not engine.has_unfinished() or rng.random() < p_arrive):
-            add_some()
-        for o in engine.step():
-            s = sent[o.request_id]
+    def step(self) -> None:
+        for o in self.engine.step():
+            s = self.sent[o.request_id]
             s.out += o.new_token_ids
             if o.finished:
                 s.finished = o.finish_reason
-                preemptions += o.num_preemptions
+                self.preemptions += o.num_preemptions
                 if o.finish_reason != FinishReason.ABORTED:
-                    wl.done.append(s)
-                    wl.seen_outputs += s.out
-        steps += 1
-        record_drafts(engine, drafts)
-        check_invariants(engine)
-        provenance.check()
-        assert steps < 2000, "no progress"
-        live = [s for s in sent.values() if s.finished is None and not s.aborted]
-        if live and rng.random() < p_abort:
-            victim = rng.choice(live)
-            victim.aborted = engine.abort(victim.rid)
-            assert victim.aborted
-            check_invariants(engine)
-        if rng.random() < p_reset:
-            engine.reset_prefix_cache()
-            resets += 1
-            check_invariants(engine)
+                    self.wl.done.append(s)
+                    self.wl.seen_outputs += s.out
+        self.steps += 1
+        record_drafts(self.engine, self.drafts)
+        check_invariants(self.engine)
+        self.provenance.check()
+        assert self.steps < 2000, "no progress"
 
+    def disturb(self) -> None:
+        """Maybe abort a live request, maybe clear the prefix cache."""
+        live = [s for s in self.sent.values() if s.finished is None and not s.aborted]
+        if live and self.rng.random() < self.p_abort:
+            victim = self.rng.choice(live)
+            victim.aborted = self.engine.abort(victim.rid)
+            assert victim.aborted
+            check_invariants(self.engine)
+        if self.rng.random() < self.p_reset:
+            self.engine.reset_prefix_cache()
+            self.resets += 1
+            check_invariants(self.engine)
+
+
+def check_against_oracle(d: Driver, oracle: Oracle, bs: int, where: tuple) -> int:
+    """Every output equals the caching-off run's (an aborted one: a prefix of it), and so does every draft proposed
+    at the same tokens; returns how many drafts were compared."""
     wants: dict[tuple[int, ...], int] = {}
-    for s in sent.values():
+    for s in d.sent.values():
         wants[s.prompt] = max(wants.get(s.prompt, 0), s.max_new)
     oracle.compute(bs, wants)
-    for s in sent.values():
+    for s in d.sent.values():
         want = oracle.expected(s.prompt, s.max_new, s.stops)
         if s.aborted:
-            assert s.finished == FinishReason.ABORTED and s.out == want[:len(s.out)], (seed, config, s)
+            assert s.finished == FinishReason.ABORTED and s.out == want[:len(s.out)], (*where, s)
         else:
-            assert s.out == want, (seed, config, s, want)
-    common = [key for key in drafts if key in oracle.drafts]
+            assert s.out == want, (*where, s, want)
+    common = [key for key in d.drafts if key in oracle.drafts]
     for key in common:  # a draft pass short of blocks stops early: a prefix
-        assert drafts[key] == oracle.drafts[key][:len(drafts[key])], (seed, config, key, drafts[key])
+        assert d.drafts[key] == oracle.drafts[key][:len(d.drafts[key])], (*where, key, d.drafts[key])
+    return len(common)
+
+
+def check_drained(engine: Engine) -> None:
+    """Clearing the prefix cache gives every block, slot and checkpoint back."""
     engine.reset_prefix_cache()
     check_invariants(engine)
     assert engine.cache_manager.is_full() and engine.cache_manager.prefix.num_checkpoints_used == 0
     assert engine.cache_manager.num_checkpoint_blocks == 0 and engine.cache_manager.prefix.num_cached_blocks == 0
     assert engine.spec.num_tracked == 0
+
+
+def run_seed(seed: int, ckpt: Path, oracle: Oracle, num_requests: int | None = None) -> dict:
+    rng = random.Random(seed)
+    engine, config, pressure = draw_engine(rng, ckpt)
+    bs = config["block_size"]
+    wl = Workload(rng, bs, min(MAX_TOKENS, engine.cache_info.num_blocks * bs), max_new=16 if pressure else 8,
+                  vocab=VOCAB)
+    d = Driver(engine, wl, rng, num_requests or rng.randint(10, 16), pressure)
+    d.run()
+    compared = check_against_oracle(d, oracle, bs, (seed, config))
+    check_drained(engine)
     stats = engine.cache_manager.prefix.stats
-    return dict(seed=seed, pressure=pressure, slots=engine.cache_info.num_slots, steps=steps, drafts_compared=f"{len(common)}/{len(drafts)}", requests=len(sent), aborted=sum(s.aborted for s in sent.values()),
-                preemptions=preemptions, resets=resets, hits=stats.num_hits, restores=stats.num_restores,
-                ckpt_evictions=stats.checkpoint_evictions, block_evictions=stats.block_evictions, **config)
+    return dict(seed=seed, pressure=pressure, slots=engine.cache_info.num_slots, steps=d.steps,
+                drafts_compared=f"{compared}/{len(d.drafts)}", requests=len(d.sent),
+                aborted=sum(s.aborted for s in d.sent.values()), preemptions=d.preemptions, resets=d.resets,
+                hits=stats.num_hits, restores=stats.num_restores, ckpt_evictions=stats.checkpoint_evictions,
+                block_evictions=stats.block_evictions, **config)
 
 
 @pytest.mark.parametrize("seed", _seeds())

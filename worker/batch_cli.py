@@ -16,13 +16,16 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tokenizers import Tokenizer
 
 from qnext.worker.cli_help import HelpFormatter
-from qnext.worker.engine import Engine
-from qnext.worker.types import EngineConfig, GenerationRequest, SamplingParams, StoppingParams
+from qnext.worker.engine_flags import add_engine_flags, engine_config_from_args, name_the_flag
+from qnext.worker.types import GenerationRequest, SamplingParams, StoppingParams
+
+if TYPE_CHECKING:
+    from qnext.worker.engine import Engine
 
 _SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                     "frequency_penalty", "seed"}
@@ -171,45 +174,33 @@ def _prepare_output(path: Path) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qnext-batch", description="Offline batch inference over a JSONL file.",
                                 formatter_class=HelpFormatter)
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny checkpoint)")
     p.add_argument("--input", required=True, type=Path, help="JSONL input, one request per line")
     p.add_argument("--output", required=True, type=Path,
                    help="JSONL output, one result per input line (missing parent directories are created)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0")
-    p.add_argument("--dtype", default="auto",
-                   help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step")
-    p.add_argument("--cache-memory", type=float, default=0.0,
-                   help="fraction of device memory (CUDA) or bytes (CPU) for the KV + state cache; 0 = 0.85 of "
-                        "free memory on CUDA, 512 MiB on CPU")
-    p.add_argument("--seed", type=int, default=None,
-                   help="seeds the seeds of lines that give none (default: a random seed per run)")
-    p.add_argument("--num-speculative-tokens", type=int, default=0,
-                   help="MTP speculative decoding: draft tokens per step (0-4; 0 = off); the default and maximum "
-                        "for every line, which may ask for fewer with num_speculative_tokens")
-    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
-                   help="turn the prefix cache off (lines sharing a prefix then recompute it)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="split the model across this many devices (one process each; --device names the first)")
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="no CUDA graphs: every decode step launches its kernels one by one")
+    # EngineConfig's flags, as qnext-serve has them (a line's num_speculative_tokens may ask for fewer drafts)
+    add_engine_flags(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
-    if not args.input.is_file():  # both checked before the model loads
+    config = engine_config_from_args(args, p)  # all checked before the model loads, --output's folders last
+    if not args.input.is_file():
         p.error(f"--input: no such file: {args.input}")
     problem = _prepare_output(args.output)
     if problem:
         p.error(f"--output: {problem}")
-    engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                 cache_memory=args.cache_memory, seed=args.seed,
-                                 num_speculative_tokens=args.num_speculative_tokens,
-                                 enable_prefix_caching=args.prefix_caching,
-                                 tensor_parallel_size=args.tensor_parallel_size,
-                                 cuda_graphs="off" if args.enforce_eager else "auto"))
+    from qnext.worker.engine import Engine  # torch: only once the command line is known to be good
+    try:
+        engine = Engine(config)
+    except FileNotFoundError as e:
+        p.error(f"--model: {e}")
+    except ValueError as e:  # no MTP head for the drafts, a cache budget that holds nothing, ...
+        p.error(name_the_flag(str(e)))
     tokenizer = Tokenizer.from_file(str(engine.runner.model_dir / "tokenizer.json"))
     info = engine.cache_info
     print(f"qnext-batch: model {engine.runner.model_dir}, cache {info.num_kv_tokens} KV tokens, "

@@ -3,8 +3,9 @@
 
 It is argparse's ArgumentDefaultsHelpFormatter, except where "(default: X)" would say nothing: on/off switches
 (store_true / store_false, off unless given), and defaults of None, '' or [] (flag not given). A flag with such a
-default says in its own help what leaving it out means, as "(default: ...)". Only argparse is imported here, so
-the light commands (qnext-health in a container's health check) stay light.
+default says in its own help what leaving it out means, as "(default: ...)". The engine's flags (qnext-serve,
+-batch, -validate) take their help and defaults from EngineConfig's fields (worker/engine_flags.py). Only argparse
+is imported here, so the light commands (qnext-health in a container's health check) stay light.
 """
 
 from __future__ import annotations

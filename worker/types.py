@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 MAX_TOP_LOGPROBS = 20
 # Temperatures below this are treated as greedy (as vLLM does): logits / 1e-30 overflows to inf and NaNs.
@@ -91,45 +92,72 @@ class FinishReason(str, Enum):
     ABORTED = "aborted"
 
 
+def option(default: Any, help: str, **flag: Any) -> Any:
+    """An EngineConfig field with its command-line flag (worker/engine_flags.py builds qnext-serve's, -batch's
+    and -validate's from these): `help` as --help shows it ("(default: X)" is appended there, from the field's
+    default), and only where the field does not imply them: the flag's name (`flag="--enforce-eager"`; else the
+    field's name with dashes), argparse's action / const, choices. The type is the field's annotation."""
+    return field(default=default, metadata={"help": help, **flag})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None  # checkpoint directory; None = the embedded tiny default
-    device: str = "cpu"
-    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # None = the model's max_position_embeddings
-    block_size: int = 16
-    # Cache budget: a fraction of device memory on CUDA (<= 1), bytes on CPU (> 1).
-    cache_memory: float = 0.0  # 0 = default: 0.85 of free memory on CUDA, 512 MiB on CPU
-    state_dtype: str = "float32"  # DeltaNet recurrent state; bfloat16 halves it
-    seed: int | None = None  # seeds the per-request seeds drawn for requests that give none
-    # MTP speculative decoding: the server's maximum (and default) draft length; 0 = off. Needs mtp.* weights.
-    num_speculative_tokens: int = 0
-    # Prefix caching (worker/prefix_cache.py): KV blocks + DeltaNet state checkpoints of earlier prompts.
-    enable_prefix_caching: bool = True
-    num_checkpoints: int = 0  # state checkpoints kept; 0 = as many as 10% of the cache budget holds
-    # Tensor parallelism: ranks (processes, one device each) the model is split across (worker/parallel.py).
-    tensor_parallel_size: int = 1
-    # Decode steps as CUDA graphs (worker/graph_runner.py), one of CUDA_GRAPH_MODES.
-    cuda_graphs: str = "auto"
-    cuda_graph_max_batch_size: int = 256  # largest captured batch (capped by max_num_seqs)
+    """The engine's options, each with its command-line flag: the one place they are defined, defaulted,
+    described and checked (a bad value raises ValueError naming the field; the command lines name the flag)."""
+
+    model: str | None = option(None, "checkpoint directory (default: the embedded tiny checkpoint)")
+    device: str = option("cpu", "torch device, e.g. cuda:0")
+    dtype: str = option("auto", "weights and activations; auto = bfloat16 on CUDA, float32 on CPU", choices=DTYPES)
+    max_num_seqs: int = option(64, "sequences running at once")
+    max_num_batched_tokens: int = option(2048, "tokens per engine step")
+    max_model_len: int | None = option(
+        None, "prompt + output tokens per request (default: the model's max_position_embeddings)")
+    block_size: int = option(16, "tokens per KV-cache block")
+    cache_memory: float = option(
+        0.0, "KV + state cache budget: fraction of device memory (CUDA, <= 1) or bytes (CPU); 0 = 0.85 of free "
+             "memory on CUDA, 512 MiB on CPU")
+    state_dtype: str = option("float32", "DeltaNet recurrent state; bfloat16 halves its memory", choices=STATE_DTYPES)
+    seed: int | None = option(
+        None, "seeds the seeds of requests that give none (default: a random seed per start)")
+    num_speculative_tokens: int = option(
+        0, f"MTP speculative decoding: draft tokens per step (0-{MAX_SPECULATIVE_TOKENS}; 0 = off), the default "
+           "and maximum for every request, which may ask for fewer; needs a checkpoint with mtp.* weights")
+    # prefix caching: worker/prefix_cache.py; tensor parallelism: worker/parallel.py
+    enable_prefix_caching: bool = option(
+        True, "turn the prefix cache (KV blocks + recurrent-state checkpoints of earlier prompts) off",
+        flag="--no-prefix-caching", action="store_false")
+    num_checkpoints: int = option(
+        0, "recurrent-state checkpoints the prefix cache keeps; 0 = as many as 10% of the cache budget holds")
+    tensor_parallel_size: int = option(
+        1, "split the model across this many devices (one process each; --device names the first); must divide "
+           "the attention and DeltaNet key heads")
+    # decode steps as CUDA graphs (worker/graph_runner.py): one of CUDA_GRAPH_MODES, of which the command lines
+    # reach auto and off (padded-eager is for tests)
+    cuda_graphs: str = option(
+        "auto", "no CUDA graphs: every decode step launches its kernels one by one (as vLLM's flag)",
+        flag="--enforce-eager", action="store_const", const="off")
+    cuda_graph_max_batch_size: int = option(
+        256, "largest decode batch captured as a CUDA graph (capped by --max-num-seqs); larger steps run eagerly")
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size",
                      "cuda_graph_max_batch_size"):
-            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        require(self.dtype in DTYPES, "dtype", f"must be {', '.join(DTYPES)}, got {self.dtype!r}")
+            require_number(name, getattr(self, name), True, lambda x: x >= 1, ">= 1")
+        if self.max_model_len is not None:
+            require_number("max_model_len", self.max_model_len, True, lambda x: x >= 1, ">= 1")
+        require(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         require(self.state_dtype in STATE_DTYPES, "state_dtype",
-                f"must be float32 or bfloat16, got {self.state_dtype!r}")
-        require(0 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS, "num_speculative_tokens",
-                f"must be in [0, {MAX_SPECULATIVE_TOKENS}], got {self.num_speculative_tokens}")
-        require(self.cache_memory >= 0, "cache_memory", f"must be >= 0, got {self.cache_memory}")
+                f"must be one of {', '.join(STATE_DTYPES)}, got {self.state_dtype!r}")
+        require_number("cache_memory", self.cache_memory, False, lambda x: x >= 0, ">= 0")
+        if self.seed is not None:
+            require_number("seed", self.seed, True, lambda x: True, "an int")
+        require_number("num_speculative_tokens", self.num_speculative_tokens, True,
+                       lambda x: 0 <= x <= MAX_SPECULATIVE_TOKENS, f"in [0, {MAX_SPECULATIVE_TOKENS}]")
+        require(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching",
+                f"must be a bool, got {self.enable_prefix_caching!r}")
+        require_number("num_checkpoints", self.num_checkpoints, True, lambda x: x >= 0, ">= 0")
         require(self.cuda_graphs in CUDA_GRAPH_MODES, "cuda_graphs",
                 f"must be one of {', '.join(CUDA_GRAPH_MODES)}, got {self.cuda_graphs!r}")
-        require(self.num_checkpoints >= 0, "num_checkpoints", f"must be >= 0, got {self.num_checkpoints}")
-        require(self.max_model_len is None or self.max_model_len >= 1, "max_model_len",
-                f"must be >= 1, got {self.max_model_len}")
 
 
 @dataclass(frozen=True)

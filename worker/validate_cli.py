@@ -22,7 +22,7 @@ import gc
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,8 +30,9 @@ from tokenizers import Tokenizer
 
 from qnext.worker.cli_help import HelpFormatter
 from qnext.worker.engine import Engine
+from qnext.worker.engine_flags import add_engine_flags, engine_config_from_args, name_the_flag
+from qnext.worker.model_runner import SeqChunk, build_forward_batch
 from qnext.worker.types import EngineConfig, GenerationRequest, SamplingParams, StoppingParams
-from qnext.worker.model import ForwardBatch
 
 DEFAULT_PROMPTS = [
     "The capital of France is",
@@ -43,6 +44,22 @@ DEFAULT_PROMPTS = [
     "Write a haiku about a lighthouse.",
     "SELECT name, COUNT(*) FROM orders GROUP BY",
 ]
+
+# The EngineConfig fields qnext-validate sets itself, so they are not flags here:
+#   model                      two checkpoints, --model and --reference, both required
+#   max_num_seqs               1: latency is measured at batch 1, one prompt at a time
+#   max_model_len              set per run: the longest prompt + N + 1
+#   enable_prefix_caching      off: the warm-up and the scoring pass repeat prompts, and a cache hit would time
+#   num_checkpoints            no prefill (so there are no prefix-cache checkpoints to count either)
+#   num_speculative_tokens     0: what is compared is each model's own greedy decoding, and MTP drafts would make
+#                              the decode latency measure the MTP head's acceptance (bench/spec_decode.py does)
+#                              and need both checkpoints to have one
+#   seed                       nothing is sampled: every continuation is greedy
+#   cuda_graph_max_batch_size  1: batch 1 only ever replays the size-1 decode graph
+# The rest (--device, --dtype, --tensor-parallel-size, --cache-memory, --enforce-eager, ...) apply to both runs.
+FIXED_OPTIONS = {"model": None, "max_num_seqs": 1, "max_model_len": None, "enable_prefix_caching": False,
+                 "num_checkpoints": 0, "num_speculative_tokens": 0, "seed": None, "cuda_graph_max_batch_size": 1}
+ENGINE_DEFAULTS = EngineConfig(**FIXED_OPTIONS)
 
 
 @dataclass
@@ -85,19 +102,12 @@ def teacher_forced_logprobs(engine: Engine, prompt: list[int], continuation: lis
     """[N, vocab] fp32 log-probs on the CPU of the next token at each of the continuation's N positions, from
     one forward over prompt + continuation[:-1] (the engine must be idle: it lends this sequence its cache)."""
     ids = prompt + continuation[:-1]
-    n = len(ids)
-    got = engine.cache_manager.ensure([], None, n)
+    got = engine.cache_manager.ensure([], None, len(ids))
     if got is None:
-        raise ValueError(f"--cache-memory: too small for one sequence of {n} tokens")
+        raise ValueError(f"--cache-memory: too small for one sequence of {len(ids)} tokens")
     blocks, slot = got
-    bs = engine.config.block_size
-    dev = engine.runner.device
     try:
-        batch = ForwardBatch(
-            input_ids=torch.tensor(ids, device=dev), positions=torch.arange(n, device=dev), query_lens=[n],
-            context_lens=[n], slot_mapping=torch.tensor([blocks[p // bs] * bs + p % bs for p in range(n)], device=dev),
-            block_tables=torch.tensor([blocks], dtype=torch.int32, device=dev),
-            state_slots=torch.tensor([slot], device=dev))
+        batch = build_forward_batch([SeqChunk(blocks, slot, 0, ids)], engine.config.block_size, engine.runner.device)
         hidden = engine.runner.model(batch, engine.runner.cache)
         logits = engine.runner.model.compute_logits(hidden[len(prompt) - 1:])
         return torch.log_softmax(logits.float(), dim=-1).cpu()
@@ -127,6 +137,7 @@ def run_checkpoint(config: EngineConfig, prompts: list[list[int]], n: int,
             lps.append(teacher_forced_logprobs(engine, p, cont if reference is None else reference[i]))
         return CheckpointRun(conts, lps, timings, engine.vocab_size)
     finally:
+        engine.close()  # the other tensor-parallel ranks, if any
         del engine
         gc.collect()
         if torch.cuda.is_available():
@@ -146,18 +157,17 @@ def match_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def validate(model: str, reference: str, prompts: list[str], max_new_tokens: int, device: str = "cpu",
-             dtype: str = "auto", cache_memory: float = 0.0) -> list[PromptResult]:
+def validate(model: str, reference: str, prompts: list[str], max_new_tokens: int,
+             engine: EngineConfig = ENGINE_DEFAULTS) -> list[PromptResult]:
+    """`engine`: the options both checkpoints run with; its model and max_model_len are set here."""
     tokenizer = Tokenizer.from_file(str(Path(reference) / "tokenizer.json"))
     ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
     if any(not p for p in ids):
         raise ValueError("--prompts: a prompt encodes to no tokens")
     max_len = max(len(p) for p in ids) + max_new_tokens + 1
-    # No prefix cache: the warm-up and the scoring pass repeat prompts, and a cache hit would time no prefill.
-    cfg = dict(device=device, dtype=dtype, cache_memory=cache_memory, max_num_seqs=1, max_model_len=max_len,
-               enable_prefix_caching=False)
-    ref = run_checkpoint(EngineConfig(model=reference, **cfg), ids, max_new_tokens, None)
-    mod = run_checkpoint(EngineConfig(model=model, **cfg), ids, max_new_tokens, ref.continuations)
+    cfg = replace(engine, max_model_len=max_len)
+    ref = run_checkpoint(replace(cfg, model=reference), ids, max_new_tokens, None)
+    mod = run_checkpoint(replace(cfg, model=model), ids, max_new_tokens, ref.continuations)
     if mod.vocab_size != ref.vocab_size:
         raise ValueError(f"--model: vocab_size {mod.vocab_size} differs from --reference's {ref.vocab_size}")
     results = []
@@ -215,16 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--reference", required=True, help="checkpoint directory to compare against (e.g. the BF16 one)")
     a("--prompts", type=Path, help="text file, one prompt per line (default: a built-in set of 8)")
     a("--max-new-tokens", type=int, default=32, help="N: length of the reference's greedy continuation")
-    a("--device", default="cpu", help="torch device, e.g. cuda:0")
-    a("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
-    a("--cache-memory", type=float, default=0.0,
-      help="cache budget: fraction (CUDA) or bytes (CPU); 0 = 0.85 of free memory on CUDA, 512 MiB on CPU")
     a("--out", type=Path, help="write the results as JSON here (default: only the table on stdout)")
+    add_engine_flags(p, exclude=FIXED_OPTIONS)  # applied to both checkpoints' runs
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    engine = engine_config_from_args(args, p, **FIXED_OPTIONS)
     try:
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
@@ -234,18 +243,19 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(args.reference) / "tokenizer.json").is_file():
             raise ValueError(f"--reference: {args.reference} has no tokenizer.json")
         prompts = read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
-        results = validate(args.model, args.reference, prompts, args.max_new_tokens, args.device, args.dtype,
-                           args.cache_memory)
+        results = validate(args.model, args.reference, prompts, args.max_new_tokens, engine)
     except ValueError as e:
-        print(f"qnext-validate: {e}", file=sys.stderr)
+        print(f"qnext-validate: {name_the_flag(str(e))}", file=sys.stderr)
         return 2
     s = summary(results)
     print(f"model {args.model}\nreference {args.reference}\n{len(prompts)} prompts, N = {args.max_new_tokens} "
           f"teacher-forced positions each, device {args.device}\n")
     print(format_table(results, s, args.max_new_tokens))
     if args.out:
+        options = {k: v for k, v in asdict(engine).items() if k not in ("model", "max_model_len")}
         doc = {"model": args.model, "reference": args.reference, "device": args.device, "dtype": args.dtype,
-               "max_new_tokens": args.max_new_tokens, "summary": s, "prompts": [asdict(r) for r in results]}
+               "engine": options, "max_new_tokens": args.max_new_tokens, "summary": s,
+               "prompts": [asdict(r) for r in results]}
         args.out.write_text(json.dumps(doc, indent=1))
     return 0
 
