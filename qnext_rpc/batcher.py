@@ -1,8 +1,12 @@
 """The asyncio side of the worker pipe (docs/architecture.md §2-§3): admission, coalesced IPC, fan-out, worker
 lifecycle.
 
-- `submit()` admits a request (bounded: `AdmissionError` when `max_pending_requests` are open) and queues
-  it; every arrival and abort of one event-loop tick goes to the worker as one `Submit` message.
+- `submit()` admits a request and queues it; every arrival and abort of one event-loop tick goes to the worker
+  as one `Submit` message. A client's `request_id` is only a label: each submission gets its own key (the id the
+  engine sees), so an output can only reach the handle that submitted it, and a label reused right after a
+  cancel (whose final output is still on its way) cannot take over the new stream.
+- The admission bound (`AdmissionError` at `max_pending_requests`) counts everything the worker holds: open
+  streams and released ones whose abort the worker has not confirmed yet.
 - The worker's `StepResult`s are read by a loop reader callback and appended to per-request handles; a
   handle hands over everything that arrived since it was last read, so a slow reader gets several steps'
   tokens in one stream message.
@@ -15,6 +19,7 @@ lifecycle.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import multiprocessing as mp
 import queue
 import threading
@@ -25,7 +30,7 @@ from multiprocessing.connection import Connection
 import structlog
 
 from qnext.rpc.messages import PrefixCacheReset, Ready, Rejected, Shutdown, StepResult, Submit
-from qnext.worker.types import EngineConfig, EngineStats, GenerationRequest, RequestOutput
+from qnext.worker.types import EngineConfig, EngineStats, GenerationRequest, RequestOutput, StepError
 from qnext.rpc.worker_process import run_worker
 
 log = structlog.get_logger("qnext.batcher")
@@ -39,9 +44,22 @@ class WorkerUnavailable(Exception):
     """The worker is down, restarting, or the server is draining (UNAVAILABLE)."""
 
 
+class RequestFailed(Exception):
+    """The engine step this request was part of raised (INTERNAL); the worker keeps serving the others."""
+
+    @staticmethod
+    def of(error: StepError) -> RequestFailed:
+        return (RequestOutOfMemory if error.out_of_memory else RequestFailed)(error.message)
+
+
+class RequestOutOfMemory(RequestFailed):
+    """... by running out of memory (RESOURCE_EXHAUSTED)."""
+
+
 class RequestHandle:
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
+    def __init__(self, key: str, request_id: str) -> None:
+        self.key = key  # unique per submission: the engine's request id
+        self.request_id = request_id  # the client's label (logs, responses)
         self.arrival = time.monotonic()
         self.started: float | None = None  # when the worker first scheduled it
         self._outputs: list[RequestOutput] = []
@@ -50,8 +68,11 @@ class RequestHandle:
         self.finished = False  # the worker sent its final output
 
     def _push(self, out: RequestOutput) -> None:
-        self._outputs.append(out)
         self.finished = self.finished or out.finished
+        if out.error is not None:  # the tokens before it are still read first (`next`)
+            self._fail(RequestFailed.of(out.error))
+            return
+        self._outputs.append(out)
         self._event.set()
 
     def _fail(self, error: Exception) -> None:
@@ -79,8 +100,9 @@ class Batcher:
         self.stats = EngineStats()
         self.num_restarts = 0
         self.draining = False
-        self._handles: dict[str, RequestHandle] = {}
-        self._in_worker: set[str] = set()  # submitted to the worker and not finished there
+        self._handles: dict[str, RequestHandle] = {}  # by key
+        self._in_worker: set[str] = set()  # keys submitted to the worker whose final output has not come back
+        self._num_submitted = 0
         self._adds: list[GenerationRequest] = []
         self._aborts: list[str] = []
         self._resets: list[asyncio.Future] = []  # ResetPrefixCache calls: sent / waiting for the worker's answer
@@ -96,7 +118,8 @@ class Batcher:
 
     @property
     def num_pending(self) -> int:
-        return len(self._handles)
+        """Requests the server holds: open streams, and released ones the worker has not finished aborting."""
+        return len(self._handles.keys() | self._in_worker)
 
     async def start(self) -> Ready:
         self._loop = asyncio.get_running_loop()
@@ -117,30 +140,34 @@ class Batcher:
         return await self._ready_fut
 
     def submit(self, add: GenerationRequest) -> RequestHandle:
+        """Admit `add` (its request_id is the client's label) and queue it for the worker."""
         if self.draining:
             raise WorkerUnavailable("the server is draining (shutting down); retry on another replica")
         if self.ready is None:
             raise WorkerUnavailable("the worker is not ready (starting or restarting); retry shortly")
-        if add.request_id in self._handles:
-            raise ValueError(f"request_id: {add.request_id!r} is already running")
-        if len(self._handles) >= self.max_pending_requests:
-            raise AdmissionError(f"server is full: {len(self._handles)} requests open, the limit is "
+        held = self.num_pending
+        if held >= self.max_pending_requests:
+            raise AdmissionError(f"server is full: {held} requests open, the limit is "
                                  f"{self.max_pending_requests} (--max-pending-requests); retry later")
-        handle = RequestHandle(add.request_id)
-        self._handles[add.request_id] = handle
-        self._adds.append(add)
+        self._num_submitted += 1
+        key = f"{self._num_submitted}:{add.request_id}"  # unique for this server's life; the label for logs
+        handle = RequestHandle(key, add.request_id)
+        self._handles[key] = handle
+        self._adds.append(dataclasses.replace(add, request_id=key))
         self._schedule_flush()
         return handle
 
-    def release(self, request_id: str) -> None:
-        """The stream has ended, for any reason: forget it and free its cache in the worker if still there."""
-        self._handles.pop(request_id, None)
-        pending = [a for a in self._adds if a.request_id != request_id]
+    def release(self, handle: RequestHandle) -> None:
+        """The stream has ended, for any reason: forget it and free its cache in the worker if still there.
+        Until the worker's final output for it arrives it still counts against the admission bound."""
+        key = handle.key
+        if self._handles.pop(key, None) is None:
+            return  # released before (or failed with the worker)
+        pending = [a for a in self._adds if a.request_id != key]
         if len(pending) != len(self._adds):
             self._adds = pending  # never reached the worker
-        elif request_id in self._in_worker:
-            self._in_worker.discard(request_id)
-            self._aborts.append(request_id)
+        elif key in self._in_worker and not handle.finished:
+            self._aborts.append(key)
             self._schedule_flush()
 
     async def reset_prefix_cache(self) -> PrefixCacheReset:
@@ -205,6 +232,7 @@ class Batcher:
 
     def _on_worker_exit(self, proc: mp.process.BaseProcess) -> None:
         if proc is self._proc:
+            proc.join(timeout=1)  # the sentinel fires at exit, before the exit code is collected
             self._on_worker_death(self._conn, f"the worker exited (code {proc.exitcode})")
 
     def _on_worker_death(self, conn: Connection | None, why: str) -> None:
@@ -248,6 +276,11 @@ class Batcher:
             await self._spawn()
         except RuntimeError as e:
             log.error("worker restart failed", error=str(e))
+
+    def fail_open(self, error: Exception) -> None:
+        """End every open stream with `error` (its handler answers it and releases the request)."""
+        for h in self._handles.values():
+            h._fail(error)
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is open (draining); False when the timeout passed first."""

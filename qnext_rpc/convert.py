@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
 
 from qnext.v1 import generation_pb2 as pb
 from qnext.v1 import generation_pb2_grpc as pb_grpc
@@ -16,7 +21,37 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 DESCRIPTOR = pb.DESCRIPTOR
 GenerationServicer = pb_grpc.GenerationServicer
 GenerationStub = pb_grpc.GenerationStub
-add_servicer = pb_grpc.add_GenerationServicer_to_server
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """What a handler receives for request bytes that are not a valid message of its type (corrupt wire
+    format, bad UTF-8 in a string field): the service answers INVALID_ARGUMENT with `reason`."""
+
+    reason: str
+
+
+def _lenient_parser(message_type: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as e:  # grpc would answer UNKNOWN naming the Python exception
+            why = str(e).rpartition(": ")[2]
+            return Undecodable(f"request: not a valid {message_type.DESCRIPTOR.full_name} message ({why})")
+    return parse
+
+
+def add_servicer(servicer: Any, server: Any) -> None:
+    """Register the Generation service as the generated `add_GenerationServicer_to_server` does, except that
+    undecodable requests reach the handler as `Undecodable` instead of failing inside grpc."""
+    handlers = {}
+    for m in pb.DESCRIPTOR.services_by_name["Generation"].methods:
+        request, response = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
+        make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[m.name] = make(getattr(servicer, m.name), request_deserializer=_lenient_parser(request),
+                                response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 _FINISH = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS, "stop_token": pb.FINISH_REASON_STOP_TOKEN,
            "stop_string": pb.FINISH_REASON_STOP_STRING, "cancelled": pb.FINISH_REASON_CANCELLED,

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from qnext.rpc.messages import StepResult
 
@@ -26,7 +32,12 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("qnext_requests", "Finished requests by status", ["status"], registry=r)
+        self.rpcs = Counter("qnext_rpc", "Finished RPCs of qnext.v1 by method and gRPC status code (refused "
+                            "ones included: invalid, unauthenticated, over the limits, draining)",
+                            ["method", "code"], registry=r)
+        self.requests = Counter("qnext_requests", "Finished generation requests by status: the finish reason of "
+                                "those that ran, the gRPC code (lower case) of those refused or failed",
+                                ["status"], registry=r)
         self.prompt_tokens = Counter("qnext_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generated_tokens = Counter("qnext_generated_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram("qnext_time_to_first_token_seconds", "Arrival to first token", registry=r,
@@ -63,9 +74,18 @@ class Metrics:
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
         self.started = time.monotonic()
 
+    def count_rpc(self, method: str, code: grpc.StatusCode) -> None:
+        """Every finished qnext.v1 call, whatever ended it; Generate / GenerateUnary are the generation requests
+        GetServerStats' num_requests_finished counts."""
+        self.rpcs.labels(method=method, code=code.name).inc()
+        if method in ("Generate", "GenerateUnary"):
+            self.num_finished += 1
+
     def serve(self, port: int, host: str) -> int:
-        """Start the HTTP endpoint; returns the bound port (port 0 picks a free one)."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        """Start the HTTP endpoint in a daemon thread; returns the bound port (port 0 picks a free one)."""
+        server = make_server(host, port, _head_as_get(make_wsgi_app(self.registry)), ThreadingWSGIServer,
+                             handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="qnext-metrics", daemon=True).start()
         return server.server_port
 
     def on_step(self, result: StepResult) -> None:
@@ -98,3 +118,22 @@ class Metrics:
         if not recent:
             return 0.0
         return sum(n for _, n in recent) / max(1e-3, min(5.0, now - self.started))
+
+
+def _head_as_get(app: Callable) -> Callable:
+    """prometheus_client answers HEAD with 405; load balancers and uptime probes send HEAD. Same headers as GET,
+    no body."""
+    def head_or_get(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        if environ["REQUEST_METHOD"] != "HEAD":
+            return app(environ, start_response)
+        got: list[tuple[str, list]] = []
+        body = b"".join(app({**environ, "REQUEST_METHOD": "GET"}, lambda status, headers: got.append((status, headers))))
+        status, headers = got[0]
+        start_response(status, [*headers, ("Content-Length", str(len(body)))])
+        return []
+    return head_or_get
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        """Scrapes are not worth a stderr line each."""

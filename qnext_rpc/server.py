@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import signal
 import sys
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from qnext.rpc import convert
-from qnext.rpc.batcher import Batcher
+from qnext.rpc.batcher import Batcher, WorkerUnavailable
+from qnext.rpc.logs import configure_logging
 from qnext.rpc.metrics import Metrics
 from qnext.rpc.preflight import run_preflight
 from qnext.rpc.service import GenerationService
@@ -60,16 +60,6 @@ class ServerConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.reasoning_parser not in (None, "qwen3"):
             raise ValueError(f"reasoning_parser: only qwen3 (<think>...</think>) exists, got {self.reasoning_parser!r}")
-
-
-def configure_logging(level: str, fmt: str) -> None:
-    json_logs = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
-    structlog.configure(
-        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso"),
-                    structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr), cache_logger_on_first_use=True)
 
 
 def _default_sampling(model_dir: Path) -> dict[str, float | int]:
@@ -154,8 +144,11 @@ class Server:
         await self.health.enter_graceful_shutdown()
         log.info("draining", open_requests=self.batcher.num_pending, grace_s=self.cfg.drain_grace_period_s)
         drained = await self.batcher.wait_idle(self.cfg.drain_grace_period_s)
-        if not drained:
-            log.warning("grace period over; cancelling open requests", open_requests=self.batcher.num_pending)
+        if not drained:  # each open stream ends with UNAVAILABLE and this reason, not a cut connection
+            log.warning("grace period over; ending open requests", open_requests=self.batcher.num_pending)
+            self.batcher.fail_open(WorkerUnavailable(
+                f"the server is shutting down: the drain grace period ({self.cfg.drain_grace_period_s:g} s) is "
+                "over; retry on another replica"))
         await self.grpc.stop(1.0)
         await self.batcher.close()
         log.info("stopped")

@@ -1,6 +1,7 @@
 """Thin gRPC handlers: proto -> validated request -> batcher -> assembled chunks -> proto.
 
-`_grpc_errors` is the one place that maps exceptions to gRPC status codes.
+`_grpc_errors` wraps every handler: it is the one place that maps exceptions to gRPC status codes, answers
+undecodable request bytes INVALID_ARGUMENT, and counts every finished call by method and code (Metrics.count_rpc).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import grpc
 import structlog
 
 from qnext.rpc import convert
-from qnext.rpc.batcher import AdmissionError, Batcher, WorkerUnavailable
+from qnext.rpc.batcher import (AdmissionError, Batcher, RequestFailed, RequestHandle, RequestOutOfMemory,
+                               WorkerUnavailable)
 from qnext.rpc.metrics import Metrics
 from qnext.rpc.stream import CANCELLED, Chunk, OutputAssembler
 from qnext.rpc.text import TextProcessor
@@ -24,45 +26,84 @@ from qnext.rpc.validate import Limits, prepare
 
 log = structlog.get_logger("qnext.service")
 
-_STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
+_STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [  # first match wins
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     (AdmissionError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (RequestOutOfMemory, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (WorkerUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (RequestFailed, grpc.StatusCode.INTERNAL),
 ]
+_GENERATION_METHODS = ("Generate", "GenerateUnary")
 
 
-def status_for(e: Exception) -> grpc.StatusCode:
+def status_for(e: BaseException) -> grpc.StatusCode:
     return next((code for kind, code in _STATUS if isinstance(e, kind)), grpc.StatusCode.INTERNAL)
 
 
 async def _abort(context: grpc.aio.ServicerContext, e: Exception) -> None:
     code = status_for(e)
-    if code == grpc.StatusCode.INTERNAL:
+    if code == grpc.StatusCode.INTERNAL and not isinstance(e, RequestFailed):  # a bug here: the traceback
         log.exception("internal error")
-    await context.abort(code, str(e) if code != grpc.StatusCode.INTERNAL else f"internal error: {e!r}")
+    known = code != grpc.StatusCode.INTERNAL or isinstance(e, RequestFailed)
+    await context.abort(code, str(e) if known else f"internal error: {e!r}")
+
+
+def _final_code(context: grpc.aio.ServicerContext, e: BaseException | None) -> grpc.StatusCode:
+    """The status the client sees when a handler ended with `e` (None: returned normally)."""
+    if e is None:
+        return grpc.StatusCode.OK
+    if isinstance(e, grpc.aio.AbortError):
+        return context.code() or grpc.StatusCode.UNKNOWN
+    if isinstance(e, (asyncio.CancelledError, GeneratorExit)):  # the client went away, or its deadline did
+        remaining = context.time_remaining()
+        return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else \
+            grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
+
+
+def require_decoded(request: Any) -> None:
+    if isinstance(request, convert.Undecodable):
+        raise ValueError(request.reason)
 
 
 def _grpc_errors(fn: Callable) -> Callable:
+    method = fn.__name__
     if inspect.isasyncgenfunction(fn):
         @functools.wraps(fn)
-        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def stream(self: GenerationService, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            error: BaseException | None = None
             try:
-                async for item in fn(self, request, context):
-                    yield item
-            except (asyncio.CancelledError, grpc.aio.AbortError):
+                try:
+                    async for item in fn(self, request, context):
+                        yield item
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as e:  # noqa: BLE001 - mapped to a status right here
+                    await _abort(context, e)
+            except BaseException as e:
+                error = e
                 raise
-            except Exception as e:  # noqa: BLE001 - mapped to a status right here
-                await _abort(context, e)
+            finally:
+                self._count(method, context, _final_code(context, error))
         return stream
 
     @functools.wraps(fn)
-    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(self: GenerationService, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        error: BaseException | None = None
         try:
-            return await fn(self, request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+            try:
+                if method not in _GENERATION_METHODS:  # _generate checks (and counts) its own
+                    require_decoded(request)
+                return await fn(self, request, context)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as e:  # noqa: BLE001
+                await _abort(context, e)
+        except BaseException as e:
+            error = e
             raise
-        except Exception as e:  # noqa: BLE001
-            await _abort(context, e)
+        finally:
+            self._count(method, context, _final_code(context, error))
     return unary
 
 
@@ -75,26 +116,39 @@ class GenerationService(convert.GenerationServicer):
         self.metrics = metrics
         self.reasoning_parser = reasoning_parser
         self.server_limits = server_limits
+        self._admitted: set[int] = set()  # id(context) of generation calls that reached the batcher
+
+    def _count(self, method: str, context: grpc.aio.ServicerContext, code: grpc.StatusCode) -> None:
+        """Every finished call by method and code; a generation request refused before the batcher (invalid,
+        undecodable, over the limits, draining) also counts in qnext_requests by its code, as admitted ones do
+        there by how they finished."""
+        self.metrics.count_rpc(method, code)
+        if method in _GENERATION_METHODS and id(context) not in self._admitted:
+            self.metrics.requests.labels(status=code.name.lower()).inc()
+        self._admitted.discard(id(context))
 
     @_grpc_errors
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async for chunk in self._generate(request):
+        async for chunk in self._generate(request, context):
             yield convert.generate_response(chunk)
 
     @_grpc_errors
     async def GenerateUnary(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         chunks = []
         rid = ""
-        async for chunk in self._generate(request):
+        async for chunk in self._generate(request, context):
             chunks.append(chunk)
             rid = chunk.request_id
         return convert.generate_result(rid, chunks)
 
-    async def _generate(self, request: Any) -> AsyncIterator[Chunk]:
+    async def _generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Chunk]:
+        require_decoded(request)
         prepared = prepare(convert.parse_generate(request), self.limits, self.text)
         rid = prepared.request_id
         rlog = log.bind(request_id=rid)
         handle = self.batcher.submit(prepared.add)
+        self._admitted.add(id(context))
+        rlog = rlog.bind(key=handle.key)  # the worker's logs name the request by this key
         self.metrics.pending.inc()
         self.metrics.prompt_tokens.inc(len(prepared.add.prompt_token_ids))
         asm = OutputAssembler(prepared, self.text, self.reasoning_parser, handle.arrival)
@@ -112,7 +166,7 @@ class GenerationService(convert.GenerationServicer):
             status = status_for(e).name.lower()
             raise
         finally:
-            self.batcher.release(rid)  # frees the worker's cache now if it is still generating
+            self.batcher.release(handle)  # frees the worker's cache now if it is still generating
             self.metrics.pending.dec()
             self._summary(rlog, asm, status)
 
@@ -130,7 +184,6 @@ class GenerationService(convert.GenerationServicer):
         finish = asm.finish or asm.cancel(CANCELLED)
         self.metrics.requests.labels(status=status).inc()
         self.metrics.e2e.observe(finish.timings.total_ms / 1000.0)
-        self.metrics.num_finished += 1
         self.metrics.num_prompt += finish.usage.prompt_tokens
         t = finish.timings
         rlog.info("request done", status=status, prompt_tokens=finish.usage.prompt_tokens,

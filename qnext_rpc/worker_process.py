@@ -4,7 +4,9 @@
     loop:      drain the inbox (blocking only when the engine has nothing to do) -> step -> send StepResult
 
 It never waits for the server between steps. Every step's outputs go out as one message, with the pool
-usage after the step, so an abort shows up as freed blocks in the very next message.
+usage after the step, so an abort shows up as freed blocks in the very next message. A step that raises ends
+its own requests with an error (worker/step_failure.py), logged here with their ids; only a failure the engine
+cannot pin on a step's requests leaves this loop, and the process, for the server to restart it.
 """
 
 from __future__ import annotations
@@ -15,18 +17,27 @@ import time
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
+import structlog
+
+from qnext.rpc.logs import configure_logging_from_env
 from qnext.rpc.messages import PrefixCacheReset, Ready, Rejected, Shutdown, StepResult, Submit
 from qnext.worker.types import EngineConfig
 
 if TYPE_CHECKING:  # the server process imports this module for run_worker's name only: no torch there
     from qnext.worker.engine import Engine
 
+log = structlog.get_logger("qnext.worker")
+
 
 def run_worker(config: EngineConfig, conn: Connection) -> None:
     """Entry point of the spawned process."""
     from qnext.worker.engine import Engine
+    from qnext.worker.fault_injection import install_from_env
+    configure_logging_from_env()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop (Shutdown or pipe EOF)
     engine = Engine(config)
+    if (injected := install_from_env(engine)) is not None:
+        log.warning("fault injection is on (test only)", setting=injected)
     try:
         conn.send(Ready(model=engine.describe(), cache=engine.cache_info, pid=os.getpid()))
         _loop(engine, conn)
@@ -50,6 +61,14 @@ def _loop(engine: Engine, conn: Connection) -> None:
             continue
         step_start = time.monotonic()
         outputs = engine.step()
+        for failed in engine.failures.take():
+            if failed.error is None:
+                log.warning("engine step failed; its requests will run again one at a time to find the cause",
+                            request_ids=failed.request_ids, traceback=failed.traceback)
+            else:
+                log.error("engine step failed; its requests end with an error, the rest keep running",
+                          request_ids=failed.request_ids, out_of_memory=failed.error.out_of_memory,
+                          traceback=failed.traceback)
         started = {rid: step_start for rid in engine.admitted}
         conn.send(StepResult(outputs=outputs, stats=engine.stats(), started=started))
 

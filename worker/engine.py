@@ -8,6 +8,8 @@ A step is schedule -> run -> update:
   the drafts of the verify chunks, and its `catch_up()` runs the MTP head over the step's rows;
 - `Scheduler.update()` appends the tokens, stops and frees finished requests and takes prefix-cache checkpoints
   (which the runner then copies), and the `SpecDecoder` drafts the next tokens of the requests still running.
+If run or update raises, the step's requests end with FinishReason.ERROR and the others carry on
+(worker/step_failure.py).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from qnext.worker.model import Qwen3NextForCausalLM
 from qnext.worker.model_runner import ModelRunner, StepForward
 from qnext.worker.scheduler import Request, RequestStatus, SchedulePlan, Scheduler, SchedulerConfig, StepOutput
 from qnext.worker.spec_decode import SpecCounters, SpecDecoder
+from qnext.worker.step_failure import StepFailures
 from qnext.worker.summary import engine_stats, model_summary
 from qnext.worker.types import (CacheInfo, Completion, EngineConfig, EngineStats, FinishReason, GenerationRequest,
-                                ModelSummary, RequestOutput, SamplingParams, StoppingParams, require)
+                                ModelSummary, RequestOutput, SamplingParams, StepError, StoppingParams, require)
 
 
 class Engine:
@@ -41,6 +44,7 @@ class Engine:
         self._seed_rng = random.Random(config.seed)
         self._aborted: list[tuple[Request, SpecCounters | None]] = []  # final outputs due, with their MTP counters
         self.admitted: list[str] = []  # requests the last step started (or restarted after a preemption)
+        self.failures = StepFailures(attributable=config.tensor_parallel_size == 1)
 
     @property
     def cache_info(self) -> CacheInfo:
@@ -110,8 +114,21 @@ class Engine:
             plan = self.scheduler.schedule()
             self.admitted = plan.admitted
             if plan.chunks:
-                outputs += self._update(plan, self._run(plan))
+                outputs += self._run_and_update(plan)
         self.runner.timings.total_s += time.perf_counter() - start
+        return outputs
+
+    def _run_and_update(self, plan: SchedulePlan) -> list[RequestOutput]:
+        """run -> update; a failure is the step's requests' alone (worker/step_failure.py), or re-raised."""
+        try:
+            run = self._run(plan)
+        except Exception as e:  # noqa: BLE001 - quarantined / failed there, or re-raised
+            return self._fail(plan, e, applied=False)
+        try:
+            outputs = self._update(plan, run)
+        except Exception as e:  # noqa: BLE001
+            return self._fail(plan, e, applied=True)
+        self.failures.succeeded()
         return outputs
 
     def _run(self, plan: SchedulePlan) -> tuple[StepForward, dict[str, list[int]], dict, dict[str, torch.Tensor]]:
@@ -142,8 +159,15 @@ class Engine:
             self.spec.propose(drafting)
         return outputs
 
+    def _fail(self, plan: SchedulePlan, e: Exception, applied: bool) -> list[RequestOutput]:
+        ended = self.failures.fail(plan, self.scheduler, e, applied)
+        error = self.failures.failed[-1].error
+        return [self._output(r, StepOutput(r.request_id, [], True, FinishReason.ERROR), counters=None, error=error)
+                for r in ended]
+
     def _output(self, r: Request, so: StepOutput, logprobs: list[float] | None = None,
-                tops: list[list[tuple[int, float]]] | None = None, counters: SpecCounters | None = None) -> RequestOutput:
+                tops: list[list[tuple[int, float]]] | None = None, counters: SpecCounters | None = None,
+                error: StepError | None = None) -> RequestOutput:
         n = len(so.new_token_ids)  # a stop inside accepted drafts truncates them
         spec = counters or (self.spec.finish(r.request_id) if so.finished else self.spec.counters_of(r.request_id))
         return RequestOutput(
@@ -151,7 +175,7 @@ class Engine:
             top_logprobs=(tops or [])[:n], finished=so.finished, finish_reason=so.finish_reason,
             num_prompt_tokens=len(r.prompt_token_ids), num_output_tokens=len(r.output_token_ids),
             num_preemptions=r.num_preemptions, num_drafted_tokens=spec.num_drafted if spec else 0,
-            num_accepted_tokens=spec.num_accepted if spec else 0, num_cached_tokens=r.num_cached_tokens)
+            num_accepted_tokens=spec.num_accepted if spec else 0, num_cached_tokens=r.num_cached_tokens, error=error)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams] | None = None,
                  stopping: StoppingParams | list[StoppingParams] | None = None) -> list[Completion]:

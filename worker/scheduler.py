@@ -75,6 +75,8 @@ class Request:
     draft_token_ids: list[int] = field(default_factory=list, init=False)
     num_cached_tokens: int = field(default=0, init=False)  # prompt tokens served by the prefix cache
     prefix_nodes: list[int] = field(default_factory=list, init=False)  # index node of each full block so far
+    # in a step that failed with others (`quarantine`): runs alone until one step of its succeeds
+    suspect: bool = field(default=False, init=False)
 
     @property
     def prefix_root(self) -> int:
@@ -218,6 +220,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulePlan:
         plan = SchedulePlan(chunks=[], preempted=[])
+        if self._schedule_suspect(plan):
+            return plan
         budget = self._schedule_running(plan, self.config.max_num_batched_tokens)
         if not plan.preempted:
             self._schedule_waiting(plan, budget)
@@ -235,6 +239,7 @@ class Scheduler:
                 continue  # aborted between schedule() and update()
             assert request.num_computed_tokens == chunk.start, "plans must be applied once and in order"
             request.draft_token_ids = []
+            request.suspect = False  # a step of its own worked
             if not chunk.sample:
                 request.num_computed_tokens += chunk.num_tokens
                 self._index(request, plan, finished=False)
@@ -277,9 +282,33 @@ class Scheduler:
             i += 1
         return budget
 
-    def _schedule_waiting(self, plan: SchedulePlan, budget: int) -> None:
-        """Admit waiting requests in order until one does not fit (it and everyone behind it wait)."""
-        while self._waiting and len(self._running) < self.config.max_num_seqs and budget > 0:
+    def quarantine(self, requests: list[Request]) -> None:
+        """A step holding these (running) requests raised, and which of them caused it is unknown: each is
+        preempted by recompute (nothing of the failed step was applied) and later runs alone in its step until
+        one step of its succeeds, so a failure that comes back names its request (worker/step_failure.py)."""
+        for request in sorted(requests, key=self._running.index, reverse=True):  # appendleft keeps arrival order
+            self._preempt(request)
+            request.suspect = True
+
+    def _schedule_suspect(self, plan: SchedulePlan) -> bool:
+        """A quarantined request's next chunk, alone in the plan; False when there is none (or it does not fit
+        now: it then runs with the others, as any request)."""
+        request = next((r for r in self._running if r.suspect), None)
+        if request is not None:
+            chunk = self._try_chunk(request, self.config.max_num_batched_tokens)
+            if chunk is not None:
+                plan.chunks.append(chunk)
+            return chunk is not None
+        if self._waiting and self._waiting[0].suspect:
+            self._schedule_waiting(plan, self.config.max_num_batched_tokens, limit=1)
+        return bool(plan.chunks)
+
+    def _schedule_waiting(self, plan: SchedulePlan, budget: int, limit: int | None = None) -> None:
+        """Admit waiting requests in order until one does not fit (it and everyone behind it wait), at most
+        `limit` of them."""
+        admitted = 0
+        while (self._waiting and len(self._running) < self.config.max_num_seqs and budget > 0
+               and (limit is None or admitted < limit)):
             request = self._waiting[0]
             hit, restore = self.cache.restore_prefix(request)
             chunk = self._try_chunk(request, budget)
@@ -297,6 +326,7 @@ class Scheduler:
             plan.chunks.append(chunk)
             plan.admitted.append(request.request_id)
             budget -= chunk.num_tokens
+            admitted += 1
 
     def _index(self, request: Request, plan: SchedulePlan, finished: bool) -> None:
         copy = self.cache.index(request, finished)

@@ -90,6 +90,15 @@ class FinishReason(str, Enum):
     EOS = "eos"
     STOP_TOKEN = "stop_token"
     ABORTED = "aborted"
+    ERROR = "error"  # a step the request was part of failed; RequestOutput.error says how
+
+
+@dataclass(frozen=True)
+class StepError:
+    """Why a request ended with FinishReason.ERROR: the engine step it was in raised."""
+
+    out_of_memory: bool  # the device (or host) ran out of memory: the server answers RESOURCE_EXHAUSTED
+    message: str  # for the client: the exception's type, no internals
 
 
 def option(default: Any, help: str, **flag: Any) -> Any:
@@ -189,6 +198,7 @@ class RequestOutput:
     num_drafted_tokens: int = 0  # MTP drafts verified for this request so far
     num_accepted_tokens: int = 0  # of which accepted
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: StepError | None = None  # set with FinishReason.ERROR
 
 
 @dataclass

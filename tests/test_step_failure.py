@@ -1,0 +1,105 @@
+"""A step that raises fails only the request that caused it (worker/step_failure.py), in the engine itself:
+the other requests of the failed step finish with exactly the tokens of a run without the fault (sampled and
+with MTP too), nothing is leaked, a failure after the update ends that step's requests and empties the prefix
+index, and a failure that keeps coming back (a broken device) or cannot be attributed is raised."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qnext.worker.engine import Engine
+from qnext.worker.scheduler import SchedulePlan
+from qnext.worker.step_failure import MAX_CONSECUTIVE, StepFailures
+from qnext.worker.types import EngineConfig, FinishReason, GenerationRequest, SamplingParams, StoppingParams
+
+TRIGGER = 4242  # a token id only the culprit's prompt holds
+PROMPTS = [[11, 12, 13, 14, 15], [21, 22, TRIGGER, 24], [31, 32, 33], [41, 42, 43, 44, 45, 46]]
+STOP = StoppingParams(max_new_tokens=12, ignore_eos=True)
+SAMPLINGS = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0),
+             SamplingParams(temperature=0.9, top_p=0.9, seed=7), SamplingParams(temperature=0.7, seed=3)]
+
+
+def make_engine(ckpt, **kw) -> Engine:
+    return Engine(EngineConfig(model=str(ckpt), seed=0, cache_memory=64 << 20, **kw))
+
+
+def fail_when_trigger(engine: Engine, error: type[Exception] = RuntimeError, where: str = "forward") -> list[int]:
+    """Make the runner's `where` raise for any plan holding the trigger; returns a list that counts the raises."""
+    raised: list[int] = []
+    original = getattr(engine.runner, where)
+
+    def failing(plan: SchedulePlan, *args):
+        if any(TRIGGER in c.request.prompt_token_ids for c in plan.chunks):
+            raised.append(len(plan.chunks))
+            raise error("injected")
+        return original(plan, *args)
+
+    setattr(engine.runner, where, failing)
+    return raised
+
+
+def assert_clean(engine: Engine) -> None:
+    assert not engine.has_unfinished()
+    engine.reset_prefix_cache()
+    assert engine.cache_manager.is_full() and engine.spec.num_tracked == 0
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_the_culprit_fails_alone_and_the_rest_equal_a_clean_run(default_ckpt, k):
+    clean = make_engine(default_ckpt, num_speculative_tokens=k).generate(PROMPTS, SAMPLINGS, STOP)
+    engine = make_engine(default_ckpt, num_speculative_tokens=k)
+    raised = fail_when_trigger(engine)
+    got = engine.generate(PROMPTS, SAMPLINGS, STOP)
+    assert raised[0] == len(PROMPTS) and raised[-1] == 1  # failed in the shared step, then again alone
+    for i, (c, ref) in enumerate(zip(got, clean)):
+        if i == 1:
+            assert c.finish_reason == FinishReason.ERROR and c.token_ids == []
+        else:
+            assert c.finish_reason == FinishReason.LENGTH and c.token_ids == ref.token_ids
+    assert engine.failures.consecutive == 0  # later steps succeeded
+    assert_clean(engine)
+
+
+def test_out_of_memory_is_reported_as_such(default_ckpt):
+    engine = make_engine(default_ckpt)
+    fail_when_trigger(engine, torch.OutOfMemoryError)
+    engine.add_request(GenerationRequest("culprit", PROMPTS[1], SAMPLINGS[1], STOP))
+    outs = engine.step()
+    assert [(o.request_id, o.finish_reason, o.error.out_of_memory) for o in outs] == \
+        [("culprit", FinishReason.ERROR, True)]
+    assert "out of memory" in outs[0].error.message
+    assert_clean(engine)
+
+
+def test_a_failure_after_the_update_ends_the_steps_requests_and_empties_the_prefix_index(default_ckpt):
+    engine = make_engine(default_ckpt)
+    shared = [7] * 40  # a prefix the second round would find cached
+    engine.generate([shared + [1]], SAMPLINGS[0], STOP)
+    assert engine.stats().kv_blocks_cached > 0
+    fail_when_trigger(engine, where="save_checkpoints")
+    got = engine.generate([shared + [TRIGGER], shared + [3]], SAMPLINGS[:2], STOP)
+    assert [c.finish_reason for c in got] == [FinishReason.ERROR, FinishReason.ERROR]  # both in that step
+    assert engine.stats().kv_blocks_cached == 0
+    # and the engine keeps serving, with the same tokens as a clean engine
+    again = engine.generate([PROMPTS[0]], SAMPLINGS[0], STOP)
+    assert again[0].token_ids == make_engine(default_ckpt).generate([PROMPTS[0]], SAMPLINGS[0], STOP)[0].token_ids
+    assert_clean(engine)
+
+
+def test_a_failure_that_keeps_coming_back_is_raised(default_ckpt):
+    engine = make_engine(default_ckpt)
+
+    def broken(plan, *args):
+        raise RuntimeError("device broken")
+
+    engine.runner.forward = broken
+    with pytest.raises(RuntimeError, match="device broken"):
+        engine.generate(PROMPTS, SAMPLINGS, STOP)
+    assert engine.failures.consecutive == MAX_CONSECUTIVE
+
+
+def test_unattributable_failures_are_raised():
+    failures = StepFailures(attributable=False)  # tensor parallel: the other ranks may be inside a collective
+    with pytest.raises(ValueError, match="x"):
+        failures.fail(SchedulePlan(chunks=[], preempted=[]), scheduler=None, e=ValueError("x"), applied=False)
