@@ -8,6 +8,9 @@
 Keyword fields are the proto's (text= | token_ids= | chat=[(role, content)], enable_thinking=, sampling
 fields, stopping fields, top_logprobs=, num_speculative_tokens=, request_id=). Messages returned are the
 proto messages themselves; errors are grpc.aio.AioRpcError with the server's status and message.
+
+An API key and TLS (qnext/rpc/security.py): `Client(target, security=ClientSecurity(api_key="...",
+ssl_ca_certs="ca.pem"))`; without `security`, plaintext with the key of $QNEXT_API_KEY when it is set.
 """
 
 from __future__ import annotations
@@ -15,16 +18,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
-
 from qnext.rpc import convert
+from qnext.rpc.security import ClientSecurity, make_channel
 
 
 class Client:
-    def __init__(self, target: str, timeout: float | None = None) -> None:
+    def __init__(self, target: str, timeout: float | None = None, security: ClientSecurity | None = None) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
+        self._channel = make_channel(target, security or ClientSecurity.from_env(),
+                                     options=[("grpc.max_receive_message_length", 64 << 20)])
         self._stub = convert.GenerationStub(self._channel)
 
     async def __aenter__(self) -> "Client":

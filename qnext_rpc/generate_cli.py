@@ -2,6 +2,7 @@
 
     qnext-generate "Write a haiku" --chat --max-new-tokens 64 --temperature 0.7
     qnext-generate --token-ids 1,2,3 --server localhost:50051
+    qnext-generate "Hi" --server host:50051 --api-key KEY --ssl-ca-certs ca.pem     # see qnext-serve's --api-key
 
 Text goes to stdout as it arrives (reasoning, when the server splits it, to stderr, dimmed on a TTY); the
 finish line (reason, tokens, timings) goes to stderr.
@@ -17,6 +18,7 @@ import grpc
 
 from qnext.rpc import convert
 from qnext.rpc.client import Client
+from qnext.rpc.security import ClientSecurity, add_client_security_flags, client_security
 from qnext.worker.cli_help import HelpFormatter
 
 
@@ -55,7 +57,10 @@ async def _run(args: argparse.Namespace) -> int:
             if unended[stream]:
                 write(stream, "\n")
 
-    async with Client(args.server) as client:
+    # the keyword only when something is set (plaintext without a key is Client's default too), so a stand-in
+    # Client taking (target, timeout) still fits
+    kwargs = {"security": args.security} if args.security != ClientSecurity() else {}
+    async with Client(args.server, **kwargs) as client:
         try:
             async for chunk in client.generate_stream(timeout=args.timeout, **_fields(args)):
                 if chunk.reasoning_text:
@@ -106,7 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: one the server draws)")
     p.add_argument("--stop", action="append", default=[], help="stop string, repeatable (default: none)")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds (default: none)")
-    return asyncio.run(_run(p.parse_args(argv)))
+    add_client_security_flags(p)
+    args = p.parse_args(argv)
+    try:
+        args.security = client_security(args)
+    except ValueError as e:  # a certificate without its key, an unreadable file: named by its flag
+        print(f"qnext-generate: {e}", file=sys.stderr)
+        return 2
+    return asyncio.run(_run(args))
 
 
 if __name__ == "__main__":

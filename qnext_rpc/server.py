@@ -6,6 +6,9 @@ imports torch. Then spawn the worker (it loads the model) while the tokenizer lo
 when the worker's readiness handshake arrives. SIGTERM / SIGINT: health NOT_SERVING, new requests refused with
 UNAVAILABLE, in-flight ones drained for up to --drain-grace-period seconds, then exit 0.
 
+Security (qnext/rpc/security.py): --api-key (or $QNEXT_API_KEY) requires `authorization: Bearer KEY` on every
+qnext.v1 call, health and reflection stay open; --ssl-certfile / --ssl-keyfile serve TLS, --ssl-ca-certs mutual TLS.
+
 The engine's flags are EngineConfig's (worker/engine_flags.py), the same as qnext-batch's.
 """
 
@@ -13,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -30,6 +34,8 @@ from qnext.rpc.batcher import Batcher, WorkerUnavailable
 from qnext.rpc.logs import configure_logging
 from qnext.rpc.metrics import Metrics
 from qnext.rpc.preflight import run_preflight
+from qnext.rpc.security import (ApiKeyInterceptor, ServerTLS, add_server_security_flags, api_key_from,
+                                server_tls_problem)
 from qnext.rpc.service import GenerationService
 from qnext.rpc.text import TextProcessor
 from qnext.rpc.validate import Limits
@@ -39,6 +45,10 @@ from qnext.worker.types import EngineConfig
 
 log = structlog.get_logger("qnext.server")
 _MAX_MESSAGE_BYTES = 64 << 20
+
+
+class StartupError(RuntimeError):
+    """The gRPC port cannot be opened as configured: main() reports the message and exits 2."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,8 @@ class ServerConfig:
     max_stop_string_length: int = 256
     reasoning_parser: str | None = None
     drain_grace_period_s: float = 30.0
+    api_key: str | None = field(default=None, repr=False)  # None: no authentication
+    tls: ServerTLS | None = None  # None: plaintext
 
     def __post_init__(self) -> None:
         for name in ("max_pending_requests", "default_max_new_tokens", "max_stop_strings", "max_stop_string_length"):
@@ -111,17 +123,17 @@ class Server:
                          "max_pending_requests": cfg.max_pending_requests, "max_top_logprobs": 20}
         service = GenerationService(self.batcher, text, limits, self.metrics, cfg.reasoning_parser is not None,
                                     server_limits)
-        self.grpc = grpc.aio.server(options=[("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+        self.grpc = grpc.aio.server(interceptors=self._interceptors(),
+                                    options=[("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
                                              ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)])
         convert.add_servicer(service, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             [convert.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{cfg.host}:{cfg.port}")
-        if self.port == 0:
-            raise RuntimeError(f"port: could not bind {cfg.host}:{cfg.port}")
+        self.port = self._add_port(f"{cfg.host}:{cfg.port}")
         await self.grpc.start()
+        self._log_security()
         if cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.metrics_host)
         self._on_ready_change(True)
@@ -134,6 +146,30 @@ class Server:
               f"{c.num_checkpoints} prefix-cache checkpoints ({cache_mib:.0f} MiB); max_model_len {m.max_model_len}; "
               f"CUDA graphs: {m.cuda_graphs}",
               flush=True)
+
+    def _add_port(self, address: str) -> int:
+        try:
+            port = self.grpc.add_secure_port(address, self.cfg.tls.credentials()) if self.cfg.tls \
+                else self.grpc.add_insecure_port(address)
+        except RuntimeError:  # grpc raises for TLS files it cannot use (the PEM files were read at start-up)
+            port = 0
+        if port == 0:
+            why = " (or --ssl-keyfile is not the key of --ssl-certfile)" if self.cfg.tls else ""
+            raise StartupError(f"--port: could not bind {address}{why}")
+        return port
+
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        if self.cfg.api_key is None:
+            return []
+        # refusals never reach the service, so they are counted here (Metrics.count_rpc, where it exists)
+        return [ApiKeyInterceptor(self.cfg.api_key, on_reject=getattr(self.metrics, "count_rpc", None))]
+
+    def _log_security(self) -> None:
+        cfg = self.cfg
+        tls = "off" if cfg.tls is None else "mutual (client certificates required)" if cfg.tls.client_ca else "on"
+        log.info("security", api_key="on" if cfg.api_key else "off", tls=tls)
+        if cfg.api_key is None and cfg.tls is None and not _is_loopback(cfg.host):
+            log.warning("no --api-key and no TLS: anyone who reaches the port can call every method", host=cfg.host)
 
     async def drain(self) -> None:
         """Refuse new requests, finish in-flight ones within the grace period, stop."""
@@ -158,12 +194,25 @@ class Server:
         await self._stopped.wait()
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost
+        return False
+
+
 async def serve(cfg: ServerConfig, engine: EngineConfig) -> int:
     server = Server(cfg, engine)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.drain()))
-    await server.start()
+    try:
+        await server.start()
+    except StartupError:
+        await server.batcher.close()  # the worker was already spawned
+        raise
     await server.wait()
     return 0
 
@@ -185,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="least severe level logged")
     a("--log-format", default="auto", choices=["auto", "json", "console"],
       help="auto = console on a TTY, JSON otherwise")
+    add_server_security_flags(p)  # --api-key, --ssl-certfile, --ssl-keyfile, --ssl-ca-certs
     add_engine_flags(p)  # --model, --device, --max-num-seqs, ...: EngineConfig's (worker/types.py)
     return p
 
@@ -194,18 +244,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     engine = engine_config_from_args(args, parser)  # a bad engine value: usage error naming the flag, exit 2
+    problem = server_tls_problem(args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certs)
+    if problem:
+        parser.error(problem)  # exit 2
     try:
+        # the PEM files are read now: a missing one is an error naming its flag before the model loads
+        tls = ServerTLS.from_files(args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certs)
         cfg = ServerConfig(host=args.host, port=args.port, metrics_host=args.metrics_host,
                            metrics_port=args.metrics_port, max_pending_requests=args.max_pending_requests,
                            default_max_new_tokens=args.max_new_tokens_default, reasoning_parser=args.reasoning_parser,
-                           drain_grace_period_s=args.drain_grace_period)
+                           drain_grace_period_s=args.drain_grace_period, api_key=api_key_from(args.api_key), tls=tls)
         # no --model: the embedded default's directory; the MTP head and tensor-parallel split checked here, not
         # in a worker that would restart forever (in a subprocess: they need torch, this process never imports it)
         engine = run_preflight(engine)
     except (ValueError, FileNotFoundError) as e:
         print(f"qnext-serve: {name_the_flag(str(e))}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(cfg, engine))
+    try:
+        return asyncio.run(serve(cfg, engine))
+    except StartupError as e:
+        print(f"qnext-serve: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """The text side of the service (server process only; the worker sees token ids).
 
 - `TextProcessor`: the checkpoint's tokenizer (tokenizer.json via `tokenizers`) and chat template
-  (tokenizer_config.json's Jinja2 `chat_template`, rendered like transformers' apply_chat_template).
+  (tokenizer_config.json's Jinja2 `chat_template`, rendered like transformers' apply_chat_template). Special-token
+  strings (`<|im_start|>`, ...) in client text and chat content are tokenised as plain text unless the request
+  opts in (allow_special_tokens): only the template's own markers become control tokens, so a message cannot
+  forge a turn.
 - `IncrementalDetokenizer`: token ids -> text deltas that never end inside a UTF-8 character.
 - `StopStringMatcher`: finds stop strings in the streamed text, holding back only a tail that could still
   become one; the server aborts the request in the worker when one matches.
@@ -12,8 +15,10 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from itertools import chain
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +29,36 @@ from tokenizers import Tokenizer
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 THINK_START = "<think>"
 THINK_END = "</think>"
+# Stand-ins for the special-token strings found in chat content: private-use characters no content uses
+_NOT_PRIVATE_USE = re.compile("[^\ue000-\uf8ff\U000f0000-\U0010ffff]+")
+_PRIVATE_USE_POINTS = (range(0xE000, 0xF900), range(0xF0000, 0x110000))
+MAX_TURN_BOUNDARIES = 16  # see chat_turn_boundaries
 
 
 @dataclass(frozen=True)
 class ChatMessage:
     role: str
     content: str
+
+
+@dataclass
+class ChatPrompt:
+    """A rendered chat prompt and its ids. `rendered` has every special-token string of the contents replaced by a
+    sentinel (`restore` maps them back), so the special strings left in it are the template's own markers;
+    `marker_at` maps each marker's character offset in `rendered` to its token offset in `ids`."""
+
+    messages: list[dict[str, str]]  # the template's input, contents protected
+    enable_thinking: bool | None
+    rendered: str
+    restore: dict[str, str]
+    ids: list[int] = field(default_factory=list)
+    marker_at: dict[int, int] = field(default_factory=dict)
+
+
+def _ids(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text. encode_batch_fast releases the GIL for the whole call and skips the offsets
+    that `encode` converts while holding it (~150 ms for 4M characters: a stall of every other thread)."""
+    return [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
 
 
 def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
@@ -43,18 +72,29 @@ def _raise(message: str) -> None:
 
 
 class TextProcessor:
+    """Thread-safe: the service runs large inputs on a thread pool (text_pool.py) while small ones run inline."""
+
     def __init__(self, model_dir: str | Path) -> None:
         model_dir = Path(model_dir)
-        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        # Two instances, each configured once here: encode_special_tokens is mutable state of a Tokenizer, and
+        # flipping it per request on a shared one would change the tokens of a request running on another thread.
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))  # parses special-token strings
+        self._plain = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self._plain.encode_special_tokens = True  # special-token strings are text (non-special added ones are not)
+        specials = sorted((t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special),
+                          key=len, reverse=True)  # longest first: the tokenizer matches leftmost-longest
+        self._special_ids = {t: self.tokenizer.token_to_id(t) for t in specials}
+        self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
         cfg_path = model_dir / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         self._template: jinja2.Template | None = None
-        if cfg.get("chat_template"):
+        self._template_source = cfg.get("chat_template") or ""
+        if self._template_source:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                 extensions=["jinja2.ext.loopcontrols"])
             env.filters["tojson"] = _tojson
             env.globals["raise_exception"] = _raise
-            self._template = env.from_string(cfg["chat_template"])
+            self._template = env.from_string(self._template_source)
         self._special = {k: cfg.get(k) for k in ("bos_token", "eos_token")}
         self.think_start_id = self.tokenizer.token_to_id(THINK_START)
         self.think_end_id = self.tokenizer.token_to_id(THINK_END)
@@ -63,8 +103,9 @@ class TextProcessor:
     def has_chat_template(self) -> bool:
         return self._template is not None
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, allow_special_tokens: bool = False) -> list[int]:
+        """Raw text's ids, no special tokens added; special-token strings in it are plain text unless allowed."""
+        return _ids(self.tokenizer if allow_special_tokens else self._plain, [text])[0]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -72,34 +113,86 @@ class TextProcessor:
     def id_to_token(self, token_id: int) -> str:
         return self.tokenizer.id_to_token(token_id) or ""
 
+    def tokens(self, ids: Sequence[int]) -> list[str]:
+        return [self.tokenizer.id_to_token(i) or "" for i in ids]
+
     def render_chat(self, messages: Sequence[ChatMessage], enable_thinking: bool | None = None) -> str:
         """The prompt text: the chat template with add_generation_prompt, as transformers renders it."""
+        prompt = self._render_protected(messages, enable_thinking, allow_special_tokens=True)
+        return prompt.rendered
+
+    def encode_chat(self, messages: Sequence[ChatMessage], enable_thinking: bool | None = None,
+                    allow_special_tokens: bool = False) -> list[int]:
+        return self.chat_prompt(messages, enable_thinking, allow_special_tokens).ids
+
+    def chat_prompt(self, messages: Sequence[ChatMessage], enable_thinking: bool | None = None,
+                    allow_special_tokens: bool = False) -> ChatPrompt:
+        """The rendered prompt and its ids: the template's markers as control tokens, the contents' special-token
+        strings as text (unless allowed). HF tokenizers split at added tokens before BPE runs on each piece, so
+        encoding the pieces between the markers one by one gives exactly the ids of a tokenizer that saw only the
+        markers as special. (A content whose end completes a marker with the template text after it would still
+        form one; no Qwen template puts a partial marker next to a content.)"""
+        prompt = self._render_protected(messages, enable_thinking, allow_special_tokens)
+        pieces, markers = [], []
+        pos = 0
+        for m in self._special_re.finditer(prompt.rendered) if self._special_re else ():
+            pieces.append(prompt.rendered[pos:m.start()])
+            markers.append((m.start(), self._special_ids[m.group()]))
+            pos = m.end()
+        pieces.append(prompt.rendered[pos:])
+        for sentinel, literal in prompt.restore.items():
+            pieces = [p.replace(sentinel, literal) for p in pieces]
+        for piece_ids, marker in zip(_ids(self._plain, pieces), [*markers, None]):
+            prompt.ids += piece_ids
+            if marker is not None:
+                prompt.marker_at[marker[0]] = len(prompt.ids)
+                prompt.ids.append(marker[1])
+        return prompt
+
+    def _render_protected(self, messages: Sequence[ChatMessage], enable_thinking: bool | None,
+                          allow_special_tokens: bool) -> ChatPrompt:
+        """Render with each special-token string of the contents replaced by a private-use sentinel that occurs
+        in no content and not in the template."""
         if self._template is None:
             raise ValueError("chat: this checkpoint has no chat_template in tokenizer_config.json; send text")
+        contents = [m.content for m in messages]
+        found = set() if allow_special_tokens or self._special_re is None else \
+            {t for c in contents for t in set(self._special_re.findall(c))}
+        restore, sentinel_of = {}, {}
+        if found:
+            taken = set("".join(_NOT_PRIVATE_USE.sub("", x) for x in [*contents, self._template_source]))
+            free = (c for c in map(chr, chain(*_PRIVATE_USE_POINTS)) if c not in taken)
+            for literal in sorted(found):
+                sentinel = next(free, None)
+                if sentinel is None:
+                    raise ValueError("chat.messages: the contents use every private-use character; send fewer")
+                restore[sentinel], sentinel_of[literal] = literal, sentinel
+            contents = [self._special_re.sub(lambda m: sentinel_of[m.group()], c) for c in contents]
+        dicts = [{"role": m.role, "content": c} for m, c in zip(messages, contents)]
+        return ChatPrompt(dicts, enable_thinking, self._render(dicts, enable_thinking, True), restore)
+
+    def _render(self, messages: list[dict[str, str]], enable_thinking: bool | None, generation_prompt: bool) -> str:
         extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-        return self._template.render(messages=[{"role": m.role, "content": m.content} for m in messages],
-                                     add_generation_prompt=True, **self._special, **extra)
+        return self._template.render(messages=messages, add_generation_prompt=generation_prompt, **self._special,
+                                     **extra)
 
-    def encode_chat(self, messages: Sequence[ChatMessage], enable_thinking: bool | None = None) -> list[int]:
-        return self.encode(self.render_chat(messages, enable_thinking))
-
-    def chat_turn_boundaries(self, messages: Sequence[ChatMessage], enable_thinking: bool | None,
-                             prompt_ids: Sequence[int]) -> list[int]:
-        """Token offsets in prompt_ids where an earlier message ends (the end of the system prompt, of each
+    def chat_turn_boundaries(self, prompt: ChatPrompt) -> list[int]:
+        """Token offsets in prompt.ids where an earlier message ends (the end of the system prompt, of each
         earlier turn): where the next request of the same conversation can resume from the prefix cache.
-        Each is the token count of the conversation rendered up to that message without the generation
-        prompt, kept only when those tokens are exactly a prefix of prompt_ids (a template may render an earlier
-        turn differently once later turns exist, e.g. dropping its reasoning)."""
-        if self._template is None:
-            return []
-        extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        A boundary is kept when the conversation rendered up to that message without the generation prompt is
+        a prefix of the prompt's text ending right before one of its markers: then its tokens are exactly that
+        prefix of the ids (a template may render an earlier turn differently once later turns exist, e.g.
+        dropping its reasoning). Only the first message and the last MAX_TURN_BOUNDARIES - 1 are tried: each
+        try renders the conversation again, so trying all would cost quadratic time in the number of messages,
+        and a later request of the same conversation resumes from its latest turns."""
+        n = len(prompt.messages)
+        tries = sorted({1, *range(max(1, n - MAX_TURN_BOUNDARIES + 1), n)} - {n})
         boundaries = []
-        for n in range(1, len(messages)):
-            head = self._template.render(messages=[{"role": m.role, "content": m.content} for m in messages[:n]],
-                                         add_generation_prompt=False, **self._special, **extra)
-            ids = self.encode(head)
-            if 0 < len(ids) < len(prompt_ids) and list(prompt_ids[:len(ids)]) == ids:
-                boundaries.append(len(ids))
+        for k in tries:
+            head = self._render(prompt.messages[:k], prompt.enable_thinking, False)
+            offset = prompt.marker_at.get(len(head))
+            if offset is not None and 0 < offset < len(prompt.ids) and prompt.rendered.startswith(head):
+                boundaries.append(offset)
         return boundaries
 
     def starts_in_reasoning(self, prompt_ids: Sequence[int]) -> bool:

@@ -1,7 +1,9 @@
 """Every field of a request checked before anything is queued; bad input -> ValueError starting with the field.
 
 `GenerateSpec` is the plain-Python form of a GenerateRequest (convert.py builds it from the proto, keeping
-field presence); `prepare()` turns it into what the worker runs plus what the text side needs.
+field presence); `prepare()` turns it into what the worker runs plus what the text side needs. The size checks
+of text input (`check_text`, `check_chat`, `check_token_ids`, `check_detokenize`) are shared by every RPC that
+takes text, and cost no more than a length: they run before any tokenising.
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from qnext.worker.types import GenerationRequest, MAX_TOP_LOGPROBS, SamplingParams, StoppingParams
-from qnext.rpc.text import CHAT_ROLES, ChatMessage, TextProcessor
+from qnext.rpc.text import CHAT_ROLES, ChatMessage, ChatPrompt, TextProcessor
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty", "seed")
@@ -36,16 +39,23 @@ class Limits:
 
     @property
     def max_prompt_chars(self) -> int:
+        """Characters of text, or of all chat contents together, that any RPC accepts."""
         return self.max_model_len * self.chars_per_token_limit
+
+    @property
+    def max_detokenize_ids(self) -> int:
+        """Ids one Detokenize accepts: max_model_len, the longest sequence (prompt + output) the server runs."""
+        return self.max_model_len
 
 
 @dataclass
 class GenerateSpec:
     request_id: str = ""
     text: str | None = None
-    token_ids: list[int] | None = None
-    chat: list[ChatMessage] | None = None
+    token_ids: Sequence[int] | None = None  # convert.py passes the proto's field uncopied: its length is checked first
+    chat: Sequence[ChatMessage] | None = None  # from convert.py: the proto's messages, uncopied (same fields)
     enable_thinking: bool | None = None
+    allow_special_tokens: bool = False  # special-token strings in text / chat content become control tokens
     sampling: dict[str, Any] = field(default_factory=dict)  # only the fields the client set
     max_new_tokens: int | None = None
     min_new_tokens: int = 0
@@ -77,24 +87,16 @@ def _require(ok: bool, name: str, message: str) -> None:
         raise ValueError(f"{name}: {message}")
 
 
-def prompt_ids(spec: GenerateSpec, limits: Limits, text: TextProcessor) -> tuple[str, list[int]]:
-    """(the input field's name, its token ids)."""
-    given = [n for n in ("text", "token_ids", "chat") if getattr(spec, n) is not None]
-    _require(len(given) == 1, "input", "set exactly one of text, token_ids, chat")
-    if spec.text is not None:
-        _require(spec.text != "", "text", "must not be empty")
-        _require(len(spec.text) <= limits.max_prompt_chars, "text",
-                 f"{len(spec.text)} characters is over the limit of {limits.max_prompt_chars}")
-        return "text", text.encode(spec.text)
-    if spec.token_ids is not None:
-        ids = spec.token_ids
-        _require(len(ids) > 0, "token_ids", "must not be empty")
-        _require(len(ids) < limits.max_model_len, "token_ids",
-                 f"{len(ids)} ids leave no room to generate within max_model_len {limits.max_model_len}")
-        bad = [t for t in ids if t >= limits.vocab_size]
-        _require(not bad, "token_ids", f"ids must be < vocab_size {limits.vocab_size}, got {bad[:5]}")
-        return "token_ids", list(ids)
-    messages = spec.chat or []
+def check_text(text: str, limits: Limits) -> int:
+    """Its size in characters."""
+    _require(text != "", "text", "must not be empty")
+    _require(len(text) <= limits.max_prompt_chars, "text",
+             f"{len(text)} characters is over the limit of {limits.max_prompt_chars}")
+    return len(text)
+
+
+def check_chat(messages: Sequence[ChatMessage], limits: Limits) -> int:
+    """Count, roles and total characters of the contents (returned)."""
     _require(len(messages) > 0, "chat.messages", "must not be empty")
     _require(len(messages) <= limits.max_chat_messages, "chat.messages",
              f"{len(messages)} messages is over the limit of {limits.max_chat_messages}")
@@ -105,7 +107,52 @@ def prompt_ids(spec: GenerateSpec, limits: Limits, text: TextProcessor) -> tuple
         total += len(m.content)
     _require(total <= limits.max_prompt_chars, "chat.messages",
              f"{total} characters is over the limit of {limits.max_prompt_chars}")
-    return "chat", text.encode_chat(messages, spec.enable_thinking)
+    return total
+
+
+def check_token_ids(ids: Sequence[int], limits: Limits, name: str, max_count: int) -> int:
+    """The count first (a length), then each id against the vocabulary; returns the count."""
+    _require(len(ids) <= max_count, name, f"{len(ids)} ids is over the limit of {max_count}")
+    if ids and max(ids) >= limits.vocab_size:
+        bad = [t for t in ids if t >= limits.vocab_size]
+        _require(False, name, f"ids must be < vocab_size {limits.vocab_size}, got {bad[:5]}")
+    return len(ids)
+
+
+def check_detokenize(ids: Sequence[int], limits: Limits) -> int:
+    return check_token_ids(ids, limits, "ids", limits.max_detokenize_ids)
+
+
+def check_tokenize(text: str | None, chat: list[ChatMessage] | None, limits: Limits) -> int:
+    """A Tokenize's input, with Generate's limits; returns its size in characters."""
+    _require((text is None) != (chat is None), "input", "set one of text, chat")
+    return check_text(text, limits) if chat is None else check_chat(chat, limits)
+
+
+def input_size(spec: GenerateSpec, limits: Limits) -> int:
+    """Checks that exactly one input is set and its size; returns it (characters, or ids)."""
+    given = [n for n in ("text", "token_ids", "chat") if getattr(spec, n) is not None]
+    _require(len(given) == 1, "input", "set exactly one of text, token_ids, chat")
+    if spec.text is not None:
+        return check_text(spec.text, limits)
+    if spec.chat is not None:
+        return check_chat(spec.chat, limits)
+    ids = spec.token_ids
+    _require(len(ids) > 0, "token_ids", "must not be empty")
+    _require(len(ids) < limits.max_model_len, "token_ids",
+             f"{len(ids)} ids leave no room to generate within max_model_len {limits.max_model_len}")
+    return check_token_ids(ids, limits, "token_ids", limits.max_model_len)
+
+
+def prompt_ids(spec: GenerateSpec, limits: Limits, text: TextProcessor) -> tuple[str, list[int], ChatPrompt | None]:
+    """(the input field's name, its token ids, the rendered chat prompt for chat input)."""
+    input_size(spec, limits)
+    if spec.text is not None:
+        return "text", text.encode(spec.text, spec.allow_special_tokens), None
+    if spec.token_ids is not None:
+        return "token_ids", list(spec.token_ids), None
+    prompt = text.chat_prompt(spec.chat, spec.enable_thinking, spec.allow_special_tokens)
+    return "chat", prompt.ids, prompt
 
 
 def sampling_params(spec: GenerateSpec, limits: Limits) -> SamplingParams:
@@ -160,7 +207,7 @@ def prepare(spec: GenerateSpec, limits: Limits, text: TextProcessor) -> Prepared
         v = spec.sampling.get(name)
         _require(v is None or math.isfinite(v), f"sampling.{name}", f"must be a finite number, got {v}")
     sampling = sampling_params(spec, limits)
-    field_name, ids = prompt_ids(spec, limits, text)
+    field_name, ids, chat_prompt = prompt_ids(spec, limits, text)
     _require(len(ids) < limits.max_model_len, field_name,
              f"the prompt has {len(ids)} tokens, which leaves no room within max_model_len {limits.max_model_len}")
     stopping = stopping_params(spec, limits, len(ids))
@@ -169,8 +216,8 @@ def prepare(spec: GenerateSpec, limits: Limits, text: TextProcessor) -> Prepared
     bad = [p for p in spec.cache_checkpoints if not 1 <= p <= len(ids)]
     _require(not bad, "cache_checkpoints", f"offsets must be in [1, {len(ids)}] (the prompt's tokens), got {bad[:5]}")
     checkpoints = set(spec.cache_checkpoints)
-    if field_name == "chat" and not spec.bypass_prefix_cache:
-        checkpoints.update(text.chat_turn_boundaries(spec.chat or [], spec.enable_thinking, ids))
+    if chat_prompt is not None and not spec.bypass_prefix_cache:
+        checkpoints.update(text.chat_turn_boundaries(chat_prompt))
     rid = spec.request_id or uuid.uuid4().hex
     add = GenerationRequest(rid, ids, sampling, stopping, num_speculative_tokens=num_spec,
                      use_prefix_cache=not spec.bypass_prefix_cache, cache_checkpoints=tuple(sorted(checkpoints)))

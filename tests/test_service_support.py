@@ -19,7 +19,10 @@ SERVER_ARGS = ["--cache-memory", "67108864", "--max-num-seqs", "32", "--max-mode
 
 
 class ServerProcess:
-    def __init__(self, model: Path, *extra: str, log_path: Path | None = None) -> None:
+    def __init__(self, model: Path, *extra: str, log_path: Path | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        """`credentials`: what the health checks connect with when `extra` makes the server TLS."""
+        self.credentials = credentials
         cmd = [sys.executable, "-m", "qnext.rpc.server", "--model", str(model), "--host", "127.0.0.1", "--port", "0",
                "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--log-format", "json", *SERVER_ARGS, *extra]
         self.log_path = log_path or Path(os.devnull)
@@ -44,7 +47,8 @@ class ServerProcess:
         raise TimeoutError("server did not start")
 
     def health(self, service: str = "") -> int:
-        with grpc.insecure_channel(self.target) as ch:
+        with grpc.secure_channel(self.target, self.credentials) if self.credentials \
+                else grpc.insecure_channel(self.target) as ch:
             try:
                 return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
                                                             timeout=5).status

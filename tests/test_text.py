@@ -107,7 +107,7 @@ def test_validation_names_the_field(text, fields, name):
         and fields != {} else GenerateSpec(**fields)
     with pytest.raises(ValueError) as e:
         prepare(spec, _limits(), text)
-    assert str(e.value).startswith(name), str(e.value)
+    assert str(e.value).startswith(name + ": "), str(e.value)  # every message: `field: why`
 
 
 def test_prepare_defaults(text):

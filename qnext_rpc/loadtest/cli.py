@@ -3,6 +3,7 @@
     qnext-bench --target localhost:50051 --concurrency 1,4,16 --num-requests 64 --input-len 128 --output-len 64 \
         --ignore-eos --output-dir out/bench
     qnext-bench --target host:50051 --request-rate 2,4,8 --duration 60 --dataset prompts.jsonl --slo-ttft-ms 500
+    qnext-bench --target host:50051 --api-key KEY --ssl-ca-certs ca.pem       # a server with --api-key and TLS
 
 A comma list for --concurrency or --request-rate is a sweep: one load point per value (each with new prompts
 of the same length distribution). Writes OUTPUT_DIR/result.json, latency_cdf.png and, for sweeps, sweep.png. Exit status: 0; 1 when a
@@ -24,6 +25,7 @@ from qnext.rpc.loadtest.report import format_summary, format_sweep, plot_cdfs, p
 from qnext.rpc.loadtest.runner import model_info, run_point
 from qnext.rpc.loadtest.stats import summarize
 from qnext.rpc.loadtest.workload import FALLBACK_VOCAB_SIZE, Length, Workload, load_dataset
+from qnext.rpc.security import ClientSecurity, add_client_security_flags, client_security
 from qnext.worker.cli_help import HelpFormatter
 
 
@@ -88,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--output-dir", type=Path, default=Path("qnext-bench-results"), help="where result.json and plots go")
     a("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     a("--no-progress", action="store_true", help="no live progress line on stderr")
+    add_client_security_flags(p)
     return p
 
 
@@ -109,9 +112,17 @@ def plan(args: argparse.Namespace) -> tuple[list[Load], dict[str, Any]]:
         raise UsageError("--no-plots: matplotlib is not installed (pip install 'qnext[bench]'), or pass --no-plots")
     if ":" not in args.target:
         raise UsageError(f"--target: expected HOST:PORT, got {args.target!r}")
+    _security(args)
     stop = {"num_requests": None, "duration_s": args.duration} if args.duration else \
         {"num_requests": args.num_requests or 100, "duration_s": None}
     return loads, stop
+
+
+def _security(args: argparse.Namespace) -> ClientSecurity:
+    try:
+        return client_security(args)
+    except ValueError as e:  # a certificate without its key, an unreadable file: named by its flag
+        raise UsageError(str(e)) from None
 
 
 def build_workload(args: argparse.Namespace, info: Any | None) -> Workload:
@@ -131,7 +142,8 @@ def build_workload(args: argparse.Namespace, info: Any | None) -> Workload:
 async def run(args: argparse.Namespace) -> int:
     loads, stop = plan(args)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    info = await model_info(args.target)
+    security = _security(args)
+    info = await model_info(args.target, security=security)
     if info is None:
         print(f"qnext-bench: {args.target} did not answer GetModelInfo; sending anyway, errors will be counted",
               file=sys.stderr)
@@ -143,14 +155,17 @@ async def run(args: argparse.Namespace) -> int:
     points, summaries = [], []
     for i, load in enumerate(loads):
         point = await run_point(args.target, load, requests, ignore_eos=args.ignore_eos, extra=extra,
-                                timeout=args.timeout, seed=args.seed + i, progress=not args.no_progress, **stop)
+                                timeout=args.timeout, seed=args.seed + i, progress=not args.no_progress,
+                                security=security, **stop)
         points.append(point)
         summaries.append(summarize(point, args.slo_ttft_ms, args.slo_tpot_ms))
         print(format_summary(summaries[-1]), flush=True)
     if len(summaries) > 1:
         print(format_sweep(summaries))
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    # result.json records the run's flags, but never the key itself
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "api_key"}
+    config["api_key"] = "set" if security.api_key else None
     config["started_utc"] = started
     if info is not None:
         config["server"] = {"model_id": info.model_id, "dtype": info.dtype, "quantization": info.quantization,

@@ -21,6 +21,7 @@ from qnext.rpc import convert
 from qnext.rpc.client import Client
 from qnext.rpc.loadtest.arrival import Load, drive
 from qnext.rpc.loadtest.workload import RequestSpec
+from qnext.rpc.security import ClientSecurity
 
 
 @dataclass
@@ -126,12 +127,13 @@ class PointResult:
 
 async def run_point(target: str, load: Load, requests: Iterator[RequestSpec], *, num_requests: int | None,
                     duration_s: float | None, ignore_eos: bool = False, extra: dict[str, Any] | None = None,
-                    timeout: float | None = None, seed: int = 0, progress: bool = True) -> PointResult:
+                    timeout: float | None = None, seed: int = 0, progress: bool = True,
+                    security: ClientSecurity | None = None) -> PointResult:
     """Hold `load` until num_requests have been sent or duration_s has passed, then wait for the stragglers."""
     assert (num_requests is None) != (duration_s is None), "a request count or a duration"
     bar = Progress(load.label, num_requests, duration_s) if progress else None
     sent = 0
-    async with Client(target) as client:
+    async with Client(target, security=security) as client:
         t0 = time.perf_counter()
 
         def next_request() -> RequestSpec | None:
@@ -155,9 +157,9 @@ async def run_point(target: str, load: Load, requests: Iterator[RequestSpec], *,
     return PointResult(load, sorted(records, key=lambda r: r.start_s), duration)
 
 
-async def model_info(target: str, timeout: float = 10.0) -> Any | None:
+async def model_info(target: str, timeout: float = 10.0, security: ClientSecurity | None = None) -> Any | None:
     """The target's ModelInfo, or None when it does not answer (the load point will then report why)."""
-    async with Client(target, timeout=timeout) as client:
+    async with Client(target, timeout=timeout, security=security) as client:
         try:
             return await client.model_info()
         except grpc.aio.AioRpcError:
