@@ -213,7 +213,7 @@ class Batcher:
                     h._push(out)
             self.on_step(msg)
         elif isinstance(msg, Ready):
-            self.ready = msg
+            self.ready, self.stats = msg, msg.stats
             log.info("worker ready", pid=msg.pid, kv_tokens=msg.cache.num_kv_tokens, state_slots=msg.cache.num_slots)
             if self._ready_fut is not None and not self._ready_fut.done():
                 self._ready_fut.set_result(msg)

@@ -32,6 +32,7 @@ class Ready:
     model: ModelSummary
     cache: CacheInfo
     pid: int
+    stats: EngineStats  # pool sizes and usage before the first step: GetServerStats is right from the start
 
 
 @dataclass(frozen=True)

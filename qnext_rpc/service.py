@@ -35,6 +35,7 @@ _STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [  # first match wins
     (RequestFailed, grpc.StatusCode.INTERNAL),
 ]
 _GENERATION_METHODS = ("Generate", "GenerateUnary")
+_DEADLINE_SLACK_S = 0.1
 
 
 def status_for(e: BaseException) -> grpc.StatusCode:
@@ -56,8 +57,9 @@ def _final_code(context: grpc.aio.ServicerContext, e: BaseException | None) -> g
     if isinstance(e, grpc.aio.AbortError):
         return context.code() or grpc.StatusCode.UNKNOWN
     if isinstance(e, (asyncio.CancelledError, GeneratorExit)):  # the client went away, or its deadline did
+        # the client's timer fires a little before ours: a cancel this close to the deadline is the deadline
         remaining = context.time_remaining()
-        return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else \
+        return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= _DEADLINE_SLACK_S else \
             grpc.StatusCode.CANCELLED
     return grpc.StatusCode.UNKNOWN
 

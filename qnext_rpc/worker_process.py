@@ -39,7 +39,7 @@ def run_worker(config: EngineConfig, conn: Connection) -> None:
     if (injected := install_from_env(engine)) is not None:
         log.warning("fault injection is on (test only)", setting=injected)
     try:
-        conn.send(Ready(model=engine.describe(), cache=engine.cache_info, pid=os.getpid()))
+        conn.send(Ready(model=engine.describe(), cache=engine.cache_info, pid=os.getpid(), stats=engine.stats()))
         _loop(engine, conn)
     finally:
         engine.close()  # joins the other tensor-parallel ranks, if any
