@@ -28,13 +28,19 @@ class ServerProcess:
         self.log_path = log_path or Path(os.devnull)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=self._log, text=True)
-        line = self._read_line(timeout=180)
-        m = re.search(r"listening on [\d.]+:(\d+) \(gRPC\), metrics on [\d.]+:(-?\d+)", line)
-        assert m, f"unexpected first line: {line!r}"
-        self.port, self.metrics_port = int(m.group(1)), int(m.group(2))
-        self.target = f"127.0.0.1:{self.port}"
-        self.banner = line
-        self.wait_serving(60)
+        try:
+            line = self._read_line(timeout=180)
+            m = re.search(r"listening on [\d.]+:(\d+) \(gRPC\), metrics on [\d.]+:(-?\d+)", line)
+            assert m, f"unexpected first line: {line!r}"
+            self.port, self.metrics_port = int(m.group(1)), int(m.group(2))
+            self.target = f"127.0.0.1:{self.port}"
+            self.banner = line
+            self.wait_serving(60)
+        except BaseException:  # a server that failed its start must not outlive the test (it holds a worker)
+            self.proc.kill()
+            self.proc.wait()
+            self._log.close()
+            raise
 
     def _read_line(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
