@@ -33,7 +33,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.soak_probe import (LocalServer, counter_delta, disagreements, format_report, leaks, rss_kib,  # noqa: E402
+from bench.local_server import LocalServer  # noqa: E402
+from bench.soak_probe import (counter_delta, disagreements, format_report, leaks, rss_kib,  # noqa: E402
                               scrape_metrics, server_stats, wait_idle)
 from bench.soak_traffic import BASELINE_TOKENS, GREEDY, Tally, Traffic  # noqa: E402
 from qnext.rpc.client import Client  # noqa: E402

@@ -4,81 +4,19 @@ metrics), decide what leaked, and print the report."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import select
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qnext.rpc.client import Client
 
-REPO = Path(__file__).resolve().parent.parent
 # After ResetPrefixCache on an idle server every one of these must be zero: anything else is held by nobody.
 LEAK_FIELDS = ("num_pending", "num_running", "num_waiting", "kv_blocks_used", "state_slots_used", "checkpoints_used",
                "kv_blocks_cached")
-
-
-class LocalServer:
-    """`python -m qnext.rpc.server` on the embedded default checkpoint (no --model) and free ports, as the service
-    tests start it (tests/test_service_support.py), kept separate so the soak does not follow that helper's
-    changes: the first stdout line names the ports, then health turns SERVING."""
-
-    def __init__(self, *extra: str, log_path: Path | None = None) -> None:
-        cmd = [sys.executable, "-m", "qnext.rpc.server", "--host", "127.0.0.1", "--port", "0",
-               "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--log-format", "json", *extra]
-        self._log = open(log_path or os.devnull, "w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=self._log, text=True)
-        line = self._first_line(timeout=300)
-        m = re.search(r"listening on [\d.]+:(\d+) \(gRPC\), metrics on [\d.]+:(-?\d+)", line)
-        if not m:
-            self.stop()
-            raise RuntimeError(f"unexpected first line from the server: {line!r}")
-        self.port, self.metrics_port = int(m.group(1)), int(m.group(2))
-        self.target = f"127.0.0.1:{self.port}"
-        self.banner = line.strip()
-        self._wait_serving(60)
-
-    def _first_line(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode} (see --server-log)")
-            if select.select([self.proc.stdout], [], [], 0.5)[0]:
-                return self.proc.stdout.readline()
-        self.stop()
-        raise TimeoutError("the server did not start")
-
-    def _wait_serving(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target) as ch:  # health stays open whatever auth the server has
-            while time.monotonic() < deadline:
-                try:
-                    req = health_pb2.HealthCheckRequest()
-                    if health_pb2_grpc.HealthStub(ch).Check(req, timeout=5).status == \
-                            health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.2)
-        raise TimeoutError("the server never became SERVING")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 def rss_kib(pid: int | None, field: str = "VmRSS") -> int | None:

@@ -28,3 +28,13 @@ def test_the_service_stub_has_every_rpc() -> None:
     service = generation_pb2.DESCRIPTOR.services_by_name["Generation"]
     stub_methods = {m for m in vars(generation_pb2_grpc.GenerationServicer) if not m.startswith("_")}
     assert stub_methods == {m.name for m in service.methods}
+
+
+def test_the_service_implements_every_method():
+    """The generated GenerationServicer's methods only raise NotImplementedError (UNIMPLEMENTED to a client):
+    GenerationService must define every method of the .proto itself, so none of those is ever reached."""
+    from qnext.rpc import convert
+    from qnext.rpc.service import GenerationService
+    methods = [m.name for m in convert.DESCRIPTOR.services_by_name["Generation"].methods]
+    missing = [m for m in methods if m not in vars(GenerationService)]
+    assert not missing, f"GenerationService does not implement {missing}"
