@@ -141,7 +141,8 @@ class Server:
         cache_mib = (c.num_blocks * c.bytes_per_block + c.num_slots * c.bytes_per_slot
                      + c.num_checkpoints * c.bytes_per_checkpoint) / 2**20
         print(f"qnext-serve: listening on {cfg.host}:{self.port} (gRPC), metrics on "
-              f"{cfg.metrics_host}:{self.metrics_port}; model {m.model_dir} ({m.architecture}, {m.dtype}) on "
+              f"{cfg.metrics_host}:{self.metrics_port}; model {m.model_dir} ({m.architecture}, {m.dtype}: "
+              f"{m.dtype_reason}) on "
               f"{m.device}; cache {c.num_kv_tokens} KV tokens in {c.num_blocks} blocks, {c.num_slots} state slots, "
               f"{c.num_checkpoints} prefix-cache checkpoints ({cache_mib:.0f} MiB); max_model_len {m.max_model_len}; "
               f"CUDA graphs: {m.cuda_graphs}",

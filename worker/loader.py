@@ -25,6 +25,7 @@ from torch import nn
 from qnext.kernels.fp8 import dequantize_weight_block
 from qnext.kernels.fp8.reference import FP8_DTYPE
 from qnext.worker.config import ModelConfig, load_config
+from qnext.worker.dtype_choice import choose_dtype
 from qnext.worker.fp8 import Fp8Linear, apply_fp8, experts_are_quantized, is_quantized_linear
 from qnext.worker.model import Experts, Qwen3NextForCausalLM, RotaryEmbedding
 from qnext.worker.parallel import TensorShard, add_all_reduce_hooks, check_fp8_blocks, shard_config
@@ -182,15 +183,15 @@ def load_weights(model: Qwen3NextForCausalLM, ckpt: CheckpointFiles, expected: d
 
 def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                keep_fp8: bool | None = None, tp_rank: int = 0, tp_size: int = 1) -> Qwen3NextForCausalLM:
-    """Build and load the model. dtype: None = bfloat16 on CUDA, float32 elsewhere.
+    """Build and load the model. dtype: None = `--dtype auto` (worker/dtype_choice.py).
     keep_fp8: None = keep FP8 weights as FP8 on CUDA, dequantize elsewhere.
     tp_size > 1: rank `tp_rank`'s part of a tensor-parallel model (`worker/parallel.py`), whose row-parallel
     outputs are all-reduced over the default process group."""
     device = torch.device(device)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ckpt = CheckpointFiles(model_dir)
     cfg = load_config(model_dir, has_mtp_tensors=ckpt.has_mtp)
+    if dtype is None:
+        dtype = choose_dtype("auto", cfg.torch_dtype, device)[0]
     if keep_fp8 is None:
         keep_fp8 = device.type == "cuda"
     keep_fp8 = keep_fp8 and cfg.quant is not None

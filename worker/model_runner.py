@@ -23,6 +23,8 @@ from qnext.kernels.dispatch import kernels_mode
 from qnext.worker.cache import Restore
 from qnext.worker.cache_tensors import (CacheShape, CacheTensors, checkpoint_bytes, kv_bytes_per_block,
                                         state_bytes_per_slot)
+from qnext.worker.config import load_config
+from qnext.worker.dtype_choice import choose_dtype
 from qnext.worker.graph_runner import DecodeGraphRunner, mtp_draft_runner, target_runner
 from qnext.worker.loader import load_model
 from qnext.worker.model import ForwardBatch, Qwen3NextForCausalLM
@@ -135,7 +137,7 @@ class ModelRunner:
         Single device only."""
         self.config = config
         self.device = torch.device(config.device)
-        self.model_dir, self.followers, self.model = self._load(config, model)
+        self.model_dir, self.followers, self.model, self.dtype_reason = self._load(config, model)
         mcfg = self.model.config
         self.dtype = self.model.model.embed_tokens.weight.dtype  # activations / KV dtype
         self.eos_token_ids = (eos_token_ids(self.model_dir, mcfg.eos_token_ids) if self.model_dir is not None
@@ -153,21 +155,22 @@ class ModelRunner:
 
     @staticmethod
     def _load(config: EngineConfig, model: Qwen3NextForCausalLM | None):
-        """(checkpoint dir or None, tensor-parallel followers or None, the model on this rank)."""
+        """(checkpoint dir or None, tensor-parallel followers or None, the model on this rank, why its dtype)."""
         tp = config.tensor_parallel_size
         if model is not None:
             if tp > 1:
                 raise ValueError("tensor_parallel_size: a prebuilt model runs on one device")
-            return None, None, model
+            return None, None, model, "the prebuilt model's dtype"
         if config.model is None:
             from qnext.worker.tiny import default_checkpoint
             model_dir = default_checkpoint()
         else:
             model_dir = Path(config.model)
-        dtype = None if config.dtype == "auto" else TORCH_DTYPES[config.dtype]
+        device = torch.device(config.device)
+        dtype, why = choose_dtype(config.dtype, load_config(model_dir).torch_dtype, device)
         # rank 0 of a tensor-parallel group: start the other ranks (they load their shards meanwhile)
-        followers = Followers(model_dir, config.device, config.dtype, tp) if tp > 1 else None
-        return model_dir, followers, load_model(model_dir, torch.device(config.device), dtype, tp_size=tp)
+        followers = Followers(model_dir, config.device, str(dtype).removeprefix("torch."), tp) if tp > 1 else None
+        return model_dir, followers, load_model(model_dir, device, dtype, tp_size=tp), why
 
     def _allocate_cache(self, padding_slot: bool) -> tuple[CacheInfo, CacheTensors]:
         config, mcfg = self.config, self.model.config

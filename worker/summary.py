@@ -27,7 +27,7 @@ def model_summary(engine: Engine) -> ModelSummary:
                         quantization=quant, max_model_len=runner.max_model_len, vocab_size=runner.vocab_size,
                         eos_token_ids=tuple(runner.eos_token_ids), num_mtp_layers=mcfg.num_mtp_layers,
                         spec_supported=runner.max_spec_tokens > 0, device=device,
-                        cuda_graphs=runner.describe_graphs())
+                        cuda_graphs=runner.describe_graphs(), dtype_reason=runner.dtype_reason)
 
 
 def engine_stats(engine: Engine) -> EngineStats:
@@ -45,5 +45,6 @@ def engine_stats(engine: Engine) -> EngineStats:
                        state_slots_used=cm.state_slots_used, state_slots_total=cm.state_slots_total,
                        num_steps=engine.runner.timings.num_steps,
                        spec_drafted_tokens=spec.num_drafted, spec_accepted_tokens=spec.num_accepted,
+                       spec_draft_steps=spec.num_draft_steps, spec_draft_length=engine.spec.policy.mean_last_length,
                        cuda_graph_steps=graphs.stats.replayed_steps if graphs else 0,
                        cuda_graph_padded_rows=graphs.stats.padded_rows if graphs else 0, **prefix)

@@ -327,7 +327,7 @@ def follower_main(argv: list[str] | None = None) -> int:
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
     device = rank_device(args.device, args.rank)
     host_group = _init_process_group(device, args.store, args.rank, args.size)
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = getattr(torch, args.dtype)  # resolved by rank 0 (never "auto")
     model = load_model(args.model_dir, device, dtype, tp_rank=args.rank, tp_size=args.size)
     channel = sys.stdin.buffer
     try:

@@ -24,6 +24,7 @@ STATE_DTYPES = ("float32", "bfloat16", "float64")  # DeltaNet recurrent state
 # padded-eager (the graphs' static buffers without capture: CPU tests, bisecting a capture problem).
 CUDA_GRAPH_MODES = ("auto", "off", "padded-eager")
 MAX_SPECULATIVE_TOKENS = 4
+SPEC_DRAFT_LENGTHS = ("adaptive", "fixed")  # how many MTP drafts per step (worker/spec_policy.py)
 
 
 def require(ok: bool, name: str, message: str) -> None:
@@ -116,7 +117,8 @@ class EngineConfig:
 
     model: str | None = option(None, "checkpoint directory (default: the embedded tiny checkpoint)")
     device: str = option("cpu", "torch device, e.g. cuda:0")
-    dtype: str = option("auto", "weights and activations; auto = bfloat16 on CUDA, float32 on CPU", choices=DTYPES)
+    dtype: str = option("auto", "weights and activations; auto = the checkpoint's dtype where the device "
+                              "computes it natively (CUDA; CPUs with AVX512-BF16/AMX), else float32", choices=DTYPES)
     max_num_seqs: int = option(64, "sequences running at once")
     max_num_batched_tokens: int = option(2048, "tokens per engine step")
     max_model_len: int | None = option(
@@ -131,6 +133,10 @@ class EngineConfig:
     num_speculative_tokens: int = option(
         0, f"MTP speculative decoding: draft tokens per step (0-{MAX_SPECULATIVE_TOKENS}; 0 = off), the default "
            "and maximum for every request, which may ask for fewer; needs a checkpoint with mtp.* weights")
+    speculative_draft_length: str = option(
+        "adaptive", "adaptive: each step, each request drafts as many tokens (up to its num_speculative_tokens) as "
+                    "pay at the measured acceptance and step costs, 0 when none do (docs/speculation.md); fixed: "
+                    "always its num_speculative_tokens", choices=SPEC_DRAFT_LENGTHS)
     # prefix caching: worker/prefix_cache.py; tensor parallelism: worker/parallel.py
     enable_prefix_caching: bool = option(
         True, "turn the prefix cache (KV blocks + recurrent-state checkpoints of earlier prompts) off",
@@ -155,6 +161,8 @@ class EngineConfig:
         if self.max_model_len is not None:
             require_number("max_model_len", self.max_model_len, True, lambda x: x >= 1, ">= 1")
         require(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        require(self.speculative_draft_length in SPEC_DRAFT_LENGTHS, "speculative_draft_length",
+                f"must be one of {', '.join(SPEC_DRAFT_LENGTHS)}, got {self.speculative_draft_length!r}")
         require(self.state_dtype in STATE_DTYPES, "state_dtype",
                 f"must be one of {', '.join(STATE_DTYPES)}, got {self.state_dtype!r}")
         require_number("cache_memory", self.cache_memory, False, lambda x: x >= 0, ">= 0")
@@ -197,6 +205,7 @@ class RequestOutput:
     num_preemptions: int
     num_drafted_tokens: int = 0  # MTP drafts verified for this request so far
     num_accepted_tokens: int = 0  # of which accepted
+    num_draft_steps: int = 0  # decode steps in which the adaptive policy chose its draft length (0 included)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: StepError | None = None  # set with FinishReason.ERROR
 
@@ -241,6 +250,7 @@ class ModelSummary:
     spec_supported: bool  # the engine accepts a per-request num_speculative_tokens
     device: str
     cuda_graphs: str = "off"  # decode graphs: "off (why)", or what was captured (worker/graph_runner.py)
+    dtype_reason: str = ""  # why this dtype (worker/dtype_choice.py), for the start-up line
 
 
 @dataclass(frozen=True)
@@ -256,6 +266,8 @@ class EngineStats:
     num_steps: int = 0
     spec_drafted_tokens: int = 0
     spec_accepted_tokens: int = 0
+    spec_draft_steps: int = 0  # decode steps of speculating requests (drafted / this = mean draft length)
+    spec_draft_length: float = 0.0  # mean draft length the policy chose at the last step
     cuda_graph_steps: int = 0  # target forwards run by a decode graph (worker/graph_runner.py)
     cuda_graph_padded_rows: int = 0  # padding sequences those steps carried (the price of bucketing)
     prefix_cache_enabled: bool = False
