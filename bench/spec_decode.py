@@ -219,6 +219,7 @@ def bench_checkpoint(name: str, model_dir: Path, args: argparse.Namespace) -> li
     for k in args.ks:
         engines[k] = StepProbe(Engine(EngineConfig(model=str(model_dir), device=args.device, seed=0,
                                                    cache_memory=args.cache_memory, num_speculative_tokens=k,
+                                                   speculative_draft_length=args.draft_length,
                                                    max_num_seqs=max(64, max(args.batch_sizes)))))
     results = []
     for b in args.batch_sizes:
@@ -278,6 +279,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="measured runs per k and batch size, interleaved "
                    "(default 1; each run of a batch-8 k=4 random-weight engine takes ~30 s on 2 cores)")
     p.add_argument("--warmup-tokens", type=int, default=6, help="new tokens of each engine's warm-up run (default 6)")
+    p.add_argument("--draft-length", default="fixed", choices=("fixed", "adaptive"),
+                   help="fixed: every step drafts k (the verify step's cost); adaptive: the engine's default policy "
+                        "chooses 0..k per step (worker/spec_policy.py; give it --warmup-tokens to time each k)")
     p.add_argument("--checkpoints", default="random,aligned", help="random, aligned or both (default both)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--device", default="cpu", help="engine device (default cpu)")

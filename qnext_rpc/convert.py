@@ -109,7 +109,8 @@ def finish_info(f: Finish) -> Any:
         reason=_FINISH[f.reason],
         usage=pb.Usage(prompt_tokens=f.usage.prompt_tokens, completion_tokens=f.usage.completion_tokens,
                        cached_tokens=f.usage.cached_tokens, reasoning_tokens=f.usage.reasoning_tokens),
-        spec=pb.SpecStats(drafted_tokens=f.drafted_tokens, accepted_tokens=f.accepted_tokens),
+        spec=pb.SpecStats(drafted_tokens=f.drafted_tokens, accepted_tokens=f.accepted_tokens,
+                          draft_steps=f.draft_steps),
         timings=pb.Timings(queue_ms=f.timings.queue_ms, prefill_ms=f.timings.prefill_ms,
                            time_to_first_token_ms=f.timings.time_to_first_token_ms, total_ms=f.timings.total_ms,
                            num_preemptions=f.timings.num_preemptions))
@@ -169,6 +170,7 @@ def server_stats(w: EngineStats, server: dict[str, Any]) -> Any:
                           kv_blocks_total=w.kv_blocks_total, state_slots_used=w.state_slots_used,
                           state_slots_total=w.state_slots_total, num_steps=w.num_steps,
                           spec_drafted_tokens=w.spec_drafted_tokens, spec_accepted_tokens=w.spec_accepted_tokens,
+                          spec_draft_steps=w.spec_draft_steps, spec_draft_length=w.spec_draft_length,
                           prefix_cache_enabled=w.prefix_cache_enabled, prefix_cache_queries=w.prefix_cache_queries,
                           prefix_cache_hits=w.prefix_cache_hits, prefix_cache_query_tokens=w.prefix_cache_query_tokens,
                           prefix_cache_hit_tokens=w.prefix_cache_hit_tokens, checkpoints_used=w.checkpoints_used,

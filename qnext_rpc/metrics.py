@@ -57,6 +57,10 @@ class Metrics:
                                   registry=r)
         self.spec_accepted = Gauge("qnext_spec_accepted_tokens", "MTP draft tokens accepted (worker lifetime)",
                                    registry=r)
+        self.spec_draft_steps = Gauge("qnext_spec_draft_steps", "Decode steps of speculating requests (worker "
+                                      "lifetime; drafted tokens / this = mean draft length)", registry=r)
+        self.spec_draft_length = Gauge("qnext_spec_draft_length", "Mean MTP draft length the adaptive policy chose "
+                                       "at the last step", registry=r)
         # prefix cache: one gauge per WorkerStats field (worker-lifetime counters are exported as gauges, like the
         # MTP ones, because a worker restart resets them)
         self.graph_steps = Gauge("qnext_cuda_graph_steps", "Decode steps replayed from a CUDA graph (worker "
@@ -105,6 +109,8 @@ class Metrics:
         self.slots_total.set(s.state_slots_total)
         self.spec_drafted.set(s.spec_drafted_tokens)
         self.spec_accepted.set(s.spec_accepted_tokens)
+        self.spec_draft_steps.set(s.spec_draft_steps)
+        self.spec_draft_length.set(s.spec_draft_length)
         self.graph_steps.set(s.cuda_graph_steps)
         self.graph_padded_rows.set(s.cuda_graph_padded_rows)
         for f, gauge in self.prefix.items():

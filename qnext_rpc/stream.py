@@ -50,6 +50,7 @@ class Finish:
     stop_string: str | None = None
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    draft_steps: int = 0
 
 
 @dataclass
@@ -77,7 +78,7 @@ class OutputAssembler:
         self.first_token: float | None = None
         self.token_ids: list[int] = []
         self.num_preemptions = 0
-        self.spec = (0, 0)  # (drafted, accepted) so far, from the engine's per-request MTP counters
+        self.spec = (0, 0, 0)  # (drafted, accepted, draft steps) so far: the engine's per-request MTP counters
         self.num_cached_tokens = 0  # prompt tokens the engine served from its prefix cache
         self.finish: Finish | None = None
 
@@ -96,7 +97,8 @@ class OutputAssembler:
                 chunk.logprobs += [TokenLogprob(t, lp, top) for t, lp, top in
                                    zip(out.new_token_ids, out.logprobs, out.top_logprobs)]
             self.num_preemptions = out.num_preemptions
-            self.spec = (getattr(out, "num_drafted_tokens", 0), getattr(out, "num_accepted_tokens", 0))
+            self.spec = tuple(getattr(out, f, 0) for f in ("num_drafted_tokens", "num_accepted_tokens",
+                                                             "num_draft_steps"))
             self.num_cached_tokens = getattr(out, "num_cached_tokens", 0)
             if out.finished:
                 engine_finish = out
@@ -135,7 +137,8 @@ class OutputAssembler:
                       cached_tokens=self.num_cached_tokens,
                       reasoning_tokens=self._reasoning_tokens())
         self.finish = Finish(reason=reason, usage=usage, timings=timings, stop_token_id=stop_token_id,
-                             stop_string=stop_string, drafted_tokens=self.spec[0], accepted_tokens=self.spec[1])
+                             stop_string=stop_string, drafted_tokens=self.spec[0], accepted_tokens=self.spec[1],
+                             draft_steps=self.spec[2])
         return self.finish
 
     def _reasoning_tokens(self) -> int:

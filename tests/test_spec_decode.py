@@ -37,6 +37,7 @@ def engines():
 
     def new(ckpt: Path, **kw) -> Engine:
         kw.setdefault("cache_memory", 64 << 20)
+        kw.setdefault("dtype", "float32")  # exactness of the mechanism, and the cache budgets below, in float32
         made.append(Engine(EngineConfig(model=str(ckpt), seed=0, **kw)))
         return made[-1]
 
@@ -79,7 +80,7 @@ def test_greedy_is_exact_for_every_k(request, engines, ckpt_name):
     ckpt = request.getfixturevalue(ckpt_name)
     ps = prompts([3, 17, 40], seed=1)
     want = run(engines(ckpt), ps, [0] * 3, max_new=12)
-    e = engines(ckpt, num_speculative_tokens=4, max_num_batched_tokens=16)
+    e = engines(ckpt, num_speculative_tokens=4, max_num_batched_tokens=16, speculative_draft_length="fixed")
     ks = [0, 1, 2, 3, 4]
     got = run(e, [p for p in ps for _ in ks], ks * len(ps), max_new=12,
               arrive_at=[i // 2 for i in range(len(ps) * len(ks))])
@@ -89,6 +90,21 @@ def test_greedy_is_exact_for_every_k(request, engines, ckpt_name):
     assert c.num_drafted > 0
     if ckpt_name == "aligned_ckpt":  # every draft accepted: the multi-accept and bonus-token paths ran
         assert c.num_accepted == c.num_drafted and c.accepted_by_position[3] > 0
+
+
+def test_adaptive_draft_length_follows_acceptance_and_stays_exact(random_ckpt, aligned_ckpt, engines):
+    """The default policy (worker/spec_policy.py) in the engine: greedy tokens equal k = 0's on both checkpoints;
+    once it has timed each k, it drafts nearly always where every draft is accepted and rarely where none is."""
+    ps = prompts([9, 14, 6], seed=7)
+    for ckpt, drafting in ((aligned_ckpt, lambda share: share > 0.8), (random_ckpt, lambda share: share < 0.3)):
+        want = run(engines(ckpt), ps, [0] * 3, max_new=60)
+        e = engines(ckpt, num_speculative_tokens=2)
+        assert run(e, ps, [2] * 3, max_new=60) == want
+        c = e.spec.counters
+        share = c.num_verify_steps / c.num_draft_steps  # decode steps that verified drafts
+        print(f"{ckpt.name}: drafted in {share:.0%} of decode steps")
+        assert drafting(share), (ckpt.name, c)
+        assert not e.spec.policy._requests  # finished requests leave no estimate behind
 
 
 def test_greedy_exact_under_preemption(random_ckpt, aligned_ckpt, engines):

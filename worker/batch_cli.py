@@ -46,6 +46,7 @@ class Job:
     tokens: list[int] = field(default_factory=list)
     drafted: int = 0
     accepted: int = 0
+    draft_steps: int = 0
     finish_reason: str | None = None
     matched_stop: str | None = None
 
@@ -115,7 +116,8 @@ def _result(job: Job, tokenizer: Tokenizer) -> dict[str, Any]:
         text = text[: cut + (len(job.matched_stop) if job.include_stop_strings else 0)]
     return {"id": job.id, "token_ids": job.tokens, "text": text, "finish_reason": job.finish_reason,
             "usage": {"prompt_tokens": len(job.prompt), "completion_tokens": len(job.tokens)},
-            "spec": {"drafted_tokens": job.drafted, "accepted_tokens": job.accepted}}
+            "spec": {"drafted_tokens": job.drafted, "accepted_tokens": job.accepted,
+                     "draft_steps": job.draft_steps}}
 
 
 def run(engine: Engine, tokenizer: Tokenizer, src: TextIO, dst: TextIO, progress: bool) -> tuple[int, int]:
@@ -143,7 +145,8 @@ def run(engine: Engine, tokenizer: Tokenizer, src: TextIO, dst: TextIO, progress
         for out in engine.step():
             job = jobs[out.request_id]
             job.tokens += out.new_token_ids
-            job.drafted, job.accepted = out.num_drafted_tokens, out.num_accepted_tokens
+            job.drafted, job.accepted, job.draft_steps = (out.num_drafted_tokens, out.num_accepted_tokens,
+                                                          out.num_draft_steps)
             if out.finished:
                 job.finish_reason = job.finish_reason or (out.finish_reason.value if out.finish_reason else None)
                 done += 1

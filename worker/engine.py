@@ -134,6 +134,7 @@ class Engine:
     def _run(self, plan: SchedulePlan) -> tuple[StepForward, dict[str, list[int]], dict, dict[str, torch.Tensor]]:
         """The forward, the sampled tokens (verified ones for verify chunks) and the MTP head's pass over the
         step's rows."""
+        start = time.perf_counter()
         self.spec.on_restores(plan)
         step = self.runner.forward(plan)
         sampled: dict[str, list[int]] = {}
@@ -144,7 +145,10 @@ class Engine:
             self.spec.verify(step.verify, step.logits[len(step.plain):], sampled, logprobs)
         # MTP over this step's rows before update: a request finishing now still gets its MTP KV written, so
         # the blocks and checkpoint update() caches hold complete MTP rows
-        mtp_last = self.spec.catch_up(plan, step, sampled) if self.runner.max_spec_tokens else {}
+        mtp_last = {}
+        if self.runner.max_spec_tokens:
+            mtp_last = self.spec.catch_up(plan, step, sampled)
+            self.spec.record_step(plan, time.perf_counter() - start)
         return step, sampled, logprobs, mtp_last
 
     def _update(self, plan: SchedulePlan, run: tuple) -> list[RequestOutput]:
@@ -175,7 +179,8 @@ class Engine:
             top_logprobs=(tops or [])[:n], finished=so.finished, finish_reason=so.finish_reason,
             num_prompt_tokens=len(r.prompt_token_ids), num_output_tokens=len(r.output_token_ids),
             num_preemptions=r.num_preemptions, num_drafted_tokens=spec.num_drafted if spec else 0,
-            num_accepted_tokens=spec.num_accepted if spec else 0, num_cached_tokens=r.num_cached_tokens, error=error)
+            num_accepted_tokens=spec.num_accepted if spec else 0,
+            num_draft_steps=spec.num_draft_steps if spec else 0, num_cached_tokens=r.num_cached_tokens, error=error)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams] | None = None,
                  stopping: StoppingParams | list[StoppingParams] | None = None) -> list[Completion]:

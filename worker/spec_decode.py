@@ -23,6 +23,7 @@ q, a restored prefix's hidden state) lives here and is dropped in one place, `fi
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -31,6 +32,7 @@ import torch
 from qnext.worker.model_runner import ModelRunner, StepForward
 from qnext.worker.sampler import STREAM_SAMPLE, processed_probs, uniform_noise
 from qnext.worker.scheduler import Request, RequestStatus, ScheduledChunk, SchedulePlan, Scheduler
+from qnext.worker.spec_policy import DraftLengthPolicy
 
 STREAM_DRAFT = 1  # drawing draft tokens from q
 STREAM_ACCEPT = 2  # the accept test's uniform
@@ -108,6 +110,7 @@ class SpecCounters:
     num_drafted: int = 0
     num_accepted: int = 0
     num_verify_steps: int = 0
+    num_draft_steps: int = 0  # decode steps in which the policy chose a draft length (0 included)
     accepted_by_position: list[int] = field(default_factory=lambda: [0] * 4)  # drafts accepted at j = 0..
 
     def add(self, num_drafted: int, num_accepted: int) -> None:
@@ -142,6 +145,8 @@ class SpecDecoder:
         self.runner, self.scheduler = runner, scheduler
         self.counters = SpecCounters()  # all requests
         self._requests: dict[str, _RequestSpec] = {}
+        # how many drafts each request gets per step (worker/spec_policy.py)
+        self.policy = DraftLengthPolicy(adaptive=runner.config.speculative_draft_length == "adaptive")
 
     @property
     def num_tracked(self) -> int:
@@ -158,6 +163,7 @@ class SpecDecoder:
     def finish(self, request_id: str) -> SpecCounters | None:
         """Drop a finished or aborted request's state; returns its counters."""
         spec = self._requests.pop(request_id, None)
+        self.policy.finish(request_id)
         return spec.counters if spec else None
 
     def on_restores(self, plan: SchedulePlan) -> None:
@@ -189,6 +195,7 @@ class SpecDecoder:
             self._requests[r.request_id].draft_probs = None
             self._requests[r.request_id].counters.add(len(d), a)
             self.counters.add(len(d), a)
+            self.policy.observe(r.request_id, len(d), a)
             if a < len(d):
                 rollback_slots.append(r.state_slot)
                 rollback_pos.append(a)
@@ -232,17 +239,42 @@ class SpecDecoder:
         last = batch.last_token_indices[sampling]
         return {mtp_pieces[i][0].request_id: h[j] for i, j in zip(sampling, last.tolist())}
 
+    def record_step(self, plan: SchedulePlan, seconds: float) -> None:
+        """Time a decode step's forward, verify and MTP pass for the policy (steps with prefill chunks are not
+        what it chooses between)."""
+        rows = [c for c in plan.chunks if c.request.num_speculative_tokens]
+        if self.runner.device.type == "cuda":
+            torch.cuda.synchronize(self.runner.device)  # the MTP pass is still running: count it here
+        if rows and not plan.restores and all(c.num_tokens == 1 + len(c.draft_token_ids) for c in plan.chunks):
+            self.policy.record_forward(len(rows), max(len(c.draft_token_ids) for c in rows), seconds)
+
     def propose(self, drafting: list[tuple[Request, torch.Tensor]]) -> None:
         """MTP drafting (docs/model.md §7): draft 1 from pass 1's last row; passes 2..k feed each draft back with
-        the MTP's own output hidden state, one position further each time. The drafts go to the scheduler."""
-        requests = [r for r, _ in drafting]
-        h = torch.stack([h for _, h in drafting])
+        the MTP's own output hidden state, one position further each time. The drafts go to the scheduler.
+        How many drafts each request gets is the policy's choice (0: none this step)."""
+        start = time.perf_counter()
+        lengths = self.policy.choose([r.request_id for r, _ in drafting],
+                                     [r.num_speculative_tokens for r, _ in drafting],
+                                     [r.sampling.seed is not None and not r.sampling.is_greedy for r, _ in drafting])
+        for r, _ in drafting:
+            self._requests[r.request_id].counters.num_draft_steps += 1
+        self.counters.num_draft_steps += len(drafting)
+        self._draft(drafting, lengths)
+        self.policy.record_drafting(len(drafting), max(lengths), time.perf_counter() - start)
+
+    def _draft(self, drafting: list[tuple[Request, torch.Tensor]], lengths: list[int]) -> None:
+        chosen = [i for i, k in enumerate(lengths) if k]
+        if not chosen:
+            return
+        requests = [drafting[i][0] for i in chosen]
+        lengths = [lengths[i] for i in chosen]
+        h = torch.stack([drafting[i][1] for i in chosen])
         drafts: list[list[int]] = [[] for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
         active = list(range(len(requests)))
-        for j in range(self.runner.max_spec_tokens):
+        for j in range(max(lengths)):
             rows_left = self._draft_one(h, [requests[i] for i in active], [drafts[i] for i in active],
-                                        [probs[i] for i in active], j)
+                                        [probs[i] for i in active], [lengths[i] for i in active], j)
             # the next pass writes MTP KV one position further: the scheduler grows the blocks, or it stops there
             nxt = [(row, active[row]) for row in rows_left
                    if self.scheduler.reserve_draft_room(requests[active[row]], len(drafts[active[row]]))]
@@ -261,7 +293,7 @@ class SpecDecoder:
             self._requests[r.request_id].draft_probs = torch.stack(pr)
 
     def _draft_one(self, h: torch.Tensor, requests: list[Request], drafts: list[list[int]],
-                   probs: list[list[torch.Tensor]], j: int) -> list[int]:
+                   probs: list[list[torch.Tensor]], lengths: list[int], j: int) -> list[int]:
         """Draw draft j of each request from the MTP head's logits (appended to drafts / probs); returns the
         rows whose request wants another draft."""
         logits = self.runner.model.compute_logits(h)
@@ -274,7 +306,7 @@ class SpecDecoder:
         for row, r in enumerate(requests):
             drafts[row].append(tok[row])
             probs[row].append(q[row])
-            if len(drafts[row]) < r.num_speculative_tokens:
+            if len(drafts[row]) < lengths[row]:
                 more.append(row)
         return more
 

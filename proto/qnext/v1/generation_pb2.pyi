@@ -185,12 +185,14 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ...) -> None: ...
 
 class SpecStats(_message.Message):
-    __slots__ = ("drafted_tokens", "accepted_tokens")
+    __slots__ = ("drafted_tokens", "accepted_tokens", "draft_steps")
     DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_STEPS_FIELD_NUMBER: _ClassVar[int]
     drafted_tokens: int
     accepted_tokens: int
-    def __init__(self, drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ...) -> None: ...
+    draft_steps: int
+    def __init__(self, drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., draft_steps: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_ms", "prefill_ms", "time_to_first_token_ms", "total_ms", "num_preemptions")
@@ -307,7 +309,7 @@ class ResetPrefixCacheResponse(_message.Message):
     def __init__(self, checkpoints_freed: _Optional[int] = ..., kv_blocks_freed: _Optional[int] = ...) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total", "state_slots_used", "state_slots_total", "num_pending", "worker_ready", "draining", "num_worker_restarts", "num_requests_finished", "num_prompt_tokens", "num_generated_tokens", "generation_tokens_per_second", "spec_drafted_tokens", "spec_accepted_tokens", "num_steps", "uptime_s", "worker_pid", "prefix_cache_enabled", "prefix_cache_queries", "prefix_cache_hits", "prefix_cache_query_tokens", "prefix_cache_hit_tokens", "checkpoints_used", "checkpoints_total", "checkpoint_evictions", "kv_blocks_cached", "kv_block_evictions")
+    __slots__ = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total", "state_slots_used", "state_slots_total", "num_pending", "worker_ready", "draining", "num_worker_restarts", "num_requests_finished", "num_prompt_tokens", "num_generated_tokens", "generation_tokens_per_second", "spec_drafted_tokens", "spec_accepted_tokens", "num_steps", "uptime_s", "worker_pid", "prefix_cache_enabled", "prefix_cache_queries", "prefix_cache_hits", "prefix_cache_query_tokens", "prefix_cache_hit_tokens", "checkpoints_used", "checkpoints_total", "checkpoint_evictions", "kv_blocks_cached", "kv_block_evictions", "spec_draft_steps", "spec_draft_length")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
@@ -337,6 +339,8 @@ class ServerStats(_message.Message):
     CHECKPOINT_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCK_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_DRAFT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_DRAFT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     kv_blocks_used: int
@@ -366,4 +370,6 @@ class ServerStats(_message.Message):
     checkpoint_evictions: int
     kv_blocks_cached: int
     kv_block_evictions: int
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., state_slots_used: _Optional[int] = ..., state_slots_total: _Optional[int] = ..., num_pending: _Optional[int] = ..., worker_ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., num_worker_restarts: _Optional[int] = ..., num_requests_finished: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., generation_tokens_per_second: _Optional[float] = ..., spec_drafted_tokens: _Optional[int] = ..., spec_accepted_tokens: _Optional[int] = ..., num_steps: _Optional[int] = ..., uptime_s: _Optional[float] = ..., worker_pid: _Optional[int] = ..., prefix_cache_enabled: _Optional[bool] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., checkpoints_used: _Optional[int] = ..., checkpoints_total: _Optional[int] = ..., checkpoint_evictions: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., kv_block_evictions: _Optional[int] = ...) -> None: ...
+    spec_draft_steps: int
+    spec_draft_length: float
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., state_slots_used: _Optional[int] = ..., state_slots_total: _Optional[int] = ..., num_pending: _Optional[int] = ..., worker_ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., num_worker_restarts: _Optional[int] = ..., num_requests_finished: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., generation_tokens_per_second: _Optional[float] = ..., spec_drafted_tokens: _Optional[int] = ..., spec_accepted_tokens: _Optional[int] = ..., num_steps: _Optional[int] = ..., uptime_s: _Optional[float] = ..., worker_pid: _Optional[int] = ..., prefix_cache_enabled: _Optional[bool] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., checkpoints_used: _Optional[int] = ..., checkpoints_total: _Optional[int] = ..., checkpoint_evictions: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., kv_block_evictions: _Optional[int] = ..., spec_draft_steps: _Optional[int] = ..., spec_draft_length: _Optional[float] = ...) -> None: ...

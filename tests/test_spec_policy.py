@@ -1,0 +1,91 @@
+"""The adaptive draft length (worker/spec_policy.py): pure policy logic on synthetic step costs and acceptance."""
+
+import random
+
+import pytest
+
+from qnext.worker.spec_policy import (MAX_PROBE_EVERY, PROBE_EVERY, TIMINGS_NEEDED, DraftLengthPolicy, bucket,
+                                      expected_tokens)
+
+
+def drive(policy: DraftLengthPolicy, alpha: float, steps: int, rows: int = 1, k_max: int = 2,
+          cost=lambda k: 1.0 + 0.4 * k, seed: int = 0) -> list[list[int]]:
+    """Run the policy as the engine would: choose, time the drafting, verify (drafts accepted with probability
+    alpha each), time the forward. Returns the lengths chosen at each step."""
+    rng = random.Random(seed)
+    ids = [f"r{i}" for i in range(rows)]
+    history, pending = [], [0] * rows
+    for _ in range(steps):
+        policy.record_forward(rows, max(pending), cost(max(pending)) * 0.6)
+        for rid, k in zip(ids, pending):
+            if k:
+                a = 0
+                while a < k and rng.random() < alpha:
+                    a += 1
+                policy.observe(rid, k, a)
+        pending = policy.choose(ids, [k_max] * rows, [False] * rows)
+        policy.record_drafting(rows, max(pending), cost(max(pending)) * 0.4 - 0.4)
+        history.append(pending)
+    return history
+
+
+def test_expected_tokens_and_buckets():
+    assert expected_tokens(0.0, 3) == 1 and expected_tokens(1.0, 2) == 3
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 16, 17)] == [1, 2, 4, 4, 8, 16, 32]
+
+
+def test_each_length_is_timed_before_the_policy_chooses():
+    h = drive(DraftLengthPolicy(), alpha=1.0, steps=3 * (TIMINGS_NEEDED + 1))
+    tried = [row[0] for row in h]
+    assert set(tried[:3 * TIMINGS_NEEDED + 1]) == {0, 1, 2}
+
+
+def test_drafts_stop_when_nothing_is_accepted_and_probes_back_off():
+    h = drive(DraftLengthPolicy(), alpha=0.0, steps=2000, rows=4)
+    late = h[200:]
+    drafting = [i for i, row in enumerate(late) if any(row)]
+    # a stale-timing refresh or a probe now and then; the probes grow apart up to MAX_PROBE_EVERY
+    assert len(drafting) / len(late) < 0.02
+    gaps = [b - a for a, b in zip(drafting, drafting[1:])]
+    assert max(gaps) >= MAX_PROBE_EVERY // 2 > PROBE_EVERY
+
+
+def test_full_acceptance_drafts_the_maximum():
+    h = drive(DraftLengthPolicy(), alpha=1.0, steps=300)
+    assert sum(row[0] == 2 for row in h[50:]) / len(h[50:]) > 0.97
+
+
+def test_the_choice_follows_the_cost_of_drafting():
+    # alpha 0.6: 2 drafts give 1.96 tokens. Cheap drafts (step 1 + 0.1k): k = 2 wins; dear ones (1 + 1.5k): k = 0
+    cheap = drive(DraftLengthPolicy(), alpha=0.6, steps=400, cost=lambda k: 1 + 0.1 * k)
+    dear = drive(DraftLengthPolicy(), alpha=0.6, steps=400, cost=lambda k: 1 + 1.5 * k)
+    assert sum(r[0] == 2 for r in cheap[100:]) > 0.9 * 300
+    assert sum(r[0] == 0 for r in dear[100:]) > 0.9 * 300
+
+
+def test_recovers_when_acceptance_returns():
+    policy = DraftLengthPolicy()
+    drive(policy, alpha=0.0, steps=300)
+    h = drive(policy, alpha=1.0, steps=800, seed=1)  # the next probe is up to MAX_PROBE_EVERY steps away
+    assert sum(r[0] == 2 for r in h[-100:]) > 90
+
+
+def test_a_requests_maximum_and_fixed_mode():
+    policy = DraftLengthPolicy()
+    assert all(k <= m for _ in range(50) for k, m in zip(policy.choose(["a", "b"], [1, 3], [False] * 2), [1, 3]))
+    assert DraftLengthPolicy(adaptive=False).choose(["a", "b"], [1, 3], [False] * 2) == [1, 3]
+
+
+def test_pinned_rows_always_draft_their_maximum():
+    policy = DraftLengthPolicy()
+    drive(policy, alpha=0.0, steps=300, rows=2)  # drafts never pay here
+    assert policy.choose(["r0", "r1"], [2, 2], [True, False]) == [2, 0]
+
+
+def test_finished_requests_leave_nothing_behind():
+    policy = DraftLengthPolicy()
+    drive(policy, alpha=0.5, steps=50, rows=3)
+    for rid in ("r0", "r1", "r2"):
+        policy.finish(rid)
+    assert not policy._requests and not policy._probed

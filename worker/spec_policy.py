@@ -1,0 +1,170 @@
+"""Load-adaptive speculation: how many MTP drafts each request gets in the next step (docs/speculation.md).
+
+A request's `num_speculative_tokens` is a maximum. Each step, for each speculating request, the policy picks the
+draft length k in 0..max that maximises expected tokens per second:
+
+    E(alpha, k) = 1 + alpha + ... + alpha^k      tokens a verify step of k drafts emits (per-position acceptance alpha)
+    T(k, B)     = measured seconds of a step that verifies k drafts and drafts k more, at B decode rows
+    k*          = argmax_k E(alpha_r, k) / T(k, B)
+
+alpha_r is the request's own acceptance (recent verify steps weigh more) shrunk towards the engine-wide figure,
+which is what a new request starts from. T is learned online, per batch-size bucket (1, 2, 4, ... rows): the
+step's forward + verify part is keyed by the longest draft it verified, the drafting part by the passes it ran.
+Until every k of a bucket has been timed a few times, the bucket's steps try the untimed k (a few steps per
+bucket, and again when a timing has gone stale), so the choice rests on this device's figures, not on guesses.
+
+A request at k = 0 stops drafting (no MTP logits, no draft sampling) but the MTP head still runs over its rows,
+so its MTP KV stays complete and drafting can resume at once. So that its estimate can recover, such requests
+draft their maximum in a probe step, all in the same step so only that step pays: every `PROBE_EVERY` steps at first,
+twice as far apart after each probe that nothing was accepted in (up to `MAX_PROBE_EVERY`), back to
+`PROBE_EVERY` when a probe's draft is accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PROBE_EVERY = 16  # steps between one-draft probes of requests at k = 0 ...
+MAX_PROBE_EVERY = 512  # ... growing to this while probes fail
+PRIOR_WEIGHT = 2.0  # pseudo-observations of the engine-wide acceptance in each request's estimate
+REQUEST_DECAY = 0.9  # per verify step: a request's acceptance follows its recent text
+ENGINE_DECAY = 0.99
+TIMINGS_NEEDED = 3  # timings of a (bucket, k) before the policy trusts it
+STALE_AFTER = 512  # steps of a bucket after which an unchosen k is timed again
+EMA = 0.2  # weight of a new timing
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens a verify step of k drafts emits, drafts accepted independently with probability alpha each."""
+    return sum(alpha ** i for i in range(k + 1))
+
+
+def bucket(rows: int) -> int:
+    """Batch-size bucket: the power of two at or above rows."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+@dataclass
+class Acceptance:
+    """Decayed counts of accepted drafts and of rejections (verify steps that stopped before their last draft):
+    alpha = accepted / (accepted + rejections) is the maximum-likelihood per-position acceptance."""
+
+    accepted: float = 0.0
+    rejections: float = 0.0
+
+    def add(self, num_drafted: int, num_accepted: int, decay: float) -> None:
+        self.accepted = self.accepted * decay + num_accepted
+        self.rejections = self.rejections * decay + (num_accepted < num_drafted)
+
+    def alpha(self, prior: float, weight: float) -> float:
+        return (self.accepted + weight * prior) / (self.accepted + self.rejections + weight)
+
+
+@dataclass
+class _Timing:
+    seconds: float = 0.0
+    count: int = 0
+    at_step: int = 0  # the bucket's step count when last timed
+
+
+@dataclass
+class _Bucket:
+    steps: int = 0
+    forward: dict[int, _Timing] = field(default_factory=dict)  # k verified -> forward + verify seconds
+    drafting: dict[int, _Timing] = field(default_factory=dict)  # k drafted -> drafting seconds
+
+    def record(self, table: dict[int, _Timing], k: int, seconds: float) -> None:
+        t = table.setdefault(k, _Timing())
+        t.seconds = seconds if t.count == 0 else (1 - EMA) * t.seconds + EMA * seconds
+        t.count += 1
+        t.at_step = self.steps
+
+    def untimed(self, k_max: int) -> int | None:
+        """A k whose timing is missing or stale, smallest first; None when all are fresh."""
+        for k in range(k_max + 1):
+            for table in (self.forward, self.drafting):
+                t = table.get(k)
+                if k == 0 and table is self.drafting:
+                    continue  # drafting nothing costs nothing
+                if t is None or t.count < TIMINGS_NEEDED or self.steps - t.at_step > STALE_AFTER:
+                    return k
+        return None
+
+    def seconds(self, k: int) -> float:
+        return self.forward[k].seconds + (self.drafting[k].seconds if k else 0.0)
+
+
+class DraftLengthPolicy:
+    def __init__(self, adaptive: bool = True) -> None:
+        """adaptive=False: every request drafts its maximum every step (the fixed-k behaviour)."""
+        self.adaptive = adaptive
+        self.engine = Acceptance()
+        self._requests: dict[str, Acceptance] = {}
+        self._buckets: dict[int, _Bucket] = {}
+        self._step = 0
+        self._probe_every, self._next_probe = PROBE_EVERY, PROBE_EVERY
+        self._probed: set[str] = set()  # requests whose pending draft is a probe
+        self.last_lengths: list[int] = []  # the draft lengths chosen at the last proposal (for metrics)
+
+    @property
+    def mean_last_length(self) -> float:
+        return sum(self.last_lengths) / len(self.last_lengths) if self.last_lengths else 0.0
+
+    def finish(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+        self._probed.discard(request_id)
+
+    def observe(self, request_id: str, num_drafted: int, num_accepted: int) -> None:
+        """One verify step's outcome for one request."""
+        if request_id in self._probed:
+            self._probed.discard(request_id)
+            if num_accepted:  # probe again soon: acceptance may be back
+                self._probe_every = PROBE_EVERY
+                self._next_probe = min(self._next_probe, self._step + PROBE_EVERY)
+        self._requests.setdefault(request_id, Acceptance()).add(num_drafted, num_accepted, REQUEST_DECAY)
+        self.engine.add(num_drafted, num_accepted, ENGINE_DECAY)
+
+    def alpha(self, request_id: str) -> float:
+        prior = self.engine.alpha(0.5, PRIOR_WEIGHT)
+        own = self._requests.get(request_id)
+        return prior if own is None else own.alpha(prior, PRIOR_WEIGHT)
+
+    def record_forward(self, rows: int, k_verified: int, seconds: float) -> None:
+        """A decode step's forward + verify + MTP pass took `seconds`; its longest verified draft was k."""
+        b = self._buckets.setdefault(bucket(rows), _Bucket())
+        b.steps += 1
+        b.record(b.forward, k_verified, seconds)
+
+    def record_drafting(self, rows: int, k_drafted: int, seconds: float) -> None:
+        if k_drafted:
+            b = self._buckets.setdefault(bucket(rows), _Bucket())
+            b.record(b.drafting, k_drafted, seconds)
+
+    def choose(self, request_ids: list[str], maxima: list[int], pinned: list[bool]) -> list[int]:
+        """Draft lengths for the next step of these decode rows (each <= its maximum). `pinned` rows always
+        draft their maximum: seeded sampling, whose tokens depend on the draft lengths (the draws come from
+        different random streams), so only a fixed length gives the same tokens on every run."""
+        self._step += 1
+        if not self.adaptive:
+            self.last_lengths = list(maxima)
+            return self.last_lengths
+        b = self._buckets.setdefault(bucket(len(request_ids)), _Bucket())
+        k_max = max(maxima, default=0)
+        trial = b.untimed(k_max)
+        if trial is not None:  # time this k on this bucket first
+            self.last_lengths = [m if pin else min(trial, m) for m, pin in zip(maxima, pinned)]
+            return self.last_lengths
+        costs = [b.seconds(k) for k in range(k_max + 1)]
+        chosen = []
+        for rid, m, pin in zip(request_ids, maxima, pinned):
+            alpha = self.alpha(rid)
+            chosen.append(m if pin else max(range(m + 1), key=lambda k: (expected_tokens(alpha, k) / costs[k], -k)))
+        idle = [i for i, (k, m) in enumerate(zip(chosen, maxima)) if k == 0 and m]
+        if idle and self._step >= self._next_probe:
+            for i in idle:
+                chosen[i] = maxima[i]  # the most evidence per probe step
+                self._probed.add(request_ids[i])
+            self._next_probe = self._step + self._probe_every
+            self._probe_every = min(2 * self._probe_every, MAX_PROBE_EVERY)  # reset by an accepted probe
+        self.last_lengths = chosen
+        return chosen
