@@ -139,7 +139,8 @@ def test_engine_tokens_do_not_change_with_padded_steps(k: int) -> None:
     sampling = [SamplingParams(temperature=0.0)] * 3 + [SamplingParams(temperature=0.8, top_p=0.9, seed=11)] * 2
     outs, stats, mtp = {}, None, None
     for mode in ("off", "padded-eager"):
-        engine = Engine(EngineConfig(seed=0, cuda_graphs=mode, num_speculative_tokens=k, max_num_seqs=8))
+        engine = Engine(EngineConfig(seed=0, cuda_graphs=mode, num_speculative_tokens=k, max_num_seqs=8,
+                                     speculative_draft_length="fixed"))  # every step drafts: graphs replayed
         done = engine.generate(prompts, sampling, StoppingParams(max_new_tokens=7, ignore_eos=True))
         outs[mode] = [c.token_ids for c in done]
         if engine.runner.graphs:

@@ -97,9 +97,11 @@ class Recorder:
 @pytest.mark.parametrize("k", [0, 2])
 def test_multi_turn_outputs_identical_cold_warm_disabled(mtp_ckpt, engines, k, report):
     convs = conversations(2)
-    off = Recorder(engines(mtp_ckpt, enable_prefix_caching=False, num_speculative_tokens=k))
+    # fixed draft lengths: the drafts are compared position by position below
+    off = Recorder(engines(mtp_ckpt, enable_prefix_caching=False, num_speculative_tokens=k,
+                           speculative_draft_length="fixed"))
     want = [off.conversation(f"c{i}", c) for i, c in enumerate(convs)]
-    on = Recorder(engines(mtp_ckpt, num_speculative_tokens=k))
+    on = Recorder(engines(mtp_ckpt, num_speculative_tokens=k, speculative_draft_length="fixed"))
     cold = [on.conversation(f"c{i}", c) for i, c in enumerate(convs)]  # c0 cold, later ones share the system
     warm = [on.conversation(f"c{i}", c) for i, c in enumerate(convs)]  # every turn seen before
     for w, c, h in zip(want, cold, warm):

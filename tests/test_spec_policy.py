@@ -89,3 +89,9 @@ def test_finished_requests_leave_nothing_behind():
     for rid in ("r0", "r1", "r2"):
         policy.finish(rid)
     assert not policy._requests and not policy._probed
+
+
+def test_no_probes_where_even_full_acceptance_cannot_pay():
+    # a verify step of k drafts costs 1 + 2k plain steps: 3 tokens for 5x the time never pays
+    h = drive(DraftLengthPolicy(), alpha=1.0, steps=600, cost=lambda k: 1 + 2.0 * k)
+    assert sum(any(row) for row in h[50:]) <= 6  # the stale-timing refresh of each k, nothing else

@@ -133,6 +133,8 @@ class _RequestSpec:
     counters: SpecCounters = field(default_factory=SpecCounters)
     draft_probs: torch.Tensor | None = None  # q of the pending drafts [k, V]
     restored: tuple[int, torch.Tensor] | None = None  # (hit position P, the checkpoint's hidden state at P-1)
+    # MTP rows not run yet (the request is at draft length 0): (first position, target hidden states, next tokens)
+    deferred: tuple[int, torch.Tensor, list[int]] | None = None
 
 
 Logprobs = dict[str, tuple[list[float], list[list[tuple[int, float]]]]]
@@ -145,6 +147,7 @@ class SpecDecoder:
         self.runner, self.scheduler = runner, scheduler
         self.counters = SpecCounters()  # all requests
         self._requests: dict[str, _RequestSpec] = {}
+        self._next_lengths: dict[str, int] = {}  # request id -> drafts it gets next step (from `_choose`)
         # how many drafts each request gets per step (worker/spec_policy.py)
         self.policy = DraftLengthPolicy(adaptive=runner.config.speculative_draft_length == "adaptive")
 
@@ -205,11 +208,15 @@ class SpecDecoder:
                                        torch.tensor(rollback_pos, device=dev))
 
     def catch_up(self, plan: SchedulePlan, step: StepForward, sampled: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-        """MTP pass 1 (docs/model.md §7): the MTP over every row this step made real, pairing the target's hidden
+        """MTP pass 1 (docs/model.md §7): the MTP over the rows this step made real, pairing the target's hidden
         state h_p with token t_{p+1} (this keeps the MTP's own KV cache complete, prompt included). Returns,
-        per request that sampled, the MTP hidden state of its last row: what proposes draft 1.
+        per request that drafts next, the MTP hidden state of its last row: what proposes draft 1.
         A request restored from the prefix cache at P also gets the row at P-1, from the checkpoint's hidden
-        state and its own token P (the cached row paired the prefix's owner's token P)."""
+        state and its own token P (the cached row paired the prefix's owner's token P).
+        The policy chooses the next draft lengths here. A decoding request at length 0 defers its rows (`_defer`):
+        they run with its next pass, at the latest in the step that completes its KV block or may finish it, so
+        every block the prefix cache names, and every block a finished request leaves, holds complete MTP rows."""
+        self._choose(plan, sampled)
         mtp_pieces, h_parts, sampling = [], [], []
         for c, (r, start, toks) in zip(plan.chunks, step.pieces):
             if r.num_speculative_tokens == 0 or r.status != RequestStatus.RUNNING:
@@ -219,22 +226,33 @@ class SpecDecoder:
             known = r.token_slice(start + 1, min(start + 1 + n_valid, r.num_tokens))
             nxt = known + sampled.get(r.request_id, [])[:n_valid - len(known)]
             first = step.ends[r.request_id] - len(toks)
+            h = step.hidden[first:first + n_valid]
             spec = self._requests[r.request_id]
             restored, spec.restored = spec.restored, None
+            deferred, spec.deferred = spec.deferred, None
+            if deferred is not None and deferred[0] + len(deferred[2]) != start:
+                deferred = None  # recomputed since (preempted): the rows come again with the recompute
+            if self._defer(c, r, start, n_valid, sampled):
+                spec.deferred = (start, h.clone(), nxt) if deferred is None else \
+                    (deferred[0], torch.cat([deferred[1], h]), deferred[2] + nxt)
+                continue
             if restored is not None and restored[0] == start:
                 mtp_pieces.append((r, start - 1, r.token_slice(start, start + 1) + nxt))
                 h_parts.append(restored[1][None].to(step.hidden.dtype))
+            elif deferred is not None:
+                mtp_pieces.append((r, deferred[0], deferred[2] + nxt))
+                h_parts.append(deferred[1])
             else:
                 mtp_pieces.append((r, start, nxt))
-            h_parts.append(step.hidden[first:first + n_valid])
-            if c.sample:
+            h_parts.append(h)
+            if c.sample and self._next_lengths.get(r.request_id, 0):
                 sampling.append(len(mtp_pieces) - 1)
         if not mtp_pieces:
             return {}
         h_in = h_parts[0] if len(h_parts) == 1 else torch.cat(h_parts)
         batch = self.runner.forward_batch(mtp_pieces)
         h = self.runner.model.mtp_forward(batch.input_ids, h_in, batch, self.runner.cache)
-        if not sampling:  # only prefill chunks that sample nothing yet: their MTP KV is written, no drafts
+        if not sampling:  # no request drafts next: the MTP KV is written, nothing more
             return {}
         last = batch.last_token_indices[sampling]
         return {mtp_pieces[i][0].request_id: h[j] for i, j in zip(sampling, last.tolist())}
@@ -248,27 +266,46 @@ class SpecDecoder:
         if rows and not plan.restores and all(c.num_tokens == 1 + len(c.draft_token_ids) for c in plan.chunks):
             self.policy.record_forward(len(rows), max(len(c.draft_token_ids) for c in rows), seconds)
 
+    def _choose(self, plan: SchedulePlan, sampled: dict[str, list[int]]) -> None:
+        """The policy's draft lengths for the next step of every speculating request that sampled now."""
+        rows = [c.request for c in plan.chunks if c.sample and c.request.num_speculative_tokens
+                and c.request.status == RequestStatus.RUNNING and c.request.request_id in sampled]
+        lengths = self.policy.choose([r.request_id for r in rows], [r.num_speculative_tokens for r in rows],
+                                     [r.sampling.seed is not None and not r.sampling.is_greedy for r in rows])
+        self._next_lengths = {r.request_id: k for r, k in zip(rows, lengths)}
+        for r in rows:
+            self._requests[r.request_id].counters.num_draft_steps += 1
+        self.counters.num_draft_steps += len(rows)
+
+    def _defer(self, c: ScheduledChunk, r: Request, start: int, n_valid: int, sampled: dict[str, list[int]]) -> bool:
+        """Whether this decode chunk's MTP rows can wait: the request drafts nothing next, the rows do not
+        complete a KV block (the prefix index names full blocks), and the step cannot finish the request (a
+        finished request's blocks and checkpoint are cached as they are)."""
+        if self._next_lengths.get(r.request_id, 0) or not c.sample or c.num_tokens != 1 + len(c.draft_token_ids):
+            return False
+        bs = self.runner.config.block_size
+        if (start + n_valid) // bs != start // bs:
+            return False
+        tokens = sampled[r.request_id]
+        stops = set(r.stopping.stop_token_ids) | (set() if r.stopping.ignore_eos else set(r.eos_token_ids))
+        return (len(r.output_token_ids) + len(tokens) < r.stopping.max_new_tokens
+                and r.num_tokens + len(tokens) < self.runner.max_model_len and not stops.intersection(tokens))
+
     def propose(self, drafting: list[tuple[Request, torch.Tensor]]) -> None:
         """MTP drafting (docs/model.md §7): draft 1 from pass 1's last row; passes 2..k feed each draft back with
         the MTP's own output hidden state, one position further each time. The drafts go to the scheduler.
-        How many drafts each request gets is the policy's choice (0: none this step)."""
+        How many drafts each request gets is the policy's choice, made in `catch_up` (0: not drafting)."""
         start = time.perf_counter()
-        lengths = self.policy.choose([r.request_id for r, _ in drafting],
-                                     [r.num_speculative_tokens for r, _ in drafting],
-                                     [r.sampling.seed is not None and not r.sampling.is_greedy for r, _ in drafting])
-        for r, _ in drafting:
-            self._requests[r.request_id].counters.num_draft_steps += 1
-        self.counters.num_draft_steps += len(drafting)
-        self._draft(drafting, lengths)
-        self.policy.record_drafting(len(drafting), max(lengths), time.perf_counter() - start)
+        lengths = [self._next_lengths.get(r.request_id, 0) for r, _ in drafting]
+        self._draft([d for d, k in zip(drafting, lengths) if k], [k for k in lengths if k])
+        # the bucket of the rows the lengths were chosen for (`_choose`), as the step's forward is timed
+        self.policy.record_drafting(len(self._next_lengths), max(lengths, default=0), time.perf_counter() - start)
 
     def _draft(self, drafting: list[tuple[Request, torch.Tensor]], lengths: list[int]) -> None:
-        chosen = [i for i, k in enumerate(lengths) if k]
-        if not chosen:
+        if not drafting:
             return
-        requests = [drafting[i][0] for i in chosen]
-        lengths = [lengths[i] for i in chosen]
-        h = torch.stack([drafting[i][1] for i in chosen])
+        requests = [r for r, _ in drafting]
+        h = torch.stack([h for _, h in drafting])
         drafts: list[list[int]] = [[] for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
         active = list(range(len(requests)))

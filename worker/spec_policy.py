@@ -13,11 +13,13 @@ step's forward + verify part is keyed by the longest draft it verified, the draf
 Until every k of a bucket has been timed a few times, the bucket's steps try the untimed k (a few steps per
 bucket, and again when a timing has gone stale), so the choice rests on this device's figures, not on guesses.
 
-A request at k = 0 stops drafting (no MTP logits, no draft sampling) but the MTP head still runs over its rows,
-so its MTP KV stays complete and drafting can resume at once. So that its estimate can recover, such requests
+A request at k = 0 stops drafting (no MTP logits, no draft sampling) and defers the MTP head's pass over its rows
+to its next drafting step or KV-block boundary (worker/spec_decode.py), so drafting can resume at any step with
+complete MTP KV. So that its estimate can recover, such requests
 draft their maximum in a probe step, all in the same step so only that step pays: every `PROBE_EVERY` steps at first,
 twice as far apart after each probe that nothing was accepted in (up to `MAX_PROBE_EVERY`), back to
-`PROBE_EVERY` when a probe's draft is accepted.
+`PROBE_EVERY` when a probe's draft is accepted; and only where drafting could pay at all (with every draft
+accepted some k would beat k = 0 at the measured costs: not so for a large batch on a small CPU model).
 """
 
 from __future__ import annotations
@@ -160,7 +162,9 @@ class DraftLengthPolicy:
             alpha = self.alpha(rid)
             chosen.append(m if pin else max(range(m + 1), key=lambda k: (expected_tokens(alpha, k) / costs[k], -k)))
         idle = [i for i, (k, m) in enumerate(zip(chosen, maxima)) if k == 0 and m]
-        if idle and self._step >= self._next_probe:
+        # probe only where drafting could pay at all: with every draft accepted, some k beats k = 0
+        could_pay = any(expected_tokens(1.0, k) / costs[k] > 1.0 / costs[0] for k in range(1, k_max + 1))
+        if idle and could_pay and self._step >= self._next_probe:
             for i in idle:
                 chosen[i] = maxima[i]  # the most evidence per probe step
                 self._probed.add(request_ids[i])
