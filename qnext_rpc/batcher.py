@@ -31,6 +31,7 @@ import structlog
 
 from qnext.rpc.messages import PrefixCacheReset, Ready, Rejected, Shutdown, StepResult, Submit
 from qnext.worker.types import EngineConfig, EngineStats, GenerationRequest, RequestOutput, StepError
+from qnext.rpc.worker_env import worker_environment
 from qnext.rpc.worker_process import run_worker
 
 log = structlog.get_logger("qnext.batcher")
@@ -92,8 +93,11 @@ class RequestHandle:
 
 class Batcher:
     def __init__(self, engine_config: EngineConfig, max_pending_requests: int,
-                 on_ready_change: Callable[[bool], None] = lambda ready: None) -> None:
+                 on_ready_change: Callable[[bool], None] = lambda ready: None,
+                 worker_preload: list[str] | None = None) -> None:
+        """`worker_preload`: libraries the worker process gets in LD_PRELOAD (qnext_rpc/worker_env.py)."""
         self.engine_config = engine_config
+        self.worker_preload = list(worker_preload or [])
         self.max_pending_requests = max_pending_requests
         self.on_ready_change = on_ready_change
         self.ready: Ready | None = None  # the latest handshake; None while the worker is down
@@ -129,7 +133,8 @@ class Batcher:
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
         proc = ctx.Process(target=run_worker, args=(self.engine_config, child), name="qnext-worker", daemon=True)
-        proc.start()
+        with worker_environment(self.worker_preload):
+            proc.start()
         child.close()  # only the worker holds that end, so its death is EOF here
         self._proc, self._conn = proc, parent
         self._sendq = queue.SimpleQueue()
@@ -214,7 +219,8 @@ class Batcher:
             self.on_step(msg)
         elif isinstance(msg, Ready):
             self.ready, self.stats = msg, msg.stats
-            log.info("worker ready", pid=msg.pid, kv_tokens=msg.cache.num_kv_tokens, state_slots=msg.cache.num_slots)
+            log.info("worker ready", pid=msg.pid, kv_tokens=msg.cache.num_kv_tokens, state_slots=msg.cache.num_slots,
+                     preloaded=":".join(self.worker_preload) or "nothing")
             if self._ready_fut is not None and not self._ready_fut.done():
                 self._ready_fut.set_result(msg)
             self.on_ready_change(True)

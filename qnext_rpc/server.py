@@ -39,6 +39,7 @@ from qnext.rpc.security import (ApiKeyInterceptor, ServerTLS, add_server_securit
 from qnext.rpc.service import GenerationService
 from qnext.rpc.text import TextProcessor
 from qnext.rpc.validate import Limits
+from qnext.rpc.worker_env import resolve_preload
 from qnext.worker.cli_help import HelpFormatter
 from qnext.worker.engine_flags import add_engine_flags, engine_config_from_args, name_the_flag
 from qnext.worker.types import EngineConfig
@@ -65,6 +66,7 @@ class ServerConfig:
     drain_grace_period_s: float = 30.0
     api_key: str | None = field(default=None, repr=False)  # None: no authentication
     tls: ServerTLS | None = None  # None: plaintext
+    worker_preload: tuple[str, ...] = ()  # libraries in the worker's LD_PRELOAD (resolve_preload)
 
     def __post_init__(self) -> None:
         for name in ("max_pending_requests", "default_max_new_tokens", "max_stop_strings", "max_stop_string_length"):
@@ -87,7 +89,7 @@ class Server:
         self.engine = engine
         self.metrics = Metrics()
         self.health = HealthServicer()
-        self.batcher = Batcher(engine, cfg.max_pending_requests, self._on_ready_change)
+        self.batcher = Batcher(engine, cfg.max_pending_requests, self._on_ready_change, list(cfg.worker_preload))
         self.batcher.on_step = self.metrics.on_step
         self.grpc: grpc.aio.Server | None = None
         self.port = 0
@@ -232,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="split <think>...</think> into reasoning_text; qwen3 when given without a value (default: off, the "
            "whole output is text)")
     a("--drain-grace-period", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    a("--worker-preload", default="auto",
+      help="libraries the worker process preloads: auto = tcmalloc and libiomp5 where installed, for a CPU worker "
+           "(qnext_rpc/worker_env.py); none; or paths separated by ':'")
     a("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="least severe level logged")
     a("--log-format", default="auto", choices=["auto", "json", "console"],
       help="auto = console on a TTY, JSON otherwise")
@@ -254,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ServerConfig(host=args.host, port=args.port, metrics_host=args.metrics_host,
                            metrics_port=args.metrics_port, max_pending_requests=args.max_pending_requests,
                            default_max_new_tokens=args.max_new_tokens_default, reasoning_parser=args.reasoning_parser,
-                           drain_grace_period_s=args.drain_grace_period, api_key=api_key_from(args.api_key), tls=tls)
+                           drain_grace_period_s=args.drain_grace_period, api_key=api_key_from(args.api_key), tls=tls,
+                           worker_preload=tuple(resolve_preload(args.worker_preload, engine.device)))
         # no --model: the embedded default's directory; the MTP head and tensor-parallel split checked here, not
         # in a worker that would restart forever (in a subprocess: they need torch, this process never imports it)
         engine = run_preflight(engine)

@@ -25,6 +25,7 @@ from torch import nn
 from qnext.kernels.fp8 import dequantize_weight_block
 from qnext.kernels.fp8.reference import FP8_DTYPE
 from qnext.worker.config import ModelConfig, load_config
+from qnext.worker.cpu_linear import pack_linears, packing_works
 from qnext.worker.dtype_choice import choose_dtype
 from qnext.worker.fp8 import Fp8Linear, apply_fp8, experts_are_quantized, is_quantized_linear
 from qnext.worker.model import Experts, Qwen3NextForCausalLM, RotaryEmbedding
@@ -211,6 +212,8 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype:
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary = RotaryEmbedding(cfg).to(device)  # its buffer was on meta; compute it for real
+    if device.type == "cpu" and shard is None and packing_works(dtype):
+        pack_linears(model)  # bf16 on a CPU: weights packed once for oneDNN (worker/cpu_linear.py)
     if shard is not None:
         add_all_reduce_hooks(model)
     return model.eval()

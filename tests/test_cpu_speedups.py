@@ -1,0 +1,90 @@
+"""CPU speed-ups that must not change a single result: prepacked bf16 linears (worker/cpu_linear.py) and the
+worker's preloaded libraries (qnext_rpc/worker_env.py)."""
+
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from qnext.rpc.worker_env import resolve_preload, worker_environment
+from qnext.worker.cpu_linear import PackedLinear, pack_linears, packing_works
+from qnext.worker.loader import load_model
+
+needs_packing = pytest.mark.skipif(not packing_works(torch.bfloat16), reason="no oneDNN bf16 linear in this build")
+
+
+@needs_packing
+@pytest.mark.parametrize("rows", [1, 3, 16, 100])
+def test_packed_linear_equals_f_linear_bit_for_bit(rows):
+    torch.manual_seed(rows)
+    for bias in (False, True):
+        lin = nn.Linear(256, 1000, bias=bias).to(torch.bfloat16)
+        x = torch.randn(rows, 256).to(torch.bfloat16)
+        with torch.no_grad():
+            assert torch.equal(PackedLinear(lin)(x), lin(x))
+            assert torch.equal(PackedLinear(lin)(x.view(1, rows, 256))[0], lin(x))  # leading dims kept
+
+
+@needs_packing
+def test_bf16_cpu_model_runs_packed_and_gives_the_plain_logits(default_ckpt):
+    packed = load_model(default_ckpt, dtype=torch.bfloat16)
+    assert isinstance(packed.lm_head, PackedLinear) and isinstance(packed.model.layers[0].mlp.gate, PackedLinear)
+    plain = load_model(default_ckpt, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, module in list(plain.named_modules()):
+            if isinstance(module, PackedLinear):  # back to F.linear on the same weights
+                parent, _, leaf = name.rpartition(".")
+                lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+                lin.weight, lin.bias = module.weight, module.bias
+                setattr(plain.get_submodule(parent) if parent else plain, leaf, lin)
+        h = torch.randn(5, packed.config.hidden_size).to(torch.bfloat16)
+        assert torch.equal(packed.compute_logits(h), plain.compute_logits(h))
+    assert pack_linears(nn.Sequential(nn.Linear(4, 4))) == 1
+    assert not isinstance(load_model(default_ckpt, dtype=torch.float32).lm_head, PackedLinear)  # float32: plain
+
+
+def test_worker_preload_settings(tmp_path):
+    lib = tmp_path / "libfake.so"
+    lib.write_bytes(b"")
+    assert resolve_preload("none", "cpu") == []
+    assert resolve_preload(str(lib), "cuda:0") == [str(lib)]
+    with pytest.raises(ValueError, match="worker_preload: no such file"):
+        resolve_preload(f"{lib}:/nope/libx.so", "cpu")
+    assert resolve_preload("auto", "cuda") == []  # auto preloads for a CPU worker only
+    assert all(os.path.isfile(p) for p in resolve_preload("auto", "cpu"))
+    iomp = os.path.join(sys.prefix, "lib", "libiomp5.so")
+    assert (iomp in resolve_preload("auto", "cpu")) == os.path.isfile(iomp)
+
+
+def test_worker_environment_is_set_only_while_spawning(monkeypatch):
+    monkeypatch.setenv("LD_PRELOAD", "/already.so")
+    with worker_environment(["/a.so", "/b.so"]):
+        assert os.environ["LD_PRELOAD"] == "/already.so:/a.so:/b.so"
+    assert os.environ["LD_PRELOAD"] == "/already.so"
+    monkeypatch.delenv("LD_PRELOAD")
+    with worker_environment(["/a.so"]):
+        assert os.environ["LD_PRELOAD"] == "/a.so"
+    assert "LD_PRELOAD" not in os.environ
+    with worker_environment([]):
+        assert "LD_PRELOAD" not in os.environ
+
+
+def test_the_served_worker_gets_the_preload_and_the_server_does_not():
+    import subprocess
+
+    from test_service_support import LocalServer
+    gomp = next((p for p in ("/usr/lib/x86_64-linux-gnu/libgomp.so.1", "/usr/lib/aarch64-linux-gnu/libgomp.so.1")
+                 if os.path.isfile(p)), None)
+    if gomp is None:
+        pytest.skip("no libgomp to preload harmlessly")
+    server = LocalServer("--worker-preload", gomp, "--cache-memory", str(64 << 20))
+    try:
+        (worker,) = [int(p) for p in subprocess.check_output(["pgrep", "-P", str(server.proc.pid)]).split()
+                     if b"spawn_main" in open(f"/proc/{int(p)}/cmdline", "rb").read()]
+        environ = lambda pid: open(f"/proc/{pid}/environ", "rb").read().split(b"\0")  # noqa: E731
+        assert f"LD_PRELOAD={gomp}".encode() in environ(worker)
+        assert not any(v.startswith(b"LD_PRELOAD=") for v in environ(server.proc.pid))
+    finally:
+        server.stop()
