@@ -88,3 +88,16 @@ def test_the_served_worker_gets_the_preload_and_the_server_does_not():
         assert not any(v.startswith(b"LD_PRELOAD=") for v in environ(server.proc.pid))
     finally:
         server.stop()
+
+
+def test_cpu_threads_sets_the_engines_intra_op_threads(default_ckpt):
+    from qnext.worker.engine import Engine
+    from qnext.worker.types import EngineConfig
+    with pytest.raises(ValueError, match="cpu_threads: must be >= 0"):
+        EngineConfig(cpu_threads=-1)
+    before = torch.get_num_threads()
+    try:
+        Engine(EngineConfig(model=str(default_ckpt), cache_memory=16 << 20, cpu_threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

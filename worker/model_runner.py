@@ -137,6 +137,8 @@ class ModelRunner:
         Single device only."""
         self.config = config
         self.device = torch.device(config.device)
+        if config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)  # process-wide: the engine owns its process (or its caller)
         self.model_dir, self.followers, self.model, self.dtype_reason = self._load(config, model)
         mcfg = self.model.config
         self.dtype = self.model.model.embed_tokens.weight.dtype  # activations / KV dtype

@@ -153,11 +153,17 @@ class EngineConfig:
         flag="--enforce-eager", action="store_const", const="off")
     cuda_graph_max_batch_size: int = option(
         256, "largest decode batch captured as a CUDA graph (capped by --max-num-seqs); larger steps run eagerly")
+    # on a CPU shared with other busy processes, intra-op threads that outnumber the free cores wait on each other
+    # at every op (measured, 2-core box, a neighbour busy on one core: 248 tok/s with 2 threads, 645 with 1)
+    cpu_threads: int = option(
+        0, "torch intra-op threads of the engine on a CPU; 0 = torch's default (one per core); fewer when the "
+           "machine is shared with busy processes")
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size",
                      "cuda_graph_max_batch_size"):
             require_number(name, getattr(self, name), True, lambda x: x >= 1, ">= 1")
+        require_number("cpu_threads", self.cpu_threads, True, lambda x: x >= 0, ">= 0")
         if self.max_model_len is not None:
             require_number("max_model_len", self.max_model_len, True, lambda x: x >= 1, ">= 1")
         require(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
