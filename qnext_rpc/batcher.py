@@ -80,15 +80,21 @@ class RequestHandle:
         self._error = error
         self._event.set()
 
-    async def next(self) -> list[RequestOutput]:
-        """Everything that arrived since the last call (waits for at least one output)."""
-        while not self._outputs:
-            if self._error is not None:
-                raise self._error
+    async def next(self, min_tokens: int = 1) -> list[RequestOutput]:
+        """Everything that arrived since the last call, once that is at least `min_tokens` new tokens, the final
+        output, or an error (read after the tokens before it)."""
+        while not self._ready(min_tokens):
             self._event.clear()
             await self._event.wait()
+        if not self._outputs:
+            raise self._error
         outputs, self._outputs = self._outputs, []
         return outputs
+
+    def _ready(self, min_tokens: int) -> bool:
+        if self._error is not None or (self._outputs and self._outputs[-1].finished):
+            return True
+        return sum(len(o.new_token_ids) for o in self._outputs) >= max(min_tokens, 1)
 
 
 class Batcher:

@@ -67,9 +67,11 @@ class ServerConfig:
     api_key: str | None = field(default=None, repr=False)  # None: no authentication
     tls: ServerTLS | None = None  # None: plaintext
     worker_preload: tuple[str, ...] = ()  # libraries in the worker's LD_PRELOAD (resolve_preload)
+    stream_interval: int = 1  # tokens per streamed response after the first (GenerationService)
 
     def __post_init__(self) -> None:
-        for name in ("max_pending_requests", "default_max_new_tokens", "max_stop_strings", "max_stop_string_length"):
+        for name in ("max_pending_requests", "default_max_new_tokens", "max_stop_strings", "max_stop_string_length",
+                     "stream_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.reasoning_parser not in (None, "qwen3"):
@@ -124,7 +126,7 @@ class Server:
                          "max_num_batched_tokens": self.engine.max_num_batched_tokens,
                          "max_pending_requests": cfg.max_pending_requests, "max_top_logprobs": 20}
         service = GenerationService(self.batcher, text, limits, self.metrics, cfg.reasoning_parser is not None,
-                                    server_limits)
+                                    server_limits, cfg.stream_interval)
         self.grpc = grpc.aio.server(interceptors=self._interceptors(),
                                     options=[("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
                                              ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)])
@@ -234,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="split <think>...</think> into reasoning_text; qwen3 when given without a value (default: off, the "
            "whole output is text)")
     a("--drain-grace-period", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    a("--stream-interval", type=int, default=1,
+      help="tokens per streamed response after the first (the last may have fewer): fewer messages, less CPU per "
+           "token on both ends, coarser streaming")
     a("--worker-preload", default="auto",
       help="libraries the worker process preloads: auto = tcmalloc and libiomp5 where installed, for a CPU worker "
            "(qnext_rpc/worker_env.py); none; or paths separated by ':'")
@@ -260,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                            metrics_port=args.metrics_port, max_pending_requests=args.max_pending_requests,
                            default_max_new_tokens=args.max_new_tokens_default, reasoning_parser=args.reasoning_parser,
                            drain_grace_period_s=args.drain_grace_period, api_key=api_key_from(args.api_key), tls=tls,
-                           worker_preload=tuple(resolve_preload(args.worker_preload, engine.device)))
+                           worker_preload=tuple(resolve_preload(args.worker_preload, engine.device)),
+                           stream_interval=args.stream_interval)
         # no --model: the embedded default's directory; the MTP head and tensor-parallel split checked here, not
         # in a worker that would restart forever (in a subprocess: they need torch, this process never imports it)
         engine = run_preflight(engine)

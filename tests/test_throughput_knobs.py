@@ -1,5 +1,5 @@
-"""CPU speed-ups that must not change a single result: prepacked bf16 linears (worker/cpu_linear.py) and the
-worker's preloaded libraries (qnext_rpc/worker_env.py)."""
+"""Throughput knobs that must not change a single result: prepacked bf16 linears (worker/cpu_linear.py), the
+worker's preloaded libraries (qnext_rpc/worker_env.py), --cpu-threads, and --stream-interval."""
 
 import os
 import sys
@@ -101,3 +101,62 @@ def test_cpu_threads_sets_the_engines_intra_op_threads(default_ckpt):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_handle_waits_for_the_interval_the_finish_or_an_error():
+    import asyncio
+
+    from qnext.rpc.batcher import RequestFailed, RequestHandle
+    from qnext.worker.types import FinishReason, RequestOutput, StepError
+
+    def out(n: int, finished: bool = False, error: StepError | None = None) -> RequestOutput:
+        return RequestOutput("r", list(range(n)), [], [], finished, FinishReason.LENGTH if finished else None,
+                             1, n, 0, error=error)
+
+    async def scenario():
+        h = RequestHandle("1:r", "r")
+        h._push(out(1))
+        assert [len(o.new_token_ids) for o in await h.next(1)] == [1]
+        h._push(out(1))
+        h._push(out(2))
+        waiter = asyncio.ensure_future(h.next(4))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()  # 3 tokens of 4
+        h._push(out(1))
+        assert sum(len(o.new_token_ids) for o in await waiter) == 4
+        h._push(out(1, finished=True))
+        assert (await h.next(4))[-1].finished  # the final output goes out whatever its size
+        h2 = RequestHandle("2:r", "r")
+        h2._push(out(2))
+        h2._push(out(0, finished=True, error=StepError(False, "boom")))
+        assert len(await h2.next(8)) == 1  # the tokens before the error first
+        with pytest.raises(RequestFailed):
+            await h2.next(8)
+
+    asyncio.run(scenario())
+
+
+def test_stream_interval_batches_responses_and_keeps_the_tokens(default_ckpt):
+    import asyncio
+
+    from test_service_support import LocalServer
+
+    from qnext.rpc.client import Client
+    from qnext.worker.engine import Engine
+    from qnext.worker.types import EngineConfig, SamplingParams, StoppingParams
+    prompt = [151644, 872, 198, 9707, 11, 1879, 0, 151645]
+    want = Engine(EngineConfig(model=str(default_ckpt), cache_memory=64 << 20)).generate(
+        [prompt], SamplingParams(temperature=0), StoppingParams(max_new_tokens=22, ignore_eos=True))[0].token_ids
+    server = LocalServer("--stream-interval", "4", "--cache-memory", str(64 << 20))
+
+    async def stream() -> list[list[int]]:
+        async with Client(server.target) as client:
+            return [list(c.token_ids) async for c in client.generate_stream(
+                token_ids=prompt, max_new_tokens=22, ignore_eos=True, temperature=0.0)]
+    try:
+        got = asyncio.run(stream())
+    finally:
+        server.stop()
+    sizes = [len(c) for c in got if c]
+    assert sizes[0] == 1 and all(n >= 4 for n in sizes[1:-1]) and len(sizes) <= 7
+    assert [t for c in got for t in c] == want and len(want) == 22
