@@ -260,6 +260,8 @@ class SpecDecoder:
     def record_step(self, plan: SchedulePlan, seconds: float) -> None:
         """Time a decode step's forward, verify and MTP pass for the policy (steps with prefill chunks are not
         what it chooses between)."""
+        if not self.policy.adaptive:
+            return  # fixed lengths need no timings: no extra device sync per step
         rows = [c for c in plan.chunks if c.request.num_speculative_tokens]
         if self.runner.device.type == "cuda":
             torch.cuda.synchronize(self.runner.device)  # the MTP pass is still running: count it here
@@ -270,6 +272,9 @@ class SpecDecoder:
         """The policy's draft lengths for the next step of every speculating request that sampled now."""
         rows = [c.request for c in plan.chunks if c.sample and c.request.num_speculative_tokens
                 and c.request.status == RequestStatus.RUNNING and c.request.request_id in sampled]
+        if not rows:  # prefill chunks only: nothing to choose, and no step for the policy to count
+            self._next_lengths = {}
+            return
         lengths = self.policy.choose([r.request_id for r in rows], [r.num_speculative_tokens for r in rows],
                                      [r.sampling.seed is not None and not r.sampling.is_greedy for r in rows])
         self._next_lengths = {r.request_id: k for r, k in zip(rows, lengths)}
