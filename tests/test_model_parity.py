@@ -117,3 +117,22 @@ def test_yarn_beyond_original_context(tmp_path):
     r = PagedRunner(ours)
     got = r.step([(r.new_seq(), ids)])[0]
     assert (got - ref).abs().max().item() <= TOL
+
+
+def test_bf16_is_as_close_to_float32_as_transformers_own_bf16(tmp_path):
+    """bf16 on a CPU runs a different path (worker/cpu_linear.py: packed and fused linears, the dense experts as
+    two GEMMs); its error against the fp32 reference must be of the size transformers' bf16 forward has."""
+    import copy
+
+    hf = make_hf_checkpoint(tmp_path, seed=2, **CONFIGS["interval4_kv2"])
+    ids = prompt(40, 6)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+        hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)(torch.tensor([ids])).logits[0].float()
+    r = PagedRunner(load_model(tmp_path, dtype=torch.bfloat16))
+    got = r.step([(r.new_seq(), ids)])[0].float()
+    err = lambda x: ((x - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert err(got) <= 1.5 * err(hf_bf16) + 1e-3, (err(got), err(hf_bf16))
+    agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    agree_hf = (hf_bf16.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert agree >= agree_hf - 0.1, (agree, agree_hf)

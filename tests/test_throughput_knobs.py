@@ -1,5 +1,9 @@
-"""Throughput knobs that must not change a single result: prepacked bf16 linears (worker/cpu_linear.py), the
-worker's preloaded libraries (qnext_rpc/worker_env.py), --cpu-threads, and --stream-interval."""
+"""Throughput knobs that must not change a single result: prepacked bf16 linears and fused projections
+(worker/cpu_linear.py), the CPU row argmax (worker/sampler.py), the worker's preloaded libraries
+(qnext_rpc/worker_env.py), --cpu-threads, and --stream-interval. The one knob that rounds differently, the
+packed dense experts, is held to the reference's own bf16 error against a float64 computation."""
+
+import math
 
 import os
 import sys
@@ -9,8 +13,11 @@ import torch
 from torch import nn
 
 from qnext.rpc.worker_env import resolve_preload, worker_environment
-from qnext.worker.cpu_linear import PackedLinear, pack_linears, packing_works
+from qnext.kernels.moe import reference as moe_reference
+from qnext.worker.cpu_linear import PackedDenseExperts, PackedLinear, PackedProjections, pack_linears, packing_works
 from qnext.worker.loader import load_model
+from qnext.worker.model import Experts
+from qnext.worker.sampler import row_argmax
 
 needs_packing = pytest.mark.skipif(not packing_works(torch.bfloat16), reason="no oneDNN bf16 linear in this build")
 
@@ -28,9 +35,64 @@ def test_packed_linear_equals_f_linear_bit_for_bit(rows):
 
 
 @needs_packing
+@pytest.mark.parametrize("rows", [1, 3, 16, 100])
+def test_fused_projections_equal_each_linear_bit_for_bit(rows):
+    torch.manual_seed(rows)
+    for bias in (False, True):
+        linears = [nn.Linear(128, n, bias=bias and n > 1).to(torch.bfloat16) for n in (16, 64, 64, 1)]
+        x = torch.randn(rows, 128).to(torch.bfloat16)
+        with torch.no_grad():
+            outs = PackedProjections(linears)(x)
+            assert [o.shape for o in outs] == [(rows, lin.out_features) for lin in linears]
+            assert all(torch.equal(o, lin(x)) for o, lin in zip(outs, linears))
+
+
+@needs_packing
+def test_packed_dense_experts_match_float64_like_the_reference_and_ignore_the_batch():
+    torch.manual_seed(0)
+    E, I, H, k = 16, 64, 128, 4
+    experts = Experts(E, H, I)
+    for w in experts.parameters():
+        nn.init.normal_(w, std=0.05)
+    bf16 = Experts(E, H, I).to(torch.bfloat16)
+    bf16.load_state_dict({n: w.to(torch.bfloat16) for n, w in experts.state_dict().items()})
+    packed = PackedDenseExperts(bf16)
+    for T in (1, 5, 16, 64):
+        x = torch.randn(T, H)
+        weights, ids = moe_reference.route(x, torch.randn(E, H), k, True)
+        with torch.no_grad():
+            exact = moe_reference.fused_moe(x.double(), weights, ids, *(bf16.w_gate.double(), bf16.w_up.double(),
+                                                                         bf16.w_down.double()))
+            ref = moe_reference.fused_moe(x.to(torch.bfloat16), weights, ids, bf16.w_gate, bf16.w_up, bf16.w_down)
+            got = packed(x.to(torch.bfloat16), weights, ids)
+            one_by_one = torch.cat([packed(x[t:t + 1].to(torch.bfloat16), weights[t:t + 1], ids[t:t + 1])
+                                    for t in range(T)])
+        err = lambda y: ((y.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+        assert got.dtype == torch.bfloat16 and err(got) < max(1.5 * err(ref), 4e-3), (T, err(got), err(ref))
+        assert torch.equal(got, one_by_one)  # a token's result does not depend on the rest of the batch
+
+
+def test_row_argmax_is_torch_argmax():
+    torch.manual_seed(0)
+    for rows, cols in [(16, 151936), (3, 1000), (5, 513), (2, 600), (4, 100)]:
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            x = torch.randn(rows, cols).to(dtype)
+            x[0, cols // 2] = x[0, cols // 3] = x[0].max()  # a tie: the first index wins
+            x[1] = -math.inf
+            if rows > 2:
+                x[2, 7] = x[2, cols - 1] = math.nan  # NaN counts as the maximum, the first one wins
+            assert torch.equal(row_argmax(x), x.argmax(dim=-1)), (rows, cols, dtype)
+    ints = torch.randint(0, 3, (4, 1000)).float()  # many ties across blocks
+    assert torch.equal(row_argmax(ints), ints.argmax(dim=-1))
+
+
+@needs_packing
 def test_bf16_cpu_model_runs_packed_and_gives_the_plain_logits(default_ckpt):
     packed = load_model(default_ckpt, dtype=torch.bfloat16)
-    assert isinstance(packed.lm_head, PackedLinear) and isinstance(packed.model.layers[0].mlp.gate, PackedLinear)
+    layer = packed.model.layers[0]
+    assert isinstance(packed.lm_head, PackedLinear) and isinstance(layer.mlp.experts, PackedDenseExperts)
+    assert isinstance(layer.mlp.fused_projections, PackedProjections)
+    assert type(layer.mlp.gate) is nn.Linear  # covered by the fusion: not packed a second time
     plain = load_model(default_ckpt, dtype=torch.bfloat16)
     with torch.no_grad():
         for name, module in list(plain.named_modules()):

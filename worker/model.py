@@ -20,7 +20,7 @@ from torch import nn
 from qnext.kernels.attention import paged_attention_varlen
 from qnext.kernels.conv1d import causal_conv1d_varlen
 from qnext.kernels.gated_delta_rule import gated_delta_rule_varlen
-from qnext.kernels.moe import fused_moe, route
+from qnext.kernels.moe import fused_moe, route_logits
 from qnext.kernels.norms import gated_rms_norm, rms_norm_zero_centred
 from qnext.kernels.step_metadata import StepMetadata, VarlenLayout
 from qnext.worker.cache_tensors import CacheTensors
@@ -98,8 +98,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([rot, rest], dim=-1)
 
 
+def project(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of `module.PROJECTIONS` (dotted names of bias-free-or-not linears that all read x), in order:
+    one GEMM when the loader fused them (`module.fused_projections`, set by worker/cpu_linear.py on a CPU),
+    else one call each."""
+    fused = module.__dict__.get("fused_projections")
+    if fused is not None:
+        return fused(x)
+    return [module.get_submodule(name)(x) for name in module.PROJECTIONS]
+
+
 class GatedAttention(nn.Module):
     """Full attention with a per-head sigmoid output gate (docs/model.md §5)."""
+
+    PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
     def __init__(self, cfg: ModelConfig, cache_index: int) -> None:
         super().__init__()
@@ -117,10 +129,11 @@ class GatedAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: CacheTensors,
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
-        q, gate = self.q_proj(x).view(T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)  # [T, Hq, D] each
+        qg, k, v = project(self, x)
+        q, gate = qg.reshape(T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)  # [T, Hq, D] each
         q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)), cos, sin)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        k = apply_rope(self.k_norm(k.reshape(T, self.num_kv_heads, self.head_dim)), cos, sin)
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)
         o = paged_attention_varlen(
             q, k, v, cache.k_cache[self.cache_index], cache.v_cache[self.cache_index], batch.slot_mapping,
             batch.block_tables, batch.query_lens, batch.context_lens, self.head_dim ** -0.5, batch.kernel_meta)
@@ -130,6 +143,8 @@ class GatedAttention(nn.Module):
 
 class GatedDeltaNet(nn.Module):
     """Linear attention with the gated delta rule (docs/model.md §4); state lives in the cache's state slots."""
+
+    PROJECTIONS = ("in_proj_qkvz", "in_proj_ba")
 
     def __init__(self, cfg: ModelConfig, cache_index: int) -> None:
         super().__init__()
@@ -153,9 +168,10 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: CacheTensors) -> torch.Tensor:
         T = x.shape[0]
         r = self.Hv // self.Hk
-        qkvz = self.in_proj_qkvz(x).view(T, self.Hk, 2 * self.dk + 2 * r * self.dv)
-        q, k, v, z = qkvz.split([self.dk, self.dk, r * self.dv, r * self.dv], dim=-1)
-        b, a = self.in_proj_ba(x).view(T, self.Hk, 2 * r).split([r, r], dim=-1)
+        qkvz, ba = project(self, x)
+        q, k, v, z = qkvz.reshape(T, self.Hk, 2 * self.dk + 2 * r * self.dv).split(
+            [self.dk, self.dk, r * self.dv, r * self.dv], dim=-1)
+        b, a = ba.reshape(T, self.Hk, 2 * r).split([r, r], dim=-1)
         mixed = torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], dim=-1)  # [T, conv_dim]
         spec_conv = cache.spec_conv[self.cache_index] if cache.spec_conv is not None else None
         spec_ssm = cache.spec_ssm[self.cache_index] if cache.spec_ssm is not None else None
@@ -177,6 +193,8 @@ class GatedDeltaNet(nn.Module):
 
 
 class MLP(nn.Module):
+    PROJECTIONS = ("gate_proj", "up_proj")
+
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
@@ -184,7 +202,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(self, x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Experts(nn.Module):
@@ -213,6 +232,8 @@ class Experts(nn.Module):
 class SparseMoE(nn.Module):
     """softmax router -> top-k (renormalised) routed experts + sigmoid-gated shared expert (docs/model.md §6)."""
 
+    PROJECTIONS = ("gate", "shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert_gate")
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
@@ -222,10 +243,11 @@ class SparseMoE(nn.Module):
         self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = route(x, self.gate.weight, self.top_k, self.norm_topk_prob)
+        router_logits, shared_gate, shared_up, shared_weight = project(self, x)
+        weights, ids = route_logits(router_logits, self.top_k, self.norm_topk_prob)
         routed = self.experts(x, weights, ids)
-        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return routed + shared
+        shared = self.shared_expert.down_proj(F.silu(shared_gate) * shared_up)
+        return routed + torch.sigmoid(shared_weight) * shared
 
 
 class DecoderLayer(nn.Module):

@@ -45,6 +45,28 @@ NUCLEUS_CANDIDATES = 1024
 STREAM_SAMPLE = 0
 
 
+# Row argmax on a CPU in blocks of this many columns: see row_argmax.
+ARGMAX_BLOCK = 128
+
+
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) for a 2-D x, the same indices (first maximum; a NaN counts as the maximum).
+
+    On a CPU torch's argmax is a scalar loop: 1.0 ms for 16 x 151,936 float32 logits on the 2-core box, while
+    amax is vectorised. So take each block's amax, the first block holding the row's maximum, then the argmax
+    inside that block: 0.18 ms. Elsewhere plain argmax."""
+    if x.device.type != "cpu" or x.dim() != 2 or x.shape[1] < 4 * ARGMAX_BLOCK or not x.is_floating_point():
+        return x.argmax(dim=-1)
+    rows, cols = x.shape
+    blocks = -(-cols // ARGMAX_BLOCK)
+    if blocks * ARGMAX_BLOCK != cols:  # pad with -inf, which never wins (an all -inf row still gives column 0)
+        x = torch.nn.functional.pad(x, (0, blocks * ARGMAX_BLOCK - cols), value=-math.inf)
+    x = x.reshape(rows, blocks, ARGMAX_BLOCK)
+    block = x.amax(dim=-1).argmax(dim=-1)  # amax and argmax both propagate NaN, so a NaN's block wins
+    inside = x[torch.arange(rows, device=x.device), block].argmax(dim=-1)
+    return block * ARGMAX_BLOCK + inside
+
+
 def _to_int64(x: int) -> int:
     """Reinterpret x mod 2**64 as a signed int64 (torch has no uint64 arithmetic)."""
     x &= (1 << 64) - 1
@@ -304,10 +326,10 @@ def processed_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """[B, V] float32: the distribution `sample` draws from; greedy rows are one-hot at their argmax."""
     x = _penalize_and_suppress(logits, batch)
     if batch.all_greedy:  # one-hot rows: no filtering or softmax over the vocabulary needed
-        return torch.nn.functional.one_hot(x.argmax(dim=-1), batch.vocab_size).to(torch.float32)
+        return torch.nn.functional.one_hot(row_argmax(x), batch.vocab_size).to(torch.float32)
     probs = _filtered_logits(x, batch).softmax(dim=-1)
     if batch.any_greedy:
-        one_hot = torch.nn.functional.one_hot(x.argmax(dim=-1), batch.vocab_size).to(probs.dtype)
+        one_hot = torch.nn.functional.one_hot(row_argmax(x), batch.vocab_size).to(probs.dtype)
         probs = torch.where(batch.greedy[:, None], one_hot, probs)
     return probs
 
@@ -348,14 +370,14 @@ def _draw(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 def _race(values: torch.Tensor, columns: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """argmax_i (values_i - log E_i) with E_i = -log u(seed, step, column_i): the token id of each row."""
     log_e = uniform_noise_at(batch.seeds, batch.steps, STREAM_SAMPLE, columns).log_().neg_().float().log_()
-    best = (values - log_e).argmax(dim=-1, keepdim=True)
+    best = row_argmax(values - log_e)[:, None]
     return columns.expand(values.shape).gather(1, best).squeeze(1)
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """Draw one token per row of logits [B, V] (any float dtype)."""
     x = _penalize_and_suppress(logits, batch)
-    tokens = x.argmax(dim=-1)  # greedy choice, [B]
+    tokens = row_argmax(x)  # greedy choice, [B]
     if not batch.all_greedy:
         tokens = torch.where(batch.greedy, tokens, _draw(x, batch))
 

@@ -30,7 +30,7 @@ from itertools import accumulate
 import torch
 
 from qnext.worker.model_runner import ModelRunner, StepForward
-from qnext.worker.sampler import STREAM_SAMPLE, processed_probs, uniform_noise
+from qnext.worker.sampler import STREAM_SAMPLE, processed_probs, row_argmax, uniform_noise
 from qnext.worker.scheduler import Request, RequestStatus, ScheduledChunk, SchedulePlan, Scheduler
 from qnext.worker.spec_policy import DraftLengthPolicy
 
@@ -43,13 +43,13 @@ def race(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, stream: 
          greedy: torch.Tensor | None = None) -> torch.Tensor:
     """Exponential race: one token per row drawn exactly from probs [n, V] (rows need not be normalised).
     Greedy rows (one-hot distributions) take the argmax without paying for noise over the vocabulary."""
-    tokens = probs.argmax(dim=-1)
+    tokens = row_argmax(probs)
     draw = torch.ones_like(tokens, dtype=torch.bool) if greedy is None else ~greedy
     if draw.any():
         rows = draw.nonzero()[:, 0]
         exp_noise = uniform_noise(seeds[rows], steps[rows], stream, probs.shape[1]).log_().neg_()
         # fp32 like the sampler's own race, so a bonus token equals the token plain decoding draws at that step
-        tokens[rows] = (probs[rows].float() / exp_noise.to(torch.float32)).argmax(dim=-1)
+        tokens[rows] = row_argmax(probs[rows].float() / exp_noise.to(torch.float32))
     return tokens
 
 

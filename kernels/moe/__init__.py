@@ -13,10 +13,15 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
           renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H], router_weight [E, H] -> (weights fp32 [T, k], expert ids int64 [T, k]): softmax over the experts
     in fp32, the top k, renormalised to sum to 1 when asked."""
-    if not use_triton(x):
-        return reference.route(x, router_weight, top_k, renormalize)
+    return route_logits(F.linear(x, router_weight), top_k, renormalize)
+
+
+def route_logits(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route` from the router's logits [T, E] (a model that computes them in a fused projection)."""
+    if not use_triton(logits):
+        return reference.route_logits(logits, top_k, renormalize)
     from qnext.kernels.moe.triton_router import topk_softmax_fwd
-    return topk_softmax_fwd(F.linear(x, router_weight), top_k, renormalize)
+    return topk_softmax_fwd(logits, top_k, renormalize)
 
 
 def fused_moe(
@@ -36,4 +41,4 @@ def fused_moe(
     return fused_moe_fwd(x if x.stride(-1) == 1 else x.contiguous(), weights, ids, w_gate, w_up, w_down, scales)
 
 
-__all__ = ["route", "fused_moe"]
+__all__ = ["route", "route_logits", "fused_moe"]

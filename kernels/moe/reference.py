@@ -15,7 +15,12 @@ from qnext.kernels.fp8.reference import fp8_block_linear
 def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
           renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H], router_weight [E, H] -> (weights fp32 [T, k], expert ids int64 [T, k])."""
-    probs = F.linear(x, router_weight).softmax(dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
+    return route_logits(F.linear(x, router_weight), top_k, renormalize)
+
+
+def route_logits(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route` from the router's logits [T, E]."""
+    probs = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
     weights, ids = probs.topk(top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
