@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ from qnext.rpc.messages import Ready
 from qnext.worker.types import EngineStats
 from qnext.rpc.stream import Chunk, Finish, TokenLogprob
 from qnext.rpc.text import ChatMessage
+from qnext.rpc.tool_calls import assemble_calls
 from qnext.rpc.validate import SAMPLING_FIELDS, GenerateSpec, Limits
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -55,7 +57,7 @@ def add_servicer(servicer: Any, server: Any) -> None:
 
 _FINISH = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS, "stop_token": pb.FINISH_REASON_STOP_TOKEN,
            "stop_string": pb.FINISH_REASON_STOP_STRING, "cancelled": pb.FINISH_REASON_CANCELLED,
-           "error": pb.FINISH_REASON_ERROR}
+           "error": pb.FINISH_REASON_ERROR, "tool_calls": pb.FINISH_REASON_TOOL_CALLS}
 FINISH_NAMES = {v: k for k, v in _FINISH.items()}
 
 
@@ -71,6 +73,13 @@ def parse_generate(req: Any) -> GenerateSpec:
         # count first; converting them all before that took 8 s of the event loop for 8M empty messages (16 MB).
         spec.chat = req.chat.messages
         spec.enable_thinking = req.chat.enable_thinking if req.chat.HasField("enable_thinking") else None
+        spec.tools = req.chat.tools  # uncopied too: validate checks the count first
+        spec.tool_choice = req.chat.tool_choice
+    fmt = req.response_format.WhichOneof("format") if req.HasField("response_format") else None
+    if fmt is not None:
+        spec.response_format = (fmt, "" if fmt == "json_object" else getattr(req.response_format, fmt))
+        if fmt == "json_object" and not req.response_format.json_object:
+            spec.response_format = None  # json_object: false is no constraint
     s = req.sampling
     spec.sampling = {name: getattr(s, name) for name in SAMPLING_FIELDS if s.HasField(name)}
     st = req.stopping
@@ -123,7 +132,9 @@ def finish_info(f: Finish) -> Any:
 
 def generate_response(c: Chunk) -> Any:
     resp = pb.GenerateResponse(token_ids=c.token_ids, text=c.text, reasoning_text=c.reasoning_text,
-                               logprobs=_logprobs(c.logprobs))
+                               logprobs=_logprobs(c.logprobs),
+                               tool_calls=[pb.ToolCallDelta(index=d.index, id=d.id, name=d.name,
+                                                            arguments_delta=d.arguments_delta) for d in c.tool_calls])
     if c.finish is not None:
         resp.finish.CopyFrom(finish_info(c.finish))
     return resp
@@ -134,7 +145,9 @@ def generate_result(request_id: str, chunks: list[Chunk]) -> Any:
     res = pb.GenerateResult(request_id=request_id, token_ids=[t for c in chunks for t in c.token_ids],
                             text="".join(c.text for c in chunks),
                             reasoning_text="".join(c.reasoning_text for c in chunks),
-                            logprobs=_logprobs([lp for c in chunks for lp in c.logprobs]))
+                            logprobs=_logprobs([lp for c in chunks for lp in c.logprobs]),
+                            tool_calls=[pb.ToolCall(id=t.id, name=t.name, arguments_json=t.arguments_json)
+                                        for t in assemble_calls([d for c in chunks for d in c.tool_calls])])
     if finish is not None:
         res.finish.CopyFrom(finish_info(finish))
     return res
@@ -186,16 +199,35 @@ def empty_reset_prefix_cache_request() -> Any:
     return pb.ResetPrefixCacheRequest()
 
 
+def _chat_message(m: Any) -> Any:
+    """A (role, content) pair or a qnext.rpc.text.ChatMessage (with tool_calls / tool_call_id) as the proto's."""
+    if isinstance(m, tuple):
+        return pb.ChatMessage(role=m[0], content=m[1])
+    return pb.ChatMessage(role=m.role, content=m.content, tool_call_id=m.tool_call_id,
+                          tool_calls=[pb.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments_json)
+                                      for c in m.tool_calls])
+
+
 def request(**fields: Any) -> Any:
-    """A GenerateRequest from keyword fields (for clients): text=/token_ids=/chat=[(role, content)], ..."""
+    """A GenerateRequest from keyword fields (for clients): text=/token_ids=/chat=[(role, content) or ChatMessage],
+    tools=[Tool], tool_choice=, response_format=(kind, source), the sampling and stopping fields, ..."""
     req = pb.GenerateRequest(request_id=fields.pop("request_id", ""), top_logprobs=fields.pop("top_logprobs", 0))
     if "text" in fields:
         req.text = fields.pop("text")
     elif "token_ids" in fields:
         req.token_ids.ids.extend(fields.pop("token_ids"))
     elif "chat" in fields:
-        req.chat.messages.extend(pb.ChatMessage(role=r, content=c) for r, c in fields.pop("chat"))
+        req.chat.messages.extend(_chat_message(m) for m in fields.pop("chat"))
         req.chat.SetInParent()
+    if "tools" in fields:  # Tools (qnext.rpc.tool_calls)
+        req.chat.tools.extend(pb.Tool(name=t.name, description=t.description,
+                                      parameters_json_schema=json.dumps(t.parameters) if t.parameters else "")
+                              for t in fields.pop("tools"))
+    if "tool_choice" in fields:
+        req.chat.tool_choice = fields.pop("tool_choice")
+    if "response_format" in fields:  # (kind, source), e.g. ("json_schema", "{...}"), ("json_object", "")
+        kind, source = fields.pop("response_format")
+        setattr(req.response_format, kind, True if kind == "json_object" else source)
     if "enable_thinking" in fields:
         req.chat.enable_thinking = fields.pop("enable_thinking")
     if "num_speculative_tokens" in fields:

@@ -3,22 +3,29 @@
     qnext-generate "Write a haiku" --chat --max-new-tokens 64 --temperature 0.7
     qnext-generate --token-ids 1,2,3 --server localhost:50051
     qnext-generate "Hi" --server host:50051 --api-key KEY --ssl-ca-certs ca.pem     # see qnext-serve's --api-key
+    qnext-generate "A pet as JSON" --chat --json-schema pet.schema.json     # output valid against the schema
+    qnext-generate "Weather in Paris?" --chat --tools tools.json --tool-choice required
 
-Text goes to stdout as it arrives (reasoning, when the server splits it, to stderr, dimmed on a TTY); the
-finish line (reason, tokens, timings) goes to stderr.
+Text goes to stdout as it arrives (reasoning, when the server splits it, to stderr, dimmed on a TTY), tool calls
+as `[tool call N: NAME] ARGUMENTS` lines while their arguments form; the finish line (reason, tokens, timings) goes
+to stderr. A --tools file is a JSON list of tools, each {"name", "description", "parameters"} or OpenAI's
+{"type": "function", "function": {...}}.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
+from pathlib import Path
 
 import grpc
 
 from qnext.rpc import convert
 from qnext.rpc.client import Client
 from qnext.rpc.security import ClientSecurity, add_client_security_flags, client_security
+from qnext.rpc.tool_calls import Tool
 from qnext.worker.cli_help import HelpFormatter
 
 
@@ -37,7 +44,39 @@ def _fields(args: argparse.Namespace) -> dict:
             f[name] = getattr(args, name)
     if args.stop:
         f["stop_strings"] = args.stop
+    if args.json_schema:
+        f["response_format"] = ("json_schema", read_flag_file(args.json_schema, "--json-schema"))
+    elif args.regex:
+        f["response_format"] = ("regex", args.regex)
+    if args.tools:
+        f["tools"] = load_tools(args.tools)
+    if args.tool_choice:
+        f["tool_choice"] = args.tool_choice
     return f
+
+
+def read_flag_file(path: str, flag: str) -> str:
+    """A file named by a flag, as text; ValueError naming the flag."""
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot read {path}: {e.strerror}") from None
+
+
+def load_tools(path: str) -> list[Tool]:
+    """A --tools file: a JSON list of {"name", "description", "parameters"} or OpenAI's {"type": "function",
+    "function": {...}}; ValueError naming the flag."""
+    try:
+        items = json.loads(read_flag_file(path, "--tools"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--tools: {path} is not JSON ({e})") from None
+    if not isinstance(items, list) or not all(isinstance(t, dict) for t in items):
+        raise ValueError(f"--tools: {path} must hold a JSON list of tool objects")
+    tools = []
+    for t in items:
+        t = t.get("function", t)
+        tools.append(Tool(str(t.get("name", "")), str(t.get("description", "")), t.get("parameters") or {}))
+    return tools
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -68,6 +107,11 @@ async def _run(args: argparse.Namespace) -> int:
                 if chunk.text:
                     end_line(err)  # the reasoning ends where the content starts
                     write(out, chunk.text)
+                for d in chunk.tool_calls:
+                    if d.id:
+                        end_line(out, err)
+                        write(out, f"[tool call {d.index}: {d.name}] ")
+                    write(out, d.arguments_delta)
                 if chunk.HasField("finish"):
                     f = chunk.finish
                     end_line(out, err)
@@ -111,10 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: one the server draws)")
     p.add_argument("--stop", action="append", default=[], help="stop string, repeatable (default: none)")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds (default: none)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json-schema", metavar="FILE", default=None,
+                     help="constrain the output to JSON valid against the JSON schema in FILE (default: free)")
+    fmt.add_argument("--regex", default=None, help="constrain the output to match this regex (default: free)")
+    p.add_argument("--tools", metavar="FILE", default=None,
+                   help="tools the model may call, with --chat: a JSON list (see above) (default: none)")
+    p.add_argument("--tool-choice", default=None,
+                   help="auto, none, required, or a tool's name (default: auto when --tools is given)")
     add_client_security_flags(p)
     args = p.parse_args(argv)
     try:
         args.security = client_security(args)
+        _fields(args)  # the files named by flags are read now, so a bad one is a usage error
     except ValueError as e:  # a certificate without its key, an unreadable file: named by its flag
         print(f"qnext-generate: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,5 @@
 """One request's output, assembled from the worker's token ids: text deltas, stop strings, reasoning split,
-logprobs, and the finish summary (usage, timings). Plain data in and out; convert.py makes the proto.
+tool calls (parsed out of the content, after the reasoning), logprobs, and the finish summary (usage, timings). Plain data in and out; convert.py makes the proto.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from qnext.rpc.text import IncrementalDetokenizer, ReasoningSplitter, StopStringMatcher, TextProcessor
+from qnext.rpc.tool_calls import ToolCallDelta, ToolCallParser
 from qnext.rpc.validate import PreparedRequest
 from qnext.worker.types import FinishReason, RequestOutput
 
@@ -15,6 +16,7 @@ from qnext.worker.types import FinishReason, RequestOutput
 STOP_STRING = "stop_string"
 CANCELLED = "cancelled"
 ERROR = "error"
+TOOL_CALLS = "tool_calls"  # the model ended its turn (EOS / stop token) after making tool calls
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Chunk:
     reasoning_text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: Finish | None = None
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
 
 class OutputAssembler:
@@ -73,6 +76,7 @@ class OutputAssembler:
         self.detok = IncrementalDetokenizer(text)
         self.stops = StopStringMatcher(prepared.stop_strings, prepared.include_stop_strings)
         self.reasoning = ReasoningSplitter(prepared.starts_in_reasoning) if reasoning_parser else None
+        self.tools = ToolCallParser() if prepared.parse_tool_calls else None
         self.arrival = arrival
         self.started: float | None = None
         self.first_token: float | None = None
@@ -111,19 +115,25 @@ class OutputAssembler:
             chunk.finish = self._finish(STOP_STRING, stop_string=self.stops.matched)
         elif engine_finish is not None:
             reason = engine_finish.finish_reason or FinishReason.LENGTH
-            stop_id = self.token_ids[-1] if reason in (FinishReason.EOS, FinishReason.STOP_TOKEN) else None
-            chunk.finish = self._finish(CANCELLED if reason == FinishReason.ABORTED else reason.value,
-                                        stop_token_id=stop_id)
+            ended_turn = reason in (FinishReason.EOS, FinishReason.STOP_TOKEN)
+            stop_id = self.token_ids[-1] if ended_turn else None
+            name = CANCELLED if reason == FinishReason.ABORTED else reason.value
+            if ended_turn and self.tools is not None and self.tools.calls:
+                name = TOOL_CALLS
+            chunk.finish = self._finish(name, stop_token_id=stop_id)
         return chunk
 
     def cancel(self, reason: str = CANCELLED) -> Finish:
         return self._finish(reason)
 
     def _add_text(self, chunk: Chunk, text: str, final: bool) -> None:
+        final = final or self.stop_string_matched
         if self.reasoning is None:
             chunk.text = text
-            return
-        chunk.reasoning_text, chunk.text = self.reasoning.push(text, final=final or self.stop_string_matched)
+        else:
+            chunk.reasoning_text, chunk.text = self.reasoning.push(text, final=final)
+        if self.tools is not None:
+            chunk.text, chunk.tool_calls = self.tools.push(chunk.text, final=final)
 
     def _finish(self, reason: str, stop_token_id: int | None = None, stop_string: str | None = None) -> Finish:
         now = time.monotonic()

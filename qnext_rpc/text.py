@@ -4,7 +4,7 @@
   (tokenizer_config.json's Jinja2 `chat_template`, rendered like transformers' apply_chat_template). Special-token
   strings (`<|im_start|>`, ...) in client text and chat content are tokenised as plain text unless the request
   opts in (allow_special_tokens): only the template's own markers become control tokens, so a message cannot
-  forge a turn.
+  forge a turn. Tool definitions and tool-call history (tool_calls.py) go to the template too, protected alike.
 - `IncrementalDetokenizer`: token ids -> text deltas that never end inside a UTF-8 character.
 - `StopStringMatcher`: finds stop strings in the streamed text, holding back only a tail that could still
   become one; the server aborts the request in the worker when one matches.
@@ -26,6 +26,9 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from qnext.worker.grammar import GrammarCompiler
+from qnext.rpc.tool_calls import Tool, ToolCall, tool_calls_for_template, tools_for_template
+
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 THINK_START = "<think>"
 THINK_END = "</think>"
@@ -37,8 +40,13 @@ MAX_TURN_BOUNDARIES = 16  # see chat_turn_boundaries
 
 @dataclass(frozen=True)
 class ChatMessage:
+    """One message. Protobuf ChatMessages are accepted wherever these are: only these attribute names are read,
+    the last two with defaults (getattr), so objects without them still work."""
+
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant message's calls (anything with id, name, arguments_json)
+    tool_call_id: str = ""  # a tool message: the call it answers
 
 
 @dataclass
@@ -47,12 +55,47 @@ class ChatPrompt:
     sentinel (`restore` maps them back), so the special strings left in it are the template's own markers;
     `marker_at` maps each marker's character offset in `rendered` to its token offset in `ids`."""
 
-    messages: list[dict[str, str]]  # the template's input, contents protected
+    messages: list[dict[str, Any]]  # the template's input, user strings protected
     enable_thinking: bool | None
     rendered: str
     restore: dict[str, str]
     ids: list[int] = field(default_factory=list)
     marker_at: dict[int, int] = field(default_factory=dict)
+    tools: list[dict[str, Any]] = field(default_factory=list)  # the template's `tools`, protected; re-renders need them
+
+
+def _message_dict(message: Any) -> dict[str, Any]:
+    """A message as the template reads it (OpenAI-style). Keys are added only when used, so a conversation
+    without tools renders byte-identically to one from before tools existed."""
+    d = {"role": message.role, "content": message.content}
+    calls = list(getattr(message, "tool_calls", ()) or ())
+    if calls:
+        d["tool_calls"] = tool_calls_for_template(calls)
+    call_id = getattr(message, "tool_call_id", "")
+    if call_id:
+        d["tool_call_id"] = call_id
+    return d
+
+
+def _strings(x: Any) -> list[str]:
+    """Every string in a JSON-like value, dict keys included (a schema's property names are the client's too)."""
+    if isinstance(x, str):
+        return [x]
+    if isinstance(x, dict):
+        return [s for k, v in x.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(x, (list, tuple)):
+        return [s for v in x for s in _strings(v)]
+    return []
+
+
+def _map_strings(x: Any, f: Any) -> Any:
+    if isinstance(x, str):
+        return f(x)
+    if isinstance(x, dict):
+        return {_map_strings(k, f): _map_strings(v, f) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_map_strings(v, f) for v in x]
+    return x
 
 
 def _ids(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
@@ -98,6 +141,9 @@ class TextProcessor:
         self._special = {k: cfg.get(k) for k in ("bos_token", "eos_token")}
         self.think_start_id = self.tokenizer.token_to_id(THINK_START)
         self.think_end_id = self.tokenizer.token_to_id(THINK_END)
+        # compiles response formats and forced tool calls into grammars (worker/grammar.py); the server sets it
+        # once the worker has told it the model's vocabulary size and EOS ids
+        self.grammars: GrammarCompiler | None = None
 
     @property
     def has_chat_template(self) -> bool:
@@ -116,23 +162,24 @@ class TextProcessor:
     def tokens(self, ids: Sequence[int]) -> list[str]:
         return [self.tokenizer.id_to_token(i) or "" for i in ids]
 
-    def render_chat(self, messages: Sequence[ChatMessage], enable_thinking: bool | None = None) -> str:
+    def render_chat(self, messages: Sequence[ChatMessage], enable_thinking: bool | None = None, *,
+                    tools: Sequence[Tool] = ()) -> str:
         """The prompt text: the chat template with add_generation_prompt, as transformers renders it."""
-        prompt = self._render_protected(messages, enable_thinking, allow_special_tokens=True)
+        prompt = self._render_protected(messages, enable_thinking, allow_special_tokens=True, tools=tools)
         return prompt.rendered
 
     def encode_chat(self, messages: Sequence[ChatMessage], enable_thinking: bool | None = None,
-                    allow_special_tokens: bool = False) -> list[int]:
-        return self.chat_prompt(messages, enable_thinking, allow_special_tokens).ids
+                    allow_special_tokens: bool = False, *, tools: Sequence[Tool] = ()) -> list[int]:
+        return self.chat_prompt(messages, enable_thinking, allow_special_tokens, tools=tools).ids
 
     def chat_prompt(self, messages: Sequence[ChatMessage], enable_thinking: bool | None = None,
-                    allow_special_tokens: bool = False) -> ChatPrompt:
+                    allow_special_tokens: bool = False, *, tools: Sequence[Tool] = ()) -> ChatPrompt:
         """The rendered prompt and its ids: the template's markers as control tokens, the contents' special-token
         strings as text (unless allowed). HF tokenizers split at added tokens before BPE runs on each piece, so
         encoding the pieces between the markers one by one gives exactly the ids of a tokenizer that saw only the
         markers as special. (A content whose end completes a marker with the template text after it would still
         form one; no Qwen template puts a partial marker next to a content.)"""
-        prompt = self._render_protected(messages, enable_thinking, allow_special_tokens)
+        prompt = self._render_protected(messages, enable_thinking, allow_special_tokens, tools=tools)
         pieces, markers = [], []
         pos = 0
         for m in self._special_re.finditer(prompt.rendered) if self._special_re else ():
@@ -150,29 +197,39 @@ class TextProcessor:
         return prompt
 
     def _render_protected(self, messages: Sequence[ChatMessage], enable_thinking: bool | None,
-                          allow_special_tokens: bool) -> ChatPrompt:
-        """Render with each special-token string of the contents replaced by a private-use sentinel that occurs
-        in no content and not in the template."""
+                          allow_special_tokens: bool, *, tools: Sequence[Tool] = ()) -> ChatPrompt:
+        """Render with each special-token string of the client's strings (contents, tool definitions, tool calls,
+        tool_call_ids) replaced by a private-use sentinel that occurs in none of them and not in the template."""
         if self._template is None:
             raise ValueError("chat: this checkpoint has no chat_template in tokenizer_config.json; send text")
-        contents = [m.content for m in messages]
-        found = set() if allow_special_tokens or self._special_re is None else \
-            {t for c in contents for t in set(self._special_re.findall(c))}
-        restore, sentinel_of = {}, {}
-        if found:
-            taken = set("".join(_NOT_PRIVATE_USE.sub("", x) for x in [*contents, self._template_source]))
-            free = (c for c in map(chr, chain(*_PRIVATE_USE_POINTS)) if c not in taken)
-            for literal in sorted(found):
-                sentinel = next(free, None)
-                if sentinel is None:
-                    raise ValueError("chat.messages: the contents use every private-use character; send fewer")
-                restore[sentinel], sentinel_of[literal] = literal, sentinel
-            contents = [self._special_re.sub(lambda m: sentinel_of[m.group()], c) for c in contents]
-        dicts = [{"role": m.role, "content": c} for m, c in zip(messages, contents)]
-        return ChatPrompt(dicts, enable_thinking, self._render(dicts, enable_thinking, True), restore)
+        dicts, tool_dicts = [_message_dict(m) for m in messages], tools_for_template(tools)
+        restore: dict[str, str] = {}
+        if not allow_special_tokens and self._special_re is not None:
+            (dicts, tool_dicts), restore = self._protect((dicts, tool_dicts))
+        rendered = self._render(dicts, enable_thinking, True, tool_dicts)
+        return ChatPrompt(dicts, enable_thinking, rendered, restore, tools=tool_dicts)
 
-    def _render(self, messages: list[dict[str, str]], enable_thinking: bool | None, generation_prompt: bool) -> str:
-        extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    def _protect(self, data: Any) -> tuple[Any, dict[str, str]]:
+        """`data` with the special-token strings in its strings replaced by sentinels, and sentinel -> literal."""
+        strings = _strings(data)
+        found = {t for x in strings for t in set(self._special_re.findall(x))}
+        if not found:
+            return data, {}
+        taken = set("".join(_NOT_PRIVATE_USE.sub("", x) for x in [*strings, self._template_source]))
+        free = (c for c in map(chr, chain(*_PRIVATE_USE_POINTS)) if c not in taken)
+        restore, sentinel_of = {}, {}
+        for literal in sorted(found):
+            sentinel = next(free, None)
+            if sentinel is None:
+                raise ValueError("chat.messages: the contents use every private-use character; send fewer")
+            restore[sentinel], sentinel_of[literal] = literal, sentinel
+        return _map_strings(data, lambda x: self._special_re.sub(lambda m: sentinel_of[m.group()], x)), restore
+
+    def _render(self, messages: list[dict[str, Any]], enable_thinking: bool | None, generation_prompt: bool,
+                tools: list[dict[str, Any]] | None = None) -> str:
+        extra: dict[str, Any] = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        if tools:  # absent otherwise: a template may test `tools is defined`
+            extra["tools"] = tools
         return self._template.render(messages=messages, add_generation_prompt=generation_prompt, **self._special,
                                      **extra)
 
@@ -189,7 +246,7 @@ class TextProcessor:
         tries = sorted({1, *range(max(1, n - MAX_TURN_BOUNDARIES + 1), n)} - {n})
         boundaries = []
         for k in tries:
-            head = self._render(prompt.messages[:k], prompt.enable_thinking, False)
+            head = self._render(prompt.messages[:k], prompt.enable_thinking, False, prompt.tools)
             offset = prompt.marker_at.get(len(head))
             if offset is not None and 0 < offset < len(prompt.ids) and prompt.rendered.startswith(head):
                 boundaries.append(offset)

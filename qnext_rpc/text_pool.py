@@ -41,5 +41,10 @@ async def run_text_work(size: int, fn: Callable[..., T], *args: Any) -> T:
 
 
 async def prepare_off_loop(spec: GenerateSpec, limits: Limits, text: TextProcessor) -> PreparedRequest:
-    """validate.prepare, with the input's size checked inline first and the tokenising on the pool when large."""
-    return await run_text_work(input_size(spec, limits), prepare, spec, limits, text)
+    """validate.prepare, with the input's size checked inline first and the tokenising on the pool when large.
+    A request that may compile a grammar (response_format, tools) always goes to the pool: a large JSON schema
+    takes tens of milliseconds to compile and check, too long a stall for the loop."""
+    size = input_size(spec, limits)
+    if spec.response_format is not None or spec.tools:
+        size = INLINE_MAX + 1
+    return await run_text_work(size, prepare, spec, limits, text)

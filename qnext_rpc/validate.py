@@ -8,6 +8,7 @@ takes text, and cost no more than a length: they run before any tokenising.
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from dataclasses import dataclass, field
@@ -15,7 +16,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from qnext.worker.types import GenerationRequest, MAX_TOP_LOGPROBS, SamplingParams, StoppingParams
+from qnext.worker.grammar import after_think
+from qnext.rpc.response_format import check_tool_choice, request_grammar
 from qnext.rpc.text import CHAT_ROLES, ChatMessage, ChatPrompt, TextProcessor
+from qnext.rpc.tool_calls import Tool, check_tools, parse_tool_call_arguments
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                    "frequency_penalty", "seed")
@@ -34,6 +38,8 @@ class Limits:
     max_request_id_length: int = 256
     max_chat_messages: int = 1024
     max_cache_checkpoints: int = 64
+    max_tools: int = 128
+    max_tool_calls_per_message: int = 64
     chars_per_token_limit: int = 16  # text longer than max_model_len * this is refused before tokenising
     default_sampling: dict[str, Any] = field(default_factory=dict)  # generation_config.json's values
 
@@ -67,6 +73,9 @@ class GenerateSpec:
     num_speculative_tokens: int | None = None
     bypass_prefix_cache: bool = False
     cache_checkpoints: list[int] = field(default_factory=list)
+    response_format: tuple[str, str] | None = None  # (kind, source): json_schema / json_object / regex / grammar
+    tools: Sequence[Any] = ()  # the proto's ChatInput.tools, uncopied (name, description, parameters_json_schema)
+    tool_choice: str = ""
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,7 @@ class PreparedRequest:
     include_stop_strings: bool
     top_logprobs: int
     starts_in_reasoning: bool
+    parse_tool_calls: bool = False  # the request has tools and tool_choice is not "none"
 
     @property
     def request_id(self) -> str:
@@ -104,10 +114,48 @@ def check_chat(messages: Sequence[ChatMessage], limits: Limits) -> int:
     for i, m in enumerate(messages):
         _require(m.role in CHAT_ROLES, f"chat.messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, "
                  f"got {m.role!r}")
-        total += len(m.content)
+        total += len(m.content) + _check_history_calls(m, i, limits)
     _require(total <= limits.max_prompt_chars, "chat.messages",
              f"{total} characters is over the limit of {limits.max_prompt_chars}")
     return total
+
+
+def _check_history_calls(m: ChatMessage, i: int, limits: Limits) -> int:
+    """An assistant message's tool calls (a tool message's tool_call_id); returns their characters."""
+    calls = getattr(m, "tool_calls", ())
+    _require(not calls or m.role == "assistant", f"chat.messages[{i}].tool_calls", "only assistant messages make calls")
+    _require(len(calls) <= limits.max_tool_calls_per_message, f"chat.messages[{i}].tool_calls",
+             f"{len(calls)} calls is over the limit of {limits.max_tool_calls_per_message}")
+    total = len(getattr(m, "tool_call_id", ""))
+    for j, c in enumerate(calls):
+        field_name = f"chat.messages[{i}].tool_calls[{j}]"
+        _require(c.name != "", f"{field_name}.name", "must not be empty")
+        total += len(c.id) + len(c.name) + len(c.arguments_json)
+        _require(total <= limits.max_prompt_chars, "chat.messages",
+                 f"over {limits.max_prompt_chars} characters in tool calls")
+        parse_tool_call_arguments(c.arguments_json, f"{field_name}.arguments_json")
+    return total
+
+
+def tool_list(spec: GenerateSpec, limits: Limits) -> list[Tool]:
+    """ChatInput.tools as Tools, each schema parsed; ValueError naming the field."""
+    _require(len(spec.tools) <= limits.max_tools, "chat.tools",
+             f"{len(spec.tools)} tools is over the limit of {limits.max_tools}")
+    _require(sum(len(t.parameters_json_schema) + len(t.description) for t in spec.tools) <= limits.max_prompt_chars,
+             "chat.tools", f"over {limits.max_prompt_chars} characters")
+    tools = []
+    for i, t in enumerate(spec.tools):
+        params: Any = {}
+        if t.parameters_json_schema:
+            try:
+                params = json.loads(t.parameters_json_schema)
+            except ValueError as e:
+                raise ValueError(f"chat.tools[{i}].parameters_json_schema: not valid JSON ({e})") from None
+            _require(isinstance(params, dict), f"chat.tools[{i}].parameters_json_schema",
+                     "must be a JSON object (a JSON schema)")
+        tools.append(Tool(t.name, t.description, params))
+    check_tools(tools)
+    return tools
 
 
 def check_token_ids(ids: Sequence[int], limits: Limits, name: str, max_count: int) -> int:
@@ -144,14 +192,15 @@ def input_size(spec: GenerateSpec, limits: Limits) -> int:
     return check_token_ids(ids, limits, "token_ids", limits.max_model_len)
 
 
-def prompt_ids(spec: GenerateSpec, limits: Limits, text: TextProcessor) -> tuple[str, list[int], ChatPrompt | None]:
+def prompt_ids(spec: GenerateSpec, limits: Limits, text: TextProcessor,
+               tools: Sequence[Tool] = ()) -> tuple[str, list[int], ChatPrompt | None]:
     """(the input field's name, its token ids, the rendered chat prompt for chat input)."""
     input_size(spec, limits)
     if spec.text is not None:
         return "text", text.encode(spec.text, spec.allow_special_tokens), None
     if spec.token_ids is not None:
         return "token_ids", list(spec.token_ids), None
-    prompt = text.chat_prompt(spec.chat, spec.enable_thinking, spec.allow_special_tokens)
+    prompt = text.chat_prompt(spec.chat, spec.enable_thinking, spec.allow_special_tokens, tools=tools)
     return "chat", prompt.ids, prompt
 
 
@@ -207,7 +256,11 @@ def prepare(spec: GenerateSpec, limits: Limits, text: TextProcessor) -> Prepared
         v = spec.sampling.get(name)
         _require(v is None or math.isfinite(v), f"sampling.{name}", f"must be a finite number, got {v}")
     sampling = sampling_params(spec, limits)
-    field_name, ids, chat_prompt = prompt_ids(spec, limits, text)
+    _require(spec.chat is not None or (not spec.tools and not spec.tool_choice), "chat.tools",
+             "tools need chat input")
+    tools = tool_list(spec, limits)
+    tool_choice = check_tool_choice(spec.tool_choice, tools, spec.response_format is not None)
+    field_name, ids, chat_prompt = prompt_ids(spec, limits, text, tools)
     _require(len(ids) < limits.max_model_len, field_name,
              f"the prompt has {len(ids)} tokens, which leaves no room within max_model_len {limits.max_model_len}")
     stopping = stopping_params(spec, limits, len(ids))
@@ -218,9 +271,20 @@ def prepare(spec: GenerateSpec, limits: Limits, text: TextProcessor) -> Prepared
     checkpoints = set(spec.cache_checkpoints)
     if chat_prompt is not None and not spec.bypass_prefix_cache:
         checkpoints.update(text.chat_turn_boundaries(chat_prompt))
+    grammar = None
+    if spec.response_format is not None or tool_choice not in ("auto", "none"):
+        _require(not spec.ignore_eos and not spec.min_new_tokens, "stopping.ignore_eos",
+                 "ignore_eos and min_new_tokens cannot be combined with response_format or a forced tool call: "
+                 "the output ends with EOS when it is complete")
+        _require(text.grammars is not None, "response_format", "this server has no grammar compiler")
+        grammar = request_grammar(spec.response_format, tools, tool_choice, text.grammars)
     rid = spec.request_id or uuid.uuid4().hex
+    in_reasoning = text.starts_in_reasoning(ids)
+    if grammar is not None and in_reasoning:  # the constraint starts after </think> and the newlines after it
+        grammar = after_think(grammar)
     add = GenerationRequest(rid, ids, sampling, stopping, num_speculative_tokens=num_spec,
-                     use_prefix_cache=not spec.bypass_prefix_cache, cache_checkpoints=tuple(sorted(checkpoints)))
+                            use_prefix_cache=not spec.bypass_prefix_cache, cache_checkpoints=tuple(sorted(checkpoints)),
+                            grammar=grammar, grammar_starts_after=text.think_end_id if in_reasoning else None)
     return PreparedRequest(add=add, stop_strings=list(spec.stop_strings),
                            include_stop_strings=spec.include_stop_strings, top_logprobs=spec.top_logprobs,
-                           starts_in_reasoning=text.starts_in_reasoning(ids))
+                           starts_in_reasoning=in_reasoning, parse_tool_calls=bool(tools) and tool_choice != "none")

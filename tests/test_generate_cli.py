@@ -87,3 +87,28 @@ def test_error_line_after_partial_text(monkeypatch, capsys):
 def test_nothing_generated_prints_no_empty_line(monkeypatch, capsys, chunks):
     out, _, rc = generate(monkeypatch, capsys, chunks)
     assert rc == 0 and out == ""
+
+
+def test_tools_and_json_schema_flags(monkeypatch, capsys, tmp_path):
+    tools = tmp_path / "tools.json"
+    tools.write_text('[{"type": "function", "function": {"name": "get_time", "description": "now", '
+                     '"parameters": {"type": "object"}}}, {"name": "noop"}]')
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object"}')
+    args = generate_cli.main.__globals__["argparse"].Namespace
+    sent = generate_cli._fields(args(token_ids=None, chat=True, system=None, thinking=None, prompt="hi", stop=[],
+                                     json_schema=str(schema), regex=None, tools=str(tools), tool_choice="required",
+                                     **{n: None for n in ("temperature", "top_p", "top_k", "min_p",
+                                                          "repetition_penalty", "seed", "max_new_tokens")}))
+    assert sent["response_format"] == ("json_schema", '{"type": "object"}') and sent["tool_choice"] == "required"
+    assert [(t.name, t.description, t.parameters) for t in sent["tools"]] == [("get_time", "now", {"type": "object"}),
+                                                                              ("noop", "", {})]
+    chunks = [pb.GenerateResponse(tool_calls=[pb.ToolCallDelta(index=0, id="call_1", name="get_time",
+                                                               arguments_delta='{"tz"')]),
+              pb.GenerateResponse(tool_calls=[pb.ToolCallDelta(index=0, arguments_delta=': "UTC"}')]),
+              pb.GenerateResponse(finish=finish())]
+    out, _, rc = generate(monkeypatch, capsys, chunks)
+    assert rc == 0 and out == '[tool call 0: get_time] {"tz": "UTC"}\n'
+    (tmp_path / "bad.json").write_text("{")
+    assert generate_cli.main(["hi", "--chat", "--tools", str(tmp_path / "bad.json")]) == 2
+    assert capsys.readouterr().err.startswith("qnext-generate: --tools: ")

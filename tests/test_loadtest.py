@@ -105,6 +105,25 @@ def test_prefix_cache_hits_are_reported_and_bypassed(server, tmp_path):
         assert rc == 0 and (cached == [0, 0] if bypass else cached[1] > 0), cached
 
 
+def test_json_schema_and_tools_are_sent(server, tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], '
+                      '"additionalProperties": false}')
+    tools = tmp_path / "tools.json"
+    tools.write_text('[{"name": "ping", "parameters": {"type": "object", "properties": {}, '
+                     '"additionalProperties": false}}]')
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"chat": [{"role": "user", "content": "Hi"}], "output_len": 40}) + "\n")
+    rc, doc = bench("--target", server.target, "--num-requests", "2", "--input-len", "4", "--output-len", "40",
+                    "--json-schema", str(schema), out=tmp_path / "schema")
+    reqs = doc["points"][0]["requests"]
+    # {"ok": true} or {"ok": false}, then EOS: a handful of tokens, not the 40 asked for
+    assert rc == 0 and all(r["finish_reason"] == "eos" and r["output_tokens"] < 12 for r in reqs), reqs
+    rc, doc = bench("--target", server.target, "--num-requests", "2", "--dataset", str(data), "--tools", str(tools),
+                    "--tool-choice", "required", out=tmp_path / "tools")
+    assert rc == 0 and all(r["finish_reason"] == "tool_calls" for r in doc["points"][0]["requests"])
+
+
 def test_unreachable_target_is_unavailable(tmp_path, capsys):
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
@@ -130,6 +149,8 @@ def test_poisson_rate_for_a_duration(server, tmp_path):
     (["--duration", "-1"], "--duration"), (["--input-len", "0"], "--input-len"),
     (["--output-len-range", "1.5"], "--output-len-range"), (["--dataset", "/nonexistent.jsonl"], "--dataset"),
     (["--target", "localhost"], "--target"), (["--slo-tpot-ms", "0"], "--slo-tpot-ms"),
+    (["--json-schema", "/nonexistent.json"], "--json-schema"), (["--tools", "/nonexistent.json"], "--tools"),
+    (["--json-schema", __file__, "--ignore-eos"], "--ignore-eos"),
 ])
 def test_bad_flags_name_the_flag(flags, flag, capsys):
     assert cli.main(flags) == 2

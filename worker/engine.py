@@ -20,6 +20,7 @@ import time
 import torch
 
 from qnext.worker.cache import HybridCacheManager
+from qnext.worker.grammar import GrammarCompiler, GrammarState
 from qnext.worker.model import Qwen3NextForCausalLM
 from qnext.worker.model_runner import ModelRunner, StepForward
 from qnext.worker.scheduler import Request, RequestStatus, SchedulePlan, Scheduler, SchedulerConfig, StepOutput
@@ -45,6 +46,7 @@ class Engine:
         self._aborted: list[tuple[Request, SpecCounters | None]] = []  # final outputs due, with their MTP counters
         self.admitted: list[str] = []  # requests the last step started (or restarted after a preemption)
         self.failures = StepFailures(attributable=config.tensor_parallel_size == 1)
+        self._grammars: GrammarCompiler | None = None  # built by the first constrained request
 
     @property
     def cache_info(self) -> CacheInfo:
@@ -78,14 +80,29 @@ class Engine:
         bad = [p for p in req.cache_checkpoints if not 1 <= p <= len(req.prompt_token_ids)]
         require(not bad, "cache_checkpoints",
                 f"positions must be in [1, {len(req.prompt_token_ids)}] (the prompt length), got {bad[:5]}")
+        grammar = self._grammar(req)
         seed = req.sampling.seed if req.sampling.seed is not None else self._seed_rng.getrandbits(63)
         self.scheduler.add(Request(request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
                                    stopping=req.stopping, eos_token_ids=self.runner.eos_token_ids,
                                    sampling=req.sampling, seed=seed, num_speculative_tokens=k,
                                    use_prefix_cache=req.use_prefix_cache,
-                                   checkpoint_positions=tuple(sorted(set(req.cache_checkpoints)))))
+                                   checkpoint_positions=tuple(sorted(set(req.cache_checkpoints))),
+                                   grammar=grammar))
         if k:
             self.spec.add(req.request_id)
+
+    def _grammar(self, req: GenerationRequest) -> GrammarState | None:
+        """The request's grammar matcher (worker/grammar.py), None when unconstrained."""
+        if req.grammar is None:
+            return None
+        require(not req.stopping.ignore_eos and req.stopping.min_new_tokens == 0, "grammar",
+                "cannot be combined with ignore_eos or min_new_tokens: a complete output ends with EOS")
+        if self._grammars is None:
+            tokenizer = self.runner.model_dir / "tokenizer.json" if self.runner.model_dir is not None else None
+            require(tokenizer is not None and tokenizer.is_file(), "grammar",
+                    "the checkpoint has no tokenizer.json to build token masks from")
+            self._grammars = GrammarCompiler(tokenizer, self.vocab_size, self.runner.eos_token_ids)
+        return self._grammars.start(req.grammar, req.grammar_starts_after)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now; its blocks and slot are free at once. Its final output comes with the next step."""
@@ -154,8 +171,13 @@ class Engine:
     def _update(self, plan: SchedulePlan, run: tuple) -> list[RequestOutput]:
         step, sampled, logprobs, mtp_last = run
         by_id = {c.request.request_id: c.request for c in plan.chunks}
+        step_outputs = self.scheduler.update(plan, sampled)
+        for so in step_outputs:  # constrained requests: their grammar moves past the tokens appended
+            grammar = by_id[so.request_id].grammar
+            if grammar is not None and so.new_token_ids and not so.finished:
+                grammar.accept(so.new_token_ids)
         outputs = [self._output(by_id[so.request_id], so, *logprobs.get(so.request_id, ([], [])))
-                   for so in self.scheduler.update(plan, sampled)]
+                   for so in step_outputs]
         if plan.checkpoints:  # first device work after update: finished requests' blocks are free from here on
             self.runner.save_checkpoints(plan, step)
         drafting = [(by_id[rid], h) for rid, h in mtp_last.items() if by_id[rid].status == RequestStatus.RUNNING]

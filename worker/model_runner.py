@@ -288,7 +288,9 @@ class ModelRunner:
             steps=[len(r.output_token_ids) + len(d) for r, d in rows],
             prompt_ids=[r.prompt_token_ids for r, _ in rows], output_ids=[r.output_token_ids + d for r, d in rows],
             suppressed_ids=[r.suppressed_token_ids(len(d)) for r, d in rows],
-            vocab_size=self.vocab_size, device=self.device)
+            vocab_size=self.vocab_size, device=self.device,
+            allowed=([r.grammar.allowed(d) if r.grammar is not None else None for r, d in rows]
+                     if any(r.grammar is not None for r, _ in rows) else None))
 
     def sample(self, requests: list[Request], logits: torch.Tensor, sampled: dict[str, list[int]],
                logprobs: dict[str, tuple[list[float], list[list[tuple[int, float]]]]]) -> None:

@@ -40,9 +40,13 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from qnext.worker.cache import CheckpointCopy, HybridCacheManager, Restore
 from qnext.worker.types import FinishReason, SamplingParams, StoppingParams, require
+
+if TYPE_CHECKING:
+    from qnext.worker.grammar import GrammarState
 
 
 class RequestStatus(str, Enum):
@@ -62,6 +66,7 @@ class Request:
     num_speculative_tokens: int = 0  # MTP draft length this request asked for (0 = no speculation)
     use_prefix_cache: bool = True  # False: neither reads nor fills the prefix cache
     checkpoint_positions: tuple[int, ...] = ()  # prompt positions to take a state checkpoint at (sorted)
+    grammar: GrammarState | None = None  # constrained decoding: what the output may be (worker/grammar.py)
     # State owned by the scheduler.
     output_token_ids: list[int] = field(default_factory=list, init=False)
     num_computed_tokens: int = field(default=0, init=False)  # tokens of all_token_ids whose KV/state exist

@@ -194,6 +194,10 @@ class GenerationRequest:
     # Prompt positions (1..len(prompt)) where a DeltaNet state checkpoint should be taken, so a later prompt
     # sharing exactly that prefix can start there (chat-turn boundaries, client-chosen offsets).
     cache_checkpoints: tuple[int, ...] = ()
+    # Constrained decoding (worker/grammar.py): llguidance grammar text the output must follow (the server compiles
+    # and checks it), and the token after which it starts (`</think>` when the prompt opened a think block).
+    grammar: str | None = None
+    grammar_starts_after: int | None = None
 
 
 @dataclass

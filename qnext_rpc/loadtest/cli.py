@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qnext.rpc import generate_cli
 from qnext.rpc.loadtest.arrival import Load
 from qnext.rpc.loadtest.report import format_summary, format_sweep, plot_cdfs, plot_sweep, write_json
 from qnext.rpc.loadtest.runner import model_info, run_point
@@ -83,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--temperature", type=float, help="sampling temperature (default: the server's)")
     a("--num-speculative-tokens", type=int, help="MTP draft length per request (default: the server's)")
     a("--bypass-prefix-cache", action="store_true", help="requests neither use nor fill the server's prefix cache")
+    a("--json-schema", metavar="FILE", help="every request's output constrained to this JSON schema "
+                                            "(response_format; default: free)")
+    a("--tools", metavar="FILE", help="tools for every request, a JSON list as qnext-generate's --tools; needs a "
+                                      "--dataset of chat prompts (default: none)")
+    a("--tool-choice", help="auto, none, required or a tool's name, with --tools (default: auto)")
     a("--slo-ttft-ms", type=float, help="goodput counts requests with TTFT at most this (default: no TTFT limit)")
     a("--slo-tpot-ms", type=float, help="goodput counts requests with TPOT at most this (default: no TPOT limit)")
     a("--timeout", type=float, help="per-request deadline in seconds, expired -> DEADLINE_EXCEEDED (default: none)")
@@ -113,9 +119,29 @@ def plan(args: argparse.Namespace) -> tuple[list[Load], dict[str, Any]]:
     if ":" not in args.target:
         raise UsageError(f"--target: expected HOST:PORT, got {args.target!r}")
     _security(args)
+    agent_fields(args)
     stop = {"num_requests": None, "duration_s": args.duration} if args.duration else \
         {"num_requests": args.num_requests or 100, "duration_s": None}
     return loads, stop
+
+
+def agent_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """response_format / tools / tool_choice for every request, from --json-schema / --tools / --tool-choice."""
+    fields: dict[str, Any] = {}
+    try:
+        if args.json_schema:
+            fields["response_format"] = ("json_schema", generate_cli.read_flag_file(args.json_schema, "--json-schema"))
+        if args.tools:
+            fields["tools"] = generate_cli.load_tools(args.tools)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.tool_choice:
+        fields["tool_choice"] = args.tool_choice
+    if (args.tools or args.tool_choice) and args.dataset is None:
+        raise UsageError("--tools: needs a --dataset of chat prompts (synthetic prompts are token ids)")
+    if args.ignore_eos and (args.json_schema or args.tool_choice not in (None, "auto", "none")):
+        raise UsageError("--ignore-eos: a constrained output ends with EOS; drop --ignore-eos")
+    return fields
 
 
 def _security(args: argparse.Namespace) -> ClientSecurity:
@@ -149,6 +175,7 @@ async def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     workload = build_workload(args, info)
     extra = {k: getattr(args, k) for k in ("temperature", "num_speculative_tokens") if getattr(args, k) is not None}
+    extra.update(agent_fields(args))
     if args.bypass_prefix_cache:
         extra["bypass_prefix_cache"] = True
     requests = workload.requests()  # one stream across the points (see workload.py)
