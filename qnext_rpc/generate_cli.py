@@ -101,7 +101,7 @@ async def _run(args: argparse.Namespace) -> int:
     kwargs = {"security": args.security} if args.security != ClientSecurity() else {}
     async with Client(args.server, **kwargs) as client:
         try:
-            async for chunk in client.generate_stream(timeout=args.timeout, **_fields(args)):
+            async for chunk in client.generate_stream(timeout=args.timeout, **args.fields):
                 if chunk.reasoning_text:
                     write(err, chunk.reasoning_text, f"\x1b[2m{chunk.reasoning_text}\x1b[0m" if dim else None)
                 if chunk.text:
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         args.security = client_security(args)
-        _fields(args)  # the files named by flags are read now, so a bad one is a usage error
+        args.fields = _fields(args)  # the files named by flags are read now: a bad one is a usage error
     except ValueError as e:  # a certificate without its key, an unreadable file: named by its flag
         print(f"qnext-generate: {e}", file=sys.stderr)
         return 2

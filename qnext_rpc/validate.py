@@ -137,6 +137,22 @@ def _check_history_calls(m: ChatMessage, i: int, limits: Limits) -> int:
     return total
 
 
+MAX_SCHEMA_DEPTH = 64
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value (iterative: a hostile value must not exhaust the stack here)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list):
+            deepest = max(deepest, d)
+            todo += [(x, d + 1) for x in v]
+    return deepest
+
+
 def tool_list(spec: GenerateSpec, limits: Limits) -> list[Tool]:
     """ChatInput.tools as Tools, each schema parsed; ValueError naming the field."""
     _require(len(spec.tools) <= limits.max_tools, "chat.tools",
@@ -149,10 +165,13 @@ def tool_list(spec: GenerateSpec, limits: Limits) -> list[Tool]:
         if t.parameters_json_schema:
             try:
                 params = json.loads(t.parameters_json_schema)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise ValueError(f"chat.tools[{i}].parameters_json_schema: not valid JSON ({e})") from None
             _require(isinstance(params, dict), f"chat.tools[{i}].parameters_json_schema",
                      "must be a JSON object (a JSON schema)")
+            # the template and the special-token protection walk it recursively
+            _require(json_depth(params) <= MAX_SCHEMA_DEPTH, f"chat.tools[{i}].parameters_json_schema",
+                     f"nested deeper than {MAX_SCHEMA_DEPTH} levels")
         tools.append(Tool(t.name, t.description, params))
     check_tools(tools)
     return tools

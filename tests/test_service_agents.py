@@ -91,6 +91,9 @@ def test_bad_formats_and_tools_are_refused_naming_the_field(server):
         (dict(response_format=("json_object", ""), ignore_eos=True), "stopping.ignore_eos: "),
         (dict(tools=[WEATHER, WEATHER]), "chat.tools[1].name: "),
         (dict(tools=[Tool("bad name", "", {})]), "chat.tools[0].name: "),
+        (dict(tools=[Tool("deep", "", _deep(100))]),
+         "chat.tools[0].parameters_json_schema: "),
+        (dict(response_format=("json_schema", "[" * 100000 + "]" * 100000)), "response_format.json_schema: "),
         (dict(tools=[WEATHER], tool_choice="get_time"), "chat.tool_choice: "),
         (dict(tools=[WEATHER], tool_choice="required", response_format=("json_object", "")), "chat.tool_choice: "),
         (dict(chat=[("user", "hi"), ChatMessage("assistant", "", (ToolCall("c1", "f", "[1]"),))]),
@@ -186,6 +189,13 @@ def test_reasoning_and_tool_calls_separate(default_ckpt):
     calls = assemble_calls([d for c in chunks for d in c.tool_calls])
     assert [(t.name, t.arguments_json) for t in calls] == [("get_weather", '{"city": "Paris", "unit": "celsius"}')]
     assert chunks[-1].finish.reason == "tool_calls"
+
+
+def _deep(n: int) -> dict:
+    value: dict = {"type": "object"}
+    for _ in range(n):
+        value = {"type": "object", "properties": {"x": value}}
+    return value
 
 
 def _proto_tool(t: Tool):

@@ -96,7 +96,7 @@ class GrammarCompiler:
                 grammar = llguidance.grammar_from("ebnf", source)
             else:
                 grammar = llguidance.LLMatcher.grammar_from_lark(source)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: JSON nested past Python's stack
             raise ValueError(f"{field}: {_one_line(str(e))}") from None
         error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error:
