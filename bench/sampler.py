@@ -1,8 +1,11 @@
 """The sampler's cost per step over Qwen3-Next's 151,936-token vocabulary, with and without the shortcuts that
-race only the columns a filter can keep (worker/sampler.py `_draw`), measured in the same process.
+race only the columns a filter can keep and draw unfiltered rows by their inverse CDF (worker/sampler.py
+`_draw`), measured in the same process.
 
 The baseline is the same code with NUCLEUS_CANDIDATES set to the vocabulary size, which makes rows filtered by
-top-p or min-p alone take the whole-vocabulary path (a full sort for top-p), as before the shortcut. Logits are
+top-p or min-p alone take the whole-vocabulary path (a full sort for top-p), as before the shortcut, and with
+unfiltered rows raced over the whole vocabulary (the batch marked as having none), as before the inverse CDF
+draw. Logits are
 N(0, scale^2) per row (scale 4 by default: a peaked row, as a trained model's usually are; a flat row's nucleus
 runs past the candidates and both columns then show the whole-vocabulary cost). Best of --repeats.
 
@@ -13,6 +16,7 @@ runs past the candidates and both columns then show the whole-vocabulary cost). 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -63,8 +67,10 @@ def main() -> None:
         for name, params in CASES.items():
             batch = SamplingBatch.build([params] * b, list(range(b)), [0] * b, [[1]] * b, [[]] * b, [[]] * b,
                                         VOCAB, device)
-            sampler.NUCLEUS_CANDIDATES = VOCAB  # baseline: no nucleus shortcut
-            base = best_ms(logits, batch, args.repeats)
+            sampler.NUCLEUS_CANDIDATES = VOCAB  # baseline: no nucleus shortcut, every sampling row races
+            raced = dataclasses.replace(batch, unfiltered=None, any_racing=not batch.all_greedy,
+                                        top_k_covers_sampling=batch.top_k_covers_sampling and batch.top_k is not None)
+            base = best_ms(logits, raced, args.repeats)
             sampler.NUCLEUS_CANDIDATES = shortcut
             now = best_ms(logits, batch, args.repeats)
             print(f"{name:22s} {b:5d} {base:12.1f} {now:8.1f} {base / now:5.1f}x")

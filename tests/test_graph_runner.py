@@ -141,7 +141,8 @@ def test_engine_tokens_do_not_change_with_padded_steps(k: int) -> None:
     for mode in ("off", "padded-eager"):
         engine = Engine(EngineConfig(seed=0, cuda_graphs=mode, num_speculative_tokens=k, max_num_seqs=8,
                                      speculative_draft_length="fixed"))  # every step drafts: graphs replayed
-        done = engine.generate(prompts, sampling, StoppingParams(max_new_tokens=7, ignore_eos=True))
+        # 12 tokens: enough decode steps that graphs replay whatever the seeded drafts accept
+        done = engine.generate(prompts, sampling, StoppingParams(max_new_tokens=12, ignore_eos=True))
         outs[mode] = [c.token_ids for c in done]
         if engine.runner.graphs:
             stats = engine.runner.graphs.stats

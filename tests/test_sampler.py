@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from qnext.worker.sampler import NUCLEUS_CANDIDATES, STREAM_SAMPLE, SamplingBatch, processed_probs, sample, uniform_noise
+from qnext.worker.sampler import (CDF_BLOCK, NUCLEUS_CANDIDATES, STREAM_SAMPLE, SamplingBatch, inverse_cdf_draw,
+                                  processed_probs, sample, uniform_noise)
 from qnext.worker.types import MAX_TOP_LOGPROBS, SamplingParams
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -282,6 +283,77 @@ def test_same_seed_same_token_alone_or_in_batch(device: torch.device) -> None:
     assert len(tokens_seen) > 6  # the draws really are random, so agreement is not luck
 
 
+def test_inverse_cdf_draw_equals_a_float64_search_over_the_whole_row(device: torch.device) -> None:
+    """The two-level search against the plain definition: the first column whose float64 cumulative mass exceeds
+    u x the row's mass, u = uniform_noise column 0. Rows of several shapes: zeros within and across whole
+    blocks, a last partial block, one-hot, unnormalised."""
+    g = torch.Generator().manual_seed(11)
+    vocab, n = 5 * CDF_BLOCK + 37, 400
+    probs = torch.softmax(torch.randn(n, vocab, generator=g) * 3, -1)
+    probs[::3, 2 * CDF_BLOCK:4 * CDF_BLOCK] = 0  # two empty blocks
+    probs[1::4, ::5] = 0
+    probs[::7] *= 13.0  # not normalised
+    probs[5] = 0
+    probs[5, vocab - 1] = 1  # all the mass in the partial block's last column
+    probs[6] = 0
+    probs[6, 0] = 0.5
+    seeds, steps = torch.arange(n), torch.arange(n) % 4
+    u = uniform_noise(seeds, steps, STREAM_SAMPLE, 1)
+    cum = probs.double().cumsum(-1)
+    expected = torch.searchsorted(cum, u * cum[:, -1:], right=True)[:, 0]
+    got = inverse_cdf_draw(probs.to(device), seeds.to(device), steps.to(device), STREAM_SAMPLE).cpu()
+    assert got[5] == vocab - 1 and got[6] == 0
+    assert bool((probs.gather(1, got[:, None]) > 0).all())  # never a column without mass
+    # the float32 block sums may move a boundary by ~1e-7 of a block's mass: allow a stray disagreement or two
+    assert int((got != expected).sum()) <= 2, (got != expected).nonzero()
+
+
+def test_unfiltered_rows_follow_the_softmax(device: torch.device) -> None:
+    """Temperature-only rows (no top-k / top-p / min-p) draw by the inverse CDF: chi-square of 20,000 draws
+    against processed_probs, with a suppressed id and penalties on a row wider than one block."""
+    g = torch.Generator().manual_seed(4)
+    vocab = CDF_BLOCK + 9
+    row = (torch.randn(vocab, generator=g) * 0.3).tolist()
+    row[:6] = [2.5, 2.0, 1.8, 1.5, 1.0, 0.5]
+    row[CDF_BLOCK + 3] = 2.2  # mass in the partial last block too
+    params = SamplingParams(temperature=0.6, repetition_penalty=1.3, presence_penalty=0.4)
+    ids = dict(prompt=[0], output=[1, 1], suppressed=[2])
+    batch = make_batch([params], device, vocab, prompt=[[0]], output=[[1, 1]], suppressed=[[2]])
+    assert batch.unfiltered is not None and not batch.any_racing
+    probs = probs_of(row, params, device, **ids).double()
+    n = 20000
+    counts = torch.bincount(draw(row, params, device, n=n, **ids), minlength=vocab).double()
+    assert counts[2] == 0 and probs[2] == 0
+    big = probs * n >= 5
+    assert int(big.sum()) == vocab - 1  # every column but the suppressed one is a chi-square cell
+    cells_expected, cells_seen = probs[big] * n, counts[big]
+    chi2 = ((cells_seen - cells_expected) ** 2 / cells_expected).sum().item()
+    dof = len(cells_expected) - 1
+    crit = dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3  # Wilson-Hilferty, alpha = 1e-3
+    assert chi2 < crit, (chi2, crit)
+
+
+@pytest.mark.parametrize("target_filtered", [False, True])
+def test_draw_method_is_the_rows_own(device: torch.device, target_filtered: bool) -> None:
+    """An unfiltered row amid top-k / top-p rows (and a top-p row amid unfiltered ones) draws the same token as
+    alone: which draw a row uses depends only on its own parameters."""
+    gen = torch.Generator().manual_seed(9)
+    vocab = 3000
+    target = SamplingParams(temperature=0.9, top_p=0.8) if target_filtered else SamplingParams(temperature=1.2)
+    others = ([SamplingParams(temperature=0.7 + 0.1 * i) for i in range(5)] if target_filtered else
+              [SamplingParams(temperature=0.8, top_k=5 + i) for i in range(3)] + [SamplingParams(top_p=0.5)] * 2)
+    seen = set()
+    for trial in range(10):
+        logits = torch.randn(6, vocab, generator=gen) * 2
+        alone = make_batch([target], device, vocab, seeds=[trial], steps=[trial])
+        alone_token = int(sample(logits[3:4].to(device), alone).token_ids[0])
+        mixed = make_batch(others[:3] + [target] + others[3:], device, vocab, seeds=[50, 51, 52, trial, 53, 54],
+                           steps=[0, 0, 0, trial, 0, 0])
+        assert int(sample(logits.to(device), mixed).token_ids[3]) == alone_token
+        seen.add(alone_token)
+    assert len(seen) > 5
+
+
 def test_different_seeds_and_steps_give_different_draws(device: torch.device) -> None:
     vocab, n = 1000, 1000
     uniform = torch.zeros(n, vocab, device=device)
@@ -371,7 +443,7 @@ def test_nucleus_shortcut_draws_the_same_tokens_as_the_full_race(device: torch.d
     assert NUCLEUS_CANDIDATES < vocab
     logits = logits.to(device)
     batch = make_batch(params, device, vocab, seeds=[7 + i for i in range(n)], steps=[i % 3 for i in range(n)])
-    assert batch.filters_cover_sampling and not batch.top_k_covers_sampling
+    assert batch.any_racing and batch.unfiltered is None and not batch.top_k_covers_sampling
     assert sample(logits, batch).token_ids.tolist() == _race_over_the_vocabulary(logits, params, batch)
 
 

@@ -30,7 +30,7 @@ from itertools import accumulate
 import torch
 
 from qnext.worker.model_runner import ModelRunner, StepForward
-from qnext.worker.sampler import STREAM_SAMPLE, processed_probs, row_argmax, uniform_noise
+from qnext.worker.sampler import STREAM_SAMPLE, inverse_cdf_draw, processed_probs, row_argmax, uniform_noise
 from qnext.worker.scheduler import Request, RequestStatus, ScheduledChunk, SchedulePlan, Scheduler
 from qnext.worker.spec_policy import DraftLengthPolicy
 
@@ -39,16 +39,26 @@ STREAM_ACCEPT = 2  # the accept test's uniform
 STREAM_RESIDUAL = 3  # drawing from the residual after a rejection
 
 
-def race(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, stream: int,
-         greedy: torch.Tensor | None = None) -> torch.Tensor:
-    """Exponential race: one token per row drawn exactly from probs [n, V] (rows need not be normalised).
-    Greedy rows (one-hot distributions) take the argmax without paying for noise over the vocabulary."""
+def draw(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, stream: int,
+         greedy: torch.Tensor | None = None, racing: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row drawn exactly from probs [n, V] (rows need not be normalised). Greedy rows (one-hot
+    distributions) take the argmax without paying for noise; `racing` rows run the exponential race over the
+    vocabulary, the others invert their CDF (sampler.inverse_cdf_draw, one uniform per row). On the sampler's
+    stream a request draws the way the sampler draws it (a race when it has a filter), so a bonus token equals
+    the token plain decoding draws at that step; the draft and residual streams need no such match."""
     tokens = row_argmax(probs)
-    draw = torch.ones_like(tokens, dtype=torch.bool) if greedy is None else ~greedy
-    if draw.any():
-        rows = draw.nonzero()[:, 0]
+    sampling = torch.ones_like(tokens, dtype=torch.bool) if greedy is None else ~greedy
+    if not sampling.any():
+        return tokens
+    by_race = sampling & racing if racing is not None else torch.zeros_like(sampling)
+    by_cdf = sampling & ~by_race
+    if by_cdf.any():
+        rows = by_cdf.nonzero()[:, 0]
+        tokens[rows] = inverse_cdf_draw(probs[rows], seeds[rows], steps[rows], stream)
+    if by_race.any():
+        rows = by_race.nonzero()[:, 0]
         exp_noise = uniform_noise(seeds[rows], steps[rows], stream, probs.shape[1]).log_().neg_()
-        # fp32 like the sampler's own race, so a bonus token equals the token plain decoding draws at that step
+        # fp32 like the sampler's own race
         tokens[rows] = row_argmax(probs[rows].float() / exp_noise.to(torch.float32))
     return tokens
 
@@ -66,6 +76,7 @@ def accept_drafts(
     seeds: list[int],
     first_steps: list[int],  # per request: the output index of the first token this step emits
     greedy: list[bool] | None = None,  # requests whose p and q are one-hot (only skips work)
+    filtered: list[bool] | None = None,  # requests with a top-k / top-p / min-p (their bonus token races)
 ) -> VerifyResult:
     """The acceptance rule above, for a batch of verify chunks."""
     dev = target_probs[0].device
@@ -95,8 +106,9 @@ def accept_drafts(
     greedy_t = torch.tensor(greedy or [False] * len(rows), device=dev)
     bonus_t = torch.tensor(is_bonus, device=dev)
     # each row draws once: the bonus rows from p on the sampler's stream, the others from the residual
-    final = race(rows, seeds_t, steps_t, STREAM_SAMPLE, greedy_t | ~bonus_t)
-    residual = race(rows, seeds_t, steps_t, STREAM_RESIDUAL, greedy_t | bonus_t)
+    filtered_t = torch.tensor(filtered or [False] * len(rows), device=dev)
+    final = draw(rows, seeds_t, steps_t, STREAM_SAMPLE, greedy_t | ~bonus_t, racing=filtered_t)
+    residual = draw(rows, seeds_t, steps_t, STREAM_RESIDUAL, greedy_t | bonus_t)
     final = torch.where(bonus_t | greedy_t, final, residual).tolist()
     for i in range(len(tokens)):
         tokens[i].append(int(final[i]))
@@ -186,7 +198,8 @@ class SpecDecoder:
         p_rows = list(p.split([len(d) + 1 for d in drafts]))
         q_rows = [self._requests[r.request_id].draft_probs[:len(d)] for r, d in zip(requests, drafts)]
         result = accept_drafts(p_rows, q_rows, drafts, [r.seed for r in requests],
-                               [len(r.output_token_ids) for r in requests], [r.sampling.is_greedy for r in requests])
+                               [len(r.output_token_ids) for r in requests], [r.sampling.is_greedy for r in requests],
+                               [r.sampling.has_filter for r in requests])
         rows = list(accumulate([0] + [len(d) + 1 for d in drafts]))
         raw = logits.float()
         rollback_slots, rollback_pos = [], []
@@ -341,7 +354,7 @@ class SpecDecoder:
         logits = self.runner.model.compute_logits(h)
         q = processed_probs(logits, self.runner.sampling_batch(requests, drafts, last_only=True))
         dev = self.runner.device
-        tok = race(q, torch.tensor([r.seed for r in requests], dtype=torch.int64, device=dev),
+        tok = draw(q, torch.tensor([r.seed for r in requests], dtype=torch.int64, device=dev),
                    torch.tensor([len(r.output_token_ids) + j for r in requests], device=dev), STREAM_DRAFT,
                    torch.tensor([r.sampling.is_greedy for r in requests], device=dev)).tolist()
         more = []

@@ -70,6 +70,12 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
 
+    @property
+    def has_filter(self) -> bool:
+        """top-k, top-p or min-p cut the distribution: the sampler draws such a row by a race, others by the
+        inverse CDF (worker/sampler.py, step 10)."""
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0
+
 
 @dataclass(frozen=True)
 class StoppingParams:
