@@ -21,7 +21,9 @@ def causal_conv1d_varlen(
 ) -> torch.Tensor:  # [T, D] silu(conv(x))
     T, D = x.shape
     K = weight.shape[1]
-    out = torch.empty_like(x)
+    # a pure decode step (every sequence one token) needs no row gathers or scatters: rows are 0..T-1
+    all_decode = all(n == 1 for n in query_lens)
+    out = x if all_decode else torch.empty_like(x)  # (x only as a placeholder: replaced below)
     # Sequences of one token (decode) go together as one batched update.
     starts = [0]
     for n in query_lens:
@@ -29,15 +31,19 @@ def causal_conv1d_varlen(
     single = [i for i, n in enumerate(query_lens) if n == 1]
     multi = [i for i, n in enumerate(query_lens) if n > 1]
     if single:
-        rows = torch.tensor([starts[i] for i in single], device=x.device)
-        slots = state_slots[single]
+        rows = None if all_decode else torch.tensor([starts[i] for i in single], device=x.device)
+        slots = state_slots if all_decode else state_slots[single]
         hist = conv_state[slots].to(x.dtype)  # [b, D, K-1]
-        keep = torch.tensor([has_initial_state[i] for i in single], device=x.device)
-        hist = hist * keep[:, None, None].to(hist.dtype)
-        window = torch.cat([hist, x[rows].unsqueeze(-1)], dim=-1)  # [b, D, K]
+        if not all(has_initial_state[i] for i in single):
+            keep = torch.tensor([has_initial_state[i] for i in single], device=x.device)
+            hist = hist * keep[:, None, None].to(hist.dtype)
+        window = torch.cat([hist, (x if all_decode else x[rows]).unsqueeze(-1)], dim=-1)  # [b, D, K]
         ct = compute_dtype(x.dtype)
-        y = (window.to(ct) * weight.to(ct)).sum(-1)
-        out[rows] = F.silu(y).to(x.dtype)
+        y = F.silu((window.to(ct) * weight.to(ct)).sum(-1)).to(x.dtype)
+        if all_decode:
+            out = y
+        else:
+            out[rows] = y
         conv_state[slots] = window[:, :, 1:].to(conv_state.dtype)
     for i in multi:
         s, n = starts[i], query_lens[i]
