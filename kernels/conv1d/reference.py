@@ -44,7 +44,7 @@ def causal_conv1d_varlen(
             out = y
         else:
             out[rows] = y
-        conv_state[slots] = window[:, :, 1:].to(conv_state.dtype)
+        conv_state.index_copy_(0, slots, window[:, :, 1:].to(conv_state.dtype))
     for i in multi:
         s, n = starts[i], query_lens[i]
         slot = state_slots[i]
