@@ -10,6 +10,10 @@ Both take and return the state, so prefill can continue from a cached state.
 import torch
 
 CHUNK_SIZE = 64
+# Recurrent steps over at most this many state elements (B x H x dk x dv) use the broadcast form, larger ones
+# batched matmuls: the crossover measured on a 2-core CPU (e.g. 1 sequence x 4 heads x 32 x 32: 85 vs 112 us,
+# 16 x 4 x 64 x 64: 1.4 ms vs 0.16 ms). Only tiny models fall below it; the same arithmetic either way.
+SMALL_STATE = 32768
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -47,8 +51,13 @@ def _recurrent_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     ct = q.dtype
     dk, dv = s.shape[-2:]
     s.mul_(g.to(ct).exp()[..., None, None])
-    # Batched [1, dk] @ [dk, dv] products, not broadcast-multiply-and-sum: those materialise a [B, H, dk, dv]
-    # temporary per product (3.7x slower for a decode step on a CPU)
+    if s.numel() <= SMALL_STATE:
+        # broadcast-multiply-and-sum: fewest dispatch hops, cheapest while the [B, H, dk, dv] temporaries are small
+        u = (v.to(ct) - (s * k[..., None]).sum(-2)) * beta.to(ct)[..., None]
+        s.add_(k[..., None] * u[..., None, :])
+        return (s * q[..., None]).sum(-2)
+    # Batched [1, dk] @ [dk, dv] products: no [B, H, dk, dv] temporary per product (3.7x faster for a decode
+    # step of 16 sequences on a CPU)
     kv = (k[..., None, :] @ s)[..., 0, :]  # S^T k: [B, H, dv]
     u = (v.to(ct) - kv) * beta.to(ct)[..., None]
     s.view(-1, dk, dv).baddbmm_(k.reshape(-1, dk, 1), u.reshape(-1, 1, dv))  # S += k u^T
