@@ -82,6 +82,7 @@ def parse_generate(req: Any) -> GenerateSpec:
             spec.response_format = None  # json_object: false is no constraint
     s = req.sampling
     spec.sampling = {name: getattr(s, name) for name in SAMPLING_FIELDS if s.HasField(name)}
+    spec.logit_bias = s.logit_bias  # uncopied: validate checks its size first
     st = req.stopping
     spec.max_new_tokens = st.max_new_tokens if st.HasField("max_new_tokens") else None
     spec.min_new_tokens = st.min_new_tokens
@@ -210,7 +211,8 @@ def _chat_message(m: Any) -> Any:
 
 def request(**fields: Any) -> Any:
     """A GenerateRequest from keyword fields (for clients): text=/token_ids=/chat=[(role, content) or ChatMessage],
-    tools=[Tool], tool_choice=, response_format=(kind, source), the sampling and stopping fields, ..."""
+    tools=[Tool], tool_choice=, response_format=(kind, source), the sampling fields and logit_bias={id: bias}, the
+    stopping fields, ..."""
     req = pb.GenerateRequest(request_id=fields.pop("request_id", ""), top_logprobs=fields.pop("top_logprobs", 0))
     if "text" in fields:
         req.text = fields.pop("text")
@@ -239,6 +241,8 @@ def request(**fields: Any) -> Any:
     for name in SAMPLING_FIELDS:
         if name in fields:
             setattr(req.sampling, name, fields.pop(name))
+    if "logit_bias" in fields:  # {token id: bias}
+        req.sampling.logit_bias.update(fields.pop("logit_bias"))
     for name in ("max_new_tokens", "min_new_tokens", "ignore_eos", "include_stop_strings"):
         if name in fields:
             setattr(req.stopping, name, fields.pop(name))

@@ -44,6 +44,8 @@ def _fields(args: argparse.Namespace) -> dict:
             f[name] = getattr(args, name)
     if args.stop:
         f["stop_strings"] = args.stop
+    if args.logit_bias:
+        f["logit_bias"] = parse_logit_bias(args.logit_bias)
     if args.json_schema:
         f["response_format"] = ("json_schema", read_flag_file(args.json_schema, "--json-schema"))
     elif args.regex:
@@ -53,6 +55,18 @@ def _fields(args: argparse.Namespace) -> dict:
     if args.tool_choice:
         f["tool_choice"] = args.tool_choice
     return f
+
+
+def parse_logit_bias(value: str) -> dict[int, float]:
+    """--logit-bias as OpenAI's JSON object {"token id": bias}; ValueError naming the flag (the server checks the
+    ids and ranges)."""
+    try:
+        items = json.loads(value)
+        if not isinstance(items, dict):
+            raise ValueError("not a JSON object")
+        return {int(k): float(v) for k, v in items.items()}
+    except (ValueError, TypeError) as e:
+        raise ValueError(f'--logit-bias: expected a JSON object of token id -> bias, e.g. {{"1234": 5}}: {e}') from None
 
 
 def read_flag_file(path: str, flag: str) -> str:
@@ -154,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="repetition penalty; 1 = off (default: the server's)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: one the server draws)")
     p.add_argument("--stop", action="append", default=[], help="stop string, repeatable (default: none)")
+    p.add_argument("--logit-bias", default=None, metavar="JSON",
+                   help='token id -> bias added to its logit, e.g. \'{"1234": 100}\' (default: none)')
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds (default: none)")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json-schema", metavar="FILE", default=None,

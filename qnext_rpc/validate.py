@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any
 
-from qnext.worker.types import GenerationRequest, MAX_TOP_LOGPROBS, SamplingParams, StoppingParams
+from qnext.worker.types import GenerationRequest, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams, StoppingParams
 from qnext.worker.grammar import after_think
 from qnext.rpc.response_format import check_tool_choice, request_grammar
 from qnext.rpc.text import CHAT_ROLES, ChatMessage, ChatPrompt, TextProcessor
@@ -63,6 +63,7 @@ class GenerateSpec:
     enable_thinking: bool | None = None
     allow_special_tokens: bool = False  # special-token strings in text / chat content become control tokens
     sampling: dict[str, Any] = field(default_factory=dict)  # only the fields the client set
+    logit_bias: Any = None  # token id -> bias: convert.py passes the proto's map uncopied (its size is checked first)
     max_new_tokens: int | None = None
     min_new_tokens: int = 0
     stop_strings: list[str] = field(default_factory=list)
@@ -227,8 +228,14 @@ def sampling_params(spec: GenerateSpec, limits: Limits) -> SamplingParams:
     unknown = set(spec.sampling) - set(SAMPLING_FIELDS)
     assert not unknown, unknown
     values = {**limits.default_sampling, **spec.sampling}
+    bias = spec.logit_bias or {}
+    _require(len(bias) <= MAX_LOGIT_BIAS, "sampling.logit_bias",
+             f"{len(bias)} entries is over the limit of {MAX_LOGIT_BIAS}")
+    bad = sorted(t for t in bias if t >= limits.vocab_size)
+    _require(not bad, "sampling.logit_bias", f"ids must be < vocab_size {limits.vocab_size}, got {bad[:5]}")
     try:
-        return SamplingParams(**values, top_logprobs=spec.top_logprobs)
+        return SamplingParams(**values, top_logprobs=spec.top_logprobs,
+                              logit_bias=tuple(sorted((int(t), float(b)) for t, b in bias.items())))
     except ValueError as e:
         raise ValueError(f"sampling.{e}") from None
 

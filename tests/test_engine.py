@@ -180,3 +180,6 @@ def test_bad_requests_name_the_field(ckpt, engines):
         e.add_request(GenerationRequest("x", [], GREEDY))
     with pytest.raises(ValueError, match="prompt_token_ids"):
         e.add_request(GenerationRequest("x", [512], GREEDY))
+    with pytest.raises(ValueError, match="^logit_bias: ids must be < vocab_size 512"):
+        e.add_request(GenerationRequest("x", [5], SamplingParams(temperature=0.0, logit_bias=((512, 1.0),))))
+    assert not e.has_unfinished()  # nothing was queued

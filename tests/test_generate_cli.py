@@ -97,7 +97,7 @@ def test_tools_and_json_schema_flags(monkeypatch, capsys, tmp_path):
     schema.write_text('{"type": "object"}')
     args = generate_cli.main.__globals__["argparse"].Namespace
     sent = generate_cli._fields(args(token_ids=None, chat=True, system=None, thinking=None, prompt="hi", stop=[],
-                                     json_schema=str(schema), regex=None, tools=str(tools), tool_choice="required",
+                                     json_schema=str(schema), regex=None, tools=str(tools), tool_choice="required", logit_bias=None,
                                      **{n: None for n in ("temperature", "top_p", "top_k", "min_p",
                                                           "repetition_penalty", "seed", "max_new_tokens")}))
     assert sent["response_format"] == ("json_schema", '{"type": "object"}') and sent["tool_choice"] == "required"
@@ -112,3 +112,20 @@ def test_tools_and_json_schema_flags(monkeypatch, capsys, tmp_path):
     (tmp_path / "bad.json").write_text("{")
     assert generate_cli.main(["hi", "--chat", "--tools", str(tmp_path / "bad.json")]) == 2
     assert capsys.readouterr().err.startswith("qnext-generate: --tools: ")
+
+
+def test_logit_bias_flag(monkeypatch, capsys):
+    sent = {}
+
+    class Recording(FakeClient):
+        def generate_stream(self, timeout: float | None = None, **fields):
+            sent.update(fields)
+            return self._stream()
+    monkeypatch.setattr(Recording, "chunks", [pb.GenerateResponse(finish=finish())])
+    monkeypatch.setattr(generate_cli, "Client", Recording)
+    assert generate_cli.main(["hi", "--logit-bias", '{"1234": 100, "7": -5.5}']) == 0
+    assert sent["logit_bias"] == {1234: 100.0, 7: -5.5}
+    capsys.readouterr()
+    for bad in ("[1, 2]", '{"x": 1}', "{"):
+        assert generate_cli.main(["hi", "--logit-bias", bad]) == 2
+        assert capsys.readouterr().err.startswith("qnext-generate: --logit-bias: expected a JSON object")

@@ -5,7 +5,7 @@ import torch
 
 from qnext.worker.sampler import (CDF_BLOCK, NUCLEUS_CANDIDATES, STREAM_SAMPLE, SamplingBatch, inverse_cdf_draw,
                                   processed_probs, sample, uniform_noise)
-from qnext.worker.types import MAX_TOP_LOGPROBS, SamplingParams
+from qnext.worker.types import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -230,6 +230,42 @@ def test_suppression(device: torch.device) -> None:
     assert 0 in set(draw(row, SamplingParams(), device).tolist())
 
 
+def test_logit_bias_against_plain_torch(device: torch.device) -> None:
+    """processed_probs with a bias = softmax((logits + bias) / T) computed here in float64; the penalties come
+    first, suppression after; rows without a bias are untouched by a neighbour's."""
+    g = torch.Generator().manual_seed(8)
+    vocab = 50
+    logits = torch.randn(3, vocab, generator=g, dtype=torch.float64)
+    bias = {3: 2.5, 17: -1.0, 40: 0.75}
+    params = [SamplingParams(temperature=0.7, logit_bias=tuple(bias.items()), frequency_penalty=0.5),
+              SamplingParams(temperature=0.7), SamplingParams(temperature=0.7, logit_bias=((9, 100.0),))]
+    batch = make_batch(params, device, vocab, output=[[3, 3], [], []], suppressed=[[40], [], []])
+    got = processed_probs(logits.float().to(device), batch).cpu().double()
+    want0 = logits[0].clone()
+    want0[3] -= 0.5 * 2  # frequency penalty on the twice-emitted token, then its bias
+    for t, b in bias.items():
+        want0[t] += b
+    want0[40] = -math.inf  # suppressed after the bias
+    torch.testing.assert_close(got[0], torch.softmax(want0 / 0.7, -1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got[1], torch.softmax(logits[1] / 0.7, -1), atol=1e-6, rtol=1e-5)
+    assert got[2][9] > 1 - 1e-6  # +100 all but forces the token
+
+
+def test_logit_bias_forces_and_bans_greedy_and_sampled_tokens(device: torch.device) -> None:
+    row = [3.0, 2.0, 1.0, 0.0, -1.0]
+    for temperature in (0.0, 1.0):
+        forced = SamplingParams(temperature=temperature, logit_bias=((4, 100.0),))
+        assert set(draw(row, forced, device, n=200).tolist()) == {4}
+        banned = SamplingParams(temperature=temperature, logit_bias=((0, -100.0), (1, -100.0)))
+        assert set(draw(row, banned, device, n=400).tolist()) <= {2, 3, 4}
+    # and greedy logprobs stay those of the raw model distribution (as vLLM reports them by default)
+    logits = torch.tensor([row], device=device)
+    out = sample(logits, make_batch([SamplingParams(temperature=0.0, top_logprobs=1, logit_bias=((4, 100.0),))],
+                                    device, 5))
+    assert int(out.token_ids[0]) == 4
+    torch.testing.assert_close(out.logprobs.cpu(), torch.log_softmax(logits.cpu(), -1)[:, 4])
+
+
 # ---- distribution and seeds ---------------------------------------------------------------------------------
 
 # Chi-square critical values at alpha = 1e-3 by degrees of freedom (standard table; scipy is not installed).
@@ -382,8 +418,22 @@ def test_bad_params_raise_naming_the_field(field: str, value: object) -> None:
         SamplingParams(**{field: value})
 
 
+@pytest.mark.parametrize("bias, message", [
+    (((1, 100.5),), r"^logit_bias\[1\]: must be in \[-100, 100\]"),
+    (((1, math.inf),), r"^logit_bias\[1\]: must be a finite"),
+    (((-1, 1.0),), r"^logit_bias: must be >= 0"), (((1, 1.0), (1, 2.0)), r"^logit_bias: token ids must be unique"),
+    (tuple((i, 1.0) for i in range(MAX_LOGIT_BIAS + 1)), r"^logit_bias: .* over the limit"),
+    (((1.5, 1.0),), r"^logit_bias: must be an int"), ((1, 2), r"^logit_bias: entries are"),
+])
+def test_bad_logit_bias_raises_naming_the_field(bias: tuple, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(logit_bias=bias)
+
+
 def test_build_and_sample_validate_inputs() -> None:
     cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="^logit_bias: ids must be < vocab_size 10"):
+        make_batch([SamplingParams(logit_bias=((10, 1.0),))], cpu, 10)
     with pytest.raises(ValueError, match="suppressed_ids"):
         make_batch([SamplingParams()], cpu, 10, suppressed=[[10]])
     with pytest.raises(ValueError, match="prompt_ids"):

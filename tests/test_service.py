@@ -214,6 +214,10 @@ VALIDATION = [
     (dict(text="hi", request_id="r" * 1000), "request_id"),
     (dict(token_ids=[1, 2, 3], cache_checkpoints=[4]), "cache_checkpoints"),
     (dict(token_ids=[1, 2, 3], cache_checkpoints=[0]), "cache_checkpoints"),
+    (dict(text="hi", logit_bias={10**6: 1.0}), "sampling.logit_bias"),
+    (dict(text="hi", logit_bias={5: 100.5}), "sampling.logit_bias[5]"),
+    (dict(text="hi", logit_bias={5: math.nan}), "sampling.logit_bias[5]"),
+    (dict(text="hi", logit_bias={i: 1.0 for i in range(1025)}), "sampling.logit_bias"),
 ]
 
 
@@ -233,6 +237,21 @@ def test_every_invalid_field_is_invalid_argument_naming_it(server):
     for (fields, name), got in zip(VALIDATION, out):
         assert got is not None and got[0] == INVALID and got[1].startswith(name), (name, got)
     assert len(ok.token_ids) == 3
+
+
+def test_logit_bias_forces_and_bans_tokens(server):
+    """+100 on one id forces it, greedy or sampled; -100 on the greedy choice moves greedy decoding off it."""
+    async def go():
+        async with Client(server.target) as c:
+            forced = [await c.generate(text="Hello", max_new_tokens=5, logit_bias={1000: 100.0}, **s)
+                      for s in (dict(temperature=0.0), dict(temperature=1.0, top_k=0, top_p=1.0, seed=3))]
+            plain = await c.generate(text="Hello", temperature=0.0, max_new_tokens=1)
+            first = plain.token_ids[0]
+            banned = await c.generate(text="Hello", temperature=0.0, max_new_tokens=1, logit_bias={first: -100.0})
+            return forced, first, banned
+    forced, first, banned = run(go())
+    assert [list(r.token_ids) for r in forced] == [[1000] * 5] * 2
+    assert banned.token_ids[0] != first
 
 
 def test_model_info(server):

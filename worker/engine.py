@@ -77,6 +77,8 @@ class Engine:
         k = max_k if req.num_speculative_tokens is None else req.num_speculative_tokens
         require(0 <= k <= max_k, "num_speculative_tokens",
                 f"must be in [0, {max_k}] (the server's maximum), got {k}")
+        bad = [t for t, _ in req.sampling.logit_bias if t >= self.vocab_size]
+        require(not bad, "logit_bias", f"ids must be < vocab_size {self.vocab_size}, got {bad[:5]}")
         bad = [p for p in req.cache_checkpoints if not 1 <= p <= len(req.prompt_token_ids)]
         require(not bad, "cache_checkpoints",
                 f"positions must be in [1, {len(req.prompt_token_ids)}] (the prompt length), got {bad[:5]}")

@@ -7,6 +7,7 @@ Processing order, per row (each step is a no-op for rows that leave its paramete
 
 1. repetition penalty over prompt + output tokens (HF / vLLM): logit > 0 -> logit / p, else logit * p
 2. frequency / presence penalties over output tokens (OpenAI): logit -= freq * count + presence * (count > 0)
+2b. logit bias (OpenAI / vLLM `logit_bias`): logit += the request's bias for that id (greedy rows too)
 3. suppression: suppressed ids (EOS / stop ids below min_new_tokens) and, for a constrained row, the ids its
    grammar forbids (worker/grammar.py's bitmask) -> -inf
 4. greedy rows (temperature < 1e-5) take the argmax here; later steps do not affect them
@@ -121,6 +122,7 @@ class SamplingBatch:
     presence_penalty: torch.Tensor | None  # [B, 1] float32
     output_counts: torch.Tensor | None  # [B, V] float32
     suppress_mask: torch.Tensor | None  # [B, V] bool
+    logit_bias: torch.Tensor | None  # [B, V] float32 (rows without a bias: zeros)
     max_top_logprobs: int
     allowed_mask: torch.Tensor | None = None  # [B, V] bool: what each row's grammar allows (all for free rows)
 
@@ -164,6 +166,15 @@ class SamplingBatch:
             parts = [c > 0 for c in (prompt_counts, out_counts) if c is not None]
             rep_mask = (parts[0] | parts[1]) if len(parts) == 2 else (parts[0] if parts else None)
         suppress = _count_matrix("suppressed_ids", suppressed_ids, vocab_size, device)
+        bias = None
+        if any(p.logit_bias for p in params):
+            rows = [i for i, p in enumerate(params) for _ in p.logit_bias]
+            ids = [t for p in params for t, _ in p.logit_bias]
+            bad = [t for t in ids if t >= vocab_size]
+            require(not bad, "logit_bias", f"ids must be < vocab_size {vocab_size}, got {bad[:5]}")
+            bias = torch.zeros(len(params), vocab_size, dtype=torch.float32, device=device)
+            bias[torch.tensor(rows, device=device), torch.tensor(ids, device=device)] = torch.tensor(
+                [b for p in params for _, b in p.logit_bias], dtype=torch.float32, device=device)
 
         return SamplingBatch(
             vocab_size=vocab_size,
@@ -191,6 +202,7 @@ class SamplingBatch:
             presence_penalty=col(pres) if any_freq_pres and out_counts is not None else None,
             output_counts=out_counts if any_freq_pres else None,
             suppress_mask=suppress > 0 if suppress is not None else None,
+            logit_bias=bias,
             max_top_logprobs=max((p.top_logprobs for p in params), default=0),
             allowed_mask=allowed_mask(allowed, vocab_size, device) if allowed is not None else None,
         )
@@ -272,7 +284,8 @@ def uniform_noise_at(seeds: torch.Tensor, steps: torch.Tensor, stream: int, colu
 
 
 def _penalize_and_suppress(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Steps 1-3 on a float32 copy of logits [B, V]; also the logits greedy rows take their argmax of."""
+    """Steps 1-3 (2b included) on a float32 copy of logits [B, V]; also the logits greedy rows take their
+    argmax of."""
     if logits.dim() != 2 or logits.shape != (batch.size, batch.vocab_size):
         raise ValueError(f"logits must have shape {(batch.size, batch.vocab_size)}, got {tuple(logits.shape)}")
     x = logits.to(torch.float32)  # no copy for fp32 logits: every step below is out of place
@@ -282,6 +295,8 @@ def _penalize_and_suppress(logits: torch.Tensor, batch: SamplingBatch) -> torch.
     if batch.output_counts is not None:
         counts = batch.output_counts
         x = x - (batch.frequency_penalty * counts + batch.presence_penalty * (counts > 0))
+    if batch.logit_bias is not None:
+        x = x + batch.logit_bias
     if batch.suppress_mask is not None:
         x = x.masked_fill(batch.suppress_mask, -math.inf)
     if batch.allowed_mask is not None:  # where(), not masked_fill(~mask): one pass instead of two (4x on a CPU)

@@ -15,6 +15,8 @@ from enum import Enum
 from typing import Any
 
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias (token id -> bias)
+MAX_ABS_LOGIT_BIAS = 100.0  # as OpenAI's API: +100 all but forces a token, -100 all but bans it
 # Temperatures below this are treated as greedy (as vLLM does): logits / 1e-30 overflows to inf and NaNs.
 GREEDY_TEMPERATURE = 1e-5
 # Activation dtypes by name; "auto" = the checkpoint's dtype where the device computes it, else float32.
@@ -52,6 +54,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # [-2, 2], over output tokens
     seed: int | None = None  # same seed => same tokens regardless of batch composition
     top_logprobs: int = 0  # 0..MAX_TOP_LOGPROBS alternatives to return
+    # (token id, bias) pairs added to those logits after the penalties; ids unique (the engine checks them
+    # against the vocabulary)
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         require_number("temperature", self.temperature, False, lambda x: x >= 0, ">= 0")
@@ -65,6 +70,15 @@ class SamplingParams:
             require_number("seed", self.seed, True, lambda x: -(2**63) <= x < 2**64, "in [-2**63, 2**64)")
         require_number("top_logprobs", self.top_logprobs, True, lambda x: 0 <= x <= MAX_TOP_LOGPROBS,
                        f"in [0, {MAX_TOP_LOGPROBS}]")
+        require(len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias",
+                f"{len(self.logit_bias)} entries is over the limit of {MAX_LOGIT_BIAS}")
+        for pair in self.logit_bias:
+            require(isinstance(pair, tuple) and len(pair) == 2, "logit_bias", f"entries are (token id, bias), got {pair!r}")
+            require_number("logit_bias", pair[0], True, lambda x: x >= 0, ">= 0 (a token id)")
+            require_number(f"logit_bias[{pair[0]}]", pair[1], False, lambda x: abs(x) <= MAX_ABS_LOGIT_BIAS,
+                           f"in [-{MAX_ABS_LOGIT_BIAS:g}, {MAX_ABS_LOGIT_BIAS:g}]")
+        ids = [t for t, _ in self.logit_bias]
+        require(len(set(ids)) == len(ids), "logit_bias", "token ids must be unique")
 
     @property
     def is_greedy(self) -> bool:
