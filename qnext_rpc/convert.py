@@ -95,6 +95,7 @@ def parse_generate(req: Any) -> GenerateSpec:
     spec.bypass_prefix_cache = req.bypass_prefix_cache
     spec.cache_checkpoints = list(req.cache_checkpoints)
     spec.allow_special_tokens = req.allow_special_tokens
+    spec.priority = req.priority
     return spec
 
 
@@ -238,6 +239,8 @@ def request(**fields: Any) -> Any:
         req.bypass_prefix_cache = fields.pop("bypass_prefix_cache")
     if "cache_checkpoints" in fields:
         req.cache_checkpoints.extend(fields.pop("cache_checkpoints"))
+    if "priority" in fields:
+        req.priority = fields.pop("priority")
     for name in SAMPLING_FIELDS:
         if name in fields:
             setattr(req.sampling, name, fields.pop(name))

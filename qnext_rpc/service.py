@@ -17,7 +17,7 @@ import grpc
 import structlog
 
 from qnext.rpc import convert
-from qnext.rpc.batcher import (AdmissionError, Batcher, RequestFailed, RequestHandle, RequestOutOfMemory,
+from qnext.rpc.batcher import (AdmissionError, Batcher, RequestFailed, RequestOutOfMemory,
                                WorkerUnavailable)
 from qnext.rpc.metrics import Metrics
 from qnext.rpc.stream import CANCELLED, Chunk, OutputAssembler

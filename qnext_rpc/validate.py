@@ -64,6 +64,7 @@ class GenerateSpec:
     allow_special_tokens: bool = False  # special-token strings in text / chat content become control tokens
     sampling: dict[str, Any] = field(default_factory=dict)  # only the fields the client set
     logit_bias: Any = None  # token id -> bias: convert.py passes the proto's map uncopied (its size is checked first)
+    priority: int = 0  # lower = sooner
     max_new_tokens: int | None = None
     min_new_tokens: int = 0
     stop_strings: list[str] = field(default_factory=list)
@@ -310,7 +311,8 @@ def prepare(spec: GenerateSpec, limits: Limits, text: TextProcessor) -> Prepared
         grammar = after_think(grammar)
     add = GenerationRequest(rid, ids, sampling, stopping, num_speculative_tokens=num_spec,
                             use_prefix_cache=not spec.bypass_prefix_cache, cache_checkpoints=tuple(sorted(checkpoints)),
-                            grammar=grammar, grammar_starts_after=text.think_end_id if in_reasoning else None)
+                            grammar=grammar, grammar_starts_after=text.think_end_id if in_reasoning else None,
+                            priority=spec.priority)
     return PreparedRequest(add=add, stop_strings=list(spec.stop_strings),
                            include_stop_strings=spec.include_stop_strings, top_logprobs=spec.top_logprobs,
                            starts_in_reasoning=in_reasoning, parse_tool_calls=bool(tools) and tool_choice != "none")

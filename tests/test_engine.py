@@ -183,3 +183,30 @@ def test_bad_requests_name_the_field(ckpt, engines):
     with pytest.raises(ValueError, match="^logit_bias: ids must be < vocab_size 512"):
         e.add_request(GenerationRequest("x", [5], SamplingParams(temperature=0.0, logit_bias=((512, 1.0),))))
     assert not e.has_unfinished()  # nothing was queued
+
+
+def test_high_priority_request_overtakes_a_queue_with_unchanged_tokens(ckpt, engines):
+    """One sequence at a time: a late request of priority -1 preempts the running one and starts before the
+    queue of priority-0 requests; every request's greedy tokens equal its run alone."""
+    ps = prompts([6, 5, 7, 4, 8], seed=3)
+    stop = StoppingParams(max_new_tokens=6, ignore_eos=True)
+    alone = [engines(ckpt).generate([p], GREEDY, stop)[0].token_ids for p in ps]
+    e = engines(ckpt, max_num_seqs=1)
+    e.add_request(GenerationRequest("run", ps[0], GREEDY, stop))
+    first, tokens, preemptions = [], {}, {}
+    outputs = e.step()
+    for i in (1, 2, 3):
+        e.add_request(GenerationRequest(f"low{i}", ps[i], GREEDY, stop))
+    e.add_request(GenerationRequest("high", ps[4], GREEDY, stop, priority=-1))
+    while outputs:
+        for o in outputs:
+            if o.new_token_ids and o.request_id not in first:
+                first.append(o.request_id)
+            tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+            preemptions[o.request_id] = o.num_preemptions
+        outputs = e.step() if e.has_unfinished() else []
+    assert first == ["run", "high", "low1", "low2", "low3"]
+    assert [tokens[r] for r in ("run", "low1", "low2", "low3", "high")] == alone
+    assert preemptions == {"run": 1, "high": 0, "low1": 0, "low2": 0, "low3": 0}  # high preempted run once
+    with pytest.raises(ValueError, match="^priority: must be a 32-bit int"):
+        e.add_request(GenerationRequest("x", [5], GREEDY, stop, priority=2**31))

@@ -25,9 +25,10 @@ def hash_model(request: Request) -> int:
     return 10 + acc % 990
 
 
-def make(rid: str, prompt_len: int, max_new: int = 4, **stopping: Any) -> Request:
+def make(rid: str, prompt_len: int, max_new: int = 4, priority: int = 0, **stopping: Any) -> Request:
     prompt = [100 + (sum(map(ord, rid)) + i) % 50 for i in range(prompt_len)]
-    return Request(rid, prompt, StoppingParams(max_new_tokens=max_new, **stopping), eos_token_ids=(EOS,))
+    return Request(rid, prompt, StoppingParams(max_new_tokens=max_new, **stopping), eos_token_ids=(EOS,),
+                   priority=priority)
 
 
 def new(num_blocks: int = 64, block_size: int = 4, num_slots: int = 8, **config: int) -> Scheduler:
@@ -51,6 +52,9 @@ def check_invariants(sched: Scheduler) -> None:
     cache = sched.cache
     running, waiting = sched._running, list(sched._waiting)
     assert len(running) <= sched.config.max_num_seqs
+    for queue in (running, waiting):  # both by (priority, arrival): FCFS within a priority
+        keys = [(r.priority, r.arrival) for r in queue]
+        assert keys == sorted(keys)
     assert {r.request_id for r in running + waiting} == set(sched._requests)
     for r in waiting:
         assert r.status == RequestStatus.WAITING and r.num_computed_tokens == 0
@@ -278,6 +282,62 @@ def test_preempted_request_goes_to_the_front_and_latest_arrival_is_the_victim() 
     run(sched)
 
 
+def test_high_priority_is_admitted_ahead_of_a_queue_and_preempts_the_lowest() -> None:
+    sched = new(max_num_seqs=2)
+    for rid in ("a", "b"):
+        sched.add(make(rid, 3, max_new=6))
+    step(sched)
+    for rid in ("l1", "l2", "l3"):
+        sched.add(make(rid, 3, max_new=2))
+    sched.add(make("h", 3, max_new=2, priority=-1))  # arrives last, most urgent
+    plan, _ = step(sched)  # no sequence room: h preempts b, the last running request, and starts
+    assert plan.preempted == ["b"] and [c.request.request_id for c in plan.chunks] == ["a", "h"]
+    assert [r.request_id for r in sched._waiting] == ["b", "l1", "l2", "l3"]  # b keeps its place among equals
+    order = []
+    while sched.has_unfinished():
+        plan, _ = step(sched)
+        order += [rid for rid in plan.admitted if rid not in order]
+    assert order == ["b", "l1", "l2", "l3"]
+
+
+def test_equal_priorities_change_nothing_and_a_lower_one_is_the_victim() -> None:
+    # as test_preempted_request_goes_to_the_front_and_latest_arrival_is_the_victim, but "a" (the first
+    # arrival) has the lowest priority: it is the one preempted when "b" and "c" need blocks
+    sched = new(num_blocks=3, block_size=2, num_slots=4)
+    sched.add(make("a", 2, max_new=4, priority=5))
+    sched.add(make("b", 2, max_new=4))
+    sched.add(make("c", 2, max_new=4))
+    plan, _ = step(sched)  # admitted by priority: b, c, then a
+    assert plan.admitted == ["b", "c", "a"] and sched.cache.blocks.num_free == 0
+    plan, _ = step(sched)  # b needs a block for token 3: a (lowest priority) goes; then c needs one: c goes
+    assert plan.preempted == ["a", "c"] and [c.request.request_id for c in plan.chunks] == ["b"]
+    assert [r.request_id for r in sched._waiting] == ["c", "a"]
+    assert set(run(sched)) == {"a", "b", "c"}
+
+
+def test_priority_outputs_equal_an_unconstrained_run() -> None:
+    """Whatever order priorities impose (and the preemptions they cause), each request's tokens are its own."""
+    def workload() -> list[Request]:
+        return [make(f"r{i}", 3 + 5 * i % 11, max_new=8 + i % 5, priority=[3, 0, -2, 1][i % 4]) for i in range(10)]
+    free = new(num_blocks=256, num_slots=16, max_num_seqs=16)
+    for r in workload():
+        free.add(r)
+    expected = run(free)
+    tight = new(num_blocks=12, block_size=4, num_slots=3, max_num_seqs=3, max_num_batched_tokens=16)
+    requests = workload()
+    for r in requests[:4]:
+        tight.add(r)
+    step(tight)
+    for r in requests[4:]:
+        tight.add(r)
+    while tight.has_unfinished():
+        step(tight)
+    assert sum(r.num_preemptions for r in requests) > 0
+    for r in requests:
+        assert r.output_token_ids == expected[r.request_id].new_token_ids
+    assert tight.cache.is_full()
+
+
 def test_no_torch_imported() -> None:
     code = ("import sys; import worker.cache, worker.scheduler; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
@@ -285,7 +345,8 @@ def test_no_torch_imported() -> None:
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
 
 
-def test_randomized_stress() -> None:
+@pytest.mark.parametrize("priorities", [(0,), (-1, 0, 0, 3)])
+def test_randomized_stress(priorities: tuple[int, ...]) -> None:
     rng = random.Random(1234)
     sched = new(num_blocks=24, block_size=4, num_slots=5, max_num_seqs=4, max_num_batched_tokens=12,
                 max_model_len=64)
@@ -295,7 +356,8 @@ def test_randomized_stress() -> None:
         if step_no < 450 and rng.random() < 0.3:
             n = rng.randint(1, 40)
             all_requests.append(make(f"q{added}", n, max_new=rng.randint(1, min(20, 64 - n)),
-                                     min_new_tokens=rng.choice([0, 0, 1]), stop_token_ids=(rng.randint(10, 999),)))
+                                     priority=rng.choice(priorities), min_new_tokens=rng.choice([0, 0, 1]),
+                                     stop_token_ids=(rng.randint(10, 999),)))
             sched.add(all_requests[-1])
             added += 1
         if sched.has_unfinished() and rng.random() < 0.05:

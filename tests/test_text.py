@@ -116,3 +116,12 @@ def test_prepare_defaults(text):
     assert p.add.stopping.max_new_tokens == 64 - len(p.add.prompt_token_ids)
     assert (p.add.sampling.temperature, p.add.sampling.top_k, p.add.sampling.top_p) == (0.7, 20, 1.0)
     assert p.add.num_speculative_tokens == 2 and p.request_id
+
+
+def test_priority_and_logit_bias_reach_the_worker_request(text):
+    """The proto's fields through parse_generate and prepare: what the worker's scheduler and sampler get."""
+    from qnext.rpc import convert
+    req = convert.request(token_ids=[1, 2, 3], priority=-3, logit_bias={9: 2.5, 4: -100.0})
+    p = prepare(convert.parse_generate(req), _limits(), text)
+    assert p.add.priority == -3 and p.add.sampling.logit_bias == ((4, -100.0), (9, 2.5))
+    assert prepare(GenerateSpec(token_ids=[1]), _limits(), text).add.priority == 0

@@ -28,7 +28,8 @@ from qnext.worker.spec_decode import SpecCounters, SpecDecoder
 from qnext.worker.step_failure import StepFailures
 from qnext.worker.summary import engine_stats, model_summary
 from qnext.worker.types import (CacheInfo, Completion, EngineConfig, EngineStats, FinishReason, GenerationRequest,
-                                ModelSummary, RequestOutput, SamplingParams, StepError, StoppingParams, require)
+                                ModelSummary, RequestOutput, SamplingParams, StepError, StoppingParams, require,
+                                require_number)
 
 
 class Engine:
@@ -77,6 +78,7 @@ class Engine:
         k = max_k if req.num_speculative_tokens is None else req.num_speculative_tokens
         require(0 <= k <= max_k, "num_speculative_tokens",
                 f"must be in [0, {max_k}] (the server's maximum), got {k}")
+        require_number("priority", req.priority, True, lambda x: -(2**31) <= x < 2**31, "a 32-bit int")
         bad = [t for t, _ in req.sampling.logit_bias if t >= self.vocab_size]
         require(not bad, "logit_bias", f"ids must be < vocab_size {self.vocab_size}, got {bad[:5]}")
         bad = [p for p in req.cache_checkpoints if not 1 <= p <= len(req.prompt_token_ids)]
@@ -89,7 +91,7 @@ class Engine:
                                    sampling=req.sampling, seed=seed, num_speculative_tokens=k,
                                    use_prefix_cache=req.use_prefix_cache,
                                    checkpoint_positions=tuple(sorted(set(req.cache_checkpoints))),
-                                   grammar=grammar))
+                                   grammar=grammar, priority=req.priority))
         if k:
             self.spec.add(req.request_id)
 

@@ -451,7 +451,8 @@ def inverse_cdf_draw(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tens
     cum = blocks.sum(dim=-1).double().cumsum(dim=-1)  # [B, n_blocks]
     total = cum[:, -1:]
     # u < 1, but u x mass may round up to the mass: keep the target below it, so the block found has mass > 0
-    target = torch.minimum(uniform_noise(seeds, steps, stream, 1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    target = torch.minimum(uniform_noise(seeds, steps, stream, 1) * total,
+                           torch.nextafter(total, torch.zeros_like(total)))
     block = torch.searchsorted(cum, target, right=True).clamp_(max=cum.shape[1] - 1)  # first block with cum > u
     before = torch.where(block > 0, cum.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(target))
     mass = cum.gather(1, block) - before

@@ -18,6 +18,14 @@ Policy (FCFS, chunked prefill, preemption by recompute):
 Invariants: running requests arrived before all waiting ones (admission is in order, victims are the latest
 running and go to the front), so both queues stay in arrival order. Waiting requests own no blocks or slot.
 
+Priority (a request's `priority`, lower = sooner, as vLLM's; 0 by default): both queues are ordered by
+(priority, arrival), so with equal priorities everything above is plain FCFS. Running requests are served, and
+waiting ones admitted, in that order; the victim of a preemption is the last running one in it (the lowest
+priority, latest arrival). Before anything else in a step, a waiting request of strictly higher priority than
+the last running one preempts it when it could not be admitted otherwise (no sequence room, or its first chunk's
+blocks or a slot short; a prefix-cache hit that would have fitted is not counted); admission in that step still
+stops at a request preempted in it.
+
 Prefix caching (when the cache manager has a prefix cache, see `worker/prefix_cache.py`):
 - Admission looks the request's tokens up; a hit shares the cached full blocks, gives the request a fresh block
   for the tail and a slot, and starts it at the hit position. The plan lists the `Restore` copies the engine
@@ -37,7 +45,8 @@ Plain Python, no torch: the engine turns a plan into device tensors.
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
+import itertools
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -67,7 +76,9 @@ class Request:
     use_prefix_cache: bool = True  # False: neither reads nor fills the prefix cache
     checkpoint_positions: tuple[int, ...] = ()  # prompt positions to take a state checkpoint at (sorted)
     grammar: GrammarState | None = None  # constrained decoding: what the output may be (worker/grammar.py)
+    priority: int = 0  # lower = sooner (scheduled, admitted, and preempted last)
     # State owned by the scheduler.
+    arrival: int = field(default=0, init=False)  # the scheduler's arrival counter: FCFS within a priority
     output_token_ids: list[int] = field(default_factory=list, init=False)
     num_computed_tokens: int = field(default=0, init=False)  # tokens of all_token_ids whose KV/state exist
     block_ids: list[int] = field(default_factory=list, init=False)  # the block table
@@ -162,8 +173,9 @@ class Scheduler:
         self.config = config
         self.cache = cache
         self._requests: dict[str, Request] = {}  # every unfinished request
-        self._waiting: deque[Request] = deque()
-        self._running: list[Request] = []  # arrival order
+        self._waiting: list[Request] = []  # by (priority, arrival)
+        self._running: list[Request] = []  # by (priority, arrival)
+        self._arrivals = itertools.count()
 
     @property
     def num_running(self) -> int:
@@ -194,7 +206,8 @@ class Scheduler:
                  f"but the cache has only {self.cache.kv_blocks_total}")
         assert request.status == RequestStatus.WAITING and request.num_computed_tokens == 0, "request reused"
         self._requests[request.request_id] = request
-        self._waiting.append(request)
+        request.arrival = next(self._arrivals)
+        bisect.insort(self._waiting, request, key=_order)
 
     def abort(self, request_id: str) -> bool:
         """Finish a request now, wherever it is, and free its blocks and slot. False for an unknown id."""
@@ -227,8 +240,10 @@ class Scheduler:
         plan = SchedulePlan(chunks=[], preempted=[])
         if self._schedule_suspect(plan):
             return plan
+        self._preempt_for_priority(plan)
+        for_priority = len(plan.preempted)
         budget = self._schedule_running(plan, self.config.max_num_batched_tokens)
-        if not plan.preempted:
+        if len(plan.preempted) == for_priority:  # no cache pressure among the running ones
             self._schedule_waiting(plan, budget)
         return plan
 
@@ -291,7 +306,7 @@ class Scheduler:
         """A step holding these (running) requests raised, and which of them caused it is unknown: each is
         preempted by recompute (nothing of the failed step was applied) and later runs alone in its step until
         one step of its succeeds, so a failure that comes back names its request (worker/step_failure.py)."""
-        for request in sorted(requests, key=self._running.index, reverse=True):  # appendleft keeps arrival order
+        for request in requests:
             self._preempt(request)
             request.suspect = True
 
@@ -308,12 +323,28 @@ class Scheduler:
             self._schedule_waiting(plan, self.config.max_num_batched_tokens, limit=1)
         return bool(plan.chunks)
 
+    def _preempt_for_priority(self, plan: SchedulePlan) -> None:
+        """Preempt the last running request (in (priority, arrival) order) while the first waiting one has a
+        strictly higher priority and could not be admitted otherwise."""
+        while self._waiting and self._running:
+            head, tail = self._waiting[0], self._running[-1]
+            if head.priority >= tail.priority or self._could_admit(head):
+                return
+            self._preempt(tail)
+            plan.preempted.append(tail.request_id)
+
+    def _could_admit(self, request: Request) -> bool:
+        """Room for one more sequence, a slot, and the blocks of the request's first chunk (without a prefix hit)."""
+        first = min(request.num_tokens, self.config.max_num_batched_tokens)
+        return (len(self._running) < self.config.max_num_seqs and self.cache.slots.num_free > 0
+                and self.cache.blocks_for(first) <= self.cache.num_available_blocks)
+
     def _schedule_waiting(self, plan: SchedulePlan, budget: int, limit: int | None = None) -> None:
         """Admit waiting requests in order until one does not fit (it and everyone behind it wait), at most
-        `limit` of them."""
+        `limit` of them; a request preempted in this plan (for a higher priority) stops admission too."""
         admitted = 0
         while (self._waiting and len(self._running) < self.config.max_num_seqs and budget > 0
-               and (limit is None or admitted < limit)):
+               and (limit is None or admitted < limit) and self._waiting[0].request_id not in plan.preempted):
             request = self._waiting[0]
             hit, restore = self.cache.restore_prefix(request)
             chunk = self._try_chunk(request, budget)
@@ -325,9 +356,9 @@ class Scheduler:
             self.cache.record_admission(request, hit, restore is not None)
             if restore is not None:
                 plan.restores.append(restore)
-            self._waiting.popleft()
+            self._waiting.pop(0)
             request.status = RequestStatus.RUNNING
-            self._running.append(request)
+            bisect.insort(self._running, request, key=_order)
             plan.chunks.append(chunk)
             plan.admitted.append(request.request_id)
             budget -= chunk.num_tokens
@@ -374,7 +405,7 @@ class Scheduler:
         request.draft_token_ids = []
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
-        self._waiting.appendleft(request)
+        bisect.insort(self._waiting, request, key=_order)  # ahead of every later arrival of its priority
 
     def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
         stopping, num_outputs = request.stopping, len(request.output_token_ids)
@@ -399,3 +430,8 @@ class Scheduler:
     def _release(self, request: Request) -> None:
         self.cache.release(request.block_ids, request.state_slot)
         request.block_ids, request.state_slot, request.prefix_nodes = [], None, []
+
+
+def _order(request: Request) -> tuple[int, int]:
+    """Both queues' order: priority (lower first), then arrival."""
+    return request.priority, request.arrival

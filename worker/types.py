@@ -73,7 +73,8 @@ class SamplingParams:
         require(len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias",
                 f"{len(self.logit_bias)} entries is over the limit of {MAX_LOGIT_BIAS}")
         for pair in self.logit_bias:
-            require(isinstance(pair, tuple) and len(pair) == 2, "logit_bias", f"entries are (token id, bias), got {pair!r}")
+            require(isinstance(pair, tuple) and len(pair) == 2, "logit_bias",
+                    f"entries are (token id, bias), got {pair!r}")
             require_number("logit_bias", pair[0], True, lambda x: x >= 0, ">= 0 (a token id)")
             require_number(f"logit_bias[{pair[0]}]", pair[1], False, lambda x: abs(x) <= MAX_ABS_LOGIT_BIAS,
                            f"in [-{MAX_ABS_LOGIT_BIAS:g}, {MAX_ABS_LOGIT_BIAS:g}]")
@@ -218,6 +219,7 @@ class GenerationRequest:
     # and checks it), and the token after which it starts (`</think>` when the prompt opened a think block).
     grammar: str | None = None
     grammar_starts_after: int | None = None
+    priority: int = 0  # lower = sooner (worker/scheduler.py); all equal = FCFS
 
 
 @dataclass
