@@ -54,6 +54,9 @@ class StartupError(RuntimeError):
     """The gRPC port cannot be opened as configured: main() reports the message and exits 2."""
 
 
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "0.0.0.0"
@@ -70,12 +73,16 @@ class ServerConfig:
     tls: ServerTLS | None = None  # None: plaintext
     worker_preload: tuple[str, ...] = ()  # libraries in the worker's LD_PRELOAD (resolve_preload)
     stream_interval: int = 1  # tokens per streamed response after the first (GenerationService)
+    scheduling_policy: str = "fcfs"  # "priority": requests' `priority` field is honoured (else it must be 0)
 
     def __post_init__(self) -> None:
         for name in ("max_pending_requests", "default_max_new_tokens", "max_stop_strings", "max_stop_string_length",
                      "stream_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy: one of {', '.join(SCHEDULING_POLICIES)}, "
+                             f"got {self.scheduling_policy!r}")
         if self.reasoning_parser not in (None, "qwen3"):
             raise ValueError(f"reasoning_parser: only qwen3 (<think>...</think>) exists, got {self.reasoning_parser!r}")
 
@@ -134,6 +141,7 @@ class Server:
                         max_num_speculative_tokens=self.engine.num_speculative_tokens,
                         default_max_new_tokens=cfg.default_max_new_tokens, max_stop_strings=cfg.max_stop_strings,
                         max_stop_string_length=cfg.max_stop_string_length,
+                        priority_scheduling=cfg.scheduling_policy == "priority",
                         default_sampling=_default_sampling(model_dir))
         server_limits = {"max_num_seqs": self.engine.max_num_seqs,
                          "max_num_batched_tokens": self.engine.max_num_batched_tokens,
@@ -252,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--stream-interval", type=int, default=1,
       help="tokens per streamed response after the first (the last may have fewer): fewer messages, less CPU per "
            "token on both ends, coarser streaming")
+    a("--scheduling-policy", default="fcfs", choices=SCHEDULING_POLICIES,
+      help="fcfs: first come, first served, and a request's priority must be 0; priority: requests run by their "
+           "priority field (lower = sooner), preempting lower ones, then by arrival (as vLLM's flag)")
     a("--worker-preload", default="auto",
       help="libraries the worker process preloads: auto = tcmalloc and libiomp5 where installed, for a CPU worker "
            "(qnext_rpc/worker_env.py); none; or paths separated by ':'")
@@ -279,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                            default_max_new_tokens=args.max_new_tokens_default, reasoning_parser=args.reasoning_parser,
                            drain_grace_period_s=args.drain_grace_period, api_key=api_key_from(args.api_key), tls=tls,
                            worker_preload=tuple(resolve_preload(args.worker_preload, engine.device)),
-                           stream_interval=args.stream_interval)
+                           stream_interval=args.stream_interval, scheduling_policy=args.scheduling_policy)
         # no --model: the embedded default's directory; the MTP head and tensor-parallel split checked here, not
         # in a worker that would restart forever (in a subprocess: they need torch, this process never imports it)
         engine = run_preflight(engine)

@@ -41,6 +41,7 @@ class Limits:
     max_tools: int = 128
     max_tool_calls_per_message: int = 64
     chars_per_token_limit: int = 16  # text longer than max_model_len * this is refused before tokenising
+    priority_scheduling: bool = False  # --scheduling-policy priority: requests may set a priority
     default_sampling: dict[str, Any] = field(default_factory=dict)  # generation_config.json's values
 
     @property
@@ -273,6 +274,8 @@ def prepare(spec: GenerateSpec, limits: Limits, text: TextProcessor) -> Prepared
              f"{len(spec.request_id)} characters is over the limit of {limits.max_request_id_length}")
     _require(0 <= spec.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
              f"must be in [0, {MAX_TOP_LOGPROBS}], got {spec.top_logprobs}")
+    _require(spec.priority == 0 or limits.priority_scheduling, "priority",
+             f"must be 0 unless the server runs with --scheduling-policy priority, got {spec.priority}")
     num_spec = spec.num_speculative_tokens
     if num_spec is None:
         num_spec = limits.max_num_speculative_tokens

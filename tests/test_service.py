@@ -214,6 +214,7 @@ VALIDATION = [
     (dict(text="hi", request_id="r" * 1000), "request_id"),
     (dict(token_ids=[1, 2, 3], cache_checkpoints=[4]), "cache_checkpoints"),
     (dict(token_ids=[1, 2, 3], cache_checkpoints=[0]), "cache_checkpoints"),
+    (dict(text="hi", priority=-1), "priority"),  # the test server runs --scheduling-policy fcfs (the default)
     (dict(text="hi", logit_bias={10**6: 1.0}), "sampling.logit_bias"),
     (dict(text="hi", logit_bias={5: 100.5}), "sampling.logit_bias[5]"),
     (dict(text="hi", logit_bias={5: math.nan}), "sampling.logit_bias[5]"),
@@ -330,3 +331,34 @@ def test_reset_prefix_cache_empties_the_cache_and_keeps_serving(server):
     assert reset.checkpoints_freed == before.checkpoints_used and reset.kv_blocks_freed == before.kv_blocks_cached
     assert after.checkpoints_used == 0 and after.kv_blocks_cached == 0 and after.kv_blocks_used == 0
     assert again.finish.usage.cached_tokens == 0 and len(again.token_ids) == 4
+
+
+def test_priority_scheduling_over_grpc(default_ckpt, tmp_path):
+    """--scheduling-policy priority, one sequence at a time: a late urgent request preempts the running one and
+    finishes before it and before the queue of default-priority requests."""
+    s = ServerProcess(default_ckpt, "--scheduling-policy", "priority", "--max-num-seqs", "1",
+                      log_path=tmp_path / "server.log")
+    try:
+        async def go():
+            done: list[str] = []
+            started = asyncio.Event()
+            async with Client(s.target) as c:
+                async def one(name: str, n: int, **kw) -> None:
+                    async for _ in c.generate_stream(text=f"{name} says", temperature=0.0, max_new_tokens=n,
+                                                     ignore_eos=True, **kw):
+                        started.set()
+                    done.append(name)
+                first = asyncio.ensure_future(one("running", 300))
+                await started.wait()  # it holds the only sequence now, for a few seconds
+                queue = []
+                for i in range(3):  # same priority as "running": they wait for it
+                    queue.append(asyncio.ensure_future(one(f"low{i}", 4)))
+                    await asyncio.sleep(0.05)
+                urgent = asyncio.ensure_future(one("urgent", 4, priority=-5))
+                await asyncio.gather(first, urgent, *queue)
+            return done
+        done = run(go())
+        assert done[0] == "urgent" and done[1] == "running", done
+        assert done[2:] == ["low0", "low1", "low2"]
+    finally:
+        assert s.stop() == 0

@@ -122,6 +122,8 @@ def test_priority_and_logit_bias_reach_the_worker_request(text):
     """The proto's fields through parse_generate and prepare: what the worker's scheduler and sampler get."""
     from qnext.rpc import convert
     req = convert.request(token_ids=[1, 2, 3], priority=-3, logit_bias={9: 2.5, 4: -100.0})
-    p = prepare(convert.parse_generate(req), _limits(), text)
+    p = prepare(convert.parse_generate(req), _limits(priority_scheduling=True), text)
     assert p.add.priority == -3 and p.add.sampling.logit_bias == ((4, -100.0), (9, 2.5))
     assert prepare(GenerateSpec(token_ids=[1]), _limits(), text).add.priority == 0
+    with pytest.raises(ValueError, match=r"^priority: must be 0 unless the server runs with --scheduling-policy"):
+        prepare(convert.parse_generate(req), _limits(), text)  # as vLLM: fcfs servers refuse a priority
