@@ -29,7 +29,7 @@ from multiprocessing.connection import Connection
 
 import structlog
 
-from qnext.rpc.messages import PrefixCacheReset, Ready, Rejected, Shutdown, StepResult, Submit
+from qnext.rpc.messages import PrefixCacheReset, Ready, Rejected, Shutdown, StartFailed, StepResult, Submit
 from qnext.worker.types import EngineConfig, EngineStats, GenerationRequest, RequestOutput, StepError
 from qnext.rpc.worker_env import worker_environment
 from qnext.rpc.worker_process import run_worker
@@ -39,6 +39,10 @@ log = structlog.get_logger("qnext.batcher")
 
 class AdmissionError(Exception):
     """Too many open requests (RESOURCE_EXHAUSTED)."""
+
+
+class WorkerStartFailed(RuntimeError):
+    """The engine refused its configuration at start-up (the message names the field)."""
 
 
 class WorkerUnavailable(Exception):
@@ -109,6 +113,7 @@ class Batcher:
         self.ready: Ready | None = None  # the latest handshake; None while the worker is down
         self.stats = EngineStats()
         self.num_restarts = 0
+        self._start_failed: str | None = None  # the engine's refusal of its configuration, if it refused
         self.draining = False
         self._handles: dict[str, RequestHandle] = {}  # by key
         self._in_worker: set[str] = set()  # keys submitted to the worker whose final output has not come back
@@ -237,6 +242,10 @@ class Batcher:
                 if not fut.done():
                     fut.set_result(msg)
             self._resets = []
+        elif isinstance(msg, StartFailed):
+            self._start_failed = msg.message  # the worker exits next; it is not restarted
+            if self._ready_fut is not None and not self._ready_fut.done():
+                self._ready_fut.set_exception(WorkerStartFailed(msg.message))
         elif isinstance(msg, Rejected):
             self._in_worker.discard(msg.request_id)
             if (h := self._handles.get(msg.request_id)) is not None:
@@ -272,6 +281,9 @@ class Batcher:
         if self._ready_fut is not None and not self._ready_fut.done():
             self._ready_fut.set_exception(RuntimeError(f"the worker failed to start: {why}"))
         if self._closing:
+            return
+        if self._start_failed is not None:
+            log.error("the worker refused its configuration; not restarting it", error=self._start_failed)
             return
         log.error("worker died", reason=why, exitcode=proc.exitcode, restarts=self.num_restarts)
         if was_ready:

@@ -28,6 +28,14 @@ class Shutdown:
 
 
 @dataclass(frozen=True)
+class StartFailed:
+    """The engine refused its configuration (a ValueError naming the field, e.g. a --max-model-len the config or
+    the cache cannot hold): a start-up error for the server to report, not a crash to restart."""
+
+    message: str
+
+
+@dataclass(frozen=True)
 class Ready:
     model: ModelSummary
     cache: CacheInfo

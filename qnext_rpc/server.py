@@ -31,7 +31,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from qnext.rpc import convert
-from qnext.rpc.batcher import Batcher, WorkerUnavailable
+from qnext.rpc.batcher import Batcher, WorkerStartFailed, WorkerUnavailable
 from qnext.rpc.logs import configure_logging
 from qnext.rpc.metrics import Metrics
 from qnext.rpc.preflight import run_preflight
@@ -236,7 +236,7 @@ async def serve(cfg: ServerConfig, engine: EngineConfig) -> int:
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.drain()))
     try:
         await server.start()
-    except StartupError:
+    except (StartupError, WorkerStartFailed):
         await server.batcher.close()  # the worker was already spawned
         raise
     await server.wait()
@@ -301,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(serve(cfg, engine))
     except StartupError as e:
         print(f"qnext-serve: {e}", file=sys.stderr)
+        return 2
+    except WorkerStartFailed as e:  # the engine's own check of its options, e.g. --max-model-len
+        print(f"qnext-serve: {name_the_flag(str(e))}", file=sys.stderr)
         return 2
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from qnext.rpc.logs import configure_logging_from_env
-from qnext.rpc.messages import PrefixCacheReset, Ready, Rejected, Shutdown, StepResult, Submit
+from qnext.rpc.messages import PrefixCacheReset, Ready, Rejected, Shutdown, StartFailed, StepResult, Submit
 from qnext.worker.types import EngineConfig
 
 if TYPE_CHECKING:  # the server process imports this module for run_worker's name only: no torch there
@@ -35,7 +35,11 @@ def run_worker(config: EngineConfig, conn: Connection) -> None:
     from qnext.worker.fault_injection import install_from_env
     configure_logging_from_env()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop (Shutdown or pipe EOF)
-    engine = Engine(config)
+    try:
+        engine = Engine(config)
+    except (ValueError, FileNotFoundError) as e:  # the configuration itself: restarting would fail the same way
+        conn.send(StartFailed(str(e)))
+        return
     if (injected := install_from_env(engine)) is not None:
         log.warning("fault injection is on (test only)", setting=injected)
     try:

@@ -30,7 +30,8 @@ FILLER = "Some words, 数字 42 and 🙂 emoji; "
 
 @pytest.fixture(scope="module")
 def server(default_ckpt, tmp_path_factory):
-    s = ServerProcess(default_ckpt, "--max-model-len", str(MAX_MODEL_LEN),
+    # 256 MiB: a cache that holds one request of MAX_MODEL_LEN tokens (the server refuses a length it cannot hold)
+    s = ServerProcess(default_ckpt, "--max-model-len", str(MAX_MODEL_LEN), "--cache-memory", str(256 << 20),
                       log_path=tmp_path_factory.mktemp("logs") / "server.log")
     yield s
     assert s.stop() == 0

@@ -7,8 +7,11 @@ writes a `rope_parameters` dict instead. Every check names the field it rejects.
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +96,14 @@ class ModelConfig:
     quant: QuantConfig | None
     # Everything else in config.json, kept so nothing the checkpoint says is lost.
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def max_supported_len(self) -> int:
+        """The longest sequence the config supports: with YaRN, factor x original_max_position_embeddings (as
+        vLLM derives it: the model card's factor 4 over 262,144 gives 1,048,576), else max_position_embeddings."""
+        if self.rope.yarn_factor is not None and self.rope.original_max_position_embeddings is not None:
+            return int(self.rope.yarn_factor * self.rope.original_max_position_embeddings)
+        return self.max_position_embeddings
 
     def __post_init__(self) -> None:
         _require(self.vocab_size > 0, "vocab_size", f"must be > 0, got {self.vocab_size}")
@@ -265,6 +276,38 @@ def config_from_dict(raw: dict[str, Any], has_mtp_tensors: bool = False) -> Mode
         quant=_quant_from_json(raw),
         extra={k: v for k, v in raw.items() if k not in _KNOWN_FIELDS},
     )
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """config.json's fields with `overrides`' top-level keys replacing them. A `rope_scaling` override also
+    replaces the scaling inside a transformers-5 `rope_parameters` dict (which would otherwise win over it);
+    null there means plain RoPE."""
+    merged = {**raw, **overrides}
+    params = raw.get("rope_parameters")
+    if "rope_scaling" in overrides and isinstance(params, dict):
+        base = {k: params[k] for k in ("rope_theta", "partial_rotary_factor") if k in params}
+        merged["rope_parameters"] = {**base, **(overrides["rope_scaling"] or {"rope_type": "default"})}
+    return merged
+
+
+def config_overlay(model_dir: str | Path, overrides: dict[str, Any]) -> Path:
+    """A temporary directory that is `model_dir` (each entry a symlink to the original) except for a config.json
+    with `overrides` applied: every reader of the checkpoint, in any process (the loader, tensor-parallel ranks,
+    the tokenizer files), sees the overridden config, and the checkpoint itself is never written (the container
+    mounts it read-only). Removed when this process exits."""
+    src = Path(model_dir).resolve()
+    path = src / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json in the model directory")
+    merged = apply_overrides(json.loads(path.read_text()), overrides)
+    config_from_dict(merged)  # a bad override fails here, naming the field
+    overlay = Path(tempfile.mkdtemp(prefix="qnext-config-"))
+    atexit.register(shutil.rmtree, overlay, ignore_errors=True)
+    for entry in src.iterdir():
+        if entry.name != "config.json":
+            (overlay / entry.name).symlink_to(entry)
+    (overlay / "config.json").write_text(json.dumps(merged, indent=2))
+    return overlay
 
 
 def load_config(model_dir: str | Path, has_mtp_tensors: bool = False) -> ModelConfig:

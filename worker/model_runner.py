@@ -23,7 +23,7 @@ from qnext.kernels.dispatch import kernels_mode
 from qnext.worker.cache import Restore
 from qnext.worker.cache_tensors import (CacheShape, CacheTensors, checkpoint_bytes, kv_bytes_per_block,
                                         state_bytes_per_slot)
-from qnext.worker.config import load_config
+from qnext.worker.config import config_overlay, load_config
 from qnext.worker.dtype_choice import choose_dtype
 from qnext.worker.graph_runner import DecodeGraphRunner, mtp_draft_runner, target_runner
 from qnext.worker.loader import load_model
@@ -144,16 +144,38 @@ class ModelRunner:
         self.dtype = self.model.model.embed_tokens.weight.dtype  # activations / KV dtype
         self.eos_token_ids = (eos_token_ids(self.model_dir, mcfg.eos_token_ids) if self.model_dir is not None
                               else mcfg.eos_token_ids)
-        self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
+        supported = mcfg.max_supported_len
+        if config.max_model_len is not None and config.max_model_len > supported:
+            raise ValueError(
+                f"max_model_len: {config.max_model_len} is more than the model's config supports, {supported} "
+                f"(max_position_embeddings {mcfg.max_position_embeddings}"
+                + (f"; YaRN factor {mcfg.rope.yarn_factor:g} x original_max_position_embeddings "
+                   f"{mcfg.rope.original_max_position_embeddings}" if mcfg.rope.yarn_factor is not None else
+                   "; no rope_scaling: --rope-scaling turns YaRN on") + ")")
+        self.max_model_len = config.max_model_len or supported
         self.max_spec_tokens = config.num_speculative_tokens
         if self.max_spec_tokens and mcfg.num_mtp_layers == 0:
             raise ValueError(f"num_speculative_tokens: {self.model_dir or 'the model'} has no MTP head (mtp.* tensors)")
         graph_mode = self._graph_mode()
         self.cache_info, self.cache = self._allocate_cache(padding_slot=graph_mode is not None)
+        self._fit_max_model_len(config)
         if self.followers is not None:  # from here on the cross-rank calls (tp_worker.LeadModel/LeadCache) run on every rank
             self.model, self.cache = self.followers.lead(self.model, self.cache)
         self.graphs, self.mtp_graphs = self._graph_runners(graph_mode)
         self.timings = StepTimings()
+
+    def _fit_max_model_len(self, config: EngineConfig) -> None:
+        """One request of max_model_len tokens must fit the KV cache: an explicit --max-model-len that does not
+        is an error with both numbers; the default is capped at what the cache holds."""
+        info = self.cache_info
+        capacity = info.num_blocks * info.block_size
+        if self.max_model_len <= capacity:
+            return
+        if config.max_model_len is not None:
+            raise ValueError(f"max_model_len: {config.max_model_len} tokens do not fit the KV cache, which holds "
+                             f"{capacity} tokens ({info.num_blocks} blocks of {info.block_size}); raise "
+                             f"--cache-memory or lower --max-model-len")
+        self.max_model_len = capacity
 
     @staticmethod
     def _load(config: EngineConfig, model: Qwen3NextForCausalLM | None):
@@ -168,6 +190,9 @@ class ModelRunner:
             model_dir = default_checkpoint()
         else:
             model_dir = Path(config.model)
+        overrides = config.config_overrides()
+        if overrides:  # --rope-scaling / --hf-overrides: every reader sees them, the checkpoint stays as it is
+            model_dir = config_overlay(model_dir, overrides)
         device = torch.device(config.device)
         dtype, why = choose_dtype(config.dtype, load_config(model_dir).torch_dtype, device)
         # rank 0 of a tensor-parallel group: start the other ranks (they load their shards meanwhile)

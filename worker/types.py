@@ -8,6 +8,7 @@ gRPC service passes it on as INVALID_ARGUMENT, the command lines as a usage erro
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -131,6 +132,19 @@ def option(default: Any, help: str, **flag: Any) -> Any:
     return field(default=default, metadata={"help": help, **flag})
 
 
+def _json_object(name: str, value: str | None, allow_null: bool = False) -> dict[str, Any] | None:
+    """A flag's JSON text as a dict (None when the flag is unset, or JSON null where allowed)."""
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except ValueError as e:
+        raise ValueError(f"{name}: not valid JSON ({e}): {value!r}") from None
+    require(isinstance(parsed, dict) or (allow_null and parsed is None), name,
+            f"must be a JSON object{' or null' if allow_null else ''}, got {value!r}")
+    return parsed
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """The engine's options, each with its command-line flag: the one place they are defined, defaulted,
@@ -143,7 +157,16 @@ class EngineConfig:
     max_num_seqs: int = option(64, "sequences running at once")
     max_num_batched_tokens: int = option(2048, "tokens per engine step")
     max_model_len: int | None = option(
-        None, "prompt + output tokens per request (default: the model's max_position_embeddings)")
+        None, "prompt + output tokens per request; at most what the config supports (max_position_embeddings, or "
+              "with YaRN factor x original_max_position_embeddings) and what the KV cache holds (default: the "
+              "config's length, capped by the cache)")
+    rope_scaling: str | None = option(
+        None, "JSON object replacing the checkpoint's rope_scaling, e.g. '{\"rope_type\": \"yarn\", \"factor\": 4.0, "
+              "\"original_max_position_embeddings\": 262144}' (the model card's 1M-token setting); the checkpoint "
+              "is not modified")
+    hf_overrides: str | None = option(
+        None, "JSON object of config.json fields to override (top-level keys), as vLLM's flag; the checkpoint is "
+              "not modified")
     block_size: int = option(16, "tokens per KV-cache block")
     cache_memory: float = option(
         0.0, "KV + state cache budget: fraction of device memory (CUDA, <= 1) or bytes (CPU); 0 = 0.85 of free "
@@ -180,6 +203,13 @@ class EngineConfig:
         0, "torch intra-op threads of the engine on a CPU; 0 = torch's default (one per core); fewer when the "
            "machine is shared with busy processes")
 
+    def config_overrides(self) -> dict[str, Any]:
+        """config.json fields to override: --hf-overrides, then --rope-scaling on top ({} when neither)."""
+        overrides = dict(_json_object("hf_overrides", self.hf_overrides) or {})
+        if self.rope_scaling is not None:
+            overrides["rope_scaling"] = _json_object("rope_scaling", self.rope_scaling, allow_null=True)
+        return overrides
+
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size",
                      "cuda_graph_max_batch_size"):
@@ -187,6 +217,7 @@ class EngineConfig:
         require_number("cpu_threads", self.cpu_threads, True, lambda x: x >= 0, ">= 0")
         if self.max_model_len is not None:
             require_number("max_model_len", self.max_model_len, True, lambda x: x >= 1, ">= 1")
+        self.config_overrides()  # a malformed JSON value fails here, naming the field
         require(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         require(self.speculative_draft_length in SPEC_DRAFT_LENGTHS, "speculative_draft_length",
                 f"must be one of {', '.join(SPEC_DRAFT_LENGTHS)}, got {self.speculative_draft_length!r}")
