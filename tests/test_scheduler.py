@@ -380,3 +380,16 @@ def test_randomized_stress(priorities: tuple[int, ...]) -> None:
     assert finished + aborted == added and added > 100
     assert all(r.status == RequestStatus.FINISHED for r in all_requests)
     assert sum(r.num_preemptions for r in all_requests) > 0
+
+
+def test_a_quarantined_request_runs_alone_behind_a_higher_priority_one() -> None:
+    sched = new(max_num_seqs=4)
+    for rid in ("a", "b"):
+        sched.add(make(rid, 3, max_new=4))
+    step(sched)
+    sched.add(make("h", 3, max_new=2, priority=-1))  # waiting, ahead of everything by priority
+    sched.quarantine([sched.get("a")])  # a step with "a" failed: it reruns alone
+    assert [r.request_id for r in sched._waiting] == ["h", "a"]
+    plan, _ = step(sched)
+    assert [c.request.request_id for c in plan.chunks] == ["a"]
+    assert set(run(sched)) == {"a", "b", "h"}

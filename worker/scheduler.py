@@ -319,8 +319,9 @@ class Scheduler:
             if chunk is not None:
                 plan.chunks.append(chunk)
             return chunk is not None
-        if self._waiting and self._waiting[0].suspect:
-            self._schedule_waiting(plan, self.config.max_num_batched_tokens, limit=1)
+        waiting = next((r for r in self._waiting if r.suspect), None)  # not always first: priorities
+        if waiting is not None:
+            self._schedule_waiting(plan, self.config.max_num_batched_tokens, limit=1, first=waiting)
         return bool(plan.chunks)
 
     def _preempt_for_priority(self, plan: SchedulePlan) -> None:
@@ -339,13 +340,17 @@ class Scheduler:
         return (len(self._running) < self.config.max_num_seqs and self.cache.slots.num_free > 0
                 and self.cache.blocks_for(first) <= self.cache.num_available_blocks)
 
-    def _schedule_waiting(self, plan: SchedulePlan, budget: int, limit: int | None = None) -> None:
+    def _schedule_waiting(self, plan: SchedulePlan, budget: int, limit: int | None = None,
+                          first: Request | None = None) -> None:
         """Admit waiting requests in order until one does not fit (it and everyone behind it wait), at most
-        `limit` of them; a request preempted in this plan (for a higher priority) stops admission too."""
+        `limit` of them; a request preempted in this plan (for a higher priority) stops admission too. `first`:
+        a waiting request to try before the queue's head (a quarantined one, with limit 1)."""
         admitted = 0
         while (self._waiting and len(self._running) < self.config.max_num_seqs and budget > 0
-               and (limit is None or admitted < limit) and self._waiting[0].request_id not in plan.preempted):
-            request = self._waiting[0]
+               and (limit is None or admitted < limit)):
+            request = first if first is not None and admitted == 0 else self._waiting[0]
+            if request.request_id in plan.preempted:
+                return
             hit, restore = self.cache.restore_prefix(request)
             chunk = self._try_chunk(request, budget)
             if chunk is None:
@@ -356,7 +361,7 @@ class Scheduler:
             self.cache.record_admission(request, hit, restore is not None)
             if restore is not None:
                 plan.restores.append(restore)
-            self._waiting.pop(0)
+            self._waiting.remove(request)
             request.status = RequestStatus.RUNNING
             bisect.insort(self._running, request, key=_order)
             plan.chunks.append(chunk)
