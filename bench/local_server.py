@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
-_BANNER = re.compile(r"listening on [\d.]+:(\d+) \(gRPC\), metrics on [\d.]+:(-?\d+)")
+_BANNER = re.compile(r"listening on [\d.]+:(\d+) \(gRPC\), metrics (?:on [\d.]+:(\d+)|off)")
 
 
 class LocalServer:
@@ -36,7 +36,7 @@ class LocalServer:
             m = _BANNER.search(line)
             if not m:
                 raise RuntimeError(f"unexpected first line from the server: {line!r}")
-            self.port, self.metrics_port = int(m.group(1)), int(m.group(2))
+            self.port, self.metrics_port = int(m.group(1)), int(m.group(2) or -1)  # -1: metrics off
             self.target = f"127.0.0.1:{self.port}"
             self.banner = line.strip()
             self.wait_serving(60)

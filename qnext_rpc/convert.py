@@ -177,7 +177,9 @@ def model_info(ready: Ready, limits: Limits, server: dict[str, Any]) -> Any:
         max_num_speculative_tokens=limits.max_num_speculative_tokens, max_stop_strings=limits.max_stop_strings,
         max_stop_string_length=limits.max_stop_string_length, default_max_new_tokens=limits.default_max_new_tokens,
         num_kv_cache_tokens=ready.cache.num_kv_tokens, num_state_slots=ready.cache.num_slots,
-        default_sampling=pb.SamplingParams(**limits.default_sampling), device=m.device, **server)
+        default_sampling=pb.SamplingParams(**limits.default_sampling), device=m.device,
+        kv_cache_dtype=m.kv_cache_dtype, state_dtype=m.state_dtype,
+        scheduling_policy="priority" if limits.priority_scheduling else "fcfs", **server)
 
 
 def server_stats(w: EngineStats, server: dict[str, Any]) -> Any:

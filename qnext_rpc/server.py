@@ -165,8 +165,9 @@ class Server:
         c = ready.cache
         cache_mib = (c.num_blocks * c.bytes_per_block + c.num_slots * c.bytes_per_slot
                      + c.num_checkpoints * c.bytes_per_checkpoint) / 2**20
-        print(f"qnext-serve: listening on {cfg.host}:{self.port} (gRPC), metrics on "
-              f"{cfg.metrics_host}:{self.metrics_port}; model {m.model_dir} ({m.architecture}, {m.dtype}: "
+        metrics = f"on {cfg.metrics_host}:{self.metrics_port}" if cfg.metrics_port >= 0 else "off"
+        print(f"qnext-serve: listening on {cfg.host}:{self.port} (gRPC), metrics {metrics}; "
+              f"model {m.model_dir} ({m.architecture}, {m.dtype}: "
               f"{m.dtype_reason}) on "
               f"{m.device}; cache {c.num_kv_tokens} KV tokens in {c.num_blocks} blocks, {c.num_slots} state slots, "
               f"{c.num_checkpoints} prefix-cache checkpoints ({cache_mib:.0f} MiB); max_model_len {m.max_model_len}; "

@@ -120,3 +120,23 @@ def test_server_start_up_refuses_a_length_it_cannot_serve(default_ckpt, flags, m
     proc = subprocess.run([sys.executable, "-m", "qnext.rpc.server", "--model", str(default_ckpt), "--port", "0",
                            "--metrics-port", "-1", *flags], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_overrides_leave_the_reported_checkpoint_and_the_banner_as_they_are(default_ckpt, tmp_path):
+    """With --rope-scaling the server reads an overlay, but it names the checkpoint itself (GetModelInfo's model_id,
+    the start-up line), reports the longer length, and says metrics are off when they are."""
+    import asyncio
+    from qnext.rpc.client import Client
+    from test_service_support import ServerProcess
+    rope = json.dumps({**YARN, "original_max_position_embeddings": 262144})
+    s = ServerProcess(default_ckpt, "--rope-scaling", rope, "--max-model-len", "300000", "--cache-memory",
+                      str(512 << 20), "--metrics-port", "-1", log_path=tmp_path / "server.log")
+    try:
+        async def info():
+            async with Client(s.target) as c:
+                return await c.model_info()
+        m = asyncio.run(info())
+        assert m.model_id == default_ckpt.name and m.max_model_len == 300000
+        assert f"model {default_ckpt}" in s.banner and "metrics off" in s.banner and s.metrics_port == -1
+    finally:
+        assert s.stop() == 0

@@ -264,6 +264,7 @@ def test_model_info(server):
     assert info.max_model_len == 4096 and list(info.eos_token_ids) == [151645, 151643]
     assert info.mtp_available and info.max_num_speculative_tokens == 0 and info.max_num_seqs == 32
     assert info.num_kv_cache_tokens > 0 and info.num_state_slots == 32 and info.has_chat_template
+    assert (info.kv_cache_dtype, info.state_dtype, info.scheduling_policy) == ("bfloat16", "float32", "fcfs")
 
 
 def test_health_reflection_and_metrics(server):
@@ -359,6 +360,7 @@ def test_priority_scheduling_over_grpc(default_ckpt, tmp_path):
             return done
         done = run(go())
         assert done[0] == "urgent" and done[1] == "running", done
+        assert "metrics on" in s.banner
         assert done[2:] == ["low0", "low1", "low2"]
     finally:
         assert s.stop() == 0

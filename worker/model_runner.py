@@ -190,14 +190,15 @@ class ModelRunner:
             model_dir = default_checkpoint()
         else:
             model_dir = Path(config.model)
+        # --rope-scaling / --hf-overrides: the model is read through an overlay whose config.json has them (every
+        # reader sees them, the checkpoint stays as it is); the checkpoint's own directory is what is reported
         overrides = config.config_overrides()
-        if overrides:  # --rope-scaling / --hf-overrides: every reader sees them, the checkpoint stays as it is
-            model_dir = config_overlay(model_dir, overrides)
+        source = config_overlay(model_dir, overrides) if overrides else model_dir
         device = torch.device(config.device)
-        dtype, why = choose_dtype(config.dtype, load_config(model_dir).torch_dtype, device)
+        dtype, why = choose_dtype(config.dtype, load_config(source).torch_dtype, device)
         # rank 0 of a tensor-parallel group: start the other ranks (they load their shards meanwhile)
-        followers = Followers(model_dir, config.device, str(dtype).removeprefix("torch."), tp) if tp > 1 else None
-        return model_dir, followers, load_model(model_dir, device, dtype, tp_size=tp), why
+        followers = Followers(source, config.device, str(dtype).removeprefix("torch."), tp) if tp > 1 else None
+        return model_dir, followers, load_model(source, device, dtype, tp_size=tp), why
 
     def _allocate_cache(self, padding_slot: bool) -> tuple[CacheInfo, CacheTensors]:
         config, mcfg = self.config, self.model.config

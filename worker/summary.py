@@ -27,7 +27,8 @@ def model_summary(engine: Engine) -> ModelSummary:
                         quantization=quant, max_model_len=runner.max_model_len, vocab_size=runner.vocab_size,
                         eos_token_ids=tuple(runner.eos_token_ids), num_mtp_layers=mcfg.num_mtp_layers,
                         spec_supported=runner.max_spec_tokens > 0, device=device,
-                        cuda_graphs=runner.describe_graphs(), dtype_reason=runner.dtype_reason)
+                        cuda_graphs=runner.describe_graphs(), dtype_reason=runner.dtype_reason,
+                        kv_cache_dtype=str(runner.dtype).removeprefix("torch."), state_dtype=engine.config.state_dtype)
 
 
 def engine_stats(engine: Engine) -> EngineStats:

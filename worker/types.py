@@ -314,6 +314,8 @@ class ModelSummary:
     device: str
     cuda_graphs: str = "off"  # decode graphs: "off (why)", or what was captured (worker/graph_runner.py)
     dtype_reason: str = ""  # why this dtype (worker/dtype_choice.py), for the start-up line
+    kv_cache_dtype: str = ""  # KV cache elements (today the activation dtype)
+    state_dtype: str = ""  # DeltaNet recurrent state (--state-dtype)
 
 
 @dataclass(frozen=True)

@@ -316,7 +316,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "architecture", "dtype", "quantization", "max_model_len", "vocab_size", "eos_token_ids", "mtp_available", "max_num_speculative_tokens", "max_num_seqs", "max_num_batched_tokens", "max_pending_requests", "max_stop_strings", "max_stop_string_length", "max_top_logprobs", "default_max_new_tokens", "num_kv_cache_tokens", "num_state_slots", "reasoning_parser", "has_chat_template", "default_sampling", "device")
+    __slots__ = ("model_id", "architecture", "dtype", "quantization", "max_model_len", "vocab_size", "eos_token_ids", "mtp_available", "max_num_speculative_tokens", "max_num_seqs", "max_num_batched_tokens", "max_pending_requests", "max_stop_strings", "max_stop_string_length", "max_top_logprobs", "default_max_new_tokens", "num_kv_cache_tokens", "num_state_slots", "reasoning_parser", "has_chat_template", "default_sampling", "device", "kv_cache_dtype", "state_dtype", "scheduling_policy")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -339,6 +339,9 @@ class ModelInfo(_message.Message):
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_SAMPLING_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    STATE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULING_POLICY_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     architecture: str
     dtype: str
@@ -361,7 +364,10 @@ class ModelInfo(_message.Message):
     has_chat_template: bool
     default_sampling: SamplingParams
     device: str
-    def __init__(self, model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., mtp_available: _Optional[bool] = ..., max_num_speculative_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_pending_requests: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_length: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., num_kv_cache_tokens: _Optional[int] = ..., num_state_slots: _Optional[int] = ..., reasoning_parser: _Optional[bool] = ..., has_chat_template: _Optional[bool] = ..., default_sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., device: _Optional[str] = ...) -> None: ...
+    kv_cache_dtype: str
+    state_dtype: str
+    scheduling_policy: str
+    def __init__(self, model_id: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., mtp_available: _Optional[bool] = ..., max_num_speculative_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_pending_requests: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_length: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., num_kv_cache_tokens: _Optional[int] = ..., num_state_slots: _Optional[int] = ..., reasoning_parser: _Optional[bool] = ..., has_chat_template: _Optional[bool] = ..., default_sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., device: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., state_dtype: _Optional[str] = ..., scheduling_policy: _Optional[str] = ...) -> None: ...
 
 class GetServerStatsRequest(_message.Message):
     __slots__ = ()
