@@ -191,11 +191,10 @@ def gated_delta_rule_varlen(
         if n > 1 and is_verify[i]:
             s, slot = starts[i], state_slots[i]
             assert has_initial_state[i] and spec_ssm is not None and n - 1 <= spec_ssm.shape[1]
-            st = ssm_state[slot][None]
+            st = ssm_state[slot][None].to(compute_dtype(v.dtype), copy=True)  # ours: advanced in place
             for j in range(n):
                 r = slice(s + j, s + j + 1)
-                o, st = recurrent_step(q[r], k[r], v[r], g[r], beta[r], st)
-                out[r] = o
+                out[r] = _recurrent_step_(q[r], k[r], v[r], g[r], beta[r], st)
                 if j < n - 1:
                     spec_ssm[slot, j] = st[0].to(spec_ssm.dtype)
             ssm_state[slot] = st[0].to(ssm_state.dtype)
