@@ -3,6 +3,7 @@ prefills of odd lengths around the chunk size, and speculative-verify chunks."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -79,3 +80,36 @@ def test_conv1d_varlen_matches_naive():
             for j in range(n - 1):
                 assert torch.equal(spec[slots[i], j], seq[:, j + 1:j + K])
         s += n
+
+
+@pytest.mark.parametrize("H, dk, init", [(3, 8, [True, False, True, True]), (8, 64, [True, True, True, True]),
+                                         (8, 64, [True, False, True, False])])
+def test_pure_decode_steps_match_naive(H, dk, init):
+    """Every sequence one token (the decode step's own path, no row gathers), with states both below and above
+    SMALL_STATE (the broadcast form and the batched-matmul form), fresh sequences mixed in or not."""
+    from qnext.kernels.gated_delta_rule.reference import SMALL_STATE
+    gen = torch.Generator().manual_seed(2)
+    B, dv = len(init), dk
+    f64 = dict(generator=gen, dtype=torch.float64)
+    q, k, v = torch.randn(B, H, dk, **f64), torch.randn(B, H, dk, **f64), torch.randn(B, H, dv, **f64)
+    g, beta = -torch.rand(B, H, **f64), torch.rand(B, H, **f64)
+    pool = torch.randn(9, H, dk, dv, **f64)
+    slots = torch.tensor([8, 1, 5, 3])
+    before = pool.clone()
+    out = gated_delta_rule_varlen(q, k, v, g, beta, pool, slots, [1] * B, init)
+    assert (B * H * dk * dv > SMALL_STATE) == (dk == 64)  # both forms are exercised
+    for i in range(B):
+        S0 = before[slots[i]] if init[i] else torch.zeros(H, dk, dv, dtype=torch.float64)
+        o, S = naive_delta(q[i:i + 1], k[i:i + 1], v[i:i + 1], g[i:i + 1], beta[i:i + 1], S0)
+        assert torch.allclose(out[i], o[0], atol=1e-10) and torch.allclose(pool[slots[i]], S, atol=1e-10), i
+    untouched = [x for x in range(9) if x not in slots.tolist()]
+    assert torch.equal(pool[untouched], before[untouched])
+    D, K = 6, 4
+    x, w = torch.randn(B, D, **f64), torch.randn(D, K, **f64)
+    cpool = torch.randn(9, D, K - 1, **f64)
+    cbefore = cpool.clone()
+    y = causal_conv1d_varlen(x, w, cpool, slots, [1] * B, init)
+    for i in range(B):
+        hist = cbefore[slots[i]] if init[i] else torch.zeros(D, K - 1, dtype=torch.float64)
+        seq = torch.cat([hist, x[i:i + 1].t()], 1)
+        assert torch.allclose(y[i], F.silu((seq * w).sum(-1)), atol=1e-12) and torch.equal(cpool[slots[i]], seq[:, 1:])

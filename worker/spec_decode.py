@@ -40,23 +40,23 @@ STREAM_RESIDUAL = 3  # drawing from the residual after a rejection
 
 
 def draw(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, stream: int,
-         greedy: torch.Tensor | None = None, racing: torch.Tensor | None = None) -> torch.Tensor:
-    """One token per row drawn exactly from probs [n, V] (rows need not be normalised). Greedy rows (one-hot
-    distributions) take the argmax without paying for noise; `racing` rows run the exponential race over the
-    vocabulary, the others invert their CDF (sampler.inverse_cdf_draw, one uniform per row). On the sampler's
-    stream a request draws the way the sampler draws it (a race when it has a filter), so a bonus token equals
-    the token plain decoding draws at that step; the draft and residual streams need no such match."""
+         argmax: list[bool] | None = None, racing: list[bool] | None = None) -> torch.Tensor:
+    """One token per row drawn exactly from probs [n, V] (rows need not be normalised). `argmax` rows (greedy:
+    one-hot distributions, or rows whose draw the caller discards) take the argmax without paying for noise;
+    `racing` rows run the exponential race over the vocabulary, the others invert their CDF
+    (sampler.inverse_cdf_draw, one uniform per row). On the sampler's stream a request draws the way the sampler
+    draws it (a race when it has a filter), so a bonus token equals the token plain decoding draws at that step;
+    the draft and residual streams need no such match. The row choices are host lists: no device sync."""
+    n = probs.shape[0]
+    argmax, racing = argmax or [False] * n, racing or [False] * n
     tokens = row_argmax(probs)
-    sampling = torch.ones_like(tokens, dtype=torch.bool) if greedy is None else ~greedy
-    if not sampling.any():
-        return tokens
-    by_race = sampling & racing if racing is not None else torch.zeros_like(sampling)
-    by_cdf = sampling & ~by_race
-    if by_cdf.any():
-        rows = by_cdf.nonzero()[:, 0]
+    by_cdf = [i for i in range(n) if not argmax[i] and not racing[i]]
+    by_race = [i for i in range(n) if not argmax[i] and racing[i]]
+    if by_cdf:
+        rows = torch.tensor(by_cdf, device=probs.device)
         tokens[rows] = inverse_cdf_draw(probs[rows], seeds[rows], steps[rows], stream)
-    if by_race.any():
-        rows = by_race.nonzero()[:, 0]
+    if by_race:
+        rows = torch.tensor(by_race, device=probs.device)
         exp_noise = uniform_noise(seeds[rows], steps[rows], stream, probs.shape[1]).log_().neg_()
         # fp32 like the sampler's own race
         tokens[rows] = row_argmax(probs[rows].float() / exp_noise.to(torch.float32))
@@ -103,13 +103,12 @@ def accept_drafts(
     rows = torch.stack(final_rows)
     seeds_t = torch.tensor(final_seeds, dtype=torch.int64, device=dev)
     steps_t = torch.tensor(final_steps, device=dev)
-    greedy_t = torch.tensor(greedy or [False] * len(rows), device=dev)
-    bonus_t = torch.tensor(is_bonus, device=dev)
+    greedy = greedy or [False] * len(rows)
     # each row draws once: the bonus rows from p on the sampler's stream, the others from the residual
-    filtered_t = torch.tensor(filtered or [False] * len(rows), device=dev)
-    final = draw(rows, seeds_t, steps_t, STREAM_SAMPLE, greedy_t | ~bonus_t, racing=filtered_t)
-    residual = draw(rows, seeds_t, steps_t, STREAM_RESIDUAL, greedy_t | bonus_t)
-    final = torch.where(bonus_t | greedy_t, final, residual).tolist()
+    final = draw(rows, seeds_t, steps_t, STREAM_SAMPLE, [g or not b for g, b in zip(greedy, is_bonus)],
+                 racing=filtered).tolist()
+    residual = draw(rows, seeds_t, steps_t, STREAM_RESIDUAL, [g or b for g, b in zip(greedy, is_bonus)]).tolist()
+    final = [f if g or b else r for f, r, g, b in zip(final, residual, greedy, is_bonus)]
     for i in range(len(tokens)):
         tokens[i].append(int(final[i]))
     return VerifyResult(tokens, accepted)
@@ -356,7 +355,7 @@ class SpecDecoder:
         dev = self.runner.device
         tok = draw(q, torch.tensor([r.seed for r in requests], dtype=torch.int64, device=dev),
                    torch.tensor([len(r.output_token_ids) + j for r in requests], device=dev), STREAM_DRAFT,
-                   torch.tensor([r.sampling.is_greedy for r in requests], device=dev)).tolist()
+                   [r.sampling.is_greedy for r in requests]).tolist()
         more = []
         for row, r in enumerate(requests):
             drafts[row].append(tok[row])

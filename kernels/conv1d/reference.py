@@ -21,15 +21,13 @@ def causal_conv1d_varlen(
 ) -> torch.Tensor:  # [T, D] silu(conv(x))
     T, D = x.shape
     K = weight.shape[1]
-    # a pure decode step (every sequence one token) needs no row gathers or scatters: rows are 0..T-1
-    all_decode = all(n == 1 for n in query_lens)
-    out = x if all_decode else torch.empty_like(x)  # (x only as a placeholder: replaced below)
     # Sequences of one token (decode) go together as one batched update.
     starts = [0]
     for n in query_lens:
         starts.append(starts[-1] + n)
     single = [i for i, n in enumerate(query_lens) if n == 1]
     multi = [i for i, n in enumerate(query_lens) if n > 1]
+    all_decode = len(single) == len(query_lens)  # rows are 0..T-1: no row gathers or scatters
     if single:
         rows = None if all_decode else torch.tensor([starts[i] for i in single], device=x.device)
         slots = state_slots if all_decode else state_slots[single]
@@ -40,11 +38,12 @@ def causal_conv1d_varlen(
         window = torch.cat([hist, (x if all_decode else x[rows]).unsqueeze(-1)], dim=-1)  # [b, D, K]
         ct = compute_dtype(x.dtype)
         y = F.silu((window.to(ct) * weight.to(ct)).sum(-1)).to(x.dtype)
-        if all_decode:
-            out = y
-        else:
-            out[rows] = y
         conv_state.index_copy_(0, slots, window[:, :, 1:].to(conv_state.dtype))
+        if all_decode:
+            return y
+    out = torch.empty_like(x)
+    if single:
+        out[rows] = y
     for i in multi:
         s, n = starts[i], query_lens[i]
         slot = state_slots[i]

@@ -37,16 +37,10 @@ def recurrent_step(
     v: torch.Tensor,  # [B, H, dv]
     g: torch.Tensor,  # [B, H] log decay (<= 0)
     beta: torch.Tensor,  # [B, H]
-    state: torch.Tensor,  # [B, H, dk, dv] fp32
-) -> tuple[torch.Tensor, torch.Tensor]:  # o [B, H, dv], new state [B, H, dk, dv] (compute dtype)
-    s = state.to(compute_dtype(q.dtype), copy=True)
-    return _recurrent_step_(q, k, v, g, beta, s), s
-
-
-def _recurrent_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                     s: torch.Tensor) -> torch.Tensor:
-    """recurrent_step on a state s [B, H, dk, dv] in the compute dtype that it may overwrite: advances s in
-    place and returns o [B, H, dv] (a decode step's freshly gathered states need no second copy)."""
+    s: torch.Tensor,  # [B, H, dk, dv] in the compute dtype: advanced IN PLACE to the state after this token
+) -> torch.Tensor:  # o [B, H, dv] (compute dtype)
+    """One token of the recurrence. In place because every caller owns a fresh copy of the state (gathered from
+    the slot pool), so a second copy per token would be pure cost."""
     q, k = _prepare(q, k)
     ct = q.dtype
     dk, dv = s.shape[-2:]
@@ -171,30 +165,28 @@ def gated_delta_rule_varlen(
     starts = [0]
     for n in query_lens:
         starts.append(starts[-1] + n)
+    ct = compute_dtype(v.dtype)
     single = [i for i, n in enumerate(query_lens) if n == 1]
-    if len(single) == len(query_lens):  # a pure decode step: rows are 0..T-1, no gathers or scatters
-        s = _initial_states(ssm_state, state_slots, has_initial_state)  # fresh: the step may overwrite it
-        if s.dtype != compute_dtype(v.dtype):
-            s = s.to(compute_dtype(v.dtype))
-        o = _recurrent_step_(q, k, v, g, beta, s)
-        ssm_state.index_copy_(0, state_slots, s.to(ssm_state.dtype))
-        return o.to(v.dtype)
-    out = torch.empty(v.shape, dtype=compute_dtype(v.dtype), device=v.device)
+    all_decode = len(single) == len(query_lens)  # rows are 0..T-1: no row gathers or scatters
     if single:
-        rows = torch.tensor([starts[i] for i in single], device=v.device)
-        slots = state_slots[single]
-        s0 = _initial_states(ssm_state, slots, [has_initial_state[i] for i in single])
-        o, s1 = recurrent_step(q[rows], k[rows], v[rows], g[rows], beta[rows], s0)
+        slots = state_slots if all_decode else state_slots[single]
+        rows = None if all_decode else torch.tensor([starts[i] for i in single], device=v.device)
+        s0 = _initial_states(ssm_state, slots, [has_initial_state[i] for i in single]).to(ct)  # ours to advance
+        o = recurrent_step(*((x if all_decode else x[rows]) for x in (q, k, v, g, beta)), s0)
+        ssm_state.index_copy_(0, slots, s0.to(ssm_state.dtype))
+        if all_decode:
+            return o.to(v.dtype)
+    out = torch.empty(v.shape, dtype=ct, device=v.device)
+    if single:
         out[rows] = o
-        ssm_state[slots] = s1.to(ssm_state.dtype)
     for i, n in enumerate(query_lens):
         if n > 1 and is_verify[i]:
             s, slot = starts[i], state_slots[i]
             assert has_initial_state[i] and spec_ssm is not None and n - 1 <= spec_ssm.shape[1]
-            st = ssm_state[slot][None].to(compute_dtype(v.dtype), copy=True)  # ours: advanced in place
+            st = ssm_state[slot][None].to(ct, copy=True)  # ours to advance (a 0-d index gives a view of the pool)
             for j in range(n):
                 r = slice(s + j, s + j + 1)
-                out[r] = _recurrent_step_(q[r], k[r], v[r], g[r], beta[r], st)
+                out[r] = recurrent_step(q[r], k[r], v[r], g[r], beta[r], st)
                 if j < n - 1:
                     spec_ssm[slot, j] = st[0].to(spec_ssm.dtype)
             ssm_state[slot] = st[0].to(ssm_state.dtype)
