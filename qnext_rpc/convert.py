@@ -90,6 +90,10 @@ def parse_generate(req: Any) -> GenerateSpec:
     spec.stop_token_ids = list(st.stop_token_ids)
     spec.ignore_eos = st.ignore_eos
     spec.include_stop_strings = st.include_stop_strings
+    if st.HasField("max_reasoning_tokens"):
+        spec.max_reasoning_tokens = st.max_reasoning_tokens
+    if req.HasField("prompt_logprobs"):
+        spec.prompt_logprobs = req.prompt_logprobs
     if req.HasField("num_speculative_tokens"):
         spec.num_speculative_tokens = req.num_speculative_tokens
     spec.bypass_prefix_cache = req.bypass_prefix_cache
@@ -134,7 +138,7 @@ def finish_info(f: Finish) -> Any:
 
 def generate_response(c: Chunk) -> Any:
     resp = pb.GenerateResponse(token_ids=c.token_ids, text=c.text, reasoning_text=c.reasoning_text,
-                               logprobs=_logprobs(c.logprobs),
+                               logprobs=_logprobs(c.logprobs), prompt_logprobs=_logprobs(c.prompt_logprobs),
                                tool_calls=[pb.ToolCallDelta(index=d.index, id=d.id, name=d.name,
                                                             arguments_delta=d.arguments_delta) for d in c.tool_calls])
     if c.finish is not None:
@@ -148,6 +152,7 @@ def generate_result(request_id: str, chunks: list[Chunk]) -> Any:
                             text="".join(c.text for c in chunks),
                             reasoning_text="".join(c.reasoning_text for c in chunks),
                             logprobs=_logprobs([lp for c in chunks for lp in c.logprobs]),
+                            prompt_logprobs=_logprobs([lp for c in chunks for lp in c.prompt_logprobs]),
                             tool_calls=[pb.ToolCall(id=t.id, name=t.name, arguments_json=t.arguments_json)
                                         for t in assemble_calls([d for c in chunks for d in c.tool_calls])])
     if finish is not None:
@@ -243,12 +248,14 @@ def request(**fields: Any) -> Any:
         req.cache_checkpoints.extend(fields.pop("cache_checkpoints"))
     if "priority" in fields:
         req.priority = fields.pop("priority")
+    if "prompt_logprobs" in fields:
+        req.prompt_logprobs = fields.pop("prompt_logprobs")
     for name in SAMPLING_FIELDS:
         if name in fields:
             setattr(req.sampling, name, fields.pop(name))
     if "logit_bias" in fields:  # {token id: bias}
         req.sampling.logit_bias.update(fields.pop("logit_bias"))
-    for name in ("max_new_tokens", "min_new_tokens", "ignore_eos", "include_stop_strings"):
+    for name in ("max_new_tokens", "min_new_tokens", "ignore_eos", "include_stop_strings", "max_reasoning_tokens"):
         if name in fields:
             setattr(req.stopping, name, fields.pop(name))
     for name in ("stop_strings", "stop_token_ids"):

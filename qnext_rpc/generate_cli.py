@@ -39,7 +39,8 @@ def _fields(args: argparse.Namespace) -> dict:
             f["enable_thinking"] = args.thinking == "on"
     else:
         f["text"] = args.prompt
-    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_new_tokens"):
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_new_tokens",
+                 "max_reasoning_tokens"):
         if getattr(args, name) is not None:
             f[name] = getattr(args, name)
     if args.stop:
@@ -156,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens to generate at most (default: the server's --max-new-tokens-default, capped by "
                         "what the model length leaves)")
+    p.add_argument("--max-reasoning-tokens", type=int, default=None,
+                   help="reasoning budget: after this many tokens inside the think block the prompt opened, the next "
+                        "is </think> and the answer follows (default: no budget)")
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature; 0 = greedy (default: the server's, from the model's "
                         "generation_config.json)")

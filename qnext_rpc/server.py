@@ -57,6 +57,9 @@ class StartupError(RuntimeError):
 SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
+DEFAULT_MAX_NEW_TOKENS = 2048  # without a reasoning parser
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "0.0.0.0"
@@ -64,7 +67,7 @@ class ServerConfig:
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9090  # 0 = a free port, -1 = off
     max_pending_requests: int = 256
-    default_max_new_tokens: int = 2048
+    default_max_new_tokens: int | None = None  # None: 2048, or the remaining context with a reasoning parser
     max_stop_strings: int = 16
     max_stop_string_length: int = 256
     reasoning_parser: str | None = None
@@ -78,13 +81,22 @@ class ServerConfig:
     def __post_init__(self) -> None:
         for name in ("max_pending_requests", "default_max_new_tokens", "max_stop_strings", "max_stop_string_length",
                      "stream_interval"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy: one of {', '.join(SCHEDULING_POLICIES)}, "
                              f"got {self.scheduling_policy!r}")
         if self.reasoning_parser not in (None, "qwen3"):
             raise ValueError(f"reasoning_parser: only qwen3 (<think>...</think>) exists, got {self.reasoning_parser!r}")
+
+    @property
+    def max_new_tokens_default(self) -> int:
+        """max_new_tokens of a request that gives none, 0 = the remaining context: a Thinking model's trace is
+        long (the model card recommends tens of thousands of tokens), so with the reasoning parser on and no
+        --max-new-tokens-default, only the context bounds it."""
+        if self.default_max_new_tokens is not None:
+            return self.default_max_new_tokens
+        return 0 if self.reasoning_parser is not None else DEFAULT_MAX_NEW_TOKENS
 
 
 def _grammar_compiler(model_dir: Path, vocab_size: int, eos_token_ids: tuple[int, ...]) -> GrammarCompiler | None:
@@ -139,7 +151,7 @@ class Server:
         text.grammars = _grammar_compiler(model_dir, m.vocab_size, m.eos_token_ids)
         limits = Limits(max_model_len=m.max_model_len, vocab_size=m.vocab_size,
                         max_num_speculative_tokens=self.engine.num_speculative_tokens,
-                        default_max_new_tokens=cfg.default_max_new_tokens, max_stop_strings=cfg.max_stop_strings,
+                        default_max_new_tokens=cfg.max_new_tokens_default, max_stop_strings=cfg.max_stop_strings,
                         max_stop_string_length=cfg.max_stop_string_length,
                         priority_scheduling=cfg.scheduling_policy == "priority",
                         default_sampling=_default_sampling(model_dir))
@@ -253,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--metrics-host", default="0.0.0.0", help="Prometheus HTTP bind address")
     a("--metrics-port", type=int, default=9090, help="Prometheus HTTP port (0 = a free port, -1 = off)")
     a("--max-pending-requests", type=int, default=256, help="open requests before RESOURCE_EXHAUSTED")
-    a("--max-new-tokens-default", type=int, default=2048, help="max_new_tokens when a request gives none")
+    a("--max-new-tokens-default", type=int, default=None,
+      help=f"max_new_tokens when a request gives none (default: {DEFAULT_MAX_NEW_TOKENS}; with --reasoning-parser, the "
+           "remaining context)")
     a("--reasoning-parser", nargs="?", const="qwen3", default=None,
       help="split <think>...</think> into reasoning_text; qwen3 when given without a value (default: off, the "
            "whole output is text)")

@@ -64,6 +64,7 @@ class Chunk:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: Finish | None = None
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.., in the first chunk
 
 
 class OutputAssembler:
@@ -100,6 +101,9 @@ class OutputAssembler:
             if self.prepared.top_logprobs:
                 chunk.logprobs += [TokenLogprob(t, lp, top) for t, lp, top in
                                    zip(out.new_token_ids, out.logprobs, out.top_logprobs)]
+            if out.prompt_logprobs is not None:
+                chunk.prompt_logprobs += [TokenLogprob(t, lp, top) for t, (lp, top) in
+                                          zip(self.prepared.add.prompt_token_ids[1:], out.prompt_logprobs)]
             self.num_preemptions = out.num_preemptions
             self.spec = tuple(getattr(out, f, 0) for f in ("num_drafted_tokens", "num_accepted_tokens",
                                                              "num_draft_steps"))

@@ -32,7 +32,7 @@ class Limits:
     max_model_len: int
     vocab_size: int
     max_num_speculative_tokens: int = 0
-    default_max_new_tokens: int = 2048
+    default_max_new_tokens: int = 2048  # 0 = the remaining context
     max_stop_strings: int = 16
     max_stop_string_length: int = 256
     max_request_id_length: int = 256
@@ -73,6 +73,8 @@ class GenerateSpec:
     ignore_eos: bool = False
     include_stop_strings: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: int | None = None
+    max_reasoning_tokens: int | None = None
     num_speculative_tokens: int | None = None
     bypass_prefix_cache: bool = False
     cache_checkpoints: list[int] = field(default_factory=list)
@@ -242,11 +244,13 @@ def sampling_params(spec: GenerateSpec, limits: Limits) -> SamplingParams:
         raise ValueError(f"sampling.{e}") from None
 
 
-def stopping_params(spec: GenerateSpec, limits: Limits, num_prompt: int) -> StoppingParams:
+def stopping_params(spec: GenerateSpec, limits: Limits, num_prompt: int,
+                    reasoning_end_id: int | None = None) -> StoppingParams:
+    """`reasoning_end_id`: the `</think>` id when the prompt opened a think block (the reasoning budget's token)."""
     room = limits.max_model_len - num_prompt
     max_new = spec.max_new_tokens
     if max_new is None:
-        max_new = min(room, limits.default_max_new_tokens)
+        max_new = min(room, limits.default_max_new_tokens or room)
     else:
         _require(max_new >= 1, "stopping.max_new_tokens", f"must be >= 1, got {max_new}")
         _require(max_new <= room, "stopping.max_new_tokens",
@@ -262,8 +266,11 @@ def stopping_params(spec: GenerateSpec, limits: Limits, num_prompt: int) -> Stop
     bad = [t for t in spec.stop_token_ids if t >= limits.vocab_size]
     _require(not bad, "stopping.stop_token_ids", f"ids must be < vocab_size {limits.vocab_size}, got {bad[:5]}")
     try:
+        budget = spec.max_reasoning_tokens if reasoning_end_id is not None else None
         return StoppingParams(max_new_tokens=max_new, min_new_tokens=spec.min_new_tokens,
-                              stop_token_ids=tuple(spec.stop_token_ids), ignore_eos=spec.ignore_eos)
+                              stop_token_ids=tuple(spec.stop_token_ids), ignore_eos=spec.ignore_eos,
+                              max_reasoning_tokens=budget, reasoning_end_id=reasoning_end_id if budget is not None
+                              else None)
     except ValueError as e:
         raise ValueError(f"stopping.{e}") from None
 
@@ -274,6 +281,8 @@ def prepare(spec: GenerateSpec, limits: Limits, text: TextProcessor) -> Prepared
              f"{len(spec.request_id)} characters is over the limit of {limits.max_request_id_length}")
     _require(0 <= spec.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
              f"must be in [0, {MAX_TOP_LOGPROBS}], got {spec.top_logprobs}")
+    _require(spec.prompt_logprobs is None or 0 <= spec.prompt_logprobs <= MAX_TOP_LOGPROBS, "prompt_logprobs",
+             f"must be in [0, {MAX_TOP_LOGPROBS}], got {spec.prompt_logprobs}")
     _require(spec.priority == 0 or limits.priority_scheduling, "priority",
              f"must be 0 unless the server runs with --scheduling-policy priority, got {spec.priority}")
     num_spec = spec.num_speculative_tokens
@@ -293,7 +302,8 @@ def prepare(spec: GenerateSpec, limits: Limits, text: TextProcessor) -> Prepared
     field_name, ids, chat_prompt = prompt_ids(spec, limits, text, tools)
     _require(len(ids) < limits.max_model_len, field_name,
              f"the prompt has {len(ids)} tokens, which leaves no room within max_model_len {limits.max_model_len}")
-    stopping = stopping_params(spec, limits, len(ids))
+    in_reasoning = text.starts_in_reasoning(ids)
+    stopping = stopping_params(spec, limits, len(ids), text.think_end_id if in_reasoning else None)
     _require(len(spec.cache_checkpoints) <= limits.max_cache_checkpoints, "cache_checkpoints",
              f"{len(spec.cache_checkpoints)} offsets is over the limit of {limits.max_cache_checkpoints}")
     bad = [p for p in spec.cache_checkpoints if not 1 <= p <= len(ids)]
@@ -309,13 +319,13 @@ def prepare(spec: GenerateSpec, limits: Limits, text: TextProcessor) -> Prepared
         _require(text.grammars is not None, "response_format", "this server has no grammar compiler")
         grammar = request_grammar(spec.response_format, tools, tool_choice, text.grammars)
     rid = spec.request_id or uuid.uuid4().hex
-    in_reasoning = text.starts_in_reasoning(ids)
     if grammar is not None and in_reasoning:  # the constraint starts after </think> and the newlines after it
         grammar = after_think(grammar)
     add = GenerationRequest(rid, ids, sampling, stopping, num_speculative_tokens=num_spec,
-                            use_prefix_cache=not spec.bypass_prefix_cache, cache_checkpoints=tuple(sorted(checkpoints)),
+                            use_prefix_cache=not spec.bypass_prefix_cache and spec.prompt_logprobs is None,
+                            cache_checkpoints=tuple(sorted(checkpoints)),
                             grammar=grammar, grammar_starts_after=text.think_end_id if in_reasoning else None,
-                            priority=spec.priority)
+                            priority=spec.priority, prompt_logprobs=spec.prompt_logprobs)
     return PreparedRequest(add=add, stop_strings=list(spec.stop_strings),
                            include_stop_strings=spec.include_stop_strings, top_logprobs=spec.top_logprobs,
                            starts_in_reasoning=in_reasoning, parse_tool_calls=bool(tools) and tool_choice != "none")

@@ -99,7 +99,8 @@ def test_tools_and_json_schema_flags(monkeypatch, capsys, tmp_path):
     sent = generate_cli._fields(args(token_ids=None, chat=True, system=None, thinking=None, prompt="hi", stop=[],
                                      json_schema=str(schema), regex=None, tools=str(tools), tool_choice="required", logit_bias=None,
                                      **{n: None for n in ("temperature", "top_p", "top_k", "min_p",
-                                                          "repetition_penalty", "seed", "max_new_tokens")}))
+                                                          "repetition_penalty", "seed", "max_new_tokens",
+                                                          "max_reasoning_tokens")}))
     assert sent["response_format"] == ("json_schema", '{"type": "object"}') and sent["tool_choice"] == "required"
     assert [(t.name, t.description, t.parameters) for t in sent["tools"]] == [("get_time", "now", {"type": "object"}),
                                                                               ("noop", "", {})]

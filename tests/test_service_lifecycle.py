@@ -11,10 +11,12 @@ import time
 
 import grpc
 import pytest
+from tokenizers import Tokenizer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qnext.rpc import convert
 from qnext.rpc.client import Client
+from qnext.rpc.text import THINK_END
 from test_service_support import ServerProcess
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -133,11 +135,26 @@ def test_thinking_template_separates_reasoning(default_ckpt, tmp_path):
                 off = await c.generate(chat=chat, enable_thinking=False, temperature=0.0, max_new_tokens=6)
                 full_on = await c.detokenize(list(on.token_ids))
                 full_off = await c.detokenize(list(off.token_ids))
-                return on, off, full_on, full_off
-        on, off, full_on, full_off = asyncio.run(go())
+                budget = await c.generate(chat=chat, temperature=0.0, max_new_tokens=12, max_reasoning_tokens=4,
+                                          ignore_eos=True)
+                plp = await c.generate(chat=chat, temperature=0.0, max_new_tokens=2, prompt_logprobs=2)
+                prompt = await c.tokenize(chat=chat)
+                return on, off, full_on, full_off, budget, plp, prompt, await c.model_info()
+        on, off, full_on, full_off, budget, plp, prompt, info = asyncio.run(go())
     finally:
         assert s.stop() == 0
     # Thinking on: the template opened <think>, so everything until </think> is reasoning.
     assert on.reasoning_text == full_on and on.text == "" and on.finish.usage.reasoning_tokens == 6
     # Thinking off: the template closed an empty think block, so everything is content.
     assert off.text == full_off and off.reasoning_text == "" and off.finish.usage.reasoning_tokens == 0
+    think_end = Tokenizer.from_file(str(ckpt / "tokenizer.json")).token_to_id(THINK_END)
+    # A reasoning budget of 4: four reasoning tokens (the same as unbounded), `</think>`, then the answer.
+    assert budget.finish.usage.reasoning_tokens == 4 and list(budget.token_ids[:4]) == list(on.token_ids[:4])
+    assert budget.token_ids[4] == think_end and budget.finish.usage.completion_tokens == 12
+    assert budget.reasoning_text and budget.text  # both parts, split at the forced </think>
+    # Prompt log-probs: one per prompt token after the first, each with its 2 alternatives, sent once.
+    assert [p.token_id for p in plp.prompt_logprobs] == prompt[1:]
+    assert len(prompt) == plp.finish.usage.prompt_tokens
+    assert all(len(p.top) == 2 and p.logprob <= 0 for p in plp.prompt_logprobs)
+    # With the reasoning parser and no --max-new-tokens-default, a request's default is the remaining context.
+    assert info.default_max_new_tokens == 0

@@ -96,6 +96,7 @@ INVALID = [
     ({"stop_strings": ["a" * 9]}, "stopping.stop_strings[0]"),
     ({"stop_token_ids": [200000]}, "stopping.stop_token_ids"),
     ({"top_logprobs": 21}, "top_logprobs"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
     ({"num_speculative_tokens": 3}, "num_speculative_tokens"),
     ({"request_id": "r" * 300}, "request_id"),
 ]
@@ -127,3 +128,20 @@ def test_priority_and_logit_bias_reach_the_worker_request(text):
     assert prepare(GenerateSpec(token_ids=[1]), _limits(), text).add.priority == 0
     with pytest.raises(ValueError, match=r"^priority: must be 0 unless the server runs with --scheduling-policy"):
         prepare(convert.parse_generate(req), _limits(), text)  # as vLLM: fcfs servers refuse a priority
+
+
+def test_reasoning_budget_and_prompt_logprobs_reach_the_worker_request(text):
+    """max_reasoning_tokens becomes the worker's budget with the `</think>` id only when the prompt opened a think
+    block; prompt_logprobs turns the prefix cache off for the request; a default of 0 is the remaining context."""
+    from qnext.rpc import convert
+    think = text.encode("<|im_start|>assistant\n<think>\n", allow_special_tokens=True)
+    assert text.starts_in_reasoning(think)
+    req = convert.request(token_ids=think, max_reasoning_tokens=5, prompt_logprobs=3)
+    p = prepare(convert.parse_generate(req), _limits(default_max_new_tokens=0), text)
+    assert (p.add.stopping.max_reasoning_tokens, p.add.stopping.reasoning_end_id) == (5, text.think_end_id)
+    assert p.add.prompt_logprobs == 3 and not p.add.use_prefix_cache
+    assert p.add.stopping.max_new_tokens == 64 - len(think)  # the remaining context
+    plain = prepare(convert.parse_generate(convert.request(token_ids=[1, 2], max_reasoning_tokens=5)), _limits(),
+                    text)
+    assert plain.add.stopping.max_reasoning_tokens is None and plain.add.prompt_logprobs is None
+    assert plain.add.use_prefix_cache

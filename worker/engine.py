@@ -27,8 +27,8 @@ from qnext.worker.scheduler import Request, RequestStatus, SchedulePlan, Schedul
 from qnext.worker.spec_decode import SpecCounters, SpecDecoder
 from qnext.worker.step_failure import StepFailures
 from qnext.worker.summary import engine_stats, model_summary
-from qnext.worker.types import (CacheInfo, Completion, EngineConfig, EngineStats, FinishReason, GenerationRequest,
-                                ModelSummary, RequestOutput, SamplingParams, StepError, StoppingParams, require,
+from qnext.worker.types import (MAX_TOP_LOGPROBS, CacheInfo, Completion, EngineConfig, EngineStats, FinishReason,
+                                GenerationRequest, ModelSummary, RequestOutput, SamplingParams, StepError, StoppingParams, require,
                                 require_number)
 
 
@@ -81,6 +81,8 @@ class Engine:
         require_number("priority", req.priority, True, lambda x: -(2**31) <= x < 2**31, "a 32-bit int")
         bad = [t for t, _ in req.sampling.logit_bias if t >= self.vocab_size]
         require(not bad, "logit_bias", f"ids must be < vocab_size {self.vocab_size}, got {bad[:5]}")
+        require(req.prompt_logprobs is None or 0 <= req.prompt_logprobs <= MAX_TOP_LOGPROBS, "prompt_logprobs",
+                f"must be in [0, {MAX_TOP_LOGPROBS}], got {req.prompt_logprobs}")
         bad = [p for p in req.cache_checkpoints if not 1 <= p <= len(req.prompt_token_ids)]
         require(not bad, "cache_checkpoints",
                 f"positions must be in [1, {len(req.prompt_token_ids)}] (the prompt length), got {bad[:5]}")
@@ -89,9 +91,10 @@ class Engine:
         self.scheduler.add(Request(request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
                                    stopping=req.stopping, eos_token_ids=self.runner.eos_token_ids,
                                    sampling=req.sampling, seed=seed, num_speculative_tokens=k,
-                                   use_prefix_cache=req.use_prefix_cache,
+                                   # every prompt position's logits are needed: none may come from the cache
+                                   use_prefix_cache=req.use_prefix_cache and req.prompt_logprobs is None,
                                    checkpoint_positions=tuple(sorted(set(req.cache_checkpoints))),
-                                   grammar=grammar, priority=req.priority))
+                                   grammar=grammar, priority=req.priority, prompt_logprobs=req.prompt_logprobs))
         if k:
             self.spec.add(req.request_id)
 
@@ -164,6 +167,7 @@ class Engine:
             self.runner.sample([c.request for c in step.plain], step.logits[:len(step.plain)], sampled, logprobs)
         if step.verify:
             self.spec.verify(step.verify, step.logits[len(step.plain):], sampled, logprobs)
+        self.runner.prompt_logprobs(plan, step)
         # MTP over this step's rows before update: a request finishing now still gets its MTP KV written, so
         # the blocks and checkpoint update() caches hold complete MTP rows
         mtp_last = {}
@@ -206,7 +210,17 @@ class Engine:
             num_prompt_tokens=len(r.prompt_token_ids), num_output_tokens=len(r.output_token_ids),
             num_preemptions=r.num_preemptions, num_drafted_tokens=spec.num_drafted if spec else 0,
             num_accepted_tokens=spec.num_accepted if spec else 0,
-            num_draft_steps=spec.num_draft_steps if spec else 0, num_cached_tokens=r.num_cached_tokens, error=error)
+            num_draft_steps=spec.num_draft_steps if spec else 0, num_cached_tokens=r.num_cached_tokens, error=error,
+            prompt_logprobs=self._take_prompt_logprobs(r) if so.new_token_ids or so.finished else None)
+
+    @staticmethod
+    def _take_prompt_logprobs(r: Request) -> list[tuple[float, list[tuple[int, float]]]] | None:
+        """A request's prompt log-probs, once: with its first output (then dropped here)."""
+        if r.prompt_logprobs is None or r.prompt_logprobs_sent:
+            return None
+        r.prompt_logprobs_sent = True
+        values, r.prompt_logprob_values = r.prompt_logprob_values, []
+        return values
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams] | None = None,
                  stopping: StoppingParams | list[StoppingParams] | None = None) -> list[Completion]:

@@ -28,11 +28,12 @@ from qnext.worker.dtype_choice import choose_dtype
 from qnext.worker.graph_runner import DecodeGraphRunner, mtp_draft_runner, target_runner
 from qnext.worker.loader import load_model
 from qnext.worker.model import ForwardBatch, Qwen3NextForCausalLM
-from qnext.worker.sampler import SamplingBatch, sample
+from qnext.worker.sampler import SamplingBatch, sample, token_logprobs
 from qnext.worker.scheduler import Request, ScheduledChunk, SchedulePlan
 from qnext.worker.tp_worker import Followers
 from qnext.worker.types import CacheInfo, EngineConfig
 
+PROMPT_LOGPROBS_ROWS = 256  # logits rows per block for prompt log-probs: 156 MB of float32 at a 151,936 vocabulary
 # float64 exists for exactness tests (rounding out of the way), not for serving.
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                 "float64": torch.float64}
@@ -300,6 +301,25 @@ class ModelRunner:
         self.timings.forward_s += time.perf_counter() - start
         return hidden, logits
 
+    def prompt_logprobs(self, plan: SchedulePlan, step: StepForward) -> None:
+        """Log-probs of the prompt tokens this step's chunks computed, for the requests that asked
+        (Request.prompt_logprob_values: the row at position p scores prompt token p + 1). Logits in blocks of
+        PROMPT_LOGPROBS_ROWS rows: a whole 8K-token chunk would be 5 GB of float32 logits."""
+        for c in plan.chunks:
+            r = c.request
+            if r.prompt_logprobs is None or r.prompt_logprobs_sent or c.draft_token_ids:
+                continue
+            # Such a request never starts from the prefix cache, so its chunks cover the prompt from position 0
+            # on; after a preemption the recomputed positions already scored are skipped.
+            lo = max(c.start, len(r.prompt_logprob_values))
+            hi = min(c.start + c.num_tokens, len(r.prompt_token_ids) - 1)
+            row0 = step.ends[r.request_id] - c.num_tokens - c.start  # the batch row of position p is row0 + p
+            for a in range(lo, hi, PROMPT_LOGPROBS_ROWS):
+                b = min(a + PROMPT_LOGPROBS_ROWS, hi)
+                logits = self.model.compute_logits(step.hidden[row0 + a:row0 + b])
+                own, tops = token_logprobs(logits, r.prompt_token_ids[a + 1:b + 1], r.prompt_logprobs)
+                r.prompt_logprob_values += zip(own, tops)
+
     def sampling_batch(self, requests: list[Request], drafts: list[list[int]] | None = None,
                        last_only: bool = False) -> SamplingBatch:
         """One row per request; with drafts, one row per position j = 0..len(drafts) whose history is the
@@ -316,7 +336,9 @@ class ModelRunner:
             suppressed_ids=[r.suppressed_token_ids(len(d)) for r, d in rows],
             vocab_size=self.vocab_size, device=self.device,
             allowed=([r.grammar.allowed(d) if r.grammar is not None else None for r, d in rows]
-                     if any(r.grammar is not None for r, _ in rows) else None))
+                     if any(r.grammar is not None for r, _ in rows) else None),
+            forced=([r.forced_token_id(d) for r, d in rows]
+                    if any(r.stopping.max_reasoning_tokens is not None for r, _ in rows) else None))
 
     def sample(self, requests: list[Request], logits: torch.Tensor, sampled: dict[str, list[int]],
                logprobs: dict[str, tuple[list[float], list[list[tuple[int, float]]]]]) -> None:

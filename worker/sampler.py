@@ -125,6 +125,7 @@ class SamplingBatch:
     logit_bias: torch.Tensor | None  # [B, V] float32 (rows without a bias: zeros)
     max_top_logprobs: int
     allowed_mask: torch.Tensor | None = None  # [B, V] bool: what each row's grammar allows (all for free rows)
+    forced: torch.Tensor | None = None  # [B, 1] int64: the one token a row must produce, -1 = free (reasoning budget)
 
     @property
     def size(self) -> int:
@@ -134,10 +135,15 @@ class SamplingBatch:
     def build(params: list[SamplingParams], seeds: list[int], steps: list[int],
               prompt_ids: list[list[int]], output_ids: list[list[int]],
               suppressed_ids: list[list[int]], vocab_size: int, device: torch.device,
-              allowed: list[bytes | None] | None = None) -> "SamplingBatch":
-        """`allowed`: per row, the grammar's bitmask (worker/grammar.py), None for a row nothing constrains."""
+              allowed: list[bytes | None] | None = None,
+              forced: list[int | None] | None = None) -> "SamplingBatch":
+        """`allowed`: per row, the grammar's bitmask (worker/grammar.py), None for a row nothing constrains.
+        `forced`: per row, the only token it may produce (Request.forced_token_id), None for a free row."""
         _check_rows(len(params), seeds=seeds, steps=steps, prompt_ids=prompt_ids, output_ids=output_ids,
-                    suppressed_ids=suppressed_ids, **({"allowed": allowed} if allowed is not None else {}))
+                    suppressed_ids=suppressed_ids, **({"allowed": allowed} if allowed is not None else {}),
+                    **({"forced": forced} if forced is not None else {}))
+        bad = [t for t in forced or () if t is not None and not 0 <= t < vocab_size]
+        require(not bad, "forced", f"ids must be in [0, {vocab_size}), got {bad[:5]}")
         require(vocab_size > 0, "vocab_size", f"must be > 0, got {vocab_size}")
         require(all(s >= 0 for s in steps), "steps", "must be >= 0")
 
@@ -205,6 +211,8 @@ class SamplingBatch:
             logit_bias=bias,
             max_top_logprobs=max((p.top_logprobs for p in params), default=0),
             allowed_mask=allowed_mask(allowed, vocab_size, device) if allowed is not None else None,
+            forced=(torch.tensor([-1 if t is None else t for t in forced], dtype=torch.int64, device=device)[:, None]
+                    if forced is not None and any(t is not None for t in forced) else None),
         )
 
 
@@ -301,6 +309,9 @@ def _penalize_and_suppress(logits: torch.Tensor, batch: SamplingBatch) -> torch.
         x = x.masked_fill(batch.suppress_mask, -math.inf)
     if batch.allowed_mask is not None:  # where(), not masked_fill(~mask): one pass instead of two (4x on a CPU)
         x = torch.where(batch.allowed_mask, x, torch.tensor(-math.inf, device=x.device))
+    if batch.forced is not None:  # a forced row is one-hot, whatever the steps above did to its column
+        one_hot = torch.where(torch.arange(x.shape[-1], device=x.device)[None, :] == batch.forced, 0.0, -math.inf)
+        x = torch.where(batch.forced < 0, x, one_hot.to(x.dtype))
     return x
 
 
@@ -427,6 +438,18 @@ def _race_filtered(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
             values = top_values[:, :-1].masked_fill(top_values[:, :-1] < threshold, -math.inf)
             return _race(values, top_columns[:, :-1], batch)
     return _race(_filtered_logits(x, batch), torch.arange(vocab, device=x.device)[None, :], batch)
+
+
+def token_logprobs(raw: torch.Tensor, tokens: list[int], n: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Raw log-probs (logit - logsumexp, as `sample` reports them) of tokens[i] under row i of logits raw [T, V],
+    and each row's n most likely (id, log-prob), descending ([] each when n = 0)."""
+    raw = raw.float()
+    lse = torch.logsumexp(raw, dim=-1, keepdim=True)
+    picked = raw.gather(1, torch.tensor(tokens, device=raw.device)[:, None]) - lse
+    if not n:
+        return picked[:, 0].tolist(), [[] for _ in tokens]
+    values, ids = raw.topk(n, dim=-1)
+    return picked[:, 0].tolist(), [list(zip(i, v)) for i, v in zip(ids.tolist(), (values - lse).tolist())]
 
 
 # Columns per block of inverse_cdf_draw's two-level search.

@@ -77,6 +77,7 @@ class Request:
     checkpoint_positions: tuple[int, ...] = ()  # prompt positions to take a state checkpoint at (sorted)
     grammar: GrammarState | None = None  # constrained decoding: what the output may be (worker/grammar.py)
     priority: int = 0  # lower = sooner (scheduled, admitted, and preempted last)
+    prompt_logprobs: int | None = None  # alternatives per prompt token (GenerationRequest.prompt_logprobs)
     # State owned by the scheduler.
     arrival: int = field(default=0, init=False)  # the scheduler's arrival counter: FCFS within a priority
     output_token_ids: list[int] = field(default_factory=list, init=False)
@@ -93,6 +94,10 @@ class Request:
     prefix_nodes: list[int] = field(default_factory=list, init=False)  # index node of each full block so far
     # in a step that failed with others (`quarantine`): runs alone until one step of its succeeds
     suspect: bool = field(default=False, init=False)
+    # Prompt log-probs computed so far (the engine's: entry i is prompt token i + 1), until handed out with the
+    # first output; a recomputation after preemption does not repeat them.
+    prompt_logprob_values: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list, init=False)
+    prompt_logprobs_sent: bool = field(default=False, init=False)
 
     @property
     def prefix_root(self) -> int:
@@ -114,6 +119,15 @@ class Request:
             return []
         eos = () if self.stopping.ignore_eos else self.eos_token_ids
         return sorted(set(eos) | set(self.stopping.stop_token_ids))
+
+    def forced_token_id(self, drafts: list[int]) -> int | None:
+        """The token the sampler must produce after output + drafts, if any: `</think>` once the reasoning budget
+        (stopping.max_reasoning_tokens) is spent and the output has not closed the think block itself. Only the
+        token at exactly that index can be forced, so the scan runs once per request (per verify row)."""
+        budget, end = self.stopping.max_reasoning_tokens, self.stopping.reasoning_end_id
+        if budget is None or len(self.output_token_ids) + len(drafts) != budget:
+            return None
+        return None if end in self.output_token_ids or end in drafts else end
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """all_token_ids[start:end] without building all_token_ids (a step must not cost O(context))."""

@@ -30,7 +30,8 @@ from itertools import accumulate
 import torch
 
 from qnext.worker.model_runner import ModelRunner, StepForward
-from qnext.worker.sampler import STREAM_SAMPLE, inverse_cdf_draw, processed_probs, row_argmax, uniform_noise
+from qnext.worker.sampler import (STREAM_SAMPLE, inverse_cdf_draw, processed_probs, row_argmax, token_logprobs,
+                                  uniform_noise)
 from qnext.worker.scheduler import Request, RequestStatus, ScheduledChunk, SchedulePlan, Scheduler
 from qnext.worker.spec_policy import DraftLengthPolicy
 
@@ -368,11 +369,5 @@ class SpecDecoder:
 def _verified_logprobs(raw: torch.Tensor, tokens: list[int], n: int) -> tuple[list[float], list[list]]:
     """Raw log-probs (logit - logsumexp, as the sampler reports) of the emitted tokens and the top n at each of
     their positions; nothing when the request asked for none."""
-    if not n:
-        return [], []
-    lse = torch.logsumexp(raw, dim=-1, keepdim=True)
-    picked = raw.gather(1, torch.tensor(tokens, device=raw.device)[:, None])
-    values, ids = raw.topk(n, dim=-1)
-    tops = [list(zip(i_, v_)) for i_, v_ in zip(ids.tolist(), (values - lse).tolist())]
-    return (picked - lse)[:, 0].tolist(), tops
+    return token_logprobs(raw, tokens, n) if n else ([], [])
 

@@ -99,9 +99,19 @@ class StoppingParams:
     min_new_tokens: int = 0  # eos and stop ids are suppressed (and do not stop) for the first min_new_tokens
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Reasoning budget, for a prompt that opened a think block: the token after this many generated tokens is
+    # forced to `reasoning_end_id` (`</think>`) unless the output already closed the block (Request.forced_token_id).
+    max_reasoning_tokens: int | None = None
+    reasoning_end_id: int | None = None
 
     def __post_init__(self) -> None:
         require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        require((self.max_reasoning_tokens is None) == (self.reasoning_end_id is None), "max_reasoning_tokens",
+                "needs reasoning_end_id (the </think> id), and only with it")
+        require(self.max_reasoning_tokens is None or self.max_reasoning_tokens >= 0, "max_reasoning_tokens",
+                f"must be >= 0, got {self.max_reasoning_tokens}")
+        require(self.reasoning_end_id is None or self.reasoning_end_id >= 0, "reasoning_end_id",
+                f"must be >= 0, got {self.reasoning_end_id}")
         require(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens",
                 f"must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}")
         require(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids",
@@ -251,6 +261,9 @@ class GenerationRequest:
     grammar: str | None = None
     grammar_starts_after: int | None = None
     priority: int = 0  # lower = sooner (worker/scheduler.py); all equal = FCFS
+    # Log-probs of the prompt's tokens (each given the ones before it) with this many alternatives; None = off.
+    # Such a request computes its whole prompt: it neither reads nor fills the prefix cache.
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -271,6 +284,9 @@ class RequestOutput:
     num_draft_steps: int = 0  # decode steps in which the adaptive policy chose its draft length (0 included)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: StepError | None = None  # set with FinishReason.ERROR
+    # with the first new tokens of a request that asked for prompt_logprobs: one entry per prompt token after the
+    # first, (log-prob of that token, its top alternatives as (id, log-prob)); None otherwise
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass

@@ -1,0 +1,143 @@
+"""Request features of the engine checked against independent references: prompt log-probs against transformers'
+log-softmax over the prompt, and the reasoning budget (a forced `</think>`) against runs without it, with and
+without MTP speculation (issue: request surface)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_reference import make_hf_checkpoint
+from qnext.worker.engine import Engine
+from qnext.worker.sampler import SamplingBatch, sample
+from qnext.worker.types import EngineConfig, GenerationRequest, SamplingParams, StoppingParams
+
+THINK_END = 151668  # `</think>` in the real vocabulary (the embedded default's tokenizer)
+
+
+def run(engine: Engine, requests: list[GenerationRequest]) -> dict[str, list]:
+    """Every request to completion: its RequestOutputs in order."""
+    for r in requests:
+        engine.add_request(r)
+    outs: dict[str, list] = {r.request_id: [] for r in requests}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs[o.request_id].append(o)
+    return outs
+
+
+def tokens(outputs: list) -> list[int]:
+    return [t for o in outputs for t in o.new_token_ids]
+
+
+# ---- prompt log-probs ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf_plp")
+    return d, make_hf_checkpoint(d, seed=3)
+
+
+def test_prompt_logprobs_equal_transformers_log_softmax(hf_ckpt):
+    """Chunked prefill (16-token chunks over a 45-token prompt, two requests in one batch): each prompt token's
+    log-prob and top-3 equal transformers' log_softmax of its logits at the position before."""
+    d, hf = hf_ckpt
+    e = Engine(EngineConfig(model=str(d), dtype="float32", max_num_batched_tokens=16, cache_memory=64 << 20))
+    prompts = {"a": [int(t) for t in torch.randint(0, 512, (45,), generator=torch.Generator().manual_seed(1))],
+               "b": list(range(7, 30))}
+    outs = run(e, [GenerationRequest(rid, p, SamplingParams(temperature=0.0), StoppingParams(max_new_tokens=2),
+                                     prompt_logprobs=3) for rid, p in prompts.items()])
+    for rid, p in prompts.items():
+        given = [o.prompt_logprobs for o in outs[rid] if o.prompt_logprobs is not None]
+        assert len(given) == 1 and outs[rid][0].prompt_logprobs is not None  # once, with the first token
+        got = given[0]
+        assert len(got) == len(p) - 1
+        with torch.no_grad():
+            want = hf(torch.tensor([p])).logits[0, :-1].double().log_softmax(-1)
+        own = torch.tensor([lp for lp, _ in got], dtype=torch.float64)
+        torch.testing.assert_close(own, want.gather(1, torch.tensor(p[1:])[:, None])[:, 0], atol=2e-4, rtol=0)
+        top_v, top_i = want.topk(3, dim=-1)
+        assert [[i for i, _ in top] for _, top in got] == top_i.tolist()
+        torch.testing.assert_close(torch.tensor([[v for _, v in top] for _, top in got], dtype=torch.float64),
+                                   top_v, atol=2e-4, rtol=0)
+
+
+def test_prompt_logprobs_bypass_the_prefix_cache_and_zero_gives_own_logprob_only(hf_ckpt):
+    """A prompt the cache holds is still computed in full for a request with prompt log-probs (no position lacks
+    one), and prompt_logprobs=0 gives each token's own log-prob with no alternatives."""
+    d, _ = hf_ckpt
+    e = Engine(EngineConfig(model=str(d), dtype="float32", cache_memory=64 << 20))
+    p = list(range(40, 80))
+    run(e, [GenerationRequest("warm", p, SamplingParams(temperature=0.0), StoppingParams(max_new_tokens=2),
+                              cache_checkpoints=(32,))])
+    again = run(e, [GenerationRequest("hit", p, SamplingParams(temperature=0.0), StoppingParams(max_new_tokens=2))])
+    assert again["hit"][-1].num_cached_tokens > 0  # the cache does hold it
+    outs = run(e, [GenerationRequest("plp", p, SamplingParams(temperature=0.0), StoppingParams(max_new_tokens=2),
+                                     prompt_logprobs=0)])["plp"]
+    assert outs[-1].num_cached_tokens == 0
+    got = outs[0].prompt_logprobs
+    assert len(got) == len(p) - 1 and all(top == [] for _, top in got) and all(lp <= 0 for lp, _ in got)
+    assert tokens(outs) == tokens(again["hit"])
+
+
+def test_prompt_logprobs_out_of_range_is_refused(hf_ckpt):
+    d, _ = hf_ckpt
+    e = Engine(EngineConfig(model=str(d), dtype="float32", cache_memory=64 << 20))
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        e.add_request(GenerationRequest("x", [1, 2, 3], prompt_logprobs=21))
+
+
+# ---- reasoning budget ----------------------------------------------------------------------------------------
+
+
+def test_a_forced_row_produces_its_token_greedy_or_sampled():
+    """The sampler's forced rows (the reasoning budget's `</think>`): the one token whatever the logits, filters,
+    bias or suppression say; free rows in the same batch are untouched."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9, top_k=3),
+              SamplingParams(temperature=0.7, logit_bias=((7, -100.0),)), SamplingParams(temperature=0.0)]
+    for step in range(20):
+        batch = SamplingBatch.build(params=params, seeds=[1, 2, 3, 4], steps=[step] * 4, prompt_ids=[[]] * 4,
+                                    output_ids=[[]] * 4, suppressed_ids=[[], [], [], [7]], vocab_size=50,
+                                    device=torch.device("cpu"), forced=[7, 7, 7, None])
+        got = sample(logits, batch).token_ids.tolist()
+        assert got[:3] == [7, 7, 7] and got[3] == int(logits[3].argmax())
+
+
+def thinking_request(rid: str, budget: int | None, max_new: int = 20, **sampling) -> GenerationRequest:
+    """A prompt that opened a think block (`<|im_start|>assistant\\n<think>\\n`); random weights never close it."""
+    stopping = StoppingParams(max_new_tokens=max_new, ignore_eos=True, max_reasoning_tokens=budget,
+                              reasoning_end_id=THINK_END if budget is not None else None)
+    return GenerationRequest(rid, [151644, 77091, 198, 151667, 198], SamplingParams(**sampling), stopping)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_the_reasoning_budget_forces_think_end_then_the_answer_goes_on(default_ckpt, k):
+    """Budget 6: tokens 0-5 as without a budget, token 6 is `</think>`, then generation goes on (20 in all).
+    With MTP drafts (k = 2) the forced position is the same: drafts are drawn and verified under the same rule."""
+    e = Engine(EngineConfig(model=str(default_ckpt), dtype="float32", seed=0, num_speculative_tokens=k,
+                            speculative_draft_length="fixed", cache_memory=128 << 20))
+    outs = run(e, [thinking_request("free", None, temperature=0.0), thinking_request("budget", 6, temperature=0.0),
+                   thinking_request("zero", 0, temperature=0.0),
+                   thinking_request("sampled", 6, temperature=1.0, seed=5)])
+    free, budget = tokens(outs["free"]), tokens(outs["budget"])
+    assert THINK_END not in free  # random weights do not close the block themselves
+    assert budget[:6] == free[:6] and budget[6] == THINK_END and len(budget) == 20
+    assert THINK_END not in budget[7:]
+    assert tokens(outs["zero"])[0] == THINK_END
+    sampled = tokens(outs["sampled"])
+    assert sampled.index(THINK_END) == 6 and len(sampled) == 20
+
+
+def test_the_budget_is_not_spent_when_the_output_closed_the_block_itself():
+    from qnext.worker.scheduler import Request
+    stopping = StoppingParams(max_new_tokens=20, max_reasoning_tokens=3, reasoning_end_id=9)
+    r = Request("r", [1, 2], stopping, eos_token_ids=(0,))
+    # tokens 0-2 are free, token 3 (after 3 generated or drafted ones) is `</think>` unless a draft closed it
+    assert [r.forced_token_id(d) for d in ([], [5], [5, 6], [5, 6, 7], [5, 9, 7])] == [None, None, None, 9, None]
+    r.output_token_ids = [5, 9, 4]  # closed at index 1
+    assert r.forced_token_id([]) is None
+    assert Request("r", [1], StoppingParams(max_new_tokens=5), eos_token_ids=(0,)).forced_token_id([]) is None
+    with pytest.raises(ValueError, match="max_reasoning_tokens"):
+        StoppingParams(max_reasoning_tokens=4)
