@@ -168,7 +168,7 @@ def build(s: Setup) -> None:
     s.result["weights_gib"] = sum(p.numel() * p.element_size() for p in s.model.parameters()) / 2 ** 30
     per_seq = -(-args.context // BLOCK_SIZE)
     s.cache = CacheTensors(cfg, CacheShape(max_batch * per_seq, BLOCK_SIZE, max_batch, dtype, torch.float32,
-                                           dtype, max(s.query_lens) - 1, padding_slot=True), s.device)
+                                           dtype, dtype, max(s.query_lens) - 1, padding_slot=True), s.device)
     s.ctx = Context(cfg, s.cache, max_batch, args.context, s.device, args.seed)
     dims = {k: raw[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                                 "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",

@@ -23,7 +23,7 @@ class PagedRunner:
         state_dtype = torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for exactness tests
         self.device = torch.device(device)
         self.cache = CacheTensors(model.config, CacheShape(num_blocks, block_size, num_slots, dtype, state_dtype,
-                                                           dtype, max_spec_tokens, padding_slot=padding_slot),
+                                                           dtype, dtype, max_spec_tokens, padding_slot=padding_slot),
                                   self.device)
         self.free_blocks = list(range(num_blocks))
         random.Random(seed).shuffle(self.free_blocks)

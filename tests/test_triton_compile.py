@@ -81,25 +81,30 @@ def conv(max_len: int, has_verify: bool):
                         ("D", "stride_x", "stride_out", "stride_ss", "stride_ps", "stride_pj"))
 
 
-def kv_write():
+def kv_write(fp8: bool):
+    """fp8: an FP8 cache (--kv-cache-dtype fp8), quantised with its scales as it is written."""
     from qnext.kernels.attention import triton_attention as m
-    return compile_sm90(m.kv_cache_write_kernel, dict(k_ptr=BF16, v_ptr=BF16, k_cache_ptr=BF16, v_cache_ptr=BF16,
-                                                      slots_ptr="*i64"),
-                        dict(HKV=2, D=256, BLOCK_SIZE=16, BLOCK_H=2, BLOCK_D=256, num_warps=4),
+    cache = FP8 if fp8 else BF16
+    return compile_sm90(m.kv_cache_write_kernel, dict(k_ptr=BF16, v_ptr=BF16, k_cache_ptr=cache, v_cache_ptr=cache,
+                                                      slots_ptr="*i64", k_scale_ptr=FP32, v_scale_ptr=FP32),
+                        dict(HKV=2, D=256, BLOCK_SIZE=16, BLOCK_H=2, BLOCK_D=256, QUANT=fp8, EPS=1e-10,
+                             FP8_MAX=448.0, num_warps=4),
                         ("stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_cb", "stride_cp", "stride_ch",
-                         "stride_vb", "stride_vp", "stride_vch"))
+                         "stride_vb", "stride_vp", "stride_vch", "stride_sb"))
 
 
-def attention(max_query_len: int, num_splits: int):
+def attention(max_query_len: int, num_splits: int, fp8: bool = False):
     from qnext.kernels.attention import triton_attention as m
-    return compile_sm90(m.paged_attention_fwd_kernel, dict(q_ptr=BF16, k_cache_ptr=BF16, v_cache_ptr=BF16,
-                                                           out_ptr=BF16, tables_ptr="*i32", meta_ptr="*i32",
-                                                           items_ptr="*i32", part_ptr=FP32, lse_ptr=FP32,
-                                                           scale_log2="fp32"),
+    cache = FP8 if fp8 else BF16
+    return compile_sm90(m.paged_attention_fwd_kernel, dict(q_ptr=BF16, k_cache_ptr=cache, v_cache_ptr=cache,
+                                                           out_ptr=BF16, tables_ptr="*i32", k_scale_ptr=FP32,
+                                                           v_scale_ptr=FP32, meta_ptr="*i32", items_ptr="*i32",
+                                                           part_ptr=FP32, lse_ptr=FP32, scale_log2="fp32"),
                         dict(m.launch_config(max_query_len, 8, 256), GROUP=8, GROUP_P=8, HEAD_DIM=256,
-                             BLOCK_SIZE=16, NUM_SPLITS=num_splits, PRECISION="tf32", INTERPRET=False),
+                             BLOCK_SIZE=16, NUM_SPLITS=num_splits, QUANT=fp8, PRECISION="tf32", INTERPRET=False),
                         ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "stride_kp", "stride_kh",
-                         "stride_vb", "stride_vp", "stride_vh", "stride_ps", "stride_pt", "stride_ls", "stride_lt"))
+                         "stride_vb", "stride_vp", "stride_vh", "stride_sb", "stride_ps", "stride_pt", "stride_ls",
+                         "stride_lt"))
 
 
 def split_kv_combine():
@@ -176,9 +181,11 @@ CASES: dict[str, Callable[[], object]] = {
     **{f"quant-K{k}": (lambda k=k: quant(k)) for k in (512, 2048, 4096)},
     **{f"gemm-M{m}": (lambda m=m: gemm(m)) for m in (1, 64, 4096)},
     **{f"conv-len{n}-verify{v}": (lambda n=n, v=v: conv(n, v)) for n in (1, 4, 4096) for v in (False, True)},
-    "kv_write": kv_write,
+    **{f"kv_write-fp8{f}": (lambda f=f: kv_write(f)) for f in (False, True)},
     **{f"attention-qlen{n}-splits{s}": (lambda n=n, s=s: attention(n, s)) for n, s in ((1, 1), (1, 16), (4, 1),
                                                                                         (4096, 1))},
+    **{f"attention-fp8-qlen{n}-splits{s}": (lambda n=n, s=s: attention(n, s, fp8=True)) for n, s in ((1, 16),
+                                                                                                     (4096, 1))},
     "split_kv_combine": split_kv_combine,
     **{f"moe-pairs{p}-fp8{f}-gated{g}": (lambda p=p, f=f, g=g: moe_gemm(p, f, g))
        for p in (10, 40960) for f in (False, True) for g in (True, False)},

@@ -1,7 +1,9 @@
 """Device memory of the hybrid cache (docs/architecture.md §5).
 
 - Full-attention layers (and the MTP head's attention layer): a paged KV pool per layer,
-  k/v [num_blocks, block_size, Hkv, D]; a sequence owns blocks listed in its block table.
+  k/v [num_blocks, block_size, Hkv, D]; a sequence owns blocks listed in its block table. An FP8 pool
+  (float8_e4m3fn, `--kv-cache-dtype fp8`) has a float32 scale per row beside it, k/v_scale
+  [num_blocks, block_size, Hkv], set when the row is written (kernels/attention/reference.py).
 - Gated DeltaNet layers: a pool of state slots, conv [n_gdn, num_slots, conv_dim, K-1] and recurrent
   [n_gdn, num_slots, Hv, dk, dv]; a running sequence owns one slot across all DeltaNet layers.
 - With MTP speculation (up to k_max draft tokens), each slot also has k_max intermediate states
@@ -23,7 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
+from qnext.kernels.fp8.reference import FP8_DTYPE
 from qnext.worker.config import ModelConfig
+
+KV_SCALE_DTYPE = torch.float32  # the per-row scales of an FP8 KV pool
 
 
 @dataclass(frozen=True)
@@ -31,19 +36,20 @@ class CacheShape:
     num_blocks: int
     block_size: int
     num_slots: int
-    kv_dtype: torch.dtype
+    kv_dtype: torch.dtype  # KV storage: the activation dtype, or float8_e4m3fn (with per-row scales)
     state_dtype: torch.dtype  # recurrent state; fp32 by default (bf16 halves it)
     conv_dtype: torch.dtype
+    hidden_dtype: torch.dtype  # prefix-cache checkpoints' hidden states: the activation dtype
     max_spec_tokens: int = 0  # k_max: intermediate states kept per slot for speculative verify
     num_checkpoints: int = 0  # prefix-cache state checkpoints (0 = prefix caching off)
     padding_slot: bool = False  # one more state slot, for CUDA-graph padding rows
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, kv_dtype: torch.dtype) -> int:
-    """Bytes of one KV block summed over every full-attention layer (incl. MTP layers)."""
+    """Bytes of one KV block summed over every full-attention layer (incl. MTP layers), FP8 scales included."""
     layers = len(cfg.full_attention_layers) + cfg.num_mtp_layers
-    per_layer = 2 * block_size * cfg.num_key_value_heads * cfg.head_dim * kv_dtype.itemsize
-    return layers * per_layer
+    per_row = cfg.head_dim * kv_dtype.itemsize + (KV_SCALE_DTYPE.itemsize if kv_dtype == FP8_DTYPE else 0)
+    return layers * 2 * block_size * cfg.num_key_value_heads * per_row
 
 
 def checkpoint_bytes(cfg: ModelConfig, state_dtype: torch.dtype, conv_dtype: torch.dtype,
@@ -70,6 +76,11 @@ class CacheTensors:
         kv = (shape.num_blocks, shape.block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.k_cache = [torch.zeros(kv, dtype=shape.kv_dtype, device=device) for _ in range(n_kv)]
         self.v_cache = [torch.zeros(kv, dtype=shape.kv_dtype, device=device) for _ in range(n_kv)]
+        # FP8 pools: one scale per (block, position, KV head); None for pools in the activation dtype
+        self.k_scale = self.v_scale = None
+        if shape.kv_dtype == FP8_DTYPE:
+            self.k_scale = [torch.zeros(kv[:3], dtype=KV_SCALE_DTYPE, device=device) for _ in range(n_kv)]
+            self.v_scale = [torch.zeros(kv[:3], dtype=KV_SCALE_DTYPE, device=device) for _ in range(n_kv)]
         n_gdn = len(cfg.linear_attention_layers)
         self.padding_slot = shape.num_slots if shape.padding_slot else None
         slots = shape.num_slots + shape.padding_slot
@@ -85,7 +96,13 @@ class CacheTensors:
         c = shape.num_checkpoints
         self.ckpt_conv = torch.zeros(n_gdn, c, *self.conv_state.shape[2:], dtype=shape.conv_dtype, device=device)
         self.ckpt_ssm = torch.zeros(n_gdn, c, *self.ssm_state.shape[2:], dtype=shape.state_dtype, device=device)
-        self.ckpt_hidden = torch.zeros(c, cfg.hidden_size, dtype=shape.kv_dtype, device=device)
+        self.ckpt_hidden = torch.zeros(c, cfg.hidden_size, dtype=shape.hidden_dtype, device=device)
+
+    def kv_pool(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Attention layer i's (k, v, k_scale, v_scale); the scales are None unless the pools are FP8."""
+        if self.k_scale is None:
+            return self.k_cache[i], self.v_cache[i], None, None
+        return self.k_cache[i], self.v_cache[i], self.k_scale[i], self.v_scale[i]
 
     def rollback(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
         """Set each slot's DeltaNet state to the one recorded after verify position `positions[i]`
@@ -97,10 +114,10 @@ class CacheTensors:
     # ---- prefix cache: checkpoints and block copies (worker/prefix_cache.py) ----------------------------------
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
-        """KV block src[i] -> dst[i] in every attention pool (MTP's included). All reads happen before any
-        write, so a destination may be another pair's source."""
+        """KV block src[i] -> dst[i] in every attention pool (MTP's included), with an FP8 pool's scales. All
+        reads happen before any write, so a destination may be another pair's source."""
         s, d = self._index(src), self._index(dst)
-        for pool in (*self.k_cache, *self.v_cache):
+        for pool in (*self.k_cache, *self.v_cache, *(self.k_scale or ()), *(self.v_scale or ())):
             pool[d] = pool[s]
 
     def save_checkpoints(self, slots: list[int], ckpt_ids: list[int], hidden: torch.Tensor) -> None:

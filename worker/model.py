@@ -134,9 +134,10 @@ class GatedAttention(nn.Module):
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k.reshape(T, self.num_kv_heads, self.head_dim)), cos, sin)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache, k_scale, v_scale = cache.kv_pool(self.cache_index)
         o = paged_attention_varlen(
-            q, k, v, cache.k_cache[self.cache_index], cache.v_cache[self.cache_index], batch.slot_mapping,
-            batch.block_tables, batch.query_lens, batch.context_lens, self.head_dim ** -0.5, batch.kernel_meta)
+            q, k, v, k_cache, v_cache, batch.slot_mapping, batch.block_tables, batch.query_lens, batch.context_lens,
+            self.head_dim ** -0.5, batch.kernel_meta, k_scale=k_scale, v_scale=v_scale)
         o = o * torch.sigmoid(gate)
         return self.o_proj(o.reshape(T, -1))
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from qnext.kernels.dispatch import kernels_mode
+from qnext.kernels.fp8.reference import FP8_DTYPE
 from qnext.worker.cache import Restore
 from qnext.worker.cache_tensors import (CacheShape, CacheTensors, checkpoint_bytes, kv_bytes_per_block,
                                         state_bytes_per_slot)
@@ -142,7 +143,8 @@ class ModelRunner:
             torch.set_num_threads(config.cpu_threads)  # process-wide: the engine owns its process (or its caller)
         self.model_dir, self.followers, self.model, self.dtype_reason = self._load(config, model)
         mcfg = self.model.config
-        self.dtype = self.model.model.embed_tokens.weight.dtype  # activations / KV dtype
+        self.dtype = self.model.model.embed_tokens.weight.dtype  # activations
+        self.kv_dtype = FP8_DTYPE if config.kv_cache_dtype == "fp8" else self.dtype  # KV cache storage
         self.eos_token_ids = (eos_token_ids(self.model_dir, mcfg.eos_token_ids) if self.model_dir is not None
                               else mcfg.eos_token_ids)
         supported = mcfg.max_supported_len
@@ -204,15 +206,15 @@ class ModelRunner:
     def _allocate_cache(self, padding_slot: bool) -> tuple[CacheInfo, CacheTensors]:
         config, mcfg = self.config, self.model.config
         state_dtype = TORCH_DTYPES[config.state_dtype]
-        per_block = kv_bytes_per_block(mcfg, config.block_size, self.dtype)
+        per_block = kv_bytes_per_block(mcfg, config.block_size, self.kv_dtype)
         per_slot = state_bytes_per_slot(mcfg, state_dtype, self.dtype, self.max_spec_tokens)
         per_ckpt = checkpoint_bytes(mcfg, state_dtype, self.dtype, self.dtype)
         num_blocks, num_slots, num_ckpts = size_cache(config, per_block, per_slot, per_ckpt, self.device,
                                                       padding_slot=padding_slot)
         info = CacheInfo(num_blocks, config.block_size, num_slots, per_block, per_slot, num_ckpts,
                          per_ckpt if num_ckpts else 0)
-        shape = CacheShape(num_blocks, config.block_size, num_slots, self.dtype, state_dtype, self.dtype,
-                           self.max_spec_tokens, num_ckpts, padding_slot=padding_slot)
+        shape = CacheShape(num_blocks, config.block_size, num_slots, self.kv_dtype, state_dtype, self.dtype,
+                           self.dtype, self.max_spec_tokens, num_ckpts, padding_slot=padding_slot)
         return info, CacheTensors(mcfg, shape, self.device)
 
     def _graph_mode(self) -> str | None:

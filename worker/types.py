@@ -23,6 +23,8 @@ GREEDY_TEMPERATURE = 1e-5
 # Activation dtypes by name; "auto" = the checkpoint's dtype where the device computes it, else float32.
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 STATE_DTYPES = ("float32", "bfloat16", "float64")  # DeltaNet recurrent state
+# Attention KV cache: auto = the activation dtype; fp8 = float8_e4m3fn with a float32 scale per token per KV head
+KV_CACHE_DTYPES = ("auto", "fp8")
 # Decode steps as CUDA graphs: auto (on CUDA with the Triton kernels, one device), off (vLLM's --enforce-eager),
 # padded-eager (the graphs' static buffers without capture: CPU tests, bisecting a capture problem).
 CUDA_GRAPH_MODES = ("auto", "off", "padded-eager")
@@ -182,6 +184,10 @@ class EngineConfig:
         0.0, "KV + state cache budget: fraction of device memory (CUDA, <= 1) or bytes (CPU); 0 = 0.85 of free "
              "memory on CUDA, 512 MiB on CPU")
     state_dtype: str = option("float32", "DeltaNet recurrent state; bfloat16 halves its memory", choices=STATE_DTYPES)
+    kv_cache_dtype: str = option(
+        "auto", "attention KV cache; auto = the activation dtype; fp8 = float8_e4m3fn with a float32 scale per token "
+                "and KV head, set when the token is written: about half the bytes of bf16, so ~2x the KV tokens",
+        choices=KV_CACHE_DTYPES)
     seed: int | None = option(
         None, "seeds the seeds of requests that give none (default: a random seed per start)")
     num_speculative_tokens: int = option(
@@ -233,6 +239,8 @@ class EngineConfig:
                 f"must be one of {', '.join(SPEC_DRAFT_LENGTHS)}, got {self.speculative_draft_length!r}")
         require(self.state_dtype in STATE_DTYPES, "state_dtype",
                 f"must be one of {', '.join(STATE_DTYPES)}, got {self.state_dtype!r}")
+        require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",
+                f"must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         require_number("cache_memory", self.cache_memory, False, lambda x: x >= 0, ">= 0")
         if self.seed is not None:
             require_number("seed", self.seed, True, lambda x: True, "an int")
@@ -330,7 +338,7 @@ class ModelSummary:
     device: str
     cuda_graphs: str = "off"  # decode graphs: "off (why)", or what was captured (worker/graph_runner.py)
     dtype_reason: str = ""  # why this dtype (worker/dtype_choice.py), for the start-up line
-    kv_cache_dtype: str = ""  # KV cache elements (today the activation dtype)
+    kv_cache_dtype: str = ""  # KV cache storage (--kv-cache-dtype): the activation dtype or float8_e4m3fn
     state_dtype: str = ""  # DeltaNet recurrent state (--state-dtype)
 
 

@@ -2,6 +2,7 @@
 
     qnext-validate --model Qwen3-Next-80B-A3B-Instruct-FP8 --reference Qwen3-Next-80B-A3B-Instruct --device cuda
     qnext-validate --model A --reference B --prompts prompts.txt --max-new-tokens 64 --out validate.json
+    qnext-validate --model A --reference A --kv-cache-dtype fp8      # what the FP8 KV cache alone costs
 
 For each prompt the reference generates a greedy continuation of N tokens (ignore_eos, so N is exact). Both
 checkpoints are then run teacher-forced over prompt + that continuation, and at each of the N positions:
@@ -56,7 +57,9 @@ DEFAULT_PROMPTS = [
 #                              and need both checkpoints to have one
 #   seed                       nothing is sampled: every continuation is greedy
 #   cuda_graph_max_batch_size  1: batch 1 only ever replays the size-1 decode graph
-# The rest (--device, --dtype, --tensor-parallel-size, --cache-memory, --enforce-eager, ...) apply to both runs.
+# The rest (--device, --dtype, --tensor-parallel-size, --cache-memory, --enforce-eager, ...) apply to both runs,
+# except --kv-cache-dtype: it applies to --model's run, while the reference keeps its KV in the activation dtype,
+# so the comparison includes what a quantised KV cache costs (--model = --reference: that cost alone).
 FIXED_OPTIONS = {"model": None, "max_num_seqs": 1, "max_model_len": None, "enable_prefix_caching": False,
                  "num_checkpoints": 0, "num_speculative_tokens": 0, "seed": None, "cuda_graph_max_batch_size": 1}
 ENGINE_DEFAULTS = EngineConfig(**FIXED_OPTIONS)
@@ -159,14 +162,15 @@ def match_length(a: list[int], b: list[int]) -> int:
 
 def validate(model: str, reference: str, prompts: list[str], max_new_tokens: int,
              engine: EngineConfig = ENGINE_DEFAULTS) -> list[PromptResult]:
-    """`engine`: the options both checkpoints run with; its model and max_model_len are set here."""
+    """`engine`: the options both checkpoints run with (the reference with kv_cache_dtype auto); its model and
+    max_model_len are set here."""
     tokenizer = Tokenizer.from_file(str(Path(reference) / "tokenizer.json"))
     ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
     if any(not p for p in ids):
         raise ValueError("--prompts: a prompt encodes to no tokens")
     max_len = max(len(p) for p in ids) + max_new_tokens + 1
     cfg = replace(engine, max_model_len=max_len)
-    ref = run_checkpoint(replace(cfg, model=reference), ids, max_new_tokens, None)
+    ref = run_checkpoint(replace(cfg, model=reference, kv_cache_dtype="auto"), ids, max_new_tokens, None)
     mod = run_checkpoint(replace(cfg, model=model), ids, max_new_tokens, ref.continuations)
     if mod.vocab_size != ref.vocab_size:
         raise ValueError(f"--model: vocab_size {mod.vocab_size} differs from --reference's {ref.vocab_size}")

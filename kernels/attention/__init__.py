@@ -20,17 +20,19 @@ def paged_attention_varlen(
     context_lens: list[int],  # cached + new tokens per sequence
     scale: float,
     step_meta: StepMetadata | None = None,  # the step's shared device tables (Triton only)
+    k_scale: torch.Tensor | None = None,  # [num_blocks, block_size, Hkv] float32: the caches are FP8
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [T, Hq, D] in q's dtype
-    """Writes this step's k/v into the cache at slot_mapping, then each sequence's new tokens attend causally
-    over its whole context read back through its block table."""
+    """Writes this step's k/v into the cache at slot_mapping (quantised, with the scales, into an FP8 cache),
+    then each sequence's new tokens attend causally over its whole context read back through its block table."""
     if not use_triton(q):
         return reference.paged_attention_varlen(q, k, v, k_cache, v_cache, slot_mapping, block_tables, query_lens,
-                                                context_lens, scale)
+                                                context_lens, scale, k_scale, v_scale)
     from qnext.kernels.attention.triton_attention import paged_attention_fwd, write_kv_fwd
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    write_kv_fwd(k, v, k_cache, v_cache, slot_mapping)
+    write_kv_fwd(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return paged_attention_fwd(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale,
-                               step_meta=step_meta)
+                               step_meta=step_meta, k_scale=k_scale, v_scale=v_scale)
 
 
 __all__ = ["paged_attention_varlen"]

@@ -3,28 +3,66 @@
 The new keys/values are first written into the cache at `slot_mapping`; each sequence then attends over its
 whole context (cached prefix + this step's tokens) read back through its block table, so a chunked prefill
 sees exactly what a one-shot prefill sees.
+
+An FP8 cache (`--kv-cache-dtype fp8`, docs/architecture.md §5.1) holds float8_e4m3fn values with one float32
+scale per (block, position, KV head) in k_scale / v_scale [num_blocks, block_size, Hkv]: each row of D values is
+quantised when it is written, scale = amax(|row|) / 448, so nothing overflows and no calibration is needed.
+Reads dequantise (fp8 -> fp32 x scale -> q's dtype) before the products.
 """
 
 import torch
 
+from qnext.kernels.fp8.reference import per_token_group_quant
 from qnext.kernels.gated_delta_rule.reference import compute_dtype
+
+# the floor of a row's amax: an all-zero row gets scale 1e-10 / 448 and stays exact zeros (the Triton write uses it too)
+KV_SCALE_EPS = 1e-10
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, Hkv, D] -> (float8_e4m3fn [T, Hkv, D], float32 scales [T, Hkv]): one scale per head row."""
+    T, H, D = x.shape
+    q, s = per_token_group_quant(x.reshape(T * H, D), group=D, eps=KV_SCALE_EPS)
+    return q.view(T, H, D), s.view(T, H)
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float8 [..., D] with float32 scales [...] -> [..., D] in `dtype` (fp32 product, then one rounding)."""
+    return (q.float() * scale[..., None]).to(dtype)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
     """k_cache/v_cache: [num_blocks, block_size, Hkv, D]; k, v: [T, Hkv, D]; slot_mapping: [T] flat slot ids,
-    < 0 for a padding token (a CUDA-graph batch's padded rows), which writes nothing."""
+    < 0 for a padding token (a CUDA-graph batch's padded rows), which writes nothing. With scales
+    ([num_blocks, block_size, Hkv] float32) the caches are FP8 and each row is quantised."""
     keep = slot_mapping >= 0
-    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping[keep]] = k[keep].to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping[keep]] = v[keep].to(v_cache.dtype)
+    slots = slot_mapping[keep]
+    for cache, scale, x in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
+        rows = cache.view(-1, *cache.shape[2:])
+        if scale is None:
+            rows[slots] = x[keep].to(cache.dtype)
+        else:
+            rows[slots], scale.view(-1, scale.shape[2])[slots] = quantize_kv(x[keep])
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+def _read(cache: torch.Tensor, scale: torch.Tensor | None, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The cache rows at flat slots [n]: [n, Hkv, D], an FP8 cache's dequantised to `dtype`."""
+    # index_select, not cache[slots]: 4x faster on a CPU for these row gathers
+    rows = cache.view(-1, *cache.shape[2:]).index_select(0, slots)
+    if scale is None:
+        return rows
+    return dequantize_kv(rows, scale.view(-1, scale.shape[2]).index_select(0, slots), dtype)
+
+
+def _gather(cache: torch.Tensor, scale: torch.Tensor | None, block_table: torch.Tensor, length: int,
+            dtype: torch.dtype) -> torch.Tensor:
     """The first `length` cached positions of one sequence: [length, Hkv, D]."""
     bs = cache.shape[1]
     pos = torch.arange(length, device=cache.device)
     slots = block_table[pos // bs].long() * bs + pos % bs
-    return cache.view(-1, *cache.shape[2:]).index_select(0, slots)
+    return _read(cache, scale, slots, dtype)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
@@ -49,8 +87,10 @@ def paged_attention_varlen(
     query_lens: list[int],  # new tokens per sequence
     context_lens: list[int],  # cached + new tokens per sequence
     scale: float,
+    k_scale: torch.Tensor | None = None,  # [num_blocks, block_size, Hkv] float32: the caches are FP8
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [T, Hq, D] in q's dtype
-    write_kv(k_cache, v_cache, k, v, slot_mapping)
+    write_kv(k_cache, v_cache, k, v, slot_mapping, k_scale, v_scale)
     out = torch.empty(q.shape, dtype=compute_dtype(q.dtype), device=q.device)
     starts = [0]
     for n in query_lens:
@@ -63,9 +103,8 @@ def paged_attention_varlen(
         pos = torch.arange(L, device=q.device)
         tables = block_tables[single].long().clamp(min=0)  # padding entries are masked below
         slots = tables[:, pos // bs] * bs + pos % bs  # [b, L]
-        # index_select, not cache[slots]: 4x faster on a CPU for these row gathers
-        ks = k_cache.view(-1, *k_cache.shape[2:]).index_select(0, slots.view(-1)).view(*slots.shape, *k.shape[1:])
-        vs = v_cache.view(-1, *v_cache.shape[2:]).index_select(0, slots.view(-1)).view(*slots.shape, *v.shape[1:])
+        ks = _read(k_cache, k_scale, slots.view(-1), q.dtype).view(*slots.shape, *k.shape[1:])
+        vs = _read(v_cache, v_scale, slots.view(-1), q.dtype).view(*slots.shape, *v.shape[1:])
         lens = torch.tensor([context_lens[i] for i in single], device=q.device)
         mask = (pos[None, :] < lens[:, None])[:, None, :]
         if len(single) == len(query_lens):  # a pure decode step: rows are 0..T-1
@@ -76,8 +115,8 @@ def paged_attention_varlen(
         if n <= 1:
             continue
         s, L = starts[i], context_lens[i]
-        ks = _gather(k_cache, block_tables[i], L)[None]
-        vs = _gather(v_cache, block_tables[i], L)[None]
+        ks = _gather(k_cache, k_scale, block_tables[i], L, q.dtype)[None]
+        vs = _gather(v_cache, v_scale, block_tables[i], L, q.dtype)[None]
         qpos = torch.arange(L - n, L, device=q.device)
         mask = (torch.arange(L, device=q.device)[None, :] <= qpos[:, None])[None]
         out[s:s + n] = _attend(q[s:s + n][None], ks, vs, mask, scale)[0]
