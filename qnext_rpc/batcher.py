@@ -62,7 +62,7 @@ class RequestOutOfMemory(RequestFailed):
 
 
 class RequestHandle:
-    def __init__(self, key: str, request_id: str) -> None:
+    def __init__(self, key: str, request_id: str, num_samples: int = 1) -> None:
         self.key = key  # unique per submission: the engine's request id
         self.request_id = request_id  # the client's label (logs, responses)
         self.arrival = time.monotonic()
@@ -70,10 +70,15 @@ class RequestHandle:
         self._outputs: list[RequestOutput] = []
         self._error: Exception | None = None
         self._event = asyncio.Event()
-        self.finished = False  # the worker sent its final output
+        self.num_unfinished = num_samples  # samples (GenerationRequest.n) whose final output has not come
+
+    @property
+    def finished(self) -> bool:
+        """The worker sent the final output of every sample."""
+        return self.num_unfinished == 0
 
     def _push(self, out: RequestOutput) -> None:
-        self.finished = self.finished or out.finished
+        self.num_unfinished -= out.finished
         if out.error is not None:  # the tokens before it are still read first (`next`)
             self._fail(RequestFailed.of(out.error))
             return
@@ -96,7 +101,7 @@ class RequestHandle:
         return outputs
 
     def _ready(self, min_tokens: int) -> bool:
-        if self._error is not None or (self._outputs and self._outputs[-1].finished):
+        if self._error is not None or (self._outputs and self.finished):
             return True
         return sum(len(o.new_token_ids) for o in self._outputs) >= max(min_tokens, 1)
 
@@ -116,10 +121,11 @@ class Batcher:
         self._start_failed: str | None = None  # the engine's refusal of its configuration, if it refused
         self.draining = False
         self._handles: dict[str, RequestHandle] = {}  # by key
-        self._in_worker: set[str] = set()  # keys submitted to the worker whose final output has not come back
+        self._in_worker: dict[str, int] = {}  # keys submitted to the worker -> samples whose final output has not come
         self._num_submitted = 0
         self._adds: list[GenerationRequest] = []
         self._aborts: list[str] = []
+        self._sample_aborts: list[tuple[str, int]] = []  # (key, index): one parallel sample of a request
         self._resets: list[asyncio.Future] = []  # ResetPrefixCache calls: sent / waiting for the worker's answer
         self._reset_pending = False  # a reset to send with the next flush
         self._flush_scheduled = False
@@ -134,7 +140,7 @@ class Batcher:
     @property
     def num_pending(self) -> int:
         """Requests the server holds: open streams, and released ones the worker has not finished aborting."""
-        return len(self._handles.keys() | self._in_worker)
+        return len(self._handles.keys() | self._in_worker.keys())
 
     async def start(self) -> Ready:
         self._loop = asyncio.get_running_loop()
@@ -167,7 +173,7 @@ class Batcher:
                                  f"{self.max_pending_requests} (--max-pending-requests); retry later")
         self._num_submitted += 1
         key = f"{self._num_submitted}:{add.request_id}"  # unique for this server's life; the label for logs
-        handle = RequestHandle(key, add.request_id)
+        handle = RequestHandle(key, add.request_id, add.n)
         self._handles[key] = handle
         self._adds.append(dataclasses.replace(add, request_id=key))
         self._schedule_flush()
@@ -184,6 +190,12 @@ class Batcher:
             self._adds = pending  # never reached the worker
         elif key in self._in_worker and not handle.finished:
             self._aborts.append(key)
+            self._schedule_flush()
+
+    def abort_sample(self, handle: RequestHandle, index: int) -> None:
+        """Stop one parallel sample of a stream that goes on (a stop string ended it)."""
+        if handle.key in self._in_worker:
+            self._sample_aborts.append((handle.key, index))
             self._schedule_flush()
 
     async def reset_prefix_cache(self) -> PrefixCacheReset:
@@ -203,11 +215,13 @@ class Batcher:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if not (self._adds or self._aborts or self._reset_pending) or self._sendq is None or self.ready is None:
+        if (not (self._adds or self._aborts or self._sample_aborts or self._reset_pending) or self._sendq is None
+                or self.ready is None):
             return
-        self._in_worker.update(a.request_id for a in self._adds)
-        self._sendq.put(Submit(adds=self._adds, aborts=self._aborts, reset_prefix_cache=self._reset_pending))
-        self._adds, self._aborts, self._reset_pending = [], [], False
+        self._in_worker.update((a.request_id, a.n) for a in self._adds)
+        self._sendq.put(Submit(adds=self._adds, aborts=self._aborts, sample_aborts=self._sample_aborts,
+                               reset_prefix_cache=self._reset_pending))
+        self._adds, self._aborts, self._sample_aborts, self._reset_pending = [], [], [], False
 
     def _on_readable(self, conn: Connection) -> None:
         try:
@@ -223,8 +237,10 @@ class Batcher:
                 if (h := self._handles.get(rid)) is not None and h.started is None:
                     h.started = t
             for out in msg.outputs:
-                if out.finished:
-                    self._in_worker.discard(out.request_id)
+                if out.finished and out.request_id in self._in_worker:
+                    self._in_worker[out.request_id] -= 1
+                    if not self._in_worker[out.request_id]:
+                        del self._in_worker[out.request_id]
                 if (h := self._handles.get(out.request_id)) is not None:
                     h._push(out)
             self.on_step(msg)
@@ -247,7 +263,7 @@ class Batcher:
             if self._ready_fut is not None and not self._ready_fut.done():
                 self._ready_fut.set_exception(WorkerStartFailed(msg.message))
         elif isinstance(msg, Rejected):
-            self._in_worker.discard(msg.request_id)
+            self._in_worker.pop(msg.request_id, None)
             if (h := self._handles.get(msg.request_id)) is not None:
                 h._fail(ValueError(msg.message))
 
@@ -276,7 +292,7 @@ class Batcher:
         self._resets, self._reset_pending = [], False
         self._handles.clear()
         self._in_worker.clear()
-        self._adds, self._aborts = [], []
+        self._adds, self._aborts, self._sample_aborts = [], [], []
         self.stats = EngineStats()
         if self._ready_fut is not None and not self._ready_fut.done():
             self._ready_fut.set_exception(RuntimeError(f"the worker failed to start: {why}"))

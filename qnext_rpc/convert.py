@@ -94,6 +94,7 @@ def parse_generate(req: Any) -> GenerateSpec:
         spec.max_reasoning_tokens = st.max_reasoning_tokens
     if req.HasField("prompt_logprobs"):
         spec.prompt_logprobs = req.prompt_logprobs
+    spec.n = req.n or 1
     if req.HasField("num_speculative_tokens"):
         spec.num_speculative_tokens = req.num_speculative_tokens
     spec.bypass_prefix_cache = req.bypass_prefix_cache
@@ -139,6 +140,7 @@ def finish_info(f: Finish) -> Any:
 def generate_response(c: Chunk) -> Any:
     resp = pb.GenerateResponse(token_ids=c.token_ids, text=c.text, reasoning_text=c.reasoning_text,
                                logprobs=_logprobs(c.logprobs), prompt_logprobs=_logprobs(c.prompt_logprobs),
+                               index=c.index,
                                tool_calls=[pb.ToolCallDelta(index=d.index, id=d.id, name=d.name,
                                                             arguments_delta=d.arguments_delta) for d in c.tool_calls])
     if c.finish is not None:
@@ -191,6 +193,7 @@ def server_stats(w: EngineStats, server: dict[str, Any]) -> Any:
     return pb.ServerStats(num_running=w.num_running, num_waiting=w.num_waiting, kv_blocks_used=w.kv_blocks_used,
                           kv_blocks_total=w.kv_blocks_total, state_slots_used=w.state_slots_used,
                           state_slots_total=w.state_slots_total, num_steps=w.num_steps,
+                          num_prompt_tokens_computed=w.num_prompt_tokens_computed,
                           spec_drafted_tokens=w.spec_drafted_tokens, spec_accepted_tokens=w.spec_accepted_tokens,
                           spec_draft_steps=w.spec_draft_steps, spec_draft_length=w.spec_draft_length,
                           prefix_cache_enabled=w.prefix_cache_enabled, prefix_cache_queries=w.prefix_cache_queries,
@@ -250,6 +253,8 @@ def request(**fields: Any) -> Any:
         req.priority = fields.pop("priority")
     if "prompt_logprobs" in fields:
         req.prompt_logprobs = fields.pop("prompt_logprobs")
+    if "n" in fields:
+        req.n = fields.pop("n")
     for name in SAMPLING_FIELDS:
         if name in fields:
             setattr(req.sampling, name, fields.pop(name))

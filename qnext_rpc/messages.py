@@ -19,6 +19,7 @@ from qnext.worker.types import CacheInfo, EngineStats, GenerationRequest, ModelS
 class Submit:
     adds: list[GenerationRequest] = field(default_factory=list)
     aborts: list[str] = field(default_factory=list)
+    sample_aborts: list[tuple[str, int]] = field(default_factory=list)  # (request id, index): one parallel sample
     reset_prefix_cache: bool = False  # drop every cached prefix after applying the aborts
 
 

@@ -145,7 +145,15 @@ class GenerationService(convert.GenerationServicer):
         async for chunk in self._generate(request, context):
             chunks.append(chunk)
             rid = chunk.request_id
-        return convert.generate_result(rid, chunks)
+        samples = sorted({c.index for c in chunks})
+        if samples == [0]:
+            return convert.generate_result(rid, chunks)
+        choices = [convert.generate_result(rid, [c for c in chunks if c.index == i]) for i in samples]
+        for i, choice in zip(samples, choices):
+            choice.index = i
+        result = convert.generate_result(rid, [c for c in chunks if c.index == 0])
+        result.choices.extend(choices)
+        return result
 
     async def _generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Chunk]:
         require_decoded(request)
@@ -156,25 +164,35 @@ class GenerationService(convert.GenerationServicer):
         self._admitted.add(id(context))
         rlog = rlog.bind(key=handle.key)  # the worker's logs name the request by this key
         self.metrics.pending.inc()
-        self.metrics.prompt_tokens.inc(len(prepared.add.prompt_token_ids))
-        asm = OutputAssembler(prepared, self.text, self.reasoning_parser, handle.arrival)
+        self.metrics.prompt_tokens.inc(len(prepared.add.prompt_token_ids))  # once, whatever n
+        # one assembler per parallel sample (GenerateRequest.n): its own text, stop strings, reasoning split
+        asms = [OutputAssembler(prepared, self.text, self.reasoning_parser, handle.arrival)
+                for _ in range(prepared.add.n)]
         status, last = "cancelled", None
         try:
-            while asm.finish is None:
-                outputs = await handle.next(self.stream_interval if asm.first_token is not None else 1)
-                asm.started = handle.started
-                chunk = asm.feed(outputs)
-                self._observe_tokens(asm, len(chunk.token_ids), last)
-                last = time.monotonic()
-                yield chunk
-            status = asm.finish.reason
+            while any(a.finish is None for a in asms):
+                started = any(a.first_token is not None for a in asms)
+                outputs = await handle.next(self.stream_interval if started else 1)
+                for index in sorted({o.index for o in outputs}):
+                    asm = asms[index]
+                    if asm.finish is not None:
+                        continue  # a sample a stop string ended: what it made meanwhile is dropped
+                    asm.started = handle.started
+                    chunk = asm.feed([o for o in outputs if o.index == index])
+                    chunk.index = index
+                    if asm.stop_string_matched and len(asms) > 1:
+                        self.batcher.abort_sample(handle, index)  # the others go on
+                    self._observe_tokens(asm, len(chunk.token_ids), last)
+                    last = time.monotonic()
+                    yield chunk
+            status = asms[0].finish.reason
         except Exception as e:
             status = status_for(e).name.lower()
             raise
         finally:
             self.batcher.release(handle)  # frees the worker's cache now if it is still generating
             self.metrics.pending.dec()
-            self._summary(rlog, asm, status)
+            self._summary(rlog, asms, status)
 
     def _observe_tokens(self, asm: OutputAssembler, n: int, last: float | None) -> None:
         if n == 0:
@@ -186,15 +204,17 @@ class GenerationService(convert.GenerationServicer):
             for _ in range(n):
                 self.metrics.inter_token.observe((now - last) / n)
 
-    def _summary(self, rlog: Any, asm: OutputAssembler, status: str) -> None:
-        finish = asm.finish or asm.cancel(CANCELLED)
+    def _summary(self, rlog: Any, asms: list[OutputAssembler], status: str) -> None:
+        """One line and one count per request, its parallel samples together (the prompt counted once)."""
+        finishes = [a.finish or a.cancel(CANCELLED) for a in asms]
+        finish = finishes[0]
         self.metrics.requests.labels(status=status).inc()
-        self.metrics.e2e.observe(finish.timings.total_ms / 1000.0)
+        self.metrics.e2e.observe(max(f.timings.total_ms for f in finishes) / 1000.0)
         self.metrics.num_prompt += finish.usage.prompt_tokens
         t = finish.timings
         rlog.info("request done", status=status, prompt_tokens=finish.usage.prompt_tokens,
-                  completion_tokens=finish.usage.completion_tokens, cached_tokens=finish.usage.cached_tokens,
-                  queue_ms=round(t.queue_ms, 1),
+                  completion_tokens=sum(f.usage.completion_tokens for f in finishes),
+                  cached_tokens=finish.usage.cached_tokens, samples=len(asms), queue_ms=round(t.queue_ms, 1),
                   ttft_ms=round(t.time_to_first_token_ms, 1), total_ms=round(t.total_ms, 1),
                   preemptions=t.num_preemptions)
 

@@ -65,6 +65,7 @@ class Chunk:
     finish: Finish | None = None
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.., in the first chunk
+    index: int = 0  # which parallel sample (GenerateRequest.n)
 
 
 class OutputAssembler:

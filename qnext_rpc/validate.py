@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any
 
-from qnext.worker.types import GenerationRequest, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams, StoppingParams
+from qnext.worker.types import (MAX_LOGIT_BIAS, MAX_SAMPLES, MAX_TOP_LOGPROBS, SAMPLE_SEP, GenerationRequest,
+                                SamplingParams, StoppingParams)
 from qnext.worker.grammar import after_think
 from qnext.rpc.response_format import check_tool_choice, request_grammar
 from qnext.rpc.text import CHAT_ROLES, ChatMessage, ChatPrompt, TextProcessor
@@ -75,6 +76,7 @@ class GenerateSpec:
     top_logprobs: int = 0
     prompt_logprobs: int | None = None
     max_reasoning_tokens: int | None = None
+    n: int = 1  # parallel samples
     num_speculative_tokens: int | None = None
     bypass_prefix_cache: bool = False
     cache_checkpoints: list[int] = field(default_factory=list)
@@ -283,6 +285,8 @@ def prepare(spec: GenerateSpec, limits: Limits, text: TextProcessor) -> Prepared
              f"must be in [0, {MAX_TOP_LOGPROBS}], got {spec.top_logprobs}")
     _require(spec.prompt_logprobs is None or 0 <= spec.prompt_logprobs <= MAX_TOP_LOGPROBS, "prompt_logprobs",
              f"must be in [0, {MAX_TOP_LOGPROBS}], got {spec.prompt_logprobs}")
+    _require(1 <= spec.n <= MAX_SAMPLES, "n", f"must be in [1, {MAX_SAMPLES}], got {spec.n}")
+    _require(SAMPLE_SEP not in spec.request_id, "request_id", "must not contain the character U+001F")
     _require(spec.priority == 0 or limits.priority_scheduling, "priority",
              f"must be 0 unless the server runs with --scheduling-policy priority, got {spec.priority}")
     num_spec = spec.num_speculative_tokens
@@ -325,7 +329,7 @@ def prepare(spec: GenerateSpec, limits: Limits, text: TextProcessor) -> Prepared
                             use_prefix_cache=not spec.bypass_prefix_cache and spec.prompt_logprobs is None,
                             cache_checkpoints=tuple(sorted(checkpoints)),
                             grammar=grammar, grammar_starts_after=text.think_end_id if in_reasoning else None,
-                            priority=spec.priority, prompt_logprobs=spec.prompt_logprobs)
+                            priority=spec.priority, prompt_logprobs=spec.prompt_logprobs, n=spec.n)
     return PreparedRequest(add=add, stop_strings=list(spec.stop_strings),
                            include_stop_strings=spec.include_stop_strings, top_logprobs=spec.top_logprobs,
                            starts_in_reasoning=in_reasoning, parse_tool_calls=bool(tools) and tool_choice != "none")

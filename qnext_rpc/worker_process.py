@@ -80,6 +80,8 @@ def _loop(engine: Engine, conn: Connection) -> None:
 def _apply(engine: Engine, msg: Submit, conn: Connection) -> None:
     for rid in msg.aborts:
         engine.abort(rid)
+    for rid, index in msg.sample_aborts:
+        engine.abort(rid, index)
     if msg.reset_prefix_cache:
         stats = engine.stats()
         engine.reset_prefix_cache()

@@ -141,3 +141,112 @@ def test_the_budget_is_not_spent_when_the_output_closed_the_block_itself():
     assert Request("r", [1], StoppingParams(max_new_tokens=5), eos_token_ids=(0,)).forced_token_id([]) is None
     with pytest.raises(ValueError, match="max_reasoning_tokens"):
         StoppingParams(max_reasoning_tokens=4)
+
+
+# ---- parallel samples (n > 1) ----------------------------------------------------------------------------------
+
+PROMPT = list(range(100, 141))  # 41 tokens: the prompt ends inside its third 16-token block (the forked copy)
+
+
+def sample_tokens(outs: dict[str, list], rid: str) -> dict[int, list[int]]:
+    by_index: dict[int, list[int]] = {}
+    for o in outs[rid]:
+        by_index.setdefault(o.index, []).extend(o.new_token_ids)
+    return by_index
+
+
+def fresh(ckpt, **kw) -> Engine:
+    return Engine(EngineConfig(model=str(ckpt), dtype="float32", max_num_batched_tokens=16, cache_memory=128 << 20,
+                               **kw))
+
+
+@pytest.fixture(scope="module")
+def alone(default_ckpt):
+    """Seeds 7..10, each alone in an engine without a prefix cache: what sample i of seed 7 must equal."""
+    e = fresh(default_ckpt, enable_prefix_caching=False)
+    return {i: tokens(run(e, [GenerationRequest(f"s{i}", PROMPT, SamplingParams(temperature=1.0, seed=7 + i),
+                                                StoppingParams(max_new_tokens=10))])[f"s{i}"]) for i in range(4)}
+
+
+def test_n_samples_fork_one_prefill_and_each_equals_its_seed_alone(default_ckpt, alone):
+    """n=4: the prompt is computed once (41 prompt tokens of work, not 164), sample i equals seed 7 + i run
+    alone, the outputs name their sample, and every block and slot is free again after."""
+    e = fresh(default_ckpt)
+    outs = run(e, [GenerationRequest("a", PROMPT, SamplingParams(temperature=1.0, seed=7),
+                                     StoppingParams(max_new_tokens=10), n=4)])
+    assert e.scheduler.num_prompt_tokens_computed == len(PROMPT)
+    assert sample_tokens(outs, "a") == alone
+    assert sum(o.finished for o in outs["a"]) == 4 and {o.request_id for o in outs["a"]} == {"a"}
+    e.reset_prefix_cache()
+    assert e.cache_manager.is_full() and not e.has_unfinished()
+
+
+def test_samples_without_room_prefill_themselves_with_the_same_tokens(default_ckpt, alone):
+    """max_num_seqs 2: one sample forks, the other two queue and compute the prompt themselves: more prefill,
+    the same tokens."""
+    e = fresh(default_ckpt, max_num_seqs=2, enable_prefix_caching=False)
+    outs = run(e, [GenerationRequest("a", PROMPT, SamplingParams(temperature=1.0, seed=7),
+                                     StoppingParams(max_new_tokens=10), n=4)])
+    assert sample_tokens(outs, "a") == alone
+    assert e.scheduler.num_prompt_tokens_computed == 3 * len(PROMPT)
+    assert e.cache_manager.is_full()
+
+
+def test_aborts_end_every_sample_or_one_and_leak_nothing(default_ckpt, alone):
+    e = fresh(default_ckpt, enable_prefix_caching=False)
+    req = lambda rid: GenerationRequest(rid, PROMPT, SamplingParams(temperature=1.0, seed=7),  # noqa: E731
+                                        StoppingParams(max_new_tokens=10), n=4)
+    # before the fork (the prompt is computed in 16-token chunks): the unforked samples end too
+    e.add_request(req("early"))
+    first = e.step()
+    assert e.abort("early")
+    ended = first + e.step()
+    assert sorted(o.index for o in ended if o.finished) == [0, 1, 2, 3]
+    # after the fork: one sample stopped, the others go on unchanged; then the whole request
+    e.add_request(req("late"))
+    outs: list = []
+    while not any(o.index == 3 for o in outs):
+        outs += e.step()
+    assert e.abort("late", index=2)
+    for _ in range(3):
+        outs += e.step()
+    assert e.abort("late")
+    while e.has_unfinished():
+        outs += e.step()
+    got = {}
+    for o in outs:
+        got.setdefault(o.index, []).extend(o.new_token_ids)
+    assert all(got[i] == alone[i][:len(got[i])] for i in range(4))
+    assert len(got[2]) < len(got[0]) and sum(o.finished for o in outs) == 4
+    assert e.cache_manager.is_full() and not e.has_unfinished()
+
+
+def test_a_parent_that_fails_before_its_prompt_is_done_ends_its_samples(default_ckpt):
+    """A step error ending sample 0 before the fork (the only way it ends then, aborts take every sample): the
+    unforked samples end with the same reason and error, nothing is left open."""
+    from qnext.worker.scheduler import StepOutput
+    from qnext.worker.types import FinishReason, StepError
+    e = fresh(default_ckpt, enable_prefix_caching=False)
+    e.add_request(GenerationRequest("a", PROMPT, SamplingParams(temperature=1.0, seed=7),
+                                    StoppingParams(max_new_tokens=10), n=3))
+    e.step()
+    parent = e.scheduler.get("a")
+    e.scheduler.abort("a")  # as step_failure ends it
+    error = StepError(False, "RuntimeError")
+    out = e._output(parent, StepOutput("a", [], True, FinishReason.ERROR), error=error)
+    rest = e.step()
+    assert out.finished and [(o.index, o.finish_reason, o.error) for o in rest] == \
+        [(1, FinishReason.ERROR, error), (2, FinishReason.ERROR, error)]
+    assert not e.has_unfinished() and e.cache_manager.is_full()
+    e.add_request(GenerationRequest("a", [1, 2], n=2))  # the id is free again
+
+
+def test_n_and_request_ids_are_checked(default_ckpt):
+    e = fresh(default_ckpt)
+    with pytest.raises(ValueError, match="^n: "):
+        e.add_request(GenerationRequest("x", [1, 2], n=17))
+    with pytest.raises(ValueError, match="^request_id: "):
+        e.add_request(GenerationRequest("x\x1f1", [1, 2]))
+    e.add_request(GenerationRequest("x", [1, 2], StoppingParams(max_new_tokens=3) and SamplingParams(), n=2))
+    with pytest.raises(ValueError, match="^request_id: "):
+        e.add_request(GenerationRequest("x", [1, 2]))

@@ -219,6 +219,9 @@ VALIDATION = [
     (dict(text="hi", logit_bias={5: 100.5}), "sampling.logit_bias[5]"),
     (dict(text="hi", logit_bias={5: math.nan}), "sampling.logit_bias[5]"),
     (dict(text="hi", logit_bias={i: 1.0 for i in range(1025)}), "sampling.logit_bias"),
+    (dict(text="hi", n=17), "n"),
+    (dict(text="hi", prompt_logprobs=21), "prompt_logprobs"),
+    (dict(text="hi", request_id="a\x1fb"), "request_id"),
 ]
 
 
@@ -253,6 +256,45 @@ def test_logit_bias_forces_and_bans_tokens(server):
     forced, first, banned = run(go())
     assert [list(r.token_ids) for r in forced] == [[1000] * 5] * 2
     assert banned.token_ids[0] != first
+
+
+def test_parallel_samples_stream_by_index_and_equal_their_seeds_alone(server):
+    """n=3 streamed: responses name their sample, each sample ends once with its own finish and equals seed + i
+    run alone; a stop string ends one sample while the others go on; GenerateUnary returns every sample in
+    `choices`; the server computed the prompt of the n=3 request once (ServerStats)."""
+    sampling = dict(text="Hello there", temperature=1.0, max_new_tokens=6, ignore_eos=True)
+
+    async def go():
+        async with Client(server.target) as c:
+            alone = [await c.generate(seed=11 + i, bypass_prefix_cache=True, **sampling) for i in range(3)]
+            before = (await c.server_stats()).num_prompt_tokens_computed
+            chunks = [ch async for ch in c.generate_stream(seed=11, n=3, bypass_prefix_cache=True, **sampling)]
+            after = (await c.server_stats()).num_prompt_tokens_computed
+            stop = alone[1].text[:3]  # the seeded samples are deterministic: only sample 1 starts with it
+            stopped = [ch async for ch in c.generate_stream(seed=11, n=3, stop_strings=[stop], **sampling)]
+            unary = await c.generate(seed=11, n=2, **sampling)
+            return alone, chunks, after - before, stop, stopped, unary
+    alone, chunks, prefill, stop, stopped, unary = run(go())
+
+    def by_index(chunks):
+        ids, finishes = {}, {}
+        for ch in chunks:
+            ids.setdefault(ch.index, []).extend(ch.token_ids)
+            if ch.HasField("finish"):
+                finishes.setdefault(ch.index, []).append(ch.finish)
+        return ids, finishes
+    ids, finishes = by_index(chunks)
+    assert ids == {i: list(a.token_ids) for i, a in enumerate(alone)}
+    assert all(len(f) == 1 and f[0].usage.completion_tokens == 6 for f in finishes.values())
+    assert {f[0].usage.prompt_tokens for f in finishes.values()} == {alone[0].finish.usage.prompt_tokens}
+    assert prefill == alone[0].finish.usage.prompt_tokens
+    assert stop and all(stop not in alone[i].text for i in (0, 2))
+    ids, finishes = by_index(stopped)
+    assert convert.finish_reason_name(finishes[1][0].reason) == "stop_string" and len(finishes) == 3
+    assert [len(ids[i]) for i in (0, 2)] == [6, 6]
+    assert [c.index for c in unary.choices] == [0, 1]
+    assert [list(c.token_ids) for c in unary.choices] == [list(a.token_ids) for a in alone[:2]]
+    assert list(unary.token_ids) == list(alone[0].token_ids)
 
 
 def test_model_info(server):

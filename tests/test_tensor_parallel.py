@@ -43,10 +43,16 @@ def _generate(ckpt, tp: int) -> tuple[dict[str, tuple[list[int], list[float]]], 
                 engine.add_request(GenerationRequest(f"r{n}.{i}", prompt,
                                                      SamplingParams(temperature=0.0, top_logprobs=1),
                                                      StoppingParams(max_new_tokens=10, ignore_eos=True), k))
+            if n == len(ROUNDS) - 1:  # parallel samples: the forked DeltaNet state and tail block on every rank
+                engine.add_request(GenerationRequest("par", LONG[:21], SamplingParams(temperature=1.0, seed=3,
+                                                                                      top_logprobs=1),
+                                                     StoppingParams(max_new_tokens=10, ignore_eos=True), n=2))
+                out["par"], out["par#1"] = ([], []), ([], [])
             while engine.has_unfinished():
                 for o in engine.step():
-                    out[o.request_id][0].extend(o.new_token_ids)
-                    out[o.request_id][1].extend(o.logprobs)
+                    key = o.request_id + (f"#{o.index}" if o.index else "")
+                    out[key][0].extend(o.new_token_ids)
+                    out[key][1].extend(o.logprobs)
         return out, engine.spec.counters.num_drafted, engine.cache_manager.prefix.stats.num_hits
     finally:
         engine.close()
@@ -76,7 +82,8 @@ def test_two_ranks_generate_what_one_does(default_ckpt, report):
         assert len(tokens) == 10
         assert two[rid][0] == tokens, rid
         assert torch.allclose(torch.tensor(two[rid][1]), torch.tensor(logprobs), rtol=0, atol=1e-9), rid
-    report("TP=2 vs TP=1 greedy tokens (5 requests, 3 with MTP k=2, 1 prefix-cache hit)", "identical")
+    assert one["par"][0] != one["par#1"][0]  # two samples, each forked from the prompt on every rank
+    report("TP=2 vs TP=1 tokens (5 greedy requests, 3 with MTP k=2, 1 prefix-cache hit; n=2 sampled)", "identical")
 
 
 def test_rank_slices_partition_every_split_tensor(default_ckpt):
@@ -189,7 +196,7 @@ def test_cross_rank_calls_are_a_fixed_list_and_others_fail_loudly():
 
     from qnext.worker.tp_worker import _serve
     assert LeadModel.CALLS == ("__call__", "mtp_forward")
-    assert LeadCache.CALLS == ("copy_blocks", "save_checkpoints", "restore_checkpoints", "rollback")
+    assert LeadCache.CALLS == ("copy_blocks", "copy_slots", "save_checkpoints", "restore_checkpoints", "rollback")
     # the whole interface: the calls above plus rank-0-only compute_logits and reads
     public = {cls: {n for n in vars(cls) if not n.startswith("_") and n not in ("NAME", "CALLS")} for cls in
               (LeadModel, LeadCache)}

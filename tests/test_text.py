@@ -97,6 +97,8 @@ INVALID = [
     ({"stop_token_ids": [200000]}, "stopping.stop_token_ids"),
     ({"top_logprobs": 21}, "top_logprobs"),
     ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"n": 0}, "n"),
+    ({"n": 17}, "n"),
     ({"num_speculative_tokens": 3}, "num_speculative_tokens"),
     ({"request_id": "r" * 300}, "request_id"),
 ]

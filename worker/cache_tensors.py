@@ -111,6 +111,12 @@ class CacheTensors:
         self.conv_state[:, slots] = self.spec_conv[:, slots, positions]
         self.ssm_state[:, slots] = self.spec_ssm[:, slots, positions]
 
+    def copy_slots(self, src: list[int], dst: list[int]) -> None:
+        """DeltaNet state slot src[i] -> dst[i], every layer (parallel samples forked from one prompt)."""
+        s, d = self._index(src), self._index(dst)
+        self.conv_state[:, d] = self.conv_state[:, s]
+        self.ssm_state[:, d] = self.ssm_state[:, s]
+
     # ---- prefix cache: checkpoints and block copies (worker/prefix_cache.py) ----------------------------------
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:

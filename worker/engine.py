@@ -27,9 +27,9 @@ from qnext.worker.scheduler import Request, RequestStatus, SchedulePlan, Schedul
 from qnext.worker.spec_decode import SpecCounters, SpecDecoder
 from qnext.worker.step_failure import StepFailures
 from qnext.worker.summary import engine_stats, model_summary
-from qnext.worker.types import (MAX_TOP_LOGPROBS, CacheInfo, Completion, EngineConfig, EngineStats, FinishReason,
-                                GenerationRequest, ModelSummary, RequestOutput, SamplingParams, StepError, StoppingParams, require,
-                                require_number)
+from qnext.worker.types import (MAX_SAMPLES, MAX_TOP_LOGPROBS, SAMPLE_SEP, CacheInfo, Completion, EngineConfig,
+                                EngineStats, FinishReason, GenerationRequest, ModelSummary, RequestOutput,
+                                SamplingParams, StepError, StoppingParams, require, require_number)
 
 
 class Engine:
@@ -48,6 +48,11 @@ class Engine:
         self.admitted: list[str] = []  # requests the last step started (or restarted after a preemption)
         self.failures = StepFailures(attributable=config.tensor_parallel_size == 1)
         self._grammars: GrammarCompiler | None = None  # built by the first constrained request
+        # parallel samples (GenerationRequest.n): samples 1..n-1 until their parent's prompt is computed, and the
+        # number of each request's samples not finished yet
+        self._unforked: dict[str, list[Request]] = {}
+        self._open_samples: dict[str, int] = {}
+        self._orphans: list[tuple[Request, FinishReason | None, StepError | None]] = []  # final outputs due
 
     @property
     def cache_info(self) -> CacheInfo:
@@ -71,6 +76,9 @@ class Engine:
 
     def add_request(self, req: GenerationRequest) -> None:
         """Queue a request. ValueError (naming the field) if it can never run."""
+        require(SAMPLE_SEP not in req.request_id, "request_id", "must not contain the character U+001F")
+        require(req.request_id not in self._open_samples, "request_id", f"{req.request_id!r} already exists")
+        require_number("n", req.n, True, lambda x: 1 <= x <= MAX_SAMPLES, f"in [1, {MAX_SAMPLES}]")
         require(bool(req.prompt_token_ids), "prompt_token_ids", "must not be empty")
         bad = [t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size]
         require(not bad, "prompt_token_ids", f"ids must be in [0, {self.vocab_size}), got {bad[:5]}")
@@ -86,15 +94,26 @@ class Engine:
         bad = [p for p in req.cache_checkpoints if not 1 <= p <= len(req.prompt_token_ids)]
         require(not bad, "cache_checkpoints",
                 f"positions must be in [1, {len(req.prompt_token_ids)}] (the prompt length), got {bad[:5]}")
-        grammar = self._grammar(req)
+        if req.n > 1:
+            k = 0  # parallel samples do not speculate (a forked sample has no MTP hidden state to draft from)
         seed = req.sampling.seed if req.sampling.seed is not None else self._seed_rng.getrandbits(63)
-        self.scheduler.add(Request(request_id=req.request_id, prompt_token_ids=list(req.prompt_token_ids),
-                                   stopping=req.stopping, eos_token_ids=self.runner.eos_token_ids,
-                                   sampling=req.sampling, seed=seed, num_speculative_tokens=k,
-                                   # every prompt position's logits are needed: none may come from the cache
-                                   use_prefix_cache=req.use_prefix_cache and req.prompt_logprobs is None,
-                                   checkpoint_positions=tuple(sorted(set(req.cache_checkpoints))),
-                                   grammar=grammar, priority=req.priority, prompt_logprobs=req.prompt_logprobs))
+        prompt = list(req.prompt_token_ids)
+
+        def sample(i: int) -> Request:
+            return Request(request_id=req.request_id + (f"{SAMPLE_SEP}{i}" if i else ""), prompt_token_ids=prompt,
+                           stopping=req.stopping, eos_token_ids=self.runner.eos_token_ids, sampling=req.sampling,
+                           seed=(seed + i) % 2**64, num_speculative_tokens=k,
+                           # prompt log-probs need every position's logits: none may come from the cache (and a
+                           # forked sample's prompt is its parent's)
+                           use_prefix_cache=req.use_prefix_cache and req.prompt_logprobs is None and not i,
+                           checkpoint_positions=tuple(sorted(set(req.cache_checkpoints))) if not i else (),
+                           grammar=self._grammar(req), priority=req.priority,
+                           prompt_logprobs=req.prompt_logprobs if not i else None, index=i,
+                           sample_of=req.request_id if i else None)
+        self.scheduler.add(sample(0))
+        self._open_samples[req.request_id] = req.n
+        if req.n > 1:
+            self._unforked[req.request_id] = [sample(i) for i in range(1, req.n)]
         if k:
             self.spec.add(req.request_id)
 
@@ -111,13 +130,21 @@ class Engine:
             self._grammars = GrammarCompiler(tokenizer, self.vocab_size, self.runner.eos_token_ids)
         return self._grammars.start(req.grammar, req.grammar_starts_after)
 
-    def abort(self, request_id: str) -> bool:
-        """Stop a request now; its blocks and slot are free at once. Its final output comes with the next step."""
-        request = self.scheduler.get(request_id)
-        if request is None or not self.scheduler.abort(request_id):
-            return False
-        self._aborted.append((request, self.spec.finish(request_id)))
-        return True
+    def abort(self, request_id: str, index: int | None = None) -> bool:
+        """Stop a request now, every sample of it (or just sample `index`); its blocks and slots are free at
+        once. The final outputs come with the next step."""
+        ids = [request_id] + [f"{request_id}{SAMPLE_SEP}{i}" for i in range(1, MAX_SAMPLES)]
+        if index is not None:
+            ids = ids[index:index + 1]
+        ended = [r for r in map(self.scheduler.get, ids) if r is not None]
+        for r in ended:
+            self.scheduler.abort(r.request_id)
+        unforked = self._unforked.pop(request_id, [])  # never started: they end here too
+        ended += [r for r in unforked if r.request_id in ids]
+        if any(r.request_id not in ids for r in unforked):
+            self._unforked[request_id] = [r for r in unforked if r.request_id not in ids]
+        self._aborted += [(r, self.spec.finish(r.request_id)) for r in ended]
+        return bool(ended)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (running requests keep their blocks as private ones)."""
@@ -127,14 +154,17 @@ class Engine:
         self.runner.close()
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        return self.scheduler.has_unfinished() or bool(self._aborted) or bool(self._orphans)
 
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
         with torch.inference_mode():  # the tensors a step makes (CUDA-graph tables refilled later) are inference
             outputs = [self._output(r, StepOutput(r.request_id, [], True, FinishReason.ABORTED), counters=c)
                        for r, c in self._aborted]
+            outputs += [self._output(r, StepOutput(r.request_id, [], True, reason), error=error)
+                        for r, reason, error in self._orphans]
             self._aborted.clear()
+            self._orphans.clear()
             plan = self.scheduler.schedule()
             self.admitted = plan.admitted
             if plan.chunks:
@@ -163,8 +193,15 @@ class Engine:
         step = self.runner.forward(plan)
         sampled: dict[str, list[int]] = {}
         logprobs: dict[str, tuple[list[float], list[list[tuple[int, float]]]]] = {}
+        # parallel samples whose parent's prompt this step completes draw their first token from its logits row
+        forks = [(i, self._unforked[c.request.request_id]) for i, c in enumerate(step.plain)
+                 if c.request.request_id in self._unforked]
         if step.plain:
-            self.runner.sample([c.request for c in step.plain], step.logits[:len(step.plain)], sampled, logprobs)
+            requests, logits = [c.request for c in step.plain], step.logits[:len(step.plain)]
+            if forks:
+                requests += [s for _, samples in forks for s in samples]
+                logits = torch.cat([logits, logits[[i for i, samples in forks for _ in samples]]])
+            self.runner.sample(requests, logits, sampled, logprobs)
         if step.verify:
             self.spec.verify(step.verify, step.logits[len(step.plain):], sampled, logprobs)
         self.runner.prompt_logprobs(plan, step)
@@ -174,10 +211,12 @@ class Engine:
         if self.runner.max_spec_tokens:
             mtp_last = self.spec.catch_up(plan, step, sampled)
             self.spec.record_step(plan, time.perf_counter() - start)
-        return step, sampled, logprobs, mtp_last
+        return step, sampled, logprobs, mtp_last, [(step.plain[i].request, samples) for i, samples in forks]
 
     def _update(self, plan: SchedulePlan, run: tuple) -> list[RequestOutput]:
-        step, sampled, logprobs, mtp_last = run
+        step, sampled, logprobs, mtp_last, forks = run
+        for parent, samples in forks:  # before the update: a parent finishing now releases its blocks and slot
+            self._fork(parent, samples, plan, sampled)
         by_id = {c.request.request_id: c.request for c in plan.chunks}
         step_outputs = self.scheduler.update(plan, sampled)
         for so in step_outputs:  # constrained requests: their grammar moves past the tokens appended
@@ -193,6 +232,21 @@ class Engine:
             self.spec.propose(drafting)
         return outputs
 
+    def _fork(self, parent: Request, samples: list[Request], plan: SchedulePlan, sampled: dict) -> None:
+        """Start a request's parallel samples from its computed prompt (Scheduler.fork): each gets a copy of the
+        parent's DeltaNet state and of the block its prompt ends in (the full ones are shared). A sample that
+        had to queue instead computes the prompt itself: the first token drawn for it here is dropped."""
+        del self._unforked[parent.request_id]
+        forked = self.scheduler.fork(parent, samples, plan)
+        started = {s.request_id for s in forked}
+        for s in samples:
+            if s.request_id not in started:
+                sampled.pop(s.request_id)
+        full = len(parent.prompt_token_ids) // self.cache_manager.block_size
+        tails = [s for s in forked if len(s.block_ids) > full]
+        self.runner.cache.copy_slots([parent.state_slot] * len(forked), [s.state_slot for s in forked])
+        self.runner.cache.copy_blocks([parent.block_ids[full]] * len(tails), [s.block_ids[full] for s in tails])
+
     def _fail(self, plan: SchedulePlan, e: Exception, applied: bool) -> list[RequestOutput]:
         ended = self.failures.fail(plan, self.scheduler, e, applied)
         error = self.failures.failed[-1].error
@@ -204,8 +258,16 @@ class Engine:
                 error: StepError | None = None) -> RequestOutput:
         n = len(so.new_token_ids)  # a stop inside accepted drafts truncates them
         spec = counters or (self.spec.finish(r.request_id) if so.finished else self.spec.counters_of(r.request_id))
+        group = r.sample_of or r.request_id
+        if so.finished:
+            self._open_samples[group] -= 1
+            if not self._open_samples[group]:
+                del self._open_samples[group]
+            # a parent that ended before its prompt was computed (an error; aborts take every sample) takes its
+            # samples with it: their final outputs come with the next step
+            self._orphans += [(o, so.finish_reason, error) for o in self._unforked.pop(group, [])]
         return RequestOutput(
-            request_id=r.request_id, new_token_ids=list(so.new_token_ids), logprobs=(logprobs or [])[:n],
+            request_id=group, index=r.index, new_token_ids=list(so.new_token_ids), logprobs=(logprobs or [])[:n],
             top_logprobs=(tops or [])[:n], finished=so.finished, finish_reason=so.finish_reason,
             num_prompt_tokens=len(r.prompt_token_ids), num_output_tokens=len(r.output_token_ids),
             num_preemptions=r.num_preemptions, num_drafted_tokens=spec.num_drafted if spec else 0,

@@ -78,6 +78,9 @@ class Request:
     grammar: GrammarState | None = None  # constrained decoding: what the output may be (worker/grammar.py)
     priority: int = 0  # lower = sooner (scheduled, admitted, and preempted last)
     prompt_logprobs: int | None = None  # alternatives per prompt token (GenerationRequest.prompt_logprobs)
+    # parallel samples (GenerationRequest.n): sample `index` of request `sample_of` (None: the request itself)
+    index: int = 0
+    sample_of: str | None = None
     # State owned by the scheduler.
     arrival: int = field(default=0, init=False)  # the scheduler's arrival counter: FCFS within a priority
     output_token_ids: list[int] = field(default_factory=list, init=False)
@@ -190,6 +193,7 @@ class Scheduler:
         self._waiting: list[Request] = []  # by (priority, arrival)
         self._running: list[Request] = []  # by (priority, arrival)
         self._arrivals = itertools.count()
+        self.num_prompt_tokens_computed = 0  # prefill work done: prompt tokens the applied chunks computed
 
     @property
     def num_running(self) -> int:
@@ -222,6 +226,35 @@ class Scheduler:
         self._requests[request.request_id] = request
         request.arrival = next(self._arrivals)
         bisect.insort(self._waiting, request, key=_order)
+
+    def fork(self, parent: Request, samples: list[Request], plan: SchedulePlan) -> list[Request]:
+        """Parallel samples of `parent`, whose chunk in `plan` (executed, not yet applied) completes its prompt:
+        each sample starts from the computed prompt, running, with a chunk appended to `plan` that computes
+        nothing and samples its first token (the engine draws it from the parent's logits row). The prompt's
+        full KV blocks are shared (one more reference each), its last partial block and the DeltaNet state slot
+        are the sample's own: the engine copies them (`Engine._fork`) before anything writes there. A sample
+        the cache or max_num_seqs has no room for now is queued instead, to compute the prompt itself (the
+        same tokens, at the cost of that prefill). Returns the forked ones."""
+        num_prompt = len(parent.prompt_token_ids)
+        full = num_prompt // self.cache.block_size
+        num_tail = self.cache.blocks_for(num_prompt) - full  # 1 when the prompt ends inside a block
+        forked = []
+        for sample in samples:
+            if (len(self._running) >= self.config.max_num_seqs or self.cache.slots.num_free == 0
+                    or self.cache.num_available_blocks < num_tail):
+                self.add(sample)
+                continue
+            self.cache.share_blocks(parent.block_ids[:full])
+            tail = self.cache.allocate_blocks(num_tail)
+            sample.block_ids, sample.state_slot = parent.block_ids[:full] + tail, self.cache.slots.allocate()
+            sample.num_computed_tokens, sample.status = num_prompt, RequestStatus.RUNNING
+            sample.num_cached_tokens = parent.num_cached_tokens
+            sample.arrival = parent.arrival  # ordered (and preempted) with its parent
+            self._requests[sample.request_id] = sample
+            bisect.insort(self._running, sample, key=_order)
+            plan.chunks.append(ScheduledChunk(sample, num_prompt, 0, sample=True))
+            forked.append(sample)
+        return forked
 
     def abort(self, request_id: str) -> bool:
         """Finish a request now, wherever it is, and free its blocks and slot. False for an unknown id."""
@@ -274,6 +307,8 @@ class Scheduler:
             assert request.num_computed_tokens == chunk.start, "plans must be applied once and in order"
             request.draft_token_ids = []
             request.suspect = False  # a step of its own worked
+            self.num_prompt_tokens_computed += max(0, min(chunk.start + chunk.num_tokens,
+                                                          len(request.prompt_token_ids)) - chunk.start)
             if not chunk.sample:
                 request.num_computed_tokens += chunk.num_tokens
                 self._index(request, plan, finished=False)

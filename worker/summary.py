@@ -46,6 +46,7 @@ def engine_stats(engine: Engine) -> EngineStats:
                        kv_blocks_used=cm.kv_blocks_used, kv_blocks_total=cm.kv_blocks_total,
                        state_slots_used=cm.state_slots_used, state_slots_total=cm.state_slots_total,
                        num_steps=engine.runner.timings.num_steps,
+                       num_prompt_tokens_computed=engine.scheduler.num_prompt_tokens_computed,
                        spec_drafted_tokens=spec.num_drafted, spec_accepted_tokens=spec.num_accepted,
                        spec_draft_steps=spec.num_draft_steps, spec_draft_length=engine.spec.policy.mean_last_length,
                        cuda_graph_steps=graphs.stats.replayed_steps if graphs else 0,

@@ -205,10 +205,13 @@ class LeadCache(_Lead):
 
     __slots__ = ()
     NAME = "cache"
-    CALLS = ("copy_blocks", "save_checkpoints", "restore_checkpoints", "rollback")
+    CALLS = ("copy_blocks", "copy_slots", "save_checkpoints", "restore_checkpoints", "rollback")
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         self._on_every_rank("copy_blocks", src, dst)
+
+    def copy_slots(self, src: list[int], dst: list[int]) -> None:
+        self._on_every_rank("copy_slots", src, dst)
 
     def save_checkpoints(self, slots: list[int], ckpt_ids: list[int], hidden: torch.Tensor) -> None:
         self._on_every_rank("save_checkpoints", slots, ckpt_ids, hidden)

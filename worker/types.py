@@ -18,6 +18,9 @@ from typing import Any
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias (token id -> bias)
 MAX_ABS_LOGIT_BIAS = 100.0  # as OpenAI's API: +100 all but forces a token, -100 all but bans it
+MAX_SAMPLES = 16  # GenerationRequest.n: parallel samples of one prompt
+# The engine's id of sample i > 0 of request R is R + SAMPLE_SEP + str(i); request ids must not contain it.
+SAMPLE_SEP = "\x1f"
 # Temperatures below this are treated as greedy (as vLLM does): logits / 1e-30 overflows to inf and NaNs.
 GREEDY_TEMPERATURE = 1e-5
 # Activation dtypes by name; "auto" = the checkpoint's dtype where the device computes it, else float32.
@@ -272,6 +275,9 @@ class GenerationRequest:
     # Log-probs of the prompt's tokens (each given the ones before it) with this many alternatives; None = off.
     # Such a request computes its whole prompt: it neither reads nor fills the prefix cache.
     prompt_logprobs: int | None = None
+    # Parallel samples (1..MAX_SAMPLES): the prompt is computed once and its KV and DeltaNet state forked into n
+    # sequences; sample i draws with seed + i (mod 2**64), so it equals a request with that seed run alone.
+    n: int = 1
 
 
 @dataclass
@@ -292,6 +298,7 @@ class RequestOutput:
     num_draft_steps: int = 0  # decode steps in which the adaptive policy chose its draft length (0 included)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: StepError | None = None  # set with FinishReason.ERROR
+    index: int = 0  # which of the request's n samples this is
     # with the first new tokens of a request that asked for prompt_logprobs: one entry per prompt token after the
     # first, (log-prob of that token, its top alternatives as (id, log-prob)); None otherwise
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
@@ -353,6 +360,7 @@ class EngineStats:
     state_slots_used: int = 0
     state_slots_total: int = 0
     num_steps: int = 0
+    num_prompt_tokens_computed: int = 0  # prefill work: prompt tokens computed (cache hits and forks compute none)
     spec_drafted_tokens: int = 0
     spec_accepted_tokens: int = 0
     spec_draft_steps: int = 0  # decode steps of speculating requests (drafted / this = mean draft length)

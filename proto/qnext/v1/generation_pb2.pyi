@@ -27,7 +27,7 @@ FINISH_REASON_ERROR: FinishReason
 FINISH_REASON_TOOL_CALLS: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "chat", "sampling", "stopping", "top_logprobs", "num_speculative_tokens", "bypass_prefix_cache", "cache_checkpoints", "allow_special_tokens", "response_format", "priority", "prompt_logprobs")
+    __slots__ = ("request_id", "text", "token_ids", "chat", "sampling", "stopping", "top_logprobs", "num_speculative_tokens", "bypass_prefix_cache", "cache_checkpoints", "allow_special_tokens", "response_format", "priority", "prompt_logprobs", "n")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class GenerateRequest(_message.Message):
     RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: TokenIds
@@ -56,7 +57,8 @@ class GenerateRequest(_message.Message):
     response_format: ResponseFormat
     priority: int
     prompt_logprobs: int
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., top_logprobs: _Optional[int] = ..., num_speculative_tokens: _Optional[int] = ..., bypass_prefix_cache: _Optional[bool] = ..., cache_checkpoints: _Optional[_Iterable[int]] = ..., allow_special_tokens: _Optional[bool] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ..., priority: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ...) -> None: ...
+    n: int
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., top_logprobs: _Optional[int] = ..., num_speculative_tokens: _Optional[int] = ..., bypass_prefix_cache: _Optional[bool] = ..., cache_checkpoints: _Optional[_Iterable[int]] = ..., allow_special_tokens: _Optional[bool] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ..., priority: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ..., n: _Optional[int] = ...) -> None: ...
 
 class ResponseFormat(_message.Message):
     __slots__ = ("json_schema", "json_object", "regex", "grammar")
@@ -180,7 +182,7 @@ class StoppingCriteria(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., stop_strings: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., include_stop_strings: _Optional[bool] = ..., max_reasoning_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("token_ids", "text", "reasoning_text", "logprobs", "finish", "tool_calls", "prompt_logprobs")
+    __slots__ = ("token_ids", "text", "reasoning_text", "logprobs", "finish", "tool_calls", "prompt_logprobs", "index")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     REASONING_TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +190,7 @@ class GenerateResponse(_message.Message):
     FINISH_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     reasoning_text: str
@@ -195,10 +198,11 @@ class GenerateResponse(_message.Message):
     finish: FinishInfo
     tool_calls: _containers.RepeatedCompositeFieldContainer[ToolCallDelta]
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprobs]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., reasoning_text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., finish: _Optional[_Union[FinishInfo, _Mapping]] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCallDelta, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ...) -> None: ...
+    index: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., reasoning_text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., finish: _Optional[_Union[FinishInfo, _Mapping]] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCallDelta, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., index: _Optional[int] = ...) -> None: ...
 
 class GenerateResult(_message.Message):
-    __slots__ = ("token_ids", "text", "reasoning_text", "logprobs", "finish", "request_id", "tool_calls", "prompt_logprobs")
+    __slots__ = ("token_ids", "text", "reasoning_text", "logprobs", "finish", "request_id", "tool_calls", "prompt_logprobs", "index", "choices")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     REASONING_TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +211,8 @@ class GenerateResult(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     reasoning_text: str
@@ -215,7 +221,9 @@ class GenerateResult(_message.Message):
     request_id: str
     tool_calls: _containers.RepeatedCompositeFieldContainer[ToolCall]
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprobs]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., reasoning_text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., finish: _Optional[_Union[FinishInfo, _Mapping]] = ..., request_id: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ...) -> None: ...
+    index: int
+    choices: _containers.RepeatedCompositeFieldContainer[GenerateResult]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., reasoning_text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., finish: _Optional[_Union[FinishInfo, _Mapping]] = ..., request_id: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., index: _Optional[int] = ..., choices: _Optional[_Iterable[_Union[GenerateResult, _Mapping]]] = ...) -> None: ...
 
 class TokenLogprobs(_message.Message):
     __slots__ = ("token_id", "logprob", "top")
@@ -394,7 +402,7 @@ class ResetPrefixCacheResponse(_message.Message):
     def __init__(self, checkpoints_freed: _Optional[int] = ..., kv_blocks_freed: _Optional[int] = ...) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total", "state_slots_used", "state_slots_total", "num_pending", "worker_ready", "draining", "num_worker_restarts", "num_requests_finished", "num_prompt_tokens", "num_generated_tokens", "generation_tokens_per_second", "spec_drafted_tokens", "spec_accepted_tokens", "num_steps", "uptime_s", "worker_pid", "prefix_cache_enabled", "prefix_cache_queries", "prefix_cache_hits", "prefix_cache_query_tokens", "prefix_cache_hit_tokens", "checkpoints_used", "checkpoints_total", "checkpoint_evictions", "kv_blocks_cached", "kv_block_evictions", "spec_draft_steps", "spec_draft_length")
+    __slots__ = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total", "state_slots_used", "state_slots_total", "num_pending", "worker_ready", "draining", "num_worker_restarts", "num_requests_finished", "num_prompt_tokens", "num_generated_tokens", "generation_tokens_per_second", "spec_drafted_tokens", "spec_accepted_tokens", "num_steps", "uptime_s", "worker_pid", "prefix_cache_enabled", "prefix_cache_queries", "prefix_cache_hits", "prefix_cache_query_tokens", "prefix_cache_hit_tokens", "checkpoints_used", "checkpoints_total", "checkpoint_evictions", "kv_blocks_cached", "kv_block_evictions", "spec_draft_steps", "spec_draft_length", "num_prompt_tokens_computed")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
@@ -426,6 +434,7 @@ class ServerStats(_message.Message):
     KV_BLOCK_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     SPEC_DRAFT_STEPS_FIELD_NUMBER: _ClassVar[int]
     SPEC_DRAFT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    NUM_PROMPT_TOKENS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     kv_blocks_used: int
@@ -457,4 +466,5 @@ class ServerStats(_message.Message):
     kv_block_evictions: int
     spec_draft_steps: int
     spec_draft_length: float
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., state_slots_used: _Optional[int] = ..., state_slots_total: _Optional[int] = ..., num_pending: _Optional[int] = ..., worker_ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., num_worker_restarts: _Optional[int] = ..., num_requests_finished: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., generation_tokens_per_second: _Optional[float] = ..., spec_drafted_tokens: _Optional[int] = ..., spec_accepted_tokens: _Optional[int] = ..., num_steps: _Optional[int] = ..., uptime_s: _Optional[float] = ..., worker_pid: _Optional[int] = ..., prefix_cache_enabled: _Optional[bool] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., checkpoints_used: _Optional[int] = ..., checkpoints_total: _Optional[int] = ..., checkpoint_evictions: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., kv_block_evictions: _Optional[int] = ..., spec_draft_steps: _Optional[int] = ..., spec_draft_length: _Optional[float] = ...) -> None: ...
+    num_prompt_tokens_computed: int
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., state_slots_used: _Optional[int] = ..., state_slots_total: _Optional[int] = ..., num_pending: _Optional[int] = ..., worker_ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., num_worker_restarts: _Optional[int] = ..., num_requests_finished: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., generation_tokens_per_second: _Optional[float] = ..., spec_drafted_tokens: _Optional[int] = ..., spec_accepted_tokens: _Optional[int] = ..., num_steps: _Optional[int] = ..., uptime_s: _Optional[float] = ..., worker_pid: _Optional[int] = ..., prefix_cache_enabled: _Optional[bool] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., checkpoints_used: _Optional[int] = ..., checkpoints_total: _Optional[int] = ..., checkpoint_evictions: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., kv_block_evictions: _Optional[int] = ..., spec_draft_steps: _Optional[int] = ..., spec_draft_length: _Optional[float] = ..., num_prompt_tokens_computed: _Optional[int] = ...) -> None: ...
