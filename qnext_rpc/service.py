@@ -173,12 +173,14 @@ class GenerationService(convert.GenerationServicer):
             while any(a.finish is None for a in asms):
                 started = any(a.first_token is not None for a in asms)
                 outputs = await handle.next(self.stream_interval if started else 1)
-                for index in sorted({o.index for o in outputs}):
+                by_sample = [(0, outputs)] if len(asms) == 1 else \
+                    [(i, [o for o in outputs if o.index == i]) for i in sorted({o.index for o in outputs})]
+                for index, sample_outputs in by_sample:
                     asm = asms[index]
                     if asm.finish is not None:
                         continue  # a sample a stop string ended: what it made meanwhile is dropped
                     asm.started = handle.started
-                    chunk = asm.feed([o for o in outputs if o.index == index])
+                    chunk = asm.feed(sample_outputs)
                     chunk.index = index
                     if asm.stop_string_matched and len(asms) > 1:
                         self.batcher.abort_sample(handle, index)  # the others go on

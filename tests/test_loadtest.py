@@ -113,7 +113,9 @@ def test_json_schema_and_tools_are_sent(server, tmp_path):
     tools.write_text('[{"name": "ping", "parameters": {"type": "object", "properties": {}, '
                      '"additionalProperties": false}}]')
     data = tmp_path / "chat.jsonl"
-    data.write_text(json.dumps({"chat": [{"role": "user", "content": "Hi"}], "output_len": 40}) + "\n")
+    # room for several calls: "required" means one or more, and the random model makes a second one about one
+    # time in five (15 tokens each); at 40 tokens, 1 request in 40 ran out of room (finish "length")
+    data.write_text(json.dumps({"chat": [{"role": "user", "content": "Hi"}], "output_len": 150}) + "\n")
     rc, doc = bench("--target", server.target, "--num-requests", "2", "--input-len", "4", "--output-len", "40",
                     "--json-schema", str(schema), out=tmp_path / "schema")
     reqs = doc["points"][0]["requests"]

@@ -135,12 +135,13 @@ def test_thinking_template_separates_reasoning(default_ckpt, tmp_path):
                 off = await c.generate(chat=chat, enable_thinking=False, temperature=0.0, max_new_tokens=6)
                 full_on = await c.detokenize(list(on.token_ids))
                 full_off = await c.detokenize(list(off.token_ids))
-                budget = await c.generate(chat=chat, temperature=0.0, max_new_tokens=12, max_reasoning_tokens=4,
+                budget = await c.generate(chat=chat, temperature=0.0, max_new_tokens=24, max_reasoning_tokens=16,
                                           ignore_eos=True)
+                unbounded = await c.generate(chat=chat, temperature=0.0, max_new_tokens=16)
                 plp = await c.generate(chat=chat, temperature=0.0, max_new_tokens=2, prompt_logprobs=2)
                 prompt = await c.tokenize(chat=chat)
-                return on, off, full_on, full_off, budget, plp, prompt, await c.model_info()
-        on, off, full_on, full_off, budget, plp, prompt, info = asyncio.run(go())
+                return on, off, full_on, full_off, budget, unbounded, plp, prompt, await c.model_info()
+        on, off, full_on, full_off, budget, unbounded, plp, prompt, info = asyncio.run(go())
     finally:
         assert s.stop() == 0
     # Thinking on: the template opened <think>, so everything until </think> is reasoning.
@@ -148,9 +149,9 @@ def test_thinking_template_separates_reasoning(default_ckpt, tmp_path):
     # Thinking off: the template closed an empty think block, so everything is content.
     assert off.text == full_off and off.reasoning_text == "" and off.finish.usage.reasoning_tokens == 0
     think_end = Tokenizer.from_file(str(ckpt / "tokenizer.json")).token_to_id(THINK_END)
-    # A reasoning budget of 4: four reasoning tokens (the same as unbounded), `</think>`, then the answer.
-    assert budget.finish.usage.reasoning_tokens == 4 and list(budget.token_ids[:4]) == list(on.token_ids[:4])
-    assert budget.token_ids[4] == think_end and budget.finish.usage.completion_tokens == 12
+    # A reasoning budget of 16: sixteen reasoning tokens (those of the unbounded run), `</think>`, then the answer.
+    assert budget.finish.usage.reasoning_tokens == 16 and list(budget.token_ids[:16]) == list(unbounded.token_ids)
+    assert budget.token_ids[16] == think_end and budget.finish.usage.completion_tokens == 24
     assert budget.reasoning_text and budget.text  # both parts, split at the forced </think>
     # Prompt log-probs: one per prompt token after the first, each with its 2 alternatives, sent once.
     assert [p.token_id for p in plp.prompt_logprobs] == prompt[1:]
