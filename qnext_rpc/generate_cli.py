@@ -19,6 +19,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -43,6 +44,8 @@ def _fields(args: argparse.Namespace) -> dict:
                  "max_reasoning_tokens"):
         if getattr(args, name) is not None:
             f[name] = getattr(args, name)
+    if args.n != 1:
+        f["n"] = args.n
     if args.stop:
         f["stop_strings"] = args.stop
     if args.logit_bias:
@@ -115,6 +118,8 @@ async def _run(args: argparse.Namespace) -> int:
     # Client taking (target, timeout) still fits
     kwargs = {"security": args.security} if args.security != ClientSecurity() else {}
     async with Client(args.server, **kwargs) as client:
+        if args.n > 1:
+            return await _run_samples(client, args)
         try:
             async for chunk in client.generate_stream(timeout=args.timeout, **args.fields):
                 if chunk.reasoning_text:
@@ -130,15 +135,41 @@ async def _run(args: argparse.Namespace) -> int:
                 if chunk.HasField("finish"):
                     f = chunk.finish
                     end_line(out, err)
-                    print(f"[{convert.finish_reason_name(f.reason)}] prompt {f.usage.prompt_tokens} tokens, "
-                          f"completion {f.usage.completion_tokens} tokens, ttft {f.timings.time_to_first_token_ms:.0f} ms, "
-                          f"total {f.timings.total_ms:.0f} ms", file=err)
+                    print(_finish_line(f), file=err)
         except grpc.aio.AioRpcError as e:
             end_line(out, err)
             print(f"qnext-generate: {e.code().name}: {e.details()}", file=err)
             return 1
         finally:
             end_line(out, err)
+    return 0
+
+
+def _finish_line(f: Any) -> str:
+    return (f"[{convert.finish_reason_name(f.reason)}] prompt {f.usage.prompt_tokens} tokens, completion "
+            f"{f.usage.completion_tokens} tokens, ttft {f.timings.time_to_first_token_ms:.0f} ms, total "
+            f"{f.timings.total_ms:.0f} ms")
+
+
+async def _run_samples(client: Any, args: argparse.Namespace) -> int:
+    """--n > 1: the samples' responses interleave, so each sample is printed whole when it finishes: a
+    `[sample i]` line and its reasoning on stderr, its text on stdout, then its finish line."""
+    reasoning: dict[int, str] = {}
+    text: dict[int, str] = {}
+    try:
+        async for chunk in client.generate_stream(timeout=args.timeout, **args.fields):
+            i = chunk.index
+            reasoning[i] = reasoning.get(i, "") + chunk.reasoning_text
+            text[i] = text.get(i, "") + chunk.text
+            if chunk.HasField("finish"):
+                print(f"[sample {i}]", file=sys.stderr)
+                if reasoning[i]:
+                    print(reasoning[i].rstrip("\n"), file=sys.stderr, flush=True)
+                print(text[i].rstrip("\n"), flush=True)
+                print(_finish_line(chunk.finish), file=sys.stderr, flush=True)
+    except grpc.aio.AioRpcError as e:
+        print(f"qnext-generate: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -157,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens to generate at most (default: the server's --max-new-tokens-default, capped by "
                         "what the model length leaves)")
+    p.add_argument("--n", type=int, default=1,
+                   help="parallel samples of the prompt (1-16; sample i uses --seed + i), each printed whole when it "
+                        "finishes")
     p.add_argument("--max-reasoning-tokens", type=int, default=None,
                    help="reasoning budget: after this many tokens inside the think block the prompt opened, the next "
                         "is </think> and the answer follows (default: no budget)")

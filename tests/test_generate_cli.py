@@ -97,7 +97,7 @@ def test_tools_and_json_schema_flags(monkeypatch, capsys, tmp_path):
     schema.write_text('{"type": "object"}')
     args = generate_cli.main.__globals__["argparse"].Namespace
     sent = generate_cli._fields(args(token_ids=None, chat=True, system=None, thinking=None, prompt="hi", stop=[],
-                                     json_schema=str(schema), regex=None, tools=str(tools), tool_choice="required", logit_bias=None,
+                                     json_schema=str(schema), regex=None, tools=str(tools), tool_choice="required", logit_bias=None, n=1,
                                      **{n: None for n in ("temperature", "top_p", "top_k", "min_p",
                                                           "repetition_penalty", "seed", "max_new_tokens",
                                                           "max_reasoning_tokens")}))
@@ -130,3 +130,17 @@ def test_logit_bias_flag(monkeypatch, capsys):
     for bad in ("[1, 2]", '{"x": 1}', "{"):
         assert generate_cli.main(["hi", "--logit-bias", bad]) == 2
         assert capsys.readouterr().err.startswith("qnext-generate: --logit-bias: expected a JSON object")
+
+
+def test_parallel_samples_are_printed_whole_as_each_finishes(monkeypatch, capsys):
+    """--n 2: interleaved responses; each sample's text comes out in one piece, after its `[sample i]` line."""
+    monkeypatch.setattr(FakeClient, "chunks", [pb.GenerateResponse(text="a", index=0),
+                                               pb.GenerateResponse(text="x", index=1),
+                                               pb.GenerateResponse(text="y", index=1, finish=finish()),
+                                               pb.GenerateResponse(text="b", index=0, finish=finish())])
+    monkeypatch.setattr(FakeClient, "error", None)
+    monkeypatch.setattr(generate_cli, "Client", FakeClient)
+    rc = generate_cli.main(["Hello", "--n", "2"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and out == "xy\nab\n"
+    assert [line.split("]")[0] for line in err.splitlines()] == ["[sample 1", "[length", "[sample 0", "[length"]
