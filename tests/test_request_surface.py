@@ -81,6 +81,33 @@ def test_prompt_logprobs_bypass_the_prefix_cache_and_zero_gives_own_logprob_only
     assert tokens(outs) == tokens(again["hit"])
 
 
+def test_prompt_logprobs_survive_a_preemption_mid_prefill(hf_ckpt):
+    """Preempted after two of its 16-token prefill chunks, the request recomputes its prompt from the start: the
+    positions already scored are not scored again, so the log-probs equal an undisturbed run's, one per token."""
+    d, _ = hf_ckpt
+    p = [int(t) for t in torch.randint(0, 512, (45,), generator=torch.Generator().manual_seed(2))]
+
+    def request(rid):
+        return GenerationRequest(rid, p, SamplingParams(temperature=0.0), StoppingParams(max_new_tokens=2),
+                                 prompt_logprobs=2)
+    e = Engine(EngineConfig(model=str(d), dtype="float32", max_num_batched_tokens=16, cache_memory=64 << 20))
+    want = run(e, [request("calm")])["calm"][0].prompt_logprobs
+    e.add_request(request("moved"))
+    e.step()
+    e.step()
+    moved = e.scheduler.get("moved")
+    assert moved.num_computed_tokens == 32 and len(moved.prompt_logprob_values) == 32
+    e.scheduler.quarantine([moved])  # preempted by recompute, as a failed step's requests are
+    outs = []
+    while e.has_unfinished():
+        outs += e.step()
+    got = [o.prompt_logprobs for o in outs if o.prompt_logprobs is not None]
+    assert moved.num_preemptions == 1 and len(got) == 1 and len(got[0]) == len(p) - 1
+    assert [[i for i, _ in top] for _, top in got[0]] == [[i for i, _ in top] for _, top in want]
+    torch.testing.assert_close(torch.tensor([lp for lp, _ in got[0]]), torch.tensor([lp for lp, _ in want]),
+                               atol=1e-5, rtol=0)
+
+
 def test_prompt_logprobs_out_of_range_is_refused(hf_ckpt):
     d, _ = hf_ckpt
     e = Engine(EngineConfig(model=str(d), dtype="float32", cache_memory=64 << 20))
@@ -192,6 +219,24 @@ def test_samples_without_room_prefill_themselves_with_the_same_tokens(default_ck
     assert e.cache_manager.is_full()
 
 
+def test_a_preempted_sample_recomputes_its_own_sequence(default_ckpt, alone):
+    """Sample 2 preempted after the fork drops its references to the shared prompt blocks and later recomputes
+    prompt + its own tokens into blocks of its own: every sample still equals its seed alone."""
+    e = fresh(default_ckpt, enable_prefix_caching=False)
+    e.add_request(GenerationRequest("a", PROMPT, SamplingParams(temperature=1.0, seed=7),
+                                    StoppingParams(max_new_tokens=10), n=4))
+    outs: list = []
+    while e.scheduler.get("a\x1f2") is None or len(e.scheduler.get("a\x1f2").output_token_ids) < 3:
+        outs += e.step()
+    sample = e.scheduler.get("a\x1f2")
+    e.scheduler.quarantine([sample])
+    while e.has_unfinished():
+        outs += e.step()
+    assert sample.num_preemptions == 1
+    assert sample_tokens({"a": outs}, "a") == alone
+    assert e.cache_manager.is_full()
+
+
 def test_aborts_end_every_sample_or_one_and_leak_nothing(default_ckpt, alone):
     e = fresh(default_ckpt, enable_prefix_caching=False)
     req = lambda rid: GenerationRequest(rid, PROMPT, SamplingParams(temperature=1.0, seed=7),  # noqa: E731
@@ -247,6 +292,6 @@ def test_n_and_request_ids_are_checked(default_ckpt):
         e.add_request(GenerationRequest("x", [1, 2], n=17))
     with pytest.raises(ValueError, match="^request_id: "):
         e.add_request(GenerationRequest("x\x1f1", [1, 2]))
-    e.add_request(GenerationRequest("x", [1, 2], StoppingParams(max_new_tokens=3) and SamplingParams(), n=2))
+    e.add_request(GenerationRequest("x", [1, 2], n=2))
     with pytest.raises(ValueError, match="^request_id: "):
         e.add_request(GenerationRequest("x", [1, 2]))

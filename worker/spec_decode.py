@@ -201,13 +201,13 @@ class SpecDecoder:
                                [len(r.output_token_ids) for r in requests], [r.sampling.is_greedy for r in requests],
                                [r.sampling.has_filter for r in requests])
         rows = list(accumulate([0] + [len(d) + 1 for d in drafts]))
-        raw = logits.float()
         rollback_slots, rollback_pos = [], []
         for i, (r, d) in enumerate(zip(requests, drafts)):
             tokens, a = result.tokens[i], result.num_accepted[i]
             sampled[r.request_id] = tokens
-            logprobs[r.request_id] = _verified_logprobs(raw[rows[i]:rows[i] + len(tokens)], tokens,
-                                                        r.sampling.top_logprobs)
+            # raw log-probs of the emitted tokens, as the sampler reports them; nothing when none were asked for
+            n = r.sampling.top_logprobs
+            logprobs[r.request_id] = token_logprobs(logits[rows[i]:rows[i] + len(tokens)], tokens, n) if n else ([], [])
             self._requests[r.request_id].draft_probs = None
             self._requests[r.request_id].counters.add(len(d), a)
             self.counters.add(len(d), a)
@@ -364,10 +364,3 @@ class SpecDecoder:
             if len(drafts[row]) < lengths[row]:
                 more.append(row)
         return more
-
-
-def _verified_logprobs(raw: torch.Tensor, tokens: list[int], n: int) -> tuple[list[float], list[list]]:
-    """Raw log-probs (logit - logsumexp, as the sampler reports) of the emitted tokens and the top n at each of
-    their positions; nothing when the request asked for none."""
-    return token_logprobs(raw, tokens, n) if n else ([], [])
-
