@@ -82,11 +82,13 @@ def test_conv1d_varlen_matches_naive():
         s += n
 
 
+@pytest.mark.parametrize("slots", [[8, 1, 5, 3], [3, 4, 5, 6]], ids=["scattered", "consecutive"])
 @pytest.mark.parametrize("H, dk, init", [(3, 8, [True, False, True, True]), (8, 64, [True, True, True, True]),
                                          (8, 64, [True, False, True, False])])
-def test_pure_decode_steps_match_naive(H, dk, init):
+def test_pure_decode_steps_match_naive(H, dk, init, slots):
     """Every sequence one token (the decode step's own path, no row gathers), with states both below and above
-    SMALL_STATE (the broadcast form and the batched-matmul form), fresh sequences mixed in or not."""
+    SMALL_STATE (the broadcast form and the batched-matmul form), fresh sequences mixed in or not, and slots
+    scattered (gathered and scattered back) or consecutive (the pool's rows advanced in place)."""
     from qnext.kernels.gated_delta_rule.reference import SMALL_STATE
     gen = torch.Generator().manual_seed(2)
     B, dv = len(init), dk
@@ -94,7 +96,7 @@ def test_pure_decode_steps_match_naive(H, dk, init):
     q, k, v = torch.randn(B, H, dk, **f64), torch.randn(B, H, dk, **f64), torch.randn(B, H, dv, **f64)
     g, beta = -torch.rand(B, H, **f64), torch.rand(B, H, **f64)
     pool = torch.randn(9, H, dk, dv, **f64)
-    slots = torch.tensor([8, 1, 5, 3])
+    slots = torch.tensor(slots)
     before = pool.clone()
     out = gated_delta_rule_varlen(q, k, v, g, beta, pool, slots, [1] * B, init)
     assert (B * H * dk * dv > SMALL_STATE) == (dk == 64)  # both forms are exercised

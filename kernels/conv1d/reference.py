@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from qnext.kernels.gated_delta_rule.reference import compute_dtype
+from qnext.kernels.state_rows import read_rows, write_rows
 
 
 def causal_conv1d_varlen(
@@ -31,14 +32,14 @@ def causal_conv1d_varlen(
     if single:
         rows = None if all_decode else torch.tensor([starts[i] for i in single], device=x.device)
         slots = state_slots if all_decode else state_slots[single]
-        hist = conv_state.index_select(0, slots).to(x.dtype)  # [b, D, K-1] (4x cheaper than conv_state[slots])
+        hist, _ = read_rows(conv_state, slots, x.dtype)  # [b, D, K-1], read once by the cat below
         if not all(has_initial_state[i] for i in single):
             keep = torch.tensor([has_initial_state[i] for i in single], device=x.device)
             hist = hist * keep[:, None, None].to(hist.dtype)
         window = torch.cat([hist, (x if all_decode else x[rows]).unsqueeze(-1)], dim=-1)  # [b, D, K]
         ct = compute_dtype(x.dtype)
         y = F.silu((window.to(ct) * weight.to(ct)).sum(-1)).to(x.dtype)
-        conv_state.index_copy_(0, slots, window[:, :, 1:].to(conv_state.dtype))
+        write_rows(conv_state, slots, window[:, :, 1:].to(conv_state.dtype), in_place=False)
         if all_decode:
             return y
     out = torch.empty_like(x)

@@ -9,6 +9,8 @@ Both take and return the state, so prefill can continue from a cached state.
 
 import torch
 
+from qnext.kernels.state_rows import read_rows, write_rows
+
 CHUNK_SIZE = 64
 # Recurrent steps over at most this many state elements (B x H x dk x dv) use the broadcast form, larger ones
 # batched matmuls: the crossover measured on a 2-core CPU (e.g. 1 sequence x 4 heads x 32 x 32: 85 vs 112 us,
@@ -171,9 +173,13 @@ def gated_delta_rule_varlen(
     if single:
         slots = state_slots if all_decode else state_slots[single]
         rows = None if all_decode else torch.tensor([starts[i] for i in single], device=v.device)
-        s0 = _initial_states(ssm_state, slots, [has_initial_state[i] for i in single]).to(ct)  # ours to advance
+        keep = [has_initial_state[i] for i in single]
+        if all(keep):  # every sequence continues: advance its state in the pool's own rows where it can
+            s0, in_place = read_rows(ssm_state, slots, ct)
+        else:
+            s0, in_place = _initial_states(ssm_state, slots, keep).to(ct), False  # ours to advance
         o = recurrent_step(*((x if all_decode else x[rows]) for x in (q, k, v, g, beta)), s0)
-        ssm_state.index_copy_(0, slots, s0.to(ssm_state.dtype))
+        write_rows(ssm_state, slots, s0, in_place)
         if all_decode:
             return o.to(v.dtype)
     out = torch.empty(v.shape, dtype=ct, device=v.device)
