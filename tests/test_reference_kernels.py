@@ -115,3 +115,39 @@ def test_pure_decode_steps_match_naive(H, dk, init, slots):
         hist = cbefore[slots[i]] if init[i] else torch.zeros(D, K - 1, dtype=torch.float64)
         seq = torch.cat([hist, x[i:i + 1].t()], 1)
         assert torch.allclose(y[i], F.silu((seq * w).sum(-1)), atol=1e-12) and torch.equal(cpool[slots[i]], seq[:, 1:])
+
+
+def test_paged_attention_matches_naive():
+    """Decodes and prefill chunks mixed, GQA (query head h reads KV head h // 2), shuffled block tables: every
+    query row against a per-row softmax loop over its sequence's positions 0..its own (fp64); the new keys and
+    values land in the cache at their slots."""
+    from qnext.kernels.attention.reference import paged_attention_varlen
+    gen = torch.Generator().manual_seed(5)
+    f64 = dict(generator=gen, dtype=torch.float64)
+    bs, Hq, Hkv, D = 4, 4, 2, 8
+    query_lens, context_lens = [1, 5, 1, 9, 3], [7, 5, 1, 20, 11]
+    need = [-(-c // bs) for c in context_lens]
+    perm = torch.randperm(sum(need) + 3, generator=gen).tolist()
+    tables = torch.full((len(need), max(need)), -1, dtype=torch.int32)
+    k_cache, v_cache = torch.randn(len(perm), bs, Hkv, D, **f64), torch.randn(len(perm), bs, Hkv, D, **f64)
+    slot_of = []  # per sequence: flat slot of each position
+    for i, n in enumerate(need):
+        own = [perm.pop() for _ in range(n)]
+        tables[i, :n] = torch.tensor(own, dtype=torch.int32)
+        slot_of.append([own[p // bs] * bs + p % bs for p in range(context_lens[i])])
+    slots = torch.tensor([s for i, n in enumerate(query_lens) for s in slot_of[i][context_lens[i] - n:]])
+    T = sum(query_lens)
+    q, k, v = torch.randn(T, Hq, D, **f64), torch.randn(T, Hkv, D, **f64), torch.randn(T, Hkv, D, **f64)
+    scale = D ** -0.5
+    out = paged_attention_varlen(q, k, v, k_cache, v_cache, slots, tables, query_lens, context_lens, scale)
+    rows = k_cache.view(-1, Hkv, D), v_cache.view(-1, Hkv, D)
+    assert torch.equal(rows[0][slots], k) and torch.equal(rows[1][slots], v)
+    t = 0
+    for i, n in enumerate(query_lens):
+        for j in range(n):
+            p = context_lens[i] - n + j  # this query's position: it sees positions 0..p
+            keys, values = rows[0][slot_of[i][:p + 1]], rows[1][slot_of[i][:p + 1]]  # [p + 1, Hkv, D]
+            for h in range(Hq):
+                w = torch.softmax(keys[:, h // 2] @ q[t, h] * scale, dim=0)
+                assert torch.allclose(out[t, h], w @ values[:, h // 2], atol=1e-12), (i, j, h)
+            t += 1

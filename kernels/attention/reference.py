@@ -11,6 +11,7 @@ Reads dequantise (fp8 -> fp32 x scale -> q's dtype) before the products.
 """
 
 import torch
+import torch.nn.functional as F
 
 from qnext.kernels.fp8.reference import per_token_group_quant
 from qnext.kernels.gated_delta_rule.reference import compute_dtype
@@ -66,14 +67,15 @@ def _gather(cache: torch.Tensor, scale: torch.Tensor | None, block_table: torch.
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [b, n, Hq, D]; k, v: [b, L, Hkv, D]; mask: [b, n, L] True = may attend. Returns [b, n, Hq, D] (compute dtype)."""
-    group = q.shape[2] // k.shape[2]
+    """q: [b, n, Hq, D]; k, v: [b, L, Hkv, D]; mask: [b, n, L] True = may attend. Returns [b, n, Hq, D] (compute dtype).
+
+    softmax(q k^T * scale, masked) v in the compute dtype, query head h reading KV head h // (Hq / Hkv): torch's
+    fused attention (one op; 4x the speed of the einsum-softmax-einsum form it replaced at 16 decode rows on a
+    2-core CPU, and no repeated K/V copies per query head). Every query row sees at least one key here."""
     ct = compute_dtype(q.dtype)
-    k = k.to(ct).repeat_interleave(group, dim=2)
-    v = v.to(ct).repeat_interleave(group, dim=2)
-    scores = torch.einsum("bnhd,blhd->bhnl", q.to(ct), k) * scale
-    scores = scores.masked_fill(~mask[:, None], float("-inf"))
-    return torch.einsum("bhnl,blhd->bnhd", scores.softmax(-1), v)
+    o = F.scaled_dot_product_attention(q.to(ct).transpose(1, 2), k.to(ct).transpose(1, 2), v.to(ct).transpose(1, 2),
+                                       attn_mask=mask[:, None], scale=scale, enable_gqa=True)
+    return o.transpose(1, 2)
 
 
 def paged_attention_varlen(
