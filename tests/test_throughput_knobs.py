@@ -1,8 +1,9 @@
 """Throughput knobs that must not change a single result: prepacked bf16 linears and fused projections
 (worker/cpu_linear.py), the CPU row argmax (worker/sampler.py), the worker's preloaded libraries
 (qnext_rpc/worker_env.py), --cpu-threads, and --stream-interval. The one knob that rounds differently, the
-packed dense experts, is held to the reference's own bf16 error against a float64 computation."""
+packed dense MoE block, is held to the reference's own bf16 error against a float64 computation."""
 
+import copy
 import math
 
 import os
@@ -13,10 +14,11 @@ import torch
 from torch import nn
 
 from qnext.rpc.worker_env import resolve_preload, worker_environment
-from qnext.kernels.moe import reference as moe_reference
-from qnext.worker.cpu_linear import PackedDenseExperts, PackedLinear, PackedProjections, pack_linears, packing_works
+from qnext.worker.config import config_from_dict
+from qnext.worker.cpu_linear import PackedDenseMoE, PackedLinear, PackedProjections, pack_linears, packing_works
 from qnext.worker.loader import load_model
-from qnext.worker.model import Experts
+from qnext.worker.model import SparseMoE
+from qnext.worker.tiny import tiny_config
 from qnext.worker.sampler import row_argmax
 
 needs_packing = pytest.mark.skipif(not packing_works(torch.bfloat16), reason="no oneDNN bf16 linear in this build")
@@ -48,26 +50,27 @@ def test_fused_projections_equal_each_linear_bit_for_bit(rows):
 
 
 @needs_packing
-def test_packed_dense_experts_match_float64_like_the_reference_and_ignore_the_batch():
+def test_packed_dense_moe_matches_float64_like_the_reference_and_ignores_the_batch():
+    """The whole small MoE block as two packed GEMMs (router, shared expert and every routed expert) against the
+    block's plain forward in float64 on the same bf16 weights: its error no larger than the plain bf16 forward's
+    own (or 4e-3), and a token's result the same alone as in any batch."""
     torch.manual_seed(0)
-    E, I, H, k = 16, 64, 128, 4
-    experts = Experts(E, H, I)
-    for w in experts.parameters():
+    cfg = config_from_dict(tiny_config(num_experts=16, num_experts_per_tok=4, hidden_size=128,
+                                            moe_intermediate_size=64, shared_expert_intermediate_size=48))
+    moe = SparseMoE(cfg)
+    for w in moe.parameters():
         nn.init.normal_(w, std=0.05)
-    bf16 = Experts(E, H, I).to(torch.bfloat16)
-    bf16.load_state_dict({n: w.to(torch.bfloat16) for n, w in experts.state_dict().items()})
-    packed = PackedDenseExperts(bf16)
+    bf16 = copy.deepcopy(moe).to(torch.bfloat16)
+    exact = copy.deepcopy(bf16).double()
+    packed = PackedDenseMoE(bf16)
     for T in (1, 5, 16, 64):
-        x = torch.randn(T, H)
-        weights, ids = moe_reference.route(x, torch.randn(E, H), k, True)
+        x = torch.randn(T, cfg.hidden_size).to(torch.bfloat16)
         with torch.no_grad():
-            exact = moe_reference.fused_moe(x.double(), weights, ids, *(bf16.w_gate.double(), bf16.w_up.double(),
-                                                                         bf16.w_down.double()))
-            ref = moe_reference.fused_moe(x.to(torch.bfloat16), weights, ids, bf16.w_gate, bf16.w_up, bf16.w_down)
-            got = packed(x.to(torch.bfloat16), weights, ids)
-            one_by_one = torch.cat([packed(x[t:t + 1].to(torch.bfloat16), weights[t:t + 1], ids[t:t + 1])
-                                    for t in range(T)])
-        err = lambda y: ((y.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+            want = exact(x.double())
+            ref = bf16(x)
+            got = packed(x)
+            one_by_one = torch.cat([packed(x[t:t + 1]) for t in range(T)])
+        err = lambda y: ((y.double() - want).norm() / want.norm()).item()  # noqa: E731
         assert got.dtype == torch.bfloat16 and err(got) < max(1.5 * err(ref), 4e-3), (T, err(got), err(ref))
         assert torch.equal(got, one_by_one)  # a token's result does not depend on the rest of the batch
 
@@ -90,9 +93,10 @@ def test_row_argmax_is_torch_argmax():
 def test_bf16_cpu_model_runs_packed_and_gives_the_plain_logits(default_ckpt):
     packed = load_model(default_ckpt, dtype=torch.bfloat16)
     layer = packed.model.layers[0]
-    assert isinstance(packed.lm_head, PackedLinear) and isinstance(layer.mlp.experts, PackedDenseExperts)
-    assert isinstance(layer.mlp.fused_projections, PackedProjections)
-    assert type(layer.mlp.gate) is nn.Linear  # covered by the fusion: not packed a second time
+    assert isinstance(packed.lm_head, PackedLinear) and isinstance(layer.mlp.fused_forward, PackedDenseMoE)
+    assert isinstance(layer.linear_attn.fused_projections, PackedProjections)
+    assert type(layer.mlp.gate) is nn.Linear and type(layer.mlp.shared_expert.down_proj) is nn.Linear  # fused: kept plain
+    assert "fused_projections" not in layer.mlp.shared_expert.__dict__
     plain = load_model(default_ckpt, dtype=torch.bfloat16)
     with torch.no_grad():
         for name, module in list(plain.named_modules()):

@@ -10,11 +10,13 @@ The plain weight stays on the module (the router reads `gate.weight`, tied embed
 weights take twice the memory on a CPU: fine for the checkpoints a CPU serves. Not used on CUDA, in float32
 (no bf16 blocked path to win), or under tensor parallelism (its all-reduce hooks sit on the original modules).
 
-The routed experts of a small MoE (at most `DENSE_MAX_EXPERTS`: the tiny checkpoints, never the real 512) run
-the same way as `PackedDenseExperts`: every expert on every token as two packed GEMMs, the routing weights
-(zero for unselected experts) applied between them so the second GEMM sums over the experts. Not bit-identical to
-the reference's three `bmm`s (the weighted sum happens in the GEMM's fp32 accumulator instead of after a bf16
-rounding per expert), and 2.4x faster at 16 tokens on the box above.
+A small MoE block (at most `DENSE_MAX_EXPERTS` routed experts: the tiny checkpoints, never the real 512) runs
+whole as `PackedDenseMoE`: two packed GEMMs for the router, the shared expert and every routed expert on every
+token, the routing weights (zero for unselected experts) and the shared expert's sigmoid gate applied between
+them, so the second GEMM sums over the experts. Not bit-identical to the reference (the weighted sum happens in
+the GEMM's fp32 accumulator instead of after a bf16 rounding per expert); it replaced six GEMM calls per block
+(router + shared gate/up, experts gate/up, experts down, shared down were four, and the experts were three
+`bmm`s before that).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qnext.kernels.moe import route_logits
 from qnext.kernels.moe.reference import DENSE_MAX_EXPERTS
-from qnext.worker.model import Experts
+from qnext.worker.model import Experts, SparseMoE
 
 ROWS_HINT = 16  # the batch size oneDNN tunes the packed layout for; any row count works
 
@@ -66,11 +69,55 @@ class PackedProjections:
         return list(_packed_linear(x, self.packed, self.bias).split(self.sizes, dim=-1))
 
 
+class PackedDenseMoE:
+    """A SparseMoE block's forward as two packed GEMMs over all E experts (docs/model.md §6, same function):
+    1. x @ [router | shared gate | shared up | shared-expert gate | every expert's gate | every expert's up]^T;
+    2. [h_e * routing weight_e for every e (0 where not routed) | h_shared * sigmoid(shared-expert gate)]
+       @ [every expert's down | shared down]^T, which sums the routed experts and the shared expert.
+    h = silu(gate) * up throughout. Set on the module as `fused_forward` (read by SparseMoE.forward)."""
+
+    def __init__(self, moe: SparseMoE) -> None:
+        experts, shared = moe.experts, moe.shared_expert
+        E, I, H = experts.w_gate.shape
+        self.top_k, self.renormalize, self.E, self.I = moe.top_k, moe.norm_topk_prob, E, I
+        first = [moe.gate, shared.gate_proj, shared.up_proj, moe.shared_expert_gate]
+        self.sizes = [lin.out_features for lin in first] + [E * I, E * I]
+        self.first = _pack(torch.cat([lin.weight for lin in first]
+                                     + [experts.w_gate.reshape(E * I, H), experts.w_up.reshape(E * I, H)]))
+        self.second = _pack(torch.cat([experts.w_down.permute(1, 0, 2).reshape(H, E * I), shared.down_proj.weight],
+                                      dim=1))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        T, E, I = x.shape[0], self.E, self.I
+        logits, s_gate, s_up, s_weight, gate, up = _packed_linear(x, self.first).split(self.sizes, dim=-1)
+        weights, ids = route_logits(logits, self.top_k, self.renormalize)
+        route_w = torch.zeros(T, E, dtype=torch.float32, device=x.device).scatter_(1, ids, weights.float())
+        h = ((F.silu(gate) * up).view(T, E, I) * route_w[:, :, None]).to(x.dtype).view(T, E * I)
+        h_shared = F.silu(s_gate) * s_up * torch.sigmoid(s_weight)
+        return _packed_linear(torch.cat([h, h_shared], dim=-1), self.second)
+
+    @staticmethod
+    def fits(moe: nn.Module) -> bool:
+        """A SparseMoE this handles: small unquantised experts, bias-free plain linears."""
+        if type(moe) is not SparseMoE or type(moe.experts) is not Experts or moe.experts.is_fp8:
+            return False
+        linears = [moe.gate, moe.shared_expert_gate, *moe.shared_expert.children()]
+        return (moe.experts.w_gate.shape[0] <= DENSE_MAX_EXPERTS
+                and all(type(lin) is nn.Linear and lin.bias is None for lin in linears))
+
+
 def fuse_projections(model: nn.Module) -> set[int]:
-    """Give every module with PROJECTIONS made of plain linears a `fused_projections` (read by
-    worker/model.py's `project`); returns the ids of the linears it covers, which the forward no longer calls."""
-    fused: set[int] = set()
+    """Give every small MoE block a `fused_forward` (PackedDenseMoE), and every other module with PROJECTIONS made
+    of plain linears a `fused_projections` (read by worker/model.py's `project`); returns the ids of the linears
+    they cover, which the forward no longer calls."""
+    fused: set[int] = set()  # ids of the linears covered, and of every module inside a fused MoE block
     for module in model.modules():
+        if id(module) in fused:
+            continue
+        if PackedDenseMoE.fits(module):
+            module.fused_forward = PackedDenseMoE(module)
+            fused |= {id(m) for m in module.modules()}
+            continue
         names = getattr(type(module), "PROJECTIONS", None)
         if not names:
             continue
@@ -79,27 +126,6 @@ def fuse_projections(model: nn.Module) -> set[int]:
             module.fused_projections = PackedProjections(linears)
             fused |= {id(lin) for lin in linears}
     return fused
-
-
-class PackedDenseExperts(Experts):
-    """Experts whose forward runs every expert on every token as two packed GEMMs:
-    h = silu(x W_gate^T) * (x W_up^T) for all E experts at once ([T, E*I]), each expert's slice scaled by its
-    routing weight (0 when not routed), then y = h W_down^T with W_down laid out [H, E*I], which sums over E."""
-
-    def __init__(self, experts: Experts) -> None:
-        nn.Module.__init__(self)
-        self.w_gate, self.w_up, self.w_down, self.is_fp8 = experts.w_gate, experts.w_up, experts.w_down, False
-        E, I, H = experts.w_gate.shape
-        self.gate_up = _pack(torch.cat([experts.w_gate.reshape(E * I, H), experts.w_up.reshape(E * I, H)]))
-        self.down = _pack(experts.w_down.permute(1, 0, 2).reshape(H, E * I))
-
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        T, (E, I, _) = x.shape[0], self.w_gate.shape
-        gate, up = _packed_linear(x, self.gate_up).split(E * I, dim=-1)
-        h = (F.silu(gate) * up).view(T, E, I)
-        route_w = torch.zeros(T, E, dtype=torch.float32, device=x.device).scatter_(1, ids, weights.float())
-        h = (h * route_w[:, :, None]).to(x.dtype).view(T, E * I)
-        return _packed_linear(h, self.down)
 
 
 def packing_works(dtype: torch.dtype) -> bool:
@@ -115,21 +141,13 @@ def packing_works(dtype: torch.dtype) -> bool:
         return False
 
 
-def _packed(module: nn.Module, fused: set[int]) -> nn.Module | None:
-    if type(module) is nn.Linear and id(module) not in fused:  # a fused one keeps its plain weight, unpacked
-        return PackedLinear(module)
-    if type(module) is Experts and not module.is_fp8 and module.w_gate.shape[0] <= DENSE_MAX_EXPERTS:
-        return PackedDenseExperts(module)
-    return None
-
-
 def pack_linears(model: nn.Module) -> int:
-    """Fuse the projections that share an input (fuse_projections), then replace every plain nn.Linear of
-    `model` (not covered by a fusion) by a PackedLinear, and small bf16 / fp16 routed experts by
-    PackedDenseExperts; returns how many modules were replaced."""
+    """Fuse the small MoE blocks and the projections that share an input (fuse_projections), then replace every
+    plain nn.Linear of `model` not covered by a fusion (which keeps its plain weight, unpacked) by a PackedLinear;
+    returns how many modules were replaced."""
     fused = fuse_projections(model)
-    swaps = [(parent, name, packed) for parent in model.modules() for name, child in parent.named_children()
-             if (packed := _packed(child, fused)) is not None]
+    swaps = [(parent, name, PackedLinear(child)) for parent in model.modules()
+             for name, child in parent.named_children() if type(child) is nn.Linear and id(child) not in fused]
     for parent, name, packed in swaps:
         setattr(parent, name, packed)
     return len(swaps)

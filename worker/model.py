@@ -244,6 +244,9 @@ class SparseMoE(nn.Module):
         self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self.__dict__.get("fused_forward")  # a small MoE on a CPU: worker/cpu_linear.py's PackedDenseMoE
+        if fused is not None:
+            return fused(x)
         router_logits, shared_gate, shared_up, shared_weight = project(self, x)
         weights, ids = route_logits(router_logits, self.top_k, self.norm_topk_prob)
         routed = self.experts(x, weights, ids)
