@@ -32,14 +32,14 @@ def causal_conv1d_varlen(
     if single:
         rows = None if all_decode else torch.tensor([starts[i] for i in single], device=x.device)
         slots = state_slots if all_decode else state_slots[single]
-        hist, _ = read_rows(conv_state, slots, x.dtype)  # [b, D, K-1], read once by the cat below
+        hist, run = read_rows(conv_state, slots, x.dtype)  # [b, D, K-1], read once by the cat below
         if not all(has_initial_state[i] for i in single):
             keep = torch.tensor([has_initial_state[i] for i in single], device=x.device)
             hist = hist * keep[:, None, None].to(hist.dtype)
         window = torch.cat([hist, (x if all_decode else x[rows]).unsqueeze(-1)], dim=-1)  # [b, D, K]
         ct = compute_dtype(x.dtype)
         y = F.silu((window.to(ct) * weight.to(ct)).sum(-1)).to(x.dtype)
-        write_rows(conv_state, slots, window[:, :, 1:].to(conv_state.dtype), in_place=False)
+        write_rows(conv_state, slots, run, window[:, :, 1:])
         if all_decode:
             return y
     out = torch.empty_like(x)

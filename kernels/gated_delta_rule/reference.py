@@ -175,11 +175,11 @@ def gated_delta_rule_varlen(
         rows = None if all_decode else torch.tensor([starts[i] for i in single], device=v.device)
         keep = [has_initial_state[i] for i in single]
         if all(keep):  # every sequence continues: advance its state in the pool's own rows where it can
-            s0, in_place = read_rows(ssm_state, slots, ct)
+            s0, run = read_rows(ssm_state, slots, ct)
         else:
-            s0, in_place = _initial_states(ssm_state, slots, keep).to(ct), False  # ours to advance
+            s0, run = _initial_states(ssm_state, slots, keep).to(ct), None  # ours to advance, scattered back
         o = recurrent_step(*((x if all_decode else x[rows]) for x in (q, k, v, g, beta)), s0)
-        write_rows(ssm_state, slots, s0, in_place)
+        write_rows(ssm_state, slots, run, s0)
         if all_decode:
             return o.to(v.dtype)
     out = torch.empty(v.shape, dtype=ct, device=v.device)
