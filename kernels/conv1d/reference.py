@@ -45,20 +45,35 @@ def causal_conv1d_varlen(
     out = torch.empty_like(x)
     if single:
         out[rows] = y
+    # Longer chunks (prefill, speculative verify), batched by length: a window [b, D, K-1+n] per group, the conv
+    # as K shifted multiply-adds (F.conv1d costs ~60-110 us per sequence on a CPU even at n = 3, this ~30 us per
+    # group; at D = 1024, n = 512 it is 0.27 vs 2.0 ms).
+    by_len: dict[int, list[int]] = {}
     for i in multi:
-        s, n = starts[i], query_lens[i]
-        slot = state_slots[i]
-        if has_initial_state[i]:
-            hist = conv_state[slot].to(x.dtype)  # [D, K-1]
-        else:
-            hist = x.new_zeros(D, K - 1)
-        seq = torch.cat([hist, x[s:s + n].t()], dim=-1)  # [D, K-1+n]
-        ct = compute_dtype(x.dtype)
-        y = F.conv1d(seq.unsqueeze(0).to(ct), weight.to(ct).unsqueeze(1), groups=D)[0]  # [D, n]
-        out[s:s + n] = F.silu(y).t().to(x.dtype)
-        conv_state[slot] = seq[:, -(K - 1):].to(conv_state.dtype)
-        if is_verify and is_verify[i]:
+        by_len.setdefault(query_lens[i], []).append(i)
+    ct = compute_dtype(x.dtype)
+    w = weight.to(ct)
+    for n, group in by_len.items():
+        b = len(group)
+        slots = state_slots[group[0]:group[0] + 1] if b == 1 else state_slots[torch.tensor(group, device=x.device)]
+        hist, run = read_rows(conv_state, slots, x.dtype)  # [b, D, K-1]
+        if not all(has_initial_state[i] for i in group):
+            keep = torch.tensor([has_initial_state[i] for i in group], device=x.device)
+            hist = hist * keep[:, None, None].to(hist.dtype)
+        rows = (slice(starts[group[0]], starts[group[0]] + n) if b == 1 else
+                torch.cat([torch.arange(starts[i], starts[i] + n, device=x.device) for i in group]))
+        # time-major [b, K-1+n, D]: every op below runs along D, contiguous, the same way whatever b is (a
+        # sequence's result does not depend on its batch)
+        seq = torch.cat([hist.transpose(1, 2), x[rows].view(b, n, D)], dim=1)
+        seq_c = seq.to(ct)
+        y = seq_c[:, 0:n] * w[:, 0]
+        for t in range(1, K):
+            y = y + seq_c[:, t:t + n] * w[:, t]
+        out[rows] = F.silu(y).view(b * n, D).to(x.dtype)
+        write_rows(conv_state, slots, run, seq[:, n:].transpose(1, 2))
+        verify = [g for g, i in enumerate(group) if is_verify and is_verify[i]]
+        if verify and n > 1:  # after position j the state is the K-1 inputs ending at j, j = 0..n-2
             assert spec_conv is not None and n - 1 <= spec_conv.shape[1]
-            for j in range(n - 1):  # after position j the state is the K-1 inputs ending at j
-                spec_conv[slot, j] = seq[:, j + 1:j + K].to(spec_conv.dtype)
+            v = torch.tensor(verify, device=x.device)
+            spec_conv[slots[v], :n - 1] = seq[v].unfold(1, K - 1, 1)[:, 1:n].to(spec_conv.dtype)
     return out
