@@ -208,6 +208,25 @@ def test_same_seed_same_tokens_with_speculation(random_ckpt, engines):
     assert together == alone
 
 
+@pytest.mark.parametrize("ckpt_name", ["random_ckpt", "aligned_ckpt"])
+def test_greedy_and_sampled_requests_verify_together(request, engines, ckpt_name):
+    """One batch of greedy requests (one with a repetition penalty) and seeded sampling requests, all speculating:
+    greedy ones verify by the argmax and sampled ones by the acceptance rule, each on its own rows of the step's
+    logits. Greedy tokens equal plain decoding's; sampled ones equal the same request run alone."""
+    ckpt = request.getfixturevalue(ckpt_name)
+    ps = prompts([7, 13, 4, 21], seed=9)
+    sp = [GREEDY, SamplingParams(temperature=0.8, seed=11), SamplingParams(temperature=0.0, repetition_penalty=1.3),
+          SamplingParams(temperature=1.0, top_k=20, seed=12)]
+    plain = run(engines(ckpt), ps, [0] * 4, sampling=sp, max_new=14)
+    alone = [run(engines(ckpt, num_speculative_tokens=2, speculative_draft_length="fixed"), [p], [2], sampling=[s],
+                 max_new=14)[0] for p, s in zip(ps, sp)]
+    e = engines(ckpt, num_speculative_tokens=2, speculative_draft_length="fixed")
+    together = run(e, ps, [2] * 4, sampling=sp, max_new=14)
+    assert [together[i] for i in (0, 2)] == [plain[i] for i in (0, 2)]
+    assert together == alone
+    assert e.spec.counters.num_drafted > 0
+
+
 def test_spec_override_is_validated(random_ckpt, engines, tmp_path):
     e = engines(random_ckpt, num_speculative_tokens=2)
     with pytest.raises(ValueError, match="num_speculative_tokens"):

@@ -495,10 +495,16 @@ def _race(values: torch.Tensor, columns: torch.Tensor, batch: SamplingBatch) -> 
     return columns.expand(values.shape).gather(1, best).squeeze(1)
 
 
+def greedy_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """[B] int64: the token a greedy row takes, the argmax of its penalised and suppressed logits (what `sample`
+    draws for it, and the one-hot `processed_probs` gives it) without building a [B, V] distribution."""
+    return row_argmax(_penalize_and_suppress(logits, batch))
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """Draw one token per row of logits [B, V] (any float dtype)."""
     x = _penalize_and_suppress(logits, batch)
-    tokens = row_argmax(x)  # greedy choice, [B]
+    tokens = row_argmax(x)  # greedy choice, [B] (greedy_tokens, sharing x with the draw below)
     if not batch.all_greedy:
         tokens = torch.where(batch.greedy, tokens, _draw(x, batch))
 

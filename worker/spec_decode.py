@@ -30,8 +30,8 @@ from itertools import accumulate
 import torch
 
 from qnext.worker.model_runner import ModelRunner, StepForward
-from qnext.worker.sampler import (STREAM_SAMPLE, inverse_cdf_draw, processed_probs, row_argmax, token_logprobs,
-                                  uniform_noise)
+from qnext.worker.sampler import (STREAM_SAMPLE, greedy_tokens, inverse_cdf_draw, processed_probs, row_argmax,
+                                  token_logprobs, uniform_noise)
 from qnext.worker.scheduler import Request, RequestStatus, ScheduledChunk, SchedulePlan, Scheduler
 from qnext.worker.spec_policy import DraftLengthPolicy
 
@@ -143,7 +143,7 @@ class SpecCounters:
 @dataclass
 class _RequestSpec:
     counters: SpecCounters = field(default_factory=SpecCounters)
-    draft_probs: torch.Tensor | None = None  # q of the pending drafts [k, V]
+    draft_probs: torch.Tensor | None = None  # q of the pending drafts [k, V] (None for a greedy request)
     restored: tuple[int, torch.Tensor] | None = None  # (hit position P, the checkpoint's hidden state at P-1)
     # MTP rows not run yet (the request is at draft length 0): (first position, target hidden states, next tokens)
     deferred: tuple[int, torch.Tensor, list[int]] | None = None
@@ -191,23 +191,31 @@ class SpecDecoder:
 
     def verify(self, chunks: list[ScheduledChunk], logits: torch.Tensor, sampled: dict[str, list[int]],
                logprobs: Logprobs) -> None:
-        """Accept or reject each verify chunk's drafts; roll DeltaNet states back to the last accepted token."""
+        """Accept or reject each verify chunk's drafts (greedy requests by the argmax alone, the others by the
+        acceptance rule); roll DeltaNet states back to the last accepted token."""
         requests = [c.request for c in chunks]
         drafts = [c.draft_token_ids for c in chunks]
-        p = processed_probs(logits, self.runner.sampling_batch(requests, drafts))
-        p_rows = list(p.split([len(d) + 1 for d in drafts]))
-        q_rows = [self._requests[r.request_id].draft_probs[:len(d)] for r, d in zip(requests, drafts)]
-        result = accept_drafts(p_rows, q_rows, drafts, [r.seed for r in requests],
-                               [len(r.output_token_ids) for r in requests], [r.sampling.is_greedy for r in requests],
-                               [r.sampling.has_filter for r in requests])
         rows = list(accumulate([0] + [len(d) + 1 for d in drafts]))
+        tokens: list[list[int]] = [[] for _ in requests]
+        accepted = [0] * len(requests)
+        greedy = [r.sampling.is_greedy for r in requests]
+        for accept, group in ((self._accept_greedy, [i for i, g in enumerate(greedy) if g]),
+                              (self._accept_sampled, [i for i, g in enumerate(greedy) if not g])):
+            if not group:
+                continue
+            group_logits = logits if len(group) == len(requests) else logits[torch.cat(
+                [torch.arange(rows[i], rows[i + 1]) for i in group]).to(logits.device)]
+            result = accept([requests[i] for i in group], [drafts[i] for i in group], group_logits)
+            for i, t, a in zip(group, result.tokens, result.num_accepted):
+                tokens[i], accepted[i] = t, a
         rollback_slots, rollback_pos = [], []
         for i, (r, d) in enumerate(zip(requests, drafts)):
-            tokens, a = result.tokens[i], result.num_accepted[i]
-            sampled[r.request_id] = tokens
+            a = accepted[i]
+            sampled[r.request_id] = tokens[i]
             # raw log-probs of the emitted tokens, as the sampler reports them; nothing when none were asked for
             n = r.sampling.top_logprobs
-            logprobs[r.request_id] = token_logprobs(logits[rows[i]:rows[i] + len(tokens)], tokens, n) if n else ([], [])
+            logprobs[r.request_id] = token_logprobs(logits[rows[i]:rows[i] + len(tokens[i])], tokens[i], n) \
+                if n else ([], [])
             self._requests[r.request_id].draft_probs = None
             self._requests[r.request_id].counters.add(len(d), a)
             self.counters.add(len(d), a)
@@ -219,6 +227,30 @@ class SpecDecoder:
             dev = self.runner.device
             self.runner.cache.rollback(torch.tensor(rollback_slots, device=dev),
                                        torch.tensor(rollback_pos, device=dev))
+
+    def _accept_greedy(self, requests: list[Request], drafts: list[list[int]], logits: torch.Tensor) -> VerifyResult:
+        """Greedy requests: p and q are one-hot, so `accept_drafts`' rule accepts a draft while it is the target's
+        argmax and then emits the target's argmax at the first disagreement (or the bonus position). That, from
+        the argmax alone: no [k + 1, V] distributions to build (a 3 x 151,936 one-hot cost ~1.5 ms on a CPU)."""
+        target = greedy_tokens(logits, self.runner.sampling_batch(requests, drafts)).tolist()
+        tokens, accepted, row = [], [], 0
+        for d in drafts:
+            a = 0
+            while a < len(d) and d[a] == target[row + a]:
+                a += 1
+            tokens.append(list(d[:a]) + [target[row + a]])
+            accepted.append(a)
+            row += len(d) + 1
+        return VerifyResult(tokens, accepted)
+
+    def _accept_sampled(self, requests: list[Request], drafts: list[list[int]], logits: torch.Tensor) -> VerifyResult:
+        """Sampling requests: the acceptance rule on the processed distributions p (target) and q (drafts)."""
+        p = processed_probs(logits, self.runner.sampling_batch(requests, drafts))
+        p_rows = list(p.split([len(d) + 1 for d in drafts]))
+        q_rows = [self._requests[r.request_id].draft_probs[:len(d)] for r, d in zip(requests, drafts)]
+        return accept_drafts(p_rows, q_rows, drafts, [r.seed for r in requests],
+                             [len(r.output_token_ids) for r in requests], [r.sampling.is_greedy for r in requests],
+                             [r.sampling.has_filter for r in requests])
 
     def catch_up(self, plan: SchedulePlan, step: StepForward, sampled: dict[str, list[int]]) -> dict[str, torch.Tensor]:
         """MTP pass 1 (docs/model.md §7): the MTP over the rows this step made real, pairing the target's hidden
@@ -345,22 +377,29 @@ class SpecDecoder:
                 h = self.runner.model.mtp_forward(batch.input_ids, h_in, batch, self.runner.cache)
         for r, d, pr in zip(requests, drafts, probs):
             self.scheduler.set_drafts(r, d)
-            self._requests[r.request_id].draft_probs = torch.stack(pr)
+            self._requests[r.request_id].draft_probs = torch.stack(pr) if pr else None
 
     def _draft_one(self, h: torch.Tensor, requests: list[Request], drafts: list[list[int]],
                    probs: list[list[torch.Tensor]], lengths: list[int], j: int) -> list[int]:
-        """Draw draft j of each request from the MTP head's logits (appended to drafts / probs); returns the
-        rows whose request wants another draft."""
+        """Draw draft j of each request from the MTP head's logits (appended to drafts; its q to probs unless the
+        request is greedy: greedy verification needs the token alone); returns the rows whose request wants
+        another draft."""
         logits = self.runner.model.compute_logits(h)
-        q = processed_probs(logits, self.runner.sampling_batch(requests, drafts, last_only=True))
-        dev = self.runner.device
-        tok = draw(q, torch.tensor([r.seed for r in requests], dtype=torch.int64, device=dev),
-                   torch.tensor([len(r.output_token_ids) + j for r in requests], device=dev), STREAM_DRAFT,
-                   [r.sampling.is_greedy for r in requests]).tolist()
+        batch = self.runner.sampling_batch(requests, drafts, last_only=True)
+        greedy = [r.sampling.is_greedy for r in requests]
+        if all(greedy):  # the argmax, without a one-hot [n, V] q (a mixed pass builds q for every row)
+            q, tok = None, greedy_tokens(logits, batch).tolist()
+        else:
+            q = processed_probs(logits, batch)
+            dev = self.runner.device
+            tok = draw(q, torch.tensor([r.seed for r in requests], dtype=torch.int64, device=dev),
+                       torch.tensor([len(r.output_token_ids) + j for r in requests], device=dev), STREAM_DRAFT,
+                       greedy).tolist()
         more = []
         for row, r in enumerate(requests):
             drafts[row].append(tok[row])
-            probs[row].append(q[row])
+            if not greedy[row]:
+                probs[row].append(q[row])
             if len(drafts[row]) < lengths[row]:
                 more.append(row)
         return more
