@@ -11,6 +11,7 @@ import torch
 
 from qnext.worker.engine import Engine
 from qnext.worker.types import EngineConfig, GenerationRequest, SamplingParams, StoppingParams
+from qnext.worker.draft_head import Int8DraftHead, draft_head
 from qnext.worker.spec_decode import accept_drafts
 from qnext.worker.tiny import align_mtp_with_target, make_checkpoint, tiny_config
 
@@ -126,6 +127,58 @@ def test_greedy_exact_under_preemption(random_ckpt, aligned_ckpt, engines):
         got = run(tiny, ps, [3, 2, 3, 1], max_new=16, preemptions=preempted)
         assert got == want
         assert sum(preempted) > 0  # the recompute path really ran
+
+
+def test_int8_draft_head_stays_within_its_rounding_bound():
+    """worker/draft_head.py against float64 logits of the bf16 weight: each logit within half a quantisation step
+    of its row times sum |h|, plus the kernel's bf16 output rounding; the argmax nearly always the same."""
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(4096, 64, generator=g) * 0.05).to(torch.bfloat16)
+    w[7] *= 40  # a row with a much larger range gets its own, coarser scale
+    head = Int8DraftHead(w)
+    h = torch.randn(300, 64, generator=g).to(torch.bfloat16)
+    exact = h.double() @ w.double().T
+    got = torch.cat([head(h[i:i + 1]) for i in range(len(h))]).double()
+    step = w.double().abs().amax(1) / 127
+    bound = 0.5 * step[None, :] * h.double().abs().sum(1, keepdim=True) + exact.abs() * 2.0 ** -8 + 1e-6
+    assert ((got - exact).abs() <= bound).all()
+    agree = (got.argmax(1) == exact.argmax(1)).double().mean().item()
+    print(f"argmax agreement {agree:.3f}")
+    assert agree >= 0.9
+    assert draft_head("full", w) is None and draft_head("auto", w.float()) is None
+    assert isinstance(draft_head("auto", w), Int8DraftHead)
+
+
+@pytest.mark.parametrize("ckpt_name", ["random_ckpt", "aligned_ckpt"])
+def test_greedy_is_exact_with_the_int8_draft_head(request, engines, ckpt_name):
+    """Drafts from the int8 head (set by hand: `auto` picks it for bf16 / fp16 weights, and greedy exactness is
+    shown in float32 like the tests above): greedy tokens equal k = 0's, and on the aligned checkpoint the int8
+    drafts are still accepted."""
+    ckpt = request.getfixturevalue(ckpt_name)
+    ps = prompts([6, 19, 33], seed=5)
+    want = run(engines(ckpt), ps, [0] * 3, max_new=16)
+    e = engines(ckpt, num_speculative_tokens=2, speculative_draft_length="fixed")
+    assert e.spec.draft_head is None  # float32: auto keeps the full head
+    head, calls = Int8DraftHead(e.runner.model.lm_head.weight), []
+    e.spec.draft_head = lambda h: calls.append(len(h)) or head(h)
+    # one request at a time: the int8 head takes single-row draft passes only
+    assert [run(e, [p], [2], max_new=16)[0] for p in ps] == want
+    assert calls and set(calls) == {1}
+    c = e.spec.counters
+    if ckpt_name == "aligned_ckpt":
+        assert c.num_accepted >= 0.9 * c.num_drafted, c
+
+
+def test_draft_head_choice(aligned_ckpt, engines):
+    """bf16 on a CPU: `auto` drafts with the int8 head, `full` with the model's; both run and accept."""
+    for choice, int8 in (("auto", True), ("full", False)):
+        e = engines(aligned_ckpt, dtype="bfloat16", num_speculative_tokens=2, speculative_draft_length="fixed",
+                    speculative_draft_head=choice)
+        assert (e.spec.draft_head is not None) == int8
+        run(e, prompts([9], seed=6), [2], max_new=12)
+        assert e.spec.counters.num_accepted >= 0.9 * e.spec.counters.num_drafted > 0
+    with pytest.raises(ValueError, match="speculative_draft_head"):
+        EngineConfig(speculative_draft_head="int4")
 
 
 def test_rolled_back_state_equals_plain_decoding(random_ckpt, engines):

@@ -29,6 +29,7 @@ from itertools import accumulate
 
 import torch
 
+from qnext.worker.draft_head import MAX_ROWS, draft_head
 from qnext.worker.model_runner import ModelRunner, StepForward
 from qnext.worker.sampler import (STREAM_SAMPLE, greedy_tokens, inverse_cdf_draw, processed_probs, row_argmax,
                                   token_logprobs, uniform_noise)
@@ -162,6 +163,9 @@ class SpecDecoder:
         self._next_lengths: dict[str, int] = {}  # request id -> drafts it gets next step (from `_choose`)
         # how many drafts each request gets per step (worker/spec_policy.py)
         self.policy = DraftLengthPolicy(adaptive=runner.config.speculative_draft_length == "adaptive")
+        # the int8 LM head single-row draft passes use, or None (worker/draft_head.py); not for a sharded head
+        self.draft_head = (draft_head(runner.config.speculative_draft_head, runner.model.lm_head.weight)
+                           if runner.max_spec_tokens and runner.followers is None else None)
 
     @property
     def num_tracked(self) -> int:
@@ -384,7 +388,10 @@ class SpecDecoder:
         """Draw draft j of each request from the MTP head's logits (appended to drafts; its q to probs unless the
         request is greedy: greedy verification needs the token alone); returns the rows whose request wants
         another draft."""
-        logits = self.runner.model.compute_logits(h)
+        if self.draft_head is not None and h.shape[0] <= MAX_ROWS:
+            logits = self.draft_head(h)
+        else:
+            logits = self.runner.model.compute_logits(h)
         batch = self.runner.sampling_batch(requests, drafts, last_only=True)
         greedy = [r.sampling.is_greedy for r in requests]
         if all(greedy):  # the argmax, without a one-hot [n, V] q (a mixed pass builds q for every row)

@@ -33,6 +33,7 @@ KV_CACHE_DTYPES = ("auto", "fp8")
 CUDA_GRAPH_MODES = ("auto", "off", "padded-eager")
 MAX_SPECULATIVE_TOKENS = 4
 SPEC_DRAFT_LENGTHS = ("adaptive", "fixed")  # how many MTP drafts per step (worker/spec_policy.py)
+DRAFT_HEADS = ("auto", "full")  # the LM head MTP drafts are drawn from (worker/draft_head.py)
 
 
 def require(ok: bool, name: str, message: str) -> None:
@@ -200,6 +201,12 @@ class EngineConfig:
         "adaptive", "adaptive: each step, each request drafts as many tokens (up to its num_speculative_tokens) as "
                     "pay at the measured acceptance and step costs, 0 when none do (docs/speculation.md); fixed: "
                     "always its num_speculative_tokens", choices=SPEC_DRAFT_LENGTHS)
+    speculative_draft_head: str = option(
+        "auto", "LM head the MTP drafts are drawn from; auto = an int8 copy of the LM head (one scale per vocabulary "
+                "row) for one-row draft passes on a CPU with bf16/fp16 weights, where it is faster "
+                "(worker/draft_head.py), else the model's own; full = always the model's own. Outputs are the same "
+                "either way (the target verifies with its full head): only the acceptance rate may move",
+        choices=DRAFT_HEADS)
     # prefix caching: worker/prefix_cache.py; tensor parallelism: worker/parallel.py
     enable_prefix_caching: bool = option(
         True, "turn the prefix cache (KV blocks + recurrent-state checkpoints of earlier prompts) off",
@@ -240,6 +247,8 @@ class EngineConfig:
         require(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         require(self.speculative_draft_length in SPEC_DRAFT_LENGTHS, "speculative_draft_length",
                 f"must be one of {', '.join(SPEC_DRAFT_LENGTHS)}, got {self.speculative_draft_length!r}")
+        require(self.speculative_draft_head in DRAFT_HEADS, "speculative_draft_head",
+                f"must be one of {', '.join(DRAFT_HEADS)}, got {self.speculative_draft_head!r}")
         require(self.state_dtype in STATE_DTYPES, "state_dtype",
                 f"must be one of {', '.join(STATE_DTYPES)}, got {self.state_dtype!r}")
         require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",
