@@ -12,6 +12,16 @@ from qnext.kernels.gated_delta_rule.reference import gated_delta_rule_varlen
 
 LENS = [1, 63, 64, 1, 65, 200, 3]
 INIT = [True, False, True, True, True, False, True]
+# (lengths, has initial state, verify, slots): the mix above with one verify chunk; then verify chunks of one
+# length (batched together) on consecutive slots (advanced in the pool's own rows) and on scattered ones, next to
+# a verify chunk of another length, a decode, and two prefill chunks of one length (one fresh, one continued)
+BATCHES = {
+    "mixed": (LENS, INIT, [False] * 6 + [True], [7, 2, 0, 9, 4, 1, 5]),
+    "verify-consecutive": ([3, 1, 3, 3, 2, 5, 5], [True] * 5 + [False, True], [True, False, True, True, True, False,
+                                                                               False], [3, 9, 4, 5, 0, 7, 8]),
+    "verify-scattered": ([3, 1, 3, 3, 2, 5, 5], [True] * 5 + [False, True], [True, False, True, True, True, False,
+                                                                             False], [6, 9, 1, 8, 0, 3, 2]),
+}
 
 
 def naive_delta(q, k, v, g, beta, S):
@@ -28,7 +38,9 @@ def naive_delta(q, k, v, g, beta, S):
     return torch.stack(outs), S
 
 
-def test_gated_delta_rule_varlen_matches_naive():
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_gated_delta_rule_varlen_matches_naive(batch):
+    LENS, INIT, verify, slots = BATCHES[batch]
     gen = torch.Generator().manual_seed(0)
     H, dk, dv, T = 3, 8, 5, sum(LENS)
     q, k = torch.randn(T, H, dk, generator=gen, dtype=torch.float64), torch.randn(T, H, dk, generator=gen,
@@ -37,8 +49,7 @@ def test_gated_delta_rule_varlen_matches_naive():
     g = -torch.rand(T, H, generator=gen, dtype=torch.float64)
     beta = torch.rand(T, H, generator=gen, dtype=torch.float64)
     pool = torch.randn(10, H, dk, dv, generator=gen, dtype=torch.float64)
-    slots = torch.tensor([7, 2, 0, 9, 4, 1, 5])
-    verify = [False] * 6 + [True]
+    slots = torch.tensor(slots)
     spec = torch.full((10, 4, H, dk, dv), float("nan"), dtype=torch.float64)
     before = pool.clone()
     out = gated_delta_rule_varlen(q, k, v, g, beta, pool, slots, LENS, INIT, verify, spec)
@@ -56,16 +67,18 @@ def test_gated_delta_rule_varlen_matches_naive():
         s += n
     untouched = [x for x in range(10) if x not in slots.tolist()]
     assert torch.equal(pool[untouched], before[untouched])
+    assert spec[slots[~torch.tensor(verify)]].isnan().all()  # written for verify chunks alone
 
 
-def test_conv1d_varlen_matches_naive():
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_conv1d_varlen_matches_naive(batch):
+    LENS, INIT, verify, slots = BATCHES[batch]
     gen = torch.Generator().manual_seed(1)
     D, K, T = 6, 4, sum(LENS)
     x = torch.randn(T, D, generator=gen, dtype=torch.float64)
     w = torch.randn(D, K, generator=gen, dtype=torch.float64)
     pool = torch.randn(10, D, K - 1, generator=gen, dtype=torch.float64)
-    slots = torch.tensor([7, 2, 0, 9, 4, 1, 5])
-    verify = [False] * 6 + [True]
+    slots = torch.tensor(slots)
     spec = torch.full((10, 4, D, K - 1), float("nan"), dtype=torch.float64)
     before = pool.clone()
     out = causal_conv1d_varlen(x, w, pool, slots, LENS, INIT, verify, spec)
@@ -80,6 +93,9 @@ def test_conv1d_varlen_matches_naive():
             for j in range(n - 1):
                 assert torch.equal(spec[slots[i], j], seq[:, j + 1:j + K])
         s += n
+    untouched = [x for x in range(10) if x not in slots.tolist()]
+    assert torch.equal(pool[untouched], before[untouched])
+    assert spec[slots[~torch.tensor(verify)]].isnan().all()  # written for verify chunks alone
 
 
 @pytest.mark.parametrize("slots", [[8, 1, 5, 3], [3, 4, 5, 6]], ids=["scattered", "consecutive"])

@@ -185,17 +185,23 @@ def gated_delta_rule_varlen(
     out = torch.empty(v.shape, dtype=ct, device=v.device)
     if single:
         out[rows] = o
+    # verify chunks, batched by length: one recurrent step of the whole group per position (per sequence and
+    # position it was 6 layers x 16 sequences x 3 positions of single-row steps at batch 16, k = 2)
+    by_len: dict[int, list[int]] = {}
     for i, n in enumerate(query_lens):
         if n > 1 and is_verify[i]:
-            s, slot = starts[i], state_slots[i]
-            assert has_initial_state[i] and spec_ssm is not None and n - 1 <= spec_ssm.shape[1]
-            st = ssm_state[slot][None].to(ct, copy=True)  # ours to advance (a 0-d index gives a view of the pool)
-            for j in range(n):
-                r = slice(s + j, s + j + 1)
-                out[r] = recurrent_step(q[r], k[r], v[r], g[r], beta[r], st)
-                if j < n - 1:
-                    spec_ssm[slot, j] = st[0].to(spec_ssm.dtype)
-            ssm_state[slot] = st[0].to(ssm_state.dtype)
+            by_len.setdefault(n, []).append(i)
+    for n, group in by_len.items():
+        assert all(has_initial_state[i] for i in group) and spec_ssm is not None and n - 1 <= spec_ssm.shape[1]
+        slots = state_slots[group]
+        st, run = read_rows(ssm_state, slots, ct)  # ours to advance, or the pool's own rows (then in place)
+        for j in range(n):
+            r = (slice(starts[group[0]] + j, starts[group[0]] + j + 1) if len(group) == 1 else
+                 torch.tensor([starts[i] + j for i in group], device=v.device))
+            out[r] = recurrent_step(q[r], k[r], v[r], g[r], beta[r], st)
+            if j < n - 1:
+                spec_ssm[slots, j] = st.to(spec_ssm.dtype)
+        write_rows(ssm_state, slots, run, st)
     prefill = [i for i, n in enumerate(query_lens) if n > 1 and not is_verify[i]]
     if prefill:
         _chunked_prefill(q, k, v, g, beta, ssm_state, state_slots, starts, query_lens, has_initial_state, prefill,
