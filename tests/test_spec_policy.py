@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from qnext.worker.spec_policy import (MAX_PROBE_EVERY, PROBE_EVERY, TIMINGS_NEEDED, DraftLengthPolicy, bucket,
-                                      expected_tokens)
+from qnext.worker.spec_policy import (MAX_PROBE_EVERY, PROBE_EVERY, STALE_AFTER_K0, TIMINGS_NEEDED, DraftLengthPolicy,
+                                      bucket, expected_tokens)
 
 
 def drive(policy: DraftLengthPolicy, alpha: float, steps: int, rows: int = 1, k_max: int = 2,
@@ -62,6 +62,22 @@ def test_the_choice_follows_the_cost_of_drafting():
     dear = drive(DraftLengthPolicy(), alpha=0.6, steps=400, cost=lambda k: 1 + 1.5 * k)
     assert sum(r[0] == 2 for r in cheap[100:]) > 0.9 * 300
     assert sum(r[0] == 0 for r in dear[100:]) > 0.9 * 300
+
+
+def test_cold_first_timings_do_not_decide():
+    """The engine's first decode steps after a prefill run cold; here the first two cost 1.6x, and only k = 0 is
+    timed then. At these costs even full acceptance loses (3 tokens for 3.3x a k = 0 step), so k = 0 is right.
+    One cold timing among the first three does not count (a median); after two, the refreshed k = 0 timings
+    (every STALE_AFTER_K0 steps) outvote them."""
+    for cold, settled_by in ((1, 50), (2, 50 + 2 * STALE_AFTER_K0 + 10)):
+        calls = []
+
+        def cost(k: float) -> float:
+            calls.append(k)
+            return (1 + 0.69 * k) * (1.6 if len(calls) <= 2 * cold - 1 and len(calls) % 2 else 1.0)
+
+        h = drive(DraftLengthPolicy(), alpha=1.0, steps=settled_by + 100, cost=cost)
+        assert sum(row[0] == 0 for row in h[settled_by:]) / 100 > 0.97, cold
 
 
 def test_recovers_when_acceptance_returns():

@@ -168,12 +168,13 @@ class Engine:
             plan = self.scheduler.schedule()
             self.admitted = plan.admitted
             if plan.chunks:
-                outputs += self._run_and_update(plan)
+                outputs += self._run_and_update(plan, start)
         self.runner.timings.total_s += time.perf_counter() - start
         return outputs
 
-    def _run_and_update(self, plan: SchedulePlan) -> list[RequestOutput]:
-        """run -> update; a failure is the step's requests' alone (worker/step_failure.py), or re-raised."""
+    def _run_and_update(self, plan: SchedulePlan, start: float) -> list[RequestOutput]:
+        """run -> update; a failure is the step's requests' alone (worker/step_failure.py), or re-raised. A step
+        that succeeds is timed for the draft-length policy, from `start` (before scheduling) on."""
         try:
             run = self._run(plan)
         except Exception as e:  # noqa: BLE001 - quarantined / failed there, or re-raised
@@ -183,12 +184,13 @@ class Engine:
         except Exception as e:  # noqa: BLE001
             return self._fail(plan, e, applied=True)
         self.failures.succeeded()
+        if self.runner.max_spec_tokens:
+            self.spec.record_step(plan, start)
         return outputs
 
     def _run(self, plan: SchedulePlan) -> tuple[StepForward, dict[str, list[int]], dict, dict[str, torch.Tensor]]:
         """The forward, the sampled tokens (verified ones for verify chunks) and the MTP head's pass over the
         step's rows."""
-        start = time.perf_counter()
         self.spec.on_restores(plan)
         step = self.runner.forward(plan)
         sampled: dict[str, list[int]] = {}
@@ -210,7 +212,6 @@ class Engine:
         mtp_last = {}
         if self.runner.max_spec_tokens:
             mtp_last = self.spec.catch_up(plan, step, sampled)
-            self.spec.record_step(plan, time.perf_counter() - start)
         return step, sampled, logprobs, mtp_last, [(step.plain[i].request, samples) for i, samples in forks]
 
     def _update(self, plan: SchedulePlan, run: tuple) -> list[RequestOutput]:

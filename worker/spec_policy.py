@@ -8,8 +8,9 @@ draft length k in 0..max that maximises expected tokens per second:
     k*          = argmax_k E(alpha_r, k) / T(k, B)
 
 alpha_r is the request's own acceptance (recent verify steps weigh more) shrunk towards the engine-wide figure,
-which is what a new request starts from. T is learned online, per batch-size bucket (1, 2, 4, ... rows): the
-step's forward + verify part is keyed by the longest draft it verified, the drafting part by the passes it ran.
+which is what a new request starts from. T is learned online, per batch-size bucket (1, 2, 4, ... rows), as the
+median of recent timings: the whole step less its drafting keyed by the longest draft it verified, the drafting
+part by the passes it ran.
 Until every k of a bucket has been timed a few times, the bucket's steps try the untimed k (a few steps per
 bucket, and again when a timing has gone stale), so the choice rests on this device's figures, not on guesses.
 
@@ -24,6 +25,8 @@ accepted some k would beat k = 0 at the measured costs: not so for a large batch
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 PROBE_EVERY = 16  # steps between one-draft probes of requests at k = 0 ...
@@ -32,8 +35,9 @@ PRIOR_WEIGHT = 2.0  # pseudo-observations of the engine-wide acceptance in each 
 REQUEST_DECAY = 0.9  # per verify step: a request's acceptance follows its recent text
 ENGINE_DECAY = 0.99
 TIMINGS_NEEDED = 3  # timings of a (bucket, k) before the policy trusts it
-STALE_AFTER = 512  # steps of a bucket after which an unchosen k is timed again
-EMA = 0.2  # weight of a new timing
+STALE_AFTER = 512  # steps of a bucket after which an unchosen k is timed again ...
+STALE_AFTER_K0 = 64  # ... k = 0 sooner: a step without drafts costs no time, only one step's speculative gain
+RECENT_TIMINGS = 5  # a (bucket, k)'s cost is the median of its last timings
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -64,9 +68,19 @@ class Acceptance:
 
 @dataclass
 class _Timing:
-    seconds: float = 0.0
-    count: int = 0
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_TIMINGS))
     at_step: int = 0  # the bucket's step count when last timed
+
+    @property
+    def count(self) -> int:
+        return len(self.recent)
+
+    @property
+    def seconds(self) -> float:
+        """The median of the recent timings: a cold or disturbed step does not move it (the first decode steps
+        after a prefill ran 21-24 ms where the next took 14.5 on the 2-core box; a moving average started from
+        them overrated k = 0 at batch 16 enough to keep drafting where drafts lost, 0.89x of k = 0)."""
+        return statistics.median(self.recent)
 
 
 @dataclass
@@ -77,8 +91,7 @@ class _Bucket:
 
     def record(self, table: dict[int, _Timing], k: int, seconds: float) -> None:
         t = table.setdefault(k, _Timing())
-        t.seconds = seconds if t.count == 0 else (1 - EMA) * t.seconds + EMA * seconds
-        t.count += 1
+        t.recent.append(seconds)
         t.at_step = self.steps
 
     def untimed(self, k_max: int) -> int | None:
@@ -88,7 +101,8 @@ class _Bucket:
                 t = table.get(k)
                 if k == 0 and table is self.drafting:
                     continue  # drafting nothing costs nothing
-                if t is None or t.count < TIMINGS_NEEDED or self.steps - t.at_step > STALE_AFTER:
+                if t is None or t.count < TIMINGS_NEEDED or self.steps - t.at_step > (STALE_AFTER_K0 if k == 0
+                                                                                      else STALE_AFTER):
                     return k
         return None
 
