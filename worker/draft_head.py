@@ -24,7 +24,7 @@ MAX_ROWS = 1  # passes with more rows use the full head (see above)
 
 
 class Int8DraftHead:
-    """logits = h @ (q * scale)^T with q int8 [V, H] and one scale per vocabulary row, in fp32 like
+    """logits = h @ (q * scale)^T with q int8 [V, H] and one scale per vocabulary row, in h's dtype like
     `compute_logits`."""
 
     def __init__(self, weight: torch.Tensor) -> None:
@@ -34,7 +34,7 @@ class Int8DraftHead:
         self.scale = scale.to(weight.dtype)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int8pack_mm(hidden, self.qweight, self.scale).float()
+        return torch._weight_int8pack_mm(hidden, self.qweight, self.scale)
 
 
 def draft_head(choice: str, lm_head_weight: torch.Tensor) -> Int8DraftHead | None:

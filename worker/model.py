@@ -334,9 +334,10 @@ class Qwen3NextForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, H] -> [N, V] in fp32 (fp64 for an fp64 model)."""
-        logits = self.lm_head(hidden)
-        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+        """[N, H] -> [N, V] in the model's dtype: the sampler converts to float32 where it computes on them, and a
+        greedy batch's argmax needs no [N, V] float32 copy (engine step at batch 16 on the 2-core box, with and
+        without the copy in alternate steps: 0.976)."""
+        return self.lm_head(hidden)
 
     @torch.inference_mode()
     def mtp_forward(self, next_token_ids: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch,

@@ -296,6 +296,9 @@ def _penalize_and_suppress(logits: torch.Tensor, batch: SamplingBatch) -> torch.
     argmax of."""
     if logits.dim() != 2 or logits.shape != (batch.size, batch.vocab_size):
         raise ValueError(f"logits must have shape {(batch.size, batch.vocab_size)}, got {tuple(logits.shape)}")
+    if batch.all_greedy and all(t is None for t in (batch.repetition_mask, batch.output_counts, batch.logit_bias,
+                                                    batch.suppress_mask, batch.allowed_mask, batch.forced)):
+        return logits  # nothing to apply, and an argmax needs no float32 copy
     x = logits.to(torch.float32)  # no copy for fp32 logits: every step below is out of place
     if batch.repetition_mask is not None:
         r = batch.repetition_penalty
