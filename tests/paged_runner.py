@@ -52,7 +52,9 @@ class PagedRunner:
                                    is_verify=[True] * len(chunks) if verify else None)
 
     def step(self, chunks: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
-        """Run one forward over the chunks; returns each chunk's logits for all its tokens: [n_i, V]."""
+        """Run one forward over the chunks; returns each chunk's logits for all its tokens: [n_i, V], in float32
+        (float64 for a float64 model) for the tests to compute on."""
         batch = self.batch(chunks)
         logits = self.model.compute_logits(self.model(batch, self.cache))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return list(logits.split(batch.query_lens))

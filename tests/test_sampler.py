@@ -101,6 +101,12 @@ def test_greedy_equals_argmax_regardless_of_seed(device: torch.device) -> None:
     tokens = sample(logits, mixed).token_ids
     assert torch.equal(tokens[0::2], argmax[0::2]) and not torch.equal(tokens[1::2], argmax[1::2])
     assert torch.equal(processed_probs(logits, mixed)[0::2], one_hot[0::2])
+    # the real vocabulary in bf16 (the blocked row argmax on the logits as they are, no float32 copy), with a tie
+    # across blocks: the first maximum, as on the float32 conversion
+    big = torch.randn(4, 151936, generator=torch.Generator().manual_seed(2)).to(device, torch.bfloat16)
+    big[1, 7] = big[1, 150000] = big[1].max() + 1
+    greedy = make_batch([SamplingParams(temperature=0.0)] * 4, device, 151936)
+    assert torch.equal(sample(big, greedy).token_ids, big.float().argmax(-1)) and sample(big, greedy).token_ids[1] == 7
 
 
 def test_logprobs_and_top_logprobs_are_raw_log_softmax(device: torch.device) -> None:
