@@ -394,26 +394,36 @@ class SpecDecoder:
     def _draft_one(self, h: torch.Tensor, requests: list[Request], drafts: list[list[int]],
                    probs: list[list[torch.Tensor]], lengths: list[int], j: int) -> list[int]:
         """Draw draft j of each request from the MTP head's logits (appended to drafts; its q to probs unless the
-        request is greedy: greedy verification needs the token alone); returns the rows whose request wants
-        another draft."""
+        request is greedy: greedy verification needs the token alone, the argmax, not a one-hot [V] q); returns
+        the rows whose request wants another draft."""
         if self.draft_head is not None and h.shape[0] <= MAX_ROWS:
             logits = self.draft_head(h)
         else:
             logits = self.runner.model.compute_logits(h)
-        batch = self.runner.sampling_batch(requests, drafts, last_only=True)
         greedy = [r.sampling.is_greedy for r in requests]
-        if all(greedy):  # the argmax, without a one-hot [n, V] q (a mixed pass builds q for every row)
-            q, tok = None, greedy_tokens(logits, batch).tolist()
-        else:
-            q = processed_probs(logits, batch)
-            dev = self.runner.device
-            tok = draw(q, torch.tensor([r.seed for r in requests], dtype=torch.int64, device=dev),
-                       torch.tensor([len(r.output_token_ids) + j for r in requests], device=dev), STREAM_DRAFT,
-                       greedy).tolist()
+        tok: list[int] = [0] * len(requests)
+        q: dict[int, torch.Tensor] = {}  # row -> its q, sampled rows only
+        for rows in ([i for i, g in enumerate(greedy) if g], [i for i, g in enumerate(greedy) if not g]):
+            if not rows:
+                continue
+            sub = logits if len(rows) == len(requests) else logits[torch.tensor(rows, device=logits.device)]
+            batch = self.runner.sampling_batch([requests[i] for i in rows], [drafts[i] for i in rows],
+                                               last_only=True)
+            if greedy[rows[0]]:
+                picked = greedy_tokens(sub, batch).tolist()
+            else:
+                q_rows = processed_probs(sub, batch)
+                dev = self.runner.device
+                picked = draw(q_rows, torch.tensor([requests[i].seed for i in rows], dtype=torch.int64, device=dev),
+                              torch.tensor([len(requests[i].output_token_ids) + j for i in rows], device=dev),
+                              STREAM_DRAFT).tolist()
+                q.update(zip(rows, q_rows))
+            for i, t in zip(rows, picked):
+                tok[i] = t
         more = []
         for row, r in enumerate(requests):
             drafts[row].append(tok[row])
-            if not greedy[row]:
+            if row in q:
                 probs[row].append(q[row])
             if len(drafts[row]) < lengths[row]:
                 more.append(row)
