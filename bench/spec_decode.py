@@ -50,7 +50,8 @@ from bench.bench_common import random_prompts, write_json  # noqa: E402
 from bench.spec_report import print_step_costs, print_throughput, print_verdicts  # noqa: E402
 from qnext.worker.engine import Engine  # noqa: E402
 from qnext.worker.model_runner import StepTimings  # noqa: E402
-from qnext.worker.types import EngineConfig, GenerationRequest, SamplingParams, StoppingParams  # noqa: E402
+from qnext.worker.types import (DRAFT_HEADS, EngineConfig, GenerationRequest, SamplingParams,  # noqa: E402
+                                 StoppingParams)
 from qnext.worker.spec_decode import SpecCounters  # noqa: E402
 from qnext.worker.tiny import align_mtp_with_target, default_checkpoint  # noqa: E402
 
@@ -220,6 +221,7 @@ def bench_checkpoint(name: str, model_dir: Path, args: argparse.Namespace) -> li
         engines[k] = StepProbe(Engine(EngineConfig(model=str(model_dir), device=args.device, seed=0,
                                                    cache_memory=args.cache_memory, num_speculative_tokens=k,
                                                    speculative_draft_length=args.draft_length,
+                                                   speculative_draft_head=args.draft_head,
                                                    max_num_seqs=max(64, max(args.batch_sizes)))))
     results = []
     for b in args.batch_sizes:
@@ -279,6 +281,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="measured runs per k and batch size, interleaved "
                    "(default 1; each run of a batch-8 k=4 random-weight engine takes ~30 s on 2 cores)")
     p.add_argument("--warmup-tokens", type=int, default=6, help="new tokens of each engine's warm-up run (default 6)")
+    p.add_argument("--draft-head", default="auto", choices=DRAFT_HEADS,
+                   help="EngineConfig.speculative_draft_head: auto (int8 LM head for one-row draft passes on a CPU "
+                        "in bf16, worker/draft_head.py) or full (default auto)")
     p.add_argument("--draft-length", default="fixed", choices=("fixed", "adaptive"),
                    help="fixed: every step drafts k (the verify step's cost); adaptive: the engine's default policy "
                         "chooses 0..k per step (worker/spec_policy.py; give it --warmup-tokens to time each k)")
@@ -320,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(), "device": args.device, "ks": args.ks, "batch_sizes": args.batch_sizes,
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats, "seed": args.seed,
-        "git": git_state(),
+        "draft_length": args.draft_length, "draft_head": args.draft_head, "git": git_state(),
     }
     src = default_checkpoint()
     print_header(args, meta, src)
