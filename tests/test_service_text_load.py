@@ -11,7 +11,7 @@ text limit is the real 4,194,304 characters):
 from __future__ import annotations
 
 import asyncio
-import threading
+import multiprocessing
 import time
 
 import grpc
@@ -41,25 +41,44 @@ def at_limit(n: int = LIMIT) -> str:
     return (FILLER * (n // len(FILLER) + 1))[:n]
 
 
-class HealthProbe(threading.Thread):
-    """Health Checks back to back from their own thread and channel (the load's client work, on the main thread's
-    loop, must not delay them): the latency of each, a failed one (e.g. its deadline passed) included."""
+def _check_health(target: str, ready, stop, out) -> None:
+    """The probe process: health Checks back to back until `stop`; sends (latencies, error codes) to `out`."""
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        latencies, errors = [], []
+        while not stop.is_set():
+            t = time.perf_counter()
+            try:
+                stub.Check(health_pb2.HealthCheckRequest(), timeout=30)
+            except grpc.RpcError as e:
+                errors.append(str(e.code()))
+            latencies.append(time.perf_counter() - t)
+            ready.set()
+            time.sleep(0.02)
+    out.send((latencies, errors))
+
+
+class HealthProbe:
+    """Health Checks back to back from a process of their own: the latency of each, a failed one (e.g. its
+    deadline passed) included. Not a thread of the test process: it would share the GIL with the load's client
+    work (building and encoding the 4 MB texts), and on a loaded machine that delayed one Check by 1.3 s that was
+    not the server's."""
 
     def __init__(self, target: str) -> None:
-        super().__init__(daemon=True)
-        self.target, self.latencies, self.errors, self.stop = target, [], [], threading.Event()
+        ctx = multiprocessing.get_context("spawn")  # a fork would copy this process's gRPC state
+        self.ready, self.stop = ctx.Event(), ctx.Event()
+        self._results, send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_check_health, args=(target, self.ready, self.stop, send), daemon=True)
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
 
-    def run(self) -> None:
-        with grpc.insecure_channel(self.target) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while not self.stop.is_set():
-                t = time.perf_counter()
-                try:
-                    stub.Check(health_pb2.HealthCheckRequest(), timeout=30)
-                except grpc.RpcError as e:
-                    self.errors.append(e.code())
-                self.latencies.append(time.perf_counter() - t)
-                time.sleep(0.02)
+    def start(self) -> None:
+        self._proc.start()
+        assert self.ready.wait(60), "the health probe process did not start"
+
+    def join(self) -> None:
+        self.latencies, self.errors = self._results.recv()
+        self._proc.join()
 
 
 def test_health_is_answered_while_limit_size_text_is_tokenised(server, report):
@@ -77,8 +96,7 @@ def test_health_is_answered_while_limit_size_text_is_tokenised(server, report):
             return t_tok, time.perf_counter() - t0, len(ids), e.value.details()
 
     probe = HealthProbe(server.target)
-    probe.start()
-    time.sleep(0.2)
+    probe.start()  # returns after its first Check
     try:
         t_tok, t_all, n_ids, why = asyncio.run(load())
     finally:
