@@ -55,7 +55,7 @@ def causal_conv1d_varlen(
     w = weight.to(ct)
     for n, group in by_len.items():
         b = len(group)
-        slots = state_slots[group[0]:group[0] + 1] if b == 1 else state_slots[torch.tensor(group, device=x.device)]
+        slots = state_slots[group]
         hist, run = read_rows(conv_state, slots, x.dtype)  # [b, D, K-1]
         if not all(has_initial_state[i] for i in group):
             keep = torch.tensor([has_initial_state[i] for i in group], device=x.device)
