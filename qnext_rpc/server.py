@@ -251,6 +251,10 @@ async def serve(cfg: ServerConfig, engine: EngineConfig) -> int:
         await server.start()
     except (StartupError, WorkerStartFailed):
         await server.batcher.close()  # the worker was already spawned
+        if server.grpc is not None:
+            # a gRPC server whose port failed was never started: stop it here rather than leave it to the
+            # interpreter's exit (once, CI saw such a process die of SIGSEGV after printing its error)
+            await server.grpc.stop(None)
         raise
     await server.wait()
     return 0
