@@ -3,13 +3,20 @@
     python bench/grpc_throughput.py [--model DIR] [--streams 16] [--max-new-tokens 16] [--prompt-tokens 16]
 
 Greedy with ignore_eos, so both sides generate exactly streams * max_new_tokens tokens. Rounds alternate
-gRPC and engine (never at the same time); the best round of each is compared. Target: ratio >= 0.95.
+engine, gRPC and the bare gRPC floor (bench/grpc_floor.py, paced at the engine's step time; never two at once);
+the medians are compared (the best rounds too). Target: ratio >= 0.95.
+
+On a machine whose cores the engine already fills, every CPU second the server and the client spend is taken
+from the engine, so the CPU each spends per streamed token is printed beside the floor's: the part of the
+server's above the floor is ours, the floor is grpc-python's (server and client) per message.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from bench.grpc_floor import FloorServer, measure as floor_measure, own_cpu_s, process_cpu_s  # noqa: E402
 from qnext.rpc.client import Client  # noqa: E402
 from test_service_support import ServerProcess  # noqa: E402
 from qnext.worker.engine import Engine  # noqa: E402
@@ -31,8 +39,6 @@ def prompts(n: int, length: int) -> list[list[int]]:
 
 async def grpc_run(target: str, ps: list[list[int]], max_new: int) -> tuple[float, int]:
     async with Client(target) as c:
-        await c.generate(token_ids=ps[0], temperature=0.0, max_new_tokens=2)  # warm-up
-
         async def one(p: list[int]) -> int:
             n = 0
             async for chunk in c.generate_stream(token_ids=p, temperature=0.0, max_new_tokens=max_new, ignore_eos=True):
@@ -41,6 +47,12 @@ async def grpc_run(target: str, ps: list[list[int]], max_new: int) -> tuple[floa
         start = time.perf_counter()
         counts = await asyncio.gather(*[one(p) for p in ps])
         return time.perf_counter() - start, sum(counts)
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its children (the server and its worker)."""
+    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return sum(process_cpu_s(p) for p in [pid, *map(int, kids)])
 
 
 def main() -> None:
@@ -59,25 +71,46 @@ def main() -> None:
     engine = Engine(EngineConfig(model=args.model, device=args.device, cache_memory=CACHE, max_num_seqs=32,
                                  max_model_len=4096))
     engine.generate([ps[0]], SamplingParams(temperature=0.0), StoppingParams(max_new_tokens=2))  # warm-up
+    start = time.perf_counter()
+    engine.generate(ps, SamplingParams(temperature=0.0), StoppingParams(max_new_tokens=args.max_new_tokens,
+                                                                        ignore_eos=True))
+    step_s = (time.perf_counter() - start) / args.max_new_tokens  # the floor's tick: a decode step's time
     server = ServerProcess(Path(args.model), "--device", args.device)
-    grpc_rates, engine_rates = [], []
+    floor = FloorServer(step_s)
+    rates: dict[str, list[float]] = {"gRPC": [], "engine": [], "floor": []}
+    cpu: dict[str, list[float]] = {"server": [], "worker": [], "client": [], "floor server": [], "floor client": []}
     try:
-        # Interleaved rounds (the idle server's worker blocks on its pipe while the engine runs): on a shared
-        # machine the load drifts, so each side's best round is compared, and every round is printed.
+        asyncio.run(grpc_run(server.target, ps[:1], 2))
+        server_pid = server.proc.pid
         for _ in range(args.rounds):
+            c0, s0, t0 = own_cpu_s(), process_cpu_s(server_pid), process_tree_cpu_s(server_pid)
             seconds, tokens = asyncio.run(grpc_run(server.target, ps, args.max_new_tokens))
-            grpc_rates.append(tokens / seconds)
+            rates["gRPC"].append(tokens / seconds)
+            server_s, tree_s = process_cpu_s(server_pid) - s0, process_tree_cpu_s(server_pid) - t0
+            cpu["server"].append(server_s / tokens * 1e6)
+            cpu["worker"].append((tree_s - server_s) / tokens * 1e6)
+            cpu["client"].append((own_cpu_s() - c0) / tokens * 1e6)
             start = time.perf_counter()
             out = engine.generate(ps, SamplingParams(temperature=0.0),
                                   StoppingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True))
-            engine_rates.append(sum(len(c.token_ids) for c in out) / (time.perf_counter() - start))
+            rates["engine"].append(sum(len(c.token_ids) for c in out) / (time.perf_counter() - start))
+            f = floor_measure(floor, args.streams, args.max_new_tokens)
+            rates["floor"].append(f["messages"] / f["seconds"])
+            cpu["floor server"].append(f["server_us_per_msg"])
+            cpu["floor client"].append(f["client_us_per_msg"])
     finally:
         server.stop()
-    fmt = lambda rates: ", ".join(f"{r:.1f}" for r in rates)  # noqa: E731
-    print(f"{args.streams} streams x {args.max_new_tokens} tokens, greedy, ignore_eos")
-    print(f"gRPC tok/s per round:   {fmt(grpc_rates)}")
-    print(f"engine tok/s per round: {fmt(engine_rates)}")
-    print(f"ratio best gRPC / best engine = {max(grpc_rates) / max(engine_rates):.3f} (target >= 0.95)")
+        floor.stop()
+    fmt = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731
+    med = statistics.median
+    print(f"{args.streams} streams x {args.max_new_tokens} tokens, greedy, ignore_eos; decode step {step_s * 1e3:.1f} ms")
+    for k in ("gRPC", "engine"):
+        print(f"{k} tok/s per round: {fmt(rates[k])}")
+    print(f"CPU microseconds per streamed token (median of rounds): our server {med(cpu['server']):.0f} "
+          f"(the bare gRPC floor's server {med(cpu['floor server']):.0f}), client {med(cpu['client']):.0f} "
+          f"(floor {med(cpu['floor client']):.0f}), worker {med(cpu['worker']):.0f}")
+    print(f"ratio gRPC / engine: medians {med(rates['gRPC']) / med(rates['engine']):.3f}, "
+          f"best rounds {max(rates['gRPC']) / max(rates['engine']):.3f} (target >= 0.95)")
 
 
 if __name__ == "__main__":
