@@ -15,11 +15,12 @@ ssl_ca_certs="ca.pem"))`; without `security`, plaintext with the key of $QNEXT_A
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from qnext.rpc import convert
 from qnext.rpc.security import ClientSecurity, make_channel
+from qnext.rpc.tool_calls import Tool
 
 
 class Client:
@@ -50,8 +51,10 @@ class Client:
         """The whole GenerateResult in one message."""
         return await self._stub.GenerateUnary(convert.request(**fields), timeout=timeout or self.timeout)
 
-    async def tokenize(self, text: str | None = None, chat: list[tuple[str, str]] | None = None) -> list[int]:
-        return list((await self._stub.Tokenize(convert.tokenize_request(text, chat), timeout=self.timeout)).ids)
+    async def tokenize(self, text: str | None = None, chat: list[tuple[str, str]] | None = None,
+                       tools: Sequence[Tool] = ()) -> list[int]:
+        request = convert.tokenize_request(text, chat, tools)
+        return list((await self._stub.Tokenize(request, timeout=self.timeout)).ids)
 
     async def detokenize(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return (await self._stub.Detokenize(convert.detokenize(ids, skip_special_tokens), timeout=self.timeout)).text

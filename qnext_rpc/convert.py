@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,7 @@ from qnext.rpc.messages import Ready
 from qnext.worker.types import EngineStats
 from qnext.rpc.stream import Chunk, Finish, TokenLogprob
 from qnext.rpc.text import ChatMessage
-from qnext.rpc.tool_calls import assemble_calls
+from qnext.rpc.tool_calls import Tool, assemble_calls
 from qnext.rpc.validate import SAMPLING_FIELDS, GenerateSpec, Limits
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -104,15 +104,15 @@ def parse_generate(req: Any) -> GenerateSpec:
     return spec
 
 
-def parse_tokenize(req: Any) -> tuple[str | None, list[ChatMessage] | None, bool | None, bool]:
-    """(text, chat messages, enable_thinking, allow_special_tokens)."""
+def parse_tokenize(req: Any) -> tuple[str | None, list[ChatMessage] | None, bool | None, bool, Any]:
+    """(text, chat messages, enable_thinking, allow_special_tokens, the chat's tools as the proto has them)."""
     kind = req.WhichOneof("input")
     if kind == "text":
-        return req.text, None, None, req.allow_special_tokens
+        return req.text, None, None, req.allow_special_tokens, ()
     if kind == "chat":  # uncopied, as in parse_generate
         thinking = req.chat.enable_thinking if req.chat.HasField("enable_thinking") else None
-        return None, req.chat.messages, thinking, req.allow_special_tokens
-    return None, None, None, req.allow_special_tokens
+        return None, req.chat.messages, thinking, req.allow_special_tokens, req.chat.tools
+    return None, None, None, req.allow_special_tokens, ()
 
 
 def _logprobs(items: list[TokenLogprob]) -> list[Any]:
@@ -233,9 +233,7 @@ def request(**fields: Any) -> Any:
         req.chat.messages.extend(_chat_message(m) for m in fields.pop("chat"))
         req.chat.SetInParent()
     if "tools" in fields:  # Tools (qnext.rpc.tool_calls)
-        req.chat.tools.extend(pb.Tool(name=t.name, description=t.description,
-                                      parameters_json_schema=json.dumps(t.parameters) if t.parameters else "")
-                              for t in fields.pop("tools"))
+        req.chat.tools.extend(_tool(t) for t in fields.pop("tools"))
     if "tool_choice" in fields:
         req.chat.tool_choice = fields.pop("tool_choice")
     if "response_format" in fields:  # (kind, source), e.g. ("json_schema", "{...}"), ("json_object", "")
@@ -271,9 +269,17 @@ def request(**fields: Any) -> Any:
     return req
 
 
-def tokenize_request(text: str | None = None, chat: list[tuple[str, str]] | None = None) -> Any:
+def _tool(t: Tool) -> Any:
+    return pb.Tool(name=t.name, description=t.description,
+                   parameters_json_schema=json.dumps(t.parameters) if t.parameters else "")
+
+
+def tokenize_request(text: str | None = None, chat: list[tuple[str, str]] | None = None,
+                     tools: Sequence[Tool] = ()) -> Any:
+    """`tools` (with chat): rendered by the chat template as Generate renders them."""
     if chat is not None:
-        return pb.TokenizeRequest(chat=pb.ChatInput(messages=[pb.ChatMessage(role=r, content=c) for r, c in chat]))
+        return pb.TokenizeRequest(chat=pb.ChatInput(messages=[pb.ChatMessage(role=r, content=c) for r, c in chat],
+                                                    tools=[_tool(t) for t in tools]))
     return pb.TokenizeRequest(text=text or "")
 
 

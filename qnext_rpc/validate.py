@@ -160,14 +160,14 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
-def tool_list(spec: GenerateSpec, limits: Limits) -> list[Tool]:
-    """ChatInput.tools as Tools, each schema parsed; ValueError naming the field."""
-    _require(len(spec.tools) <= limits.max_tools, "chat.tools",
-             f"{len(spec.tools)} tools is over the limit of {limits.max_tools}")
-    _require(sum(len(t.parameters_json_schema) + len(t.description) for t in spec.tools) <= limits.max_prompt_chars,
+def tool_list(specs: Sequence[Any], limits: Limits) -> list[Tool]:
+    """ChatInput.tools (Generate's or Tokenize's) as Tools, each schema parsed; ValueError naming the field."""
+    _require(len(specs) <= limits.max_tools, "chat.tools",
+             f"{len(specs)} tools is over the limit of {limits.max_tools}")
+    _require(sum(len(t.parameters_json_schema) + len(t.description) for t in specs) <= limits.max_prompt_chars,
              "chat.tools", f"over {limits.max_prompt_chars} characters")
     tools = []
-    for i, t in enumerate(spec.tools):
+    for i, t in enumerate(specs):
         params: Any = {}
         if t.parameters_json_schema:
             try:
@@ -301,7 +301,7 @@ def prepare(spec: GenerateSpec, limits: Limits, text: TextProcessor) -> Prepared
     sampling = sampling_params(spec, limits)
     _require(spec.chat is not None or (not spec.tools and not spec.tool_choice), "chat.tools",
              "tools need chat input")
-    tools = tool_list(spec, limits)
+    tools = tool_list(spec.tools, limits)
     tool_choice = check_tool_choice(spec.tool_choice, tools, spec.response_format is not None)
     field_name, ids, chat_prompt = prompt_ids(spec, limits, text, tools)
     _require(len(ids) < limits.max_model_len, field_name,

@@ -163,6 +163,36 @@ def test_tool_history_renders_as_the_template_says(server, default_ckpt):
     assert result.finish.usage.prompt_tokens == len(text.encode_chat(history, tools=[WEATHER]))
 
 
+def test_tokenize_renders_tools_as_generate_does(server, default_ckpt):
+    """Tokenize with chat + tools gives the ids transformers' apply_chat_template(tools=...) gives, and the count
+    Generate reports for the same chat; a bad schema is refused naming the field, and the server goes on."""
+    from transformers import AutoTokenizer  # test-time reference only
+    ref = AutoTokenizer.from_pretrained(str(default_ckpt))
+    tools = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                               "parameters": t.parameters}} for t in (WEATHER, TIME)]
+    want = ref.apply_chat_template([{"role": r, "content": c} for r, c in CHAT], tools=tools,
+                                   add_generation_prompt=True)
+    want = list(want["input_ids"] if hasattr(want, "keys") else want)
+    bad = convert.tokenize_request(chat=CHAT)
+    bad.chat.tools.add(name="broken", parameters_json_schema="{not json")
+
+    async def go():
+        async with Client(server.target) as c:
+            with_tools = await c.tokenize(chat=CHAT, tools=[WEATHER, TIME])
+            without = await c.tokenize(chat=CHAT)
+            generated = await c.generate(chat=[ChatMessage(r, m) for r, m in CHAT], tools=[WEATHER, TIME],
+                                         max_new_tokens=1, temperature=0.0)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await c._stub.Tokenize(bad, timeout=30)
+            return with_tools, without, generated, refused.value, await c.tokenize(chat=CHAT, tools=[WEATHER])
+    with_tools, without, generated, refused, after = asyncio.run(go())
+    assert with_tools == want and len(without) < len(want)
+    assert generated.finish.usage.prompt_tokens == len(want)
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "chat.tools[0].parameters_json_schema" in refused.details()
+    assert len(without) < len(after) < len(want)
+
+
 def test_reasoning_and_tool_calls_separate(default_ckpt):
     """Thinking prompt + reasoning parser + tools: what the model writes before </think> is reasoning_text, the
     calls after it are typed calls, nothing leaks into text; the constraint starts after </think>."""
