@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import os
 import signal
 import sys
 import threading
@@ -58,6 +59,7 @@ SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 DEFAULT_MAX_NEW_TOKENS = 2048  # without a reasoning parser
+UDS_PATH_MAX = 107  # bytes of a unix socket's path (sun_path holds 108 with the terminating NUL)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class ServerConfig:
     worker_preload: tuple[str, ...] = ()  # libraries in the worker's LD_PRELOAD (resolve_preload)
     stream_interval: int = 1  # tokens per streamed response after the first (GenerationService)
     scheduling_policy: str = "fcfs"  # "priority": requests' `priority` field is honoured (else it must be 0)
+    uds: str | None = None  # also serve on this unix domain socket (plaintext, owner-only), e.g. for health checks
 
     def __post_init__(self) -> None:
         for name in ("max_pending_requests", "default_max_new_tokens", "max_stop_strings", "max_stop_string_length",
@@ -169,6 +172,8 @@ class Server:
             [convert.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], self.grpc)
         self.port = self._add_port(f"{cfg.host}:{cfg.port}")
+        if cfg.uds is not None:
+            self._add_unix_socket(cfg.uds)
         await self.grpc.start()
         self._log_security()
         if cfg.metrics_port >= 0:
@@ -178,12 +183,13 @@ class Server:
         cache_mib = (c.num_blocks * c.bytes_per_block + c.num_slots * c.bytes_per_slot
                      + c.num_checkpoints * c.bytes_per_checkpoint) / 2**20
         metrics = f"on {cfg.metrics_host}:{self.metrics_port}" if cfg.metrics_port >= 0 else "off"
+        local = f"; also on unix:{cfg.uds}" if cfg.uds is not None else ""
         print(f"qnext-serve: listening on {cfg.host}:{self.port} (gRPC), metrics {metrics}; "
               f"model {m.model_dir} ({m.architecture}, {m.dtype}: "
               f"{m.dtype_reason}) on "
               f"{m.device}; cache {c.num_kv_tokens} KV tokens in {c.num_blocks} blocks, {c.num_slots} state slots, "
               f"{c.num_checkpoints} prefix-cache checkpoints ({cache_mib:.0f} MiB); max_model_len {m.max_model_len}; "
-              f"CUDA graphs: {m.cuda_graphs}",
+              f"CUDA graphs: {m.cuda_graphs}{local}",
               flush=True)
 
     def _add_port(self, address: str) -> int:
@@ -196,6 +202,20 @@ class Server:
             why = " (or --ssl-keyfile is not the key of --ssl-certfile)" if self.cfg.tls else ""
             raise StartupError(f"--port: could not bind {address}{why}")
         return port
+
+    def _add_unix_socket(self, path: str) -> None:
+        """The same services on a unix domain socket: plaintext (TLS protects the network; this never leaves
+        the host) with the API key still required, and only the server's own user may connect (the socket is
+        created 0600: connecting needs write permission on it). A container's health check reaches the server
+        here whatever --host, --port and TLS are. gRPC replaces a stale socket and removes it when it stops."""
+        before = os.umask(0o177)  # owner-only from the start, not after a chmod
+        try:
+            self.grpc.add_insecure_port(f"unix:{path}")
+        except RuntimeError:
+            raise StartupError(f"--uds: could not bind {path} (does its directory exist, writable by this user? "
+                               "is another file in the way?)") from None
+        finally:
+            os.umask(before)
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         if self.cfg.api_key is None:
@@ -233,6 +253,20 @@ class Server:
         await self._stopped.wait()
 
 
+def uds_problem(path: str | None) -> str | None:
+    """What is wrong with --uds PATH, checked before the model loads; None when nothing is."""
+    if path is None:
+        return None
+    if len(os.fsencode(path)) > UDS_PATH_MAX:
+        return f"--uds: {path} is longer than {UDS_PATH_MAX} bytes (the limit of a socket's path)"
+    parent = Path(path).parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"--uds: {parent} is not a directory this user can create files in"
+    if Path(path).exists() and not Path(path).is_socket():
+        return f"--uds: {path} exists and is not a socket"
+    return None
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -266,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--host", default="0.0.0.0", help="gRPC bind address")
     a("--port", type=int, default=50051, help="gRPC port (0 = a free port, printed at start)")
+    a("--uds", default=None, metavar="PATH",
+      help="also serve on a unix domain socket at PATH: plaintext, only this user may connect, the API key still "
+           "applies; for clients on this host and the container health check (default: off)")
     a("--metrics-host", default="0.0.0.0", help="Prometheus HTTP bind address")
     a("--metrics-port", type=int, default=9090, help="Prometheus HTTP port (0 = a free port, -1 = off)")
     a("--max-pending-requests", type=int, default=256, help="open requests before RESOURCE_EXHAUSTED")
@@ -298,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     engine = engine_config_from_args(args, parser)  # a bad engine value: usage error naming the flag, exit 2
-    problem = server_tls_problem(args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certs)
+    problem = server_tls_problem(args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certs) or uds_problem(args.uds)
     if problem:
         parser.error(problem)  # exit 2
     try:
@@ -309,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                            default_max_new_tokens=args.max_new_tokens_default, reasoning_parser=args.reasoning_parser,
                            drain_grace_period_s=args.drain_grace_period, api_key=api_key_from(args.api_key), tls=tls,
                            worker_preload=tuple(resolve_preload(args.worker_preload, engine.device)),
-                           stream_interval=args.stream_interval, scheduling_policy=args.scheduling_policy)
+                           stream_interval=args.stream_interval, scheduling_policy=args.scheduling_policy,
+                           uds=args.uds)
         # no --model: the embedded default's directory; the MTP head and tensor-parallel split checked here, not
         # in a worker that would restart forever (in a subprocess: they need torch, this process never imports it)
         engine = run_preflight(engine)

@@ -96,9 +96,13 @@ def key_server(default_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tls_server(default_ckpt, tmp_path_factory, pki):
-    s = start(default_ckpt, tmp_path_factory, "tls", "--api-key", KEY, *server_flags(pki), security=trusting(pki))
+    sock = tmp_path_factory.mktemp("uds") / "grpc.sock"
+    s = start(default_ckpt, tmp_path_factory, "tls", "--api-key", KEY, *server_flags(pki), "--uds", str(sock),
+              security=trusting(pki))
+    s.uds = sock
     yield s
     assert s.stop() == 0
+    assert not sock.exists()  # gRPC removes its socket when the server stops
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +209,31 @@ def test_health_cli(tls_server, pki):
     assert roots.returncode == 0, roots.stderr
     plain = cli("qnext.rpc.health_cli", *args)
     assert plain.returncode == 1 and "UNAVAILABLE" in plain.stderr, plain.stderr
+
+
+def test_unix_socket_beside_tls(tls_server):
+    """--uds: the health check reaches a TLS server through its unix socket in plaintext; only the server's user
+    may connect (0600); the API key is still required there."""
+    assert tls_server.uds.is_socket() and tls_server.uds.stat().st_mode & 0o777 == 0o600
+    assert f"also on unix:{tls_server.uds}" in tls_server.banner
+    health = cli("qnext.rpc.health_cli", "--target", f"unix://{tls_server.uds}")
+    assert health.returncode == 0 and health.stdout.strip().endswith("SERVING"), health.stderr
+
+    async def go(key: str | None):
+        async with Client(f"unix://{tls_server.uds}", security=ClientSecurity(api_key=key)) as c:
+            return list((await c.generate(text="Hi", max_new_tokens=2, temperature=0.0)).token_ids)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        asyncio.run(go(None))
+    assert refused.value.code() == UNAUTH
+    assert len(asyncio.run(go(KEY))) == 2
+
+
+@pytest.mark.parametrize("path, named", [("/nonexistent-dir/grpc.sock", "is not a directory"),
+                                         ("/tmp/" + "x" * 120, "is longer than 107 bytes"),
+                                         ("{pki}/ca.pem", "exists and is not a socket")])
+def test_bad_uds_exits_2_naming_the_flag(pki, path, named):
+    proc = cli("qnext.rpc.server", "--uds", path.format(pki=pki))  # before any model loads
+    assert proc.returncode == 2 and "--uds: " in proc.stderr and named in proc.stderr, proc.stderr
 
 
 def test_bench_cli(tls_server, pki, tmp_path, capsys):

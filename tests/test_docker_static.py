@@ -69,17 +69,21 @@ def env_defaults(value: str) -> str:
 
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_dockerfile_entrypoint_healthcheck_ports_user(name):
-    assert json.loads(one(name, "ENTRYPOINT")) == ["qnext-serve"]
-    assert scripts()["qnext-serve"] == "qnext.rpc.server:main"
+    entrypoint = json.loads(one(name, "ENTRYPOINT"))
+    assert entrypoint[0] == "qnext-serve" and scripts()["qnext-serve"] == "qnext.rpc.server:main"
+    uds = server.build_parser().parse_args(entrypoint[1:]).uds
     port, metrics_port = serve_defaults()
     assert {int(p) for p in one(name, "EXPOSE").split()} == {port, metrics_port}
 
+    # the health check goes through the server's unix socket: it works whatever --host, --port and TLS are
     health = one(name, "HEALTHCHECK")
     cmd = json.loads(health[health.index("CMD") + 3:].strip())
     assert cmd[0] in scripts(), f"{cmd[0]} is not a console script of the package"
     assert resolve(scripts()[cmd[0]]) is health_cli.main
-    target = health_cli.build_parser().parse_args(cmd[1:]).target
-    assert target.rsplit(":", 1)[1] == str(port)
+    assert uds and health_cli.build_parser().parse_args(cmd[1:]).target == f"unix://{uds}"
+    # its directory is made for the unprivileged user before USER switches to it
+    made = [rest for word, rest in instructions(name) if word == "RUN" and f"mkdir -p {Path(uds).parent}" in rest]
+    assert made and f"chown qnext {Path(uds).parent}" in made[0]
 
     words = [w for w, _ in instructions(name)]
     user = one(name, "USER")
