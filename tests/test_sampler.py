@@ -269,6 +269,7 @@ def test_logit_bias_forces_and_bans_greedy_and_sampled_tokens(device: torch.devi
     out = sample(logits, make_batch([SamplingParams(temperature=0.0, top_logprobs=1, logit_bias=((4, 100.0),))],
                                     device, 5))
     assert int(out.token_ids[0]) == 4
+    assert logits.tolist() == [row]  # the bias went onto a copy: the caller's float32 logits are untouched
     torch.testing.assert_close(out.logprobs.cpu(), torch.log_softmax(logits.cpu(), -1)[:, 4])
 
 

@@ -122,7 +122,9 @@ class SamplingBatch:
     presence_penalty: torch.Tensor | None  # [B, 1] float32
     output_counts: torch.Tensor | None  # [B, V] float32
     suppress_mask: torch.Tensor | None  # [B, V] bool
-    logit_bias: torch.Tensor | None  # [B, V] float32 (rows without a bias: zeros)
+    # (rows [N] int64, ids [N] int64, biases [N] float32): every entry of the batch's logit_bias maps, added in
+    # place of a dense [B, V] bias (a zero-filled 16 x 151,936 float32 tensor and a full add per step)
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     max_top_logprobs: int
     allowed_mask: torch.Tensor | None = None  # [B, V] bool: what each row's grammar allows (all for free rows)
     forced: torch.Tensor | None = None  # [B, 1] int64: the one token a row must produce, -1 = free (reasoning budget)
@@ -178,9 +180,9 @@ class SamplingBatch:
             ids = [t for p in params for t, _ in p.logit_bias]
             bad = [t for t in ids if t >= vocab_size]
             require(not bad, "logit_bias", f"ids must be < vocab_size {vocab_size}, got {bad[:5]}")
-            bias = torch.zeros(len(params), vocab_size, dtype=torch.float32, device=device)
-            bias[torch.tensor(rows, device=device), torch.tensor(ids, device=device)] = torch.tensor(
-                [b for p in params for _, b in p.logit_bias], dtype=torch.float32, device=device)
+            bias = (torch.tensor(rows, dtype=torch.int64, device=device),
+                    torch.tensor(ids, dtype=torch.int64, device=device),
+                    torch.tensor([b for p in params for _, b in p.logit_bias], dtype=torch.float32, device=device))
 
         return SamplingBatch(
             vocab_size=vocab_size,
@@ -306,8 +308,10 @@ def _penalize_and_suppress(logits: torch.Tensor, batch: SamplingBatch) -> torch.
     if batch.output_counts is not None:
         counts = batch.output_counts
         x = x - (batch.frequency_penalty * counts + batch.presence_penalty * (counts > 0))
-    if batch.logit_bias is not None:
-        x = x + batch.logit_bias
+    if batch.logit_bias is not None:  # ids are unique per row (SamplingParams), so no two entries add to one
+        rows, ids, biases = batch.logit_bias
+        x = x.index_put((rows, ids), x[rows, ids] + biases) if x.data_ptr() == logits.data_ptr() else \
+            x.index_put_((rows, ids), x[rows, ids] + biases)
     if batch.suppress_mask is not None:
         x = x.masked_fill(batch.suppress_mask, -math.inf)
     if batch.allowed_mask is not None:  # where(), not masked_fill(~mask): one pass instead of two (4x on a CPU)
