@@ -27,6 +27,7 @@ from qnext.worker.cache_tensors import (CacheShape, CacheTensors, checkpoint_byt
 from qnext.worker.config import config_overlay, load_config
 from qnext.worker.dtype_choice import choose_dtype
 from qnext.worker.graph_runner import DecodeGraphRunner, mtp_draft_runner, target_runner
+from qnext.worker.host_malloc import keep_freed_memory
 from qnext.worker.loader import load_model
 from qnext.worker.model import ForwardBatch, Qwen3NextForCausalLM
 from qnext.worker.sampler import SamplingBatch, sample, token_logprobs
@@ -141,6 +142,8 @@ class ModelRunner:
         self.device = torch.device(config.device)
         if config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)  # process-wide: the engine owns its process (or its caller)
+        # process-wide too: the sampler's [batch, vocabulary] temporaries stop page-faulting every step
+        self.host_malloc = keep_freed_memory() if self.device.type == "cpu" else "unchanged (not a CPU device)"
         self.model_dir, self.followers, self.model, self.dtype_reason = self._load(config, model)
         mcfg = self.model.config
         self.dtype = self.model.model.embed_tokens.weight.dtype  # activations

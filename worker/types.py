@@ -356,6 +356,7 @@ class ModelSummary:
     dtype_reason: str = ""  # why this dtype (worker/dtype_choice.py), for the start-up line
     kv_cache_dtype: str = ""  # KV cache storage (--kv-cache-dtype): the activation dtype or float8_e4m3fn
     state_dtype: str = ""  # DeltaNet recurrent state (--state-dtype)
+    host_malloc: str = ""  # how host memory is allocated (worker/host_malloc.py), for the logs
 
 
 @dataclass(frozen=True)
