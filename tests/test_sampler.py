@@ -257,6 +257,44 @@ def test_logit_bias_against_plain_torch(device: torch.device) -> None:
     assert got[2][9] > 1 - 1e-6  # +100 all but forces the token
 
 
+def test_penalties_equal_the_dense_formulas_bit_for_bit(device: torch.device) -> None:
+    """The sampler applies penalties, bias and suppression to the listed (row, id) entries only; a plain-torch
+    computation over whole [B, V] rows (masks and bincounts, the formulas of the module docstring) must give the
+    same float32 logits exactly, for rows mixing every feature, ids repeated within and across prompt and output,
+    and rows with none; the caller's logits stay untouched."""
+    from qnext.worker.sampler import _penalize_and_suppress
+    g = torch.Generator().manual_seed(11)
+    vocab, b = 1000, 6
+    logits = torch.randn(b, vocab, generator=g) * 4
+    params = [SamplingParams(temperature=0.7, repetition_penalty=1.3),
+              SamplingParams(temperature=0.7, frequency_penalty=0.5, presence_penalty=0.3),
+              SamplingParams(temperature=0.0, repetition_penalty=0.8, presence_penalty=1.0, logit_bias=((7, 2.5),)),
+              SamplingParams(temperature=0.7),
+              SamplingParams(temperature=0.7, frequency_penalty=-0.7),
+              SamplingParams(temperature=0.7, repetition_penalty=1.1, frequency_penalty=1.5, presence_penalty=-0.5)]
+    ids = lambda n: torch.randint(0, 40, (n,), generator=g).tolist()  # noqa: E731 (a small range: repeats)
+    prompt, output = [ids(30) for _ in range(b)], [ids(12) for _ in range(b)]
+    suppressed = [[], [3, 5], [], [7], [], [0, 1, 2]]
+    batch = make_batch(params, device, vocab, prompt=prompt, output=output, suppressed=suppressed)
+    original = logits.clone()
+    got = _penalize_and_suppress(logits.to(device), batch).cpu()
+    want = logits.clone()
+    for i, p in enumerate(params):
+        x = want[i]
+        seen = torch.zeros(vocab, dtype=torch.bool)
+        seen[prompt[i] + output[i]] = True
+        x = torch.where(seen & (p.repetition_penalty != 1.0),
+                        torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty), x)
+        counts = torch.bincount(torch.tensor(output[i]), minlength=vocab).float()
+        x = x - (p.frequency_penalty * counts + p.presence_penalty * (counts > 0))
+        for t, bias in p.logit_bias:
+            x[t] = x[t] + bias
+        x[suppressed[i]] = -math.inf
+        want[i] = x
+    assert torch.equal(got, want)
+    assert torch.equal(logits, original)
+
+
 def test_logit_bias_forces_and_bans_greedy_and_sampled_tokens(device: torch.device) -> None:
     row = [3.0, 2.0, 1.0, 0.0, -1.0]
     for temperature in (0.0, 1.0):
