@@ -19,7 +19,7 @@ from qnext.worker.cpu_linear import PackedDenseMoE, PackedLinear, PackedProjecti
 from qnext.worker.loader import load_model
 from qnext.worker.model import SparseMoE
 from qnext.worker.tiny import tiny_config
-from qnext.worker.sampler import row_argmax
+from qnext.worker.sampler import row_argmax, row_topk
 
 needs_packing = pytest.mark.skipif(not packing_works(torch.bfloat16), reason="no oneDNN bf16 linear in this build")
 
@@ -87,6 +87,30 @@ def test_row_argmax_is_torch_argmax():
             assert torch.equal(row_argmax(x), x.argmax(dim=-1)), (rows, cols, dtype)
     ints = torch.randint(0, 3, (4, 1000)).float()  # many ties across blocks
     assert torch.equal(row_argmax(ints), ints.argmax(dim=-1))
+
+
+def test_row_topk_is_torch_topk():
+    """The same values as torch.topk, descending, at distinct columns that hold them: random rows (then the same
+    columns too), ties across blocks, -inf rows, NaN (the largest), widths that are not a whole number of
+    blocks, and n on both sides of the plain-topk fallback."""
+    torch.manual_seed(1)
+    for rows, cols, n in [(16, 151936, 21), (16, 151936, 1), (3, 5000, 4), (5, 1300, 1), (2, 600, 5), (4, 100, 3)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(rows, cols).to(dtype)
+            if dtype == torch.float32:  # distinct values: the columns are torch's too
+                assert torch.equal(row_topk(x, n)[1], x.topk(n, dim=-1).indices), (rows, cols, n)
+            x[0, cols // 2] = x[0, cols // 3] = x[0, cols - 1] = x[0].max()  # a three-way tie at the top
+            x[1] = -math.inf
+            if rows > 2:
+                x[2, 7] = x[2, cols - 1] = math.nan
+            values, columns = row_topk(x, n)
+            want = x.topk(n, dim=-1).values
+            assert torch.equal(values.nan_to_num(), want.nan_to_num()), (rows, cols, n, dtype)
+            assert torch.equal(x.gather(1, columns).nan_to_num(), values.nan_to_num())
+            assert all(len(set(r)) == n for r in columns.tolist())
+    ints = torch.randint(0, 3, (4, 151936)).float()  # ties everywhere
+    values, columns = row_topk(ints, 20)
+    assert torch.equal(values, ints.topk(20, dim=-1).values) and torch.equal(ints.gather(1, columns), values)
 
 
 @needs_packing

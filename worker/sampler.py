@@ -74,6 +74,29 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
     return block * ARGMAX_BLOCK + inside
 
 
+def row_topk(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x.topk(n, dim=-1) for a 2-D x: the same values, descending, and columns holding them (which of several
+    equal values is arbitrary, as in torch.topk).
+
+    On a CPU torch's topk reads the whole row element by element: 2.3 ms for the 21 largest of 16 x 151,936
+    float32 logits on the 2-core box. The n largest values all lie in the n blocks of ARGMAX_BLOCK columns with
+    the largest maxima (a column outside them is at most the n-th largest block maximum, which is itself one of n
+    distinct columns at least that large), so take those blocks (a vectorised amax, then a topk over the block
+    maxima) and the topk inside them. Elsewhere, or when the blocks would cover much of the row, plain topk."""
+    rows, cols = x.shape if x.dim() == 2 else (0, 0)
+    if x.device.type != "cpu" or x.dim() != 2 or 8 * n * ARGMAX_BLOCK > cols or not x.is_floating_point():
+        return x.topk(n, dim=-1)
+    blocks = -(-cols // ARGMAX_BLOCK)
+    if blocks * ARGMAX_BLOCK != cols:  # -inf padding is never above a real column (and NaN counts as largest)
+        x = torch.nn.functional.pad(x, (0, blocks * ARGMAX_BLOCK - cols), value=-math.inf)
+    x = x.reshape(rows, blocks, ARGMAX_BLOCK)
+    top_blocks = x.amax(dim=-1).topk(n, dim=-1).indices  # [rows, n]
+    candidates = x.gather(1, top_blocks[:, :, None].expand(rows, n, ARGMAX_BLOCK)).reshape(rows, -1)
+    values, where = candidates.topk(n, dim=-1)
+    columns = top_blocks.gather(1, where // ARGMAX_BLOCK) * ARGMAX_BLOCK + where % ARGMAX_BLOCK
+    return values, columns
+
+
 def _to_int64(x: int) -> int:
     """Reinterpret x mod 2**64 as a signed int64 (torch has no uint64 arithmetic)."""
     x &= (1 << 64) - 1
@@ -356,7 +379,7 @@ def _threshold(x: torch.Tensor | None, batch: SamplingBatch, top: torch.Tensor |
         if top is not None:
             desc = top
         elif batch.top_k_bounds_top_p and k_cols < x.shape[-1]:
-            desc = x.topk(k_cols, dim=-1).values
+            desc = row_topk(x, k_cols)[0]
         else:
             desc = x.sort(dim=-1, descending=True).values  # [B, V]
             full_lse = torch.logsumexp(x, dim=-1, keepdim=True)
@@ -373,7 +396,7 @@ def _threshold(x: torch.Tensor | None, batch: SamplingBatch, top: torch.Tensor |
         p_threshold = torch.where(batch.top_p < 1.0, desc.gather(1, keep - 1), neg_inf)
         threshold = torch.maximum(threshold, p_threshold)
     elif batch.top_k is not None:
-        top_values = top if top is not None else x.topk(k_cols, dim=-1).values  # [B, max_k]
+        top_values = top if top is not None else row_topk(x, k_cols)[0]  # [B, max_k]
         kth = top_values.gather(1, (batch.top_k - 1).clamp(min=0))
         threshold = torch.where(batch.top_k > 0, kth, neg_inf)
     if batch.log_min_p is not None:
@@ -444,7 +467,7 @@ def _race_filtered(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if width < vocab:
         # temperature > 0 keeps the order, so the largest penalised logits are the largest scaled ones; one
         # column more than the candidates tells whether the kept ones end inside them
-        top_values, top_columns = x.topk(width + 1, dim=-1)
+        top_values, top_columns = row_topk(x, width + 1)
         top_values = _scaled(top_values, batch)
         threshold = _threshold(None, batch, top=top_values[:, :-1], full_lse=full_lse)
         inside = (top_values[:, -1:] < threshold) | exempt[:, None]
@@ -467,7 +490,7 @@ def token_logprobs(raw: torch.Tensor, tokens: list[int], n: int) -> tuple[list[f
     picked = raw.gather(1, torch.tensor(tokens, device=raw.device)[:, None]) - lse
     if not n:
         return picked[:, 0].tolist(), [[] for _ in tokens]
-    values, ids = raw.topk(n, dim=-1)
+    values, ids = row_topk(raw, n)
     return picked[:, 0].tolist(), [list(zip(i, v)) for i, v in zip(ids.tolist(), (values - lse).tolist())]
 
 
@@ -532,6 +555,6 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     # Raw log-probs as logit - logsumexp: one reduction instead of materialising log_softmax [B, V].
     raw = logits.float()
     lse = torch.logsumexp(raw, dim=-1, keepdim=True)  # [B, 1]
-    top_logprobs, top_ids = raw.topk(batch.max_top_logprobs, dim=-1)
+    top_logprobs, top_ids = row_topk(raw, batch.max_top_logprobs)
     return SamplerOutput(token_ids=tokens, logprobs=(raw.gather(1, tokens[:, None]) - lse).squeeze(1),
                          top_ids=top_ids, top_logprobs=top_logprobs - lse)
