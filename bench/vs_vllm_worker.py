@@ -31,8 +31,8 @@ def main() -> None:
 
     llm = LLM(model=job["model"], skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,
               max_num_seqs=job["max_num_seqs"], seed=0)
-    sampling = SamplingParams(temperature=0.0, max_tokens=job["max_new_tokens"], ignore_eos=True,
-                              detokenize=False)
+    sampling = SamplingParams(**job.get("sampling", {"temperature": 0.0}), max_tokens=job["max_new_tokens"],
+                              ignore_eos=True, detokenize=False)
     generate(llm, sampling, job["warmup"])
     runs = {n: {"seconds": []} for n in job["runs"]}
     for _ in range(job["rounds"]):
