@@ -542,6 +542,41 @@ def test_nucleus_shortcut_draws_the_same_tokens_as_the_full_race(device: torch.d
     assert sample(logits, batch).token_ids.tolist() == _race_over_the_vocabulary(logits, params, batch)
 
 
+@pytest.mark.parametrize("case", ["bf16 ties", "ties past the candidates", "flat min-p row"])
+def test_top_k_min_p_batches_race_only_the_kept_columns(monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    """A batch without top-p rows races over the columns its top-k / min-p rows keep, found through the blocks
+    whose maximum reaches the row's threshold: the tokens must equal the race over the whole vocabulary with
+    bf16 logits (which tie often), with 40 columns tied at the top (past every top-k), and with a flat min-p row
+    that keeps most of the vocabulary (then the race runs over all of it); greedy and unfiltered rows mixed in.
+    The race gets only the kept columns otherwise."""
+    from qnext.worker import sampler
+    widths = []
+    race = sampler._race
+
+    def spy(values: torch.Tensor, columns: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        widths.append(columns.shape[-1])
+        return race(values, columns, batch)
+    monkeypatch.setattr(sampler, "_race", spy)
+    g = torch.Generator().manual_seed(9)
+    vocab, n = 20000, 12
+    logits = torch.randn(n, vocab, generator=g) * 3
+    if case == "ties past the candidates":
+        logits[:, 500:540] = 20.0
+    if case == "flat min-p row":
+        logits[4] = torch.randn(vocab, generator=g) * 1e-3
+    logits = logits.bfloat16().float() if case == "bf16 ties" else logits
+    params = [SamplingParams(temperature=[0.7, 1.0, 1.3][i % 3], top_k=[50, 0, 7][i % 3],
+                             min_p=[0.0, 0.05, 0.2][i % 3]) for i in range(n)]
+    params[3], params[8] = SamplingParams(temperature=0.0), SamplingParams(temperature=0.9)  # greedy, unfiltered
+    batch = make_batch(params, torch.device("cpu"), vocab, seeds=[50 + i for i in range(n)], steps=[2] * n)
+    assert batch.top_p is None and batch.any_racing and batch.unfiltered is not None
+    got, want = sample(logits, batch).token_ids.tolist(), _race_over_the_vocabulary(logits, params, batch)
+    del got[8], want[8]  # the unfiltered row draws by its CDF, not by a race
+    assert got == want
+    kept = 40 if case == "ties past the candidates" else 50
+    assert widths[-1] == vocab if case == "flat min-p row" else kept <= widths[-1] < 200, widths
+
+
 def test_nucleus_shortcut_races_only_the_candidates(monkeypatch: pytest.MonkeyPatch) -> None:
     """Peaked top-p rows race NUCLEUS_CANDIDATES columns, not the vocabulary (bench/sampler.py times it)."""
     from qnext.worker import sampler

@@ -248,5 +248,7 @@ def test_stream_interval_batches_responses_and_keeps_the_tokens(default_ckpt):
     finally:
         server.stop()
     sizes = [len(c) for c in got if c]
-    assert sizes[0] == 1 and all(n >= 4 for n in sizes[1:-1]) and len(sizes) <= 7
+    # the first response does not wait for the interval: it carries what has arrived, one token unless the
+    # stream's reader fell behind a step on the shared cores (an exact check of 1 failed now and then)
+    assert 1 <= sizes[0] < 4 and all(n >= 4 for n in sizes[1:-1]) and len(sizes) <= 7
     assert [t for c in got for t in c] == want and len(want) == 22

@@ -457,6 +457,8 @@ def _race_filtered(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     here that the caller discards."""
     vocab = x.shape[-1]
     exempt = batch.greedy if batch.unfiltered is None else batch.greedy | batch.unfiltered
+    if batch.top_p is None:
+        return _race_over_kept(x, batch, exempt)
     full_lse = None
     if batch.top_k_covers_sampling:
         width = batch.max_top_k
@@ -480,6 +482,38 @@ def _race_filtered(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
             values = top_values[:, :-1].masked_fill(top_values[:, :-1] < threshold, -math.inf)
             return _race(values, top_columns[:, :-1], batch)
     return _race(_filtered_logits(x, batch), torch.arange(vocab, device=x.device)[None, :], batch)
+
+
+def _race_over_kept(x: torch.Tensor, batch: SamplingBatch, exempt: torch.Tensor) -> torch.Tensor:
+    """`_race_filtered` for a batch without top-p rows. Top-k's and min-p's thresholds come exactly from the
+    largest values (the k-th largest; the maximum + log min_p), whatever ties there are, and a column is kept
+    only inside a block of ARGMAX_BLOCK columns whose maximum reaches its row's threshold: so race over the
+    columns of those blocks (the others masked), without a pass over the whole vocabulary beyond the block
+    maxima. Dividing by a positive temperature keeps the order (float division is monotonic), so the raw block
+    maxima and largest values, scaled, are the scaled ones. bf16 logits tie often, and ties at a top-k threshold
+    sent a whole batch to the vocabulary-wide race (30-39 ms at 16 x 151,936 with top-k 50)."""
+    rows, vocab = x.shape
+    top = _scaled(row_topk(x, max(batch.max_top_k, 1))[0], batch)
+    threshold = _threshold(None, batch, top=top)
+    nb = -(-vocab // ARGMAX_BLOCK)
+    padded = x if nb * ARGMAX_BLOCK == vocab else \
+        torch.nn.functional.pad(x, (0, nb * ARGMAX_BLOCK - vocab), value=-math.inf)
+    blocks = padded.reshape(rows, nb, ARGMAX_BLOCK)
+    block_max = blocks.amax(dim=-1)  # [rows, nb]
+    kept_blocks = (_scaled(block_max, batch) >= threshold).sum(dim=-1).masked_fill(exempt, 0)
+    n = int(kept_blocks.max())
+    if n == 0 or 2 * n > nb:  # nothing to race (NaN thresholds) or most of the vocabulary: race over all of it
+        scaled = _scaled(x, batch)
+        return _race(scaled.masked_fill(scaled < threshold, -math.inf),
+                     torch.arange(vocab, device=x.device)[None, :], batch)
+    chosen = block_max.topk(n, dim=-1).indices  # each racing row's kept blocks are among its n largest
+    values = _scaled(blocks.gather(1, chosen[:, :, None].expand(rows, n, ARGMAX_BLOCK)).reshape(rows, -1), batch)
+    columns = (chosen[:, :, None] * ARGMAX_BLOCK + torch.arange(ARGMAX_BLOCK, device=x.device)).reshape(rows, -1)
+    kept = values >= threshold
+    # the race hashes noise per column: give it only the kept ones (each racing row's are its m largest)
+    m = int(kept.sum(dim=-1).masked_fill(exempt, 0).max())
+    values, where = values.masked_fill(~kept, -math.inf).topk(m, dim=-1)
+    return _race(values, columns.gather(1, where), batch)
 
 
 def token_logprobs(raw: torch.Tensor, tokens: list[int], n: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
@@ -546,9 +580,12 @@ def greedy_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """Draw one token per row of logits [B, V] (any float dtype)."""
     x = _penalize_and_suppress(logits, batch)
-    tokens = row_argmax(x)  # greedy choice, [B] (greedy_tokens, sharing x with the draw below)
-    if not batch.all_greedy:
-        tokens = torch.where(batch.greedy, tokens, _draw(x, batch))
+    if not batch.any_greedy:
+        tokens = _draw(x, batch)
+    else:
+        tokens = row_argmax(x)  # greedy choice, [B] (greedy_tokens, sharing x with the draw below)
+        if not batch.all_greedy:
+            tokens = torch.where(batch.greedy, tokens, _draw(x, batch))
 
     if batch.max_top_logprobs == 0:  # nobody asked: skip the vocabulary-wide reduction
         return SamplerOutput(token_ids=tokens, logprobs=None, top_ids=None, top_logprobs=None)
