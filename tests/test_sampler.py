@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from qnext.worker.sampler import (CDF_BLOCK, NUCLEUS_CANDIDATES, STREAM_SAMPLE, SamplingBatch, inverse_cdf_draw,
-                                  processed_probs, sample, uniform_noise)
+from qnext.worker.sampler import (CDF_BLOCK, FIRST_NUCLEUS_CANDIDATES, NUCLEUS_CANDIDATES, STREAM_SAMPLE,
+                                  SamplingBatch, inverse_cdf_draw, processed_probs, sample, uniform_noise)
 from qnext.worker.types import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -578,7 +578,8 @@ def test_top_k_min_p_batches_race_only_the_kept_columns(monkeypatch: pytest.Monk
 
 
 def test_nucleus_shortcut_races_only_the_candidates(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Peaked top-p rows race NUCLEUS_CANDIDATES columns, not the vocabulary (bench/sampler.py times it)."""
+    """Peaked top-p rows race FIRST_NUCLEUS_CANDIDATES columns, rows whose nucleus is a few hundred columns
+    NUCLEUS_CANDIDATES, flat rows the vocabulary (bench/sampler.py times it)."""
     from qnext.worker import sampler
     widths = []
     race = sampler._race
@@ -589,5 +590,10 @@ def test_nucleus_shortcut_races_only_the_candidates(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(sampler, "_race", spy)
     logits = torch.randn(4, 20000, generator=torch.Generator().manual_seed(1)) * 4
     sample(logits, make_batch([SamplingParams(temperature=0.8, top_p=0.9)] * 4, torch.device("cpu"), 20000))
+    head = torch.zeros(4, 20000)
+    head[:, 1000:1200] = 12 + torch.randn(4, 200, generator=torch.Generator().manual_seed(2)) * 0.1  # ~180 kept
+    params = [SamplingParams(top_p=0.9)] * 4
+    batch = make_batch(params, torch.device("cpu"), 20000)
+    assert sample(head, batch).token_ids.tolist() == _race_over_the_vocabulary(head, params, batch)
     sample(logits * 0.001, make_batch([SamplingParams(top_p=0.9)] * 4, torch.device("cpu"), 20000))  # flat
-    assert widths == [NUCLEUS_CANDIDATES, 20000]
+    assert widths == [FIRST_NUCLEUS_CANDIDATES, NUCLEUS_CANDIDATES, 20000]

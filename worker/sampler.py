@@ -48,6 +48,7 @@ from qnext.worker.types import GREEDY_TEMPERATURE, SamplingParams, require
 # Columns tried first for rows whose filter is top-p or min-p without a top-k: a trained model's nucleus is
 # usually far smaller, and a flat row (whose kept columns run past them) falls back to the whole vocabulary.
 NUCLEUS_CANDIDATES = 1024
+FIRST_NUCLEUS_CANDIDATES = 64  # tried before NUCLEUS_CANDIDATES: row_topk's fast range, and most nuclei at T < 1
 # Noise stream used for token sampling; other users of uniform_noise must pick another stream number.
 STREAM_SAMPLE = 0
 
@@ -452,21 +453,22 @@ def _race_filtered(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     probability p_i), computed as argmax over kept i of (x_i - log E_i). When every racing row has a top-k, its
     kept columns are among the max_k largest (checked: ties at a threshold may run past them, and then the whole
     vocabulary is used), so only those are scaled, filtered and given noise. Rows filtered by top-p or min-p
-    alone try the NUCLEUS_CANDIDATES largest the same way (checked too: the nucleus must close inside them). A
-    kept column's score is the same in both paths, so the token is. Greedy and unfiltered rows get a value
-    here that the caller discards."""
+    alone try the FIRST_NUCLEUS_CANDIDATES largest, then the NUCLEUS_CANDIDATES largest, the same way (checked
+    too: the nucleus must close inside them). A kept column's score is the same in every path, so the token is.
+    Greedy and unfiltered rows get a value here that the caller discards."""
     vocab = x.shape[-1]
     exempt = batch.greedy if batch.unfiltered is None else batch.greedy | batch.unfiltered
     if batch.top_p is None:
         return _race_over_kept(x, batch, exempt)
     full_lse = None
     if batch.top_k_covers_sampling:
-        width = batch.max_top_k
-    else:  # top-p / min-p rows without a top-k: their nucleus is usually small
-        width = max(batch.max_top_k, NUCLEUS_CANDIDATES)
-        if batch.top_p is not None:
-            full_lse = torch.logsumexp(_scaled(x, batch), dim=-1, keepdim=True)
-    if width < vocab:
+        widths = [batch.max_top_k]
+    else:  # top-p rows without a top-k: their nucleus is usually small (the first try is a blocked topk)
+        widths = sorted({max(batch.max_top_k, FIRST_NUCLEUS_CANDIDATES), max(batch.max_top_k, NUCLEUS_CANDIDATES)})
+        full_lse = torch.logsumexp(_scaled(x, batch), dim=-1, keepdim=True)
+    for width in widths:
+        if width >= vocab:
+            break
         # temperature > 0 keeps the order, so the largest penalised logits are the largest scaled ones; one
         # column more than the candidates tells whether the kept ones end inside them
         top_values, top_columns = row_topk(x, width + 1)
