@@ -577,6 +577,16 @@ def test_top_k_min_p_batches_race_only_the_kept_columns(monkeypatch: pytest.Monk
     assert widths[-1] == vocab if case == "flat min-p row" else kept <= widths[-1] < 200, widths
 
 
+def test_a_batch_marked_without_unfiltered_rows_races_them_over_the_vocabulary() -> None:
+    """bench/sampler.py's baseline: temperature-only rows marked as racing (no inverse-CDF draw) have no
+    threshold; they race over the whole vocabulary, as the race written out does."""
+    import dataclasses
+    params = [SamplingParams(temperature=0.8)] * 3
+    logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(4)) * 4
+    batch = dataclasses.replace(make_batch(params, torch.device("cpu"), 5000), unfiltered=None, any_racing=True)
+    assert sample(logits, batch).token_ids.tolist() == _race_over_the_vocabulary(logits, params, batch)
+
+
 def test_nucleus_shortcut_races_only_the_candidates(monkeypatch: pytest.MonkeyPatch) -> None:
     """Peaked top-p rows race FIRST_NUCLEUS_CANDIDATES columns, rows whose nucleus is a few hundred columns
     NUCLEUS_CANDIDATES, flat rows the vocabulary (bench/sampler.py times it)."""

@@ -497,6 +497,8 @@ def _race_over_kept(x: torch.Tensor, batch: SamplingBatch, exempt: torch.Tensor)
     rows, vocab = x.shape
     top = _scaled(row_topk(x, max(batch.max_top_k, 1))[0], batch)
     threshold = _threshold(None, batch, top=top)
+    if threshold is None:  # no row filters (only a batch built by hand gets here): the whole vocabulary races
+        return _race(_scaled(x, batch), torch.arange(vocab, device=x.device)[None, :], batch)
     nb = -(-vocab // ARGMAX_BLOCK)
     padded = x if nb * ARGMAX_BLOCK == vocab else \
         torch.nn.functional.pad(x, (0, nb * ARGMAX_BLOCK - vocab), value=-math.inf)
