@@ -9,6 +9,8 @@ algorithmic slip shows up and rounding does not (<= 1e-9).
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -56,16 +58,18 @@ def test_prefill_then_decode_matches_hf_cache(pair):
     ids = prompt(21, 1)
     runner = PagedRunner(ours)
     sid = runner.new_seq()
+    # transformers 5.x renamed past_key_values to cache (5.25 warns; the old name goes in 5.40)
+    cache_arg = "cache" if "cache" in inspect.signature(type(hf).forward).parameters else "past_key_values"
     with torch.no_grad():
         out = hf(torch.tensor([ids]), use_cache=True)
-    ref, past = out.logits[0, -1], out.past_key_values
+    ref, past = out.logits[0, -1], getattr(out, cache_arg)
     got = runner.step([(sid, ids)])[0][-1]
     assert (got - ref).abs().max().item() <= TOL
     for _ in range(16):
         nxt = int(ref.argmax())
         with torch.no_grad():
-            out = hf(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
-        ref, past = out.logits[0, -1], out.past_key_values
+            out = hf(torch.tensor([[nxt]]), use_cache=True, **{cache_arg: past})
+        ref, past = out.logits[0, -1], getattr(out, cache_arg)
         got = runner.step([(sid, [nxt])])[0][-1]
         assert (got - ref).abs().max().item() <= TOL
 
