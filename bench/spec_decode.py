@@ -30,6 +30,7 @@ On a shared machine use --threads 1 (see bench/README.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import shutil
@@ -56,6 +57,16 @@ from qnext.worker.spec_decode import SpecCounters  # noqa: E402
 from qnext.worker.tiny import align_mtp_with_target, default_checkpoint  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
+
+
+SEED_REQUESTS = False  # --seed-requests: sampled requests get seeds (then the policy pins them to their maximum k)
+
+
+def sampling_of(args: argparse.Namespace) -> SamplingParams:
+    """Greedy, or --temperature with --top-p / --top-k (each request then gets its own seed)."""
+    if args.temperature == 0.0:
+        return GREEDY
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
 
 
 def _pools_free(engine) -> bool:
@@ -126,7 +137,8 @@ class StepProbe:
 class Run:
     """One greedy generation of `prompts` on one engine, advanced a step at a time (so runs interleave)."""
 
-    def __init__(self, probe: StepProbe, prompts: list[list[int]], new_tokens: int, tag: str) -> None:
+    def __init__(self, probe: StepProbe, prompts: list[list[int]], new_tokens: int, tag: str,
+                 sampling: SamplingParams = GREEDY) -> None:
         self.probe, self.new_tokens = probe, new_tokens
         engine = probe.engine
         engine.runner.timings = StepTimings()
@@ -136,9 +148,10 @@ class Run:
         self.finals: dict[str, Any] = {}
         self.steps: list[dict[str, Any]] = []
         start = time.perf_counter()
-        for rid, p in zip(self.ids, prompts):
-            engine.add_request(GenerationRequest(rid, p, GREEDY, StoppingParams(max_new_tokens=new_tokens,
-                                                                                ignore_eos=True)))
+        for i, (rid, p) in enumerate(zip(self.ids, prompts)):
+            own = dataclasses.replace(sampling, seed=i) if sampling.temperature > 0.0 and SEED_REQUESTS else sampling
+            engine.add_request(GenerationRequest(rid, p, own, StoppingParams(max_new_tokens=new_tokens,
+                                                                               ignore_eos=True)))
         self.wall = time.perf_counter() - start  # this run's own time: add_request + its steps
 
     def active(self) -> bool:
@@ -176,10 +189,10 @@ class Run:
 
 
 def run_interleaved(probes: dict[int, StepProbe], prompts: list[list[int]], new_tokens: int,
-                    tag: str) -> dict[int, dict[str, Any]]:
+                    tag: str, sampling: SamplingParams = GREEDY) -> dict[int, dict[str, Any]]:
     """The same generation on every engine at once, stepping them round robin: a busy neighbour on a shared
     machine slows every k alike instead of whichever run it happened to overlap."""
-    runs = {k: Run(probe, prompts, new_tokens, f"{tag}-k{k}") for k, probe in probes.items()}
+    runs = {k: Run(probe, prompts, new_tokens, f"{tag}-k{k}", sampling) for k, probe in probes.items()}
     while True:
         active = [r for r in runs.values() if r.active()]
         if not active:
@@ -227,11 +240,11 @@ def bench_checkpoint(name: str, model_dir: Path, args: argparse.Namespace) -> li
     for b in args.batch_sizes:
         prompts = random_prompts(b, args.prompt_len, args.seed + b)
         # warm-up: a short run through prefill, drafting and verify on every engine
-        run_interleaved(engines, prompts, min(args.new_tokens, args.warmup_tokens), "warm")
+        run_interleaved(engines, prompts, min(args.new_tokens, args.warmup_tokens), "warm", sampling_of(args))
         runs: dict[int, list[dict[str, Any]]] = {k: [] for k in args.ks}
         t0 = time.perf_counter()
         for rep in range(args.repeats):
-            for k, r in run_interleaved(engines, prompts, args.new_tokens, f"r{rep}").items():
+            for k, r in run_interleaved(engines, prompts, args.new_tokens, f"r{rep}", sampling_of(args)).items():
                 runs[k].append(r)
         reference = runs[args.ks[0]][0]["tokens"]  # k = ks[0] (0 by default)
         for k in args.ks:
@@ -251,6 +264,7 @@ def bench_checkpoint(name: str, model_dir: Path, args: argparse.Namespace) -> li
                 "mean_acceptance_length": (accepted + vsteps) / vsteps if vsteps else None,
                 "acceptance_by_position": [a / d if d else None for a, d in zip(acc_pos, dr_pos)][:k],
                 "greedy_equal_k0": not mismatched, "mismatched_sequences": mismatched,
+                "sampled": args.temperature > 0.0,
                 "request_counters_agree": all(r["request_counters_agree"] for r in rs),
                 "pools_free": all(r["pools_free"] for r in rs),
                 "steady_steps": len(steady),
@@ -292,6 +306,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="engine device (default cpu)")
     p.add_argument("--cache-memory", type=float, default=256 << 20, help="EngineConfig.cache_memory (default 256 MiB)")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default); > 0 samples (with --top-p / --top-k), each request seeded: tokens then "
+                        "differ from k=0's by design (the same distribution), acceptance follows p/q")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed-requests", action="store_true",
+                   help="seed each sampled request (reproducible tokens; the adaptive policy then keeps such a "
+                        "request at its maximum draft length, docs/speculation.md)")
+    p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
     args.ks = [int(k) for k in args.ks.split(",") if k.strip()]
@@ -310,7 +332,8 @@ def print_header(args: argparse.Namespace, meta: dict[str, Any], src: Path) -> N
     print(f"model {src}  |  torch {meta['torch']}, device {args.device}, threads {meta['threads']} "
           f"(cpus {meta['cpu_count']})  |  {git_line(meta['git'])}")
     print(f"k = {','.join(map(str, args.ks))}, batch {','.join(map(str, args.batch_sizes))}, prompts "
-          f"{args.prompt_len} random ids, {args.new_tokens} new tokens greedy (ignore_eos); 1 warm-up + "
+          f"{args.prompt_len} random ids, {args.new_tokens} new tokens "
+          f"{'greedy' if args.temperature == 0.0 else f'sampled ({sampling_of(args)})'} (ignore_eos); 1 warm-up + "
           f"{args.repeats} run(s) per engine, the engines stepped round robin")
     print("NOTE: the default checkpoint has RANDOM weights, MTP head included: its drafts almost never match the\n"
           "target's argmax, so acceptance is ~0 and speculation cannot pay on it (each verify step emits 1 token at\n"
@@ -318,7 +341,9 @@ def print_header(args: argparse.Namespace, meta: dict[str, Any], src: Path) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
+    global SEED_REQUESTS
     args = parse_args(argv)
+    SEED_REQUESTS = args.seed_requests
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     meta = {
@@ -326,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(), "device": args.device, "ks": args.ks, "batch_sizes": args.batch_sizes,
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats, "seed": args.seed,
         "draft_length": args.draft_length, "draft_head": args.draft_head, "git": git_state(),
+        "sampling": {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+                     "seeded": args.seed_requests},
     }
     src = default_checkpoint()
     print_header(args, meta, src)
