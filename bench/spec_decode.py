@@ -59,7 +59,7 @@ from qnext.worker.tiny import align_mtp_with_target, default_checkpoint  # noqa:
 GREEDY = SamplingParams(temperature=0.0)
 
 
-SEED_REQUESTS = False  # --seed-requests: sampled requests get seeds (then the policy pins them to their maximum k)
+SEED_REQUESTS = False  # --seed-requests: sampled requests get seeds (then verified by coupled draws: k=0's tokens)
 
 
 def sampling_of(args: argparse.Namespace) -> SamplingParams:
@@ -264,7 +264,7 @@ def bench_checkpoint(name: str, model_dir: Path, args: argparse.Namespace) -> li
                 "mean_acceptance_length": (accepted + vsteps) / vsteps if vsteps else None,
                 "acceptance_by_position": [a / d if d else None for a, d in zip(acc_pos, dr_pos)][:k],
                 "greedy_equal_k0": not mismatched, "mismatched_sequences": mismatched,
-                "sampled": args.temperature > 0.0,
+                "sampled": args.temperature > 0.0, "seeded": args.temperature > 0.0 and args.seed_requests,
                 "request_counters_agree": all(r["request_counters_agree"] for r in rs),
                 "pools_free": all(r["pools_free"] for r in rs),
                 "steady_steps": len(steady),
@@ -307,12 +307,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-memory", type=float, default=256 << 20, help="EngineConfig.cache_memory (default 256 MiB)")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
     p.add_argument("--temperature", type=float, default=0.0,
-                   help="0 = greedy (default); > 0 samples (with --top-p / --top-k), each request seeded: tokens then "
-                        "differ from k=0's by design (the same distribution), acceptance follows p/q")
+                   help="0 = greedy (default); > 0 samples (with --top-p / --top-k): unseeded requests' tokens differ "
+                        "from k=0's by design (the same distribution), acceptance follows p/q")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed-requests", action="store_true",
-                   help="seed each sampled request (reproducible tokens; the adaptive policy then keeps such a "
-                        "request at its maximum draft length, docs/speculation.md)")
+                   help="seed each sampled request: verified by coupled draws, its tokens are k=0's "
+                        "(docs/speculation.md)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)

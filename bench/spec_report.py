@@ -49,11 +49,12 @@ def print_step_costs(results: list[dict[str, Any]]) -> None:
 
 def print_verdicts(results: list[dict[str, Any]]) -> None:
     print()
-    if any(r.get("sampled") for r in results):
-        print("  info  sampled: tokens differ from k=0's by design (the same distribution, other draws)")
-    else:
+    if any(r.get("sampled") and not r.get("seeded") for r in results):
+        print("  info  unseeded sampling: tokens differ from k=0's by design (the same distribution, other draws)")
+    else:  # greedy, or seeded sampling (coupled verification): the tokens of plain decoding
+        what = "seeded sampled" if any(r.get("sampled") for r in results) else "greedy"
         bad = [r for r in results if not r["greedy_equal_k0"]]
-        print(f"  {'PASS' if not bad else 'FAIL'}  greedy tokens at every k == k=0 tokens (same checkpoint, batch)"
+        print(f"  {'PASS' if not bad else 'FAIL'}  {what} tokens at every k == k=0 tokens (same checkpoint, batch)"
               + ("" if not bad else ": " + ", ".join(f"{r['checkpoint']} b{r['batch']} k{r['k']}" for r in bad)))
     bad = [r for r in results if not (r["request_counters_agree"] and r["pools_free"])]
     print(f"  {'PASS' if not bad else 'FAIL'}  per-request counters sum to engine.spec.counters; blocks/slots freed"

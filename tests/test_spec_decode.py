@@ -263,25 +263,50 @@ def test_same_seed_same_tokens_with_speculation(random_ckpt, engines):
 
 @pytest.mark.parametrize("ckpt_name", ["random_ckpt", "aligned_ckpt"])
 def test_greedy_and_sampled_requests_verify_together(request, engines, ckpt_name):
-    """One batch of greedy requests (one with a repetition penalty) and seeded sampling requests, all speculating:
-    greedy ones draft and verify by the argmax, sampled ones by their distributions and the acceptance rule, each
-    on its own rows of the step's logits. Greedy tokens equal plain decoding's; sampled ones equal the same request
-    run alone; on the aligned checkpoint the drafts are accepted."""
+    """One batch of greedy requests (one with a repetition penalty), seeded sampling requests and an unseeded one,
+    all speculating: greedy ones draft and verify by the argmax, seeded ones by coupled draws, the unseeded one
+    (its seed from the engine's) by its distributions and the acceptance rule, each on its own rows of the step's
+    logits. Greedy and seeded tokens equal plain decoding's; the unseeded one's equal it run alone; on the
+    aligned checkpoint the drafts are accepted."""
     ckpt = request.getfixturevalue(ckpt_name)
-    ps = prompts([7, 13, 4, 21], seed=9)
-    sp = [GREEDY, SamplingParams(temperature=0.8, seed=11), SamplingParams(temperature=0.0, repetition_penalty=1.3),
-          SamplingParams(temperature=1.0, top_k=20, seed=12)]
-    plain = run(engines(ckpt), ps, [0] * 4, sampling=sp, max_new=14)
+    ps = prompts([9, 7, 13, 4, 21], seed=9)
+    # the unseeded one first: every request without a seed (greedy ones too) takes the engine's next seed, so it
+    # gets the same one alone and in the batch
+    sp = [SamplingParams(temperature=0.9, top_p=0.9), GREEDY, SamplingParams(temperature=0.8, seed=11),
+          SamplingParams(temperature=0.0, repetition_penalty=1.3), SamplingParams(temperature=1.0, top_k=20, seed=12)]
+    plain = run(engines(ckpt), ps, [0] * 5, sampling=sp, max_new=14)
     alone = [run(engines(ckpt, num_speculative_tokens=2, speculative_draft_length="fixed"), [p], [2], sampling=[s],
                  max_new=14)[0] for p, s in zip(ps, sp)]
     e = engines(ckpt, num_speculative_tokens=2, speculative_draft_length="fixed")
-    together = run(e, ps, [2] * 4, sampling=sp, max_new=14)
-    assert [together[i] for i in (0, 2)] == [plain[i] for i in (0, 2)]
+    together = run(e, ps, [2] * 5, sampling=sp, max_new=14)
+    assert together[1:] == plain[1:]
     assert together == alone
     c = e.spec.counters
     assert c.num_drafted > 0
     if ckpt_name == "aligned_ckpt":  # q = p there, greedy or sampled: a draft drawn for the wrong row would fail
         assert c.num_accepted >= 0.95 * c.num_drafted, c
+
+
+@pytest.mark.parametrize("ckpt_name", ["random_ckpt", "aligned_ckpt"])
+def test_seeded_sampling_gives_plain_decodings_tokens_at_any_draft_length(request, engines, ckpt_name):
+    """Seeded sampling requests (temperature alone: the inverse-CDF draw; top-k; top-p with a penalty; min-p:
+    the race) are verified by coupled draws, so at fixed k = 1 and 3 and with the adaptive length their tokens
+    are plain decoding's, token for token (float64: no rounding differences between a verify forward and a
+    decode forward); on the aligned checkpoint, whose drafts have the target's distribution, the drafts drawn
+    with the same noise are accepted."""
+    ckpt = request.getfixturevalue(ckpt_name)
+    ps = prompts([6, 15, 3, 10], seed=21)
+    sp = [SamplingParams(temperature=0.9, seed=1), SamplingParams(temperature=1.1, top_k=30, seed=2),
+          SamplingParams(temperature=0.7, top_p=0.8, presence_penalty=0.5, seed=3),
+          SamplingParams(temperature=1.0, min_p=0.1, seed=4)]
+    f64 = dict(dtype="float64", state_dtype="float64")
+    plain = run(engines(ckpt, **f64), ps, [0] * 4, sampling=sp, max_new=16)
+    for k, how in ((1, "fixed"), (3, "fixed"), (2, "adaptive")):
+        e = engines(ckpt, num_speculative_tokens=k, speculative_draft_length=how, **f64)
+        assert run(e, ps, [k] * 4, sampling=sp, max_new=16, arrive_at=[0, 0, 2, 5]) == plain, (k, how)
+        c = e.spec.counters
+        if ckpt_name == "aligned_ckpt" and how == "fixed":
+            assert c.num_drafted > 0 and c.num_accepted >= 0.95 * c.num_drafted, (k, c)
 
 
 def test_spec_override_is_validated(random_ckpt, engines, tmp_path):

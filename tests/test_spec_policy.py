@@ -23,7 +23,7 @@ def drive(policy: DraftLengthPolicy, alpha: float, steps: int, rows: int = 1, k_
                 while a < k and rng.random() < alpha:
                     a += 1
                 policy.observe(rid, k, a)
-        pending = policy.choose(ids, [k_max] * rows, [False] * rows)
+        pending = policy.choose(ids, [k_max] * rows)
         policy.record_drafting(rows, max(pending), cost(max(pending)) * 0.4 - 0.4)
         history.append(pending)
     return history
@@ -89,14 +89,8 @@ def test_recovers_when_acceptance_returns():
 
 def test_a_requests_maximum_and_fixed_mode():
     policy = DraftLengthPolicy()
-    assert all(k <= m for _ in range(50) for k, m in zip(policy.choose(["a", "b"], [1, 3], [False] * 2), [1, 3]))
-    assert DraftLengthPolicy(adaptive=False).choose(["a", "b"], [1, 3], [False] * 2) == [1, 3]
-
-
-def test_pinned_rows_always_draft_their_maximum():
-    policy = DraftLengthPolicy()
-    drive(policy, alpha=0.0, steps=300, rows=2)  # drafts never pay here
-    assert policy.choose(["r0", "r1"], [2, 2], [True, False]) == [2, 0]
+    assert all(k <= m for _ in range(50) for k, m in zip(policy.choose(["a", "b"], [1, 3]), [1, 3]))
+    assert DraftLengthPolicy(adaptive=False).choose(["a", "b"], [1, 3]) == [1, 3]
 
 
 def test_finished_requests_leave_nothing_behind():

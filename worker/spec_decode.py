@@ -13,6 +13,13 @@ same the non-speculative path draws from, with each position's history extended 
 All randomness is counter based on (seed, step, stream): the bonus token uses the sampler's own stream and
 step, so a fully accepted step draws the very token plain decoding would have drawn at that step.
 
+A request with its own seed is verified by coupled draws instead (`verification`): every verify row draws the
+target's token as plain decoding would at that position (the sampler, the same noise), drafts were drawn with
+that noise too, and a draft is accepted while it equals the target's draw. Its tokens are then exactly plain
+decoding's whatever the draft length, which the rule above cannot give (which draw makes which token there
+depends on k): the same seed gives the same tokens with or without speculation, and the draft-length policy
+may vary k for it. Where q differs from p, coupled draws agree less often than the rule accepts.
+
 `SpecDecoder` runs the whole cycle for the engine: after a step's forward it verifies the verify chunks
 (acceptance, then the Gated DeltaNet state rollback: verify chunks record the state after each position in the
 kernels, and `CacheTensors.rollback` picks the last accepted one), runs the MTP head over every row the step
@@ -32,7 +39,7 @@ import torch
 from qnext.worker.draft_head import MAX_ROWS, draft_head
 from qnext.worker.model_runner import ModelRunner, StepForward
 from qnext.worker.sampler import (STREAM_SAMPLE, greedy_tokens, inverse_cdf_draw, processed_probs, row_argmax,
-                                  token_logprobs, uniform_noise)
+                                  sample, token_logprobs, uniform_noise)
 from qnext.worker.scheduler import Request, RequestStatus, ScheduledChunk, SchedulePlan, Scheduler
 from qnext.worker.spec_policy import DraftLengthPolicy
 
@@ -63,6 +70,31 @@ def draw(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, stream: 
         # fp32 like the sampler's own race
         tokens[rows] = row_argmax(probs[rows].float() / exp_noise.to(torch.float32))
     return tokens
+
+
+GREEDY_MATCH, COUPLED_MATCH, ACCEPTANCE_RULE = "greedy", "coupled", "rule"
+
+
+def verification(r: Request) -> str:
+    """How a request's drafts are verified: greedy ones by the argmax, sampled ones with their own seed by
+    coupled draws (their tokens must not depend on speculation), other sampled ones by the acceptance rule."""
+    if r.sampling.is_greedy:
+        return GREEDY_MATCH
+    return COUPLED_MATCH if r.sampling.seed is not None else ACCEPTANCE_RULE
+
+
+def _accept_while_equal(drafts: list[list[int]], target: list[int]) -> VerifyResult:
+    """Accept each request's drafts while they equal the target's tokens (its rows in order, one per draft and
+    the bonus row), then emit the target's token at the first difference or the bonus position."""
+    tokens, accepted, row = [], [], 0
+    for d in drafts:
+        a = 0
+        while a < len(d) and d[a] == target[row + a]:
+            a += 1
+        tokens.append(list(d[:a]) + [target[row + a]])
+        accepted.append(a)
+        row += len(d) + 1
+    return VerifyResult(tokens, accepted)
 
 
 @dataclass
@@ -201,9 +233,10 @@ class SpecDecoder:
         rows = list(accumulate([0] + [len(d) + 1 for d in drafts]))
         tokens: list[list[int]] = [[] for _ in requests]
         accepted = [0] * len(requests)
-        greedy = [r.sampling.is_greedy for r in requests]
-        for accept, group in ((self._accept_greedy, [i for i, g in enumerate(greedy) if g]),
-                              (self._accept_sampled, [i for i, g in enumerate(greedy) if not g])):
+        kind = [verification(r) for r in requests]
+        for accept, group in ((self._accept_greedy, [i for i, v in enumerate(kind) if v == GREEDY_MATCH]),
+                              (self._accept_coupled, [i for i, v in enumerate(kind) if v == COUPLED_MATCH]),
+                              (self._accept_sampled, [i for i, v in enumerate(kind) if v == ACCEPTANCE_RULE])):
             if not group:
                 continue
             group_logits = logits if len(group) == len(requests) else logits[torch.cat(
@@ -236,15 +269,17 @@ class SpecDecoder:
         argmax and then emits the target's argmax at the first disagreement (or the bonus position). That, from
         the argmax alone: no [k + 1, V] distributions to build (a 3 x 151,936 one-hot cost ~1.5 ms on a CPU)."""
         target = greedy_tokens(logits, self.runner.sampling_batch(requests, drafts)).tolist()
-        tokens, accepted, row = [], [], 0
-        for d in drafts:
-            a = 0
-            while a < len(d) and d[a] == target[row + a]:
-                a += 1
-            tokens.append(list(d[:a]) + [target[row + a]])
-            accepted.append(a)
-            row += len(d) + 1
-        return VerifyResult(tokens, accepted)
+        return _accept_while_equal(drafts, target)
+
+    def _accept_coupled(self, requests: list[Request], drafts: list[list[int]], logits: torch.Tensor) -> VerifyResult:
+        """Seeded sampling requests: each verify row draws the target's token exactly as plain decoding draws at
+        that position (the sampler, noise keyed by (seed, step)), and a draft is accepted while it is that token;
+        the first differing row's draw (or the bonus row's) is emitted. The tokens are those of plain decoding
+        whatever the draft length, so a seeded request's output does not depend on speculation or on the policy.
+        Drafts were drawn with the same noise (`_draft_one`), so where q is close to p they mostly agree; the
+        acceptance rule would accept more where q and p differ, at the price of that independence."""
+        target = sample(logits, self.runner.sampling_batch(requests, drafts)).token_ids.tolist()
+        return _accept_while_equal(drafts, target)
 
     def _accept_sampled(self, requests: list[Request], drafts: list[list[int]], logits: torch.Tensor) -> VerifyResult:
         """Sampling requests: the acceptance rule on the processed distributions p (target) and q (drafts)."""
@@ -326,8 +361,7 @@ class SpecDecoder:
         if not rows:  # prefill chunks only: nothing to choose, and no step for the policy to count
             self._next_lengths = {}
             return
-        lengths = self.policy.choose([r.request_id for r in rows], [r.num_speculative_tokens for r in rows],
-                                     [r.sampling.seed is not None and not r.sampling.is_greedy for r in rows])
+        lengths = self.policy.choose([r.request_id for r in rows], [r.num_speculative_tokens for r in rows])
         self._next_lengths = {r.request_id: k for r, k in zip(rows, lengths)}
         for r in rows:
             self._requests[r.request_id].counters.num_draft_steps += 1
@@ -389,24 +423,27 @@ class SpecDecoder:
 
     def _draft_one(self, h: torch.Tensor, requests: list[Request], drafts: list[list[int]],
                    probs: list[list[torch.Tensor]], lengths: list[int], j: int) -> list[int]:
-        """Draw draft j of each request from the MTP head's logits (appended to drafts; its q to probs unless the
-        request is greedy: greedy verification needs the token alone, the argmax, not a one-hot [V] q); returns
+        """Draw draft j of each request from the MTP head's logits (appended to drafts; its q to probs for a
+        request verified by the acceptance rule: greedy and coupled verification need the token alone); returns
         the rows whose request wants another draft."""
         if self.draft_head is not None and h.shape[0] <= MAX_ROWS:
             logits = self.draft_head(h)
         else:
             logits = self.runner.model.compute_logits(h)
-        greedy = [r.sampling.is_greedy for r in requests]
+        kind = [verification(r) for r in requests]
         tok: list[int] = [0] * len(requests)
-        q: dict[int, torch.Tensor] = {}  # row -> its q, sampled rows only
-        for rows in ([i for i, g in enumerate(greedy) if g], [i for i, g in enumerate(greedy) if not g]):
+        q: dict[int, torch.Tensor] = {}  # row -> its q, rows verified by the acceptance rule only
+        for how in (GREEDY_MATCH, COUPLED_MATCH, ACCEPTANCE_RULE):
+            rows = [i for i, v in enumerate(kind) if v == how]
             if not rows:
                 continue
             sub = logits if len(rows) == len(requests) else logits[torch.tensor(rows, device=logits.device)]
             batch = self.runner.sampling_batch([requests[i] for i in rows], [drafts[i] for i in rows],
                                                last_only=True)
-            if greedy[rows[0]]:
+            if how == GREEDY_MATCH:
                 picked = greedy_tokens(sub, batch).tolist()
+            elif how == COUPLED_MATCH:  # drawn as the target's token at this position will be: the same noise
+                picked = sample(sub, batch).token_ids.tolist()
             else:
                 q_rows = processed_probs(sub, batch)
                 dev = self.runner.device

@@ -156,10 +156,10 @@ class DraftLengthPolicy:
             b = self._buckets.setdefault(bucket(rows), _Bucket())
             b.record(b.drafting, k_drafted, seconds)
 
-    def choose(self, request_ids: list[str], maxima: list[int], pinned: list[bool]) -> list[int]:
-        """Draft lengths for the next step of these decode rows (each <= its maximum). `pinned` rows always
-        draft their maximum: seeded sampling, whose tokens depend on the draft lengths (the draws come from
-        different random streams), so only a fixed length gives the same tokens on every run."""
+    def choose(self, request_ids: list[str], maxima: list[int]) -> list[int]:
+        """Draft lengths for the next step of these decode rows (each <= its maximum). Any length gives a request
+        the tokens it would get without speculation (greedy, and seeded sampling by coupled verification,
+        worker/spec_decode.py), so the lengths are free to follow the step timings."""
         self._step += 1
         if not self.adaptive:
             self.last_lengths = list(maxima)
@@ -168,13 +168,13 @@ class DraftLengthPolicy:
         k_max = max(maxima, default=0)
         trial = b.untimed(k_max)
         if trial is not None:  # time this k on this bucket first
-            self.last_lengths = [m if pin else min(trial, m) for m, pin in zip(maxima, pinned)]
+            self.last_lengths = [min(trial, m) for m in maxima]
             return self.last_lengths
         costs = [b.seconds(k) for k in range(k_max + 1)]
         chosen = []
-        for rid, m, pin in zip(request_ids, maxima, pinned):
+        for rid, m in zip(request_ids, maxima):
             alpha = self.alpha(rid)
-            chosen.append(m if pin else max(range(m + 1), key=lambda k: (expected_tokens(alpha, k) / costs[k], -k)))
+            chosen.append(max(range(m + 1), key=lambda k: (expected_tokens(alpha, k) / costs[k], -k)))
         idle = [i for i, (k, m) in enumerate(zip(chosen, maxima)) if k == 0 and m]
         # probe only where drafting could pay at all: with every draft accepted, some k beats k = 0
         could_pay = any(expected_tokens(1.0, k) / costs[k] > 1.0 / costs[0] for k in range(1, k_max + 1))
