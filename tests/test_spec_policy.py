@@ -51,6 +51,15 @@ def test_drafts_stop_when_nothing_is_accepted_and_probes_back_off():
     assert max(gaps) >= MAX_PROBE_EVERY // 2 > PROBE_EVERY
 
 
+def test_noise_that_makes_verify_steps_look_cheaper_does_not_start_drafting():
+    """Verify steps timed 3% cheaper than plain ones (noise: they cannot be) with nothing accepted: drafting
+    gains nothing and must not win on the timings alone (DRAFT_MARGIN)."""
+    # drive() times a step as 0.6 cost(k) + drafting 0.4 cost(k) - 0.4: T(0) = 0.6, T(2) = 0.582, 3% under it
+    h = drive(DraftLengthPolicy(), alpha=0.0, steps=1000, rows=3, cost=lambda k: 1.0 - 0.009 * k)
+    late = h[100:]
+    assert sum(any(row) for row in late) / len(late) < 0.05
+
+
 def test_full_acceptance_drafts_the_maximum():
     h = drive(DraftLengthPolicy(), alpha=1.0, steps=300)
     assert sum(row[0] == 2 for row in h[50:]) / len(h[50:]) > 0.97

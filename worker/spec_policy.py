@@ -38,6 +38,10 @@ TIMINGS_NEEDED = 3  # timings of a (bucket, k) before the policy trusts it
 STALE_AFTER = 512  # steps of a bucket after which an unchosen k is timed again ...
 STALE_AFTER_K0 = 64  # ... k = 0 sooner: a step without drafts costs no time, only one step's speculative gain
 RECENT_TIMINGS = 5  # a (bucket, k)'s cost is the median of its last timings
+# Drafting must beat k = 0's tokens per second by this much: step timings carry noise, and where acceptance is
+# ~0 (E ~ 1 for every k) a verify step timed a little cheaper than a plain one would otherwise win on noise
+# alone (seen on a loaded 2-core machine: drafting in 58% of the steps of a checkpoint that accepted nothing)
+DRAFT_MARGIN = 0.05
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -174,7 +178,8 @@ class DraftLengthPolicy:
         chosen = []
         for rid, m in zip(request_ids, maxima):
             alpha = self.alpha(rid)
-            chosen.append(max(range(m + 1), key=lambda k: (expected_tokens(alpha, k) / costs[k], -k)))
+            k = max(range(m + 1), key=lambda k: (expected_tokens(alpha, k) / costs[k], -k))
+            chosen.append(k if expected_tokens(alpha, k) / costs[k] > (1 + DRAFT_MARGIN) / costs[0] else 0)
         idle = [i for i, (k, m) in enumerate(zip(chosen, maxima)) if k == 0 and m]
         # probe only where drafting could pay at all: with every draft accepted, some k beats k = 0
         could_pay = any(expected_tokens(1.0, k) / costs[k] > 1.0 / costs[0] for k in range(1, k_max + 1))
