@@ -542,21 +542,27 @@ def test_nucleus_shortcut_draws_the_same_tokens_as_the_full_race(device: torch.d
     assert sample(logits, batch).token_ids.tolist() == _race_over_the_vocabulary(logits, params, batch)
 
 
-@pytest.mark.parametrize("case", ["bf16 ties", "ties past the candidates", "flat min-p row"])
-def test_top_k_min_p_batches_race_only_the_kept_columns(monkeypatch: pytest.MonkeyPatch, case: str) -> None:
-    """A batch without top-p rows races over the columns its top-k / min-p rows keep, found through the blocks
-    whose maximum reaches the row's threshold: the tokens must equal the race over the whole vocabulary with
-    bf16 logits (which tie often), with 40 columns tied at the top (past every top-k), and with a flat min-p row
-    that keeps most of the vocabulary (then the race runs over all of it); greedy and unfiltered rows mixed in.
-    The race gets only the kept columns otherwise."""
+@pytest.fixture
+def race_widths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of columns each call of the sampler's race gets, in order."""
     from qnext.worker import sampler
-    widths = []
+    widths: list[int] = []
     race = sampler._race
 
     def spy(values: torch.Tensor, columns: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         widths.append(columns.shape[-1])
         return race(values, columns, batch)
     monkeypatch.setattr(sampler, "_race", spy)
+    return widths
+
+
+@pytest.mark.parametrize("case", ["bf16 ties", "ties past the candidates", "flat min-p row"])
+def test_top_k_min_p_batches_race_only_the_kept_columns(race_widths: list[int], case: str) -> None:
+    """A batch without top-p rows races over the columns its top-k / min-p rows keep, found through the blocks
+    whose maximum reaches the row's threshold: the tokens must equal the race over the whole vocabulary with
+    bf16 logits (which tie often), with 40 columns tied at the top (past every top-k), and with a flat min-p row
+    that keeps most of the vocabulary (then the race runs over all of it); greedy and unfiltered rows mixed in.
+    The race gets only the kept columns otherwise."""
     g = torch.Generator().manual_seed(9)
     vocab, n = 20000, 12
     logits = torch.randn(n, vocab, generator=g) * 3
@@ -574,7 +580,7 @@ def test_top_k_min_p_batches_race_only_the_kept_columns(monkeypatch: pytest.Monk
     del got[8], want[8]  # the unfiltered row draws by its CDF, not by a race
     assert got == want
     kept = 40 if case == "ties past the candidates" else 50
-    assert widths[-1] == vocab if case == "flat min-p row" else kept <= widths[-1] < 200, widths
+    assert race_widths[-1] == vocab if case == "flat min-p row" else kept <= race_widths[-1] < 200, race_widths
 
 
 def test_a_batch_marked_without_unfiltered_rows_races_them_over_the_vocabulary() -> None:
@@ -587,17 +593,9 @@ def test_a_batch_marked_without_unfiltered_rows_races_them_over_the_vocabulary()
     assert sample(logits, batch).token_ids.tolist() == _race_over_the_vocabulary(logits, params, batch)
 
 
-def test_nucleus_shortcut_races_only_the_candidates(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nucleus_shortcut_races_only_the_candidates(race_widths: list[int]) -> None:
     """Peaked top-p rows race FIRST_NUCLEUS_CANDIDATES columns, rows whose nucleus is a few hundred columns
     NUCLEUS_CANDIDATES, flat rows the vocabulary (bench/sampler.py times it)."""
-    from qnext.worker import sampler
-    widths = []
-    race = sampler._race
-
-    def spy(values: torch.Tensor, columns: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        widths.append(columns.shape[-1])
-        return race(values, columns, batch)
-    monkeypatch.setattr(sampler, "_race", spy)
     logits = torch.randn(4, 20000, generator=torch.Generator().manual_seed(1)) * 4
     sample(logits, make_batch([SamplingParams(temperature=0.8, top_p=0.9)] * 4, torch.device("cpu"), 20000))
     head = torch.zeros(4, 20000)
@@ -606,4 +604,4 @@ def test_nucleus_shortcut_races_only_the_candidates(monkeypatch: pytest.MonkeyPa
     batch = make_batch(params, torch.device("cpu"), 20000)
     assert sample(head, batch).token_ids.tolist() == _race_over_the_vocabulary(head, params, batch)
     sample(logits * 0.001, make_batch([SamplingParams(top_p=0.9)] * 4, torch.device("cpu"), 20000))  # flat
-    assert widths == [FIRST_NUCLEUS_CANDIDATES, NUCLEUS_CANDIDATES, 20000]
+    assert race_widths == [FIRST_NUCLEUS_CANDIDATES, NUCLEUS_CANDIDATES, 20000]
