@@ -65,14 +65,29 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
     inside that block: 0.18 ms. Elsewhere plain argmax."""
     if x.device.type != "cpu" or x.dim() != 2 or x.shape[1] < 4 * ARGMAX_BLOCK or not x.is_floating_point():
         return x.argmax(dim=-1)
+    x = _blocks(x)  # -inf padding never wins (an all -inf row still gives column 0)
+    block = x.amax(dim=-1).argmax(dim=-1)  # amax and argmax both propagate NaN, so a NaN's block wins
+    inside = x[torch.arange(x.shape[0], device=x.device), block].argmax(dim=-1)
+    return block * ARGMAX_BLOCK + inside
+
+
+def _blocks(x: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] -> [rows, blocks, ARGMAX_BLOCK], the last block padded with -inf (never above a real column;
+    NaN still counts as the largest)."""
     rows, cols = x.shape
     blocks = -(-cols // ARGMAX_BLOCK)
-    if blocks * ARGMAX_BLOCK != cols:  # pad with -inf, which never wins (an all -inf row still gives column 0)
+    if blocks * ARGMAX_BLOCK != cols:
         x = torch.nn.functional.pad(x, (0, blocks * ARGMAX_BLOCK - cols), value=-math.inf)
-    x = x.reshape(rows, blocks, ARGMAX_BLOCK)
-    block = x.amax(dim=-1).argmax(dim=-1)  # amax and argmax both propagate NaN, so a NaN's block wins
-    inside = x[torch.arange(rows, device=x.device), block].argmax(dim=-1)
-    return block * ARGMAX_BLOCK + inside
+    return x.reshape(rows, blocks, ARGMAX_BLOCK)
+
+
+def _topk_in_blocks(blocks: torch.Tensor, block_max: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """row_topk's values and columns from `_blocks(x)` and its maxima (n <= the number of blocks)."""
+    rows = blocks.shape[0]
+    top_blocks = block_max.topk(n, dim=-1).indices  # [rows, n]
+    candidates = blocks.gather(1, top_blocks[:, :, None].expand(rows, n, ARGMAX_BLOCK)).reshape(rows, -1)
+    values, where = candidates.topk(n, dim=-1)
+    return values, top_blocks.gather(1, where // ARGMAX_BLOCK) * ARGMAX_BLOCK + where % ARGMAX_BLOCK
 
 
 def row_topk(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,18 +99,10 @@ def row_topk(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     the largest maxima (a column outside them is at most the n-th largest block maximum, which is itself one of n
     distinct columns at least that large), so take those blocks (a vectorised amax, then a topk over the block
     maxima) and the topk inside them. Elsewhere, or when the blocks would cover much of the row, plain topk."""
-    rows, cols = x.shape if x.dim() == 2 else (0, 0)
-    if x.device.type != "cpu" or x.dim() != 2 or 8 * n * ARGMAX_BLOCK > cols or not x.is_floating_point():
+    if x.device.type != "cpu" or x.dim() != 2 or 8 * n * ARGMAX_BLOCK > x.shape[1] or not x.is_floating_point():
         return x.topk(n, dim=-1)
-    blocks = -(-cols // ARGMAX_BLOCK)
-    if blocks * ARGMAX_BLOCK != cols:  # -inf padding is never above a real column (and NaN counts as largest)
-        x = torch.nn.functional.pad(x, (0, blocks * ARGMAX_BLOCK - cols), value=-math.inf)
-    x = x.reshape(rows, blocks, ARGMAX_BLOCK)
-    top_blocks = x.amax(dim=-1).topk(n, dim=-1).indices  # [rows, n]
-    candidates = x.gather(1, top_blocks[:, :, None].expand(rows, n, ARGMAX_BLOCK)).reshape(rows, -1)
-    values, where = candidates.topk(n, dim=-1)
-    columns = top_blocks.gather(1, where // ARGMAX_BLOCK) * ARGMAX_BLOCK + where % ARGMAX_BLOCK
-    return values, columns
+    blocks = _blocks(x)
+    return _topk_in_blocks(blocks, blocks.amax(dim=-1), n)
 
 
 def _to_int64(x: int) -> int:
@@ -495,15 +502,13 @@ def _race_over_kept(x: torch.Tensor, batch: SamplingBatch, exempt: torch.Tensor)
     maxima and largest values, scaled, are the scaled ones. bf16 logits tie often, and ties at a top-k threshold
     sent a whole batch to the vocabulary-wide race (30-39 ms at 16 x 151,936 with top-k 50)."""
     rows, vocab = x.shape
-    top = _scaled(row_topk(x, max(batch.max_top_k, 1))[0], batch)
+    blocks = _blocks(x)
+    block_max = blocks.amax(dim=-1)  # [rows, nb], also what the largest values are found through
+    nb, k = block_max.shape[1], max(batch.max_top_k, 1)
+    top = _scaled(_topk_in_blocks(blocks, block_max, k)[0] if k <= nb else x.topk(k, dim=-1).values, batch)
     threshold = _threshold(None, batch, top=top)
     if threshold is None:  # no row filters (only a batch built by hand gets here): the whole vocabulary races
         return _race(_scaled(x, batch), torch.arange(vocab, device=x.device)[None, :], batch)
-    nb = -(-vocab // ARGMAX_BLOCK)
-    padded = x if nb * ARGMAX_BLOCK == vocab else \
-        torch.nn.functional.pad(x, (0, nb * ARGMAX_BLOCK - vocab), value=-math.inf)
-    blocks = padded.reshape(rows, nb, ARGMAX_BLOCK)
-    block_max = blocks.amax(dim=-1)  # [rows, nb]
     kept_blocks = (_scaled(block_max, batch) >= threshold).sum(dim=-1).masked_fill(exempt, 0)
     n = int(kept_blocks.max())
     if n == 0 or 2 * n > nb:  # nothing to race (NaN thresholds) or most of the vocabulary: race over all of it

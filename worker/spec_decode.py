@@ -30,6 +30,7 @@ q, a restored prefix's hidden state) lives here and is dropped in one place, `fi
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -39,7 +40,7 @@ import torch
 from qnext.worker.draft_head import MAX_ROWS, draft_head
 from qnext.worker.model_runner import ModelRunner, StepForward
 from qnext.worker.sampler import (STREAM_SAMPLE, greedy_tokens, inverse_cdf_draw, processed_probs, row_argmax,
-                                  sample, token_logprobs, uniform_noise)
+                                  SamplingBatch, sample, token_logprobs, uniform_noise)
 from qnext.worker.scheduler import Request, RequestStatus, ScheduledChunk, SchedulePlan, Scheduler
 from qnext.worker.spec_policy import DraftLengthPolicy
 
@@ -81,6 +82,20 @@ def verification(r: Request) -> str:
     if r.sampling.is_greedy:
         return GREEDY_MATCH
     return COUPLED_MATCH if r.sampling.seed is not None else ACCEPTANCE_RULE
+
+
+def by_verification(requests: list[Request]) -> list[tuple[str, list[int]]]:
+    """The requests' indices grouped by `verification`, the non-empty groups only."""
+    kind = [verification(r) for r in requests]
+    groups = [(how, [i for i, v in enumerate(kind) if v == how]) for how in (GREEDY_MATCH, COUPLED_MATCH,
+                                                                             ACCEPTANCE_RULE)]
+    return [(how, rows) for how, rows in groups if rows]
+
+
+def plain_draws(logits: torch.Tensor, batch: SamplingBatch) -> list[int]:
+    """The tokens `sample` draws for these rows, as plain decoding does, without its log-probs (the verify step
+    computes those for the emitted tokens only)."""
+    return sample(logits, dataclasses.replace(batch, max_top_logprobs=0)).token_ids.tolist()
 
 
 def _accept_while_equal(drafts: list[list[int]], target: list[int]) -> VerifyResult:
@@ -226,19 +241,17 @@ class SpecDecoder:
 
     def verify(self, chunks: list[ScheduledChunk], logits: torch.Tensor, sampled: dict[str, list[int]],
                logprobs: Logprobs) -> None:
-        """Accept or reject each verify chunk's drafts (greedy requests by the argmax alone, the others by the
-        acceptance rule); roll DeltaNet states back to the last accepted token."""
+        """Accept or reject each verify chunk's drafts (greedy requests by the argmax alone, seeded sampled ones by
+        coupled draws, the others by the acceptance rule); roll DeltaNet states back to the last accepted token."""
         requests = [c.request for c in chunks]
         drafts = [c.draft_token_ids for c in chunks]
         rows = list(accumulate([0] + [len(d) + 1 for d in drafts]))
         tokens: list[list[int]] = [[] for _ in requests]
         accepted = [0] * len(requests)
-        kind = [verification(r) for r in requests]
-        for accept, group in ((self._accept_greedy, [i for i, v in enumerate(kind) if v == GREEDY_MATCH]),
-                              (self._accept_coupled, [i for i, v in enumerate(kind) if v == COUPLED_MATCH]),
-                              (self._accept_sampled, [i for i, v in enumerate(kind) if v == ACCEPTANCE_RULE])):
-            if not group:
-                continue
+        accepts = {GREEDY_MATCH: self._accept_greedy, COUPLED_MATCH: self._accept_coupled,
+                   ACCEPTANCE_RULE: self._accept_sampled}
+        for how, group in by_verification(requests):
+            accept = accepts[how]
             group_logits = logits if len(group) == len(requests) else logits[torch.cat(
                 [torch.arange(rows[i], rows[i + 1]) for i in group]).to(logits.device)]
             result = accept([requests[i] for i in group], [drafts[i] for i in group], group_logits)
@@ -278,8 +291,7 @@ class SpecDecoder:
         whatever the draft length, so a seeded request's output does not depend on speculation or on the policy.
         Drafts were drawn with the same noise (`_draft_one`), so where q is close to p they mostly agree; the
         acceptance rule would accept more where q and p differ, at the price of that independence."""
-        target = sample(logits, self.runner.sampling_batch(requests, drafts)).token_ids.tolist()
-        return _accept_while_equal(drafts, target)
+        return _accept_while_equal(drafts, plain_draws(logits, self.runner.sampling_batch(requests, drafts)))
 
     def _accept_sampled(self, requests: list[Request], drafts: list[list[int]], logits: torch.Tensor) -> VerifyResult:
         """Sampling requests: the acceptance rule on the processed distributions p (target) and q (drafts)."""
@@ -430,20 +442,16 @@ class SpecDecoder:
             logits = self.draft_head(h)
         else:
             logits = self.runner.model.compute_logits(h)
-        kind = [verification(r) for r in requests]
         tok: list[int] = [0] * len(requests)
         q: dict[int, torch.Tensor] = {}  # row -> its q, rows verified by the acceptance rule only
-        for how in (GREEDY_MATCH, COUPLED_MATCH, ACCEPTANCE_RULE):
-            rows = [i for i, v in enumerate(kind) if v == how]
-            if not rows:
-                continue
+        for how, rows in by_verification(requests):
             sub = logits if len(rows) == len(requests) else logits[torch.tensor(rows, device=logits.device)]
             batch = self.runner.sampling_batch([requests[i] for i in rows], [drafts[i] for i in rows],
                                                last_only=True)
             if how == GREEDY_MATCH:
                 picked = greedy_tokens(sub, batch).tolist()
             elif how == COUPLED_MATCH:  # drawn as the target's token at this position will be: the same noise
-                picked = sample(sub, batch).token_ids.tolist()
+                picked = plain_draws(sub, batch)
             else:
                 q_rows = processed_probs(sub, batch)
                 dev = self.runner.device
