@@ -30,7 +30,8 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def own_cpu_s() -> float:
+def self_cpu_s() -> float:
+    """This process's own CPU seconds (not its children's)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
 
@@ -84,27 +85,28 @@ class FloorServer:
         self.proc.join(5)
 
 
-async def floor_round(target: str, streams: int, tokens: int) -> dict:
-    """One round of `streams` concurrent streams x `tokens` messages: seconds and messages (CPU is the caller's)."""
+async def stream_round(target: str, prompts: list[list[int]], max_new: int) -> tuple[float, int]:
+    """Concurrent greedy Generate streams, one per prompt, through one channel: wall seconds from the first sent
+    to the last finished, and the tokens received (our server and the floor alike; CPU is the caller's)."""
     from qnext.rpc.client import Client
     async with Client(target) as c:
-        async def one() -> int:
+        async def one(p: list[int]) -> int:
             n = 0
-            async for chunk in c.generate_stream(token_ids=[1], max_new_tokens=tokens):
+            async for chunk in c.generate_stream(token_ids=p, temperature=0.0, max_new_tokens=max_new,
+                                                 ignore_eos=True):
                 n += len(chunk.token_ids)
             return n
         start = time.perf_counter()
-        counts = await asyncio.gather(*[one() for _ in range(streams)])
-        return {"seconds": time.perf_counter() - start, "messages": sum(counts)}
+        counts = await asyncio.gather(*[one(p) for p in prompts])
+        return time.perf_counter() - start, sum(counts)
 
 
 def measure(server: FloorServer, streams: int, tokens: int) -> dict:
     """One round with the CPU microseconds per message of the bare server and of this (client) process."""
-    s0, c0 = process_cpu_s(server.pid), own_cpu_s()
-    r = asyncio.run(floor_round(server.target, streams, tokens))
-    n = r["messages"]
-    return r | {"server_us_per_msg": (process_cpu_s(server.pid) - s0) / n * 1e6,
-                "client_us_per_msg": (own_cpu_s() - c0) / n * 1e6}
+    s0, c0 = process_cpu_s(server.pid), self_cpu_s()
+    seconds, n = asyncio.run(stream_round(server.target, [[1]] * streams, tokens))
+    return {"seconds": seconds, "messages": n, "server_us_per_msg": (process_cpu_s(server.pid) - s0) / n * 1e6,
+            "client_us_per_msg": (self_cpu_s() - c0) / n * 1e6}
 
 
 def main() -> None:
@@ -116,7 +118,7 @@ def main() -> None:
     args = ap.parse_args()
     server = FloorServer(args.tick_ms / 1000)
     try:
-        asyncio.run(floor_round(server.target, args.streams, 2))  # warm-up
+        asyncio.run(stream_round(server.target, [[1]] * args.streams, 2))  # warm-up
         for _ in range(args.rounds):
             r = measure(server, args.streams, args.tokens)
             print(f"{r['messages']} messages in {r['seconds']:.2f} s: server {r['server_us_per_msg']:.0f} us, "

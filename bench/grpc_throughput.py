@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from bench.grpc_floor import FloorServer, measure as floor_measure, own_cpu_s, process_cpu_s  # noqa: E402
-from qnext.rpc.client import Client  # noqa: E402
+from bench.grpc_floor import (FloorServer, measure as floor_measure, process_cpu_s, self_cpu_s,  # noqa: E402
+                              stream_round)
 from test_service_support import ServerProcess  # noqa: E402
 from qnext.worker.engine import Engine  # noqa: E402
 from qnext.worker.types import EngineConfig, SamplingParams, StoppingParams
@@ -35,18 +35,6 @@ CACHE = 67108864
 
 def prompts(n: int, length: int) -> list[list[int]]:
     return [[(1000 + 37 * i + 11 * j) % 150000 for j in range(length)] for i in range(n)]
-
-
-async def grpc_run(target: str, ps: list[list[int]], max_new: int) -> tuple[float, int]:
-    async with Client(target) as c:
-        async def one(p: list[int]) -> int:
-            n = 0
-            async for chunk in c.generate_stream(token_ids=p, temperature=0.0, max_new_tokens=max_new, ignore_eos=True):
-                n += len(chunk.token_ids)
-            return n
-        start = time.perf_counter()
-        counts = await asyncio.gather(*[one(p) for p in ps])
-        return time.perf_counter() - start, sum(counts)
 
 
 def process_tree_cpu_s(pid: int) -> float:
@@ -80,16 +68,16 @@ def main() -> None:
     rates: dict[str, list[float]] = {"gRPC": [], "engine": [], "floor": []}
     cpu: dict[str, list[float]] = {"server": [], "worker": [], "client": [], "floor server": [], "floor client": []}
     try:
-        asyncio.run(grpc_run(server.target, ps[:1], 2))
+        asyncio.run(stream_round(server.target, ps[:1], 2))
         server_pid = server.proc.pid
         for _ in range(args.rounds):
-            c0, s0, t0 = own_cpu_s(), process_cpu_s(server_pid), process_tree_cpu_s(server_pid)
-            seconds, tokens = asyncio.run(grpc_run(server.target, ps, args.max_new_tokens))
+            c0, s0, t0 = self_cpu_s(), process_cpu_s(server_pid), process_tree_cpu_s(server_pid)
+            seconds, tokens = asyncio.run(stream_round(server.target, ps, args.max_new_tokens))
             rates["gRPC"].append(tokens / seconds)
             server_s, tree_s = process_cpu_s(server_pid) - s0, process_tree_cpu_s(server_pid) - t0
             cpu["server"].append(server_s / tokens * 1e6)
             cpu["worker"].append((tree_s - server_s) / tokens * 1e6)
-            cpu["client"].append((own_cpu_s() - c0) / tokens * 1e6)
+            cpu["client"].append((self_cpu_s() - c0) / tokens * 1e6)
             start = time.perf_counter()
             out = engine.generate(ps, SamplingParams(temperature=0.0),
                                   StoppingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True))
