@@ -9,14 +9,14 @@ import grpc
 import pytest
 
 from qnext.rpc.client import Client
-from test_service import collect, offline
+from test_service import DTYPE, collect, offline
 from test_service_support import ServerProcess
 from qnext.worker.engine import Engine
 from qnext.worker.types import EngineConfig
 
 
 def test_speculation_through_grpc(default_ckpt, tmp_path):
-    server = ServerProcess(default_ckpt, "--num-speculative-tokens", "2", log_path=tmp_path / "server.log")
+    server = ServerProcess(default_ckpt, "--num-speculative-tokens", "2", "--dtype", DTYPE, log_path=tmp_path / "server.log")
     try:
         prompt = [151644, 872, 198, 9707, 151645]
 
@@ -33,7 +33,7 @@ def test_speculation_through_grpc(default_ckpt, tmp_path):
         spec, off, err, stats = asyncio.run(go())
     finally:
         assert server.stop() == 0
-    engine = Engine(EngineConfig(model=str(default_ckpt), cache_memory=64 << 20))
+    engine = Engine(EngineConfig(model=str(default_ckpt), cache_memory=64 << 20, dtype=DTYPE))  # see test_service.DTYPE
     want = offline(engine, [prompt], [dict(temperature=0.0)], [10])[0]
     assert spec[0] == want and off[0] == want
     assert spec[2].spec.drafted_tokens > 0 and off[2].spec.drafted_tokens == 0  # default = server maximum

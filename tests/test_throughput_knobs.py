@@ -235,9 +235,11 @@ def test_stream_interval_batches_responses_and_keeps_the_tokens(default_ckpt):
     from qnext.worker.engine import Engine
     from qnext.worker.types import EngineConfig, SamplingParams, StoppingParams
     prompt = [151644, 872, 198, 9707, 11, 1879, 0, 151645]
-    want = Engine(EngineConfig(model=str(default_ckpt), cache_memory=64 << 20)).generate(
+    # float32 on both sides: in bf16 two processes can round the same batch differently (fresh-clone CI once saw
+    # the first greedy token differ between the worker and this process on the random-weight default)
+    want = Engine(EngineConfig(model=str(default_ckpt), cache_memory=64 << 20, dtype="float32")).generate(
         [prompt], SamplingParams(temperature=0), StoppingParams(max_new_tokens=22, ignore_eos=True))[0].token_ids
-    server = LocalServer("--stream-interval", "4", "--cache-memory", str(64 << 20))
+    server = LocalServer("--stream-interval", "4", "--cache-memory", str(64 << 20), "--dtype", "float32")
 
     async def stream() -> list[list[int]]:
         async with Client(server.target) as client:
