@@ -78,7 +78,7 @@ def test_packed_dense_moe_matches_float64_like_the_reference_and_ignores_the_bat
 def test_row_argmax_is_torch_argmax():
     torch.manual_seed(0)
     for rows, cols in [(16, 151936), (3, 1000), (5, 513), (2, 600), (4, 100)]:
-        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             x = torch.randn(rows, cols).to(dtype)
             x[0, cols // 2] = x[0, cols // 3] = x[0].max()  # a tie: the first index wins
             x[1] = -math.inf
