@@ -30,6 +30,12 @@ from qnext.kernels.moe.reference import DENSE_MAX_EXPERTS
 from qnext.worker.model import Experts, SparseMoE
 
 ROWS_HINT = 16  # the batch size oneDNN tunes the packed layout for; any row count works
+# A vocabulary-wide linear (the LM head) runs at least this many rows: oneDNN's 1- and 2-row path over the packed
+# 151,936 x 256 bf16 weight was slower than its 4-row one on the 2-core AVX512-BF16 box (3.2-4.5 vs 3.0-3.7 ms;
+# a batch-1 decode step 0.952x, 0.971x padded to 3). Rows are independent: the real rows' logits are bit for bit
+# those of the unpadded call (tests/test_throughput_knobs.py). Narrow linears gain nothing (16-26 us either way).
+WIDE_MIN_ROWS = 4
+WIDE_OUT_FEATURES = 32768
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -50,6 +56,10 @@ class PackedLinear(nn.Linear):
         self.packed = _pack(linear.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if x.dim() == 2 and rows < WIDE_MIN_ROWS and self.out_features >= WIDE_OUT_FEATURES:
+            x = F.pad(x, (0, 0, 0, WIDE_MIN_ROWS - rows))
+            return _packed_linear(x, self.packed, self.bias)[:rows]
         return _packed_linear(x, self.packed, self.bias)
 
 
