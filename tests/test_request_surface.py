@@ -208,6 +208,20 @@ def test_n_samples_fork_one_prefill_and_each_equals_its_seed_alone(default_ckpt,
     assert e.cache_manager.is_full() and not e.has_unfinished()
 
 
+def test_a_prompt_that_fills_its_last_block_forks_too(default_ckpt):
+    """A 32-token prompt (two full 16-token blocks): the samples share both blocks and copy none. The fork used
+    to index the parent's block past the prompt, which does not exist yet, and every sample ended in an error."""
+    prompt = list(range(100, 132))
+    e = fresh(default_ckpt, enable_prefix_caching=False)
+    outs = run(e, [GenerationRequest("a", prompt, SamplingParams(temperature=1.0, seed=7),
+                                     StoppingParams(max_new_tokens=6), n=3)])
+    assert all(o.error is None for o in outs["a"])
+    alone = {i: tokens(run(e, [GenerationRequest(f"s{i}", prompt, SamplingParams(temperature=1.0, seed=7 + i),
+                                                 StoppingParams(max_new_tokens=6))])[f"s{i}"]) for i in range(3)}
+    assert sample_tokens(outs, "a") == alone and all(len(t) == 6 for t in alone.values())
+    assert e.cache_manager.is_full() and not e.has_unfinished()
+
+
 def test_samples_without_room_prefill_themselves_with_the_same_tokens(default_ckpt, alone):
     """max_num_seqs 2: one sample forks, the other two queue and compute the prompt themselves: more prefill,
     the same tokens."""

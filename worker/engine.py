@@ -246,7 +246,8 @@ class Engine:
         full = len(parent.prompt_token_ids) // self.cache_manager.block_size
         tails = [s for s in forked if len(s.block_ids) > full]
         self.runner.cache.copy_slots([parent.state_slot] * len(forked), [s.state_slot for s in forked])
-        self.runner.cache.copy_blocks([parent.block_ids[full]] * len(tails), [s.block_ids[full] for s in tails])
+        if tails:  # none when the prompt fills its last block: the parent has no block past it yet
+            self.runner.cache.copy_blocks([parent.block_ids[full]] * len(tails), [s.block_ids[full] for s in tails])
 
     def _fail(self, plan: SchedulePlan, e: Exception, applied: bool) -> list[RequestOutput]:
         ended = self.failures.fail(plan, self.scheduler, e, applied)
