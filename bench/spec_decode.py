@@ -60,6 +60,7 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 SEED_REQUESTS = False  # --seed-requests: sampled requests get seeds (then verified by coupled draws: k=0's tokens)
+SAMPLES = 1  # --samples: parallel samples per request (GenerationRequest.n)
 
 
 def sampling_of(args: argparse.Namespace) -> SamplingParams:
@@ -144,14 +145,15 @@ class Run:
         engine.runner.timings = StepTimings()
         engine.spec.counters = SpecCounters()
         self.ids = [f"{tag}-{i}" for i in range(len(prompts))]
-        self.tokens: dict[str, list[int]] = {rid: [] for rid in self.ids}
-        self.finals: dict[str, Any] = {}
+        self.keys = [(rid, i) for rid in self.ids for i in range(SAMPLES)]  # (request id, sample index)
+        self.tokens: dict[tuple[str, int], list[int]] = {key: [] for key in self.keys}
+        self.finals: dict[tuple[str, int], Any] = {}
         self.steps: list[dict[str, Any]] = []
         start = time.perf_counter()
         for i, (rid, p) in enumerate(zip(self.ids, prompts)):
             own = dataclasses.replace(sampling, seed=i) if sampling.temperature > 0.0 and SEED_REQUESTS else sampling
             engine.add_request(GenerationRequest(rid, p, own, StoppingParams(max_new_tokens=new_tokens,
-                                                                               ignore_eos=True)))
+                                                                               ignore_eos=True), n=SAMPLES))
         self.wall = time.perf_counter() - start  # this run's own time: add_request + its steps
 
     def active(self) -> bool:
@@ -162,9 +164,9 @@ class Run:
         self.wall += rec["wall_s"]
         self.steps.append(rec)
         for o in outputs:
-            self.tokens[o.request_id] += o.new_token_ids
+            self.tokens[o.request_id, o.index] += o.new_token_ids
             if o.finished:
-                self.finals[o.request_id] = o
+                self.finals[o.request_id, o.index] = o
 
     def result(self) -> dict[str, Any]:
         engine = self.probe.engine
@@ -174,7 +176,7 @@ class Run:
             for d in rec["drafts"]:
                 for j in range(d):
                     drafted_by_pos[j] += 1
-        token_lists = [self.tokens[rid] for rid in self.ids]
+        token_lists = [self.tokens[key] for key in self.keys]
         assert all(len(t) == self.new_tokens for t in token_lists), "wrong number of generated tokens"
         return {
             "wall_s": self.wall, "tokens": token_lists, "num_steps": engine.runner.timings.num_steps,
@@ -249,15 +251,16 @@ def bench_checkpoint(name: str, model_dir: Path, args: argparse.Namespace) -> li
         reference = runs[args.ks[0]][0]["tokens"]  # k = ks[0] (0 by default)
         for k in args.ks:
             rs = runs[k]
-            steady = [s for r in rs for s in steady_steps(r["steps"], b, k)]
+            steady = [s for r in rs for s in steady_steps(r["steps"], b * SAMPLES, k)]
             acc_pos = [sum(r["accepted_by_pos"][j] for r in rs) for j in range(len(rs[0]["drafted_by_pos"]))]
             dr_pos = [sum(r["drafted_by_pos"][j] for r in rs) for j in range(len(rs[0]["drafted_by_pos"]))]
             drafted, accepted = sum(r["drafted"] for r in rs), sum(r["accepted"] for r in rs)
             vsteps = sum(r["verify_steps"] for r in rs)
             mismatched = sorted({i for r in rs for i, (a, t) in enumerate(zip(r["tokens"], reference)) if a != t})
             results.append({
-                "checkpoint": name, "batch": b, "k": k, "generated_tokens": b * args.new_tokens,
-                "wall_s": [r["wall_s"] for r in rs], "tok_s": b * args.new_tokens / med([r["wall_s"] for r in rs]),
+                "checkpoint": name, "batch": b, "samples": SAMPLES, "k": k,
+                "generated_tokens": b * SAMPLES * args.new_tokens, "wall_s": [r["wall_s"] for r in rs],
+                "tok_s": b * SAMPLES * args.new_tokens / med([r["wall_s"] for r in rs]),
                 "steps_per_run": med([r["num_steps"] for r in rs]),
                 "drafted_per_run": drafted / len(rs), "accepted_per_run": accepted / len(rs),
                 "acceptance_rate": accepted / drafted if drafted else None,
@@ -314,6 +317,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seed each sampled request: verified by coupled draws, its tokens are k=0's "
                         "(docs/speculation.md)")
     p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--samples", type=int, default=1,
+                   help="parallel samples per request (GenerationRequest.n, default 1): each batch entry is one "
+                        "request of this many samples; a seed per request (--seed-requests) seeds sample i with +i")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
     args.ks = [int(k) for k in args.ks.split(",") if k.strip()]
@@ -321,8 +327,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.names = [c.strip() for c in args.checkpoints.split(",") if c.strip()]
     if not args.ks or args.ks[0] != 0 or any(not 0 <= k <= 4 for k in args.ks):
         p.error("--ks must start with 0 and hold values in [0, 4]")
-    if args.repeats < 1 or args.new_tokens < 2 or args.prompt_len < 1 or not args.batch_sizes:
-        p.error("--repeats, --prompt-len must be >= 1, --new-tokens >= 2, --batch-sizes non-empty")
+    if args.repeats < 1 or args.new_tokens < 2 or args.prompt_len < 1 or not args.batch_sizes or args.samples < 1:
+        p.error("--repeats, --prompt-len, --samples must be >= 1, --new-tokens >= 2, --batch-sizes non-empty")
     if not args.names or set(args.names) - {"random", "aligned"}:
         p.error("--checkpoints: random, aligned or both")
     return args
@@ -331,7 +337,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def print_header(args: argparse.Namespace, meta: dict[str, Any], src: Path) -> None:
     print(f"model {src}  |  torch {meta['torch']}, device {args.device}, threads {meta['threads']} "
           f"(cpus {meta['cpu_count']})  |  {git_line(meta['git'])}")
-    print(f"k = {','.join(map(str, args.ks))}, batch {','.join(map(str, args.batch_sizes))}, prompts "
+    print(f"k = {','.join(map(str, args.ks))}, batch {','.join(map(str, args.batch_sizes))}"
+          f"{f' requests x {args.samples} samples' if args.samples > 1 else ''}, prompts "
           f"{args.prompt_len} random ids, {args.new_tokens} new tokens "
           f"{'greedy' if args.temperature == 0.0 else f'sampled ({sampling_of(args)})'} (ignore_eos); 1 warm-up + "
           f"{args.repeats} run(s) per engine, the engines stepped round robin")
@@ -341,16 +348,16 @@ def print_header(args: argparse.Namespace, meta: dict[str, Any], src: Path) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    global SEED_REQUESTS
+    global SEED_REQUESTS, SAMPLES
     args = parse_args(argv)
-    SEED_REQUESTS = args.seed_requests
+    SEED_REQUESTS, SAMPLES = args.seed_requests, args.samples
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     meta = {
         "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(), "device": args.device, "ks": args.ks, "batch_sizes": args.batch_sizes,
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats, "seed": args.seed,
-        "draft_length": args.draft_length, "draft_head": args.draft_head, "git": git_state(),
+        "draft_length": args.draft_length, "draft_head": args.draft_head, "samples": args.samples, "git": git_state(),
         "sampling": {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                      "seeded": args.seed_requests},
     }

@@ -322,3 +322,51 @@ def test_spec_override_is_validated(random_ckpt, engines, tmp_path):
     no_mtp = make_checkpoint(tmp_path / "nomtp", SMALL, seed=1, tokenizer=False, with_mtp=False)
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         Engine(EngineConfig(model=str(no_mtp), num_speculative_tokens=1, cache_memory=64 << 20))
+
+
+@pytest.mark.parametrize("prompt_len", [10, 16])  # the prompt ends inside a block / fills its last one (16 tokens)
+def test_parallel_samples_speculate_and_each_equals_its_seed_alone(random_ckpt, engines, prompt_len):
+    """n=4 seeded samples at k=2: every sample drafts, and sample i's tokens are seed 7 + i's plain decoding
+    (float64; coupled verification). A forked sample's MTP row at the prompt's last position pairs the prompt's
+    hidden state with its own first token, as the seed run alone computes it, where that row lies in the
+    sample's own block; where the prompt fills its block the row is shared and keeps the parent's."""
+    f64 = dict(dtype="float64", state_dtype="float64", enable_prefix_caching=False)
+    p, L, bs = prompts([prompt_len], seed=31)[0], prompt_len, 16
+    seeded = [SamplingParams(temperature=0.9, seed=7 + i) for i in range(4)]
+    stop = StoppingParams(max_new_tokens=12, ignore_eos=True)
+
+    def mtp_row(e: Engine, request_id: str) -> torch.Tensor:  # the MTP KV pool's K at position L - 1
+        blocks = e.scheduler.get(request_id).block_ids
+        return e.runner.cache.k_cache[-1][blocks[(L - 1) // bs], (L - 1) % bs].clone()
+
+    plain, alone_rows = [], []
+    for i in range(4):
+        plain += run(engines(random_ckpt, **f64), [p], [0], sampling=[seeded[i]], max_new=12)
+        e = engines(random_ckpt, num_speculative_tokens=2, speculative_draft_length="fixed", **f64)
+        e.add_request(GenerationRequest("s", p, seeded[i], stop))
+        e.step()  # the prompt in one step: its MTP pass writes rows 0..L-1
+        alone_rows.append(mtp_row(e, "s"))
+        while e.has_unfinished():
+            e.step()
+    e = engines(random_ckpt, num_speculative_tokens=2, speculative_draft_length="fixed", **f64)
+    e.add_request(GenerationRequest("a", p, seeded[0], stop, n=4))
+    got, drafted, rows = {i: [] for i in range(4)}, {}, {}
+    while e.has_unfinished():
+        for o in e.step():
+            got[o.index] += o.new_token_ids
+            if o.finished:
+                drafted[o.index] = o.num_drafted_tokens
+        for i in range(4):  # once a sample's first decode step (its first MTP pass) has run
+            r = e.scheduler.get("a" if i == 0 else f"a\x1f{i}")
+            if i not in rows and r is not None and len(r.output_token_ids) >= 2:
+                rows[i] = mtp_row(e, r.request_id)
+    assert [got[i] for i in range(4)] == plain
+    assert all(drafted[i] > 0 for i in range(4)), drafted
+    assert torch.allclose(rows[0], alone_rows[0], rtol=0, atol=1e-9)
+    differs = [i for i in (1, 2, 3) if plain[i][0] != plain[0][0]]  # first tokens unlike the parent's
+    assert differs
+    for i in differs:
+        if L % bs:
+            assert torch.allclose(rows[i], alone_rows[i], rtol=0, atol=1e-9), i
+        else:
+            assert torch.equal(rows[i], rows[0]) and not torch.allclose(rows[i], alone_rows[i], rtol=0, atol=1e-6)

@@ -94,8 +94,6 @@ class Engine:
         bad = [p for p in req.cache_checkpoints if not 1 <= p <= len(req.prompt_token_ids)]
         require(not bad, "cache_checkpoints",
                 f"positions must be in [1, {len(req.prompt_token_ids)}] (the prompt length), got {bad[:5]}")
-        if req.n > 1:
-            k = 0  # parallel samples do not speculate (a forked sample has no MTP hidden state to draft from)
         seed = req.sampling.seed if req.sampling.seed is not None else self._seed_rng.getrandbits(63)
         prompt = list(req.prompt_token_ids)
 
@@ -110,12 +108,14 @@ class Engine:
                            grammar=self._grammar(req), priority=req.priority,
                            prompt_logprobs=req.prompt_logprobs if not i else None, index=i,
                            sample_of=req.request_id if i else None)
-        self.scheduler.add(sample(0))
+        samples = [sample(i) for i in range(req.n)]
+        self.scheduler.add(samples[0])
         self._open_samples[req.request_id] = req.n
         if req.n > 1:
-            self._unforked[req.request_id] = [sample(i) for i in range(1, req.n)]
-        if k:
-            self.spec.add(req.request_id)
+            self._unforked[req.request_id] = samples[1:]
+        if k:  # every sample speculates (a forked one from its first decode step: SpecDecoder.on_fork)
+            for s in samples:
+                self.spec.add(s.request_id)
 
     def _grammar(self, req: GenerationRequest) -> GrammarState | None:
         """The request's grammar matcher (worker/grammar.py), None when unconstrained."""
@@ -212,12 +212,15 @@ class Engine:
         mtp_last = {}
         if self.runner.max_spec_tokens:
             mtp_last = self.spec.catch_up(plan, step, sampled)
-        return step, sampled, logprobs, mtp_last, [(step.plain[i].request, samples) for i, samples in forks]
+        # each parent with its prompt's last hidden state: its samples' MTP row there pairs it with their own token
+        return step, sampled, logprobs, mtp_last, [
+            (step.plain[i].request, samples, step.hidden[step.ends[step.plain[i].request.request_id] - 1])
+            for i, samples in forks]
 
     def _update(self, plan: SchedulePlan, run: tuple) -> list[RequestOutput]:
         step, sampled, logprobs, mtp_last, forks = run
-        for parent, samples in forks:  # before the update: a parent finishing now releases its blocks and slot
-            self._fork(parent, samples, plan, sampled)
+        for parent, samples, hidden in forks:  # before the update: a parent finishing now frees its blocks and slot
+            self._fork(parent, samples, plan, sampled, hidden)
         by_id = {c.request.request_id: c.request for c in plan.chunks}
         step_outputs = self.scheduler.update(plan, sampled)
         for so in step_outputs:  # constrained requests: their grammar moves past the tokens appended
@@ -233,10 +236,13 @@ class Engine:
             self.spec.propose(drafting)
         return outputs
 
-    def _fork(self, parent: Request, samples: list[Request], plan: SchedulePlan, sampled: dict) -> None:
+    def _fork(self, parent: Request, samples: list[Request], plan: SchedulePlan, sampled: dict,
+              hidden: torch.Tensor) -> None:
         """Start a request's parallel samples from its computed prompt (Scheduler.fork): each gets a copy of the
         parent's DeltaNet state and of the block its prompt ends in (the full ones are shared). A sample that
-        had to queue instead computes the prompt itself: the first token drawn for it here is dropped."""
+        had to queue instead computes the prompt itself: the first token drawn for it here is dropped.
+        `hidden`: the target's hidden state at the prompt's last position, which a speculating sample's MTP row
+        there pairs with its own first token (SpecDecoder.on_fork)."""
         del self._unforked[parent.request_id]
         forked = self.scheduler.fork(parent, samples, plan)
         started = {s.request_id for s in forked}
@@ -248,6 +254,12 @@ class Engine:
         self.runner.cache.copy_slots([parent.state_slot] * len(forked), [s.state_slot for s in forked])
         if tails:  # none when the prompt fills its last block: the parent has no block past it yet
             self.runner.cache.copy_blocks([parent.block_ids[full]] * len(tails), [s.block_ids[full] for s in tails])
+        # that MTP row lies in the copied block unless the prompt fills its last block: then it is in a shared one,
+        # which keeps the parent's row (the sample's first drafts see the parent's first token there; drafts
+        # only, the tokens are verified as always)
+        speculating = [s.request_id for s in tails if s.num_speculative_tokens]
+        if speculating:
+            self.spec.on_fork(speculating, len(parent.prompt_token_ids), hidden)
 
     def _fail(self, plan: SchedulePlan, e: Exception, applied: bool) -> list[RequestOutput]:
         ended = self.failures.fail(plan, self.scheduler, e, applied)

@@ -239,6 +239,14 @@ class SpecDecoder:
             if spec is not None and by_id[r.request_id].num_speculative_tokens:
                 spec.restored = (r.position, self.runner.cache.ckpt_hidden[r.ckpt_id].clone())
 
+    def on_fork(self, request_ids: list[str], position: int, hidden: torch.Tensor) -> None:
+        """Parallel samples forked from a computed prompt of `position` tokens (Engine._fork): the MTP row at
+        position - 1 pairs the prompt's last hidden state `hidden` with each sample's own first token (the
+        parent's pass paired its own), so it is written with each sample's first MTP pass, as for a prefix hit."""
+        h = hidden.clone()
+        for request_id in request_ids:
+            self._requests[request_id].restored = (position, h)
+
     def verify(self, chunks: list[ScheduledChunk], logits: torch.Tensor, sampled: dict[str, list[int]],
                logprobs: Logprobs) -> None:
         """Accept or reject each verify chunk's drafts (greedy requests by the argmax alone, seeded sampled ones by
@@ -326,14 +334,14 @@ class SpecDecoder:
             deferred, spec.deferred = spec.deferred, None
             if deferred is not None and deferred[0] + len(deferred[2]) != start:
                 deferred = None  # recomputed since (preempted): the rows come again with the recompute
+            if deferred is None and restored is not None and restored[0] == start:
+                # the row at start - 1 goes first, deferred with the others or not (it was lost when deferred)
+                deferred = (start - 1, restored[1][None].to(step.hidden.dtype), r.token_slice(start, start + 1))
             if self._defer(c, r, start, n_valid, sampled):
                 spec.deferred = (start, h.clone(), nxt) if deferred is None else \
                     (deferred[0], torch.cat([deferred[1], h]), deferred[2] + nxt)
                 continue
-            if restored is not None and restored[0] == start:
-                mtp_pieces.append((r, start - 1, r.token_slice(start, start + 1) + nxt))
-                h_parts.append(restored[1][None].to(step.hidden.dtype))
-            elif deferred is not None:
+            if deferred is not None:
                 mtp_pieces.append((r, deferred[0], deferred[2] + nxt))
                 h_parts.append(deferred[1])
             else:
