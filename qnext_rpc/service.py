@@ -23,7 +23,7 @@ from qnext.rpc.metrics import Metrics
 from qnext.rpc.stream import CANCELLED, Chunk, OutputAssembler
 from qnext.rpc.text import TextProcessor
 from qnext.rpc.text_pool import prepare_off_loop, run_text_work
-from qnext.rpc.validate import Limits, check_detokenize, check_tokenize, tool_list
+from qnext.rpc.validate import Limits, check_detokenize, check_tokenize, tool_list, tools_size
 
 log = structlog.get_logger("qnext.service")
 
@@ -225,7 +225,7 @@ class GenerationService(convert.GenerationServicer):
         text, chat, thinking, allow_special, tool_specs = convert.parse_tokenize(request)
         size = check_tokenize(text, chat, self.limits)  # Generate's limits, before any work
         tools = tool_list(tool_specs, self.limits)  # rendered into the prompt as Generate renders them
-        size += sum(len(t.parameters_json_schema) + len(t.description) for t in tool_specs)
+        size += tools_size(tool_specs)
 
         def work() -> Any:  # the token strings and the response of a long input take time too: all on the pool
             ids = self.text.encode(text, allow_special) if chat is None else \

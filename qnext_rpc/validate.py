@@ -160,12 +160,16 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
+def tools_size(specs: Sequence[Any]) -> int:
+    """ChatInput.tools' size in characters: their schemas and descriptions (what the limits count)."""
+    return sum(len(t.parameters_json_schema) + len(t.description) for t in specs)
+
+
 def tool_list(specs: Sequence[Any], limits: Limits) -> list[Tool]:
     """ChatInput.tools (Generate's or Tokenize's) as Tools, each schema parsed; ValueError naming the field."""
     _require(len(specs) <= limits.max_tools, "chat.tools",
              f"{len(specs)} tools is over the limit of {limits.max_tools}")
-    _require(sum(len(t.parameters_json_schema) + len(t.description) for t in specs) <= limits.max_prompt_chars,
-             "chat.tools", f"over {limits.max_prompt_chars} characters")
+    _require(tools_size(specs) <= limits.max_prompt_chars, "chat.tools", f"over {limits.max_prompt_chars} characters")
     tools = []
     for i, t in enumerate(specs):
         params: Any = {}
