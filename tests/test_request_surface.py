@@ -280,22 +280,22 @@ def test_aborts_end_every_sample_or_one_and_leak_nothing(default_ckpt, alone):
     assert e.cache_manager.is_full() and not e.has_unfinished()
 
 
-def test_a_parent_that_fails_before_its_prompt_is_done_ends_its_samples(default_ckpt):
-    """A step error ending sample 0 before the fork (the only way it ends then, aborts take every sample): the
-    unforked samples end with the same reason and error, nothing is left open."""
-    from qnext.worker.scheduler import StepOutput
-    from qnext.worker.types import FinishReason, StepError
+def test_a_parent_that_fails_before_its_prompt_is_done_ends_its_samples(default_ckpt, monkeypatch):
+    """A step failure ending sample 0 before the fork (an injected one, worker/fault_injection.py: the step of
+    the parent's first prompt chunk raises; aborts take every sample): the unforked samples end with the same
+    reason and error, nothing is left open."""
+    from qnext.worker.fault_injection import ENV, install_from_env
+    from qnext.worker.types import FinishReason
     e = fresh(default_ckpt, enable_prefix_caching=False)
+    monkeypatch.setenv(ENV, str(PROMPT[0]))
+    install_from_env(e)
     e.add_request(GenerationRequest("a", PROMPT, SamplingParams(temperature=1.0, seed=7),
                                     StoppingParams(max_new_tokens=10), n=3))
-    e.step()
-    parent = e.scheduler.get("a")
-    e.scheduler.abort("a")  # as step_failure ends it
-    error = StepError(False, "RuntimeError")
-    out = e._output(parent, StepOutput("a", [], True, FinishReason.ERROR), error=error)
+    (parent,) = e.step()  # the first of the prompt's three chunks
+    assert parent.index == 0 and parent.finish_reason == FinishReason.ERROR and parent.error is not None
     rest = e.step()
-    assert out.finished and [(o.index, o.finish_reason, o.error) for o in rest] == \
-        [(1, FinishReason.ERROR, error), (2, FinishReason.ERROR, error)]
+    assert [(o.index, o.finish_reason, o.error) for o in rest] == \
+        [(1, FinishReason.ERROR, parent.error), (2, FinishReason.ERROR, parent.error)]
     assert not e.has_unfinished() and e.cache_manager.is_full()
     e.add_request(GenerationRequest("a", [1, 2], n=2))  # the id is free again
 
