@@ -233,10 +233,11 @@ def test_samples_without_room_prefill_themselves_with_the_same_tokens(default_ck
     assert e.cache_manager.is_full()
 
 
-def test_a_preempted_sample_recomputes_its_own_sequence(default_ckpt, alone):
+@pytest.mark.parametrize("k", [0, 2])
+def test_a_preempted_sample_recomputes_its_own_sequence(default_ckpt, alone, k):
     """Sample 2 preempted after the fork drops its references to the shared prompt blocks and later recomputes
-    prompt + its own tokens into blocks of its own: every sample still equals its seed alone."""
-    e = fresh(default_ckpt, enable_prefix_caching=False)
+    prompt + its own tokens into blocks of its own: every sample still equals its seed alone (with MTP too)."""
+    e = fresh(default_ckpt, enable_prefix_caching=False, num_speculative_tokens=k, speculative_draft_length="fixed")
     e.add_request(GenerationRequest("a", PROMPT, SamplingParams(temperature=1.0, seed=7),
                                     StoppingParams(max_new_tokens=10), n=4))
     outs: list = []
@@ -248,11 +249,14 @@ def test_a_preempted_sample_recomputes_its_own_sequence(default_ckpt, alone):
         outs += e.step()
     assert sample.num_preemptions == 1
     assert sample_tokens({"a": outs}, "a") == alone
-    assert e.cache_manager.is_full()
+    assert e.cache_manager.is_full() and e.spec.num_tracked == 0
+    if k:
+        assert e.spec.counters.num_drafted > 0
 
 
-def test_aborts_end_every_sample_or_one_and_leak_nothing(default_ckpt, alone):
-    e = fresh(default_ckpt, enable_prefix_caching=False)
+@pytest.mark.parametrize("k", [0, 2])  # samples speculate too: their MTP state goes with them
+def test_aborts_end_every_sample_or_one_and_leak_nothing(default_ckpt, alone, k):
+    e = fresh(default_ckpt, enable_prefix_caching=False, num_speculative_tokens=k, speculative_draft_length="fixed")
     req = lambda rid: GenerationRequest(rid, PROMPT, SamplingParams(temperature=1.0, seed=7),  # noqa: E731
                                         StoppingParams(max_new_tokens=10), n=4)
     # before the fork (the prompt is computed in 16-token chunks): the unforked samples end too
@@ -277,7 +281,9 @@ def test_aborts_end_every_sample_or_one_and_leak_nothing(default_ckpt, alone):
         got.setdefault(o.index, []).extend(o.new_token_ids)
     assert all(got[i] == alone[i][:len(got[i])] for i in range(4))
     assert len(got[2]) < len(got[0]) and sum(o.finished for o in outs) == 4
-    assert e.cache_manager.is_full() and not e.has_unfinished()
+    assert e.cache_manager.is_full() and not e.has_unfinished() and e.spec.num_tracked == 0
+    if k:
+        assert e.spec.counters.num_drafted > 0
 
 
 def test_a_parent_that_fails_before_its_prompt_is_done_ends_its_samples(default_ckpt, monkeypatch):
