@@ -27,10 +27,12 @@ def test_speculation_through_grpc(default_ckpt, tmp_path):
                                     num_speculative_tokens=0)
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await collect(c, token_ids=prompt, max_new_tokens=4, num_speculative_tokens=3)
+                samples = await c.generate(token_ids=prompt, max_new_tokens=8, temperature=0.8, seed=3, n=2,
+                                           ignore_eos=True)
                 stats = await c.server_stats()
-                return spec, off, err.value, stats
+                return spec, off, err.value, samples, stats
 
-        spec, off, err, stats = asyncio.run(go())
+        spec, off, err, samples, stats = asyncio.run(go())
     finally:
         assert server.stop() == 0
     engine = Engine(EngineConfig(model=str(default_ckpt), cache_memory=64 << 20, dtype=DTYPE))  # see test_service.DTYPE
@@ -39,3 +41,6 @@ def test_speculation_through_grpc(default_ckpt, tmp_path):
     assert spec[2].spec.drafted_tokens > 0 and off[2].spec.drafted_tokens == 0  # default = server maximum
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details().startswith("num_speculative_tokens")
     assert stats.spec_drafted_tokens >= spec[2].spec.drafted_tokens
+    # parallel samples speculate too, each with its own counters
+    assert [r.index for r in samples.choices] == [0, 1]
+    assert all(r.finish.spec.drafted_tokens > 0 and len(r.token_ids) == 8 for r in samples.choices)
