@@ -136,12 +136,13 @@ def test_pure_decode_steps_match_naive(H, dk, init, slots):
 def test_paged_attention_matches_naive():
     """Decodes and prefill chunks mixed, GQA (query head h reads KV head h // 2), shuffled block tables: every
     query row against a per-row softmax loop over its sequence's positions 0..its own (fp64); the new keys and
-    values land in the cache at their slots."""
+    values land in the cache at their slots. Two 3-token chunks at different context lengths share one padded
+    call; the 70-token chunk (over BATCHED_CHUNK_MAX) runs alone."""
     from qnext.kernels.attention.reference import paged_attention_varlen
     gen = torch.Generator().manual_seed(5)
     f64 = dict(generator=gen, dtype=torch.float64)
     bs, Hq, Hkv, D = 4, 4, 2, 8
-    query_lens, context_lens = [1, 5, 1, 9, 3], [7, 5, 1, 20, 11]
+    query_lens, context_lens = [1, 5, 1, 9, 3, 3, 70], [7, 5, 1, 20, 11, 4, 80]
     need = [-(-c // bs) for c in context_lens]
     perm = torch.randperm(sum(need) + 3, generator=gen).tolist()
     tables = torch.full((len(need), max(need)), -1, dtype=torch.int32)

@@ -18,6 +18,10 @@ from qnext.kernels.gated_delta_rule.reference import compute_dtype
 
 # the floor of a row's amax: an all-zero row gets scale 1e-10 / 448 and stays exact zeros (the Triton write uses it too)
 KV_SCALE_EPS = 1e-10
+# Chunks of 2..BATCHED_CHUNK_MAX tokens (verify chunks, the MTP head's catch-up rows, short prefill chunks) attend
+# in one padded call per chunk length, as the decodes do; longer chunks one sequence at a time (a padded batch of
+# long chunks at different context lengths would gather far more K/V than it reads)
+BATCHED_CHUNK_MAX = 64
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,24 +101,30 @@ def paged_attention_varlen(
     starts = [0]
     for n in query_lens:
         starts.append(starts[-1] + n)
-    single = [i for i, n in enumerate(query_lens) if n == 1]
-    if single:
-        # Decodes: one padded batch; each query sees its whole context.
-        L = max(context_lens[i] for i in single)
-        bs = k_cache.shape[1]
+    # Sequences with the same number of new tokens n <= BATCHED_CHUNK_MAX (decodes: n = 1) go together in one
+    # padded batch; query j of a sequence of context length C sits at position C - n + j and sees positions <= it.
+    by_len: dict[int, list[int]] = {}
+    for i, n in enumerate(query_lens):
+        if 1 <= n <= BATCHED_CHUNK_MAX:
+            by_len.setdefault(n, []).append(i)
+    bs = k_cache.shape[1]
+    for n, group in by_len.items():
+        L = max(context_lens[i] for i in group)
         pos = torch.arange(L, device=q.device)
-        tables = block_tables[single].long().clamp(min=0)  # padding entries are masked below
+        tables = block_tables[group].long().clamp(min=0)  # padding entries are masked below
         slots = tables[:, pos // bs] * bs + pos % bs  # [b, L]
         ks = _read(k_cache, k_scale, slots.view(-1), q.dtype).view(*slots.shape, *k.shape[1:])
         vs = _read(v_cache, v_scale, slots.view(-1), q.dtype).view(*slots.shape, *v.shape[1:])
-        lens = torch.tensor([context_lens[i] for i in single], device=q.device)
-        mask = (pos[None, :] < lens[:, None])[:, None, :]
-        if len(single) == len(query_lens):  # a pure decode step: rows are 0..T-1
+        last = torch.tensor([context_lens[i] - n for i in group], device=q.device)[:, None] + \
+            torch.arange(n, device=q.device)  # [b, n] each query's position
+        mask = pos[None, None, :] <= last[:, :, None]  # [b, n, L]
+        if n == 1 and len(group) == len(query_lens):  # a pure decode step: rows are 0..T-1
             return _attend(q[:, None], ks, vs, mask, scale)[:, 0].to(q.dtype)
-        rows = torch.tensor([starts[i] for i in single], device=q.device)
-        out[rows] = _attend(q[rows][:, None], ks, vs, mask, scale)[:, 0]
+        rows = torch.tensor([starts[i] + j for i in group for j in range(n)], device=q.device)
+        out[rows] = _attend(q[rows].view(len(group), n, *q.shape[1:]), ks, vs, mask, scale).flatten(0, 1)
+    batched = {i for group in by_len.values() for i in group}
     for i, n in enumerate(query_lens):
-        if n <= 1:
+        if n == 0 or i in batched:
             continue
         s, L = starts[i], context_lens[i]
         ks = _gather(k_cache, k_scale, block_tables[i], L, q.dtype)[None]
