@@ -370,3 +370,29 @@ def test_parallel_samples_speculate_and_each_equals_its_seed_alone(random_ckpt, 
             assert torch.allclose(rows[i], alone_rows[i], rtol=0, atol=1e-9), i
         else:
             assert torch.equal(rows[i], rows[0]) and not torch.allclose(rows[i], alone_rows[i], rtol=0, atol=1e-6)
+
+
+def test_kv_only_mtp_pass_writes_what_the_full_pass_writes(random_ckpt):
+    """The catch-up's rows that propose no draft take `mtp_write_kv`: it leaves in the MTP's KV cache what
+    `mtp_forward` leaves there, row for row (float64), without the attention and MoE."""
+    e = Engine(EngineConfig(model=str(random_ckpt), dtype="float64", state_dtype="float64", num_speculative_tokens=1,
+                            cache_memory=64 << 20, seed=0))
+    e.add_request(GenerationRequest("r", prompts([20], seed=3)[0], GREEDY, StoppingParams(max_new_tokens=4), 1))
+    e.step()  # the prompt: its blocks hold positions 0..19
+    r = e.scheduler.get("r")
+    g = torch.Generator().manual_seed(4)
+    toks = torch.randint(0, 512, (19,), generator=g).tolist()
+    batch = e.runner.forward_batch([(r, 0, toks)])
+    hidden = torch.randn(19, e.runner.model.config.hidden_size, generator=g, dtype=torch.float64)
+    pools = (e.runner.cache.k_cache[-1], e.runner.cache.v_cache[-1])  # the MTP layer's
+
+    def written(run) -> list[torch.Tensor]:
+        for pool in pools:
+            pool.view(-1, *pool.shape[2:])[batch.slot_mapping] = 0.0
+        run(batch.input_ids, hidden, batch, e.runner.cache)
+        return [pool.view(-1, *pool.shape[2:])[batch.slot_mapping].clone() for pool in pools]
+    kv_only, full = written(e.runner.model.mtp_write_kv), written(e.runner.model.mtp_forward)
+    assert all(t.abs().amax() > 0 for t in full)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(kv_only, full))
+    while e.has_unfinished():
+        e.step()

@@ -195,12 +195,13 @@ def test_cross_rank_calls_are_a_fixed_list_and_others_fail_loudly():
     import pickle
 
     from qnext.worker.tp_worker import _serve
-    assert LeadModel.CALLS == ("__call__", "mtp_forward")
+    assert LeadModel.CALLS == ("__call__", "mtp_forward", "mtp_write_kv")
     assert LeadCache.CALLS == ("copy_blocks", "copy_slots", "save_checkpoints", "restore_checkpoints", "rollback")
     # the whole interface: the calls above plus rank-0-only compute_logits and reads
     public = {cls: {n for n in vars(cls) if not n.startswith("_") and n not in ("NAME", "CALLS")} for cls in
               (LeadModel, LeadCache)}
-    assert public[LeadModel] == {"mtp_forward", "compute_logits", "config"} and "__call__" in vars(LeadModel)
+    assert public[LeadModel] == {"mtp_forward", "mtp_write_kv", "compute_logits", "config"} and \
+        "__call__" in vars(LeadModel)
     assert public[LeadCache] == {*LeadCache.CALLS, "ckpt_hidden"}
 
     rec = _Recorder()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qnext.kernels.attention import paged_attention_varlen
+from qnext.kernels.attention import paged_attention_varlen, write_kv
 from qnext.kernels.conv1d import causal_conv1d_varlen
 from qnext.kernels.gated_delta_rule import gated_delta_rule_varlen
 from qnext.kernels.moe import fused_moe, route_logits
@@ -132,14 +132,29 @@ class GatedAttention(nn.Module):
         qg, k, v = project(self, x)
         q, gate = qg.reshape(T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)  # [T, Hq, D] each
         q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(k.reshape(T, self.num_kv_heads, self.head_dim)), cos, sin)
-        v = v.reshape(T, self.num_kv_heads, self.head_dim)
+        k, v = self._keys_values(k, v, cos, sin)
         k_cache, v_cache, k_scale, v_scale = cache.kv_pool(self.cache_index)
         o = paged_attention_varlen(
             q, k, v, k_cache, v_cache, batch.slot_mapping, batch.block_tables, batch.query_lens, batch.context_lens,
             self.head_dim ** -0.5, batch.kernel_meta, k_scale=k_scale, v_scale=v_scale)
         o = o * torch.sigmoid(gate)
         return self.o_proj(o.reshape(T, -1))
+
+    def _keys_values(self, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projections' k, v [T, Hkv * D] as the cache holds them: k normed and rotated, [T, Hkv, D] each."""
+        T = k.shape[0]
+        k = apply_rope(self.k_norm(k.reshape(T, self.num_kv_heads, self.head_dim)), cos, sin)
+        return k, v.reshape(T, self.num_kv_heads, self.head_dim)
+
+    def write_kv(self, x: torch.Tensor, batch: ForwardBatch, cache: CacheTensors, cos: torch.Tensor,
+                 sin: torch.Tensor) -> None:
+        """Only the keys and values `forward` writes for x's rows (same projections, so the same values); no
+        attention. For rows whose output nobody reads but whose K/V later rows attend to."""
+        _, k, v = project(self, x)
+        k, v = self._keys_values(k, v, cos, sin)
+        k_cache, v_cache, k_scale, v_scale = cache.kv_pool(self.cache_index)
+        write_kv(k, v, k_cache, v_cache, batch.slot_mapping, k_scale, v_scale)
 
 
 class GatedDeltaNet(nn.Module):
@@ -344,10 +359,24 @@ class Qwen3NextForCausalLM(nn.Module):
                     cache: CacheTensors, step: int = 0) -> torch.Tensor:
         """One MTP pass. Row p pairs token t_{p+1} with the target's final hidden state h_p at position p
         (batch.positions); returns the MTP's hidden states after `mtp.norm`: [T, H]."""
-        assert self.mtp is not None, "this checkpoint has no MTP head"
-        e = self.mtp.pre_fc_norm_embedding(self.model.embed_tokens(next_token_ids))
-        h = self.mtp.pre_fc_norm_hidden(hidden)
-        x = self.mtp.fc(torch.cat([e, h], dim=-1))
+        x = self._mtp_input(next_token_ids, hidden)
         cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
         x = self.mtp.layers[step % len(self.mtp.layers)](x, batch, cache, cos, sin)
         return self.mtp.norm(x)
+
+    @torch.inference_mode()
+    def mtp_write_kv(self, next_token_ids: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch,
+                     cache: CacheTensors, step: int = 0) -> None:
+        """What `mtp_forward` leaves in the MTP's KV cache for these rows, without its attention and MoE: for
+        rows no draft is proposed from (worker/spec_decode.py's catch-up), whose K/V later rows still read."""
+        x = self._mtp_input(next_token_ids, hidden)
+        cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
+        layer = self.mtp.layers[step % len(self.mtp.layers)]
+        layer.self_attn.write_kv(layer.input_layernorm(x), batch, cache, cos, sin)
+
+    def _mtp_input(self, next_token_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """fc([norm(embed(t_{p+1})) | norm(h_p)]): the MTP layer's input rows."""
+        assert self.mtp is not None, "this checkpoint has no MTP head"
+        e = self.mtp.pre_fc_norm_embedding(self.model.embed_tokens(next_token_ids))
+        h = self.mtp.pre_fc_norm_hidden(hidden)
+        return self.mtp.fc(torch.cat([e, h], dim=-1))

@@ -47,6 +47,7 @@ from qnext.worker.spec_policy import DraftLengthPolicy
 STREAM_DRAFT = 1  # drawing draft tokens from q
 STREAM_ACCEPT = 2  # the accept test's uniform
 STREAM_RESIDUAL = 3  # drawing from the residual after a rejection
+KV_ONLY_MIN_ROWS = 8  # catch-up rows whose MTP output nobody reads: from this many on, they take the KV-only pass
 
 
 def draw(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, stream: int,
@@ -312,7 +313,8 @@ class SpecDecoder:
     def catch_up(self, plan: SchedulePlan, step: StepForward, sampled: dict[str, list[int]]) -> dict[str, torch.Tensor]:
         """MTP pass 1 (docs/model.md §7): the MTP over the rows this step made real, pairing the target's hidden
         state h_p with token t_{p+1} (this keeps the MTP's own KV cache complete, prompt included). Returns,
-        per request that drafts next, the MTP hidden state of its last row: what proposes draft 1.
+        per request that drafts next, the MTP hidden state of its last row: what proposes draft 1. Only those
+        rows run the whole MTP layer; the others need just their K/V (`mtp_write_kv`).
         A request restored from the prefix cache at P also gets the row at P-1, from the checkpoint's hidden
         state and its own token P (the cached row paired the prefix's owner's token P).
         The policy chooses the next draft lengths here. A decoding request at length 0 defers its rows (`_defer`):
@@ -352,12 +354,40 @@ class SpecDecoder:
         if not mtp_pieces:
             return {}
         h_in = h_parts[0] if len(h_parts) == 1 else torch.cat(h_parts)
-        batch = self.runner.forward_batch(mtp_pieces)
-        h = self.runner.model.mtp_forward(batch.input_ids, h_in, batch, self.runner.cache)
-        if not sampling:  # no request drafts next: the MTP KV is written, nothing more
+        model, cache = self.runner.model, self.runner.cache
+        # The MTP layer's output is read at one row per drafting request, its last (draft 1 comes from it); the
+        # other rows are there for their K/V, which later rows attend to. Many such rows take the KV-only pass
+        # first (a full pass over every row cost 8 ms at each KV-block boundary of 16 requests at k = 0, 16 rows
+        # each); a few ride along in one full pass, which costs less than a second pass
+        if sum(len(toks) for _, _, toks in mtp_pieces) - len(sampling) < KV_ONLY_MIN_ROWS:
+            batch = self.runner.forward_batch(mtp_pieces)
+            h = model.mtp_forward(batch.input_ids, h_in, batch, cache)
+            if not sampling:
+                return {}
+            last = batch.last_token_indices[sampling]
+            return {mtp_pieces[i][0].request_id: h[j] for i, j in zip(sampling, last.tolist())}
+        drafting = set(sampling)
+        kv_pieces, kv_rows, out_pieces, out_rows, row = [], [], [], [], 0
+        for i, (r, start, toks) in enumerate(mtp_pieces):
+            n = len(toks)
+            kv_only = n - 1 if i in drafting else n
+            if kv_only:
+                kv_pieces.append((r, start, toks[:kv_only]))
+                kv_rows += range(row, row + kv_only)
+            if i in drafting:
+                out_pieces.append((r, start + n - 1, toks[-1:]))
+                out_rows.append(row + n - 1)
+            row += n
+        if kv_pieces:
+            batch = self.runner.forward_batch(kv_pieces)
+            rows = h_in if len(kv_rows) == row else h_in[torch.tensor(kv_rows, device=h_in.device)]
+            model.mtp_write_kv(batch.input_ids, rows, batch, cache)
+        if not out_pieces:  # no request drafts next: the MTP KV is written, nothing more
             return {}
-        last = batch.last_token_indices[sampling]
-        return {mtp_pieces[i][0].request_id: h[j] for i, j in zip(sampling, last.tolist())}
+        batch = self.runner.forward_batch(out_pieces)
+        rows = h_in if len(out_rows) == row else h_in[torch.tensor(out_rows, device=h_in.device)]
+        h = model.mtp_forward(batch.input_ids, rows, batch, cache)
+        return {p[0].request_id: h[j] for j, p in enumerate(out_pieces)}
 
     def record_step(self, plan: SchedulePlan, start: float) -> None:
         """Time a decode step for the policy: the whole step since `start` (scheduling, forward, verify, MTP pass,

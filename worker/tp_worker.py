@@ -7,7 +7,7 @@ Their methods are the whole interface the engine has to the model and cache unde
 which of them cross ranks is spelled out:
 
 - on every rank (`CALLS`; first sent to every follower, which makes the same call on its own shard, then run
-  locally): the model's forward (`__call__`) and `mtp_forward`; the cache's `copy_blocks`, `save_checkpoints`,
+  locally): the model's forward (`__call__`), `mtp_forward` and `mtp_write_kv`; the cache's `copy_blocks`, `save_checkpoints`,
   `restore_checkpoints` and `rollback`. Every rank thus runs the same sequence of forwards, so the all-reduces
   inside them pair up, and the same cache writes.
 - on rank 0 alone: `compute_logits` (lm_head is replicated and followers never need logits), and the reads
@@ -179,7 +179,7 @@ class LeadModel(_Lead):
 
     __slots__ = ()
     NAME = "model"
-    CALLS = ("__call__", "mtp_forward")
+    CALLS = ("__call__", "mtp_forward", "mtp_write_kv")
 
     def __call__(self, batch: ForwardBatch, cache: LeadCache) -> torch.Tensor:
         """The target forward -> final hidden states [T, H]."""
@@ -189,6 +189,11 @@ class LeadModel(_Lead):
                     cache: LeadCache, step: int = 0) -> torch.Tensor:
         """One MTP pass -> the MTP's hidden states [T, H] (writes the MTP layer's KV on every rank)."""
         return self._on_every_rank("mtp_forward", next_token_ids, hidden, batch, cache, step=step)
+
+    def mtp_write_kv(self, next_token_ids: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch,
+                     cache: LeadCache, step: int = 0) -> None:
+        """The MTP layer's K/V for these rows, each rank its own KV heads (no collective inside)."""
+        self._on_every_rank("mtp_write_kv", next_token_ids, hidden, batch, cache, step=step)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Rank 0 alone: lm_head is replicated and only rank 0 samples."""

@@ -35,4 +35,17 @@ def paged_attention_varlen(
                                step_meta=step_meta, k_scale=k_scale, v_scale=v_scale)
 
 
-__all__ = ["paged_attention_varlen"]
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
+    """Only the cache write of `paged_attention_varlen`: k/v [T, Hkv, D] into the cache at slot_mapping (< 0:
+    skipped), quantised with the scales into an FP8 cache. For rows whose attention output nobody reads."""
+    if not use_triton(k):
+        reference.write_kv(k_cache, v_cache, k, v, slot_mapping, k_scale, v_scale)
+        return
+    from qnext.kernels.attention.triton_attention import write_kv_fwd
+    k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+    write_kv_fwd(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+
+__all__ = ["paged_attention_varlen", "write_kv"]
