@@ -396,3 +396,29 @@ def test_kv_only_mtp_pass_writes_what_the_full_pass_writes(random_ckpt):
     assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(kv_only, full))
     while e.has_unfinished():
         e.step()
+
+
+def test_catch_up_split_leaves_what_one_full_pass_leaves(random_ckpt, monkeypatch):
+    """The catch-up with its KV-only pass (prompt rows, deferred rows) leaves the MTP's KV cache and proposes
+    the drafts that one full pass over every row gives (float64, 4 requests at k=2)."""
+    import qnext.worker.spec_decode as spec_decode
+
+    def run_with(min_rows: int) -> tuple[list[torch.Tensor], list[list[int]]]:
+        monkeypatch.setattr(spec_decode, "KV_ONLY_MIN_ROWS", min_rows)
+        e = Engine(EngineConfig(model=str(random_ckpt), dtype="float64", state_dtype="float64", seed=0,
+                                num_speculative_tokens=2, speculative_draft_length="fixed", cache_memory=64 << 20,
+                                enable_prefix_caching=False))
+        drafts: list[list[int]] = []
+        set_drafts = e.scheduler.set_drafts
+        e.scheduler.set_drafts = lambda r, d: (drafts.append([r.request_id, *d]), set_drafts(r, d))[1]
+        for i, p in enumerate(prompts([12, 20, 9, 15], seed=8)):
+            e.add_request(GenerationRequest(str(i), p, GREEDY, StoppingParams(max_new_tokens=6, ignore_eos=True), 2))
+        e.step()  # the prompts: 52 catch-up rows, 4 of them full when split
+        pools = [t.clone() for t in (e.runner.cache.k_cache[-1], e.runner.cache.v_cache[-1])]
+        while e.has_unfinished():
+            e.step()
+        return pools, drafts
+    full_pools, full_drafts = run_with(10**9)
+    split_pools, split_drafts = run_with(8)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-10) for a, b in zip(split_pools, full_pools))
+    assert split_drafts == full_drafts and len(full_drafts) > 4

@@ -354,40 +354,39 @@ class SpecDecoder:
         if not mtp_pieces:
             return {}
         h_in = h_parts[0] if len(h_parts) == 1 else torch.cat(h_parts)
-        model, cache = self.runner.model, self.runner.cache
         # The MTP layer's output is read at one row per drafting request, its last (draft 1 comes from it); the
         # other rows are there for their K/V, which later rows attend to. Many such rows take the KV-only pass
         # first (a full pass over every row cost 8 ms at each KV-block boundary of 16 requests at k = 0, 16 rows
-        # each); a few ride along in one full pass, which costs less than a second pass
-        if sum(len(toks) for _, _, toks in mtp_pieces) - len(sampling) < KV_ONLY_MIN_ROWS:
-            batch = self.runner.forward_batch(mtp_pieces)
-            h = model.mtp_forward(batch.input_ids, h_in, batch, cache)
-            if not sampling:
-                return {}
-            last = batch.last_token_indices[sampling]
-            return {mtp_pieces[i][0].request_id: h[j] for i, j in zip(sampling, last.tolist())}
+        # each); a few ride along in the full pass, which costs less than a second pass
         drafting = set(sampling)
-        kv_pieces, kv_rows, out_pieces, out_rows, row = [], [], [], [], 0
+        split = sum(len(toks) for _, _, toks in mtp_pieces) - len(drafting) >= KV_ONLY_MIN_ROWS
+        kv_pieces, kv_rows, full_pieces, full_rows, full_index, row = [], [], [], [], {}, 0
         for i, (r, start, toks) in enumerate(mtp_pieces):
             n = len(toks)
-            kv_only = n - 1 if i in drafting else n
+            kv_only = n - (i in drafting) if split else 0
             if kv_only:
                 kv_pieces.append((r, start, toks[:kv_only]))
                 kv_rows += range(row, row + kv_only)
-            if i in drafting:
-                out_pieces.append((r, start + n - 1, toks[-1:]))
-                out_rows.append(row + n - 1)
+            if kv_only < n:
+                full_index[i] = len(full_pieces)
+                full_pieces.append((r, start + kv_only, toks[kv_only:]))
+                full_rows += range(row + kv_only, row + n)
             row += n
+
+        def rows_of(picked: list[int]) -> torch.Tensor:
+            return h_in if len(picked) == row else h_in[torch.tensor(picked, device=h_in.device)]
+        model, cache = self.runner.model, self.runner.cache
         if kv_pieces:
             batch = self.runner.forward_batch(kv_pieces)
-            rows = h_in if len(kv_rows) == row else h_in[torch.tensor(kv_rows, device=h_in.device)]
-            model.mtp_write_kv(batch.input_ids, rows, batch, cache)
-        if not out_pieces:  # no request drafts next: the MTP KV is written, nothing more
+            model.mtp_write_kv(batch.input_ids, rows_of(kv_rows), batch, cache)
+        if not full_pieces:
             return {}
-        batch = self.runner.forward_batch(out_pieces)
-        rows = h_in if len(out_rows) == row else h_in[torch.tensor(out_rows, device=h_in.device)]
-        h = model.mtp_forward(batch.input_ids, rows, batch, cache)
-        return {p[0].request_id: h[j] for j, p in enumerate(out_pieces)}
+        batch = self.runner.forward_batch(full_pieces)
+        h = model.mtp_forward(batch.input_ids, rows_of(full_rows), batch, cache)
+        if not sampling:  # no request drafts next: the MTP KV is written, nothing more
+            return {}
+        last = batch.last_token_indices.tolist()
+        return {mtp_pieces[i][0].request_id: h[last[full_index[i]]] for i in sampling}
 
     def record_step(self, plan: SchedulePlan, start: float) -> None:
         """Time a decode step for the policy: the whole step since `start` (scheduling, forward, verify, MTP pass,
