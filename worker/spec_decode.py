@@ -356,7 +356,7 @@ class SpecDecoder:
         h_in = h_parts[0] if len(h_parts) == 1 else torch.cat(h_parts)
         # The MTP layer's output is read at one row per drafting request, its last (draft 1 comes from it); the
         # other rows are there for their K/V, which later rows attend to. Many such rows take the KV-only pass
-        # first (a full pass over every row cost 8 ms at each KV-block boundary of 16 requests at k = 0, 16 rows
+        # first (a full pass over every row cost ~8 ms at each KV-block boundary of 16 requests at k = 0, 16 rows
         # each); a few ride along in the full pass, which costs less than a second pass
         drafting = set(sampling)
         split = sum(len(toks) for _, _, toks in mtp_pieces) - len(drafting) >= KV_ONLY_MIN_ROWS
