@@ -293,38 +293,38 @@ class IncrementalDetokenizer:
 
 
 class StopStringMatcher:
-    """Cuts the streamed text at the first stop string (kept when include_stop_strings)."""
+    """Cuts the streamed text at the first stop string (kept when include_stop_strings).
+
+    Only the text not emitted yet is kept (at most a held-back tail that could still start a stop string, plus the
+    new delta): a stop string never starts inside emitted text, and keeping the whole output made every push copy
+    it (64,000 pushes of 4 characters took 1.5 s, 23 us each, and growing)."""
 
     def __init__(self, stop_strings: Sequence[str], include_stop_strings: bool) -> None:
         self.stop_strings = [s for s in stop_strings if s]
         self.include = include_stop_strings
-        self.text = ""
-        self._emitted = 0
+        self.pending = ""  # the held-back tail
         self.matched: str | None = None
 
     def push(self, delta: str, final: bool = False) -> str:
         """Text safe to emit now; sets `matched` (and emits through the cut) when a stop string appears."""
         if self.matched is not None:
             return ""
-        self.text += delta
-        hits = [(i, -len(s), s) for s in self.stop_strings if (i := self.text.find(s, self._emitted)) >= 0]
+        text = self.pending + delta
+        hits = [(i, -len(s), s) for s in self.stop_strings if (i := text.find(s)) >= 0]
         if hits:
             i, _, s = min(hits)
-            self.matched = s
-            end = i + (len(s) if self.include else 0)
-        else:
-            end = len(self.text) if final else len(self.text) - self._held_back()
-        out = self.text[self._emitted:end]
-        self._emitted = max(self._emitted, end)
+            self.matched, self.pending = s, ""
+            return text[:i + (len(s) if self.include else 0)]
+        end = len(text) if final else len(text) - self._held_back(text)
+        out, self.pending = text[:end], text[end:]
         return out
 
-    def _held_back(self) -> int:
-        """Length of the longest tail of the unemitted text that is a proper prefix of a stop string."""
-        tail = self.text[self._emitted:]
+    def _held_back(self, text: str) -> int:
+        """Length of the longest tail of `text` that is a proper prefix of a stop string."""
         best = 0
         for s in self.stop_strings:
-            for n in range(min(len(s) - 1, len(tail)), best, -1):
-                if tail.endswith(s[:n]):
+            for n in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:n]):
                     best = n
                     break
         return best

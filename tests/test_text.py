@@ -1,6 +1,8 @@
 """The server's text side, without a server: chat template, incremental detokenizer, stop strings, reasoning
 split, request validation."""
 
+import itertools
+import random
 import pytest
 
 from qnext.rpc.text import (ChatMessage, IncrementalDetokenizer, ReasoningSplitter, StopStringMatcher,
@@ -53,6 +55,33 @@ def test_stop_strings_hold_back_only_possible_prefixes():
     assert m.push("aSTOPb") == "aSTOP" and m.matched == "STOP"
     m = StopStringMatcher(["xyz"], include_stop_strings=False)
     assert m.push("abcx") == "abc" and m.push("", final=True) == "x"
+
+
+def test_stop_strings_match_the_whole_text_and_keep_only_a_short_tail():
+    """Random streams against the whole text at once: the same cut and match, and the matcher holds no more than a
+    stop string's length of text between pushes (it kept the whole output, copied on every push)."""
+    rng = random.Random(7)
+    for _ in range(300):
+        stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
+        include = rng.random() < 0.5
+        deltas = ["".join(rng.choice("abcd") for _ in range(rng.randint(0, 5))) for _ in range(rng.randint(1, 30))]
+        m = StopStringMatcher(stops, include)
+        out = []
+        for d in deltas:
+            out.append(m.push(d))
+            assert len(m.pending) < max(map(len, stops))
+        out.append(m.push("", final=True))
+        whole = "".join(deltas)
+        # the stream stops at the first push after which the text so far holds a stop string: the earliest one
+        # there (the longest of those starting at the same place)
+        seen = [whole[:n] for n in itertools.accumulate(map(len, deltas))]
+        hits = next(([(i, -len(s), s) for s in stops if (i := text.find(s)) >= 0] for text in seen
+                     if any(s in text for s in stops)), [])
+        if hits:
+            i, _, s = min(hits)
+            assert m.matched == s and "".join(out) == whole[:i + (len(s) if include else 0)]
+        else:
+            assert m.matched is None and "".join(out) == whole
 
 
 def test_reasoning_splitter():
