@@ -54,7 +54,7 @@ def sampler_step(compiler: GrammarCompiler, grammar: str, rounds: int) -> dict[s
     logits = torch.randn(16, VOCAB_SIZE) * 4
 
     def batch(allowed: list[bytes] | None) -> SamplingBatch:
-        return SamplingBatch.build(params, list(range(16)), [0] * 16, [[1]] * 16, [[]] * 16, [[]] * 16, VOCAB_SIZE,
+        return SamplingBatch.build(params, list(range(16)), [0] * 16, [None] * 16, [[]] * 16, VOCAB_SIZE,
                                    torch.device("cpu"), allowed=allowed)
 
     times: dict[str, list[float]] = {k: [] for k in ("free", "constrained", "bitmasks", "expand", "sample")}

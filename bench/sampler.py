@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for bench.*; 
 import torch  # noqa: E402
 
 from qnext.worker import sampler  # noqa: E402
-from qnext.worker.sampler import SamplingBatch, sample  # noqa: E402
+from qnext.worker.sampler import PenaltyTokens, SamplingBatch, sample  # noqa: E402
+from qnext.worker.token_history import TokenHistory  # noqa: E402
 from qnext.worker.types import SamplingParams
 
 VOCAB = 151936
@@ -65,8 +66,9 @@ def main() -> None:
     for b in (int(x) for x in args.batch_sizes.split(",")):
         logits = (torch.randn(b, VOCAB, generator=torch.Generator().manual_seed(b)) * args.scale).to(device)
         for name, params in CASES.items():
-            batch = SamplingBatch.build([params] * b, list(range(b)), [0] * b, [[1]] * b, [[]] * b, [[]] * b,
-                                        VOCAB, device)
+            history = PenaltyTokens(TokenHistory.of([1], [], VOCAB))  # the prompt of one token 1, as before
+            batch = SamplingBatch.build([params] * b, list(range(b)), [0] * b, [history] * b, [[]] * b, VOCAB,
+                                        device)
             sampler.NUCLEUS_CANDIDATES = VOCAB  # baseline: no nucleus shortcut, every sampling row races
             raced = dataclasses.replace(batch, unfiltered=None, any_racing=not batch.all_greedy,
                                         top_k_covers_sampling=batch.top_k_covers_sampling and batch.top_k is not None)

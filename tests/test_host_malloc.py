@@ -20,7 +20,7 @@ logits = torch.randn(B, V).bfloat16()
 params = [SamplingParams(temperature=0.8)] * B
 def faults_per_call():
     def run():
-        S.sample(logits, S.SamplingBatch.build(params, list(range(B)), [0] * B, [[1]] * B, [[]] * B, [[]] * B, V,
+        S.sample(logits, S.SamplingBatch.build(params, list(range(B)), [0] * B, [None] * B, [[]] * B, V,
                                                torch.device("cpu")))
     for _ in range(3):
         run()

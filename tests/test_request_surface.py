@@ -125,8 +125,8 @@ def test_a_forced_row_produces_its_token_greedy_or_sampled():
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9, top_k=3),
               SamplingParams(temperature=0.7, logit_bias=((7, -100.0),)), SamplingParams(temperature=0.0)]
     for step in range(20):
-        batch = SamplingBatch.build(params=params, seeds=[1, 2, 3, 4], steps=[step] * 4, prompt_ids=[[]] * 4,
-                                    output_ids=[[]] * 4, suppressed_ids=[[], [], [], [7]], vocab_size=50,
+        batch = SamplingBatch.build(params=params, seeds=[1, 2, 3, 4], steps=[step] * 4, histories=[None] * 4,
+                                    suppressed_ids=[[], [], [], [7]], vocab_size=50,
                                     device=torch.device("cpu"), forced=[7, 7, 7, None])
         got = sample(logits, batch).token_ids.tolist()
         assert got[:3] == [7, 7, 7] and got[3] == int(logits[3].argmax())

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from qnext.worker.sampler import (CDF_BLOCK, FIRST_NUCLEUS_CANDIDATES, NUCLEUS_CANDIDATES, STREAM_SAMPLE,
-                                  SamplingBatch, inverse_cdf_draw, processed_probs, sample, uniform_noise)
+                                  PenaltyTokens, SamplingBatch, inverse_cdf_draw, processed_probs, sample,
+                                  uniform_noise)
+from qnext.worker.token_history import TokenHistory
 from qnext.worker.types import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -21,9 +23,9 @@ def make_batch(params: list[SamplingParams], device: torch.device, vocab: int, *
                suppressed: list[list[int]] | None = None) -> SamplingBatch:
     b = len(params)
     empty = [[] for _ in range(b)]
+    histories = [PenaltyTokens(TokenHistory.of(p, o, vocab)) for p, o in zip(prompt or empty, output or empty)]
     return SamplingBatch.build(params, seeds if seeds is not None else list(range(b)),
-                               steps if steps is not None else [0] * b, prompt or empty, output or empty,
-                               suppressed or empty, vocab, device)
+                               steps if steps is not None else [0] * b, histories, suppressed or empty, vocab, device)
 
 
 def draw(row: list[float], params: SamplingParams, device: torch.device, n: int = 4000,
@@ -484,7 +486,7 @@ def test_build_and_sample_validate_inputs() -> None:
     with pytest.raises(ValueError, match="prompt_ids"):
         make_batch([SamplingParams(repetition_penalty=1.1)], cpu, 10, prompt=[[-1]])
     with pytest.raises(ValueError, match="seeds"):
-        SamplingBatch.build([SamplingParams()], [], [0], [[]], [[]], [[]], 10, cpu)
+        SamplingBatch.build([SamplingParams()], [], [0], [None], [[]], 10, cpu)
     with pytest.raises(ValueError, match="logits"):
         sample(torch.zeros(1, 11), make_batch([SamplingParams()], cpu, 10))
 

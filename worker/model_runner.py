@@ -30,8 +30,9 @@ from qnext.worker.graph_runner import DecodeGraphRunner, mtp_draft_runner, targe
 from qnext.worker.host_malloc import keep_freed_memory
 from qnext.worker.loader import load_model
 from qnext.worker.model import ForwardBatch, Qwen3NextForCausalLM
-from qnext.worker.sampler import SamplingBatch, sample, token_logprobs
+from qnext.worker.sampler import PenaltyTokens, SamplingBatch, sample, token_logprobs
 from qnext.worker.scheduler import Request, ScheduledChunk, SchedulePlan
+from qnext.worker.token_history import TokenHistory
 from qnext.worker.tp_worker import Followers
 from qnext.worker.types import CacheInfo, EngineConfig
 
@@ -337,13 +338,22 @@ class ModelRunner:
         return SamplingBatch.build(
             params=[r.sampling for r, _ in rows], seeds=[r.seed for r, _ in rows],
             steps=[len(r.output_token_ids) + len(d) for r, d in rows],
-            prompt_ids=[r.prompt_token_ids for r, _ in rows], output_ids=[r.output_token_ids + d for r, d in rows],
+            histories=[self._penalty_tokens(r, d) for r, d in rows],
             suppressed_ids=[r.suppressed_token_ids(len(d)) for r, d in rows],
             vocab_size=self.vocab_size, device=self.device,
             allowed=([r.grammar.allowed(d) if r.grammar is not None else None for r, d in rows]
                      if any(r.grammar is not None for r, _ in rows) else None),
             forced=([r.forced_token_id(d) for r, d in rows]
                     if any(r.stopping.max_reasoning_tokens is not None for r, _ in rows) else None))
+
+    def _penalty_tokens(self, r: Request, drafts: list[int]) -> PenaltyTokens | None:
+        """What r's penalties read for the row after its outputs and `drafts`; None without a penalty."""
+        if not r.sampling.has_penalty:
+            return None
+        if r.token_history is None:
+            r.token_history = TokenHistory(r.prompt_token_ids, self.vocab_size)
+        r.token_history.update(r.output_token_ids)
+        return PenaltyTokens(r.token_history, drafts)
 
     def sample(self, requests: list[Request], logits: torch.Tensor, sampled: dict[str, list[int]],
                logprobs: dict[str, tuple[list[float], list[list[tuple[int, float]]]]]) -> None:

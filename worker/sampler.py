@@ -43,6 +43,7 @@ from itertools import chain
 import numpy as np
 import torch
 
+from qnext.worker.token_history import TokenHistory
 from qnext.worker.types import GREEDY_TEMPERATURE, SamplingParams, require
 
 # Columns tried first for rows whose filter is top-p or min-p without a top-k: a trained model's nucleus is
@@ -118,7 +119,8 @@ def _to_int64(x: int) -> int:
 def _id_counts(name: str, lists: Sequence[Sequence[int]], vocab_size: int,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The distinct (row b, id) pairs of the ids in lists[b] as (rows [N] int64, ids [N] int64, counts [N]
-    float32 occurrences); None when every list is empty. Sparse: a penalised request costs its own ids, not a
+    float32 occurrences); None when every list is empty. For short lists (the suppressed ids); the penalties'
+    long histories come as distinct ids already (_row_entries). Sparse either way: a row costs its own ids, not a
     [B, V] matrix per step (each such matrix and its arithmetic took milliseconds at 16 x 151,936)."""
     lengths = [len(ids) for ids in lists]
     total = sum(lengths)
@@ -131,6 +133,31 @@ def _id_counts(name: str, lists: Sequence[Sequence[int]], vocab_size: int,
     keys, counts = torch.unique(rows * vocab_size + cols, return_counts=True)
     return (keys.div(vocab_size, rounding_mode="floor").to(device), keys.remainder(vocab_size).to(device),
             counts.to(device=device, dtype=torch.float32))
+
+
+@dataclass(frozen=True)
+class PenaltyTokens:
+    """One sampling row's tokens for the penalties: its request's history, plus the draft tokens the row puts
+    after the outputs (a speculative verify row), counted as outputs."""
+
+    history: TokenHistory
+    extra: Sequence[int] = ()
+
+
+def _row_entries(per_row: list[np.ndarray | tuple[np.ndarray, np.ndarray] | None], device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """(rows [N] int64, ids [N] int64, counts [N] float32 or None) from each row's distinct ids (or (ids, counts));
+    None for rows without any. None when no row has an id."""
+    rows = [i for i, a in enumerate(per_row) if a is not None]
+    ids = [a[0] if isinstance(a, tuple) else a for a in per_row if a is not None]
+    lengths = [len(a) for a in ids]
+    if not sum(lengths):
+        return None
+    row_of = np.repeat(np.asarray(rows, dtype=np.int64), lengths)
+    counts = None
+    if isinstance(next(a for a in per_row if a is not None), tuple):
+        counts = torch.from_numpy(np.concatenate([a[1] for a in per_row if a is not None])).to(device)
+    return (torch.from_numpy(row_of).to(device), torch.from_numpy(np.concatenate(ids)).to(device), counts)
 
 
 @dataclass
@@ -153,7 +180,7 @@ class SamplingBatch:
     top_p: torch.Tensor | None  # [B, 1] float32
     log_min_p: torch.Tensor | None  # [B, 1] float32, log(min_p); -inf = off
     # The penalties and suppression as entries (rows [N] int64, ids [N] int64, ...) applied to those logits
-    # only (_id_counts): (rows, ids, the row's repetition penalty) for each distinct id of a penalised row's
+    # only (_row_entries, _id_counts): (rows, ids, the row's repetition penalty) for each distinct id of a penalised row's
     # prompt + output; (rows, ids, freq * count + presence) for each distinct output id of a row with either;
     # (rows, ids) of each row's suppressed ids.
     repetition: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
@@ -172,13 +199,15 @@ class SamplingBatch:
 
     @staticmethod
     def build(params: list[SamplingParams], seeds: list[int], steps: list[int],
-              prompt_ids: list[list[int]], output_ids: list[list[int]],
+              histories: Sequence[PenaltyTokens | None],
               suppressed_ids: list[list[int]], vocab_size: int, device: torch.device,
               allowed: list[bytes | None] | None = None,
               forced: list[int | None] | None = None) -> "SamplingBatch":
-        """`allowed`: per row, the grammar's bitmask (worker/grammar.py), None for a row nothing constrains.
+        """`histories`: per row, the tokens its penalties read (its request's TokenHistory and the draft tokens
+        the row adds after the outputs); None for a row without penalties (read only for rows with one).
+        `allowed`: per row, the grammar's bitmask (worker/grammar.py), None for a row nothing constrains.
         `forced`: per row, the only token it may produce (Request.forced_token_id), None for a free row."""
-        _check_rows(len(params), seeds=seeds, steps=steps, prompt_ids=prompt_ids, output_ids=output_ids,
+        _check_rows(len(params), seeds=seeds, steps=steps, histories=histories,
                     suppressed_ids=suppressed_ids, **({"allowed": allowed} if allowed is not None else {}),
                     **({"forced": forced} if forced is not None else {}))
         bad = [t for t in forced or () if t is not None and not 0 <= t < vocab_size]
@@ -200,19 +229,19 @@ class SamplingBatch:
         unfiltered = [s and not p.has_filter for s, p in zip(sampled, params)]
         racing = [s and p.has_filter for s, p in zip(sampled, params)]
 
-        # Only rows that use a penalty contribute ids, so penalty-free batches pay nothing for long prompts.
+        # Only rows that use a penalty contribute ids, so penalty-free batches pay nothing for long prompts; a
+        # penalised row reads its request's distinct ids (TokenHistory), not its whole context.
         repetition = None
         if any_rep:  # prompt and output ids together: a distinct id is penalised once
-            seen = _id_counts("prompt_ids / output_ids", [[*pr, *o] if r != 1.0 else []
-                                                          for pr, o, r in zip(prompt_ids, output_ids, rep)],
-                              vocab_size, device)
+            seen = _row_entries([h.history.seen_ids(h.extra) if r != 1.0 else None
+                                 for h, r in zip(histories, rep)], device)
             if seen is not None:
                 rows, ids, _ = seen
                 repetition = (rows, ids, torch.tensor(rep, dtype=torch.float32, device=device)[rows])
         output_penalty = None
         if any_freq_pres:
-            counted = _id_counts("output_ids", [o if f != 0.0 or p != 0.0 else []
-                                                for o, f, p in zip(output_ids, freq, pres)], vocab_size, device)
+            counted = _row_entries([h.history.output_counts(h.extra) if f != 0.0 or p != 0.0 else None
+                                    for h, f, p in zip(histories, freq, pres)], device)
             if counted is not None:
                 rows, ids, counts = counted
                 f, p = (torch.tensor(v, dtype=torch.float32, device=device)[rows] for v in (freq, pres))

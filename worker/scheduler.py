@@ -56,6 +56,7 @@ from qnext.worker.types import FinishReason, SamplingParams, StoppingParams, req
 
 if TYPE_CHECKING:
     from qnext.worker.grammar import GrammarState
+    from qnext.worker.token_history import TokenHistory
 
 
 class RequestStatus(str, Enum):
@@ -101,6 +102,8 @@ class Request:
     # first output; a recomputation after preemption does not repeat them.
     prompt_logprob_values: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list, init=False)
     prompt_logprobs_sent: bool = field(default=False, init=False)
+    # the penalties' view of prompt + outputs (worker/token_history.py), made at the first step that needs it
+    token_history: TokenHistory | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def prefix_root(self) -> int:

@@ -98,6 +98,11 @@ class SamplingParams:
         inverse CDF (worker/sampler.py, step 10)."""
         return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0
 
+    @property
+    def has_penalty(self) -> bool:
+        """A repetition, frequency or presence penalty: the sampler reads the request's token history."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
 
 @dataclass(frozen=True)
 class StoppingParams:
