@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--metrics", help="HOST:PORT of --target's Prometheus endpoint (default: none; known when started here)")
     a("--server-pid", type=int, help="pid of --target's server process, for its RSS (default: not measured)")
     a("--device", help="--device for the server started here (default: the server's)")
+    a("--server-args", default="", help="more qnext-serve flags for the server started here, one string "
+      "(e.g. \"--num-speculative-tokens 2\": the MTP paths under the same chaos)")
     a("--seed", type=int, default=0)
     a("--out", type=Path, help="write the report as JSON here")
     a("--server-log", type=Path, help="the started server's stderr (default: discarded)")
@@ -252,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         # a small cache (256 MiB) so preemption and eviction happen too, not only the happy path
         extra = ["--max-num-seqs", str(max(8, args.streams)), "--max-model-len", "4096",
                  "--cache-memory", str(256 << 20),
-                 *(["--device", args.device] if args.device else [])]
+                 *(["--device", args.device] if args.device else []), *shlex.split(args.server_args)]
         server = LocalServer(*extra, log_path=args.server_log)
         print(f"soak: {server.banner}", file=sys.stderr)
     target = server.target if server else args.target

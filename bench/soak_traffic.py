@@ -120,7 +120,35 @@ class Traffic:
                 f["seed"] = rng.randrange(2**32)
         if rng.random() < 0.25:
             f["stop_strings"] = rng.sample(_STOPS, rng.randint(1, 2))
+        if rng.random() < 0.4:
+            f.update(self._extras(rng, f["max_new_tokens"]))
         return f
+
+    def _extras(self, rng: random.Random, max_new: int) -> dict[str, Any]:
+        """One or two of the request's other features, so the chaos reaches their paths too: parallel samples,
+        log-probs, per-request draft lengths, the other filters and penalties, constrained output, the prefix
+        cache's opt-out."""
+        info = self.info
+        choices = {
+            "n": lambda: {"n": rng.randint(2, 4)},
+            "top_logprobs": lambda: {"top_logprobs": rng.randint(1, max(1, min(5, info.max_top_logprobs)))},
+            "prompt_logprobs": lambda: {"prompt_logprobs": rng.randint(0, 2)},
+            "spec": lambda: {"num_speculative_tokens": rng.randint(0, info.max_num_speculative_tokens)},
+            "filters": lambda: {"top_k": rng.randint(1, 50), "min_p": rng.uniform(0.0, 0.2)},
+            "penalties": lambda: {"presence_penalty": rng.uniform(-1, 1), "frequency_penalty": rng.uniform(-1, 1),
+                                  "repetition_penalty": rng.uniform(0.8, 1.3)},
+            "logit_bias": lambda: {"logit_bias": {t: rng.uniform(-5, 5) for t in self.random_ids(rng, 3)}},
+            "min_new_tokens": lambda: {"min_new_tokens": rng.randint(0, max_new)},
+            "json": lambda: {"response_format": ("json_object", "")},
+            "bypass_prefix_cache": lambda: {"bypass_prefix_cache": True},
+        }
+        names = rng.sample(sorted(choices), rng.randint(1, 2))
+        if "json" in names and "min_new_tokens" in names:  # a format ends with EOS: min_new_tokens must be unset
+            names.remove("min_new_tokens")
+        out: dict[str, Any] = {}
+        for name in names:
+            out.update(choices[name]())
+        return out
 
     # -- one stream -----------------------------------------------------------------------------------------
 
