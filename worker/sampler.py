@@ -559,15 +559,12 @@ def _race_over_kept(x: torch.Tensor, batch: SamplingBatch, exempt: torch.Tensor)
 
 
 def token_logprobs(raw: torch.Tensor, tokens: list[int], n: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
-    """Raw log-probs (logit - logsumexp, as `sample` reports them) of tokens[i] under row i of logits raw [T, V],
-    and each row's n most likely (id, log-prob), descending ([] each when n = 0)."""
-    raw = raw.float()
-    lse = torch.logsumexp(raw, dim=-1, keepdim=True)
-    picked = raw.gather(1, torch.tensor(tokens, device=raw.device)[:, None]) - lse
-    if not n:
-        return picked[:, 0].tolist(), [[] for _ in tokens]
-    values, ids = row_topk(raw, n)
-    return picked[:, 0].tolist(), [list(zip(i, v)) for i, v in zip(ids.tolist(), (values - lse).tolist())]
+    """raw_logprobs as lists: each token's raw log-prob, and each row's n most likely (id, log-prob), descending
+    ([] each when n = 0)."""
+    picked, values, ids = raw_logprobs(raw, torch.tensor(tokens, device=raw.device), n)
+    if values is None:
+        return picked.tolist(), [[] for _ in tokens]
+    return picked.tolist(), [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
 
 # Columns per block of inverse_cdf_draw's two-level search.
@@ -631,9 +628,19 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
 
     if batch.max_top_logprobs == 0:  # nobody asked: skip the vocabulary-wide reduction
         return SamplerOutput(token_ids=tokens, logprobs=None, top_ids=None, top_logprobs=None)
-    # Raw log-probs as logit - logsumexp: one reduction instead of materialising log_softmax [B, V].
+    logprobs, top_logprobs, top_ids = raw_logprobs(logits, tokens, batch.max_top_logprobs)
+    return SamplerOutput(token_ids=tokens, logprobs=logprobs, top_ids=top_ids, top_logprobs=top_logprobs)
+
+
+def raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Raw log-probs (the unprocessed model distribution) of tokens [T] under the rows of logits [T, V]: float32
+    [T], and each row's n most likely as (log-probs [T, n] descending, ids [T, n]), or (None, None) for n = 0.
+    logit - logsumexp: one reduction instead of materialising log_softmax [T, V]."""
     raw = logits.float()
-    lse = torch.logsumexp(raw, dim=-1, keepdim=True)  # [B, 1]
-    top_logprobs, top_ids = row_topk(raw, batch.max_top_logprobs)
-    return SamplerOutput(token_ids=tokens, logprobs=(raw.gather(1, tokens[:, None]) - lse).squeeze(1),
-                         top_ids=top_ids, top_logprobs=top_logprobs - lse)
+    lse = torch.logsumexp(raw, dim=-1, keepdim=True)  # [T, 1]
+    picked = (raw.gather(1, tokens[:, None]) - lse).squeeze(1)
+    if not n:
+        return picked, None, None
+    values, ids = row_topk(raw, n)
+    return picked, values - lse, ids
