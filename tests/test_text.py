@@ -3,6 +3,7 @@ split, request validation."""
 
 import itertools
 import random
+import time
 import pytest
 
 from qnext.rpc.text import (ChatMessage, IncrementalDetokenizer, ReasoningSplitter, StopStringMatcher,
@@ -82,6 +83,17 @@ def test_stop_strings_match_the_whole_text_and_keep_only_a_short_tail():
             assert m.matched == s and "".join(out) == whole[:i + (len(s) if include else 0)]
         else:
             assert m.matched is None and "".join(out) == whole
+
+
+def test_stop_strings_cost_a_few_steps_per_character_whatever_the_strings():
+    """16 stop strings of 256 characters whose tails almost match the held-back text: checking every tail length
+    took 0.94 s for these 2,000 pushes (468 us each) on the 2-core box; the KMP states take ~15 ms."""
+    stops = ["b" * 255 + chr(0x41 + i) for i in range(15)] + ["a" * 255 + "b"]
+    m = StopStringMatcher(stops, include_stop_strings=False)
+    start = time.perf_counter()
+    out = [m.push("a") for _ in range(2000)]
+    assert time.perf_counter() - start < 0.3
+    assert "".join(out) == "a" * (2000 - 255) and m.pending == "a" * 255
 
 
 def test_reasoning_splitter():
