@@ -5,7 +5,8 @@
   strings (`<|im_start|>`, ...) in client text and chat content are tokenised as plain text unless the request
   opts in (allow_special_tokens): only the template's own markers become control tokens, so a message cannot
   forge a turn. Tool definitions and tool-call history (tool_calls.py) go to the template too, protected alike.
-- `IncrementalDetokenizer`: token ids -> text deltas that never end inside a UTF-8 character.
+- `IncrementalDetokenizer`: token ids -> text deltas that never end inside a UTF-8 character (each token's
+  bytes through an incremental UTF-8 decoder, for byte-level tokenizers like Qwen's).
 - `StopStringMatcher`: finds stop strings in the streamed text, holding back only a tail that could still
   become one; the server aborts the request in the worker when one matches.
 - `ReasoningSplitter`: routes the text inside <think>...</think> to reasoning, including the Thinking
@@ -14,7 +15,9 @@
 
 from __future__ import annotations
 
+import codecs
 import json
+import random
 import re
 from collections.abc import Sequence
 from itertools import chain
@@ -24,7 +27,7 @@ from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders
 
 from qnext.worker.grammar import GrammarCompiler
 from qnext.rpc.tool_calls import Tool, ToolCall, tool_calls_for_template, tools_for_template
@@ -139,6 +142,8 @@ class TextProcessor:
             env.globals["raise_exception"] = _raise
             self._template = env.from_string(self._template_source)
         self._special = {k: cfg.get(k) for k in ("bos_token", "eos_token")}
+        # each token's bytes, without and with the special tokens (IncrementalDetokenizer); None: not byte-level
+        self.token_bytes = _token_bytes(self.tokenizer)
         self.think_start_id = self.tokenizer.token_to_id(THINK_START)
         self.think_end_id = self.tokenizer.token_to_id(THINK_END)
         # compiles response formats and forced tool calls into grammars (worker/grammar.py); the server sets it
@@ -264,23 +269,37 @@ class TextProcessor:
 class IncrementalDetokenizer:
     """Text deltas whose concatenation is decode(all ids).
 
-    Decodes a short window (`prefix_offset:`) and emits what it adds over the already-emitted part
-    (`prefix_offset:read_offset`); a window that ends in U+FFFD is an unfinished UTF-8 character and waits
-    for the next token (or for `flush`, which emits it as decode would).
+    Byte-level tokenizers (Qwen's): each token is a fixed byte string (TextProcessor.token_bytes) and decode is
+    their concatenation read as UTF-8 with U+FFFD for invalid bytes, so the deltas come from an incremental UTF-8
+    decoder: O(new bytes) per push, and only an unfinished character (at most 3 bytes) waits. Decoding a window of
+    ids instead had to wait while the window's text ended in U+FFFD, and re-decoded it on every push: a run of
+    invalid bytes (a client can force one with logit_bias) grew it without end (16,000 such tokens took 20 s of
+    event-loop time and streamed no text), and a character split across every token boundary never streamed.
+
+    Other tokenizers: that window (`prefix_offset:`), emitting what it adds over the emitted part
+    (`prefix_offset:read_offset`), waiting while it ends in U+FFFD (an unfinished character; `flush` emits it as
+    decode would).
     """
 
     def __init__(self, text: TextProcessor, skip_special_tokens: bool = True) -> None:
         self._text = text
         self._skip = skip_special_tokens
+        self._bytes = text.token_bytes[skip_special_tokens]
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
 
     def push(self, new_ids: Sequence[int]) -> str:
+        if self._bytes is not None:
+            table, n = self._bytes, len(self._bytes)
+            return self._utf8.decode(b"".join(table[i] if 0 <= i < n else b"" for i in new_ids))
         self.ids.extend(new_ids)
         return self._delta(final=False)
 
     def flush(self) -> str:
+        if self._bytes is not None:
+            return self._utf8.decode(b"", final=True)
         return self._delta(final=True)
 
     def _delta(self, final: bool) -> str:
@@ -290,6 +309,46 @@ class IncrementalDetokenizer:
             return ""
         self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
         return full[len(prefix):]
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's): printable Latin-1 bytes are their own character, the other bytes
+    (controls, space, ...) the characters from U+0100 on, in byte order. Returns character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+def _token_bytes(tokenizer: Tokenizer) -> dict[bool, list[bytes] | None]:
+    """skip_special_tokens -> each id's bytes in decode's output (b"" for skipped special tokens and ids the
+    tokenizer does not know), when the tokenizer decodes bytes (a ByteLevel decoder); None otherwise, or when a
+    token has a character outside the byte alphabet, or when a sample of ids does not decode to the table's bytes
+    (a check of these assumptions)."""
+    if not isinstance(tokenizer.decoder, decoders.ByteLevel):
+        return {True: None, False: None}
+    alphabet = _byte_level_alphabet()
+    added = tokenizer.get_added_tokens_decoder()
+    kept = [b""] * tokenizer.get_vocab_size(with_added_tokens=True)
+    try:
+        for token, i in tokenizer.get_vocab(with_added_tokens=False).items():
+            kept[i] = bytes(map(alphabet.__getitem__, token))
+    except KeyError:  # a character outside the byte alphabet
+        return {True: None, False: None}
+    for i, a in added.items():
+        kept[i] = a.content.encode()
+    skipped = list(kept)
+    for i, a in added.items():
+        if a.special:
+            skipped[i] = b""
+    tables = {True: skipped, False: kept}
+    rng = random.Random(0)
+    for skip, table in tables.items():
+        for _ in range(32):
+            ids = [rng.randrange(len(table)) for _ in range(8)] + rng.sample(sorted(added), min(2, len(added)))
+            want = tokenizer.decode(ids, skip_special_tokens=skip)
+            if b"".join(table[i] for i in ids).decode("utf-8", errors="replace") != want:
+                return {True: None, False: None}
+    return tables
 
 
 class StopStringMatcher:

@@ -30,7 +30,18 @@ def test_chat_template_matches_transformers(default_ckpt, text, thinking):
     assert text.encode_chat(MESSAGES, thinking) == ref(want, add_special_tokens=False)["input_ids"]
 
 
-def test_incremental_detokenizer_never_splits_a_character(text):
+@pytest.fixture(params=["bytes", "window"])
+def detok_text(request, text, monkeypatch):
+    """The byte-level path (Qwen's tokenizer) and the window path other tokenizers take."""
+    if request.param == "window":
+        monkeypatch.setattr(text, "token_bytes", {True: None, False: None})
+    else:
+        assert text.token_bytes[True] is not None  # Qwen's tokenizer decodes bytes
+    return text
+
+
+def test_incremental_detokenizer_never_splits_a_character(detok_text):
+    text = detok_text
     ids = text.encode("naïve 你好世界 🙂🚀 𠀋𝔘🦩ꙮ done") + [151645] + text.encode(" ok")
     detok = IncrementalDetokenizer(text)
     deltas = [detok.push([t]) for t in ids] + [detok.flush()]
@@ -42,6 +53,28 @@ def test_incremental_detokenizer_never_splits_a_character(text):
     detok = IncrementalDetokenizer(text)
     assert detok.push(cut) == ""
     assert detok.flush() == text.decode(cut)
+
+
+def test_detokenizer_streams_all_but_an_unfinished_character_and_matches_decode(text):
+    """Random streams of byte tokens (most of them parts of characters or invalid bytes), special and added tokens,
+    and ids past the tokenizer's vocabulary, pushed a few at a time: after every push the text streamed so far is
+    the tokenizer's decode of the ids so far, less only a trailing U+FFFD that stands for an unfinished character
+    (a window re-decoded on every push held a whole run of invalid bytes back, and grew with it); after flush it
+    is exactly that decode."""
+    rng = random.Random(5)
+    specials = [151643, 151644, 151645, 151657, 151667, 151668]  # <|endoftext|>, <|im_start|>, ..., </think>
+    for skip in (True, False):
+        for _ in range(150):
+            detok, ids, streamed = IncrementalDetokenizer(text, skip_special_tokens=skip), [], ""
+            for _ in range(rng.randint(1, 25)):
+                new = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(151669, 151936)
+                       if rng.random() < 0.05 else rng.randrange(0, 300) if rng.random() < 0.7
+                       else rng.randrange(151643) for _ in range(rng.randint(1, 3))]
+                ids += new
+                streamed += detok.push(new)
+                so_far = text.decode(ids, skip_special_tokens=skip)
+                assert streamed in (so_far, so_far[:-1] if so_far.endswith("\ufffd") else so_far)
+            assert streamed + detok.flush() == text.decode(ids, skip_special_tokens=skip)
 
 
 def test_stop_strings_hold_back_only_possible_prefixes():
