@@ -33,7 +33,7 @@ came with them), later deltas only raw pieces of the arguments' JSON text. What 
 - A block whose first key is not "name" (the model changed the key order) but which is a JSON object with a
   non-empty string "name" when it closes: the call is emitted at its close in one piece, arguments_json being
   `json.dumps` of its "arguments" ("{}" when absent). Same when the name was streamed but what follows it is
-  not `, "arguments": ...`.
+  not `, "arguments": ...`, and when the name's string runs past MAX_NAME_STRING characters unclosed.
 - A block without a usable name when it closes or the stream ends (malformed JSON, no "name"): it goes back into
   the content verbatim, tags and the "\\n" before it included; nothing was emitted for it.
 - A stream that ends inside a block whose name was emitted (e.g. max_new_tokens): the call is completed with
@@ -56,7 +56,11 @@ TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_WAIT, _FAIL = "wait", "fail"  # outcomes of _expect besides a position
+_SPACES = re.compile(r"\s*")  # what str.isspace() calls whitespace
+_FAIL = "fail"  # _expect: the steps cannot match
+_NAME_STEPS = (" ", "{", " ", '"name"', " ", ":", " ", '"')  # up to the name string's opening quote
+_ARGUMENTS_STEPS = (" ", ",", " ", '"arguments"', " ", ":", " ")  # after the name, up to the arguments' value
+MAX_NAME_STRING = 256  # characters of a name string not closed yet before the block is no longer streamed
 
 
 @dataclass(frozen=True)
@@ -126,17 +130,29 @@ def tool_calls_for_template(calls: Sequence[Any]) -> list[dict[str, Any]]:
 
 # --- the streaming parser ----------------------------------------------------------------------------------
 
-def _expect(text: str, pos: int, steps: Sequence[str]) -> int | str:
-    """Match `steps` at text[pos:]: " " is optional whitespace, anything else a literal. Returns the position
-    after them, _WAIT when the text ends before they could be decided, _FAIL when they cannot match."""
-    for step in steps:
-        if step == " ":
-            while pos < len(text) and text[pos].isspace():
-                pos += 1
-        elif text.startswith(step, pos):
-            pos += len(step)
-        elif step.startswith(text[pos:]):
-            return _WAIT
+@dataclass(frozen=True)
+class _Wait:
+    """_expect could not decide before the text ended: call it again from here (nothing before is read again)."""
+
+    pos: int
+    step: int
+
+
+def _expect(text: str, pos: int, steps: Sequence[str], step: int = 0) -> int | _Wait | str:
+    """Match steps[step:] at text[pos:]: " " is optional whitespace, anything else a literal. Returns the position
+    after them, a _Wait when the text ends before they could be decided (whitespace up to the end included: more
+    may come), _FAIL when they cannot match. Resuming from the _Wait keeps a block of a million spaces from being
+    read again on every push."""
+    for i in range(step, len(steps)):
+        literal = steps[i]
+        if literal == " ":  # a regex, not a loop over characters
+            pos = _SPACES.match(text, pos).end()
+            if pos == len(text):
+                return _Wait(pos, i)
+        elif text.startswith(literal, pos):
+            pos += len(literal)
+        elif literal.startswith(text[pos:]):
+            return _Wait(pos, i)
         else:
             return _FAIL
     return pos
@@ -168,7 +184,7 @@ class _Block:
         self.name: str | None = None
         self.index = -1
         self.id = ""
-        self.after_name = 0  # offset after the name's string
+        self.resume = (0, 0)  # where the name's or the arguments key's undecided _expect goes on: (pos, step)
         self.args_start: int | None = None  # where the streamed arguments start (None: not found yet)
         self.buffered = False  # the name or the arguments are taken from json.loads of the whole block
         self.emitted = 0  # characters of the arguments emitted
@@ -278,10 +294,17 @@ class ToolCallParser:
         return b.text[b.end + len(TOOL_CALL_END):] if b.end is not None else ""
 
     def _parse_name(self, b: _Block, deltas: list[ToolCallDelta]) -> None:
-        pos = _expect(b.text, 0, [" ", "{", " ", '"name"', " ", ":", " ", '"'])
-        m = _JSON_STRING.match(b.text, pos - 1) if isinstance(pos, int) else None
-        if m is None:  # not decided yet, or the first key is not "name"
-            b.buffered = pos == _FAIL
+        pos = _expect(b.text, b.resume[0], _NAME_STEPS, b.resume[1])
+        if isinstance(pos, _Wait):
+            b.resume = (pos.pos, pos.step)
+            return
+        if pos == _FAIL:  # the first key is not "name"
+            b.buffered = True
+            return
+        b.resume = (pos - 1, len(_NAME_STEPS) - 1)  # the opening quote: only the string is read again
+        m = _JSON_STRING.match(b.text, pos - 1)
+        if m is None:  # the string goes on; one longer than any tool name is not streamed
+            b.buffered = len(b.text) - pos > MAX_NAME_STRING
             return
         try:
             name = json.loads(m.group())
@@ -290,7 +313,7 @@ class ToolCallParser:
         if not name:
             b.buffered = True
             return
-        b.name, b.after_name = name, m.end()
+        b.name, b.resume = name, (m.end(), 0)  # the arguments key is looked for after the name
         self._start_call(b, deltas)
 
     def _start_call(self, b: _Block, deltas: list[ToolCallDelta]) -> None:
@@ -299,11 +322,13 @@ class ToolCallParser:
 
     def _parse_arguments_key(self, b: _Block) -> None:
         """Finds where the arguments' value starts: after `, "arguments":` and the spaces that follow."""
-        pos = _expect(b.text, b.after_name, [" ", ",", " ", '"arguments"', " ", ":", " "])
-        if isinstance(pos, int) and pos < (b.end if b.end is not None else len(b.text)):
-            b.args_start = pos
+        pos = _expect(b.text, b.resume[0], _ARGUMENTS_STEPS, b.resume[1])
+        if isinstance(pos, _Wait):
+            b.resume = (pos.pos, pos.step)
         elif pos == _FAIL:  # `{"name": "f"}` or another shape: the arguments come from the whole block
             b.buffered = True
+        elif pos < (b.end if b.end is not None else len(b.text)):
+            b.args_start = pos
 
     def _close(self, b: _Block, content: list[str], deltas: list[ToolCallDelta]) -> None:
         self._block = None
