@@ -420,18 +420,28 @@ class ReasoningSplitter:
         self.in_reasoning = starts_in_reasoning
         self._decided = starts_in_reasoning  # whether an opening tag can still start reasoning
         self._buf = ""
+        # until decided: the leading whitespace (in pieces: joining it on every push made a long run of it cost
+        # O(run) per token) and the text after it, a prefix of <think>
+        self._space: list[str] = []
+        self._head = ""
 
     def push(self, delta: str, final: bool = False) -> tuple[str, str]:
-        self._buf += delta
-        if not self._decided:
-            stripped = self._buf.lstrip()
-            if stripped.startswith(THINK_START):
+        if self._decided:
+            self._buf += delta
+        else:
+            if not self._head:
+                rest = delta.lstrip()
+                self._space.append(delta[:len(delta) - len(rest)])
+                delta = rest
+            self._head += delta
+            if self._head.startswith(THINK_START):
                 self.in_reasoning, self._decided = True, True
-                self._buf = stripped[len(THINK_START):]
-            elif THINK_START.startswith(stripped) and not final:
+                self._buf = self._head[len(THINK_START):]  # the whitespace before the tag is dropped
+            elif THINK_START.startswith(self._head) and not final:
                 return "", ""  # could still become the opening tag
             else:
                 self._decided = True
+                self._buf = "".join(self._space) + self._head
         if not self.in_reasoning:
             out, self._buf = self._buf, ""
             return "", out
