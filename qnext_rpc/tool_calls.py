@@ -188,6 +188,7 @@ class _Block:
         self.args_start: int | None = None  # where the streamed arguments start (None: not found yet)
         self.buffered = False  # the name or the arguments are taken from json.loads of the whole block
         self.emitted = 0  # characters of the arguments emitted
+        self.space_checked = self.space_from = 0  # arguments_end: text read so far, where its trailing spaces start
 
     def feed(self, text: str) -> None:
         self.text += text
@@ -218,16 +219,20 @@ class _Block:
         stream ended; else up to the last non-space character (trailing spaces may precede the outer `}`).
         Spaces before the end are dropped in every case, so what was emitted stays a prefix."""
         assert self.args_start is not None
-        if self.outer_close is not None:
-            end = self.outer_close
-        elif self.end is not None:
-            end = self.end
-        else:
-            end = len(self.text) if final else self.scanned
         floor = self.args_start + self.emitted  # emitted text never ends in a space: rstrip stops by here
-        while end > floor and self.text[end - 1].isspace():
-            end -= 1
-        return end
+        if self.outer_close is not None or self.end is not None or final:  # the last call for this block
+            end = self.outer_close if self.outer_close is not None else self.end if self.end is not None else \
+                len(self.text)
+            return max(floor, floor + len(self.text[floor:end].rstrip())) if end > floor else end
+        # streaming: only the text lexed since the last call is read, so a long run of spaces (held back, as it
+        # may precede the outer `}`) costs its length once, not once per push
+        if self.space_checked < floor:
+            self.space_checked = self.space_from = floor
+        kept = self.text[self.space_checked:self.scanned].rstrip()
+        if kept:
+            self.space_from = self.space_checked + len(kept)
+        self.space_checked = max(self.space_checked, self.scanned)
+        return self.space_from
 
 
 class ToolCallParser:
