@@ -191,8 +191,11 @@ class _Block:
         self.space_checked = self.space_from = 0  # arguments_end: text read so far, where its trailing spaces start
 
     def feed(self, text: str) -> None:
-        self.text += text
-        t, i = self.text, self.scanned
+        # Appended through a local that holds the only reference: CPython then grows the string in place instead
+        # of copying the whole block on every push (30,000 pushes of 32 characters in one block: 5.3 s -> 0.27 s, the lexing)
+        t, self.text = self.text, ""
+        t += text
+        self.text, i = t, self.scanned
         while i < len(t) and self.end is None:
             c = t[i]
             if self.in_string:
