@@ -249,13 +249,13 @@ class SamplingBatch:
         suppressed = _id_counts("suppressed_ids", suppressed_ids, vocab_size, device)
         bias = None
         if any(p.logit_bias for p in params):
-            rows = [i for i, p in enumerate(params) for _ in p.logit_bias]
-            ids = [t for p in params for t, _ in p.logit_bias]
-            bad = [t for t in ids if t >= vocab_size]
-            require(not bad, "logit_bias", f"ids must be < vocab_size {vocab_size}, got {bad[:5]}")
-            bias = (torch.tensor(rows, dtype=torch.int64, device=device),
-                    torch.tensor(ids, dtype=torch.int64, device=device),
-                    torch.tensor([b for p in params for _, b in p.logit_bias], dtype=torch.float32, device=device))
+            arrays = [p.logit_bias_arrays for p in params]  # made once per request
+            ids = np.concatenate([a[0] for a in arrays])
+            bad = ids[ids >= vocab_size]
+            require(not bad.size, "logit_bias", f"ids must be < vocab_size {vocab_size}, got {bad[:5].tolist()}")
+            rows = np.repeat(np.arange(len(params), dtype=np.int64), [len(a[0]) for a in arrays])
+            bias = (torch.from_numpy(rows).to(device), torch.from_numpy(ids).to(device),
+                    torch.from_numpy(np.concatenate([a[1] for a in arrays])).to(device))
 
         return SamplingBatch(
             vocab_size=vocab_size,
