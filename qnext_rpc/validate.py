@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any
 
-from qnext.worker.types import (MAX_LOGIT_BIAS, MAX_SAMPLES, MAX_TOP_LOGPROBS, SAMPLE_SEP, GenerationRequest,
+from qnext.worker.types import (MAX_LOGIT_BIAS, MAX_SAMPLES, MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS, SAMPLE_SEP, GenerationRequest,
                                 SamplingParams, StoppingParams)
 from qnext.worker.grammar import after_think
 from qnext.rpc.response_format import check_tool_choice, request_grammar
@@ -269,6 +269,8 @@ def stopping_params(spec: GenerateSpec, limits: Limits, num_prompt: int,
     for i, s in enumerate(spec.stop_strings):
         _require(0 < len(s) <= limits.max_stop_string_length, f"stopping.stop_strings[{i}]",
                  f"length must be in [1, {limits.max_stop_string_length}], got {len(s)}")
+    _require(len(spec.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stopping.stop_token_ids",
+             f"{len(spec.stop_token_ids)} ids is over the limit of {MAX_STOP_TOKEN_IDS}")
     bad = [t for t in spec.stop_token_ids if t >= limits.vocab_size]
     _require(not bad, "stopping.stop_token_ids", f"ids must be < vocab_size {limits.vocab_size}, got {bad[:5]}")
     try:

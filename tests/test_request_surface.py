@@ -315,3 +315,14 @@ def test_n_and_request_ids_are_checked(default_ckpt):
     e.add_request(GenerationRequest("x", [1, 2], n=2))
     with pytest.raises(ValueError, match="^request_id: "):
         e.add_request(GenerationRequest("x", [1, 2]))
+
+
+def test_stop_token_ids_are_capped_and_named():
+    """Every generated token is looked up in a request's stop ids and min_new_tokens suppresses them every step:
+    at most MAX_STOP_TOKEN_IDS, and an error quotes a few bad ids, not the whole list."""
+    from qnext.worker.types import MAX_STOP_TOKEN_IDS
+    assert StoppingParams(stop_token_ids=tuple(range(MAX_STOP_TOKEN_IDS))).stop_ids == set(range(MAX_STOP_TOKEN_IDS))
+    with pytest.raises(ValueError, match=r"^stop_token_ids: 1025 ids is over the limit of 1024$"):
+        StoppingParams(stop_token_ids=tuple(range(MAX_STOP_TOKEN_IDS + 1)))
+    with pytest.raises(ValueError, match=r"^stop_token_ids: token ids must be >= 0, got \[-1, -2, -3, -4, -5\]$"):
+        StoppingParams(stop_token_ids=tuple(-i for i in range(1, 1000)))

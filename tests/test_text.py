@@ -202,6 +202,7 @@ INVALID = [
     ({"stop_strings": ["a", "b", "c"]}, "stopping.stop_strings"),
     ({"stop_strings": ["a" * 9]}, "stopping.stop_strings[0]"),
     ({"stop_token_ids": [200000]}, "stopping.stop_token_ids"),
+    ({"stop_token_ids": list(range(1025))}, "stopping.stop_token_ids"),  # over MAX_STOP_TOKEN_IDS
     ({"top_logprobs": 21}, "top_logprobs"),
     ({"prompt_logprobs": 21}, "prompt_logprobs"),
     ({"n": 0}, "n"),

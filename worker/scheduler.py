@@ -48,6 +48,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from dataclasses import dataclass, field
+from functools import cached_property
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -123,8 +124,13 @@ class Request:
         the token that many positions later (speculative verify of drafts)."""
         if len(self.output_token_ids) + ahead >= self.stopping.min_new_tokens:
             return []
+        return self._suppressible_ids
+
+    @cached_property
+    def _suppressible_ids(self) -> list[int]:
+        """EOS (unless ignored) and stop ids, sorted: what min_new_tokens suppresses; fixed for the request."""
         eos = () if self.stopping.ignore_eos else self.eos_token_ids
-        return sorted(set(eos) | set(self.stopping.stop_token_ids))
+        return sorted(set(eos) | self.stopping.stop_ids)
 
     def forced_token_id(self, drafts: list[int]) -> int | None:
         """The token the sampler must produce after output + drafts, if any: `</think>` once the reasoning budget
@@ -468,7 +474,7 @@ class Scheduler:
         stopping, num_outputs = request.stopping, len(request.output_token_ids)
         # Same rule as suppressed_token_ids: the first min_new_tokens tokens can neither be nor stop on eos/stop ids.
         if num_outputs > stopping.min_new_tokens:
-            if token in stopping.stop_token_ids:
+            if token in stopping.stop_ids:
                 return FinishReason.STOP_TOKEN
             if token in request.eos_token_ids and not stopping.ignore_eos:
                 return FinishReason.EOS

@@ -426,9 +426,10 @@ class SpecDecoder:
         if (start + n_valid) // bs != start // bs:
             return False
         tokens = sampled[r.request_id]
-        stops = set(r.stopping.stop_token_ids) | (set() if r.stopping.ignore_eos else set(r.eos_token_ids))
+        eos = () if r.stopping.ignore_eos else r.eos_token_ids
         return (len(r.output_token_ids) + len(tokens) < r.stopping.max_new_tokens
-                and r.num_tokens + len(tokens) < self.runner.max_model_len and not stops.intersection(tokens))
+                and r.num_tokens + len(tokens) < self.runner.max_model_len
+                and not any(t in r.stopping.stop_ids or t in eos for t in tokens))
 
     def propose(self, drafting: list[tuple[Request, torch.Tensor]]) -> None:
         """MTP drafting (docs/model.md §7): draft 1 from pass 1's last row; passes 2..k feed each draft back with

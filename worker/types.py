@@ -18,6 +18,7 @@ from typing import Any
 
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias (token id -> bias)
+MAX_STOP_TOKEN_IDS = 1024  # ids in one request's stop_token_ids
 MAX_ABS_LOGIT_BIAS = 100.0  # as OpenAI's API: +100 all but forces a token, -100 all but bans it
 MAX_SAMPLES = 16  # GenerationRequest.n: parallel samples of one prompt
 # The engine's id of sample i > 0 of request R is R + SAMPLE_SEP + str(i); request ids must not contain it.
@@ -134,8 +135,15 @@ class StoppingParams:
                 f"must be >= 0, got {self.reasoning_end_id}")
         require(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens",
                 f"must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}")
-        require(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-                f"token ids must be >= 0, got {list(self.stop_token_ids)}")
+        require(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
+                f"{len(self.stop_token_ids)} ids is over the limit of {MAX_STOP_TOKEN_IDS}")
+        bad = [t for t in self.stop_token_ids if t < 0]
+        require(not bad, "stop_token_ids", f"token ids must be >= 0, got {bad[:5]}")
+
+    @cached_property
+    def stop_ids(self) -> frozenset[int]:
+        """stop_token_ids as a set: every generated token is looked up in it."""
+        return frozenset(self.stop_token_ids)
 
 
 class FinishReason(str, Enum):
