@@ -9,7 +9,8 @@ lookup), so a step reads arrays of the request's distinct ids: one C-level copy 
 context.
 
 A verify row of speculative decoding also counts the draft tokens before its position (`extra`): those few are
-merged into a copy of the row's arrays.
+merged into a copy of the row's arrays. Memory: a vocabulary-sized membership mask (152 KB at 151,936 ids) plus
+the distinct ids, for requests with a penalty only.
 """
 
 from __future__ import annotations
