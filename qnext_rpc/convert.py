@@ -120,6 +120,17 @@ def _logprobs(items: list[TokenLogprob]) -> list[Any]:
                              top=[pb.TopLogprob(token_id=i, logprob=lp) for i, lp in t.top]) for t in items]
 
 
+def _prompt_logprobs(c: Chunk) -> list[Any]:
+    """The proto entries of a chunk's prompt log-probs (entry i scores prompt token i + 1)."""
+    plp = c.prompt_logprobs
+    if plp is None:
+        return []
+    k, ids, lps = plp.k, plp.top_ids, plp.top_logprobs
+    return [pb.TokenLogprobs(token_id=t, logprob=lp, top=[pb.TopLogprob(token_id=a, logprob=b) for a, b in
+                                                           zip(ids[i * k:(i + 1) * k], lps[i * k:(i + 1) * k])])
+            for i, (t, lp) in enumerate(zip(c.prompt_token_ids[1:], plp.logprobs))]
+
+
 def finish_info(f: Finish) -> Any:
     info = pb.FinishInfo(
         reason=_FINISH[f.reason],
@@ -139,7 +150,7 @@ def finish_info(f: Finish) -> Any:
 
 def generate_response(c: Chunk) -> Any:
     resp = pb.GenerateResponse(token_ids=c.token_ids, text=c.text, reasoning_text=c.reasoning_text,
-                               logprobs=_logprobs(c.logprobs), prompt_logprobs=_logprobs(c.prompt_logprobs),
+                               logprobs=_logprobs(c.logprobs), prompt_logprobs=_prompt_logprobs(c),
                                index=c.index,
                                tool_calls=[pb.ToolCallDelta(index=d.index, id=d.id, name=d.name,
                                                             arguments_delta=d.arguments_delta) for d in c.tool_calls])
@@ -154,7 +165,7 @@ def generate_result(request_id: str, chunks: list[Chunk]) -> Any:
                             text="".join(c.text for c in chunks),
                             reasoning_text="".join(c.reasoning_text for c in chunks),
                             logprobs=_logprobs([lp for c in chunks for lp in c.logprobs]),
-                            prompt_logprobs=_logprobs([lp for c in chunks for lp in c.prompt_logprobs]),
+                            prompt_logprobs=[e for c in chunks for e in _prompt_logprobs(c)],
                             tool_calls=[pb.ToolCall(id=t.id, name=t.name, arguments_json=t.arguments_json)
                                         for t in assemble_calls([d for c in chunks for d in c.tool_calls])])
     if finish is not None:

@@ -5,12 +5,13 @@ tool calls (parsed out of the content, after the reasoning), logprobs, and the f
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from qnext.rpc.text import IncrementalDetokenizer, ReasoningSplitter, StopStringMatcher, TextProcessor
 from qnext.rpc.tool_calls import ToolCallDelta, ToolCallParser
 from qnext.rpc.validate import PreparedRequest
-from qnext.worker.types import FinishReason, RequestOutput
+from qnext.worker.types import FinishReason, PromptLogprobs, RequestOutput
 
 # The service's finish reasons: the engine's, plus the ones only the server knows.
 STOP_STRING = "stop_string"
@@ -64,7 +65,10 @@ class Chunk:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: Finish | None = None
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.., in the first chunk
+    # in the first chunk of a request that asked: the worker's entries for prompt tokens 1.. (prompt_token_ids[1:]),
+    # as they came (converted to the proto off the event loop when large: service.py)
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: Sequence[int] = ()
     index: int = 0  # which parallel sample (GenerateRequest.n)
 
 
@@ -103,8 +107,7 @@ class OutputAssembler:
                 chunk.logprobs += [TokenLogprob(t, lp, top) for t, lp, top in
                                    zip(out.new_token_ids, out.logprobs, out.top_logprobs)]
             if out.prompt_logprobs is not None:
-                chunk.prompt_logprobs += [TokenLogprob(t, lp, top) for t, (lp, top) in
-                                          zip(self.prepared.add.prompt_token_ids[1:], out.prompt_logprobs)]
+                chunk.prompt_logprobs, chunk.prompt_token_ids = out.prompt_logprobs, self.prepared.add.prompt_token_ids
             self.num_preemptions = out.num_preemptions
             self.spec = tuple(getattr(out, f, 0) for f in ("num_drafted_tokens", "num_accepted_tokens",
                                                              "num_draft_steps"))

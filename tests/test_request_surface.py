@@ -326,3 +326,38 @@ def test_stop_token_ids_are_capped_and_named():
         StoppingParams(stop_token_ids=tuple(range(MAX_STOP_TOKEN_IDS + 1)))
     with pytest.raises(ValueError, match=r"^stop_token_ids: token ids must be >= 0, got \[-1, -2, -3, -4, -5\]$"):
         StoppingParams(stop_token_ids=tuple(-i for i in range(1, 1000)))
+
+
+def test_prompt_logprobs_cross_the_pipe_as_arrays_and_become_the_same_proto_entries():
+    """The worker's PromptLogprobs reads as (log-prob, [(id, log-prob)]) entries, pickles as bytes (a 16K-token
+    prompt at 20 alternatives unpickled in 0.2 s as Python tuples, on the server's event loop), and the server's
+    responses carry exactly those entries for prompt tokens 1.., streamed or unary."""
+    import pickle
+    import time as _time
+
+    import numpy as np
+
+    from qnext.rpc import convert
+    from qnext.rpc.stream import Chunk
+    from qnext.worker.types import PromptLogprobs
+
+    f32 = lambda x: float(np.float32(x))  # noqa: E731 - the arrays hold float32
+    plp = PromptLogprobs(2)
+    plp.extend(np.array([-0.5, -1.25], np.float32).tobytes(), np.array([[3, 4], [5, 6]], np.int64).tobytes(),
+               np.array([[-0.1, -0.2], [-0.3, -0.4]], np.float32).tobytes())
+    want = [(-0.5, [(3, f32(-0.1)), (4, f32(-0.2))]), (-1.25, [(5, f32(-0.3)), (6, f32(-0.4))])]
+    assert list(plp) == want and plp[-1] == want[1] and list(pickle.loads(pickle.dumps(plp))) == want
+    chunk = Chunk("r", token_ids=[11], prompt_logprobs=plp, prompt_token_ids=[9, 7, 8])
+    streamed = convert.generate_response(chunk).prompt_logprobs
+    unary = convert.generate_result("r", [chunk, Chunk("r", token_ids=[12])]).prompt_logprobs
+    for entries in (streamed, unary):
+        assert [(e.token_id, e.logprob, [(t.token_id, t.logprob) for t in e.top]) for e in entries] == \
+            [(t, lp, top) for t, (lp, top) in zip([7, 8], want)]
+    big = PromptLogprobs(20)
+    rng = np.random.default_rng(0)
+    big.extend(rng.random(16384, np.float32).tobytes(), rng.integers(0, 151936, (16384, 20)).tobytes(),
+               rng.random((16384, 20), np.float32).tobytes())
+    data = pickle.dumps(big, protocol=pickle.HIGHEST_PROTOCOL)
+    start = _time.perf_counter()
+    assert len(pickle.loads(data)) == 16384
+    assert _time.perf_counter() - start < 0.05

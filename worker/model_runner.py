@@ -30,11 +30,11 @@ from qnext.worker.graph_runner import DecodeGraphRunner, mtp_draft_runner, targe
 from qnext.worker.host_malloc import keep_freed_memory
 from qnext.worker.loader import load_model
 from qnext.worker.model import ForwardBatch, Qwen3NextForCausalLM
-from qnext.worker.sampler import PenaltyTokens, SamplingBatch, sample, token_logprobs
+from qnext.worker.sampler import PenaltyTokens, SamplingBatch, raw_logprobs, sample
 from qnext.worker.scheduler import Request, ScheduledChunk, SchedulePlan
 from qnext.worker.token_history import TokenHistory
 from qnext.worker.tp_worker import Followers
-from qnext.worker.types import CacheInfo, EngineConfig
+from qnext.worker.types import CacheInfo, EngineConfig, PromptLogprobs
 
 PROMPT_LOGPROBS_ROWS = 256  # logits rows per block for prompt log-probs: 156 MB of float32 at a 151,936 vocabulary
 # float64 exists for exactness tests (rounding out of the way), not for serving.
@@ -317,14 +317,19 @@ class ModelRunner:
                 continue
             # Such a request never starts from the prefix cache, so its chunks cover the prompt from position 0
             # on; after a preemption the recomputed positions already scored are skipped.
+            if r.prompt_logprob_values is None:
+                r.prompt_logprob_values = PromptLogprobs(r.prompt_logprobs)
             lo = max(c.start, len(r.prompt_logprob_values))
             hi = min(c.start + c.num_tokens, len(r.prompt_token_ids) - 1)
             row0 = step.ends[r.request_id] - c.num_tokens - c.start  # the batch row of position p is row0 + p
             for a in range(lo, hi, PROMPT_LOGPROBS_ROWS):
                 b = min(a + PROMPT_LOGPROBS_ROWS, hi)
                 logits = self.model.compute_logits(step.hidden[row0 + a:row0 + b])
-                own, tops = token_logprobs(logits, r.prompt_token_ids[a + 1:b + 1], r.prompt_logprobs)
-                r.prompt_logprob_values += zip(own, tops)
+                tokens = torch.tensor(r.prompt_token_ids[a + 1:b + 1], device=logits.device)
+                own, values, ids = raw_logprobs(logits, tokens, r.prompt_logprobs)
+                r.prompt_logprob_values.extend(
+                    own.cpu().numpy().tobytes(), b"" if ids is None else ids.cpu().numpy().tobytes(),
+                    b"" if values is None else values.cpu().numpy().tobytes())
 
     def sampling_batch(self, requests: list[Request], drafts: list[list[int]] | None = None,
                        last_only: bool = False) -> SamplingBatch:
