@@ -74,7 +74,11 @@ def _loop(engine: Engine, conn: Connection) -> None:
                           request_ids=failed.request_ids, out_of_memory=failed.error.out_of_memory,
                           traceback=failed.traceback)
         started = {rid: step_start for rid in engine.admitted}
-        conn.send(StepResult(outputs=outputs, stats=engine.stats(), started=started))
+        try:
+            conn.send(StepResult(outputs=outputs, stats=engine.stats(), started=started))
+        except (BrokenPipeError, ConnectionResetError):  # the server died (killed): nobody to serve, exit
+            log.warning("the server is gone; the worker exits", running=engine.stats().num_running)
+            return
 
 
 def _apply(engine: Engine, msg: Submit, conn: Connection) -> None:

@@ -123,6 +123,37 @@ def test_sigterm_drains_then_exits_0(server):
     assert server.proc.wait(timeout=30) == 0
 
 
+def test_kill_9_server_mid_stream_ends_the_worker(default_ckpt, tmp_path, report):
+    """A server killed outright (no drain, no Shutdown message) leaves no worker behind: the worker's next send
+    finds the pipe broken and it exits, saying why, while it still had a request running."""
+    s = ServerProcess(default_ckpt, log_path=tmp_path / "server.log")
+
+    async def go():
+        async with Client(s.target) as c:
+            pid = (await c.server_stats()).worker_pid
+            call = c.generate_stream(text="orphaned", max_new_tokens=1000, ignore_eos=True)
+            await first_tokens(call)
+            s.proc.kill()
+            call.cancel()
+            return pid
+    try:
+        pid = asyncio.run(go())
+        killed = time.monotonic()
+        s.proc.wait(10)
+        while time.monotonic() - killed < 30:
+            try:
+                os.kill(pid, 0)  # our child's child: init reaps it once it exits
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        gone = time.monotonic() - killed
+    finally:
+        s.stop()
+    report("server kill -9 -> worker gone (s)", round(gone, 2))
+    assert gone < 30, "the worker outlived its server"
+    assert "the server is gone; the worker exits" in (tmp_path / "server.log").read_text()
+
+
 def test_thinking_template_separates_reasoning(default_ckpt, tmp_path):
     from qnext.worker.tiny import default_checkpoint
     ckpt = default_checkpoint(thinking=True)  # same cache dir as default_ckpt (its env is set for the session)
