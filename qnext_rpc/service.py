@@ -7,6 +7,7 @@ undecodable request bytes INVALID_ARGUMENT, and counts every finished call by me
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import inspect
 import time
@@ -119,6 +120,25 @@ def _logprob_entries(chunks: list[Chunk]) -> int:
                for c in chunks)
 
 
+# Prompt log-prob entries per streamed response: ~1 MB at 20 alternatives, so a long prompt's entries reach a
+# client whose gRPC channel keeps the default 4 MB receive limit (a 262K-token prompt's would be ~60 MB at once).
+PROMPT_LOGPROBS_PER_RESPONSE = 4096
+
+
+def split_prompt_logprobs(chunk: Chunk) -> list[Chunk]:
+    """`chunk`, preceded by responses that carry only its leading prompt log-prob entries when it has more than
+    PROMPT_LOGPROBS_PER_RESPONSE of them (in order: concatenated they are the whole list)."""
+    plp, n = chunk.prompt_logprobs, PROMPT_LOGPROBS_PER_RESPONSE
+    if plp is None or len(plp) <= n:
+        return [chunk]
+    ids = chunk.prompt_token_ids  # entry i scores ids[i + 1]
+    starts = range(0, len(plp), n)
+    parts = [Chunk(chunk.request_id, index=chunk.index, prompt_logprobs=plp.part(a, a + n),
+                   prompt_token_ids=ids[a:a + n + 1]) for a in starts[:-1]]
+    last = starts[-1]
+    return [*parts, dataclasses.replace(chunk, prompt_logprobs=plp.part(last, len(plp)), prompt_token_ids=ids[last:])]
+
+
 def _unary_result(rid: str, chunks: list[Chunk]) -> Any:
     """GenerateUnary's GenerateResult: sample 0 at the top level, and one choice per sample when n > 1."""
     samples = sorted({c.index for c in chunks})
@@ -158,7 +178,8 @@ class GenerationService(convert.GenerationServicer):
     @_grpc_errors
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async for chunk in self._generate(request, context):
-            yield await run_text_work(_logprob_entries([chunk]), convert.generate_response, chunk)
+            for part in split_prompt_logprobs(chunk):
+                yield await run_text_work(_logprob_entries([part]), convert.generate_response, part)
 
     @_grpc_errors
     async def GenerateUnary(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

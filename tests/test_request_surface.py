@@ -361,3 +361,29 @@ def test_prompt_logprobs_cross_the_pipe_as_arrays_and_become_the_same_proto_entr
     start = _time.perf_counter()
     assert len(pickle.loads(data)) == 16384
     assert _time.perf_counter() - start < 0.05
+
+
+def test_many_prompt_logprobs_stream_in_parts_that_concatenate_to_the_whole(monkeypatch):
+    """More than PROMPT_LOGPROBS_PER_RESPONSE entries go out in responses of their own before the first token's,
+    in order (a 262K-token prompt's at 20 alternatives were one ~60 MB message, over a default client's 4 MB)."""
+    import numpy as np
+
+    from qnext.rpc import convert, service
+    from qnext.rpc.stream import Chunk
+    from qnext.worker.types import PromptLogprobs
+
+    def entries(resps):
+        return [(e.token_id, e.logprob, [(t.token_id, t.logprob) for t in e.top])
+                for r in resps for e in r.prompt_logprobs]
+
+    plp = PromptLogprobs(2)
+    plp.extend(np.arange(5, dtype=np.float32).tobytes(), np.arange(10, dtype=np.int64).tobytes(),
+               np.arange(10, dtype=np.float32).tobytes())
+    chunk = Chunk("r", token_ids=[42], text="x", index=1, prompt_logprobs=plp, prompt_token_ids=[9, 8, 7, 6, 5, 4])
+    whole = convert.generate_response(chunk)
+    assert service.split_prompt_logprobs(chunk) == [chunk]  # under the limit: as it was
+    monkeypatch.setattr(service, "PROMPT_LOGPROBS_PER_RESPONSE", 2)
+    parts = [convert.generate_response(c) for c in service.split_prompt_logprobs(chunk)]
+    assert [len(r.prompt_logprobs) for r in parts] == [2, 2, 1] and all(r.index == 1 for r in parts)
+    assert entries(parts) == entries([whole]) and [e[0] for e in entries(parts)] == [8, 7, 6, 5, 4]
+    assert [list(r.token_ids) for r in parts] == [[], [], [42]] and parts[-1].text == "x"

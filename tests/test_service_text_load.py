@@ -163,3 +163,21 @@ def test_special_token_strings_in_text_are_plain_text(server):
     assert IM_START not in got["ids"] and got["prompt"] == len(got["ids"])
     assert got["chat"].count(IM_START) == 2  # the template's user turn and generation prompt only
     assert got["allowed"].count(IM_START) == 2 and got["forged"] == len(got["allowed"]) != len(got["ids"])
+
+
+def test_long_prompt_logprobs_stream_in_parts(server):
+    """A 4,200-token prompt's log-probs come in two responses before the first token's (4,096 a response), and
+    concatenated they are the unary call's entries, one per prompt token after the first."""
+    prompt = [1000 + (i * 7919) % 50000 for i in range(4200)]
+
+    async def go():
+        async with Client(server.target) as c:
+            fields = dict(token_ids=prompt, max_new_tokens=1, prompt_logprobs=1, temperature=0.0)
+            streamed = [r async for r in c.generate_stream(**fields)]
+            return streamed, await c.generate(**fields)
+    streamed, unary = asyncio.run(go())
+    sizes = [len(r.prompt_logprobs) for r in streamed if r.prompt_logprobs]
+    assert sizes == [4096, 103] and not streamed[0].token_ids
+    got = [(e.token_id, e.logprob, [t.token_id for t in e.top]) for r in streamed for e in r.prompt_logprobs]
+    assert [g[0] for g in got] == prompt[1:]
+    assert got == [(e.token_id, e.logprob, [t.token_id for t in e.top]) for e in unary.prompt_logprobs]

@@ -358,6 +358,12 @@ class PromptLogprobs:
     def __len__(self) -> int:
         return len(self.logprobs)
 
+    def part(self, start: int, stop: int) -> PromptLogprobs:
+        """Entries start..stop-1 (a copy)."""
+        k = self.k
+        return PromptLogprobs(k, self.logprobs[start:stop], self.top_ids[start * k:stop * k],
+                              self.top_logprobs[start * k:stop * k])
+
     def __getitem__(self, i: int) -> tuple[float, list[tuple[int, float]]]:
         k = self.k
         i = range(len(self))[i]
