@@ -13,10 +13,11 @@ from google.protobuf.message import DecodeError
 from qnext.v1 import generation_pb2 as pb
 from qnext.v1 import generation_pb2_grpc as pb_grpc
 from qnext.rpc.messages import Ready
-from qnext.worker.types import EngineStats
+from qnext.worker.types import EngineStats, LogprobEntries
 from qnext.rpc.stream import Chunk, Finish, TokenLogprob
 from qnext.rpc.text import ChatMessage
 from qnext.rpc.tool_calls import Tool, assemble_calls
+from qnext.rpc.unary import SampleResult, UnaryResult
 from qnext.rpc.validate import SAMPLING_FIELDS, GenerateSpec, Limits
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -120,15 +121,19 @@ def _logprobs(items: list[TokenLogprob]) -> list[Any]:
                              top=[pb.TopLogprob(token_id=i, logprob=lp) for i, lp in t.top]) for t in items]
 
 
-def _prompt_logprobs(c: Chunk) -> list[Any]:
-    """The proto entries of a chunk's prompt log-probs (entry i scores prompt token i + 1)."""
-    plp = c.prompt_logprobs
-    if plp is None:
+def _entries(token_ids: Sequence[int], entries: LogprobEntries | None) -> list[Any]:
+    """The proto entries of log-probs kept as arrays: entry i scores token_ids[i]."""
+    if entries is None:
         return []
-    k, ids, lps = plp.k, plp.top_ids, plp.top_logprobs
+    k, ids, lps = entries.k, entries.top_ids, entries.top_logprobs
     return [pb.TokenLogprobs(token_id=t, logprob=lp, top=[pb.TopLogprob(token_id=a, logprob=b) for a, b in
                                                            zip(ids[i * k:(i + 1) * k], lps[i * k:(i + 1) * k])])
-            for i, (t, lp) in enumerate(zip(c.prompt_token_ids[1:], plp.logprobs))]
+            for i, (t, lp) in enumerate(zip(token_ids, entries.logprobs))]
+
+
+def _prompt_logprobs(c: Chunk) -> list[Any]:
+    """The proto entries of a chunk's prompt log-probs (entry i scores prompt token i + 1)."""
+    return _entries(c.prompt_token_ids[1:], c.prompt_logprobs)
 
 
 def finish_info(f: Finish) -> Any:
@@ -159,18 +164,29 @@ def generate_response(c: Chunk) -> Any:
     return resp
 
 
-def generate_result(request_id: str, chunks: list[Chunk]) -> Any:
-    finish = next((c.finish for c in reversed(chunks) if c.finish is not None), None)
-    res = pb.GenerateResult(request_id=request_id, token_ids=[t for c in chunks for t in c.token_ids],
-                            text="".join(c.text for c in chunks),
-                            reasoning_text="".join(c.reasoning_text for c in chunks),
-                            logprobs=_logprobs([lp for c in chunks for lp in c.logprobs]),
-                            prompt_logprobs=[e for c in chunks for e in _prompt_logprobs(c)],
+def _sample_result(request_id: str, s: SampleResult) -> Any:
+    res = pb.GenerateResult(request_id=request_id, token_ids=s.token_ids,
+                            text=s.text.decode("utf-8", "surrogatepass"),
+                            reasoning_text=s.reasoning_text.decode("utf-8", "surrogatepass"),
+                            logprobs=_entries(s.token_ids, s.logprobs),
+                            prompt_logprobs=_entries(s.prompt_token_ids[1:], s.prompt_logprobs),
                             tool_calls=[pb.ToolCall(id=t.id, name=t.name, arguments_json=t.arguments_json)
-                                        for t in assemble_calls([d for c in chunks for d in c.tool_calls])])
-    if finish is not None:
-        res.finish.CopyFrom(finish_info(finish))
+                                        for t in assemble_calls(s.tool_calls)],
+                            index=s.index)
+    if s.finish is not None:
+        res.finish.CopyFrom(finish_info(s.finish))
     return res
+
+
+def generate_result(result: UnaryResult) -> Any:
+    """GenerateUnary's GenerateResult: sample 0 at the top level, and one choice per sample when n > 1."""
+    rid, samples = result.request_id, [result.samples[i] for i in sorted(result.samples)]
+    if not samples:
+        return pb.GenerateResult(request_id=rid)
+    top = _sample_result(rid, result.samples[0]) if 0 in result.samples else pb.GenerateResult(request_id=rid)
+    if result.n > 1:
+        top.choices.extend(_sample_result(rid, s) for s in samples)
+    return top
 
 
 def tokenize_response(ids: list[int], tokens: list[str]) -> Any:

@@ -48,7 +48,7 @@ from qnext.worker.engine_flags import add_engine_flags, engine_config_from_args,
 from qnext.worker.types import EngineConfig
 
 log = structlog.get_logger("qnext.server")
-_MAX_MESSAGE_BYTES = 64 << 20
+MAX_MESSAGE_MIB_LIMIT = 2047  # gRPC keeps message limits in an int32 of bytes
 
 
 class StartupError(RuntimeError):
@@ -80,12 +80,15 @@ class ServerConfig:
     stream_interval: int = 1  # tokens per streamed response after the first (GenerationService)
     scheduling_policy: str = "fcfs"  # "priority": requests' `priority` field is honoured (else it must be 0)
     uds: str | None = None  # also serve on this unix domain socket (plaintext, owner-only), e.g. for health checks
+    max_message_mib: int = 64  # the largest gRPC message received or sent (a GenerateUnary result must fit)
 
     def __post_init__(self) -> None:
         for name in ("max_pending_requests", "default_max_new_tokens", "max_stop_strings", "max_stop_string_length",
-                     "stream_interval"):
+                     "stream_interval", "max_message_mib"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_message_mib > MAX_MESSAGE_MIB_LIMIT:
+            raise ValueError(f"max_message_mib: must be <= {MAX_MESSAGE_MIB_LIMIT}, got {self.max_message_mib}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy: one of {', '.join(SCHEDULING_POLICIES)}, "
                              f"got {self.scheduling_policy!r}")
@@ -162,10 +165,10 @@ class Server:
                          "max_num_batched_tokens": self.engine.max_num_batched_tokens,
                          "max_pending_requests": cfg.max_pending_requests, "max_top_logprobs": 20}
         service = GenerationService(self.batcher, text, limits, self.metrics, cfg.reasoning_parser is not None,
-                                    server_limits, cfg.stream_interval)
+                                    server_limits, cfg.stream_interval, cfg.max_message_mib << 20)
         self.grpc = grpc.aio.server(interceptors=self._interceptors(),
-                                    options=[("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-                                             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)])
+                                    options=[("grpc.max_receive_message_length", cfg.max_message_mib << 20),
+                                             ("grpc.max_send_message_length", cfg.max_message_mib << 20)])
         convert.add_servicer(service, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
@@ -316,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--stream-interval", type=int, default=1,
       help="tokens per streamed response after the first (the last may have fewer): fewer messages, less CPU per "
            "token on both ends, coarser streaming")
+    a("--max-message-mib", type=int, default=64,
+      help="the largest gRPC message the server receives or sends, in MiB: a GenerateUnary result over it ends "
+           "with RESOURCE_EXHAUSTED as soon as it outgrows it (Generate streams any size)")
     a("--scheduling-policy", default="fcfs", choices=SCHEDULING_POLICIES,
       help="fcfs: first come, first served, and a request's priority must be 0; priority: requests run by their "
            "priority field (lower = sooner), preempting lower ones, then by arrival (as vLLM's flag)")
@@ -347,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                            drain_grace_period_s=args.drain_grace_period, api_key=api_key_from(args.api_key), tls=tls,
                            worker_preload=tuple(resolve_preload(args.worker_preload, engine.device)),
                            stream_interval=args.stream_interval, scheduling_policy=args.scheduling_policy,
-                           uds=args.uds)
+                           uds=args.uds, max_message_mib=args.max_message_mib)
         # no --model: the embedded default's directory; the MTP head and tensor-parallel split checked here, not
         # in a worker that would restart forever (in a subprocess: they need torch, this process never imports it)
         engine = run_preflight(engine)

@@ -24,6 +24,7 @@ from qnext.rpc.metrics import Metrics
 from qnext.rpc.stream import CANCELLED, Chunk, OutputAssembler
 from qnext.rpc.text import TextProcessor
 from qnext.rpc.text_pool import prepare_off_loop, run_text_work
+from qnext.rpc.unary import ResultTooLarge, UnaryResult
 from qnext.rpc.validate import Limits, check_detokenize, check_tokenize, tool_list, tools_size
 
 log = structlog.get_logger("qnext.service")
@@ -34,6 +35,7 @@ _STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [  # first match wins
     (RequestOutOfMemory, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (WorkerUnavailable, grpc.StatusCode.UNAVAILABLE),
     (RequestFailed, grpc.StatusCode.INTERNAL),
+    (ResultTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
 ]
 _GENERATION_METHODS = ("Generate", "GenerateUnary")
 _DEADLINE_SLACK_S = 0.1
@@ -140,25 +142,15 @@ def split_prompt_logprobs(chunk: Chunk) -> list[Chunk]:
     return [*parts, dataclasses.replace(chunk, prompt_logprobs=plp.part(last, len(plp)), prompt_token_ids=ids[last:])]
 
 
-def _unary_result(rid: str, chunks: list[Chunk]) -> Any:
-    """GenerateUnary's GenerateResult: sample 0 at the top level, and one choice per sample when n > 1."""
-    samples = sorted({c.index for c in chunks})
-    if samples == [0]:
-        return convert.generate_result(rid, chunks)
-    choices = [convert.generate_result(rid, [c for c in chunks if c.index == i]) for i in samples]
-    for i, choice in zip(samples, choices):
-        choice.index = i
-    result = convert.generate_result(rid, [c for c in chunks if c.index == 0])
-    result.choices.extend(choices)
-    return result
-
-
 class GenerationService(convert.GenerationServicer):
     def __init__(self, batcher: Batcher, text: TextProcessor, limits: Limits, metrics: Metrics,
-                 reasoning_parser: bool, server_limits: dict[str, int], stream_interval: int = 1) -> None:
+                 reasoning_parser: bool, server_limits: dict[str, int], stream_interval: int,
+                 max_message_bytes: int) -> None:
         """`stream_interval`: after the first token, a stream's responses carry at least this many tokens (the
-        last one fewer): fewer messages, less CPU per token for server and client, coarser streaming."""
+        last one fewer): fewer messages, less CPU per token for server and client, coarser streaming.
+        `max_message_bytes`: the server's gRPC send limit, which a GenerateUnary result must fit."""
         self.batcher = batcher
+        self.max_message_bytes = max_message_bytes
         self.stream_interval = stream_interval
         self.text = text
         self.limits = limits
@@ -184,14 +176,16 @@ class GenerationService(convert.GenerationServicer):
 
     @_grpc_errors
     async def GenerateUnary(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        chunks = []
-        rid = ""
-        async for chunk in self._generate(request, context):
-            chunks.append(chunk)
-            rid = chunk.request_id
-        return await run_text_work(_logprob_entries(chunks), _unary_result, rid, chunks)
+        require_decoded(request)
+        result = UnaryResult(request.top_logprobs, max(1, request.n), self.max_message_bytes)
+        async for _ in self._generate(request, context, result.add):
+            pass
+        return await run_text_work(result.entries(), convert.generate_result, result)
 
-    async def _generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Chunk]:
+    async def _generate(self, request: Any, context: grpc.aio.ServicerContext,
+                        on_chunk: Callable[[Chunk], None] | None = None) -> AsyncIterator[Chunk]:
+        """The request's chunks as they are assembled; `on_chunk` sees each first, inside the request's own error
+        handling (GenerateUnary's result: its ResultTooLarge ends the request here, releasing it at once)."""
         require_decoded(request)
         prepared = await prepare_off_loop(convert.parse_generate(request), self.limits, self.text)
         rid = prepared.request_id
@@ -222,6 +216,8 @@ class GenerationService(convert.GenerationServicer):
                         self.batcher.abort_sample(handle, index)  # the others go on
                     self._observe_tokens(asm, len(chunk.token_ids), last)
                     last = time.monotonic()
+                    if on_chunk is not None:
+                        on_chunk(chunk)
                     yield chunk
             status = asms[0].finish.reason
         except Exception as e:

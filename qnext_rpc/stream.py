@@ -5,13 +5,14 @@ tool calls (parsed out of the content, after the reasoning), logprobs, and the f
 from __future__ import annotations
 
 import time
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from qnext.rpc.text import IncrementalDetokenizer, ReasoningSplitter, StopStringMatcher, TextProcessor
 from qnext.rpc.tool_calls import ToolCallDelta, ToolCallParser
 from qnext.rpc.validate import PreparedRequest
-from qnext.worker.types import FinishReason, PromptLogprobs, RequestOutput
+from qnext.worker.types import FinishReason, LogprobEntries, RequestOutput
 
 # The service's finish reasons: the engine's, plus the ones only the server knows.
 STOP_STRING = "stop_string"
@@ -67,7 +68,7 @@ class Chunk:
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
     # in the first chunk of a request that asked: the worker's entries for prompt tokens 1.. (prompt_token_ids[1:]),
     # as they came (converted to the proto off the event loop when large: service.py)
-    prompt_logprobs: PromptLogprobs | None = None
+    prompt_logprobs: LogprobEntries | None = None
     prompt_token_ids: Sequence[int] = ()
     index: int = 0  # which parallel sample (GenerateRequest.n)
 
@@ -86,7 +87,7 @@ class OutputAssembler:
         self.arrival = arrival
         self.started: float | None = None
         self.first_token: float | None = None
-        self.token_ids: list[int] = []
+        self.token_ids = array("q")  # every token so far: 8 bytes each (a list of ints took ~36)
         self.num_preemptions = 0
         self.spec = (0, 0, 0)  # (drafted, accepted, draft steps) so far: the engine's per-request MTP counters
         self.num_cached_tokens = 0  # prompt tokens the engine served from its prefix cache
@@ -115,7 +116,7 @@ class OutputAssembler:
             if out.finished:
                 engine_finish = out
                 break
-        self.token_ids += chunk.token_ids
+        self.token_ids.extend(chunk.token_ids)
         final = engine_finish is not None
         delta = self.detok.push(chunk.token_ids) + (self.detok.flush() if final else "")
         self._add_text(chunk, self.stops.push(delta, final=final or self.stop_string_matched), final)

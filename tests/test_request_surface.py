@@ -329,7 +329,7 @@ def test_stop_token_ids_are_capped_and_named():
 
 
 def test_prompt_logprobs_cross_the_pipe_as_arrays_and_become_the_same_proto_entries():
-    """The worker's PromptLogprobs reads as (log-prob, [(id, log-prob)]) entries, pickles as bytes (a 16K-token
+    """The worker's LogprobEntries reads as (log-prob, [(id, log-prob)]) entries, pickles as bytes (a 16K-token
     prompt at 20 alternatives unpickled in 0.2 s as Python tuples, on the server's event loop), and the server's
     responses carry exactly those entries for prompt tokens 1.., streamed or unary."""
     import pickle
@@ -339,21 +339,25 @@ def test_prompt_logprobs_cross_the_pipe_as_arrays_and_become_the_same_proto_entr
 
     from qnext.rpc import convert
     from qnext.rpc.stream import Chunk
-    from qnext.worker.types import PromptLogprobs
+    from qnext.rpc.unary import UnaryResult
+    from qnext.worker.types import LogprobEntries
 
     f32 = lambda x: float(np.float32(x))  # noqa: E731 - the arrays hold float32
-    plp = PromptLogprobs(2)
+    plp = LogprobEntries(2)
     plp.extend(np.array([-0.5, -1.25], np.float32).tobytes(), np.array([[3, 4], [5, 6]], np.int64).tobytes(),
                np.array([[-0.1, -0.2], [-0.3, -0.4]], np.float32).tobytes())
     want = [(-0.5, [(3, f32(-0.1)), (4, f32(-0.2))]), (-1.25, [(5, f32(-0.3)), (6, f32(-0.4))])]
     assert list(plp) == want and plp[-1] == want[1] and list(pickle.loads(pickle.dumps(plp))) == want
     chunk = Chunk("r", token_ids=[11], prompt_logprobs=plp, prompt_token_ids=[9, 7, 8])
     streamed = convert.generate_response(chunk).prompt_logprobs
-    unary = convert.generate_result("r", [chunk, Chunk("r", token_ids=[12])]).prompt_logprobs
+    result = UnaryResult(top_logprobs=0, n=1, max_bytes=1 << 20)
+    for c in (chunk, Chunk("r", token_ids=[12])):
+        result.add(c)
+    unary = convert.generate_result(result).prompt_logprobs
     for entries in (streamed, unary):
         assert [(e.token_id, e.logprob, [(t.token_id, t.logprob) for t in e.top]) for e in entries] == \
             [(t, lp, top) for t, (lp, top) in zip([7, 8], want)]
-    big = PromptLogprobs(20)
+    big = LogprobEntries(20)
     rng = np.random.default_rng(0)
     big.extend(rng.random(16384, np.float32).tobytes(), rng.integers(0, 151936, (16384, 20)).tobytes(),
                rng.random((16384, 20), np.float32).tobytes())
@@ -370,13 +374,13 @@ def test_many_prompt_logprobs_stream_in_parts_that_concatenate_to_the_whole(monk
 
     from qnext.rpc import convert, service
     from qnext.rpc.stream import Chunk
-    from qnext.worker.types import PromptLogprobs
+    from qnext.worker.types import LogprobEntries
 
     def entries(resps):
         return [(e.token_id, e.logprob, [(t.token_id, t.logprob) for t in e.top])
                 for r in resps for e in r.prompt_logprobs]
 
-    plp = PromptLogprobs(2)
+    plp = LogprobEntries(2)
     plp.extend(np.arange(5, dtype=np.float32).tobytes(), np.arange(10, dtype=np.int64).tobytes(),
                np.arange(10, dtype=np.float32).tobytes())
     chunk = Chunk("r", token_ids=[42], text="x", index=1, prompt_logprobs=plp, prompt_token_ids=[9, 8, 7, 6, 5, 4])

@@ -192,3 +192,35 @@ def test_streams_cut_by_the_drain_grace_get_a_reason(default_ckpt, tmp_path):
     error = run(go())
     assert error.code() == grpc.StatusCode.UNAVAILABLE and "drain grace period (0.5 s) is over" in error.details()
     assert s.stop() == 0
+
+
+def test_a_unary_result_too_large_to_send_ends_early_and_frees_the_request(default_ckpt, tmp_path):
+    """GenerateUnary keeps the whole result until the end: past the send limit (--max-message-mib) the request
+    ends as soon as its result outgrows it, RESOURCE_EXHAUSTED naming what to change, its cache freed; it was
+    generated to the end and then failed to send, kept meanwhile as ~2.9 KB of Python objects per token at 20
+    alternatives. The same request streamed (Generate) is not limited, and small unary requests go on."""
+    s = ServerProcess(default_ckpt, "--max-message-mib", "1", log_path=tmp_path / "server.log")
+    big = dict(text="hello", n=16, top_logprobs=20, max_new_tokens=400, ignore_eos=True, temperature=1.0, seed=3)
+
+    async def go():
+        async with Client(s.target) as c:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await c.generate(**big)
+            idle = await wait_idle(c)
+            await c.reset_prefix_cache()
+            after = await c.server_stats()
+            streamed = [0] * 16
+            async for chunk in c.generate_stream(**big):
+                streamed[chunk.index] += len(chunk.token_ids)
+            small = await c.generate(text="hello", n=2, top_logprobs=2, max_new_tokens=8, ignore_eos=True)
+            return e.value, idle, after, streamed, small
+    error, idle, after, streamed, small = run(go())
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "over the server's 1 MiB message limit" in error.details()
+    assert "n=16 samples, top_logprobs=20): use Generate" in error.details()
+    tokens = int(error.details().split(" after ")[1].split(" tokens")[0])
+    assert 16 * 200 < tokens < 16 * 400  # 1 MiB is ~280 tokens a sample at 20 alternatives: ended there
+    assert idle.num_pending == 0 and after.kv_blocks_used == 0 and after.state_slots_used == 0
+    assert streamed == [400] * 16  # ~1.5 MB in all, streamed
+    assert [len(ch.token_ids) for ch in small.choices] == [8, 8] and len(small.choices[1].logprobs) == 8
+    assert s.stop() == 0

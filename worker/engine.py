@@ -28,7 +28,7 @@ from qnext.worker.spec_decode import SpecCounters, SpecDecoder
 from qnext.worker.step_failure import StepFailures
 from qnext.worker.summary import engine_stats, model_summary
 from qnext.worker.types import (MAX_SAMPLES, MAX_TOP_LOGPROBS, SAMPLE_SEP, CacheInfo, Completion, EngineConfig,
-                                EngineStats, FinishReason, GenerationRequest, ModelSummary, PromptLogprobs, RequestOutput,
+                                EngineStats, FinishReason, GenerationRequest, ModelSummary, LogprobEntries, RequestOutput,
                                 SamplingParams, StepError, StoppingParams, require, require_number)
 
 
@@ -290,13 +290,13 @@ class Engine:
             prompt_logprobs=self._take_prompt_logprobs(r) if so.new_token_ids or so.finished else None)
 
     @staticmethod
-    def _take_prompt_logprobs(r: Request) -> PromptLogprobs | None:
+    def _take_prompt_logprobs(r: Request) -> LogprobEntries | None:
         """A request's prompt log-probs, once: with its first output (then dropped here)."""
         if r.prompt_logprobs is None or r.prompt_logprobs_sent:
             return None
         r.prompt_logprobs_sent = True
         values, r.prompt_logprob_values = r.prompt_logprob_values, None
-        return values if values is not None else PromptLogprobs(r.prompt_logprobs)
+        return values if values is not None else LogprobEntries(r.prompt_logprobs)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams] | None = None,
                  stopping: StoppingParams | list[StoppingParams] | None = None) -> list[Completion]:

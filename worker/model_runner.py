@@ -34,7 +34,7 @@ from qnext.worker.sampler import PenaltyTokens, SamplingBatch, raw_logprobs, sam
 from qnext.worker.scheduler import Request, ScheduledChunk, SchedulePlan
 from qnext.worker.token_history import TokenHistory
 from qnext.worker.tp_worker import Followers
-from qnext.worker.types import CacheInfo, EngineConfig, PromptLogprobs
+from qnext.worker.types import CacheInfo, EngineConfig, LogprobEntries
 
 PROMPT_LOGPROBS_ROWS = 256  # logits rows per block for prompt log-probs: 156 MB of float32 at a 151,936 vocabulary
 # float64 exists for exactness tests (rounding out of the way), not for serving.
@@ -318,7 +318,7 @@ class ModelRunner:
             # Such a request never starts from the prefix cache, so its chunks cover the prompt from position 0
             # on; after a preemption the recomputed positions already scored are skipped.
             if r.prompt_logprob_values is None:
-                r.prompt_logprob_values = PromptLogprobs(r.prompt_logprobs)
+                r.prompt_logprob_values = LogprobEntries(r.prompt_logprobs)
             lo = max(c.start, len(r.prompt_logprob_values))
             hi = min(c.start + c.num_tokens, len(r.prompt_token_ids) - 1)
             row0 = step.ends[r.request_id] - c.num_tokens - c.start  # the batch row of position p is row0 + p

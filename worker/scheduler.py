@@ -53,7 +53,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from qnext.worker.cache import CheckpointCopy, HybridCacheManager, Restore
-from qnext.worker.types import FinishReason, PromptLogprobs, SamplingParams, StoppingParams, require
+from qnext.worker.types import FinishReason, LogprobEntries, SamplingParams, StoppingParams, require
 
 if TYPE_CHECKING:
     from qnext.worker.grammar import GrammarState
@@ -101,7 +101,7 @@ class Request:
     suspect: bool = field(default=False, init=False)
     # Prompt log-probs computed so far (the engine's: entry i is prompt token i + 1), until handed out with the
     # first output; a recomputation after preemption does not repeat them.
-    prompt_logprob_values: PromptLogprobs | None = field(default=None, init=False)
+    prompt_logprob_values: LogprobEntries | None = field(default=None, init=False)
     prompt_logprobs_sent: bool = field(default=False, init=False)
     # the penalties' view of prompt + outputs (worker/token_history.py), made at the first step that needs it
     token_history: TokenHistory | None = field(default=None, init=False, repr=False, compare=False)

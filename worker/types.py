@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from enum import Enum
@@ -333,16 +333,18 @@ class RequestOutput:
     index: int = 0  # which of the request's n samples this is
     # with the first new tokens of a request that asked for prompt_logprobs: one entry per prompt token after the
     # first, (log-prob of that token, its top alternatives as (id, log-prob)); None otherwise
-    prompt_logprobs: PromptLogprobs | None = None
+    prompt_logprobs: LogprobEntries | None = None
 
 
 @dataclass
-class PromptLogprobs:
-    """Log-probs of a prompt's tokens 1.. (entry i scores prompt token i + 1 under the model given the tokens
-    before it) and each one's k most likely alternatives, in three flat arrays. Compact because it crosses the
-    pipe whole and the server reads it on its event loop: as Python tuples a 16K-token prompt's entries at 20
-    alternatives took 0.2 s to unpickle there (arrays pickle as bytes). Reads as a sequence of
-    (log-prob, [(id, log-prob), ...]) entries; `extend` appends in place (the worker's accumulation)."""
+class LogprobEntries:
+    """Log-probs of a run of tokens and each one's k most likely alternatives, in three flat arrays: a prompt's
+    tokens 1.. (entry i scores prompt token i + 1 under the model given the tokens before it), and the server's
+    record of a GenerateUnary sample's tokens (qnext_rpc/unary.py). Compact because a prompt's crosses the pipe
+    whole and the server reads it on its event loop: as Python tuples a 16K-token prompt's entries at 20
+    alternatives took 0.2 s to unpickle there (arrays pickle as bytes), and a generated token's entry with 20
+    alternatives took ~2.9 KB as Python objects against 252 bytes here. Reads as a sequence of
+    (log-prob, [(id, log-prob), ...]) entries; `extend` and `append` add in place."""
 
     k: int  # alternatives per entry
     logprobs: array = field(default_factory=lambda: array("f"))  # [n] float32
@@ -355,13 +357,21 @@ class PromptLogprobs:
         self.top_ids.frombytes(top_ids)
         self.top_logprobs.frombytes(top_logprobs)
 
+    def append(self, logprob: float, top: Sequence[tuple[int, float]]) -> None:
+        """Add one entry: a token's log-prob and its k alternatives as (id, log-prob) pairs."""
+        assert len(top) == self.k, f"{len(top)} alternatives in an entry of {self.k}"
+        self.logprobs.append(logprob)
+        for token_id, lp in top:
+            self.top_ids.append(token_id)
+            self.top_logprobs.append(lp)
+
     def __len__(self) -> int:
         return len(self.logprobs)
 
-    def part(self, start: int, stop: int) -> PromptLogprobs:
+    def part(self, start: int, stop: int) -> LogprobEntries:
         """Entries start..stop-1 (a copy)."""
         k = self.k
-        return PromptLogprobs(k, self.logprobs[start:stop], self.top_ids[start * k:stop * k],
+        return LogprobEntries(k, self.logprobs[start:stop], self.top_ids[start * k:stop * k],
                               self.top_logprobs[start * k:stop * k])
 
     def __getitem__(self, i: int) -> tuple[float, list[tuple[int, float]]]:

@@ -83,7 +83,8 @@ class GenerationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateUnary(self, request, context):
-        """The same generation, returned as one message when it is finished.
+        """The same generation, returned as one message when it is finished. A result that outgrows the server's
+        message limit (--max-message-mib, 64 MiB by default) ends it early with RESOURCE_EXHAUSTED: stream it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
