@@ -66,7 +66,10 @@ def _loop(engine: Engine, conn: Connection) -> None:
         step_start = time.monotonic()
         outputs = engine.step()
         for failed in engine.failures.take():
-            if failed.error is None:
+            if failed.drafts_only:
+                log.warning("MTP drafting failed; this step's requests go on without drafts",
+                            request_ids=failed.request_ids, traceback=failed.traceback)
+            elif failed.error is None:
                 log.warning("engine step failed; its requests will run again one at a time to find the cause",
                             request_ids=failed.request_ids, traceback=failed.traceback)
             else:

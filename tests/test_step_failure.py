@@ -1,7 +1,8 @@
 """A step that raises fails only the request that caused it (worker/step_failure.py), in the engine itself:
 the other requests of the failed step finish with exactly the tokens of a run without the fault (sampled and
 with MTP too), nothing is leaked, a failure after the update ends that step's requests and empties the prefix
-index, and a failure that keeps coming back (a broken device) or cannot be attributed is raised."""
+index (but a grammar refusing its request's tokens ends that request alone, and a drafting failure only drops
+drafts), and a failure that keeps coming back (a broken device) or cannot be attributed is raised."""
 
 from __future__ import annotations
 
@@ -107,3 +108,65 @@ def test_unattributable_failures_are_raised():
     failures = StepFailures(attributable=False)  # tensor parallel: the other ranks may be inside a collective
     with pytest.raises(ValueError, match="x"):
         failures.fail(SchedulePlan(chunks=[], preempted=[]), scheduler=None, e=ValueError("x"), applied=False)
+
+
+def test_a_grammar_that_refuses_its_tokens_ends_its_request_alone(default_ckpt):
+    """In the update, a constrained request's grammar refusing the tokens it was sampled under (an engine or
+    llguidance failure, never expected) used to end every request of the step: now it ends alone."""
+    from qnext.worker.grammar import GrammarCompiler
+    from qnext.worker.tokenizer_files import ENDOFTEXT_ID, IM_END_ID, VOCAB_SIZE
+    compiler = GrammarCompiler(default_ckpt / "tokenizer.json", VOCAB_SIZE, (IM_END_ID, ENDOFTEXT_ID))
+    grammar = compiler.compile("response_format.regex", "regex", "[a-z ]{1,200}")
+    stop = StoppingParams(max_new_tokens=12)  # a constrained request may not ignore EOS
+    clean = make_engine(default_ckpt).generate(PROMPTS, SAMPLINGS, STOP)
+    engine = make_engine(default_ckpt)
+    for i, (p, sp) in enumerate(zip(PROMPTS, SAMPLINGS)):
+        engine.add_request(GenerationRequest(f"r{i}", p, sp, STOP))
+    engine.add_request(GenerationRequest("constrained", [9707, 11, 1879], SamplingParams(temperature=0.0), stop,
+                                         grammar=grammar))
+    state = engine.scheduler._requests["constrained"].grammar
+    accept, calls = state.accept, []
+
+    def refusing(tokens):
+        calls.append(tokens)
+        if len(calls) == 3:
+            raise RuntimeError("grammar: generated tokens refused: injected")
+        accept(tokens)
+
+    state.accept = refusing
+    got: dict[str, list[int]] = {}
+    finish: dict[str, tuple] = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if o.finished:
+                finish[o.request_id] = (o.finish_reason, o.error)
+    reason, error = finish["constrained"]
+    assert reason == FinishReason.ERROR and "injected" in error.message and len(got["constrained"]) == 3
+    for i, ref in enumerate(clean):
+        assert finish[f"r{i}"] == (FinishReason.LENGTH, None) and got[f"r{i}"] == ref.token_ids
+    assert [f.request_ids for f in engine.failures.take()] == [["constrained"]]
+    assert_clean(engine)
+
+
+def test_a_drafting_failure_drops_the_drafts_and_nothing_else(default_ckpt):
+    """MTP drafting runs after the update; its failure used to end every request of the step. Drafts are
+    proposals: without them the requests decode, to the same tokens."""
+    kw = dict(num_speculative_tokens=2, dtype="float32", speculative_draft_length="fixed")
+    clean = make_engine(default_ckpt, **kw).generate(PROMPTS, SAMPLINGS, STOP)
+    engine = make_engine(default_ckpt, **kw)
+    draft, calls = engine.spec._draft, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) in (2, 3):
+            raise RuntimeError("injected drafting failure")
+        return draft(*args)
+
+    engine.spec._draft = failing
+    got = engine.generate(PROMPTS, SAMPLINGS, STOP)
+    assert len(calls) > 3
+    assert [(c.finish_reason, c.token_ids) for c in got] == [(FinishReason.LENGTH, c.token_ids) for c in clean]
+    failed = engine.failures.take()
+    assert len(failed) == 2 and all(f.drafts_only and f.error is None and len(f.request_ids) == 4 for f in failed)
+    assert_clean(engine)

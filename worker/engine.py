@@ -223,18 +223,33 @@ class Engine:
             self._fork(parent, samples, plan, sampled, hidden)
         by_id = {c.request.request_id: c.request for c in plan.chunks}
         step_outputs = self.scheduler.update(plan, sampled)
-        for so in step_outputs:  # constrained requests: their grammar moves past the tokens appended
+        errors: dict[str, StepError] = {}
+        for i, so in enumerate(step_outputs):  # constrained requests: their grammar moves past the tokens appended
             grammar = by_id[so.request_id].grammar
             if grammar is not None and so.new_token_ids and not so.finished:
-                grammar.accept(so.new_token_ids)
-        outputs = [self._output(by_id[so.request_id], so, *logprobs.get(so.request_id, ([], [])))
-                   for so in step_outputs]
+                try:
+                    grammar.accept(so.new_token_ids)
+                except Exception as e:  # noqa: BLE001 - that request's grammar alone: it ends, the others go on
+                    step_outputs[i] = self._end_with_error(so, e, errors)
+        outputs = [self._output(by_id[so.request_id], so, *logprobs.get(so.request_id, ([], [])),
+                                error=errors.get(so.request_id)) for so in step_outputs]
         if plan.checkpoints:  # first device work after update: finished requests' blocks are free from here on
             self.runner.save_checkpoints(plan, step)
         drafting = [(by_id[rid], h) for rid, h in mtp_last.items() if by_id[rid].status == RequestStatus.RUNNING]
         if drafting:
-            self.spec.propose(drafting)
+            try:
+                self.spec.propose(drafting)
+            except Exception as e:  # noqa: BLE001 - drafts are only proposals: without them the requests decode
+                self.spec.drop_drafts([r for r, _ in drafting])
+                self.failures.drafting_failed([r.request_id for r, _ in drafting], e)
         return outputs
+
+    def _end_with_error(self, so: StepOutput, e: Exception, errors: dict[str, StepError]) -> StepOutput:
+        """End one request of an applied step after its own failure (its grammar refused its tokens): its blocks
+        and slot are freed now, its output carries this step's tokens and the error."""
+        self.scheduler.abort(so.request_id)
+        errors[so.request_id] = self.failures.ended_alone(so.request_id, e)
+        return StepOutput(so.request_id, so.new_token_ids, True, FinishReason.ERROR)
 
     def _fork(self, parent: Request, samples: list[Request], plan: SchedulePlan, sampled: dict,
               hidden: torch.Tensor) -> None:

@@ -443,6 +443,13 @@ class SpecDecoder:
         self._step_drafting_s += seconds
         self.policy.record_drafting(len(self._next_lengths), max(lengths, default=0), seconds)
 
+    def drop_drafts(self, requests: list[Request]) -> None:
+        """After a failed `propose`: no drafts for these requests' next step (room it reserved stays theirs)."""
+        for r in requests:
+            self.scheduler.set_drafts(r, [])
+            if r.request_id in self._requests:
+                self._requests[r.request_id].draft_probs = None
+
     def _draft(self, drafting: list[tuple[Request, torch.Tensor]], lengths: list[int]) -> None:
         if not drafting:
             return

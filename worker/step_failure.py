@@ -7,10 +7,13 @@ state slots, their rows), so an exception there is theirs; requests outside the 
   quarantined instead: each of its requests is preempted by recompute and then runs alone until a step of its
   succeeds (Scheduler.quarantine), so the culprit fails by itself on its next try and the rest finish with
   exactly the tokens they would have had (recompute is exact; sampling is counter based).
-- In or after the update (checkpoint copies, drafting), part of the step is applied and its outputs are lost:
-  every request of the plan ends with ERROR, and the prefix index is emptied, because the step may have named
-  blocks or taken checkpoints whose device copies never ran (running requests keep their blocks as private
-  ones, so nothing they hold changes).
+- In or after the update, two failures are one request's or nobody's: a constrained request whose grammar
+  refuses the tokens just appended ends alone with ERROR (its tokens of this step included), and a failure
+  while drafting only drops the step's MTP drafts (they are proposals; the requests decode without them).
+  Anything else there (the update itself, checkpoint copies) leaves part of the step applied and its outputs
+  lost: every request of the plan ends with ERROR, and the prefix index is emptied, because the step may have
+  named blocks or taken checkpoints whose device copies never ran (running requests keep their blocks as
+  private ones, so nothing they hold changes).
 
 What cannot be attributed is raised for the worker to die and be restarted: a failure while scheduling (before
 any request is in a plan), a failure in a tensor-parallel step (the other ranks may be stuck in a collective),
@@ -39,8 +42,9 @@ class FailedStep:
     """One failed step: the requests it ended and the exception, for the worker's log."""
 
     request_ids: list[str]
-    error: StepError | None  # None: the requests were quarantined, not ended
+    error: StepError | None  # None: the requests were quarantined (or only lost their drafts), not ended
     traceback: str
+    drafts_only: bool = False  # MTP drafting failed: the requests go on without this step's drafts
 
 
 @dataclass
@@ -77,6 +81,18 @@ class StepFailures:
             if oom else f"the engine step this request was part of failed ({type(e).__name__}); see the server log"))
         self.failed.append(FailedStep([r.request_id for r in requests], error, trace))
         return requests
+
+    def ended_alone(self, request_id: str, e: Exception) -> StepError:
+        """One request of an applied step failed on its own part of the update (its grammar refused its
+        tokens): the engine ends it alone; the step stands for the others."""
+        error = StepError(out_of_memory=is_out_of_memory(e), message=f"{type(e).__name__}: {e}")
+        self.failed.append(FailedStep([request_id], error, "".join(traceback.format_exception(e))))
+        return error
+
+    def drafting_failed(self, request_ids: list[str], e: Exception) -> None:
+        """MTP drafting after the update raised: the step's tokens stand, its drafts are dropped (proposals
+        only: the requests decode without them). A device that is really broken fails the next forward."""
+        self.failed.append(FailedStep(request_ids, None, "".join(traceback.format_exception(e)), drafts_only=True))
 
     def take(self) -> list[FailedStep]:
         failed, self.failed = self.failed, []
