@@ -110,8 +110,10 @@ class Traffic:
         turns = [("system", "Be brief.")] if rng.random() < 0.3 else []
         return {"chat": [*turns, ("user", text)]}
 
-    def _sampling(self, rng: random.Random) -> dict[str, Any]:
-        f: dict[str, Any] = {"max_new_tokens": rng.randint(1, 32)}
+    def _sampling(self, rng: random.Random, max_new_tokens: int | None = None) -> dict[str, Any]:
+        """`max_new_tokens`: the action's own (else 1-32), drawn before the extras, whose min_new_tokens must not
+        exceed it (an override after them made a few cancels INVALID_ARGUMENT)."""
+        f: dict[str, Any] = {"max_new_tokens": max_new_tokens or rng.randint(1, 32)}
         if rng.random() < 0.3:
             f["temperature"] = 0.0
         else:
@@ -213,12 +215,12 @@ class Traffic:
         return code
 
     async def cancel(self, rng: random.Random) -> str:
-        fields = {**self._prompt(rng), **self._sampling(rng), "max_new_tokens": rng.randint(8, 64)}
+        fields = {**self._prompt(rng), **self._sampling(rng, rng.randint(8, 64))}
         return await self._cancel_after(self.client.generate_stream(**fields), rng.choice((0, 0, 1, 2, 3, 5)),
                                         "cancel")
 
     async def deadline(self, rng: random.Random) -> str:
-        fields = {**self._prompt(rng), **self._sampling(rng), "max_new_tokens": rng.randint(16, 96)}
+        fields = {**self._prompt(rng), **self._sampling(rng, rng.randint(16, 96))}
         code, _ = await self._read(self.client.generate_stream(timeout=rng.uniform(0.05, 2.0), **fields), "deadline")
         return code
 
