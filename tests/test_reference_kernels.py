@@ -77,21 +77,21 @@ def test_conv1d_varlen_matches_naive(batch):
     D, K, T = 6, 4, sum(LENS)
     x = torch.randn(T, D, generator=gen, dtype=torch.float64)
     w = torch.randn(D, K, generator=gen, dtype=torch.float64)
-    pool = torch.randn(10, D, K - 1, generator=gen, dtype=torch.float64)
+    pool = torch.randn(10, K - 1, D, generator=gen, dtype=torch.float64)  # time-major states
     slots = torch.tensor(slots)
-    spec = torch.full((10, 4, D, K - 1), float("nan"), dtype=torch.float64)
+    spec = torch.full((10, 4, K - 1, D), float("nan"), dtype=torch.float64)
     before = pool.clone()
     out = causal_conv1d_varlen(x, w, pool, slots, LENS, INIT, verify, spec)
     s = 0
     for i, n in enumerate(LENS):
-        hist = before[slots[i]] if INIT[i] else torch.zeros(D, K - 1, dtype=torch.float64)
+        hist = before[slots[i]].t() if INIT[i] else torch.zeros(D, K - 1, dtype=torch.float64)
         seq = torch.cat([hist, x[s:s + n].t()], 1)  # [D, K-1+n]
         want = torch.stack([F.silu((seq[:, t:t + K] * w).sum(-1)) for t in range(n)])
         assert torch.allclose(out[s:s + n], want, atol=1e-12), i
-        assert torch.equal(pool[slots[i]], seq[:, -(K - 1):]), i
+        assert torch.equal(pool[slots[i]], seq[:, -(K - 1):].t()), i
         if verify[i]:
             for j in range(n - 1):
-                assert torch.equal(spec[slots[i], j], seq[:, j + 1:j + K])
+                assert torch.equal(spec[slots[i], j], seq[:, j + 1:j + K].t())
         s += n
     untouched = [x for x in range(10) if x not in slots.tolist()]
     assert torch.equal(pool[untouched], before[untouched])
@@ -124,13 +124,14 @@ def test_pure_decode_steps_match_naive(H, dk, init, slots):
     assert torch.equal(pool[untouched], before[untouched])
     D, K = 6, 4
     x, w = torch.randn(B, D, **f64), torch.randn(D, K, **f64)
-    cpool = torch.randn(9, D, K - 1, **f64)
+    cpool = torch.randn(9, K - 1, D, **f64)  # time-major states
     cbefore = cpool.clone()
     y = causal_conv1d_varlen(x, w, cpool, slots, [1] * B, init)
     for i in range(B):
-        hist = cbefore[slots[i]] if init[i] else torch.zeros(D, K - 1, dtype=torch.float64)
+        hist = cbefore[slots[i]].t() if init[i] else torch.zeros(D, K - 1, dtype=torch.float64)
         seq = torch.cat([hist, x[i:i + 1].t()], 1)
-        assert torch.allclose(y[i], F.silu((seq * w).sum(-1)), atol=1e-12) and torch.equal(cpool[slots[i]], seq[:, 1:])
+        assert torch.allclose(y[i], F.silu((seq * w).sum(-1)), atol=1e-12) and \
+            torch.equal(cpool[slots[i]], seq[:, 1:].t())
 
 
 def test_paged_attention_matches_naive():

@@ -45,9 +45,9 @@ def run_both(lens: list[int], init: list[bool], D: int, dtype: torch.dtype, stat
     B, T = len(lens), sum(lens)
     x = torch.randn(T, D, generator=gen).to(dtype).to(DEVICE)
     w = (torch.randn(D, K, generator=gen) * 0.5).to(dtype).to(DEVICE)
-    pool = torch.randn(S, D, K - 1, generator=gen).to(state_dtype).to(DEVICE)
+    pool = torch.randn(S, K - 1, D, generator=gen).to(state_dtype).to(DEVICE)
     slots = torch.randperm(S, generator=gen)[:B].to(DEVICE)
-    spec = torch.full((S, 4, D, K - 1), float("nan"), dtype=state_dtype, device=DEVICE) if verify else None
+    spec = torch.full((S, 4, K - 1, D), float("nan"), dtype=state_dtype, device=DEVICE) if verify else None
     pool_ref, spec_ref = pool.clone(), spec.clone() if verify else None
     out = torch.full((T, D), float("nan"), dtype=dtype, device=DEVICE)
     from qnext.kernels.conv1d.triton_conv import causal_conv1d_varlen_fwd
@@ -92,7 +92,7 @@ def test_chunked_prefill_equals_one_shot() -> None:
     x = torch.randn(200, D, generator=gen).to(DEVICE)
     w = torch.randn(D, K, generator=gen).to(DEVICE)
     slot = torch.tensor([2], device=DEVICE)
-    one_pool, pool = torch.zeros(S, D, K - 1, device=DEVICE), torch.zeros(S, D, K - 1, device=DEVICE)
+    one_pool, pool = torch.zeros(S, K - 1, D, device=DEVICE), torch.zeros(S, K - 1, D, device=DEVICE)
     with dispatch.force_triton():
         one = conv1d.causal_conv1d_varlen(x, w, one_pool, slot, [200], [False])
         parts, s = [], 0
@@ -110,10 +110,10 @@ def test_fresh_sequence_ignores_its_slot() -> None:
     x = torch.randn(5, D, generator=gen).to(DEVICE)
     w = torch.randn(D, K, generator=gen).to(DEVICE)
     slots = torch.tensor([1, 3], device=DEVICE)
-    pool = torch.full((S, D, K - 1), float("nan"), device=DEVICE)
+    pool = torch.full((S, K - 1, D), float("nan"), device=DEVICE)
     with dispatch.force_triton():
         y = conv1d.causal_conv1d_varlen(x, w, pool, slots, [1, 4], [False, False])
-    clean = torch.zeros(S, D, K - 1, device=DEVICE)
+    clean = torch.zeros(S, K - 1, D, device=DEVICE)
     want = reference.causal_conv1d_varlen(x, w, clean, slots, [1, 4], [False, False])
     assert torch.allclose(y, want, atol=1e-6)
     assert torch.equal(pool[slots], clean[slots])

@@ -4,7 +4,7 @@
   k/v [num_blocks, block_size, Hkv, D]; a sequence owns blocks listed in its block table. An FP8 pool
   (float8_e4m3fn, `--kv-cache-dtype fp8`) has a float32 scale per row beside it, k/v_scale
   [num_blocks, block_size, Hkv], set when the row is written (kernels/attention/reference.py).
-- Gated DeltaNet layers: a pool of state slots, conv [n_gdn, num_slots, conv_dim, K-1] and recurrent
+- Gated DeltaNet layers: a pool of state slots, conv [n_gdn, num_slots, K-1, conv_dim] (time-major) and recurrent
   [n_gdn, num_slots, Hv, dk, dv]; a running sequence owns one slot across all DeltaNet layers.
 - With MTP speculation (up to k_max draft tokens), each slot also has k_max intermediate states
   [n_gdn, num_slots, k_max, ...]: a verify step records the state after each of its first k positions there,
@@ -84,7 +84,7 @@ class CacheTensors:
         n_gdn = len(cfg.linear_attention_layers)
         self.padding_slot = shape.num_slots if shape.padding_slot else None
         slots = shape.num_slots + shape.padding_slot
-        self.conv_state = torch.zeros(n_gdn, slots, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1,
+        self.conv_state = torch.zeros(n_gdn, slots, cfg.linear_conv_kernel_dim - 1, cfg.conv_dim,
                                       dtype=shape.conv_dtype, device=device)
         self.ssm_state = torch.zeros(n_gdn, slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                                      cfg.linear_value_head_dim, dtype=shape.state_dtype, device=device)

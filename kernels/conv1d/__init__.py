@@ -11,12 +11,12 @@ from qnext.kernels.step_metadata import StepMetadata
 def causal_conv1d_varlen(
     x: torch.Tensor,  # [T, D] packed inputs of B sequences
     weight: torch.Tensor,  # [D, K] depthwise kernel
-    conv_state: torch.Tensor,  # [S, D, K-1] one layer's state pool, updated in place
+    conv_state: torch.Tensor,  # [S, K-1, D] one layer's state pool (time-major), updated in place
     state_slots: torch.Tensor,  # [B] int64 slot of each sequence
     query_lens: list[int],  # tokens of each sequence in x (sum = T)
     has_initial_state: list[bool],  # False: the sequence starts here, its history is zeros
     is_verify: list[bool] | None = None,  # speculative verify: keep the conv state after every position
-    spec_conv: torch.Tensor | None = None,  # [S, k_max, D, K-1]: state after position j of slot s at [s, j]
+    spec_conv: torch.Tensor | None = None,  # [S, k_max, K-1, D]: state after position j of slot s at [s, j]
     step_meta: StepMetadata | None = None,  # the step's shared device tables (Triton only)
 ) -> torch.Tensor:  # [T, D] silu(conv(x))
     """Continues each sequence from its conv state (its last K-1 inputs) and leaves the new one in the pool."""

@@ -5,6 +5,9 @@ Sequence b's padded input is seq = [hist (K-1) | x[start_b : start_b + n_b]] wit
 it has no initial state); out[t] = silu(sum_k w[:, k] * seq[t + k]); the new state is seq[-(K-1):]; a verify
 sequence also keeps seq[j+1 : j+K] (the state after position j) at spec_conv[slot, j] for j < n_b - 1.
 
+States are time-major, [S, K-1, D] (and spec_conv [S, J, K-1, D]): a state row is D contiguous channels, so a
+tile's state loads and stores are coalesced like its input's.
+
 Work is cut into (sequence, BLOCK_T tokens) items x BLOCK_D channels. Only a sequence's first item reads the
 old state (BLOCK_T >= K-1 whenever a sequence spans several items), so that item alone writes the new one,
 after a barrier that orders its reads of the slot before its writes.
@@ -21,9 +24,9 @@ from qnext.kernels.step_metadata import StepMetadata, VarlenLayout, query_starts
 
 @triton.jit
 def causal_conv1d_fwd_kernel(
-    x_ptr, w_ptr, out_ptr, state_ptr, spec_ptr,  # x, out: [T, D]; w: [D, K]; state: [S, D, K-1]; spec: [S, J, D, K-1]
+    x_ptr, w_ptr, out_ptr, state_ptr, spec_ptr,  # x, out: [T, D]; w: [D, K]; state: [S, K-1, D]; spec: [S, J, K-1, D]
     slots_ptr, meta_ptr, items_ptr,  # slots: [B] int64; meta: [B+1 starts | B flags] int32; items: [n, 2] int32
-    D, num_seqs, stride_x, stride_out, stride_wd, stride_ss, stride_sd, stride_ps, stride_pj, stride_pd,
+    D, num_seqs, stride_x, stride_out, stride_wd, stride_ss, stride_st, stride_ps, stride_pj, stride_pt,
     K: tl.constexpr, HAS_VERIFY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,  # next power of two >= K-1
 ):
@@ -48,15 +51,15 @@ def causal_conv1d_fwd_kernel(
         v = tl.load(x_seq + (q - (K - 1))[:, None] * stride_x + d[None, :],
                     mask=(t_ok & (q >= K - 1))[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_D]
         for r in tl.static_range(K - 1 - k):  # row t = r reads hist[r + k]: one [BLOCK_D] load per row
-            h = tl.load(state + d * stride_sd + (r + k), mask=d_ok & has_init & first, other=0.0)
+            h = tl.load(state + (r + k) * stride_st + d, mask=d_ok & has_init & first, other=0.0)
             v = tl.where((t == r)[:, None], h.to(v.dtype)[None, :], v)  # in x's dtype, like the reference
         wk = tl.load(w_ptr + d * stride_wd + k, mask=d_ok, other=0.0).to(tl.float32)
         acc += v.to(tl.float32) * wk[None, :]
         if HAS_VERIFY:
             if k >= 1:  # the state after position t holds seq[t+1 : t+K]; this tile is its entry k-1
                 is_verify = (flags & 2) != 0
-                spec = spec_ptr + slot * stride_ps + t[:, None] * stride_pj + d[None, :] * stride_pd
-                tl.store(spec + (k - 1), v.to(spec_ptr.dtype.element_ty),
+                spec = spec_ptr + slot * stride_ps + t[:, None] * stride_pj + d[None, :]
+                tl.store(spec + (k - 1) * stride_pt, v.to(spec_ptr.dtype.element_ty),
                          mask=((t < n - 1) & is_verify)[:, None] & d_ok[None, :])
     y = acc * tl.sigmoid(acc)
     out_seq = out_ptr + start.to(tl.int64) * stride_out
@@ -69,17 +72,19 @@ def causal_conv1d_fwd_kernel(
         s_ok = i < K - 1
         sx = tl.load(x_seq + (sq - (K - 1))[:, None] * stride_x + d[None, :],
                      mask=(s_ok & (sq >= K - 1))[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
-        sh = tl.load(state + d[None, :] * stride_sd + sq[:, None],
+        sh = tl.load(state + sq[:, None] * stride_st + d[None, :],
                      mask=(s_ok & (sq < K - 1) & has_init)[:, None] & d_ok[None, :], other=0.0)
         new = tl.where((sq >= K - 1)[:, None], sx, sh.to(sx.dtype))
         tl.debug_barrier()
-        tl.store(state + d[None, :] * stride_sd + i[:, None], new.to(state_ptr.dtype.element_ty),
+        tl.store(state + i[:, None] * stride_st + d[None, :], new.to(state_ptr.dtype.element_ty),
                  mask=s_ok[:, None] & d_ok[None, :])
 
 
 def launch_config(max_len: int, D: int) -> dict[str, int]:
-    """2K-element tiles; one-token tiles for pure decode. Compiles without spills for sm_90
-    (test_triton_compile.py); not yet timed on a GPU."""
+    """2K-element tiles; one-token tiles for pure decode. Compiles for sm_90 without spills but for one case
+    (test_triton_compile.py): 4-token tiles without verify chunks keep 8 bytes on the stack since the states
+    became time-major (hints and other address forms did not remove them; the same tile with verify chunks has
+    none). Not yet timed on a GPU."""
     block_t = min(32, triton.next_power_of_2(max_len))
     block_d = min(triton.next_power_of_2(D), max(64, min(512, 2048 // block_t)))
     return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
@@ -95,12 +100,12 @@ def conv1d_metadata(layout: VarlenLayout, block_t: int) -> list[int]:
 def causal_conv1d_varlen_fwd(
     x: torch.Tensor,  # [T, D]
     weight: torch.Tensor,  # [D, K]
-    conv_state: torch.Tensor,  # [S, D, K-1], updated in place
+    conv_state: torch.Tensor,  # [S, K-1, D], updated in place
     state_slots: torch.Tensor,  # [B] int64
     query_lens: list[int],
     has_initial_state: list[bool],
     is_verify: list[bool] | None = None,
-    spec_conv: torch.Tensor | None = None,  # [S, J, D, K-1]
+    spec_conv: torch.Tensor | None = None,  # [S, J, K-1, D]
     out: torch.Tensor | None = None,  # [T, D]
     step_meta: StepMetadata | None = None,  # the step's shared device tables (kernels/step_metadata.py)
 ) -> torch.Tensor:
@@ -110,12 +115,12 @@ def causal_conv1d_varlen_fwd(
     B = len(query_lens)
     assert x.stride(1) == 1, "x: [T, D] with a contiguous last dim"
     assert weight.shape == (D, K) and weight.stride(1) == 1, "weight: [D, K], K contiguous"
-    assert conv_state.dim() == 3 and conv_state.shape[1:] == (D, K - 1) and conv_state.stride(2) == 1
+    assert conv_state.dim() == 3 and conv_state.shape[1:] == (K - 1, D) and conv_state.stride(2) == 1
     assert state_slots.shape == (B,) and len(has_initial_state) == B and sum(query_lens) == T
     assert 2 <= K <= 33, "kernel width: 2..33 (BLOCK_T >= K-1 keeps state reads in a sequence's first item)"
     verify = [bool(v) for v in is_verify] if is_verify else [False] * B
     if any(verify):
-        assert spec_conv is not None and spec_conv.shape[2:] == (D, K - 1) and spec_conv.stride(3) == 1
+        assert spec_conv is not None and spec_conv.shape[2:] == (K - 1, D) and spec_conv.stride(3) == 1
         assert all(n - 1 <= spec_conv.shape[1] for n, v in zip(query_lens, verify) if v), "spec_conv too short"
     y = torch.empty(T, D, dtype=x.dtype, device=x.device) if out is None else out
     assert y.shape == (T, D) and y.stride(1) == 1
