@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qnext.kernels.attention import paged_attention_varlen, write_kv
+from qnext.kernels import deltanet_cpu
 from qnext.kernels.conv1d import causal_conv1d_varlen
 from qnext.kernels.gated_delta_rule import gated_delta_rule_varlen
 from qnext.kernels.moe import fused_moe, route_logits
@@ -53,6 +54,24 @@ class ForwardBatch:
     def has_initial_state(self) -> list[bool]:
         """A sequence whose earlier tokens were computed continues from its saved conv/recurrent state."""
         return [c > q for q, c in zip(self.query_lens, self.context_lens)]
+
+    @cached_property  # read by every DeltaNet layer on a CPU: built once per step
+    def token_step_seqs(self) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
+        """For the DeltaNet layers' C token steps (kernels/deltanet_cpu): the table of the sequences they advance
+        token by token (decodes and verify chunks; [n, SEQ_FIELDS] int64), the indices of the prefill chunks
+        (the torch path's) and those chunks' rows (None without any)."""
+        verify = self.is_verify or [False] * len(self.query_lens)
+        slots = self.state_slots.tolist()
+        table, prefill, rows, start = [], [], [], 0
+        for i, (n, v, init) in enumerate(zip(self.query_lens, verify, self.has_initial_state)):
+            if n == 1 or (n > 1 and v):
+                table.append((start, n, slots[i], int(not init), int(v)))
+            elif n > 1:
+                prefill.append(i)
+                rows.extend(range(start, start + n))
+            start += n
+        seqs = torch.tensor(table, dtype=torch.int64).reshape(-1, deltanet_cpu.SEQ_FIELDS)
+        return seqs, prefill, torch.tensor(rows, dtype=torch.int64) if rows else None
 
     @property
     def last_token_indices(self) -> torch.Tensor:
@@ -182,9 +201,21 @@ class GatedDeltaNet(nn.Module):
         self.cache_index = cache_index  # which DeltaNet state pool of CacheTensors this layer owns
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: CacheTensors) -> torch.Tensor:
-        T = x.shape[0]
-        r = self.Hv // self.Hk
         qkvz, ba = project(self, x)
+        if deltanet_cpu.runs(x, cache.ssm_state.dtype):
+            o = self._cpu_token_steps(qkvz, ba, batch, cache)
+        else:
+            o = self._mix(qkvz, ba, batch.state_slots, batch.query_lens, batch.has_initial_state, batch.is_verify,
+                          cache, batch.kernel_meta)
+        return self.out_proj(o)
+
+    def _mix(self, qkvz: torch.Tensor, ba: torch.Tensor, state_slots: torch.Tensor, query_lens: list[int],
+             has_initial_state: list[bool], is_verify: list[bool] | None, cache: CacheTensors,
+             kernel_meta: StepMetadata | None) -> torch.Tensor:
+        """The projections -> the gated-norm rows [T, value_dim] out_proj reads: conv, gates, gated delta rule and
+        norm as separate kernels (Triton on CUDA, the torch references elsewhere)."""
+        T = qkvz.shape[0]
+        r = self.Hv // self.Hk
         q, k, v, z = qkvz.reshape(T, self.Hk, 2 * self.dk + 2 * r * self.dv).split(
             [self.dk, self.dk, r * self.dv, r * self.dv], dim=-1)
         b, a = ba.reshape(T, self.Hk, 2 * r).split([r, r], dim=-1)
@@ -192,20 +223,51 @@ class GatedDeltaNet(nn.Module):
         spec_conv = cache.spec_conv[self.cache_index] if cache.spec_conv is not None else None
         spec_ssm = cache.spec_ssm[self.cache_index] if cache.spec_ssm is not None else None
         mixed = causal_conv1d_varlen(mixed, self.conv1d.weight[:, 0], cache.conv_state[self.cache_index],
-                                     batch.state_slots, batch.query_lens, batch.has_initial_state,
-                                     batch.is_verify, spec_conv, batch.kernel_meta)
+                                     state_slots, query_lens, has_initial_state, is_verify, spec_conv, kernel_meta)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.reshape(T, self.Hk, self.dk)  # value head h reads key head h // r, inside the kernel
         k = k.reshape(T, self.Hk, self.dk)
         v = v.reshape(T, self.Hv, self.dv)
         beta = torch.sigmoid(b.reshape(T, self.Hv))
-        ct = torch.promote_types(x.dtype, torch.float32)  # fp32 even for bf16 weights: A_log.exp() overflows fp16
+        ct = torch.promote_types(qkvz.dtype, torch.float32)  # fp32 even for bf16 weights: A_log.exp() overflows fp16
         g = -self.A_log.to(ct).exp() * F.softplus(a.reshape(T, self.Hv).to(ct) + self.dt_bias.to(ct))  # [T, Hv]
-        o = gated_delta_rule_varlen(q, k, v, g, beta, cache.ssm_state[self.cache_index], batch.state_slots,
-                                    batch.query_lens, batch.has_initial_state, batch.is_verify,
-                                    spec_ssm, batch.kernel_meta)  # [T, Hv, dv]
+        o = gated_delta_rule_varlen(q, k, v, g, beta, cache.ssm_state[self.cache_index], state_slots,
+                                    query_lens, has_initial_state, is_verify, spec_ssm, kernel_meta)  # [T, Hv, dv]
         o = gated_rms_norm(o, z.reshape(T, self.Hv, self.dv), self.norm.weight, self.eps)
-        return self.out_proj(o.reshape(T, self.value_dim))
+        return o.reshape(T, self.value_dim)
+
+    def _cpu_token_steps(self, qkvz: torch.Tensor, ba: torch.Tensor, batch: ForwardBatch,
+                         cache: CacheTensors) -> torch.Tensor:
+        """_mix's rows with the decode and verify rows from the C token steps (kernels/deltanet_cpu) and only the
+        prefill chunks through _mix (on their own rows: each sequence's result is its own)."""
+        seqs, prefill, rows = batch.token_step_seqs
+        if not seqs.shape[0]:
+            return self._mix(qkvz, ba, batch.state_slots, batch.query_lens, batch.has_initial_state, None, cache,
+                             None)
+        out = torch.empty(qkvz.shape[0], self.value_dim, dtype=qkvz.dtype)
+        i = self.cache_index
+        deltanet_cpu.token_steps(
+            qkvz, ba, seqs, (self.Hk, self.Hv, self.dk, self.dv), *self._fp32_params(), self.eps,
+            cache.conv_state[i], cache.ssm_state[i], cache.spec_conv[i] if cache.spec_conv is not None else None,
+            cache.spec_ssm[i] if cache.spec_ssm is not None else None, out)
+        if rows is not None:
+            out[rows] = self._mix(qkvz[rows], ba[rows], batch.state_slots[prefill],
+                                  [batch.query_lens[j] for j in prefill],
+                                  [batch.has_initial_state[j] for j in prefill], None, cache, None)
+        return out
+
+    def _fp32_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(conv weight [K, D], -exp(A_log), dt_bias, norm weight) in fp32 for the C token steps, made again
+        only when a parameter changes (a reload)."""
+        params = (self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight)
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        cached = self.__dict__.get("_fp32_cache")
+        if cached is None or cached[0] != key:
+            w, A_log, dt_bias, norm = params
+            values = (w[:, 0].float().t().contiguous(), (-A_log.float().exp()).contiguous(),
+                      dt_bias.float().contiguous(), norm.float().contiguous())
+            self.__dict__["_fp32_cache"] = cached = (key, values)
+        return cached[1]
 
 
 class MLP(nn.Module):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from qnext.kernels import deltanet_cpu
 from qnext.kernels.dispatch import kernels_mode
 from qnext.kernels.fp8.reference import FP8_DTYPE
 from qnext.worker.cache import Restore
@@ -165,6 +166,8 @@ class ModelRunner:
             raise ValueError(f"num_speculative_tokens: {self.model_dir or 'the model'} has no MTP head (mtp.* tensors)")
         graph_mode = self._graph_mode()
         self.cache_info, self.cache = self._allocate_cache(padding_slot=graph_mode is not None)
+        # on a CPU this builds the DeltaNet token steps' library now, not in the first step
+        self.deltanet_decode = deltanet_cpu.describe(self.device, self.dtype, self.cache.ssm_state.dtype)
         self._fit_max_model_len(config)
         if self.followers is not None:  # from here on the cross-rank calls (tp_worker.LeadModel/LeadCache) run on every rank
             self.model, self.cache = self.followers.lead(self.model, self.cache)

@@ -1,0 +1,121 @@
+"""DeltaNet token steps on a CPU (`token_steps.c`): a DeltaNet layer's decode tokens and speculative-verify chunks
+in one C call per layer, from the projections (in_proj_qkvz, in_proj_ba) to the gated-norm rows out_proj reads.
+
+In torch a decode token is ~100 small ops per DeltaNet layer; on the 2-core box they were ~2 ms of an 11 ms
+decode step at 16 sequences. The reference is the layer's torch path (`worker/model.py` GatedDeltaNet under
+`QNEXT_KERNELS=reference`: the conv, gated-delta-rule and norm references composed); tests/test_deltanet_cpu.py
+holds the two together. Prefill chunks always take the torch path (its chunked form), decode and verify rows
+always this one when it runs, so a sequence's numbers never depend on what else is in its step.
+
+It runs for CPU tensors in fp32 or bf16 with an fp32 or bf16 state pool, when `kernels_mode()` is auto and the
+library builds (`build.py`: the machine's C compiler; none, or a failed build, leaves the torch path, and
+`status()` says why, in the worker's start-up log).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from qnext.kernels.deltanet_cpu import build
+from qnext.kernels.dispatch import kernels_mode, use_triton
+
+DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16"}  # what the library's entry points take
+SEQ_FIELDS = 5  # the sequence table's columns: first row, tokens, state slot, fresh (no history), verify
+
+
+class _Args(ctypes.Structure):
+    """struct deltanet_args of token_steps.c, field for field."""
+
+    _fields_ = [("num_seqs", ctypes.c_int64), ("seqs", ctypes.c_void_p),
+                ("Hk", ctypes.c_int64), ("Hv", ctypes.c_int64), ("dk", ctypes.c_int64), ("dv", ctypes.c_int64),
+                ("K", ctypes.c_int64),
+                ("qkvz", ctypes.c_void_p), ("qkvz_stride", ctypes.c_int64),
+                ("ba", ctypes.c_void_p), ("ba_stride", ctypes.c_int64),
+                ("conv_weight", ctypes.c_void_p), ("neg_A", ctypes.c_void_p), ("dt_bias", ctypes.c_void_p),
+                ("norm_weight", ctypes.c_void_p), ("eps", ctypes.c_float),
+                ("conv_state", ctypes.c_void_p), ("ssm_state", ctypes.c_void_p),
+                ("spec_conv", ctypes.c_void_p), ("spec_ssm", ctypes.c_void_p), ("k_max", ctypes.c_int64),
+                ("out", ctypes.c_void_p)]
+
+
+@functools.cache
+def _library() -> tuple[dict[tuple[torch.dtype, torch.dtype], ctypes._CFuncPtr] | None, str]:
+    """({(activation dtype, state dtype): entry point}, how the layer runs) or (None, why the torch path)."""
+    try:
+        path = build.library_path()
+        lib = ctypes.CDLL(str(path))
+    except (build.BuildError, OSError) as e:
+        return None, f"torch references (the C token steps did not build: {e})"
+    entries = {}
+    for act, a in DTYPE_NAMES.items():
+        for state, s in DTYPE_NAMES.items():
+            fn = getattr(lib, f"deltanet_token_steps_{a}_{s}")
+            fn.argtypes, fn.restype = [ctypes.POINTER(_Args)], ctypes.c_int
+            entries[act, state] = fn
+    return entries, f"compiled C token steps ({path})"
+
+
+def status() -> str:
+    """How a CPU worker's DeltaNet decode and verify rows run, for the start-up log (builds the library)."""
+    return _library()[1]
+
+
+def describe(device: torch.device, act: torch.dtype, state: torch.dtype) -> str:
+    """Which path a worker's DeltaNet decode and verify rows take, for its start-up log (builds the library)."""
+    if device.type != "cpu":
+        return "the device's kernels (the C token steps are for CPUs)"
+    if act not in DTYPE_NAMES or state not in DTYPE_NAMES:
+        return f"torch references (the C token steps take fp32 / bf16, not {act} with a {state} state)"
+    if kernels_mode() != "auto":
+        return "torch references (QNEXT_KERNELS=reference)"
+    return status()
+
+
+def runs(x: torch.Tensor, state_dtype: torch.dtype) -> bool:
+    """Whether a DeltaNet layer with activations like x and a state pool of state_dtype takes the C token steps."""
+    return (x.device.type == "cpu" and x.dtype in DTYPE_NAMES and state_dtype in DTYPE_NAMES
+            and not use_triton(x) and kernels_mode() == "auto" and _library()[0] is not None)
+
+
+def token_steps(qkvz: torch.Tensor, ba: torch.Tensor, seqs: torch.Tensor, heads: tuple[int, int, int, int],
+                conv_weight: torch.Tensor, neg_A: torch.Tensor, dt_bias: torch.Tensor, norm_weight: torch.Tensor,
+                eps: float, conv_state: torch.Tensor, ssm_state: torch.Tensor, spec_conv: torch.Tensor | None,
+                spec_ssm: torch.Tensor | None, out: torch.Tensor) -> None:
+    """Advance the sequences of `seqs` ([n, SEQ_FIELDS] int64: first row, tokens, slot, fresh, verify) through
+    their tokens: out's rows of them get the gated-norm output, the pools' slots the new conv / recurrent states,
+    and spec_conv / spec_ssm[slot, j] the states after position j of each verify chunk but its last.
+
+    qkvz [T, Hk * (2 dk + 2 r dv)] and ba [T, Hk * 2 r] (rows may be strided, columns not); heads (Hk, Hv, dk, dv);
+    conv_weight [K, D] (time-major, as conv_state), neg_A = -exp(A_log) [Hv], dt_bias [Hv], norm_weight [dv]: fp32; the pools are one layer's,
+    conv_state [S, K-1, D] in the activation dtype; out [T, Hv * dv] contiguous, in the activation dtype."""
+    entries = _library()[0]
+    assert entries is not None, "token_steps without the library: check runs() first"
+    Hk, Hv, dk, dv = heads
+    act = qkvz.dtype
+    fn = entries[act, ssm_state.dtype]
+    K, D = conv_weight.shape
+    assert ba.dtype == act and conv_state.dtype == act and out.dtype == act, "one activation dtype throughout"
+    assert qkvz.stride(-1) == 1 and ba.stride(-1) == 1 and out.is_contiguous() and seqs.is_contiguous()
+    assert seqs.dtype == torch.int64 and seqs.dim() == 2 and seqs.shape[1] == SEQ_FIELDS
+    assert qkvz.shape[1] == Hk * (2 * dk) + 2 * Hv * dv and ba.shape[1] == 2 * Hv and D == 2 * Hk * dk + Hv * dv
+    assert conv_state.is_contiguous() and conv_state.shape[1:] == (K - 1, D) and K >= 2
+    assert ssm_state.is_contiguous() and ssm_state.shape[1:] == (Hv, dk, dv)
+    for p, n in ((conv_weight, D * K), (neg_A, Hv), (dt_bias, Hv), (norm_weight, dv)):
+        assert p.dtype == torch.float32 and p.is_contiguous() and p.numel() == n
+    if spec_conv is not None:
+        assert spec_ssm is not None and spec_conv.is_contiguous() and spec_ssm.is_contiguous()
+        assert spec_conv.dtype == act and spec_ssm.dtype == ssm_state.dtype
+    args = _Args(seqs.shape[0], seqs.data_ptr(), Hk, Hv, dk, dv, K, qkvz.data_ptr(), qkvz.stride(0),
+                 ba.data_ptr(), ba.stride(0), conv_weight.data_ptr(), neg_A.data_ptr(), dt_bias.data_ptr(),
+                 norm_weight.data_ptr(), eps, conv_state.data_ptr(), ssm_state.data_ptr(),
+                 spec_conv.data_ptr() if spec_conv is not None else None,
+                 spec_ssm.data_ptr() if spec_ssm is not None else None,
+                 spec_conv.shape[1] if spec_conv is not None else 0, out.data_ptr())
+    if fn(ctypes.byref(args)) != 0:
+        raise MemoryError("DeltaNet token steps: no memory for the call's scratch rows")
+
+
+__all__ = ["SEQ_FIELDS", "describe", "runs", "status", "token_steps"]

@@ -1,0 +1,90 @@
+"""token_steps.c compiled by the machine's C compiler into a shared library, once per source, compiler and CPU.
+
+The library is built for this CPU (`-march=native`), so the cache key holds the CPU's flags besides the sources,
+the compiler's version and the flags: a cache directory shared between machines never hands one the other's
+instructions. Builds go to `$QNEXT_CACHE_DIR/cpu-kernels` (default `~/.cache/qnext/cpu-kernels`), written under a
+temporary name and renamed, so concurrent processes (a test run, several workers) never load a half-written file;
+an unwritable cache falls back to a private temporary directory. `-ffp-contract=off`: every product and sum is
+rounded where the C says, whatever the compiler vectorises (decode and verify positions must agree bit for bit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE_DIR = Path(__file__).resolve().parent
+SOURCES = ("token_steps.c", "token_steps_body.h")
+MAIN_SOURCE = "token_steps.c"
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
+COMPILERS = ("cc", "gcc", "clang")
+TIMEOUT_S = 120
+
+
+class BuildError(RuntimeError):
+    """No library: no compiler, or it failed (the message says which, with the compiler's own words)."""
+
+
+def compiler() -> str:
+    """$CC, else the first of COMPILERS on PATH."""
+    cc = os.environ.get("CC", "").strip()
+    found = shutil.which(cc) if cc else next((p for p in map(shutil.which, COMPILERS) if p), None)
+    if not found:
+        raise BuildError(f"no C compiler ({'$CC=' + cc if cc else ', '.join(COMPILERS)} not found on PATH)")
+    return found
+
+
+def _cpu_identity() -> str:
+    """The CPU's instruction-set flags (what -march=native reads), or the machine name where /proc has none."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.machine() + platform.processor()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("QNEXT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "qnext")
+    path = Path(base) / "cpu-kernels"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-")
+        probe.close()
+        return path
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix="qnext-cpu-kernels-"))
+
+
+def library_path() -> Path:
+    """The built library for this source, compiler and CPU: compiled now unless it is in the cache already."""
+    cc = compiler()
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BuildError(f"{cc} --version failed: {e}") from e
+    key = hashlib.sha256()
+    for name in SOURCES:
+        key.update((SOURCE_DIR / name).read_bytes())
+    for part in (version, " ".join(FLAGS), _cpu_identity()):
+        key.update(part.encode())
+    target = _cache_dir() / f"token_steps-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    cmd = [cc, *FLAGS, "-o", str(tmp), str(SOURCE_DIR / MAIN_SOURCE), "-lm"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BuildError(f"{' '.join(cmd)}: {e}") from e
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise BuildError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+    os.replace(tmp, target)
+    return target
