@@ -5,7 +5,6 @@ on the call's other sequences."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
