@@ -108,7 +108,10 @@ def test_the_installed_wheel_serves_beside_transformers(venv: Path) -> None:
     # the wheel ships the DeltaNet token steps' C source, and the install builds it into the user's cache
     built = run([*AS_USER, python, "-c", "import torch; from qnext.kernels import deltanet_cpu as d; "
                  "print(d.describe(torch.device('cpu'), torch.bfloat16, torch.float32))"], cwd=tmp_path, env=env)
-    assert built.stdout.startswith("compiled C token steps") and str(tmp_path / "cache") in built.stdout, built
+    if any(map(shutil.which, ("cc", "gcc", "clang"))):
+        assert built.stdout.startswith("compiled C token steps") and str(tmp_path / "cache") in built.stdout, built
+    else:  # a machine without a C compiler serves through the torch references, and says so
+        assert "did not build: no C compiler" in built.stdout, built
     model = tmp_path / "tiny"
     run([*AS_USER, str(bin_dir / "qnext-make-tiny"), str(model)], cwd=tmp_path, env=env)
     server = subprocess.Popen([*AS_USER, str(bin_dir / "qnext-serve"), "--model", str(model), "--host", "127.0.0.1",
