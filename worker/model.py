@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qnext.kernels.attention import paged_attention_varlen, write_kv
 from qnext.kernels import deltanet_cpu
+from qnext.kernels.attention import paged_attention_varlen, write_kv
 from qnext.kernels.conv1d import causal_conv1d_varlen
 from qnext.kernels.gated_delta_rule import gated_delta_rule_varlen
 from qnext.kernels.moe import fused_moe, route_logits

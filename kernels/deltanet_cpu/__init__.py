@@ -9,7 +9,7 @@ always this one when it runs, so a sequence's numbers never depend on what else 
 
 It runs for CPU tensors in fp32 or bf16 with an fp32 or bf16 state pool, when `kernels_mode()` is auto and the
 library builds (`build.py`: the machine's C compiler; none, or a failed build, leaves the torch path, and
-`status()` says why, in the worker's start-up log).
+`describe()` says why, in the worker's start-up log).
 """
 
 from __future__ import annotations
@@ -58,11 +58,6 @@ def _library() -> tuple[dict[tuple[torch.dtype, torch.dtype], ctypes._CFuncPtr] 
     return entries, f"compiled C token steps ({path})"
 
 
-def status() -> str:
-    """How a CPU worker's DeltaNet decode and verify rows run, for the start-up log (builds the library)."""
-    return _library()[1]
-
-
 def describe(device: torch.device, act: torch.dtype, state: torch.dtype) -> str:
     """Which path a worker's DeltaNet decode and verify rows take, for its start-up log (builds the library)."""
     if device.type != "cpu":
@@ -71,7 +66,7 @@ def describe(device: torch.device, act: torch.dtype, state: torch.dtype) -> str:
         return f"torch references (the C token steps take fp32 / bf16, not {act} with a {state} state)"
     if kernels_mode() != "auto":
         return "torch references (QNEXT_KERNELS=reference)"
-    return status()
+    return _library()[1]
 
 
 def runs(x: torch.Tensor, state_dtype: torch.dtype) -> bool:
@@ -118,4 +113,4 @@ def token_steps(qkvz: torch.Tensor, ba: torch.Tensor, seqs: torch.Tensor, heads:
         raise MemoryError("DeltaNet token steps: no memory for the call's scratch rows")
 
 
-__all__ = ["SEQ_FIELDS", "describe", "runs", "status", "token_steps"]
+__all__ = ["SEQ_FIELDS", "describe", "runs", "token_steps"]

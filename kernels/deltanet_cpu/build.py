@@ -51,8 +51,9 @@ def _cpu_identity() -> str:
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("QNEXT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "qnext")
-    path = Path(base) / "cpu-kernels"
+    from qnext.worker.tiny import cache_root  # the embedded checkpoint's cache root; at call time: worker imports us
+
+    path = cache_root() / "cpu-kernels"
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-")
