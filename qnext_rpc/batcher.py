@@ -248,7 +248,7 @@ class Batcher:
             self.ready, self.stats = msg, msg.stats
             log.info("worker ready", pid=msg.pid, kv_tokens=msg.cache.num_kv_tokens, state_slots=msg.cache.num_slots,
                      preloaded=":".join(self.worker_preload) or "nothing", malloc=msg.model.host_malloc,
-                     deltanet_decode=msg.model.deltanet_decode)
+                     cpu_token_steps=msg.model.cpu_token_steps)
             if self._ready_fut is not None and not self._ready_fut.done():
                 self._ready_fut.set_result(msg)
             self.on_ready_change(True)

@@ -80,3 +80,19 @@ def default_ckpt(tmp_path_factory):
     mp.setenv("QNEXT_CACHE_DIR", str(root))
     yield default_checkpoint()
     mp.undo()
+
+
+@pytest.fixture
+def cpu_kernels_built():
+    """kernels/cpu's library, built: skipped only where there is no C compiler at all; with one, a library that
+    does not build is a failure (else a broken .c file would pass CI as a row of skips)."""
+    from qnext.kernels import cpu
+    from qnext.kernels.cpu import build
+
+    lib, how = cpu.library()
+    if lib is None:
+        try:
+            build.compiler()
+        except build.BuildError:
+            pytest.skip(how)
+        pytest.fail(how)

@@ -105,8 +105,8 @@ def test_the_installed_wheel_serves_beside_transformers(venv: Path) -> None:
 
     env = dict(os.environ, QNEXT_CACHE_DIR=str(tmp_path / "cache"), HOME=str(tmp_path), HF_HOME=str(tmp_path / "hf"),
                PATH=f"{bin_dir}:{os.environ['PATH']}")
-    # the wheel ships the DeltaNet token steps' C source, and the install builds it into the user's cache
-    built = run([*AS_USER, python, "-c", "import torch; from qnext.kernels import deltanet_cpu as d; "
+    # the wheel ships the C token steps' sources (kernels/cpu), and the install builds them into the user's cache
+    built = run([*AS_USER, python, "-c", "import torch; from qnext.kernels import cpu as d; "
                  "print(d.describe(torch.device('cpu'), torch.bfloat16, torch.float32))"], cwd=tmp_path, env=env)
     if any(map(shutil.which, ("cc", "gcc", "clang"))):
         assert built.stdout.startswith("compiled C token steps") and str(tmp_path / "cache") in built.stdout, built

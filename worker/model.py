@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qnext.kernels import deltanet_cpu
+from qnext.kernels.cpu import attention as attention_cpu
+from qnext.kernels.cpu import deltanet as deltanet_cpu
 from qnext.kernels.attention import paged_attention_varlen, write_kv
 from qnext.kernels.conv1d import causal_conv1d_varlen
 from qnext.kernels.gated_delta_rule import gated_delta_rule_varlen
@@ -55,23 +56,37 @@ class ForwardBatch:
         """A sequence whose earlier tokens were computed continues from its saved conv/recurrent state."""
         return [c > q for q, c in zip(self.query_lens, self.context_lens)]
 
-    @cached_property  # read by every DeltaNet layer on a CPU: built once per step
-    def token_step_seqs(self) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
-        """For the DeltaNet layers' C token steps (kernels/deltanet_cpu): the table of the sequences they advance
-        token by token (decodes and verify chunks; [n, SEQ_FIELDS] int64), the indices of the prefill chunks
-        (the torch path's) and those chunks' rows (None without any)."""
+    @cached_property  # read by the C token steps of every layer on a CPU: built once per step
+    def _token_step_split(self) -> tuple[list[tuple[int, int, int]], list[int], torch.Tensor | None]:
+        """The sequences the C token steps (kernels/cpu) advance token by token, decodes and verify chunks, as
+        (index, first row, tokens); the indices of the prefill chunks (the torch paths'); those chunks' rows (None
+        without any)."""
         verify = self.is_verify or [False] * len(self.query_lens)
-        slots = self.state_slots.tolist()
-        table, prefill, rows, start = [], [], [], 0
-        for i, (n, v, init) in enumerate(zip(self.query_lens, verify, self.has_initial_state)):
+        steps, prefill, rows, start = [], [], [], 0
+        for i, (n, v) in enumerate(zip(self.query_lens, verify)):
             if n == 1 or (n > 1 and v):
-                table.append((start, n, slots[i], int(not init), int(v)))
+                steps.append((i, start, n))
             elif n > 1:
                 prefill.append(i)
                 rows.extend(range(start, start + n))
             start += n
+        return steps, prefill, torch.tensor(rows, dtype=torch.int64) if rows else None
+
+    @cached_property
+    def token_step_seqs(self) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
+        """For the DeltaNet layers' C token steps: their sequence table ([n, deltanet_cpu.SEQ_FIELDS] int64), the
+        prefill chunks' indices and rows (_token_step_split)."""
+        steps, prefill, rows = self._token_step_split
+        verify, slots, init = self.is_verify, self.state_slots.tolist(), self.has_initial_state
+        table = [(start, n, slots[i], int(not init[i]), int(bool(verify and verify[i]))) for i, start, n in steps]
         seqs = torch.tensor(table, dtype=torch.int64).reshape(-1, deltanet_cpu.SEQ_FIELDS)
-        return seqs, prefill, torch.tensor(rows, dtype=torch.int64) if rows else None
+        return seqs, prefill, rows
+
+    @cached_property
+    def attention_step_seqs(self) -> torch.Tensor:
+        """For the attention layers' C token steps: their sequence table ([n, attention_cpu.SEQ_FIELDS] int64)."""
+        table = [(start, n, self.context_lens[i], i) for i, start, n in self._token_step_split[0]]
+        return torch.tensor(table, dtype=torch.int64).reshape(-1, attention_cpu.SEQ_FIELDS)
 
     @property
     def last_token_indices(self) -> torch.Tensor:
@@ -147,17 +162,63 @@ class GatedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: CacheTensors,
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        T = x.shape[0]
         qg, k, v = project(self, x)
+        pools = cache.kv_pool(self.cache_index)
+        if attention_cpu.runs(x, pools[0], pools[2]):
+            o = self._cpu_token_steps(qg, k, v, batch, pools, cos, sin)
+        else:
+            o = self._attend(qg, k, v, batch.slot_mapping, batch.block_tables, batch.query_lens, batch.context_lens,
+                             batch.kernel_meta, pools, cos, sin)
+        return self.o_proj(o)
+
+    def _attend(self, qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+                block_tables: torch.Tensor, query_lens: list[int], context_lens: list[int],
+                kernel_meta: StepMetadata | None, pools: tuple, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The projections -> the gated attention rows [T, Hq * D] o_proj reads: norms, RoPE, the paged attention
+        (which writes the keys and values) and the gate as separate kernels (Triton on CUDA, torch references
+        elsewhere)."""
+        T = qg.shape[0]
         q, gate = qg.reshape(T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)  # [T, Hq, D] each
         q = apply_rope(self.q_norm(q), cos, sin)
         k, v = self._keys_values(k, v, cos, sin)
-        k_cache, v_cache, k_scale, v_scale = cache.kv_pool(self.cache_index)
+        k_cache, v_cache, k_scale, v_scale = pools
         o = paged_attention_varlen(
-            q, k, v, k_cache, v_cache, batch.slot_mapping, batch.block_tables, batch.query_lens, batch.context_lens,
-            self.head_dim ** -0.5, batch.kernel_meta, k_scale=k_scale, v_scale=v_scale)
+            q, k, v, k_cache, v_cache, slot_mapping, block_tables, query_lens, context_lens,
+            self.head_dim ** -0.5, kernel_meta, k_scale=k_scale, v_scale=v_scale)
         o = o * torch.sigmoid(gate)
-        return self.o_proj(o.reshape(T, -1))
+        return o.reshape(T, -1)
+
+    def _cpu_token_steps(self, qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
+                         pools: tuple, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """_attend's rows with the decode and verify rows from the C token steps (kernels/cpu/attention.py) and
+        only the prefill chunks through _attend (on their own rows: each sequence's result is its own)."""
+        seqs = batch.attention_step_seqs
+        _, prefill, rows = batch.token_step_seqs
+        if not seqs.shape[0]:
+            return self._attend(qg, k, v, batch.slot_mapping, batch.block_tables, batch.query_lens,
+                                batch.context_lens, None, pools, cos, sin)
+        out = torch.empty(qg.shape[0], self.num_heads * self.head_dim, dtype=qg.dtype)
+        k_cache, v_cache, _, _ = pools
+        attention_cpu.token_steps(
+            qg, k, v, seqs, (self.num_heads, self.num_kv_heads, self.head_dim), cos.contiguous(),
+            sin.contiguous(), *self._norm_factors(), self.q_norm.eps, self.head_dim ** -0.5, k_cache, v_cache,
+            batch.slot_mapping, batch.block_tables, out)
+        if rows is not None:
+            out[rows] = self._attend(qg[rows], k[rows], v[rows], batch.slot_mapping[rows], batch.block_tables[prefill],
+                                     [batch.query_lens[j] for j in prefill], [batch.context_lens[j] for j in prefill],
+                                     None, pools, cos[rows], sin[rows])
+        return out
+
+    def _norm_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 + q_norm.weight, 1 + k_norm.weight) in fp32 for the C token steps, made again only when a weight
+        changes (a reload)."""
+        params = (self.q_norm.weight, self.k_norm.weight)
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        cached = self.__dict__.get("_norm_cache")
+        if cached is None or cached[0] != key:
+            values = tuple((1.0 + p.float()).contiguous() for p in params)
+            self.__dict__["_norm_cache"] = cached = (key, values)
+        return cached[1]
 
     def _keys_values(self, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,7 +299,7 @@ class GatedDeltaNet(nn.Module):
 
     def _cpu_token_steps(self, qkvz: torch.Tensor, ba: torch.Tensor, batch: ForwardBatch,
                          cache: CacheTensors) -> torch.Tensor:
-        """_mix's rows with the decode and verify rows from the C token steps (kernels/deltanet_cpu) and only the
+        """_mix's rows with the decode and verify rows from the C token steps (kernels/cpu/deltanet.py) and only the
         prefill chunks through _mix (on their own rows: each sequence's result is its own)."""
         seqs, prefill, rows = batch.token_step_seqs
         if not seqs.shape[0]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from qnext.kernels import deltanet_cpu
+from qnext.kernels import cpu as cpu_kernels
 from qnext.kernels.dispatch import kernels_mode
 from qnext.kernels.fp8.reference import FP8_DTYPE
 from qnext.worker.cache import Restore
@@ -167,7 +167,7 @@ class ModelRunner:
         graph_mode = self._graph_mode()
         self.cache_info, self.cache = self._allocate_cache(padding_slot=graph_mode is not None)
         # on a CPU this builds the DeltaNet token steps' library now, not in the first step
-        self.deltanet_decode = deltanet_cpu.describe(self.device, self.dtype, self.cache.ssm_state.dtype)
+        self.cpu_token_steps = cpu_kernels.describe(self.device, self.dtype, self.cache.ssm_state.dtype)
         self._fit_max_model_len(config)
         if self.followers is not None:  # from here on the cross-rank calls (tp_worker.LeadModel/LeadCache) run on every rank
             self.model, self.cache = self.followers.lead(self.model, self.cache)

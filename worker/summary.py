@@ -28,7 +28,7 @@ def model_summary(engine: Engine) -> ModelSummary:
                         eos_token_ids=tuple(runner.eos_token_ids), num_mtp_layers=mcfg.num_mtp_layers,
                         spec_supported=runner.max_spec_tokens > 0, device=device,
                         cuda_graphs=runner.describe_graphs(), dtype_reason=runner.dtype_reason,
-                        host_malloc=runner.host_malloc, deltanet_decode=runner.deltanet_decode,
+                        host_malloc=runner.host_malloc, cpu_token_steps=runner.cpu_token_steps,
                         kv_cache_dtype=str(runner.kv_dtype).removeprefix("torch."),
                         state_dtype=engine.config.state_dtype)
 

@@ -1,4 +1,4 @@
-"""kernels/deltanet_cpu: the C token steps of a DeltaNet layer against the layer's torch path (the conv, gated
+"""kernels/cpu/deltanet.py: the C token steps of a DeltaNet layer against the layer's torch path (the conv, gated
 delta rule and norm references, QNEXT_KERNELS=reference), and the properties greedy speculative decoding relies
 on: a verify chunk's positions compute exactly what decode steps compute, and a sequence's numbers do not depend
 on the call's other sequences."""
@@ -8,13 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qnext.kernels import deltanet_cpu
-from qnext.kernels.deltanet_cpu import build
+from qnext.kernels.cpu import build
+from qnext.kernels.cpu import deltanet as deltanet_cpu
 from qnext.worker.cache_tensors import CacheShape, CacheTensors
 from qnext.worker.loader import load_model
 from qnext.worker.model_runner import SeqChunk, build_forward_batch
 from qnext.worker.tiny import make_checkpoint, tiny_config
 
+pytestmark = pytest.mark.usefixtures("cpu_kernels_built")
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 K_MAX = 3  # verify chunks of up to 4 positions
 
@@ -24,19 +25,6 @@ def ckpt(tmp_path_factory):
     # 2 key heads and 4 value heads of 32 dims: value heads share key heads, as in the real model (16 / 32)
     return make_checkpoint(tmp_path_factory.mktemp("deltanet_cpu"), tiny_config(vocab_size=512, num_hidden_layers=4),
                            seed=3, tokenizer=False, with_mtp=False)
-
-
-@pytest.fixture(autouse=True)
-def library():
-    """Skipped only where there is no C compiler at all: with one, a library that does not build is a failure
-    (else a broken token_steps.c would pass CI as a row of skips)."""
-    entries, how = deltanet_cpu._library()
-    if entries is None:
-        try:
-            build.compiler()
-        except build.BuildError:
-            pytest.skip(how)
-        pytest.fail(how)
 
 
 def _cache(model, act: torch.dtype, state: torch.dtype, seed: int) -> CacheTensors:

@@ -1,15 +1,10 @@
-"""DeltaNet token steps on a CPU (`token_steps.c`): a DeltaNet layer's decode tokens and speculative-verify chunks
-in one C call per layer, from the projections (in_proj_qkvz, in_proj_ba) to the gated-norm rows out_proj reads.
+"""A DeltaNet layer's decode tokens and speculative-verify chunks in one C call per layer (`deltanet_steps.c`),
+from the projections (in_proj_qkvz, in_proj_ba) to the gated-norm rows out_proj reads.
 
 In torch a decode token is ~100 small ops per DeltaNet layer; on the 2-core box they were ~2 ms of an 11 ms
 decode step at 16 sequences. The reference is the layer's torch path (`worker/model.py` GatedDeltaNet under
-`QNEXT_KERNELS=reference`: the conv, gated-delta-rule and norm references composed); tests/test_deltanet_cpu.py
-holds the two together. Prefill chunks always take the torch path (its chunked form), decode and verify rows
-always this one when it runs, so a sequence's numbers never depend on what else is in its step.
-
-It runs for CPU tensors in fp32 or bf16 with an fp32 or bf16 state pool, when `kernels_mode()` is auto and the
-library builds (`build.py`: the machine's C compiler; none, or a failed build, leaves the torch path, and
-`describe()` says why, in the worker's start-up log).
+`QNEXT_KERNELS=reference`: the conv, gated-delta-rule and norm references composed); tests/test_cpu_deltanet.py
+holds the two together. When it runs: the package's docstring (kernels/cpu/__init__.py).
 """
 
 from __future__ import annotations
@@ -19,15 +14,14 @@ import functools
 
 import torch
 
-from qnext.kernels.deltanet_cpu import build
-from qnext.kernels.dispatch import kernels_mode, use_triton
+from qnext.kernels import cpu
+from qnext.kernels.cpu import DTYPE_NAMES
 
-DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16"}  # what the library's entry points take
 SEQ_FIELDS = 5  # the sequence table's columns: first row, tokens, state slot, fresh (no history), verify
 
 
 class _Args(ctypes.Structure):
-    """struct deltanet_args of token_steps.c, field for field."""
+    """struct deltanet_args of deltanet_steps.c, field for field."""
 
     _fields_ = [("num_seqs", ctypes.c_int64), ("seqs", ctypes.c_void_p),
                 ("Hk", ctypes.c_int64), ("Hv", ctypes.c_int64), ("dk", ctypes.c_int64), ("dv", ctypes.c_int64),
@@ -42,37 +36,15 @@ class _Args(ctypes.Structure):
 
 
 @functools.cache
-def _library() -> tuple[dict[tuple[torch.dtype, torch.dtype], ctypes._CFuncPtr] | None, str]:
-    """({(activation dtype, state dtype): entry point}, how the layer runs) or (None, why the torch path)."""
-    try:
-        path = build.library_path()
-        lib = ctypes.CDLL(str(path))
-    except (build.BuildError, OSError) as e:
-        return None, f"torch references (the C token steps did not build: {e})"
-    entries = {}
-    for act, a in DTYPE_NAMES.items():
-        for state, s in DTYPE_NAMES.items():
-            fn = getattr(lib, f"deltanet_token_steps_{a}_{s}")
-            fn.argtypes, fn.restype = [ctypes.POINTER(_Args)], ctypes.c_int
-            entries[act, state] = fn
-    return entries, f"compiled C token steps ({path})"
-
-
-def describe(device: torch.device, act: torch.dtype, state: torch.dtype) -> str:
-    """Which path a worker's DeltaNet decode and verify rows take, for its start-up log (builds the library)."""
-    if device.type != "cpu":
-        return "the device's kernels (the C token steps are for CPUs)"
-    if act not in DTYPE_NAMES or state not in DTYPE_NAMES:
-        return f"torch references (the C token steps take fp32 / bf16, not {act} with a {state} state)"
-    if kernels_mode() != "auto":
-        return "torch references (QNEXT_KERNELS=reference)"
-    return _library()[1]
+def _entries() -> dict[tuple[torch.dtype, torch.dtype], ctypes._CFuncPtr]:
+    """{(activation dtype, state dtype): entry point}."""
+    return {(act, state): cpu.entry(f"deltanet_token_steps_{a}_{s}", _Args)
+            for act, a in DTYPE_NAMES.items() for state, s in DTYPE_NAMES.items()}
 
 
 def runs(x: torch.Tensor, state_dtype: torch.dtype) -> bool:
     """Whether a DeltaNet layer with activations like x and a state pool of state_dtype takes the C token steps."""
-    return (x.device.type == "cpu" and x.dtype in DTYPE_NAMES and state_dtype in DTYPE_NAMES
-            and not use_triton(x) and kernels_mode() == "auto" and _library()[0] is not None)
+    return state_dtype in DTYPE_NAMES and cpu.runs(x)
 
 
 def token_steps(qkvz: torch.Tensor, ba: torch.Tensor, seqs: torch.Tensor, heads: tuple[int, int, int, int],
@@ -86,11 +58,9 @@ def token_steps(qkvz: torch.Tensor, ba: torch.Tensor, seqs: torch.Tensor, heads:
     qkvz [T, Hk * (2 dk + 2 r dv)] and ba [T, Hk * 2 r] (rows may be strided, columns not); heads (Hk, Hv, dk, dv);
     conv_weight [K, D] (time-major, as conv_state), neg_A = -exp(A_log) [Hv], dt_bias [Hv], norm_weight [dv]: fp32; the pools are one layer's,
     conv_state [S, K-1, D] in the activation dtype; out [T, Hv * dv] contiguous, in the activation dtype."""
-    entries = _library()[0]
-    assert entries is not None, "token_steps without the library: check runs() first"
     Hk, Hv, dk, dv = heads
     act = qkvz.dtype
-    fn = entries[act, ssm_state.dtype]
+    fn = _entries()[act, ssm_state.dtype]
     K, D = conv_weight.shape
     assert ba.dtype == act and conv_state.dtype == act and out.dtype == act, "one activation dtype throughout"
     assert qkvz.stride(-1) == 1 and ba.stride(-1) == 1 and out.is_contiguous() and seqs.is_contiguous()
@@ -113,4 +83,4 @@ def token_steps(qkvz: torch.Tensor, ba: torch.Tensor, seqs: torch.Tensor, heads:
         raise MemoryError("DeltaNet token steps: no memory for the call's scratch rows")
 
 
-__all__ = ["SEQ_FIELDS", "describe", "runs", "token_steps"]
+__all__ = ["SEQ_FIELDS", "runs", "token_steps"]

@@ -1,4 +1,5 @@
-"""token_steps.c compiled by the machine's C compiler into a shared library, once per source, compiler and CPU.
+"""The C kernels of this package compiled by the machine's C compiler into one shared library, once per source,
+compiler and CPU.
 
 The library is built for this CPU (`-march=native`), so the cache key holds the CPU's flags besides the sources,
 the compiler's version and the flags: a cache directory shared between machines never hands one the other's
@@ -19,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent
-SOURCES = ("token_steps.c", "token_steps_body.h")
-MAIN_SOURCE = "token_steps.c"
+COMPILED = ("deltanet_steps.c", "attention_steps.c")  # the translation units; the headers are included by them
+SOURCES = (*COMPILED, "deltanet_steps_body.h", "attention_steps_body.h", "common.h")  # all of it: the cache key
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
 COMPILERS = ("cc", "gcc", "clang")
 TIMEOUT_S = 120
@@ -64,7 +65,7 @@ def _cache_dir() -> Path:
 
 
 def library_path() -> Path:
-    """The built library for this source, compiler and CPU: compiled now unless it is in the cache already."""
+    """The built library for these sources, compiler and CPU: compiled now unless it is in the cache already."""
     cc = compiler()
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
@@ -75,11 +76,11 @@ def library_path() -> Path:
         key.update((SOURCE_DIR / name).read_bytes())
     for part in (version, " ".join(FLAGS), _cpu_identity()):
         key.update(part.encode())
-    target = _cache_dir() / f"token_steps-{key.hexdigest()[:16]}.so"
+    target = _cache_dir() / f"qnext-cpu-kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    cmd = [cc, *FLAGS, "-o", str(tmp), str(SOURCE_DIR / MAIN_SOURCE), "-lm"]
+    cmd = [cc, *FLAGS, "-o", str(tmp), *(str(SOURCE_DIR / name) for name in COMPILED), "-lm"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
     except (OSError, subprocess.SubprocessError) as e:

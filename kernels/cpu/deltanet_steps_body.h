@@ -1,4 +1,4 @@
-/* The body of one deltanet_token_steps_<act>_<state> entry point (token_steps.c includes it once per pair, with
+/* The body of one deltanet_token_steps_<act>_<state> entry point (deltanet_steps.c includes it once per pair, with
  * ACT_T / ACT_LOAD / ACT_STORE / ACT_ROUND, STATE_T / STATE_LOAD / STATE_STORE / STATE_IS_F32 and ENTRY defined;
  * it undefines them again). Returns 0, or -1 when scratch memory could not be allocated (nothing changed then). */
 

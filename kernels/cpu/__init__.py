@@ -1,0 +1,62 @@
+"""C kernels for a CPU worker's decode and verify rows: one call per layer where torch takes ~100 small ops.
+
+- `deltanet.py` (`deltanet_steps.c`): a DeltaNet layer's conv, gates, gated delta rule and gated norm.
+- `attention.py` (`attention_steps.c`): a gated attention layer's norms, RoPE, KV-cache write, attention and gate.
+
+Both run for CPU tensors in fp32 or bf16 when `kernels_mode()` is auto and the library builds (`build.py`: the
+machine's C compiler, once per source / compiler / CPU; none, or a failed build, leaves the torch paths, and
+`describe()` says why in the worker's start-up log). Prefill chunks always take the torch paths, decode and verify
+rows always these, so a sequence's numbers never depend on what else is in its step. Each kernel's reference is
+its layer's torch path; tests/test_cpu_deltanet.py and tests/test_cpu_attention.py hold them together.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from qnext.kernels.cpu import build
+from qnext.kernels.dispatch import kernels_mode, use_triton
+
+DTYPE_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16"}  # what the entry points take
+
+
+@functools.cache
+def library() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded library, how decode rows run) or (None, why the torch paths)."""
+    try:
+        path = build.library_path()
+        return ctypes.CDLL(str(path)), f"compiled C token steps ({path})"
+    except (build.BuildError, OSError) as e:
+        return None, f"torch references (the C token steps did not build: {e})"
+
+
+def entry(name: str, args: type[ctypes.Structure]) -> ctypes._CFuncPtr:
+    """The library's `int name(const struct *args)` entry point."""
+    lib = library()[0]
+    assert lib is not None, "no library: check runs() first"
+    fn = getattr(lib, name)
+    fn.argtypes, fn.restype = [ctypes.POINTER(args)], ctypes.c_int
+    return fn
+
+
+def runs(x: torch.Tensor) -> bool:
+    """Whether rows like x (device, dtype) can take the C kernels here and now."""
+    return (x.device.type == "cpu" and x.dtype in DTYPE_NAMES and not use_triton(x)
+            and kernels_mode() == "auto" and library()[0] is not None)
+
+
+def describe(device: torch.device, act: torch.dtype, state: torch.dtype) -> str:
+    """Which path a worker's decode and verify rows take, for its start-up log (builds the library)."""
+    if device.type != "cpu":
+        return "the device's kernels (the C token steps are for CPUs)"
+    if act not in DTYPE_NAMES or state not in DTYPE_NAMES:
+        return f"torch references (the C token steps take fp32 / bf16, not {act} with a {state} state)"
+    if kernels_mode() != "auto":
+        return "torch references (QNEXT_KERNELS=reference)"
+    return library()[1]
+
+
+__all__ = ["DTYPE_NAMES", "describe", "entry", "library", "runs"]
