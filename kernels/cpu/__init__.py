@@ -2,8 +2,9 @@
 
 - `deltanet.py` (`deltanet_steps.c`): a DeltaNet layer's conv, gates, gated delta rule and gated norm.
 - `attention.py` (`attention_steps.c`): a gated attention layer's norms, RoPE, KV-cache write, attention and gate.
+- `argmax.py` (`argmax.c`): greedy rows' argmax over 16-bit logits, without widening them first.
 
-Both run for CPU tensors in fp32 or bf16 when `kernels_mode()` is auto and the library builds (`build.py`: the
+They run for CPU tensors in fp32 or bf16 when `kernels_mode()` is auto and the library builds (`build.py`: the
 machine's C compiler, once per source / compiler / CPU; none, or a failed build, leaves the torch paths, and
 `describe()` says why in the worker's start-up log). Prefill chunks always take the torch paths, decode and verify
 rows always these, so a sequence's numbers never depend on what else is in its step. Each kernel's reference is

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent
-COMPILED = ("deltanet_steps.c", "attention_steps.c")  # the translation units; the headers are included by them
+COMPILED = ("deltanet_steps.c", "attention_steps.c", "argmax.c")  # translation units; they include the headers
 SOURCES = (*COMPILED, "deltanet_steps_body.h", "attention_steps_body.h", "common.h")  # all of it: the cache key
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
 COMPILERS = ("cc", "gcc", "clang")
