@@ -112,7 +112,7 @@ class StaticBatch:
         context_lens = list(step.context_lens) + [self.padding_context] * (self.batch_size - B)
         # the host lists matter only to an eager run on these buffers (padded-eager); a replay reads the tables
         s.context_lens = context_lens
-        s.__dict__.pop("has_initial_state", None)  # a cached_property of the old context lengths
+        s.forget_derived()  # the cached tables of the last step's lengths and slots
         s.kernel_meta.refill(self._layout(context_lens))
 
 

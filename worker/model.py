@@ -51,6 +51,13 @@ class ForwardBatch:
         self.kernel_meta = StepMetadata(VarlenLayout.of(self.query_lens, self.context_lens, self.is_verify),
                                         self.input_ids.device)
 
+    def forget_derived(self) -> None:
+        """Drop every value cached from the host lists and tables (the cached properties below): a static batch
+        refilled in place for the next step (worker/graph_runner.py) must not read the last step's."""
+        for name, attr in type(self).__dict__.items():
+            if isinstance(attr, cached_property):
+                self.__dict__.pop(name, None)
+
     @cached_property  # read by every DeltaNet layer: computed once per step
     def has_initial_state(self) -> list[bool]:
         """A sequence whose earlier tokens were computed continues from its saved conv/recurrent state."""
