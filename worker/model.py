@@ -139,6 +139,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([rot, rest], dim=-1)
 
 
+def fp32_copies(module: nn.Module, params: tuple[torch.Tensor, ...], make) -> tuple[torch.Tensor, ...]:
+    """make(*params), the fp32 forms of a module's parameters the C token steps read, cached on the module and
+    made again only when a parameter changes (a reload)."""
+    key = tuple((p.data_ptr(), p._version) for p in params)
+    cached = module.__dict__.get("_fp32_copies")
+    if cached is None or cached[0] != key:
+        module.__dict__["_fp32_copies"] = cached = (key, make(*params))
+    return cached[1]
+
+
 def project(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """The outputs of `module.PROJECTIONS` (dotted names of bias-free-or-not linears that all read x), in order:
     one GEMM when the loader fused them (`module.fused_projections`, set by worker/cpu_linear.py on a CPU),
@@ -219,13 +229,8 @@ class GatedAttention(nn.Module):
     def _norm_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(1 + q_norm.weight, 1 + k_norm.weight) in fp32 for the C token steps, made again only when a weight
         changes (a reload)."""
-        params = (self.q_norm.weight, self.k_norm.weight)
-        key = tuple((p.data_ptr(), p._version) for p in params)
-        cached = self.__dict__.get("_norm_cache")
-        if cached is None or cached[0] != key:
-            values = tuple((1.0 + p.float()).contiguous() for p in params)
-            self.__dict__["_norm_cache"] = cached = (key, values)
-        return cached[1]
+        return fp32_copies(self, (self.q_norm.weight, self.k_norm.weight),
+                           lambda q, k: ((1.0 + q.float()).contiguous(), (1.0 + k.float()).contiguous()))
 
     def _keys_values(self, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,15 +332,10 @@ class GatedDeltaNet(nn.Module):
     def _fp32_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(conv weight [K, D], -exp(A_log), dt_bias, norm weight) in fp32 for the C token steps, made again
         only when a parameter changes (a reload)."""
-        params = (self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight)
-        key = tuple((p.data_ptr(), p._version) for p in params)
-        cached = self.__dict__.get("_fp32_cache")
-        if cached is None or cached[0] != key:
-            w, A_log, dt_bias, norm = params
-            values = (w[:, 0].float().t().contiguous(), (-A_log.float().exp()).contiguous(),
-                      dt_bias.float().contiguous(), norm.float().contiguous())
-            self.__dict__["_fp32_cache"] = cached = (key, values)
-        return cached[1]
+        return fp32_copies(self, (self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight),
+                           lambda w, A_log, dt_bias, norm: (w[:, 0].float().t().contiguous(),
+                                                            (-A_log.float().exp()).contiguous(),
+                                                            dt_bias.float().contiguous(), norm.float().contiguous()))
 
 
 class MLP(nn.Module):

@@ -4,11 +4,12 @@
 - `attention.py` (`attention_steps.c`): a gated attention layer's norms, RoPE, KV-cache write, attention and gate.
 - `argmax.py` (`argmax.c`): greedy rows' argmax over 16-bit logits, without widening them first.
 
-They run for CPU tensors in fp32 or bf16 when `kernels_mode()` is auto and the library builds (`build.py`: the
-machine's C compiler, once per source / compiler / CPU; none, or a failed build, leaves the torch paths, and
-`describe()` says why in the worker's start-up log). Prefill chunks always take the torch paths, decode and verify
+They run for CPU tensors (the layers' in fp32 or bf16, the argmax's in bf16 or fp16) when `kernels_mode()` is
+auto and the library builds (`build.py`: the machine's C compiler, once per source / compiler / CPU; none, or a
+failed build, leaves the torch paths, and `describe()` says why in the worker's start-up log). Prefill chunks always take the torch paths, decode and verify
 rows always these, so a sequence's numbers never depend on what else is in its step. Each kernel's reference is
-its layer's torch path; tests/test_cpu_deltanet.py and tests/test_cpu_attention.py hold them together.
+its torch path (the layer's; torch.argmax); tests/test_cpu_deltanet.py, test_cpu_attention.py and
+test_cpu_argmax.py hold them together.
 """
 
 from __future__ import annotations
