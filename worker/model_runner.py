@@ -166,7 +166,7 @@ class ModelRunner:
             raise ValueError(f"num_speculative_tokens: {self.model_dir or 'the model'} has no MTP head (mtp.* tensors)")
         graph_mode = self._graph_mode()
         self.cache_info, self.cache = self._allocate_cache(padding_slot=graph_mode is not None)
-        # on a CPU this builds the DeltaNet token steps' library now, not in the first step
+        # on a CPU this builds the C token steps' library (kernels/cpu) now, not in the first step
         self.cpu_token_steps = cpu_kernels.describe(self.device, self.dtype, self.cache.ssm_state.dtype)
         self._fit_max_model_len(config)
         if self.followers is not None:  # from here on the cross-rank calls (tp_worker.LeadModel/LeadCache) run on every rank
