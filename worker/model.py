@@ -23,7 +23,7 @@ from qnext.kernels.attention import paged_attention_varlen, write_kv
 from qnext.kernels.conv1d import causal_conv1d_varlen
 from qnext.kernels.gated_delta_rule import gated_delta_rule_varlen
 from qnext.kernels.moe import fused_moe, route_logits
-from qnext.kernels.norms import gated_rms_norm, rms_norm_zero_centred
+from qnext.kernels.norms import add_rms_norm_zero_centred, gated_rms_norm, rms_norm_zero_centred
 from qnext.kernels.step_metadata import StepMetadata, VarlenLayout
 from qnext.worker.cache_tensors import CacheTensors
 from qnext.worker.config import FULL_ATTENTION, ModelConfig, yarn_inv_freq_and_scale
@@ -112,6 +112,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm_zero_centred(x, self.weight, self.eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual), the sum rounded to x's dtype first (one pass on a CPU or GPU)."""
+    return add_rms_norm_zero_centred(x, residual, norm.weight, norm.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -411,15 +416,21 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: CacheTensors,
-                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = self.input_layernorm(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch, cache: CacheTensors,
+                cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's hidden state comes and goes as two parts, x + residual (residual None: all in x), so each
+        residual add happens in the norm after it (one pass instead of an add and a norm). Returns (mlp output,
+        residual): the caller adds them, or hands them to the next layer."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = add_rms_norm(x, residual, self.input_layernorm)
         if self.is_attention:
             h = self.self_attn(h, batch, cache, cos, sin)
         else:
             h = self.linear_attn(h, batch, cache)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h, residual = add_rms_norm(h, residual, self.post_attention_layernorm)
+        return self.mlp(h), residual
 
 
 class TransformerBody(nn.Module):
@@ -473,9 +484,10 @@ class Qwen3NextForCausalLM(nn.Module):
         """Returns the final hidden states after `model.norm`: [T, H] (what MTP drafts from)."""
         x = self.model.embed_tokens(batch.input_ids)
         cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, batch, cache, cos, sin)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, batch, cache, cos, sin)
+        return add_rms_norm(x, residual, self.model.norm)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -491,8 +503,8 @@ class Qwen3NextForCausalLM(nn.Module):
         (batch.positions); returns the MTP's hidden states after `mtp.norm`: [T, H]."""
         x = self._mtp_input(next_token_ids, hidden)
         cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
-        x = self.mtp.layers[step % len(self.mtp.layers)](x, batch, cache, cos, sin)
-        return self.mtp.norm(x)
+        x, residual = self.mtp.layers[step % len(self.mtp.layers)](x, None, batch, cache, cos, sin)
+        return add_rms_norm(x, residual, self.mtp.norm)[0]
 
     @torch.inference_mode()
     def mtp_write_kv(self, next_token_ids: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch,

@@ -3,13 +3,16 @@
 - `deltanet.py` (`deltanet_steps.c`): a DeltaNet layer's conv, gates, gated delta rule and gated norm.
 - `attention.py` (`attention_steps.c`): a gated attention layer's norms, RoPE, KV-cache write, attention and gate.
 - `argmax.py` (`argmax.c`): greedy rows' argmax over 16-bit logits, without widening them first.
+- `norms.py` (`norms.c`): zero-centred RMSNorm rows, with the residual add before it (kernels/norms dispatches
+  here for every row count, prefill chunks included: the norm's numbers are the same whatever the batch).
 
 They run for CPU tensors (the layers' in fp32 or bf16, the argmax's in bf16 or fp16) when `kernels_mode()` is
 auto and the library builds (`build.py`: the machine's C compiler, once per source / compiler / CPU; none, or a
-failed build, leaves the torch paths, and `describe()` says why in the worker's start-up log). Prefill chunks always take the torch paths, decode and verify
-rows always these, so a sequence's numbers never depend on what else is in its step. Each kernel's reference is
-its torch path (the layer's; torch.argmax); tests/test_cpu_deltanet.py, test_cpu_attention.py and
-test_cpu_argmax.py hold them together.
+failed build, leaves the torch paths, and `describe()` says why in the worker's start-up log). In the layers,
+prefill chunks always take the torch paths, decode and verify rows always these, so a sequence's numbers never
+depend on what else is in its step. Each kernel's reference is
+its torch path (the layer's; torch.argmax; kernels/norms/reference.py); tests/test_cpu_deltanet.py,
+test_cpu_attention.py, test_cpu_argmax.py and test_cpu_norms.py hold them together.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def entry(name: str, args: type[ctypes.Structure]) -> ctypes._CFuncPtr:
 
 def runs(x: torch.Tensor) -> bool:
     """Whether rows like x (device, dtype) can take the C kernels here and now."""
-    return (x.device.type == "cpu" and x.dtype in DTYPE_NAMES and not use_triton(x)
+    return (x.is_cpu and x.dtype in DTYPE_NAMES and not use_triton(x)
             and kernels_mode() == "auto" and library()[0] is not None)
 
 

@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent
-COMPILED = ("deltanet_steps.c", "attention_steps.c", "argmax.c")  # translation units; they include the headers
-SOURCES = (*COMPILED, "deltanet_steps_body.h", "attention_steps_body.h", "common.h")  # all of it: the cache key
+COMPILED = ("deltanet_steps.c", "attention_steps.c", "argmax.c", "norms.c")  # translation units (with their headers)
+SOURCES = (*COMPILED, "deltanet_steps_body.h", "attention_steps_body.h", "norms_body.h", "common.h")  # the cache key
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
 COMPILERS = ("cc", "gcc", "clang")
 TIMEOUT_S = 120

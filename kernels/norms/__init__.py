@@ -1,10 +1,12 @@
-"""RMSNorms (docs/model.md §3): the Triton kernels on CUDA (`triton_norms.py`), the torch references elsewhere.
+"""RMSNorms (docs/model.md §3): the Triton kernels on CUDA (`triton_norms.py`), the zero-centred ones in C on a
+CPU (kernels/cpu/norms.py) where the library built, the torch references elsewhere.
 
 triton is imported only when a kernel runs, so CPU installs need not have it.
 """
 
 import torch
 
+from qnext.kernels.cpu import norms as cpu_norms
 from qnext.kernels.dispatch import use_triton
 from qnext.kernels.norms import reference
 
@@ -18,6 +20,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def rms_norm_zero_centred(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [..., D], weight: [D] -> [..., D] in x's dtype: x / rms(x) * (1 + w), computed in fp32."""
     if not use_triton(x):
+        if cpu_norms.runs(x, weight):
+            return cpu_norms.rms_norm_zero_centred(x, weight, eps)[0]
         return reference.rms_norm_zero_centred(x, weight, eps)
     from qnext.kernels.norms.triton_norms import rms_norm_fwd
     y, _ = rms_norm_fwd(_rows(x), weight.contiguous(), eps)
@@ -29,6 +33,8 @@ def add_rms_norm_zero_centred(x: torch.Tensor, residual: torch.Tensor, weight: t
     """x, residual: [..., D] -> (normed, h), h = x + residual in x's dtype, normed = rms_norm_zero_centred(h):
     the decoder block's `r = x + r; x = norm(r)` in one pass."""
     if not use_triton(x):
+        if cpu_norms.runs(x, weight, residual):
+            return cpu_norms.rms_norm_zero_centred(x, weight, eps, residual)
         h = x + residual
         return reference.rms_norm_zero_centred(h, weight, eps), h
     from qnext.kernels.norms.triton_norms import rms_norm_fwd
