@@ -9,12 +9,18 @@ the medians are compared (the best rounds too). Target: ratio >= 0.95.
 On a machine whose cores the engine already fills, every CPU second the server and the client spend is taken
 from the engine, so the CPU each spends per streamed token is printed beside the floor's: the part of the
 server's above the floor is ours, the floor is grpc-python's (server and client) per message.
+
+--split-cores models a deployment whose engine does not share its cores with the service (a GPU worker, a host with
+cores to spare): the engine runs on one core with one thread (the in-process rounds and the server's worker
+alike), the server process, the client and the floor on another. The ratio then is the service path's own cost,
+not the CPU it takes from an engine that fills every core.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -43,6 +49,30 @@ def process_tree_cpu_s(pid: int) -> float:
     return sum(process_cpu_s(p) for p in [pid, *map(int, kids)])
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of process `pid` on `cpus` (sched_setaffinity moves one thread; threads made later inherit)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:
+            pass  # a thread that ended meanwhile
+
+
+def split_server(server_pid: int, engine_core: int, service_core: int) -> None:
+    """The server and its helpers on the service core, its worker (the spawned child that is not
+    multiprocessing's resource tracker) on the engine core."""
+    pin(server_pid, {service_core})
+    kids = subprocess.run(["pgrep", "-P", str(server_pid)], capture_output=True, text=True).stdout.split()
+    workers = []
+    for kid in map(int, kids):
+        with open(f"/proc/{kid}/cmdline", "rb") as f:
+            is_tracker = b"resource_tracker" in f.read()
+        pin(kid, {service_core} if is_tracker else {engine_core})
+        workers += [] if is_tracker else [kid]
+    if len(workers) != 1:
+        raise RuntimeError(f"expected one worker process under the server, found {workers}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
@@ -51,26 +81,40 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--split-cores", action="store_true",
+                    help="engine / worker on core 0 with one thread, server + client + floor on core 1")
+    ap.add_argument("--server-log", type=Path, default=None, help="the server's JSON log (default: discarded)")
     args = ap.parse_args()
+    if args.split_cores and len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("--split-cores needs two cores")
+    engine_core, service_core = (sorted(os.sched_getaffinity(0)) * 2)[:2]  # used only with --split-cores
+    threads = ("--cpu-threads", "1") if args.split_cores else ()
     if args.model is None:
         from qnext.worker.tiny import default_checkpoint
         args.model = str(default_checkpoint())
     ps = prompts(args.streams, args.prompt_tokens)
+    if args.split_cores:
+        pin(os.getpid(), {engine_core})
     engine = Engine(EngineConfig(model=args.model, device=args.device, cache_memory=CACHE, max_num_seqs=32,
-                                 max_model_len=4096))
+                                 max_model_len=4096, cpu_threads=1 if args.split_cores else 0))
     engine.generate([ps[0]], SamplingParams(temperature=0.0), StoppingParams(max_new_tokens=2))  # warm-up
     start = time.perf_counter()
     engine.generate(ps, SamplingParams(temperature=0.0), StoppingParams(max_new_tokens=args.max_new_tokens,
                                                                         ignore_eos=True))
     step_s = (time.perf_counter() - start) / args.max_new_tokens  # the floor's tick: a decode step's time
-    server = ServerProcess(Path(args.model), "--device", args.device)
+    server = ServerProcess(Path(args.model), "--device", args.device, *threads, log_path=args.server_log)
     floor = FloorServer(step_s)
+    if args.split_cores:
+        split_server(server.proc.pid, engine_core, service_core)
+        pin(floor.pid, {service_core})
     rates: dict[str, list[float]] = {"gRPC": [], "engine": [], "floor": []}
     cpu: dict[str, list[float]] = {"server": [], "worker": [], "client": [], "floor server": [], "floor client": []}
     try:
         asyncio.run(stream_round(server.target, ps[:1], 2))
         server_pid = server.proc.pid
         for _ in range(args.rounds):
+            if args.split_cores:
+                pin(os.getpid(), {service_core})  # the client
             c0, s0, t0 = self_cpu_s(), process_cpu_s(server_pid), process_tree_cpu_s(server_pid)
             seconds, tokens = asyncio.run(stream_round(server.target, ps, args.max_new_tokens))
             rates["gRPC"].append(tokens / seconds)
@@ -78,10 +122,14 @@ def main() -> None:
             cpu["server"].append(server_s / tokens * 1e6)
             cpu["worker"].append((tree_s - server_s) / tokens * 1e6)
             cpu["client"].append((self_cpu_s() - c0) / tokens * 1e6)
+            if args.split_cores:
+                pin(os.getpid(), {engine_core})
             start = time.perf_counter()
             out = engine.generate(ps, SamplingParams(temperature=0.0),
                                   StoppingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True))
             rates["engine"].append(sum(len(c.token_ids) for c in out) / (time.perf_counter() - start))
+            if args.split_cores:
+                pin(os.getpid(), {service_core})
             f = floor_measure(floor, args.streams, args.max_new_tokens)
             rates["floor"].append(f["messages"] / f["seconds"])
             cpu["floor server"].append(f["server_us_per_msg"])
