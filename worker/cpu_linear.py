@@ -16,7 +16,8 @@ token, the routing weights (zero for unselected experts) and the shared expert's
 them, so the second GEMM sums over the experts. Not bit-identical to the reference (the weighted sum happens in
 the GEMM's fp32 accumulator instead of after a bf16 rounding per expert); it replaced six GEMM calls per block
 (router + shared gate/up, experts gate/up, experts down, shared down were four, and the experts were three
-`bmm`s before that).
+`bmm`s before that). The rows between the two GEMMs come from one C pass where kernels/cpu builds
+(`moe_hidden.c`; the torch way, `hidden_reference`, otherwise).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qnext.kernels.cpu import moe_hidden as moe_hidden_cpu
 from qnext.kernels.moe import route_logits
 from qnext.kernels.moe.reference import DENSE_MAX_EXPERTS
 from qnext.worker.model import Experts, SparseMoE
@@ -92,19 +94,31 @@ class PackedDenseMoE:
         self.top_k, self.renormalize, self.E, self.I = moe.top_k, moe.norm_topk_prob, E, I
         first = [moe.gate, shared.gate_proj, shared.up_proj, moe.shared_expert_gate]
         self.sizes = [lin.out_features for lin in first] + [E * I, E * I]
+        starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.offsets = tuple(starts[1:])  # columns of shared gate, shared up, shared-expert gate, gates, ups
         self.first = _pack(torch.cat([lin.weight for lin in first]
                                      + [experts.w_gate.reshape(E * I, H), experts.w_up.reshape(E * I, H)]))
         self.second = _pack(torch.cat([experts.w_down.permute(1, 0, 2).reshape(H, E * I), shared.down_proj.weight],
                                       dim=1))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        T, E, I = x.shape[0], self.E, self.I
-        logits, s_gate, s_up, s_weight, gate, up = _packed_linear(x, self.first).split(self.sizes, dim=-1)
-        weights, ids = route_logits(logits, self.top_k, self.renormalize)
-        route_w = torch.zeros(T, E, dtype=torch.float32, device=x.device).scatter_(1, ids, weights.float())
-        h = ((F.silu(gate) * up).view(T, E, I) * route_w[:, :, None]).to(x.dtype).view(T, E * I)
+        first = _packed_linear(x, self.first)
+        weights, ids = route_logits(first[:, :self.sizes[0]], self.top_k, self.renormalize)
+        if moe_hidden_cpu.runs(first, self.E):  # kernels/cpu/moe_hidden.c: the same rows in one pass
+            hidden = moe_hidden_cpu.moe_hidden(first, self.offsets, (self.E, self.I, self.sizes[1]),
+                                               weights.float(), ids)
+        else:
+            hidden = self.hidden_reference(first, weights, ids)
+        return _packed_linear(hidden, self.second)
+
+    def hidden_reference(self, first: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The second GEMM's input rows from the first GEMM's output and the routing, in torch."""
+        T, E, I = first.shape[0], self.E, self.I
+        _, s_gate, s_up, s_weight, gate, up = first.split(self.sizes, dim=-1)
+        route_w = torch.zeros(T, E, dtype=torch.float32, device=first.device).scatter_(1, ids, weights.float())
+        h = ((F.silu(gate) * up).view(T, E, I) * route_w[:, :, None]).to(first.dtype).view(T, E * I)
         h_shared = F.silu(s_gate) * s_up * torch.sigmoid(s_weight)
-        return _packed_linear(torch.cat([h, h_shared], dim=-1), self.second)
+        return torch.cat([h, h_shared], dim=-1)
 
     @staticmethod
     def fits(moe: nn.Module) -> bool:

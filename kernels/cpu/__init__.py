@@ -3,16 +3,18 @@
 - `deltanet.py` (`deltanet_steps.c`): a DeltaNet layer's conv, gates, gated delta rule and gated norm.
 - `attention.py` (`attention_steps.c`): a gated attention layer's norms, RoPE, KV-cache write, attention and gate.
 - `argmax.py` (`argmax.c`): greedy rows' argmax over 16-bit logits, without widening them first.
+- `moe_hidden.py` (`moe_hidden.c`): a small MoE block's rows between its two packed GEMMs (SiLU products times
+  the routing weights, the shared expert's gate), bf16.
 - `norms.py` (`norms.c`): zero-centred RMSNorm rows, with the residual add before it (kernels/norms dispatches
   here for every row count, prefill chunks included: the norm's numbers are the same whatever the batch).
 
-They run for CPU tensors (the layers' in fp32 or bf16, the argmax's in bf16 or fp16) when `kernels_mode()` is
-auto and the library builds (`build.py`: the machine's C compiler, once per source / compiler / CPU; none, or a
-failed build, leaves the torch paths, and `describe()` says why in the worker's start-up log). In the layers,
-prefill chunks always take the torch paths, decode and verify rows always these, so a sequence's numbers never
-depend on what else is in its step. Each kernel's reference is
-its torch path (the layer's; torch.argmax; kernels/norms/reference.py); tests/test_cpu_deltanet.py,
-test_cpu_attention.py, test_cpu_argmax.py and test_cpu_norms.py hold them together.
+They run for CPU tensors (the layers' and norms' in fp32 or bf16, the argmax's in bf16 or fp16, the MoE rows' in
+bf16) when `kernels_mode()` is auto and the library builds (`build.py`: the machine's C compiler, once per source
+/ compiler / CPU; none, or a failed build, leaves the torch paths, and `describe()` says why in the worker's
+start-up log). In the layers, prefill chunks always take the torch paths, decode and verify rows always these,
+so a sequence's numbers never depend on what else is in its step. Each kernel's reference is its torch path (the
+layer's; torch.argmax; kernels/norms/reference.py; PackedDenseMoE.hidden_reference); tests/test_cpu_deltanet.py,
+test_cpu_attention.py, test_cpu_argmax.py, test_cpu_norms.py and test_cpu_moe_hidden.py hold them together.
 """
 
 from __future__ import annotations

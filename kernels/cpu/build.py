@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent
-COMPILED = ("deltanet_steps.c", "attention_steps.c", "argmax.c", "norms.c")  # translation units (with their headers)
+COMPILED = ("deltanet_steps.c", "attention_steps.c", "argmax.c", "norms.c", "moe_hidden.c")  # translation units
 SOURCES = (*COMPILED, "deltanet_steps_body.h", "attention_steps_body.h", "norms_body.h", "common.h")  # the cache key
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
 COMPILERS = ("cc", "gcc", "clang")
