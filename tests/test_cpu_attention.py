@@ -35,20 +35,25 @@ def _cache(model, act: torch.dtype, seed: int) -> CacheTensors:
     return cache
 
 
-def _batch():
+def _batch(token_step_max_len: int = 1):
     """A decode row after 9 cached positions, a one-token prompt, a verify chunk of 3 after 6, a prefill chunk
-    continuing after 5 and a fresh one, and a decode row whose blocks are out of order."""
+    continuing after 5 and a fresh one (5 tokens each), and a decode row whose blocks are out of order."""
     chunks = [SeqChunk([0, 1, 2], 0, 9, [11]), SeqChunk([3], 1, 0, [12]), SeqChunk([4, 5, 6], 2, 6, [13, 14, 15]),
               SeqChunk([7, 8, 9], 3, 5, [16, 17, 18, 19, 20]), SeqChunk([10, 11], 4, 0, [21, 22, 23, 24, 25]),
               SeqChunk([14, 12, 13], 5, 10, [26])]
-    return build_forward_batch(chunks, BLOCK, torch.device("cpu"), is_verify=[False, False, True, False, False, False])
+    return build_forward_batch(chunks, BLOCK, torch.device("cpu"), is_verify=[False, False, True, False, False, False],
+                               token_step_max_len=token_step_max_len)
 
 
+@pytest.mark.parametrize("token_step_max_len", [1, 5])
 @pytest.mark.parametrize("act", DTYPES)
-def test_token_steps_match_the_torch_path(ckpt, monkeypatch, act):
+def test_token_steps_match_the_torch_path(ckpt, monkeypatch, act, token_step_max_len):
+    """token_step_max_len 5 (as the MTP's catch-up batches set it): the two 5-token prefill chunks take the C path
+    too."""
     model = load_model(ckpt, dtype=DTYPES[act])
     layer = model.model.layers[3].self_attn
-    batch = _batch()
+    batch = _batch(token_step_max_len)
+    assert batch.attention_step_seqs.shape[0] == (4 if token_step_max_len == 1 else 6)
     x = torch.randn(sum(batch.query_lens), model.config.hidden_size, generator=torch.Generator().manual_seed(1))
     x = x.to(DTYPES[act])
     cos, sin = model.rotary.cos_sin(batch.positions, x.dtype)

@@ -43,6 +43,11 @@ class ForwardBatch:
     # Speculative verify: per sequence, whether its chunk is [last token, drafts...] whose DeltaNet states
     # after each position must be kept for rollback (None = no verify chunks).
     is_verify: list[bool] | None = None
+    # On a CPU, chunks of up to this many tokens (and every verify chunk) take the C token steps, longer ones the
+    # torch paths. 1 for the target model: prompts stay on torch however they are chunked. The MTP's catch-up
+    # passes (worker/spec_decode.py) pass more: their few rows per sequence only feed drafts, which the target
+    # verifies, and the torch attention path cost them ~0.7 ms a pass at one sequence.
+    token_step_max_len: int = 1
     # The Triton kernels' varlen tables for this step, built on first use and shared by every layer. Not an init
     # field: each process (tensor-parallel rank) builds its own; a CUDA graph's static batch swaps in its own.
     kernel_meta: StepMetadata = field(init=False, repr=False)
@@ -71,7 +76,7 @@ class ForwardBatch:
         verify = self.is_verify or [False] * len(self.query_lens)
         steps, prefill, rows, start = [], [], [], 0
         for i, (n, v) in enumerate(zip(self.query_lens, verify)):
-            if n == 1 or (n > 1 and v):
+            if n <= self.token_step_max_len or v:
                 steps.append((i, start, n))
             elif n > 1:
                 prefill.append(i)

@@ -54,8 +54,9 @@ class SeqChunk:
 
 
 def build_forward_batch(chunks: Sequence[SeqChunk], block_size: int, device: torch.device,
-                        is_verify: list[bool] | None = None) -> ForwardBatch:
-    """The packed varlen batch of `chunks`, in order; is_verify marks speculative verify chunks."""
+                        is_verify: list[bool] | None = None, token_step_max_len: int = 1) -> ForwardBatch:
+    """The packed varlen batch of `chunks`, in order; is_verify marks speculative verify chunks;
+    token_step_max_len: ForwardBatch's."""
     ids: list[int] = []
     slots: list[int] = []
     positions: list[int] = []
@@ -72,7 +73,7 @@ def build_forward_batch(chunks: Sequence[SeqChunk], block_size: int, device: tor
         slot_mapping=torch.tensor(slots, device=device),
         block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
         state_slots=torch.tensor([c.state_slot for c in chunks], device=device),
-        is_verify=is_verify if is_verify and any(is_verify) else None)
+        is_verify=is_verify if is_verify and any(is_verify) else None, token_step_max_len=token_step_max_len)
 
 
 @dataclass
@@ -288,10 +289,10 @@ class ModelRunner:
         return StepForward(pieces, ends, hidden, plain, verify, logits)
 
     def forward_batch(self, pieces: list[tuple[Request, int, list[int]]],
-                      is_verify: list[bool] | None = None) -> ForwardBatch:
+                      is_verify: list[bool] | None = None, token_step_max_len: int = 1) -> ForwardBatch:
         """pieces: (request, first position, token ids) per sequence, packed in order."""
         return build_forward_batch([SeqChunk(r.block_ids, r.state_slot, start, toks) for r, start, toks in pieces],
-                                   self.config.block_size, self.device, is_verify)
+                                   self.config.block_size, self.device, is_verify, token_step_max_len)
 
     @staticmethod
     def chunk_tokens(c: ScheduledChunk) -> list[int]:

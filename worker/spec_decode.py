@@ -48,6 +48,9 @@ STREAM_DRAFT = 1  # drawing draft tokens from q
 STREAM_ACCEPT = 2  # the accept test's uniform
 STREAM_RESIDUAL = 3  # drawing from the residual after a rejection
 KV_ONLY_MIN_ROWS = 8  # catch-up rows whose MTP output nobody reads: from this many on, they take the KV-only pass
+# A catch-up chunk of up to this many rows (a step's accepted tokens, a deferred block) takes the CPU's C token
+# steps in the MTP layer (ForwardBatch.token_step_max_len); a prompt's longer chunks the torch paths
+CATCH_UP_TOKEN_STEPS = 16
 
 
 def draw(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, stream: int,
@@ -381,7 +384,7 @@ class SpecDecoder:
             model.mtp_write_kv(batch.input_ids, rows_of(kv_rows), batch, cache)
         if not full_pieces:
             return {}
-        batch = self.runner.forward_batch(full_pieces)
+        batch = self.runner.forward_batch(full_pieces, token_step_max_len=CATCH_UP_TOKEN_STEPS)
         h = model.mtp_forward(batch.input_ids, rows_of(full_rows), batch, cache)
         if not sampling:  # no request drafts next: the MTP KV is written, nothing more
             return {}
