@@ -43,26 +43,6 @@ struct attention_args {
     void *out;                    /* [T, Hq * D] contiguous */
 };
 
-typedef float vf8 __attribute__((vector_size(32))); /* 8 fp32 lanes: one AVX register, two NEON ones */
-
-/* sum of a[i] * b[i] over n floats: 8 lane sums (lane l takes i = l mod 8, in order of i), then a fixed tree.
- * Vectorised by construction, and the same order in every call */
-static inline float dot_lanes(const float *a, const float *b, int64_t n) {
-    vf8 acc = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        vf8 x, y;
-        memcpy(&x, a + i, sizeof x);
-        memcpy(&y, b + i, sizeof y);
-        acc += x * y;
-    }
-    float part[8];
-    memcpy(part, &acc, sizeof part);
-    for (; i < n; i++)
-        part[i % 8] += a[i] * b[i];
-    return ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7]));
-}
-
 /* the cache slot of a sequence's position: its block table's block, the offset in it; block sizes are powers of
  * two in practice, where this is a shift and a mask instead of a 64-bit division per key */
 static inline int64_t slot_of(const int32_t *table, int64_t bs, int64_t pos) {

@@ -1,4 +1,4 @@
-/* What the C kernels for CPUs share (deltanet_steps.c, attention_steps.c): bf16 <-> fp32 as torch converts, and
+/* What the C kernels for CPUs share: bf16 <-> fp32 as torch converts, a dot product summed in a fixed order, and
  * exp / sigmoid / SiLU in plain float arithmetic that the compiler vectorises. */
 
 #ifndef QNEXT_CPU_COMMON_H
@@ -55,6 +55,26 @@ static inline float exp_f(float x) {
     float scale;
     memcpy(&scale, &scale_bits, sizeof scale);
     return p * scale;
+}
+
+typedef float vf8 __attribute__((vector_size(32))); /* 8 fp32 lanes: one AVX register, two NEON ones */
+
+/* sum of a[i] * b[i] over n floats: 8 lane sums (lane l takes i = l mod 8, in order of i), then a fixed tree.
+ * Vectorised by construction, and the same order in every call */
+static inline float dot_lanes(const float *a, const float *b, int64_t n) {
+    vf8 acc = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        vf8 x, y;
+        memcpy(&x, a + i, sizeof x);
+        memcpy(&y, b + i, sizeof y);
+        acc += x * y;
+    }
+    float part[8];
+    memcpy(part, &acc, sizeof part);
+    for (; i < n; i++)
+        part[i % 8] += a[i] * b[i];
+    return ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7]));
 }
 
 static inline float silu(float x) { return x / (1.0f + exp_f(-x)); }

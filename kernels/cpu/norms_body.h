@@ -25,7 +25,7 @@ int ENTRY(const struct rms_norm_args *a) {
             for (int64_t i = 0; i < dim; i++)
                 row[i] = ACT_LOAD(x[i]);
         }
-        const float rstd = 1.0f / sqrtf(sum_squares(row, dim) / (float)dim + a->eps);
+        const float rstd = 1.0f / sqrtf(dot_lanes(row, row, dim) / (float)dim + a->eps);
         ACT_T *out = (ACT_T *)a->out + r * dim;
         for (int64_t i = 0; i < dim; i++)
             out[i] = ACT_STORE((row[i] * rstd) * factor[i]);
