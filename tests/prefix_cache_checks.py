@@ -25,7 +25,7 @@ class KVProvenance:
         forward_batch, copy_blocks, propose = engine.runner.forward_batch, engine.runner.cache.copy_blocks, \
             engine.spec.propose
 
-        def forward_batch_spy(pieces, is_verify=None):
+        def forward_batch_spy(pieces, is_verify=None, **kw):
             target = is_verify is not None  # the target forward passes a list; MTP passes None
             for r, start, toks in pieces:
                 if target:  # rows start + j: tokens [0, start) + toks[:j + 1]
@@ -36,7 +36,7 @@ class KVProvenance:
                     head = tuple(r.token_slice(0, start + 1))
                     for j in range(len(toks)):
                         self.mtp[self._row(r, start + j)] = None if self.drafting else head + tuple(toks[:j + 1])
-            return forward_batch(pieces, is_verify)
+            return forward_batch(pieces, is_verify, **kw)
 
         def copy_blocks_spy(src, dst):
             for shadow in (self.target, self.mtp):
