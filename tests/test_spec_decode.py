@@ -114,6 +114,28 @@ def test_adaptive_draft_length_follows_acceptance_and_stays_exact(random_ckpt, a
         assert not e.spec.policy._requests  # finished requests leave no estimate behind
 
 
+def test_k0_timings_come_only_from_steps_that_deferred_the_mtp_pass(aligned_ckpt, engines):
+    """A step that verified no drafts but ran the MTP head (drafting resumes next step, so the rows a k = 0 regime
+    defers run now) is not timed as k = 0: such transition steps made k = 0 look 20% dearer than it is and the
+    policy drafted where drafting lost. Measured timings here; only which steps reach the policy is checked."""
+    e = engines(aligned_ckpt, num_speculative_tokens=2)
+    ran, recorded = [], []
+    catch_up, forward = e.spec.catch_up, e.spec.policy.record_forward
+
+    def catch_up_spy(*args):
+        out = catch_up(*args)
+        ran.append(e.spec._step_mtp_pass)  # read before record_step takes it
+        return out
+
+    e.spec.catch_up = catch_up_spy
+    e.spec.policy.record_forward = lambda rows, k, seconds: (recorded.append((len(ran) - 1, k)),
+                                                             forward(rows, k, seconds))
+    run(e, prompts([9, 14, 6], seed=7), [2] * 3, max_new=60)
+    k0 = [ran[i] for i, k in recorded if k == 0]
+    assert k0 and not any(k0)  # k = 0 was timed, and only on steps without an MTP pass
+    assert any(k for _, k in recorded)  # verify steps were timed too
+
+
 def test_greedy_exact_under_preemption(random_ckpt, aligned_ckpt, engines):
     from qnext.worker.cache_tensors import kv_bytes_per_block, checkpoint_bytes, state_bytes_per_slot
     from qnext.worker.config import load_config

@@ -211,6 +211,7 @@ class SpecDecoder:
         self._requests: dict[str, _RequestSpec] = {}
         self._next_lengths: dict[str, int] = {}  # request id -> drafts it gets next step (from `_choose`)
         self._step_drafting_s = 0.0  # this step's drafting time, taken out of the step's timing
+        self._step_mtp_pass = False  # whether this step's catch-up ran the MTP head (see record_step)
         # how many drafts each request gets per step (worker/spec_policy.py)
         self.policy = DraftLengthPolicy(adaptive=runner.config.speculative_draft_length == "adaptive")
         # the int8 LM head single-row draft passes use, or None (worker/draft_head.py); not for a sharded head
@@ -379,6 +380,7 @@ class SpecDecoder:
         def rows_of(picked: list[int]) -> torch.Tensor:
             return h_in if len(picked) == row else h_in[torch.tensor(picked, device=h_in.device)]
         model, cache = self.runner.model, self.runner.cache
+        self._step_mtp_pass = True
         if kv_pieces:
             batch = self.runner.forward_batch(kv_pieces)
             model.mtp_write_kv(batch.input_ids, rows_of(kv_rows), batch, cache)
@@ -397,9 +399,16 @@ class SpecDecoder:
         Steps with prefill chunks are not what it chooses between. (Scheduling and the update, untimed before,
         are small: 0.3 ms of a 50 ms k = 2 step at batch 16 on the 2-core box, 0.3 of 17 at k = 0.)"""
         drafting, self._step_drafting_s = self._step_drafting_s, 0.0
+        mtp_pass, self._step_mtp_pass = self._step_mtp_pass, False
         if not self.policy.adaptive:
             return  # fixed lengths need no timings: no extra device sync per step
         rows = [c for c in plan.chunks if c.request.num_speculative_tokens]
+        if mtp_pass and not any(c.draft_token_ids for c in rows):
+            # a step that verified nothing but ran the MTP pass is a transition (drafting resumes next step, so
+            # the rows a k = 0 regime defers run now): no timing of k = 0, whose steps defer them. Timed as k = 0,
+            # such steps (each refresh of a stale k = 0 is one) rated k = 0 at 10.0 ms against 8.2 for a steady
+            # one (batch 16 on the 2-core box), and the policy drafted where drafting lost (0.94x of k = 0)
+            return
         if self.runner.device.type == "cuda":
             torch.cuda.synchronize(self.runner.device)  # the MTP pass may still be running: count it here
         seconds = time.perf_counter() - start
