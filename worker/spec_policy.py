@@ -36,7 +36,8 @@ REQUEST_DECAY = 0.9  # per verify step: a request's acceptance follows its recen
 ENGINE_DECAY = 0.99
 TIMINGS_NEEDED = 3  # timings of a (bucket, k) before the policy trusts it
 STALE_AFTER = 512  # steps of a bucket after which an unchosen k is timed again ...
-STALE_AFTER_K0 = 64  # ... k = 0 sooner: a step without drafts costs no time, only one step's speculative gain
+STALE_AFTER_K0 = 128  # ... k = 0 sooner: a step without drafts costs no time, only the speculative gain of the
+# two steps a refresh takes (the transition step back to drafting is not timed: worker/spec_decode.py)
 RECENT_TIMINGS = 5  # a (bucket, k)'s cost is the median of its last timings
 # Drafting must beat k = 0's tokens per second by this much: step timings carry noise, and where acceptance is
 # ~0 (E ~ 1 for every k) a verify step timed a little cheaper than a plain one would otherwise win on noise
