@@ -136,6 +136,28 @@ def test_k0_timings_come_only_from_steps_that_deferred_the_mtp_pass(aligned_ckpt
     assert any(k for _, k in recorded)  # verify steps were timed too
 
 
+def test_catch_up_passes_send_their_short_chunks_to_the_cpu_token_steps(aligned_ckpt, engines):
+    """The MTP's catch-up batches carry token_step_max_len = CATCH_UP_TOKEN_STEPS (their accepted rows take the C
+    attention path on a CPU, ~0.7 ms a pass less than the torch prefill path at one sequence); every other batch
+    keeps 1, so the target model's prompts stay on torch."""
+    from qnext.worker.spec_decode import CATCH_UP_TOKEN_STEPS
+    e = engines(aligned_ckpt, num_speculative_tokens=2)
+    seen = []
+    forward_batch = e.runner.forward_batch
+
+    def spy(pieces, is_verify=None, token_step_max_len=1):
+        batch = forward_batch(pieces, is_verify, token_step_max_len)
+        seen.append((token_step_max_len, [len(t) for _, _, t in pieces], len(batch.token_step_split[0])))
+        return batch
+
+    e.runner.forward_batch = spy
+    run(e, prompts([9, 14, 6], seed=7), [2] * 3, max_new=20)
+    catch_ups = [(lens, steps) for m, lens, steps in seen if m == CATCH_UP_TOKEN_STEPS]
+    assert catch_ups and {m for m, _, _ in seen} == {1, CATCH_UP_TOKEN_STEPS}
+    # multi-row catch-up chunks (accepted drafts) ran as token steps, not as prefill
+    assert any(max(lens) > 1 and steps == len(lens) for lens, steps in catch_ups if max(lens) <= CATCH_UP_TOKEN_STEPS)
+
+
 def test_greedy_exact_under_preemption(random_ckpt, aligned_ckpt, engines):
     from qnext.worker.cache_tensors import kv_bytes_per_block, checkpoint_bytes, state_bytes_per_slot
     from qnext.worker.config import load_config

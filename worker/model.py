@@ -69,7 +69,7 @@ class ForwardBatch:
         return [c > q for q, c in zip(self.query_lens, self.context_lens)]
 
     @cached_property  # read by the C token steps of every layer on a CPU: built once per step
-    def _token_step_split(self) -> tuple[list[tuple[int, int, int]], list[int], torch.Tensor | None]:
+    def token_step_split(self) -> tuple[list[tuple[int, int, int]], list[int], torch.Tensor | None]:
         """The sequences the C token steps (kernels/cpu) advance token by token, decodes and verify chunks, as
         (index, first row, tokens); the indices of the prefill chunks (the torch paths'); those chunks' rows (None
         without any)."""
@@ -78,7 +78,7 @@ class ForwardBatch:
         for i, (n, v) in enumerate(zip(self.query_lens, verify)):
             if n <= self.token_step_max_len or v:
                 steps.append((i, start, n))
-            elif n > 1:
+            else:
                 prefill.append(i)
                 rows.extend(range(start, start + n))
             start += n
@@ -87,8 +87,8 @@ class ForwardBatch:
     @cached_property
     def token_step_seqs(self) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
         """For the DeltaNet layers' C token steps: their sequence table ([n, deltanet_cpu.SEQ_FIELDS] int64), the
-        prefill chunks' indices and rows (_token_step_split)."""
-        steps, prefill, rows = self._token_step_split
+        prefill chunks' indices and rows (token_step_split)."""
+        steps, prefill, rows = self.token_step_split
         verify, slots, init = self.is_verify, self.state_slots.tolist(), self.has_initial_state
         table = [(start, n, slots[i], int(not init[i]), int(bool(verify and verify[i]))) for i, start, n in steps]
         seqs = torch.tensor(table, dtype=torch.int64).reshape(-1, deltanet_cpu.SEQ_FIELDS)
@@ -97,7 +97,7 @@ class ForwardBatch:
     @cached_property
     def attention_step_seqs(self) -> torch.Tensor:
         """For the attention layers' C token steps: their sequence table ([n, attention_cpu.SEQ_FIELDS] int64)."""
-        table = [(start, n, self.context_lens[i], i) for i, start, n in self._token_step_split[0]]
+        table = [(start, n, self.context_lens[i], i) for i, start, n in self.token_step_split[0]]
         return torch.tensor(table, dtype=torch.int64).reshape(-1, attention_cpu.SEQ_FIELDS)
 
     @property
@@ -220,7 +220,7 @@ class GatedAttention(nn.Module):
         """_attend's rows with the decode and verify rows from the C token steps (kernels/cpu/attention.py) and
         only the prefill chunks through _attend (on their own rows: each sequence's result is its own)."""
         seqs = batch.attention_step_seqs
-        _, prefill, rows = batch.token_step_seqs
+        _, prefill, rows = batch.token_step_split  # not token_step_seqs: the DeltaNet table, none in the MTP layer
         if not seqs.shape[0]:
             return self._attend(qg, k, v, batch.slot_mapping, batch.block_tables, batch.query_lens,
                                 batch.context_lens, None, pools, cos, sin)

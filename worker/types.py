@@ -427,7 +427,7 @@ class ModelSummary:
     kv_cache_dtype: str = ""  # KV cache storage (--kv-cache-dtype): the activation dtype or float8_e4m3fn
     state_dtype: str = ""  # DeltaNet recurrent state (--state-dtype)
     host_malloc: str = ""  # how host memory is allocated (worker/host_malloc.py), for the logs
-    cpu_token_steps: str = ""  # how DeltaNet / attention decode and verify rows run (kernels/cpu), for the logs
+    cpu_token_steps: str = ""  # whether kernels/cpu's C library runs (decode / verify steps, norms, ...), for the logs
 
 
 @dataclass(frozen=True)
