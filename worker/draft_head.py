@@ -2,38 +2,53 @@
 
 A draft pass needs one row of logits per drafting request, and at one stream that is one row: the LM head is
 then a pass over its whole weight (151,936 rows) for a single dot product per row, memory-bound, and with k = 2
-it runs twice per step for the drafts on top of the verify forward's own. torch's weight-only int8 kernel
-(`torch._weight_int8pack_mm`, CPU) reads half the bytes. Measured on the 2-core AVX512-BF16 box, one row,
-vocabulary x 256: packed bf16 2.1 ms, int8 1.2 ms; in the engine (aligned tiny checkpoint, batch 1, k = 2, the
-int8 draft head on and off in alternate steps, 400 steps) the verify step 18.7 -> 16.5 ms. The int8 kernel is a
-dot product loop per row, its time growing with every row, while oneDNN's packed bf16 GEMM hardly grows: they
-tie at about two rows, so only single-row passes use the int8 head (`MAX_ROWS`).
+it runs twice per step for the drafts on top of the verify forward's own. An int8 copy reads half the bytes.
+
+Two kernels compute it. Where kernels/cpu builds, `int8_head.c`: integer dot products (AVX512-VNNI where the CPU
+has it) on torch's OpenMP threads, rows up to `C_MAX_ROWS`. Measured on the 2-core AVX512-BF16 box, vocabulary x
+128 with the caches flushed, ms per pass at 1 / 2 / 3 / 4 / 8 rows: C 0.50 / 0.57 / 0.64 / 0.95 / 1.79, torch's
+`_weight_int8pack_mm` 0.74 / 0.92 / 1.24 / 1.50 / 2.9, the packed bf16 head 1.32 / 1.26 / 1.46 / 1.31 / 1.51
+(x 256: C 1.08 / 1.16 / 1.36 / 1.44 / 2.72, bf16 2.88 / 2.71 / 2.75 / 2.67 / 3.47); in the engine (aligned tiny
+checkpoint, one sequence, k = 2, 8 alternating rounds) 0.73 -> 0.42 ms a pass. Elsewhere torch's kernel, which
+widens each weight to a float and grows with every row: it ties with the bf16 head at about two rows, so it takes
+single-row passes only (`TORCH_MAX_ROWS`).
 
 Outputs do not change. The target verifies every draft with its own full-precision logits: a greedy request
 accepts a draft only where it is the target's argmax, and a sampled request runs the acceptance rule with the q
 this head produced, which leaves the target's distribution exact for any q. Only the acceptance rate can move:
 each logit moves by at most half a quantisation step of its row times sum |h| (one scale per vocabulary row,
-max |w| / 127), which flips an argmax only where the top two logits are that close.
+max |w| / 127), which flips an argmax only where the top two logits are that close. (The C kernel also rounds the
+activations to 16-bit integers against the row's largest: a further ~1.5e-5 of max |h| per element.)
 """
 
 from __future__ import annotations
 
 import torch
 
-MAX_ROWS = 1  # passes with more rows use the full head (see above)
+from qnext.kernels.cpu import int8_head as int8_head_cpu
+
+C_MAX_ROWS = 4  # the C kernel's passes up to here (at 8 rows the packed bf16 head wins at hidden 128)
+TORCH_MAX_ROWS = 1  # torch's kernel: single-row passes (see above)
 
 
 class Int8DraftHead:
     """logits = h @ (q * scale)^T with q int8 [V, H] and one scale per vocabulary row, in h's dtype like
-    `compute_logits`."""
+    `compute_logits`; `takes(rows)` says whether a pass of that many rows should use it."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         w = weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
         self.qweight = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-        self.scale = scale.to(weight.dtype)
+        self.scale = scale.to(weight.dtype)  # torch's kernel takes the scales in the activations' dtype
+        probe = torch.zeros(1, w.shape[1], dtype=weight.dtype)
+        self.packed = int8_head_cpu.pack(self.qweight, scale) if int8_head_cpu.runs(probe) else None
+
+    def takes(self, rows: int) -> bool:
+        return rows <= (C_MAX_ROWS if self.packed is not None else TORCH_MAX_ROWS)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and int8_head_cpu.runs(hidden):
+            return int8_head_cpu.int8_head(hidden, self.packed)
         return torch._weight_int8pack_mm(hidden, self.qweight, self.scale)
 
 

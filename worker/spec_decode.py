@@ -37,7 +37,7 @@ from itertools import accumulate
 
 import torch
 
-from qnext.worker.draft_head import MAX_ROWS, draft_head
+from qnext.worker.draft_head import draft_head
 from qnext.worker.model_runner import ModelRunner, StepForward
 from qnext.worker.sampler import (STREAM_SAMPLE, greedy_tokens, inverse_cdf_draw, processed_probs, row_argmax,
                                   SamplingBatch, sample, token_logprobs, uniform_noise)
@@ -214,7 +214,7 @@ class SpecDecoder:
         self._step_mtp_pass = False  # whether this step's catch-up ran the MTP head (see record_step)
         # how many drafts each request gets per step (worker/spec_policy.py)
         self.policy = DraftLengthPolicy(adaptive=runner.config.speculative_draft_length == "adaptive")
-        # the int8 LM head single-row draft passes use, or None (worker/draft_head.py); not for a sharded head
+        # the int8 LM head small draft passes use (`takes`), or None (worker/draft_head.py); not for a sharded head
         self.draft_head = (draft_head(runner.config.speculative_draft_head, runner.model.lm_head.weight)
                            if runner.max_spec_tokens and runner.followers is None else None)
 
@@ -495,7 +495,7 @@ class SpecDecoder:
         """Draw draft j of each request from the MTP head's logits (appended to drafts; its q to probs for a
         request verified by the acceptance rule: greedy and coupled verification need the token alone); returns
         the rows whose request wants another draft."""
-        if self.draft_head is not None and h.shape[0] <= MAX_ROWS:
+        if self.draft_head is not None and self.draft_head.takes(h.shape[0]):
             logits = self.draft_head(h)
         else:
             logits = self.runner.model.compute_logits(h)

@@ -7,20 +7,26 @@
   the routing weights, the shared expert's gate), bf16.
 - `norms.py` (`norms.c`): zero-centred RMSNorm rows, with the residual add before it (kernels/norms dispatches
   here for every row count, prefill chunks included: the norm's numbers are the same whatever the batch).
+- `int8_head.py` (`int8_head.c`): the int8 LM head MTP drafts are drawn from (worker/draft_head.py), integer dot
+  products on torch's OpenMP threads (`openmp_threads`).
 
 They run for CPU tensors (the layers' and norms' in fp32 or bf16, the argmax's in bf16 or fp16, the MoE rows' in
 bf16) when `kernels_mode()` is auto and the library builds (`build.py`: the machine's C compiler, once per source
 / compiler / CPU; none, or a failed build, leaves the torch paths, and `describe()` says why in the worker's
 start-up log). In the layers, prefill chunks always take the torch paths, decode and verify rows always these,
 so a sequence's numbers never depend on what else is in its step. Each kernel's reference is its torch path (the
-layer's; torch.argmax; kernels/norms/reference.py; PackedDenseMoE.hidden_reference); tests/test_cpu_deltanet.py,
-test_cpu_attention.py, test_cpu_argmax.py, test_cpu_norms.py and test_cpu_moe_hidden.py hold them together.
+layer's; torch.argmax; kernels/norms/reference.py; PackedDenseMoE.hidden_reference; int8_head.reference);
+tests/test_cpu_deltanet.py, test_cpu_attention.py, test_cpu_argmax.py, test_cpu_norms.py, test_cpu_moe_hidden.py
+and test_cpu_int8_head.py hold them together.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
+import re
+from pathlib import Path
 
 import torch
 
@@ -55,6 +61,31 @@ def runs(x: torch.Tensor) -> bool:
             and kernels_mode() == "auto" and library()[0] is not None)
 
 
+_OPENMP_RUNTIME = re.compile(r"/lib(?:gomp|iomp5|omp)[-.\w]*\.so[.\d]*$")
+
+
+@functools.cache
+def _one_openmp_pool() -> bool:
+    """Whether every OpenMP call in the process, torch's and the library's, lands in one runtime once the library
+    is loaded: a runtime preloaded (LD_PRELOAD, as `--worker-preload` does with libiomp5) interposes its symbols
+    for every library, else there must be just one mapped. Read once: settled when the library loads."""
+    library()
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    runtimes = {line.split()[-1] for line in maps.splitlines() if _OPENMP_RUNTIME.search(line)}
+    preloaded = {os.path.realpath(p) for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split()}
+    return len(runtimes) == 1 or any(os.path.realpath(r) in preloaded for r in runtimes)
+
+
+def openmp_threads() -> int:
+    """How many threads the library's parallel loops may use: torch's intra-op count when those loops run on
+    torch's own OpenMP pool (build.py), else 1, so they never start a second pool of threads that would compete
+    with torch's for the same cores."""
+    return torch.get_num_threads() if _one_openmp_pool() else 1
+
+
 def describe(device: torch.device, act: torch.dtype, state: torch.dtype) -> str:
     """Which path a worker's decode and verify rows take, for its start-up log (builds the library)."""
     if device.type != "cpu":
@@ -66,4 +97,4 @@ def describe(device: torch.device, act: torch.dtype, state: torch.dtype) -> str:
     return library()[1]
 
 
-__all__ = ["DTYPE_NAMES", "describe", "entry", "library", "runs"]
+__all__ = ["DTYPE_NAMES", "describe", "entry", "library", "openmp_threads", "runs"]

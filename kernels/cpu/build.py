@@ -20,9 +20,14 @@ import tempfile
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent
-COMPILED = ("deltanet_steps.c", "attention_steps.c", "argmax.c", "norms.c", "moe_hidden.c")  # translation units
+COMPILED = ("deltanet_steps.c", "attention_steps.c", "argmax.c", "norms.c", "moe_hidden.c",
+            "int8_head.c")  # translation units
 SOURCES = (*COMPILED, "deltanet_steps_body.h", "attention_steps_body.h", "norms_body.h", "common.h")  # the cache key
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
+# Tried first, dropped where the compiler has no OpenMP (the parallel loops then run on the calling thread). With
+# GCC the library needs `libgomp.so.1`, which the loader resolves to the copy torch loaded first (a loaded soname is
+# reused), so int8_head.c's loop runs on torch's own OpenMP threads: `cpu.openmp_threads()` checks it is so.
+OPENMP = "-fopenmp"
 COMPILERS = ("cc", "gcc", "clang")
 TIMEOUT_S = 120
 
@@ -74,19 +79,22 @@ def library_path() -> Path:
     key = hashlib.sha256()
     for name in SOURCES:
         key.update((SOURCE_DIR / name).read_bytes())
-    for part in (version, " ".join(FLAGS), _cpu_identity()):
+    for part in (version, " ".join(FLAGS), OPENMP, _cpu_identity()):
         key.update(part.encode())
     target = _cache_dir() / f"qnext-cpu-kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    cmd = [cc, *FLAGS, "-o", str(tmp), *(str(SOURCE_DIR / name) for name in COMPILED), "-lm"]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except (OSError, subprocess.SubprocessError) as e:
-        raise BuildError(f"{' '.join(cmd)}: {e}") from e
-    if done.returncode != 0:
+    for flags in ((*FLAGS, OPENMP), FLAGS):
+        cmd = [cc, *flags, "-o", str(tmp), *(str(SOURCE_DIR / name) for name in COMPILED), "-lm"]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise BuildError(f"{' '.join(cmd)}: {e}") from e
+        if done.returncode == 0:
+            break
         tmp.unlink(missing_ok=True)
+    else:
         raise BuildError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
     os.replace(tmp, target)
     return target
