@@ -134,6 +134,24 @@ def test_a_sequence_computes_the_same_alone_or_with_others():
     assert torch.equal(out_together[1], (v.to(torch.bfloat16).float() * gate).to(torch.bfloat16).reshape(-1))
 
 
+
+def test_any_thread_count_gives_the_same_bits(monkeypatch):
+    """The call split over OpenMP threads (cache writes per sequence, then every (sequence, position, KV head)
+    item on some thread; the threshold lowered so these small shapes split) equals the one-thread call bit for
+    bit, the cache included: a verify chunk reads the keys its earlier positions wrote whichever thread wrote them."""
+    rows, rope, norms, pools = _kernel_inputs(torch.bfloat16, T=6, seed=7)
+    tables = [[0, 1, 0], [2, 3, 0], [4, 5, 6], [7, 0, 0]]
+    slots = [1 * BLOCK + 1, 2 * BLOCK + 0, 5 * BLOCK + 1, 5 * BLOCK + 2, 5 * BLOCK + 3, 7 * BLOCK + 2]
+    seqs = [(0, 1, 6, 0), (1, 1, 1, 1), (2, 3, 8, 2), (5, 1, 3, 3)]
+    monkeypatch.setattr(attention_cpu, "PARALLEL_MIN_WORK", 0)
+    results = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(attention_cpu.cpu, "openmp_threads", lambda n=threads: n)
+        p = [x.clone() for x in pools]
+        results.append((_run(rows, rope, norms, p, seqs, slots, tables), p))
+    for out, p in results[1:]:
+        assert torch.equal(out, results[0][0]) and all(torch.equal(a, b) for a, b in zip(p, results[0][1]))
+
 def test_the_torch_path_runs_where_the_kernel_does_not(monkeypatch):
     x = torch.zeros(2, 4)
     pool = torch.zeros(2, BLOCK, 2, 4)

@@ -133,6 +133,23 @@ def test_a_sequence_computes_the_same_alone_or_with_others():
     assert torch.equal(_run(heads, params, qkvz, ba, fresh, [(0, 1, 1, 1, 0)])[0], out_together[0])
 
 
+
+@pytest.mark.parametrize("state", DTYPES)
+def test_any_thread_count_gives_the_same_bits(monkeypatch, state):
+    """The call split over OpenMP threads (every (sequence, head) item on some thread, the threshold lowered so
+    these small shapes split) equals the one-thread call bit for bit: outputs, pools, verify snapshots."""
+    heads, params, qkvz, ba, pools = _kernel_inputs(torch.bfloat16, DTYPES[state], T=9, seed=6)
+    seqs = [(0, 1, 1, 1, 0), (1, 4, 3, 0, 1), (5, 1, 0, 0, 0), (6, 3, 5, 0, 1)]
+    monkeypatch.setattr(deltanet_cpu, "PARALLEL_MIN_WORK", 0)
+    results = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(deltanet_cpu.cpu, "openmp_threads", lambda n=threads: n)
+        p = [x.clone() for x in pools]
+        results.append((_run(heads, params, qkvz, ba, p, seqs), p))
+    for out, p in results[1:]:
+        assert torch.equal(out, results[0][0]) and all(torch.equal(a, b) for a, b in zip(p, results[0][1]))
+    assert not torch.equal(results[0][1][1], pools[1])
+
 def test_the_torch_path_runs_where_the_library_does_not(monkeypatch, tmp_path):
     x = torch.zeros(2, 4)
     monkeypatch.setenv("QNEXT_KERNELS", "reference")

@@ -8,7 +8,11 @@
 - `norms.py` (`norms.c`): zero-centred RMSNorm rows, with the residual add before it (kernels/norms dispatches
   here for every row count, prefill chunks included: the norm's numbers are the same whatever the batch).
 - `int8_head.py` (`int8_head.c`): the int8 LM head MTP drafts are drawn from (worker/draft_head.py), integer dot
-  products on torch's OpenMP threads (`openmp_threads`).
+  products.
+
+The draft head and the two layer passes split their work over torch's own OpenMP threads (`openmp_threads`;
+build.py says how the library comes to share torch's runtime), the layer passes only above a work threshold
+(their PARALLEL_MIN_WORK); an item's arithmetic is the same on any thread, so results never depend on the count.
 
 They run for CPU tensors (the layers' and norms' in fp32 or bf16, the argmax's in bf16 or fp16, the MoE rows' in
 bf16) when `kernels_mode()` is auto and the library builds (`build.py`: the machine's C compiler, once per source

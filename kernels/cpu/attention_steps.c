@@ -41,6 +41,8 @@ struct attention_args {
     const int32_t *block_tables;  /* [B, bt_stride] */
     int64_t bt_stride;
     void *out;                    /* [T, Hq * D] contiguous */
+    int64_t threads;              /* at most this many OpenMP threads (kernels/cpu openmp_threads) */
+    int64_t parallel_min_work;    /* below this much work (attention.py PARALLEL_MIN_WORK) one thread */
 };
 
 /* the cache slot of a sequence's position: its block table's block, the offset in it; block sizes are powers of

@@ -26,7 +26,7 @@ SOURCES = (*COMPILED, "deltanet_steps_body.h", "attention_steps_body.h", "norms_
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
 # Tried first, dropped where the compiler has no OpenMP (the parallel loops then run on the calling thread). With
 # GCC the library needs `libgomp.so.1`, which the loader resolves to the copy torch loaded first (a loaded soname is
-# reused), so int8_head.c's loop runs on torch's own OpenMP threads: `cpu.openmp_threads()` checks it is so.
+# reused), so the kernels' parallel loops run on torch's own OpenMP threads: `cpu.openmp_threads()` checks it is so.
 OPENMP = "-fopenmp"
 COMPILERS = ("cc", "gcc", "clang")
 TIMEOUT_S = 120

@@ -77,6 +77,16 @@ static inline float dot_lanes(const float *a, const float *b, int64_t n) {
     return ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7]));
 }
 
+/* The OpenMP thread running the caller (0 in a library built without OpenMP, whose pragmas are then ignored): the
+ * passes that split their work give each thread its own scratch. How many threads a pass may use comes from the
+ * caller (kernels/cpu openmp_threads: torch's own pool, or one). */
+#ifdef _OPENMP
+#include <omp.h>
+static inline int thread_index(void) { return omp_get_thread_num(); }
+#else
+static inline int thread_index(void) { return 0; }
+#endif
+
 static inline float silu(float x) { return x / (1.0f + exp_f(-x)); }
 static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_f(-x)); }
 static inline float softplus(float x) { return x > 20.0f ? x : log1pf(exp_f(x)); } /* F.softplus, threshold 20 */

@@ -18,6 +18,11 @@ from qnext.kernels import cpu
 from qnext.kernels.cpu import DTYPE_NAMES
 
 SEQ_FIELDS = 5  # the sequence table's columns: first row, tokens, state slot, fresh (no history), verify
+# rows x Hv x dk x dv below which a call runs on one thread. Measured on the 2-core box (vs-vLLM checkpoint: Hv 4,
+# dk = dv = 64, so 16 rows are 262K): one engine alternating one and two threads every 30 steps, 16 rows 1.03-1.04x
+# (with the attention split), one row 0.976x when every call split (a parallel region's start and end cost more
+# than a 16K-wide call saves). The full model's 32 heads of 128 x 128 are 524K a row: split at any batch.
+PARALLEL_MIN_WORK = 1 << 17
 
 
 class _Args(ctypes.Structure):
@@ -32,7 +37,8 @@ class _Args(ctypes.Structure):
                 ("norm_weight", ctypes.c_void_p), ("eps", ctypes.c_float),
                 ("conv_state", ctypes.c_void_p), ("ssm_state", ctypes.c_void_p),
                 ("spec_conv", ctypes.c_void_p), ("spec_ssm", ctypes.c_void_p), ("k_max", ctypes.c_int64),
-                ("out", ctypes.c_void_p)]
+                ("out", ctypes.c_void_p), ("threads", ctypes.c_int64),
+                ("parallel_min_work", ctypes.c_int64)]
 
 
 @functools.cache
@@ -78,7 +84,8 @@ def token_steps(qkvz: torch.Tensor, ba: torch.Tensor, seqs: torch.Tensor, heads:
                  norm_weight.data_ptr(), eps, conv_state.data_ptr(), ssm_state.data_ptr(),
                  spec_conv.data_ptr() if spec_conv is not None else None,
                  spec_ssm.data_ptr() if spec_ssm is not None else None,
-                 spec_conv.shape[1] if spec_conv is not None else 0, out.data_ptr())
+                 spec_conv.shape[1] if spec_conv is not None else 0, out.data_ptr(), cpu.openmp_threads(),
+                 PARALLEL_MIN_WORK)
     if fn(ctypes.byref(args)) != 0:
         raise MemoryError("DeltaNet token steps: no memory for the call's scratch rows")
 

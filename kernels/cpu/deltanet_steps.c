@@ -39,6 +39,8 @@ struct deltanet_args {
     void *spec_ssm;           /* [S, k_max, Hv, dk, dv] or NULL */
     int64_t k_max;
     void *out;                /* [T, Hv dv] activations, contiguous */
+    int64_t threads;          /* at most this many OpenMP threads (kernels/cpu openmp_threads) */
+    int64_t parallel_min_work; /* below this much work (deltanet.py PARALLEL_MIN_WORK) one thread */
 };
 
 #define ACT_T float

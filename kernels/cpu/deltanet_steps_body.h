@@ -7,27 +7,38 @@ int ENTRY(const struct deltanet_args *a) {
     const int64_t r = Hv / Hk, key_dim = Hk * dk, value_dim = Hv * dv, D = 2 * key_dim + value_dim;
     const int64_t group = 2 * dk + 2 * r * dv; /* one key head's qkvz columns: [q | k | v (r heads) | z (r heads)] */
     const float scale = (float)pow((double)dk, -0.5);
-    int64_t max_n = 0;
+    int64_t rows = 0; /* the rows the sequences cover: y holds each one's conv output */
     for (int64_t s = 0; s < a->num_seqs; s++)
-        max_n = a->seqs[5 * s + 1] > max_n ? a->seqs[5 * s + 1] : max_n;
-    if (max_n == 0)
+        if (a->seqs[5 * s + 1] > 0)
+            rows = a->seqs[5 * s] + a->seqs[5 * s + 1] > rows ? a->seqs[5 * s] + a->seqs[5 * s + 1] : rows;
+    if (rows == 0)
         return 0;
-    /* y: the conv outputs of a sequence's positions (act values as fp32); x: one position's conv input */
-    float *y = malloc(sizeof(float) * (size_t)(max_n * D + D + 2 * dk + 3 * dv + (STATE_IS_F32 ? 0 : dk * dv)));
+    /* work items run on up to `threads` threads, each with its own scratch: the conv of each sequence, then each
+     * (sequence, value head); an item's arithmetic is the same on any thread, so results do not depend on the
+     * thread count. One thread where there is little to split (the parallel region's start costs ~1-2 us) */
+    const int threads = (int)(a->threads > 1 && rows * Hv * dk * dv >= a->parallel_min_work ? a->threads : 1);
+    /* y: the conv outputs of every row (act values as fp32); per thread: x, one position's conv input, then the
+     * head's vectors and (bf16 pool) its state in fp32 */
+    const int64_t per_thread = D + 2 * dk + 3 * dv + (STATE_IS_F32 ? 0 : dk * dv);
+    float *y = malloc(sizeof(float) * (size_t)(rows * D + threads * per_thread));
     if (y == NULL)
         return -1;
-    /* restrict: the compiler may vectorise the row loops only when it knows these never overlap */
-    float *restrict x = y + max_n * D, *restrict qn = x + D, *restrict kn = qn + dk, *restrict kv = kn + dk;
-    float *restrict o = kv + dv, *restrict u = o + dv;
-#if !STATE_IS_F32
-    float *restrict scratch = u + dv; /* one head's state in fp32 when the pool holds bf16 */
-#endif
 
     const ACT_T *qkvz = (const ACT_T *)a->qkvz, *ba = (const ACT_T *)a->ba;
     ACT_T *conv_pool = (ACT_T *)a->conv_state, *spec_conv = (ACT_T *)a->spec_conv, *out = (ACT_T *)a->out;
     STATE_T *ssm_pool = (STATE_T *)a->ssm_state, *spec_ssm = (STATE_T *)a->spec_ssm;
     const int64_t conv_row = (K - 1) * D, head_state = dk * dv;
 
+#pragma omp parallel num_threads(threads)
+    {
+    /* restrict: the compiler may vectorise the row loops only when it knows these never overlap */
+    float *restrict x = y + rows * D + thread_index() * per_thread, *restrict qn = x + D, *restrict kn = qn + dk;
+    float *restrict kv = kn + dk, *restrict o = kv + dv, *restrict u = o + dv;
+#if !STATE_IS_F32
+    float *restrict scratch = u + dv; /* one head's state in fp32 when the pool holds bf16 */
+#endif
+
+#pragma omp for schedule(static)
     for (int64_t s = 0; s < a->num_seqs; s++) {
         const int64_t row0 = a->seqs[5 * s], n = a->seqs[5 * s + 1], slot = a->seqs[5 * s + 2];
         const int fresh = a->seqs[5 * s + 3] != 0, verify = a->seqs[5 * s + 4] != 0 && spec_conv != NULL;
@@ -50,7 +61,7 @@ int ENTRY(const struct deltanet_args *a) {
                 for (int64_t i = 0; i < r * dv; i++)
                     x[2 * key_dim + h * r * dv + i] = ACT_LOAD(g[2 * dk + i]);
             }
-            float *restrict yj = y + j * D;
+            float *restrict yj = y + (row0 + j) * D;
             for (int64_t c = 0; c < D; c++)
                 yj[c] = 0.0f;
             for (int64_t t = 0; t < K - 1; t++) {
@@ -69,85 +80,93 @@ int ENTRY(const struct deltanet_args *a) {
             if (verify && j < n - 1)
                 memcpy(spec_conv + (slot * a->k_max + j) * conv_row, hist, sizeof(ACT_T) * (size_t)conv_row);
         }
+    }
 
-        /* gates, gated delta rule and gated RMSNorm, head by head: gated_delta_rule/reference.py, norms/ */
-        for (int64_t hv = 0; hv < Hv; hv++) {
-            const int64_t kh = hv / r, hi = hv % r;
-            STATE_T *pool_head = ssm_pool + (slot * Hv + hv) * head_state;
+    /* gates, gated delta rule and gated RMSNorm, head by head (after every conv: the loop above ends in a
+     * barrier): gated_delta_rule/reference.py, norms/ */
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < a->num_seqs * Hv; item++) {
+        const int64_t s = item / Hv, hv = item % Hv;
+        const int64_t row0 = a->seqs[5 * s], n = a->seqs[5 * s + 1], slot = a->seqs[5 * s + 2];
+        const int fresh = a->seqs[5 * s + 3] != 0, verify = a->seqs[5 * s + 4] != 0 && spec_conv != NULL;
+        if (n == 0)
+            continue;
+        const int64_t kh = hv / r, hi = hv % r;
+        STATE_T *pool_head = ssm_pool + (slot * Hv + hv) * head_state;
 #if STATE_IS_F32
-            float *restrict S = pool_head; /* advanced in place */
-            if (fresh)
-                memset(S, 0, sizeof(float) * (size_t)head_state);
+        float *restrict S = pool_head; /* advanced in place */
+        if (fresh)
+            memset(S, 0, sizeof(float) * (size_t)head_state);
 #else
-            float *restrict S = scratch;
-            for (int64_t i = 0; i < head_state; i++)
-                S[i] = fresh ? 0.0f : STATE_LOAD(pool_head[i]);
+        float *restrict S = scratch;
+        for (int64_t i = 0; i < head_state; i++)
+            S[i] = fresh ? 0.0f : STATE_LOAD(pool_head[i]);
 #endif
-            for (int64_t j = 0; j < n; j++) {
-                const float *yj = y + j * D;
-                const ACT_T *bav = ba + (row0 + j) * a->ba_stride + kh * 2 * r;
-                float sq = 0.0f, sk = 0.0f;
-                for (int64_t i = 0; i < dk; i++) {
-                    sq += yj[kh * dk + i] * yj[kh * dk + i];
-                    sk += yj[key_dim + kh * dk + i] * yj[key_dim + kh * dk + i];
-                }
-                const float rq = 1.0f / sqrtf(sq + 1e-6f), rk = 1.0f / sqrtf(sk + 1e-6f);
-                for (int64_t i = 0; i < dk; i++) {
-                    qn[i] = (yj[kh * dk + i] * rq) * scale;
-                    kn[i] = yj[key_dim + kh * dk + i] * rk;
-                }
-                const float beta = ACT_ROUND(sigmoid(ACT_LOAD(bav[hi])));
-                const float decay = exp_f(a->neg_A[hv] * softplus(ACT_LOAD(bav[r + hi]) + a->dt_bias[hv]));
-                /* S *= decay; kv = S^T k */
-                for (int64_t e = 0; e < dv; e++)
-                    kv[e] = 0.0f;
-                for (int64_t i = 0; i < dk; i++) {
-                    float *restrict Si = S + i * dv;
-                    const float ki = kn[i];
-                    for (int64_t e = 0; e < dv; e++) {
-                        Si[e] = Si[e] * decay;
-                        kv[e] += ki * Si[e];
-                    }
-                }
-                const float *v = yj + 2 * key_dim + hv * dv;
+        for (int64_t j = 0; j < n; j++) {
+            const float *yj = y + (row0 + j) * D;
+            const ACT_T *bav = ba + (row0 + j) * a->ba_stride + kh * 2 * r;
+            float sq = 0.0f, sk = 0.0f;
+            for (int64_t i = 0; i < dk; i++) {
+                sq += yj[kh * dk + i] * yj[kh * dk + i];
+                sk += yj[key_dim + kh * dk + i] * yj[key_dim + kh * dk + i];
+            }
+            const float rq = 1.0f / sqrtf(sq + 1e-6f), rk = 1.0f / sqrtf(sk + 1e-6f);
+            for (int64_t i = 0; i < dk; i++) {
+                qn[i] = (yj[kh * dk + i] * rq) * scale;
+                kn[i] = yj[key_dim + kh * dk + i] * rk;
+            }
+            const float beta = ACT_ROUND(sigmoid(ACT_LOAD(bav[hi])));
+            const float decay = exp_f(a->neg_A[hv] * softplus(ACT_LOAD(bav[r + hi]) + a->dt_bias[hv]));
+            /* S *= decay; kv = S^T k */
+            for (int64_t e = 0; e < dv; e++)
+                kv[e] = 0.0f;
+            for (int64_t i = 0; i < dk; i++) {
+                float *restrict Si = S + i * dv;
+                const float ki = kn[i];
                 for (int64_t e = 0; e < dv; e++) {
-                    u[e] = (v[e] - kv[e]) * beta;
-                    o[e] = 0.0f;
-                }
-                /* S += k u^T; o = S^T q */
-                for (int64_t i = 0; i < dk; i++) {
-                    float *restrict Si = S + i * dv;
-                    const float ki = kn[i], qi = qn[i];
-                    for (int64_t e = 0; e < dv; e++) {
-                        Si[e] = Si[e] + ki * u[e];
-                        o[e] += qi * Si[e];
-                    }
-                }
-                if (verify && j < n - 1) {
-                    STATE_T *dst = spec_ssm + ((slot * a->k_max + j) * Hv + hv) * head_state;
-                    for (int64_t i = 0; i < head_state; i++)
-                        dst[i] = STATE_STORE(S[i]);
-                }
-                /* y = w * rms_norm(o) (rounded as torch rounds), times silu(z) */
-                float ss = 0.0f;
-                for (int64_t e = 0; e < dv; e++) {
-                    o[e] = ACT_ROUND(o[e]);
-                    ss += o[e] * o[e];
-                }
-                const float rr = 1.0f / sqrtf(ss / (float)dv + a->eps);
-                const ACT_T *z = qkvz + (row0 + j) * a->qkvz_stride + kh * group + 2 * dk + r * dv + hi * dv;
-                ACT_T *dst = out + (row0 + j) * value_dim + hv * dv;
-                for (int64_t e = 0; e < dv; e++) {
-                    const float normed = ACT_ROUND(a->norm_weight[e] * ACT_ROUND(o[e] * rr));
-                    dst[e] = ACT_STORE(normed * silu(ACT_LOAD(z[e])));
+                    Si[e] = Si[e] * decay;
+                    kv[e] += ki * Si[e];
                 }
             }
-#if !STATE_IS_F32
-            for (int64_t i = 0; i < head_state; i++)
-                pool_head[i] = STATE_STORE(S[i]);
-#endif
+            const float *v = yj + 2 * key_dim + hv * dv;
+            for (int64_t e = 0; e < dv; e++) {
+                u[e] = (v[e] - kv[e]) * beta;
+                o[e] = 0.0f;
+            }
+            /* S += k u^T; o = S^T q */
+            for (int64_t i = 0; i < dk; i++) {
+                float *restrict Si = S + i * dv;
+                const float ki = kn[i], qi = qn[i];
+                for (int64_t e = 0; e < dv; e++) {
+                    Si[e] = Si[e] + ki * u[e];
+                    o[e] += qi * Si[e];
+                }
+            }
+            if (verify && j < n - 1) {
+                STATE_T *dst = spec_ssm + ((slot * a->k_max + j) * Hv + hv) * head_state;
+                for (int64_t i = 0; i < head_state; i++)
+                    dst[i] = STATE_STORE(S[i]);
+            }
+            /* y = w * rms_norm(o) (rounded as torch rounds), times silu(z) */
+            float ss = 0.0f;
+            for (int64_t e = 0; e < dv; e++) {
+                o[e] = ACT_ROUND(o[e]);
+                ss += o[e] * o[e];
+            }
+            const float rr = 1.0f / sqrtf(ss / (float)dv + a->eps);
+            const ACT_T *z = qkvz + (row0 + j) * a->qkvz_stride + kh * group + 2 * dk + r * dv + hi * dv;
+            ACT_T *dst = out + (row0 + j) * value_dim + hv * dv;
+            for (int64_t e = 0; e < dv; e++) {
+                const float normed = ACT_ROUND(a->norm_weight[e] * ACT_ROUND(o[e] * rr));
+                dst[e] = ACT_STORE(normed * silu(ACT_LOAD(z[e])));
+            }
         }
+#if !STATE_IS_F32
+        for (int64_t i = 0; i < head_state; i++)
+            pool_head[i] = STATE_STORE(S[i]);
+#endif
     }
+    } /* omp parallel */
     free(y);
     return 0;
 }
