@@ -98,7 +98,8 @@ def describe(device: torch.device, act: torch.dtype, state: torch.dtype) -> str:
         return f"torch references (the C token steps take fp32 / bf16, not {act} with a {state} state)"
     if kernels_mode() != "auto":
         return "torch references (QNEXT_KERNELS=reference)"
-    return library()[1]
+    lib, how = library()
+    return how if lib is None else f"{how}; their parallel loops on {openmp_threads()} OpenMP thread(s)"
 
 
 __all__ = ["DTYPE_NAMES", "describe", "entry", "library", "openmp_threads", "runs"]
