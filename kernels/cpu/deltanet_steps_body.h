@@ -7,10 +7,9 @@ int ENTRY(const struct deltanet_args *a) {
     const int64_t r = Hv / Hk, key_dim = Hk * dk, value_dim = Hv * dv, D = 2 * key_dim + value_dim;
     const int64_t group = 2 * dk + 2 * r * dv; /* one key head's qkvz columns: [q | k | v (r heads) | z (r heads)] */
     const float scale = (float)pow((double)dk, -0.5);
-    int64_t rows = 0; /* the rows the sequences cover: y holds each one's conv output */
+    int64_t rows = 0; /* the token-step rows of all the sequences: y holds each one's conv output */
     for (int64_t s = 0; s < a->num_seqs; s++)
-        if (a->seqs[5 * s + 1] > 0)
-            rows = a->seqs[5 * s] + a->seqs[5 * s + 1] > rows ? a->seqs[5 * s] + a->seqs[5 * s + 1] : rows;
+        rows += a->seqs[5 * s + 1];
     if (rows == 0)
         return 0;
     /* work items run on up to `threads` threads, each with its own scratch: the conv of each sequence, then each
@@ -20,9 +19,16 @@ int ENTRY(const struct deltanet_args *a) {
     /* y: the conv outputs of every row (act values as fp32); per thread: x, one position's conv input, then the
      * head's vectors and (bf16 pool) its state in fp32 */
     const int64_t per_thread = D + 2 * dk + 3 * dv + (STATE_IS_F32 ? 0 : dk * dv);
+    /* y_row: where each sequence's rows start in y (packed: the batch's other rows, a prefill chunk's, have none) */
+    int64_t *y_row = malloc(sizeof(int64_t) * (size_t)a->num_seqs);
     float *y = malloc(sizeof(float) * (size_t)(rows * D + threads * per_thread));
-    if (y == NULL)
+    if (y == NULL || y_row == NULL) {
+        free(y);
+        free(y_row);
         return -1;
+    }
+    for (int64_t s = 0, at = 0; s < a->num_seqs; at += a->seqs[5 * s + 1], s++)
+        y_row[s] = at;
 
     const ACT_T *qkvz = (const ACT_T *)a->qkvz, *ba = (const ACT_T *)a->ba;
     ACT_T *conv_pool = (ACT_T *)a->conv_state, *spec_conv = (ACT_T *)a->spec_conv, *out = (ACT_T *)a->out;
@@ -61,7 +67,7 @@ int ENTRY(const struct deltanet_args *a) {
                 for (int64_t i = 0; i < r * dv; i++)
                     x[2 * key_dim + h * r * dv + i] = ACT_LOAD(g[2 * dk + i]);
             }
-            float *restrict yj = y + (row0 + j) * D;
+            float *restrict yj = y + (y_row[s] + j) * D;
             for (int64_t c = 0; c < D; c++)
                 yj[c] = 0.0f;
             for (int64_t t = 0; t < K - 1; t++) {
@@ -103,7 +109,7 @@ int ENTRY(const struct deltanet_args *a) {
             S[i] = fresh ? 0.0f : STATE_LOAD(pool_head[i]);
 #endif
         for (int64_t j = 0; j < n; j++) {
-            const float *yj = y + (row0 + j) * D;
+            const float *yj = y + (y_row[s] + j) * D;
             const ACT_T *bav = ba + (row0 + j) * a->ba_stride + kh * 2 * r;
             float sq = 0.0f, sk = 0.0f;
             for (int64_t i = 0; i < dk; i++) {
@@ -168,6 +174,7 @@ int ENTRY(const struct deltanet_args *a) {
     }
     } /* omp parallel */
     free(y);
+    free(y_row);
     return 0;
 }
 
