@@ -36,7 +36,9 @@ int ENTRY(const struct attention_args *a) {
     /* work items run on up to `threads` threads, each with its own scratch: each sequence's cache writes, then
      * each (sequence, position, KV head); an item's arithmetic is the same on any thread, so results do not depend
      * on the thread count. One thread where there is little to split */
-    const int threads = (int)(a->threads > 1 && work * Hq * D >= a->parallel_min_work ? a->threads : 1);
+    const int64_t items = a->num_seqs * max_n * Hkv, wanted = a->threads < items ? a->threads : items;
+    /* no more threads than items: each thread's scratch holds a whole context (group x max_ctx floats) */
+    const int threads = (int)(wanted > 1 && work * Hq * D >= a->parallel_min_work ? wanted : 1);
     /* per thread -- p: the softmax weights of one KV head's query heads over the context ([group, max_ctx]);
      * q / o: their rows ([group, D] each); sums: their softmax denominators; kf: one cached key or value as fp32 */
     const int64_t per_thread = group * max_ctx + 2 * group * D + group + 2 * D;
@@ -74,7 +76,7 @@ int ENTRY(const struct attention_args *a) {
     }
 
 #pragma omp for schedule(static)
-    for (int64_t item = 0; item < a->num_seqs * max_n * Hkv; item++) {
+    for (int64_t item = 0; item < items; item++) {
         const int64_t s = item / (max_n * Hkv), j = item / Hkv % max_n, kvh = item % Hkv;
         const int64_t row0 = a->seqs[4 * s], n = a->seqs[4 * s + 1], ctx = a->seqs[4 * s + 2];
         const int32_t *table = a->block_tables + a->seqs[4 * s + 3] * a->bt_stride;

@@ -15,7 +15,8 @@ int ENTRY(const struct deltanet_args *a) {
     /* work items run on up to `threads` threads, each with its own scratch: the conv of each sequence, then each
      * (sequence, value head); an item's arithmetic is the same on any thread, so results do not depend on the
      * thread count. One thread where there is little to split (the parallel region's start costs ~1-2 us) */
-    const int threads = (int)(a->threads > 1 && rows * Hv * dk * dv >= a->parallel_min_work ? a->threads : 1);
+    const int64_t items = a->num_seqs * Hv, wanted = a->threads < items ? a->threads : items;
+    const int threads = (int)(wanted > 1 && rows * Hv * dk * dv >= a->parallel_min_work ? wanted : 1);
     /* y: the conv outputs of every row (act values as fp32); per thread: x, one position's conv input, then the
      * head's vectors and (bf16 pool) its state in fp32 */
     const int64_t per_thread = D + 2 * dk + 3 * dv + (STATE_IS_F32 ? 0 : dk * dv);
@@ -91,7 +92,7 @@ int ENTRY(const struct deltanet_args *a) {
     /* gates, gated delta rule and gated RMSNorm, head by head (after every conv: the loop above ends in a
      * barrier): gated_delta_rule/reference.py, norms/ */
 #pragma omp for schedule(static)
-    for (int64_t item = 0; item < a->num_seqs * Hv; item++) {
+    for (int64_t item = 0; item < items; item++) {
         const int64_t s = item / Hv, hv = item % Hv;
         const int64_t row0 = a->seqs[5 * s], n = a->seqs[5 * s + 1], slot = a->seqs[5 * s + 2];
         const int fresh = a->seqs[5 * s + 3] != 0, verify = a->seqs[5 * s + 4] != 0 && spec_conv != NULL;
