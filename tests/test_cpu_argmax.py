@@ -45,3 +45,13 @@ def test_the_sampler_uses_it_where_it_runs(monkeypatch):
     monkeypatch.setenv("QNEXT_KERNELS", "reference")
     assert not argmax_cpu.runs(x)
     assert torch.equal(row_argmax(x), x.argmax(dim=-1))
+
+
+def test_rows_split_over_threads_give_torchs_answer(monkeypatch):
+    """Rows split over 1 / 2 / 3 OpenMP threads (and more threads than rows): every row still torch's argmax."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(7, 5000, generator=g).bfloat16()
+    x[3, 17] = x[3, 4000] = 50.0  # a tie: the first
+    for threads in (1, 2, 3, 16):
+        monkeypatch.setattr(argmax_cpu.cpu, "openmp_threads", lambda n=threads: n)
+        assert torch.equal(argmax_cpu.row_argmax(x), x.argmax(dim=-1))

@@ -10,9 +10,10 @@
 - `int8_head.py` (`int8_head.c`): the int8 LM head MTP drafts are drawn from (worker/draft_head.py), integer dot
   products.
 
-The draft head and the two layer passes split their work over torch's own OpenMP threads (`openmp_threads`;
-build.py says how the library comes to share torch's runtime), the layer passes only above a work threshold
-(their PARALLEL_MIN_WORK); an item's arithmetic is the same on any thread, so results never depend on the count.
+The draft head, the argmax and the two layer passes split their work over torch's own OpenMP threads
+(`openmp_threads`; build.py says how the library comes to share torch's runtime), the layer passes only above a
+work threshold (their PARALLEL_MIN_WORK); an item's arithmetic is the same on any thread, so results never depend
+on the count.
 
 They run for CPU tensors (the layers' and norms' in fp32 or bf16, the argmax's in bf16 or fp16, the MoE rows' in
 bf16) when `kernels_mode()` is auto and the library builds (`build.py`: the machine's C compiler, once per source

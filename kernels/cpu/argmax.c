@@ -39,10 +39,13 @@ static inline vi16 keys16_at(const int16_t *row, int64_t i, int64_t cols, vi16 n
     return k;
 }
 
-/* 16-bit floats (bf16: nan_above 0x7f80, fp16: 0x7c00) in rows of `cols` at row_stride elements -> out[rows] */
+/* 16-bit floats (bf16: nan_above 0x7f80, fp16: 0x7c00) in rows of `cols` at row_stride elements -> out[rows];
+ * rows split over up to `threads` OpenMP threads (kernels/cpu openmp_threads; one row's answer is the same on any) */
 void row_argmax_16(const int16_t *x, int64_t rows, int64_t cols, int64_t row_stride, int32_t nan_above,
-                   int64_t *out) {
+                   int64_t *out, int64_t threads) {
     const vi16 na = (vi16){0} + (int16_t)nan_above;
+    const int n = (int)(threads < 1 ? 1 : threads > rows ? rows : threads);
+#pragma omp parallel for num_threads(n) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const int16_t *row = x + r * row_stride;
         vi16 m = (vi16){0} + INT16_MIN;
