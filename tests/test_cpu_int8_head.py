@@ -115,15 +115,37 @@ def test_runs_on_torchs_openmp_threads():
     assert len(os.listdir("/proc/self/task")) == before
 
 
+def _compiled(tmp_path, name: str, flags: tuple[str, ...], source: str = "threads.c") -> ctypes.CDLL | None:
+    lib_path = tmp_path / name
+    cmd = [build.compiler(), *build.FLAGS, *flags, "-o", str(lib_path), str(build.SOURCE_DIR / source), "-lm"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=build.TIMEOUT_S)
+    return ctypes.CDLL(str(lib_path)) if done.returncode == 0 else None
+
+
+def test_openmp_threads_are_real_threads(tmp_path):
+    """The thread count the C passes get (and the start-up log prints) comes from the library itself: built with
+    OpenMP wherever the compiler has it, its parallel regions get the threads asked for; the same source built
+    without OpenMP gets one, and openmp_threads() would then say 1."""
+    plain = _compiled(tmp_path, "plain.so", ())
+    assert plain is not None
+    plain.openmp_team_size.argtypes, plain.openmp_team_size.restype = [ctypes.c_int64], ctypes.c_int64
+    assert plain.openmp_team_size(2) == 1
+    with_openmp = _compiled(tmp_path, "openmp.so", ("-fopenmp",))  # what the compiler can do
+    if with_openmp is None:  # a compiler without OpenMP: the package's library was built without it too
+        assert cpu.openmp_threads() == 1
+        return
+    with_openmp.openmp_team_size.argtypes = [ctypes.c_int64]
+    with_openmp.openmp_team_size.restype = ctypes.c_int64
+    assert with_openmp.openmp_team_size(2) == 2
+    assert cpu._parallel_library()  # the package's own library too
+
+
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the VNNI path is x86's")
 def test_the_plain_c_loops_give_the_same_bits(tmp_path):
     """int8_head.c built without AVX512-VNNI (its portable loops) equals the reference, as the VNNI build does."""
-    lib_path = tmp_path / "int8_head_plain.so"
-    cmd = [build.compiler(), *build.FLAGS, "-mno-avx512vnni", "-o", str(lib_path),
-           str(build.SOURCE_DIR / "int8_head.c"), "-lm"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=build.TIMEOUT_S)
-    assert done.returncode == 0, done.stderr
-    fn = ctypes.CDLL(str(lib_path)).int8_head
+    lib = _compiled(tmp_path, "int8_head_plain.so", ("-mno-avx512vnni",), "int8_head.c")
+    assert lib is not None
+    fn = lib.int8_head
     fn.argtypes, fn.restype = [ctypes.POINTER(int8_head_cpu._Args)], ctypes.c_int
     q, scale = quantised(1003, 130, seed=5)
     weight = int8_head_cpu.pack(q, scale)

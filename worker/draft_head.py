@@ -9,7 +9,7 @@ has it) on torch's OpenMP threads, rows up to `C_MAX_ROWS`. Measured on the 2-co
 128 with the caches flushed, ms per pass at 1 / 2 / 3 / 4 / 8 rows: C 0.50 / 0.57 / 0.64 / 0.95 / 1.79, torch's
 `_weight_int8pack_mm` 0.74 / 0.92 / 1.24 / 1.50 / 2.9, the packed bf16 head 1.32 / 1.26 / 1.46 / 1.31 / 1.51
 (x 256: C 1.08 / 1.16 / 1.36 / 1.44 / 2.72, bf16 2.88 / 2.71 / 2.75 / 2.67 / 3.47); in the engine (aligned tiny
-checkpoint, one sequence, k = 2, 8 alternating rounds) 0.73 -> 0.42 ms a pass. Elsewhere torch's kernel, which
+checkpoint, one sequence, k = 2, 10 alternating rounds) 0.72 -> 0.45 ms a pass. Elsewhere torch's kernel, which
 widens each weight to a float and grows with every row: it ties with the bf16 head at about two rows, so it takes
 single-row passes only (`TORCH_MAX_ROWS`).
 

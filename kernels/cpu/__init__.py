@@ -11,7 +11,8 @@
   products.
 
 The draft head, the argmax and the two layer passes split their work over torch's own OpenMP threads
-(`openmp_threads`; build.py says how the library comes to share torch's runtime), the layer passes only above a
+(`openmp_threads`, from what the library's regions really get: `threads.c`; build.py says how the library comes
+to share torch's runtime), the layer passes only above a
 work threshold (their PARALLEL_MIN_WORK); an item's arithmetic is the same on any thread, so results never depend
 on the count.
 
@@ -84,11 +85,20 @@ def _one_openmp_pool() -> bool:
     return len(runtimes) == 1 or any(os.path.realpath(r) in preloaded for r in runtimes)
 
 
+@functools.cache
+def _parallel_library() -> bool:
+    """Whether the library's parallel regions get more than one thread (built with OpenMP; threads.c). Asked
+    only once one pool is known to serve it, so the question itself starts no second pool."""
+    fn = library()[0].openmp_team_size
+    fn.argtypes, fn.restype = [ctypes.c_int64], ctypes.c_int64
+    return fn(2) > 1
+
+
 def openmp_threads() -> int:
     """How many threads the library's parallel loops may use: torch's intra-op count when those loops run on
     torch's own OpenMP pool (build.py), else 1, so they never start a second pool of threads that would compete
-    with torch's for the same cores."""
-    return torch.get_num_threads() if _one_openmp_pool() else 1
+    with torch's for the same cores; 1 as well for a library built without OpenMP."""
+    return torch.get_num_threads() if _one_openmp_pool() and _parallel_library() else 1
 
 
 def describe(device: torch.device, act: torch.dtype, state: torch.dtype) -> str:
