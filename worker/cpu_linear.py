@@ -26,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qnext.kernels.cpu import lm_head as lm_head_cpu
 from qnext.kernels.cpu import moe_hidden as moe_hidden_cpu
 from qnext.kernels.moe import route_logits
 from qnext.kernels.moe.reference import DENSE_MAX_EXPERTS
 from qnext.worker.model import Experts, SparseMoE
 
 ROWS_HINT = 16  # the batch size oneDNN tunes the packed layout for; any row count works
-# A vocabulary-wide linear (the LM head) runs at least this many rows: oneDNN's 1- and 2-row path over the packed
+# A vocabulary-wide linear (the LM head) on oneDNN runs at least this many rows: its 1- and 2-row path over the packed
 # 151,936 x 256 bf16 weight was slower than its 4-row one on the 2-core AVX512-BF16 box (3.2-4.5 vs 3.0-3.7 ms;
 # a batch-1 decode step 0.952x, 0.971x padded to 3). Rows are independent: the real rows' logits are bit for bit
 # those of the unpadded call (tests/test_throughput_knobs.py). Narrow linears gain nothing (16-26 us either way).
@@ -49,16 +50,34 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
 
 
 class PackedLinear(nn.Linear):
-    """An nn.Linear whose forward runs on a prepacked copy of its weight."""
+    """An nn.Linear whose forward runs on a prepacked copy of its weight.
+
+    A vocabulary-wide bf16 linear without bias (the LM head) is packed for kernels/cpu/lm_head.c where the library
+    has it (AVX512-BF16): 2-D rows go there (16 rows 4.2 -> ~3.3 ms, one row 2.4 -> ~1.6 on the 2-core box), and
+    oneDNN's copy is packed only if a call needs it (QNEXT_KERNELS=reference, other shapes), so the head's weight
+    is not held three times."""
 
     def __init__(self, linear: nn.Linear) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.packed = _pack(linear.weight)
+        wide = self.out_features >= WIDE_OUT_FEATURES
+        self.head_packed = (lm_head_cpu.pack(linear.weight) if wide and linear.bias is None
+                            and linear.weight.dtype == torch.bfloat16 and self.in_features % 2 == 0
+                            and lm_head_cpu.available() else None)
+        self._packed = None if self.head_packed is not None else _pack(linear.weight)
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """oneDNN's packed copy of the weight (made on first use when the C head serves this linear)."""
+        if self._packed is None:
+            self._packed = _pack(self.weight)
+        return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
+        if self.head_packed is not None and lm_head_cpu.runs(x):
+            return lm_head_cpu.lm_head(x, self.head_packed, self.out_features)
         if x.dim() == 2 and rows < WIDE_MIN_ROWS and self.out_features >= WIDE_OUT_FEATURES:
             x = F.pad(x, (0, 0, 0, WIDE_MIN_ROWS - rows))
             return _packed_linear(x, self.packed, self.bias)[:rows]

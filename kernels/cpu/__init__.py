@@ -9,8 +9,10 @@
   here for every row count, prefill chunks included: the norm's numbers are the same whatever the batch).
 - `int8_head.py` (`int8_head.c`): the int8 LM head MTP drafts are drawn from (worker/draft_head.py), integer dot
   products.
+- `lm_head.py` (`lm_head.c`): the bf16 LM head (worker/cpu_linear.py), AVX512-BF16 dot products; built only for a
+  CPU that has them.
 
-The draft head, the argmax and the two layer passes split their work over torch's own OpenMP threads
+The two heads, the argmax and the two layer passes split their work over torch's own OpenMP threads
 (`openmp_threads`, from what the library's regions really get: `threads.c`; build.py says how the library comes
 to share torch's runtime), the layer passes only above a
 work threshold (their PARALLEL_MIN_WORK); an item's arithmetic is the same on any thread, so results never depend
@@ -21,9 +23,9 @@ bf16) when `kernels_mode()` is auto and the library builds (`build.py`: the mach
 / compiler / CPU; none, or a failed build, leaves the torch paths, and `describe()` says why in the worker's
 start-up log). In the layers, prefill chunks always take the torch paths, decode and verify rows always these,
 so a sequence's numbers never depend on what else is in its step. Each kernel's reference is its torch path (the
-layer's; torch.argmax; kernels/norms/reference.py; PackedDenseMoE.hidden_reference; int8_head.reference);
-tests/test_cpu_deltanet.py, test_cpu_attention.py, test_cpu_argmax.py, test_cpu_norms.py, test_cpu_moe_hidden.py
-and test_cpu_int8_head.py hold them together.
+layer's; torch.argmax; kernels/norms/reference.py; PackedDenseMoE.hidden_reference; int8_head.reference;
+lm_head.reference); tests/test_cpu_deltanet.py, test_cpu_attention.py, test_cpu_argmax.py, test_cpu_norms.py,
+test_cpu_moe_hidden.py, test_cpu_int8_head.py and test_cpu_lm_head.py hold them together.
 """
 
 from __future__ import annotations

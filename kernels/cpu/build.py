@@ -21,7 +21,7 @@ from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent
 COMPILED = ("deltanet_steps.c", "attention_steps.c", "argmax.c", "norms.c", "moe_hidden.c",
-            "int8_head.c", "threads.c")  # translation units
+            "int8_head.c", "lm_head.c", "threads.c")  # translation units
 SOURCES = (*COMPILED, "deltanet_steps_body.h", "attention_steps_body.h", "norms_body.h", "common.h")  # the cache key
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
 # Tried first, dropped where the compiler has no OpenMP (the parallel loops then run on the calling thread). With
