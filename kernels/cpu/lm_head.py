@@ -64,7 +64,10 @@ def lm_head(x: torch.Tensor, packed: torch.Tensor, vocab: int) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty(x.shape[0], vocab, dtype=torch.bfloat16)
     args = _Args(x.shape[0], H, vocab, x.data_ptr(), packed.data_ptr(), out.data_ptr(), cpu.openmp_threads())
-    if _entry()(ctypes.byref(args)) != 0:
+    status = _entry()(ctypes.byref(args))
+    if status == 1:
+        raise MemoryError("lm_head: no scratch memory")
+    if status != 0:
         raise RuntimeError("lm_head: the library was built without AVX512-BF16 (check runs() first)")
     return out
 
