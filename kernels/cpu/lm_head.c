@@ -2,18 +2,19 @@
  * `vdpbf16ps` dot products on torch's OpenMP threads.
  *
  * Why C: oneDNN's packed bf16 linear (worker/cpu_linear.py) ran the 151,936 x 256 head of the CPU checkpoints at
- * ~65% of the 2-core box's bf16 peak at 16 rows (4.2 ms, most of a decode step) and, at 1-3 rows, slower than at
- * 4. Here a register tile of up to 16 rows x 16 vocabulary rows keeps 16 fp32 accumulators, each weight load
- * feeding all 16 (measured on the same box: 16 rows 3.2-3.5 ms, one row 1.4-1.9 ms, where reading the weight
- * once takes about as long). Blocks of the vocabulary go to threads as they come free (a dynamic schedule), so a
- * thread the service's processes take a core from does not hold up the others at a barrier.
+ * ~65% of the 2-core box's bf16 peak at 16 rows (4.2-4.8 ms, half a decode step) and, at 1-3 rows, slower than
+ * at 4. Here a register tile of up to 16 rows x 16 vocabulary rows keeps 16 fp32 accumulators, each weight load
+ * feeding all 16. Measured on the same box against oneDNN, calls interleaved: 1.5x at one row (then bound by
+ * reading the 78 MB weight), 1.6x at 16 rows, 1.2-1.45x at 17-64 (verify steps). Blocks of the vocabulary go to
+ * threads as they come free (a dynamic schedule), so a thread the service's processes take a core from does not
+ * hold up the other at a barrier.
  *
  * Arithmetic (the instruction's, documented by Intel and measured on AMD Zen 4): per output, an fp32 sum from 0
  * over the hidden pairs in order, each pair adding its odd product and then its even one, every addition
  * rounded to nearest even (the products of two bf16 are exact in fp32), denormal inputs and results read as 0;
  * then rounded to bf16 (nearest even). So a row's logits do not depend on the other rows or the thread count,
  * and kernels/cpu/lm_head.py `reference` computes the same bits in torch. oneDNN's kernel on this CPU uses the
- * same instruction in the same order: its logits were equal bit for bit in every measured shape.
+ * same instruction: at hidden 256 its logits were equal bit for bit (at 2048 its order differs).
  *
  * Weights come packed (lm_head.py `pack`): blocks of 16 vocabulary rows, each [H / 2][16][2] (a pair of hidden
  * columns of 16 rows per 64 bytes, zero past V), so one load feeds 16 dot products of every row in the tile.
