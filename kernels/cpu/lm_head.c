@@ -1,9 +1,9 @@
 /* The bf16 LM head on a CPU with AVX512-BF16: logits [rows, V] = x [rows, H] @ W [V, H]^T, bf16 in and out, as
  * `vdpbf16ps` dot products on torch's OpenMP threads.
  *
- * Why C: oneDNN's packed bf16 linear (worker/cpu_linear.py) ran the 151,936 x 256 head of the CPU checkpoints at
- * ~65% of the 2-core box's bf16 peak at 16 rows (4.2-4.8 ms, half a decode step) and, at 1-3 rows, slower than
- * at 4. Here a register tile of up to 16 rows x 16 vocabulary rows keeps 16 fp32 accumulators, each weight load
+ * Why C: oneDNN's packed bf16 linear (worker/cpu_linear.py) ran the 151,936 x 256 head of the CPU checkpoints in
+ * 4.2-4.8 ms at 16 rows on the 2-core box (260-300 GFLOP/s, half a decode step) and, at 1-3 rows, slower than at
+ * 4. Here a register tile of up to 16 rows x 16 vocabulary rows keeps 16 fp32 accumulators, each weight load
  * feeding all 16. Measured on the same box against oneDNN, calls interleaved: 1.5x at one row (then bound by
  * reading the 78 MB weight), 1.6x at 16 rows, 1.2-1.45x at 17-64 (verify steps). Blocks of the vocabulary go to
  * threads as they come free (a dynamic schedule), so a thread the service's processes take a core from does not
