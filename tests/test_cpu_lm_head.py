@@ -62,6 +62,15 @@ def test_equals_the_reference_bit_for_bit(V, H):
             assert not got[1].any()
 
 
+def test_empty_shapes():
+    """No rows, no vocabulary, no hidden columns: empty or zero logits, no crash."""
+    w = weights(40, 8, seed=1)
+    assert lm_head_cpu.lm_head(rows(0, 8, seed=1), lm_head_cpu.pack(w), 40).shape == (0, 40)
+    assert lm_head_cpu.lm_head(rows(3, 8, seed=1), lm_head_cpu.pack(w[:0]), 0).shape == (3, 0)
+    empty_hidden = lm_head_cpu.lm_head(torch.zeros(3, 0, dtype=torch.bfloat16), lm_head_cpu.pack(w[:, :0]), 40)
+    assert empty_hidden.shape == (3, 40) and not empty_hidden.any()
+
+
 def test_denormal_inputs_read_as_zero():
     """A bf16 denormal times a large weight would be a normal product: the instruction (and the reference) read
     the denormal as 0."""

@@ -105,12 +105,14 @@ static void run_chunk(const struct lm_head_args *a, const uint32_t *xt, int64_t 
 /* 0, 1 when scratch memory ran out, or 2 when the library was built without AVX512-BF16 */
 int lm_head(const struct lm_head_args *a) {
 #ifdef LM_HEAD_BF16
-    uint32_t *xt = malloc(sizeof(uint32_t) * (size_t)(a->rows * (a->hidden / 2)));
+    if (a->rows < 1 || a->vocab < 1)
+        return 0;
+    uint32_t *xt = malloc(sizeof(uint32_t) * (size_t)(a->rows * (a->hidden / 2) + 1)); /* + 1: never malloc(0) */
     if (!xt)
         return 1;
     pair_major(a, xt);
     const int64_t blocks = (a->vocab + 15) / 16, block_bytes = a->hidden * 16 * (int64_t)sizeof(bf16_t);
-    const int64_t per_chunk = CHUNK_BYTES / block_bytes > 0 ? CHUNK_BYTES / block_bytes : 1;
+    const int64_t per_chunk = block_bytes < 1 ? blocks : CHUNK_BYTES / block_bytes > 0 ? CHUNK_BYTES / block_bytes : 1;
     const int64_t chunks = (blocks + per_chunk - 1) / per_chunk;
     const int threads = (int)(a->threads < 1 ? 1 : a->threads < chunks ? a->threads : chunks);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
