@@ -143,6 +143,16 @@ def test_packed_linear_uses_it_and_falls_back(monkeypatch):
     assert biased.head_packed is None
 
 
+def test_the_start_up_line_says_the_head_runs_here(default_ckpt):
+    """The worker's start-up log (ModelRunner.cpu_token_steps) names the C head where the loaded bf16 model's LM
+    head takes it, and not in float32."""
+    from qnext.worker.engine import Engine
+    from qnext.worker.types import EngineConfig
+    for dtype, said in (("bfloat16", True), ("float32", False)):
+        engine = Engine(EngineConfig(model=str(default_ckpt), dtype=dtype, cache_memory=32 << 20, max_num_seqs=2))
+        assert ("lm_head.c" in engine.runner.cpu_token_steps) == said, engine.runner.cpu_token_steps
+
+
 def test_pack_layout():
     """Block b holds vocabulary rows 16b..16b+15, a pair of hidden columns per 64 bytes, zero rows past V."""
     w = torch.arange(17 * 6, dtype=torch.float32).view(17, 6).bfloat16()

@@ -169,6 +169,8 @@ class ModelRunner:
         self.cache_info, self.cache = self._allocate_cache(padding_slot=graph_mode is not None)
         # on a CPU this builds the C token steps' library (kernels/cpu) now, not in the first step
         self.cpu_token_steps = cpu_kernels.describe(self.device, self.dtype, self.cache.ssm_state.dtype)
+        if getattr(self.model.lm_head, "head_packed", None) is not None:  # worker/cpu_linear.py's PackedLinear
+            self.cpu_token_steps += "; the LM head in C (kernels/cpu/lm_head.c, AVX512-BF16)"
         self._fit_max_model_len(config)
         if self.followers is not None:  # from here on the cross-rank calls (tp_worker.LeadModel/LeadCache) run on every rank
             self.model, self.cache = self.followers.lead(self.model, self.cache)
