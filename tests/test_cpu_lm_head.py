@@ -18,7 +18,7 @@ from qnext.worker.cpu_linear import WIDE_OUT_FEATURES, PackedLinear, packing_wor
 
 def _the_build_can_target_avx512_bf16() -> bool:
     """Whether the library's compiler, building for this CPU (-march=native, build.py), defines the macros lm_head.c
-    needs: the CPU has the instructions and the compiler knows them (GCC 10+, clang 9+)."""
+    needs: the CPU has the instructions and the compiler knows them."""
     try:
         done = subprocess.run([build.compiler(), "-march=native", "-dM", "-E", "-"], input="", capture_output=True,
                               text=True, timeout=60)

@@ -9,7 +9,11 @@ has it) on torch's OpenMP threads, rows up to `C_MAX_ROWS`. Measured on the 2-co
 128 with the caches flushed, ms per pass at 1 / 2 / 3 / 4 / 8 rows: C 0.50 / 0.57 / 0.64 / 0.95 / 1.79, torch's
 `_weight_int8pack_mm` 0.74 / 0.92 / 1.24 / 1.50 / 2.9, the packed bf16 head 1.32 / 1.26 / 1.46 / 1.31 / 1.51
 (x 256: C 1.08 / 1.16 / 1.36 / 1.44 / 2.72, bf16 2.88 / 2.71 / 2.75 / 2.67 / 3.47); in the engine (aligned tiny
-checkpoint, one sequence, k = 2, 10 alternating rounds) 0.72 -> 0.45 ms a pass. Elsewhere torch's kernel, which
+checkpoint, one sequence, k = 2, 10 alternating rounds) 0.72 -> 0.45 ms a pass. The full head those passes
+would use otherwise is now kernels/cpu/lm_head.c where the CPU has AVX512-BF16; against it (calls interleaved,
+two runs, ms at 1 / 2 / 4 / 6 rows) the int8 head still wins up to 4 rows: x 128 int8 0.65-0.69 / 0.66-0.96 /
+1.10-1.58 / 1.74-1.83, bf16 0.94-1.16 / 0.97-1.00 / 1.05-1.12 / 1.14-1.20 (a tie at 4); x 256 int8 1.22-1.34 /
+1.33-1.46 / 1.55-1.81 / 2.54-3.59, bf16 2.11-2.23 / 2.10-2.29 / 2.16-2.27 / 2.21-2.46. Elsewhere torch's kernel, which
 widens each weight to a float and grows with every row: it ties with the bf16 head at about two rows, so it takes
 single-row passes only (`TORCH_MAX_ROWS`).
 
@@ -27,7 +31,7 @@ import torch
 
 from qnext.kernels.cpu import int8_head as int8_head_cpu
 
-C_MAX_ROWS = 4  # the C kernel's passes up to here (at 8 rows the packed bf16 head wins at hidden 128)
+C_MAX_ROWS = 4  # the C kernel's passes up to here (the C bf16 head ties at 4 rows at hidden 128, wins at 6)
 TORCH_MAX_ROWS = 1  # torch's kernel: single-row passes (see above)
 
 

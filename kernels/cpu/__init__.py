@@ -69,6 +69,20 @@ def runs(x: torch.Tensor) -> bool:
             and kernels_mode() == "auto" and library()[0] is not None)
 
 
+VOCAB_BLOCK = 16  # vocabulary rows per packed block of the two heads' weights (int8_head.c, lm_head.c)
+
+
+def vocab_blocks(weight: torch.Tensor, group: int) -> torch.Tensor:
+    """A head's weight [V, H] as the two heads' C kernels read it: blocks of VOCAB_BLOCK vocabulary rows, each
+    [ceil(H / group)][VOCAB_BLOCK][group] (`group` consecutive hidden columns of the block's rows per 64 bytes:
+    4 int8 or 2 bf16), zero past V and H."""
+    V, H = weight.shape
+    Vp, Hp = -(-V // VOCAB_BLOCK) * VOCAB_BLOCK, -(-H // group) * group
+    w = torch.zeros(Vp, Hp, dtype=weight.dtype)
+    w[:V, :H] = weight.detach()
+    return w.view(Vp // VOCAB_BLOCK, VOCAB_BLOCK, Hp // group, group).permute(0, 2, 1, 3).contiguous()
+
+
 _OPENMP_RUNTIME = re.compile(r"/lib(?:gomp|iomp5|omp)[-.\w]*\.so[.\d]*$")
 
 
@@ -115,4 +129,5 @@ def describe(device: torch.device, act: torch.dtype, state: torch.dtype) -> str:
     return how if lib is None else f"{how}; their parallel loops on {openmp_threads()} OpenMP thread(s)"
 
 
-__all__ = ["DTYPE_NAMES", "describe", "entry", "library", "openmp_threads", "runs"]
+__all__ = ["DTYPE_NAMES", "VOCAB_BLOCK", "describe", "entry", "library", "openmp_threads", "runs",
+           "vocab_blocks"]

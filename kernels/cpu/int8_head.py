@@ -15,7 +15,6 @@ import torch
 
 from qnext.kernels import cpu
 
-BLOCK = 16  # vocabulary rows per packed block
 MAX_HIDDEN = 65536  # the int32 sums stay exact up to here (int8_head.c)
 
 
@@ -43,11 +42,10 @@ def pack(qweight: torch.Tensor, scale: torch.Tensor) -> PackedInt8Weight:
     """The packed form of q [V, H] int8 and its per-row scales [V]."""
     V, H = qweight.shape
     assert qweight.dtype == torch.int8 and scale.shape == (V,) and H <= MAX_HIDDEN
-    Vp, Hp = -(-V // BLOCK) * BLOCK, -(-H // 4) * 4
-    q = torch.zeros(Vp, Hp, dtype=torch.int8)
-    q[:V, :H] = qweight
-    packed = q.view(Vp // BLOCK, BLOCK, Hp // 4, 4).permute(0, 2, 1, 3).contiguous()
-    return PackedInt8Weight(packed, q.sum(dim=1, dtype=torch.int32), scale.float().contiguous(), V, H)
+    packed = cpu.vocab_blocks(qweight, 4)
+    row_sums = torch.zeros(packed.shape[0] * cpu.VOCAB_BLOCK, dtype=torch.int32)
+    row_sums[:V] = qweight.sum(dim=1, dtype=torch.int32)
+    return PackedInt8Weight(packed, row_sums, scale.float().contiguous(), V, H)
 
 
 @functools.cache

@@ -14,8 +14,6 @@ import torch
 
 from qnext.kernels import cpu
 
-BLOCK = 16  # vocabulary rows per packed block
-
 
 class _Args(ctypes.Structure):
     """struct lm_head_args of lm_head.c, field for field."""
@@ -28,12 +26,8 @@ class _Args(ctypes.Structure):
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """What lm_head.c reads for a bf16 weight [V, H] (H even): blocks of 16 vocabulary rows, each [H / 2][16][2]
     (a pair of hidden columns of 16 rows per 64 bytes), zero rows past V."""
-    V, H = weight.shape
-    assert weight.dtype == torch.bfloat16 and H % 2 == 0, (weight.dtype, weight.shape)
-    Vp = -(-V // BLOCK) * BLOCK
-    w = torch.zeros(Vp, H, dtype=torch.bfloat16)
-    w[:V] = weight.detach()
-    return w.view(Vp // BLOCK, BLOCK, H // 2, 2).permute(0, 2, 1, 3).contiguous()
+    assert weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0, (weight.dtype, weight.shape)
+    return cpu.vocab_blocks(weight, 2)
 
 
 @functools.cache
@@ -60,7 +54,8 @@ def runs(x: torch.Tensor) -> bool:
 def lm_head(x: torch.Tensor, packed: torch.Tensor, vocab: int) -> torch.Tensor:
     """[rows, vocab] bf16 logits of x [rows, H] (runs(x) holds) against `pack(weight)`."""
     H = x.shape[1]
-    assert packed.shape[1:] == (H // 2, BLOCK, 2) and packed.shape[0] * BLOCK >= vocab, (packed.shape, H, vocab)
+    assert packed.shape[1:] == (H // 2, cpu.VOCAB_BLOCK, 2) and packed.shape[0] * cpu.VOCAB_BLOCK >= vocab, \
+        (packed.shape, H, vocab)
     x = x.contiguous()
     out = torch.empty(x.shape[0], vocab, dtype=torch.bfloat16)
     args = _Args(x.shape[0], H, vocab, x.data_ptr(), packed.data_ptr(), out.data_ptr(), cpu.openmp_threads())
