@@ -69,8 +69,8 @@ class KVProvenance:
                 # rows a request at draft length 0 has deferred (worker/spec_decode.py) are written later, at
                 # the latest when their block is complete (a full block's rows are checked from then on)
                 deferred = self.engine.spec._requests[r.request_id].deferred
-                end = min(computed, r.num_tokens - 1) if deferred is None else deferred[0]
-                assert deferred is None or deferred[0] // self.bs == (computed - 1) // self.bs, "deferred too long"
+                end = min(computed, r.num_tokens - 1) if deferred is None else deferred.first
+                assert deferred is None or deferred.first // self.bs == (computed - 1) // self.bs, "deferred too long"
                 for p in range(end):
                     got = self.mtp.get(self._row(r, p))
                     assert got == tuple(r.token_slice(0, p + 2)), f"{r.request_id}: MTP KV row {p} is {got}"

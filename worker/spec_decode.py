@@ -195,8 +195,23 @@ class _RequestSpec:
     counters: SpecCounters = field(default_factory=SpecCounters)
     draft_probs: torch.Tensor | None = None  # q of the pending drafts [k, V] (None for a greedy request)
     restored: tuple[int, torch.Tensor] | None = None  # (hit position P, the checkpoint's hidden state at P-1)
-    # MTP rows not run yet (the request is at draft length 0): (first position, target hidden states, next tokens)
-    deferred: tuple[int, torch.Tensor, list[int]] | None = None
+    deferred: _Deferred | None = None  # MTP rows not run yet (the request is at draft length 0)
+
+
+@dataclass
+class _Deferred:
+    """A k = 0 request's MTP rows that wait for its next pass: from position `first`, the target's hidden states
+    as (tensor, lo, hi) row ranges of the steps' gathered copies (a step copies every deferring row in one
+    gather; a request's own rows are cut out only when they run). Row p pairs with token p + 1, which the
+    request holds by the time the rows run, so the tokens are read then (`Request.token_slice`)."""
+
+    first: int
+    pieces: list[tuple[torch.Tensor, int, int]]
+    num_rows: int
+
+    def hidden(self) -> torch.Tensor:
+        parts = [t[lo:hi] for t, lo, hi in self.pieces]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 Logprobs = dict[str, tuple[list[float], list[list[tuple[int, float]]]]]
@@ -326,35 +341,36 @@ class SpecDecoder:
         every block the prefix cache names, and every block a finished request leaves, holds complete MTP rows."""
         self._choose(plan, sampled)
         mtp_pieces, h_parts, sampling = [], [], []
+        deferring: list[tuple[_RequestSpec, int, int, int, _Deferred | None]] = []
         for c, (r, start, toks) in zip(plan.chunks, step.pieces):
             if r.num_speculative_tokens == 0 or r.status != RequestStatus.RUNNING:
                 continue
             n_valid = len(sampled[r.request_id]) if c.draft_token_ids else c.num_tokens
-            # the next token of each row: later tokens of the request, then what this step sampled
-            known = r.token_slice(start + 1, min(start + 1 + n_valid, r.num_tokens))
-            nxt = known + sampled.get(r.request_id, [])[:n_valid - len(known)]
             first = step.ends[r.request_id] - len(toks)
-            h = step.hidden[first:first + n_valid]
             spec = self._requests[r.request_id]
             restored, spec.restored = spec.restored, None
             deferred, spec.deferred = spec.deferred, None
-            if deferred is not None and deferred[0] + len(deferred[2]) != start:
+            if deferred is not None and deferred.first + deferred.num_rows != start:
                 deferred = None  # recomputed since (preempted): the rows come again with the recompute
             if deferred is None and restored is not None and restored[0] == start:
                 # the row at start - 1 goes first, deferred with the others or not (it was lost when deferred)
-                deferred = (start - 1, restored[1][None].to(step.hidden.dtype), r.token_slice(start, start + 1))
+                deferred = _Deferred(start - 1, [(restored[1][None].to(step.hidden.dtype), 0, 1)], 1)
             if self._defer(c, r, start, n_valid, sampled):
-                spec.deferred = (start, h.clone(), nxt) if deferred is None else \
-                    (deferred[0], torch.cat([deferred[1], h]), deferred[2] + nxt)
+                deferring.append((spec, start, first, n_valid, deferred))
                 continue
+            # the next token of each row: later tokens of the request, then what this step sampled
+            known = r.token_slice(start + 1, min(start + 1 + n_valid, r.num_tokens))
+            nxt = known + sampled.get(r.request_id, [])[:n_valid - len(known)]
             if deferred is not None:
-                mtp_pieces.append((r, deferred[0], deferred[2] + nxt))
-                h_parts.append(deferred[1])
+                mtp_pieces.append((r, deferred.first, r.token_slice(deferred.first + 1, start + 1) + nxt))
+                h_parts.append(deferred.hidden())
             else:
                 mtp_pieces.append((r, start, nxt))
-            h_parts.append(h)
+            h_parts.append(step.hidden[first:first + n_valid])
             if c.sample and self._next_lengths.get(r.request_id, 0):
                 sampling.append(len(mtp_pieces) - 1)
+        if deferring:
+            self._keep_deferred(step.hidden, deferring)
         if not mtp_pieces:
             return {}
         h_in = h_parts[0] if len(h_parts) == 1 else torch.cat(h_parts)
@@ -414,6 +430,30 @@ class SpecDecoder:
         seconds = time.perf_counter() - start
         if rows and not plan.restores and all(c.num_tokens == 1 + len(c.draft_token_ids) for c in plan.chunks):
             self.policy.record_forward(len(rows), max(len(c.draft_token_ids) for c in rows), seconds - drafting)
+
+    @staticmethod
+    def _keep_deferred(hidden: torch.Tensor,
+                       deferring: list[tuple[_RequestSpec, int, int, int, _Deferred | None]]) -> None:
+        """This step's rows of the requests that defer: copied out of `hidden` in one gather (at 16 rows, a clone
+        and a cat per request had cost more than the rest of a never-drafting step's bookkeeping), each
+        request's range of the copy appended to its deferred rows."""
+        if len(deferring) == 1:
+            _, _, first, n, _ = deferring[0]
+            rows, offsets = hidden[first:first + n].clone(), [0]
+        else:
+            index = [i for _, _, first, n, _ in deferring for i in range(first, first + n)]
+            if index[-1] - index[0] + 1 == len(index):  # every row of a decode step: one slice
+                rows = hidden[index[0]:index[-1] + 1].clone()
+            else:
+                rows = hidden[torch.tensor(index, device=hidden.device)]
+            offsets = list(accumulate([n for _, _, _, n, _ in deferring], initial=0))
+        for (spec, start, _, n, deferred), lo in zip(deferring, offsets):
+            if deferred is None:
+                spec.deferred = _Deferred(start, [(rows, lo, lo + n)], n)
+            else:
+                deferred.pieces.append((rows, lo, lo + n))
+                deferred.num_rows += n
+                spec.deferred = deferred
 
     def _choose(self, plan: SchedulePlan, sampled: dict[str, list[int]]) -> None:
         """The policy's draft lengths for the next step of every speculating request that sampled now."""

@@ -75,17 +75,20 @@ class Acceptance:
 class _Timing:
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_TIMINGS))
     at_step: int = 0  # the bucket's step count when last timed
+    # The median of the recent timings: a cold or disturbed step does not move it (the first decode steps after a
+    # prefill ran 21-24 ms where the next took 14.5 on the 2-core box; a moving average started from them
+    # overrated k = 0 at batch 16 enough to keep drafting where drafts lost, 0.89x of k = 0). Kept as each timing
+    # comes (`add`): the policy reads every k's cost every step
+    seconds: float = 0.0
 
     @property
     def count(self) -> int:
         return len(self.recent)
 
-    @property
-    def seconds(self) -> float:
-        """The median of the recent timings: a cold or disturbed step does not move it (the first decode steps
-        after a prefill ran 21-24 ms where the next took 14.5 on the 2-core box; a moving average started from
-        them overrated k = 0 at batch 16 enough to keep drafting where drafts lost, 0.89x of k = 0)."""
-        return statistics.median(self.recent)
+    def add(self, seconds: float, at_step: int) -> None:
+        self.recent.append(seconds)
+        self.at_step = at_step
+        self.seconds = statistics.median(self.recent)
 
 
 @dataclass
@@ -95,9 +98,7 @@ class _Bucket:
     drafting: dict[int, _Timing] = field(default_factory=dict)  # k drafted -> drafting seconds
 
     def record(self, table: dict[int, _Timing], k: int, seconds: float) -> None:
-        t = table.setdefault(k, _Timing())
-        t.recent.append(seconds)
-        t.at_step = self.steps
+        table.setdefault(k, _Timing()).add(seconds, self.steps)
 
     def untimed(self, k_max: int) -> int | None:
         """A k whose timing is missing or stale, smallest first; None when all are fresh."""
