@@ -35,16 +35,21 @@ C_MAX_ROWS = 4  # the C kernel's passes up to here (the C bf16 head ties at 4 ro
 TORCH_MAX_ROWS = 1  # torch's kernel: single-row passes (see above)
 
 
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [V, H] int8 and fp32 scales [V] with weight ~ q * scale: one scale per row, max |w| / 127."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
 class Int8DraftHead:
     """logits = h @ (q * scale)^T with q int8 [V, H] and one scale per vocabulary row, in h's dtype like
     `compute_logits`; `takes(rows)` says whether a pass of that many rows should use it."""
 
     def __init__(self, weight: torch.Tensor) -> None:
-        w = weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-        self.qweight = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        self.qweight, scale = quantize_rows(weight)
         self.scale = scale.to(weight.dtype)  # torch's kernel takes the scales in the activations' dtype
-        probe = torch.zeros(1, w.shape[1], dtype=weight.dtype)
+        probe = torch.zeros(1, weight.shape[1], dtype=weight.dtype)
         self.packed = int8_head_cpu.pack(self.qweight, scale) if int8_head_cpu.runs(probe) else None
 
     def takes(self, rows: int) -> bool:

@@ -198,7 +198,12 @@ class Engine:
         # parallel samples whose parent's prompt this step completes draw their first token from its logits row
         forks = [(i, self._unforked[c.request.request_id]) for i, c in enumerate(step.plain)
                  if c.request.request_id in self._unforked]
-        if step.plain:
+        # a greedy row may get its token without the full logits (worker/greedy_screen.py)
+        screened = None if forks else self.runner.screened_tokens(step)
+        if screened is not None:
+            for c, token in zip(step.plain, screened):
+                sampled[c.request.request_id], logprobs[c.request.request_id] = [token], ([], [])
+        elif step.plain:
             requests, logits = [c.request for c in step.plain], step.logits[:len(step.plain)]
             if forks:
                 requests += [s for _, samples in forks for s in samples]

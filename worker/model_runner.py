@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -27,6 +27,7 @@ from qnext.worker.cache_tensors import (CacheShape, CacheTensors, checkpoint_byt
                                         state_bytes_per_slot)
 from qnext.worker.config import config_overlay, load_config
 from qnext.worker.dtype_choice import choose_dtype
+from qnext.worker.greedy_screen import MAX_ROWS as GREEDY_SCREEN_MAX_ROWS, GreedyScreen
 from qnext.worker.graph_runner import DecodeGraphRunner, mtp_draft_runner, target_runner
 from qnext.worker.host_malloc import keep_freed_memory
 from qnext.worker.loader import load_model
@@ -85,7 +86,19 @@ class StepForward:
     hidden: torch.Tensor  # [T, H] final hidden states of every row
     plain: list[ScheduledChunk]  # chunks that sample one token (their last row's logits come first)
     verify: list[ScheduledChunk]  # speculative verify chunks (then every row of each)
-    logits: torch.Tensor  # [len(plain) + sum of verify lengths, V]
+    sampling_hidden: torch.Tensor  # [len(plain) + sum of verify lengths, H]: the rows `logits` are of
+    # their logits [rows, V], or the runner's function making them when a greedy screen may do without (`logits`)
+    _logits: torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def logits_pending(self) -> bool:
+        return not isinstance(self._logits, torch.Tensor)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self.logits_pending:
+            self._logits = self._logits(self.sampling_hidden)
+        return self._logits
 
 
 @dataclass
@@ -171,11 +184,22 @@ class ModelRunner:
         self.cpu_token_steps = cpu_kernels.describe(self.device, self.dtype, self.cache.ssm_state.dtype)
         if getattr(self.model.lm_head, "head_packed", None) is not None:  # worker/cpu_linear.py's PackedLinear
             self.cpu_token_steps += "; the LM head in C (kernels/cpu/lm_head.c, AVX512-BF16)"
+        self.greedy_screen = self._greedy_screen()
+        if self.greedy_screen is not None:
+            self.cpu_token_steps += (f"; greedy tokens of up to {GREEDY_SCREEN_MAX_ROWS} row(s) through an int8 "
+                                     f"screen of the LM head (worker/greedy_screen.py)")
         self._fit_max_model_len(config)
         if self.followers is not None:  # from here on the cross-rank calls (tp_worker.LeadModel/LeadCache) run on every rank
             self.model, self.cache = self.followers.lead(self.model, self.cache)
         self.graphs, self.mtp_graphs = self._graph_runners(graph_mode)
         self.timings = StepTimings()
+
+    def _greedy_screen(self) -> GreedyScreen | None:
+        """The int8 screen for greedy rows where the LM head runs in C on this CPU, single device."""
+        head = self.model.lm_head
+        if self.followers is not None or self.device.type != "cpu":
+            return None
+        return GreedyScreen.build(head.weight, getattr(head, "head_packed", None))
 
     def _fit_max_model_len(self, config: EngineConfig) -> None:
         """One request of max_model_len tokens must fit the KV cache: an explicit --max-model-len that does not
@@ -286,9 +310,11 @@ class ModelRunner:
         rows = [ends[c.request.request_id] - 1 for c in plain]
         for c in verify:
             rows += range(ends[c.request.request_id] - c.num_tokens, ends[c.request.request_id])
-        hidden, logits = self.run(batch, rows)
+        # a step of few plain rows leaves its logits to be made when read: `screened_tokens` may do without them
+        lazy = self.greedy_screen is not None and not verify and self.greedy_screen.takes(len(rows))
+        hidden, picked, logits = self.run(batch, rows, lazy)
         self.timings.num_steps += 1
-        return StepForward(pieces, ends, hidden, plain, verify, logits)
+        return StepForward(pieces, ends, hidden, plain, verify, picked, self._timed_logits if lazy else logits)
 
     def forward_batch(self, pieces: list[tuple[Request, int, list[int]]],
                       is_verify: list[bool] | None = None, token_step_max_len: int = 1) -> ForwardBatch:
@@ -303,15 +329,25 @@ class ModelRunner:
             return c.request.token_slice(c.start, c.start + 1) + c.draft_token_ids
         return c.request.token_slice(c.start, c.start + c.num_tokens)
 
-    def run(self, batch: ForwardBatch, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The forward and the logits of `rows`; timed (synchronised on CUDA) for StepTimings."""
+    def run(self, batch: ForwardBatch, rows: list[int], lazy: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The forward, the hidden states of `rows` and their logits (None when `lazy`); timed (synchronised on
+        CUDA) for StepTimings."""
         start = time.perf_counter()
         hidden = self.graphs.forward(batch) if self.graphs is not None else self.model(batch, self.cache)
-        logits = self.model.compute_logits(hidden[rows])
+        picked = hidden[rows]
+        logits = None if lazy else self.model.compute_logits(picked)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.timings.forward_s += time.perf_counter() - start
-        return hidden, logits
+        return hidden, picked, logits
+
+    def _timed_logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """A lazy step's logits (CPU only), counted in the forward's time like the eager ones."""
+        start = time.perf_counter()
+        logits = self.model.compute_logits(rows)
+        self.timings.forward_s += time.perf_counter() - start
+        return logits
 
     def prompt_logprobs(self, plan: SchedulePlan, step: StepForward) -> None:
         """Log-probs of the prompt tokens this step's chunks computed, for the requests that asked
@@ -365,6 +401,21 @@ class ModelRunner:
             r.token_history = TokenHistory(r.prompt_token_ids, self.vocab_size)
         r.token_history.update(r.output_token_ids)
         return PenaltyTokens(r.token_history, drafts)
+
+    def screened_tokens(self, step: StepForward) -> list[int] | None:
+        """The tokens of the step's plain rows through the greedy screen (worker/greedy_screen.py: the tokens the
+        full head's logits give), where the step left its logits to be made (`forward`: no verify rows, few
+        plain ones) and every row is greedy with nothing applied to its logits and no log-probs asked; else None
+        (the caller reads `step.logits`)."""
+        if not step.logits_pending:
+            return None
+        batch = self.sampling_batch([c.request for c in step.plain])
+        if not (batch.unprocessed_greedy and batch.max_top_logprobs == 0):
+            return None
+        start = time.perf_counter()
+        tokens = self.greedy_screen.screen(step.sampling_hidden)
+        self.timings.forward_s += time.perf_counter() - start
+        return tokens
 
     def sample(self, requests: list[Request], logits: torch.Tensor, sampled: dict[str, list[int]],
                logprobs: dict[str, tuple[list[float], list[list[tuple[int, float]]]]]) -> None:

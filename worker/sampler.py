@@ -201,6 +201,13 @@ class SamplingBatch:
     def size(self) -> int:
         return self.seeds.shape[0]
 
+    @property
+    def unprocessed_greedy(self) -> bool:
+        """Every row greedy with nothing applied to its logits (no penalty, bias, suppression, grammar, forced
+        token): each row's token is the plain argmax of its logits."""
+        return self.all_greedy and all(t is None for t in (self.repetition, self.output_penalty, self.logit_bias,
+                                                            self.suppressed, self.allowed_mask, self.forced))
+
     @staticmethod
     def build(params: list[SamplingParams], seeds: list[int], steps: list[int],
               histories: Sequence[PenaltyTokens | None],
@@ -372,8 +379,7 @@ def _penalize_and_suppress(logits: torch.Tensor, batch: SamplingBatch) -> torch.
     argmax of."""
     if logits.dim() != 2 or logits.shape != (batch.size, batch.vocab_size):
         raise ValueError(f"logits must have shape {(batch.size, batch.vocab_size)}, got {tuple(logits.shape)}")
-    if batch.all_greedy and all(t is None for t in (batch.repetition, batch.output_penalty, batch.logit_bias,
-                                                    batch.suppressed, batch.allowed_mask, batch.forced)):
+    if batch.unprocessed_greedy:
         return logits  # nothing to apply, and an argmax needs no float32 copy
     x = logits.to(torch.float32)  # no copy for fp32 logits: the first entry update below copies instead
 
