@@ -35,11 +35,16 @@ C_MAX_ROWS = 4  # the C kernel's passes up to here (the C bf16 head ties at 4 ro
 TORCH_MAX_ROWS = 1  # torch's kernel: single-row passes (see above)
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [V, H] int8 and fp32 scales [V] with weight ~ q * scale: one scale per row, max |w| / 127."""
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+def quantize_rows(weight: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [V, H] int8 and fp32 scales [V] with weight ~ q * scale: one scale per row, max |w| / 127. In chunks of
+    rows: a float32 copy of a whole 151,936 x 2048 head would be 1.2 GB for a moment."""
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32)
+    for i in range(0, weight.shape[0], chunk):
+        w = weight[i:i + chunk].detach().float()
+        s = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        q[i:i + chunk], scale[i:i + chunk] = (w / s[:, None]).round().clamp(-127, 127), s
+    return q, scale
 
 
 class Int8DraftHead:

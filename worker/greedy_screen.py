@@ -53,12 +53,12 @@ class GreedyScreen:
     tokens of rows x or None (then the caller computes the full logits)."""
 
     def __init__(self, weight: torch.Tensor, head_packed: torch.Tensor, int8: int8_head_cpu.PackedInt8Weight) -> None:
-        w = weight.detach().double()
-        V, H = w.shape
+        V, H = weight.shape
         self.vocab, self.hidden, self.head_packed, self.int8 = V, H, head_packed, int8
         scale = int8.scale.double()
         self.max_scale = float(scale.max())
-        self.max_b = float((w.abs().sum(dim=1) + H * scale).max())
+        l1 = torch.cat([weight[i:i + 8192].detach().double().abs().sum(dim=1) for i in range(0, V, 8192)])
+        self.max_b = float((l1 + H * scale).max())  # B_v = |w_v|_1 + H s_v (module docstring), rows in chunks
         self.arith = H * 2.0 ** -22 + 2.0 ** -16
 
     @staticmethod
