@@ -15,7 +15,7 @@ import torch
 from qnext.kernels import cpu
 from qnext.kernels.cpu import build
 from qnext.kernels.cpu import int8_head as int8_head_cpu
-from qnext.worker.draft_head import C_MAX_ROWS, TORCH_MAX_ROWS, Int8DraftHead
+from qnext.worker.draft_head import C_MAX_ROWS, TORCH_MAX_ROWS, Int8DraftHead, quantize_rows
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels_built")
 
@@ -165,12 +165,17 @@ def test_the_draft_head_uses_it_and_falls_back(monkeypatch):
     assert head.packed is not None and head.takes(C_MAX_ROWS) and not head.takes(C_MAX_ROWS + 1)
     h = torch.randn(3, 64, generator=g).bfloat16()
     c_out = head(h)
-    assert torch.equal(c_out, int8_head_cpu.reference(h, head.qweight, head.packed.scale))  # fp32 scales
-    # torch's kernel where the C one does not run: the same logits up to its own roundings
+    qweight, _ = quantize_rows(w)
+    assert torch.equal(c_out, int8_head_cpu.reference(h, qweight, head.packed.scale))  # fp32 scales
+    shared = Int8DraftHead(w, head.packed)  # the greedy screen's weights (worker/greedy_screen.py): the same head
+    assert shared.packed is head.packed and torch.equal(shared(h), c_out)
+    # torch's kernel where the C one does not run: the same logits up to its own roundings (for the shared head
+    # its weights are made then)
     monkeypatch.setenv("QNEXT_KERNELS", "reference")
     torch_out = head(h)
     assert not torch.equal(torch_out, c_out)
     assert torch.allclose(torch_out.float(), c_out.float(), atol=0.02, rtol=0.02)
+    assert torch.equal(shared(h), torch_out)
     assert Int8DraftHead(w).packed is None and not Int8DraftHead(w).takes(TORCH_MAX_ROWS + 1)
     monkeypatch.setenv("QNEXT_KERNELS", "auto")
     assert Int8DraftHead(w.half()).packed is None  # fp16 rows: torch's kernel

@@ -136,3 +136,14 @@ def test_engine_greedy_tokens_unchanged(monkeypatch: pytest.MonkeyPatch) -> None
         engine.close()
     assert outs[0] == outs[1]
     assert len(calls) >= 20 and set(calls) == {1}
+
+
+def test_the_draft_head_shares_its_int8_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With MTP on, the int8 draft head reads the screen's packed weights: the head is not held twice."""
+    monkeypatch.setattr(greedy_screen, "MIN_WEIGHT_ELEMENTS", 0)
+    engine = Engine(EngineConfig(model=str(default_checkpoint()), seed=0, cache_memory=64 << 20, max_num_seqs=4,
+                                 dtype="bfloat16", num_speculative_tokens=2))
+    try:
+        assert engine.spec.draft_head.packed is engine.runner.greedy_screen.int8
+    finally:
+        engine.close()

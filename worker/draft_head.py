@@ -51,11 +51,18 @@ class Int8DraftHead:
     """logits = h @ (q * scale)^T with q int8 [V, H] and one scale per vocabulary row, in h's dtype like
     `compute_logits`; `takes(rows)` says whether a pass of that many rows should use it."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.qweight, scale = quantize_rows(weight)
-        self.scale = scale.to(weight.dtype)  # torch's kernel takes the scales in the activations' dtype
-        probe = torch.zeros(1, weight.shape[1], dtype=weight.dtype)
-        self.packed = int8_head_cpu.pack(self.qweight, scale) if int8_head_cpu.runs(probe) else None
+    def __init__(self, weight: torch.Tensor, packed: int8_head_cpu.PackedInt8Weight | None = None) -> None:
+        """`packed`: the C kernel's weights of this same quantisation, already made (the greedy screen's,
+        worker/greedy_screen.py), so the head is not held twice; torch's copy is then made only if a pass needs it
+        (the C kernel not running: QNEXT_KERNELS=reference)."""
+        self.weight, self._torch = weight, None
+        if packed is None:
+            qweight, scale = quantize_rows(weight)
+            # torch's kernel takes the scales in the activations' dtype
+            self._torch = (qweight, scale.to(weight.dtype))
+            probe = torch.zeros(1, weight.shape[1], dtype=weight.dtype)
+            packed = int8_head_cpu.pack(qweight, scale) if int8_head_cpu.runs(probe) else None
+        self.packed = packed
 
     def takes(self, rows: int) -> bool:
         return rows <= (C_MAX_ROWS if self.packed is not None else TORCH_MAX_ROWS)
@@ -63,16 +70,20 @@ class Int8DraftHead:
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and int8_head_cpu.runs(hidden):
             return int8_head_cpu.int8_head(hidden, self.packed)
-        return torch._weight_int8pack_mm(hidden, self.qweight, self.scale)
+        if self._torch is None:
+            qweight, scale = quantize_rows(self.weight)
+            self._torch = (qweight, scale.to(self.weight.dtype))
+        return torch._weight_int8pack_mm(hidden, *self._torch)
 
 
-def draft_head(choice: str, lm_head_weight: torch.Tensor) -> Int8DraftHead | None:
+def draft_head(choice: str, lm_head_weight: torch.Tensor,
+               packed: int8_head_cpu.PackedInt8Weight | None = None) -> Int8DraftHead | None:
     """The int8 head where `choice` is auto and it pays (a bf16 / fp16 LM head on a CPU), else None: the model's
-    own head. A torch without the CPU kernel keeps the full head too."""
+    own head. A torch without the CPU kernel keeps the full head too. `packed`: as Int8DraftHead takes it."""
     w = lm_head_weight
     if choice != "auto" or w.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float16):
         return None
-    head = Int8DraftHead(w)
+    head = Int8DraftHead(w, packed)
     try:
         head(torch.zeros(1, w.shape[1], dtype=w.dtype))
     except (RuntimeError, AttributeError, NotImplementedError):

@@ -230,7 +230,9 @@ class SpecDecoder:
         # how many drafts each request gets per step (worker/spec_policy.py)
         self.policy = DraftLengthPolicy(adaptive=runner.config.speculative_draft_length == "adaptive")
         # the int8 LM head small draft passes use (`takes`), or None (worker/draft_head.py); not for a sharded head
-        self.draft_head = (draft_head(runner.config.speculative_draft_head, runner.model.lm_head.weight)
+        screen = runner.greedy_screen  # its int8 weights, where it has them, are the draft head's too
+        self.draft_head = (draft_head(runner.config.speculative_draft_head, runner.model.lm_head.weight,
+                                      screen.int8 if screen is not None else None)
                            if runner.max_spec_tokens and runner.followers is None else None)
 
     @property
