@@ -8,7 +8,8 @@ the medians are compared (the best rounds too). Target: ratio >= 0.95.
 
 On a machine whose cores the engine already fills, every CPU second the server and the client spend is taken
 from the engine, so the CPU each spends per streamed token is printed beside the floor's: the part of the
-server's above the floor is ours, the floor is grpc-python's (server and client) per message.
+server's above the floor is ours, the floor is grpc-python's (server and client) per message; and the ratio
+that CPU alone allows (with the floor's, and with ours) beside the measured one.
 
 --split-cores models a deployment whose engine does not share its cores with the service (a GPU worker, a host with
 cores to spare): the engine runs on one core with one thread (the in-process rounds and the server's worker
@@ -147,6 +148,15 @@ def main() -> None:
           f"(floor {med(cpu['floor client']):.0f}), worker {med(cpu['worker']):.0f}")
     print(f"ratio gRPC / engine: medians {med(rates['gRPC']) / med(rates['engine']):.3f}, "
           f"best rounds {max(rates['gRPC']) / max(rates['engine']):.3f} (target >= 0.95)")
+    if not args.split_cores:
+        # Where the engine fills every core, each CPU second of the server and the client is one the engine does
+        # not get: at best (no other interference) the ratio is 1 / (1 + service CPU per token x engine tok/s /
+        # cores). With grpc-python's own floor per message, that is what any Python gRPC server could reach here.
+        cores, engine_rate = len(os.sched_getaffinity(0)), med(rates["engine"])
+        bound = lambda us: 1.0 / (1.0 + us * 1e-6 * engine_rate / cores)  # noqa: E731
+        floor_us, ours_us = med(cpu["floor server"]) + med(cpu["floor client"]), med(cpu["server"]) + med(cpu["client"])
+        print(f"CPU-share bound of that ratio on {cores} shared cores: {bound(floor_us):.3f} with the bare gRPC "
+              f"floor's CPU per token, {bound(ours_us):.3f} with our server's and client's")
 
 
 if __name__ == "__main__":
