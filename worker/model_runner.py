@@ -407,9 +407,10 @@ class ModelRunner:
         full head's logits give), where the step left its logits to be made (`forward`: no verify rows, few
         plain ones) and every row is greedy with nothing applied to its logits and no log-probs asked; else None
         (the caller reads `step.logits`)."""
-        if not step.logits_pending:
-            return None
-        batch = self.sampling_batch([c.request for c in step.plain])
+        requests = [c.request for c in step.plain]
+        if not step.logits_pending or any(r.sampling.temperature or r.sampling.top_logprobs for r in requests):
+            return None  # (a sampled row is the common case: known before building a SamplingBatch)
+        batch = self.sampling_batch(requests)
         if not (batch.unprocessed_greedy and batch.max_top_logprobs == 0):
             return None
         start = time.perf_counter()
