@@ -109,6 +109,14 @@ def test_it_steps_aside_where_it_cannot_decide_cheaply() -> None:
         assert got == (full_argmax(x, flat) if n <= greedy_screen.MAX_CANDIDATES else None), n
 
 
+def test_it_steps_aside_when_the_c_kernels_are_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = (torch.randn(1000, 64) * 0.05).bfloat16()
+    screen, x = screen_of(w), torch.randn(1, 64).bfloat16()
+    assert screen.screen(x) == full_argmax(x, w)
+    monkeypatch.setenv("QNEXT_KERNELS", "reference")  # the full head is then oneDNN's, whose order may differ
+    assert screen.screen(x) is None
+
+
 def test_build_gates() -> None:
     small = (torch.randn(1000, 64) * 0.05).bfloat16()
     assert GreedyScreen.build(small, lm_head_cpu.pack(small)) is None  # too narrow to pay
