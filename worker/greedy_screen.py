@@ -41,6 +41,7 @@ from qnext.kernels import cpu
 from qnext.kernels.cpu import int8_head as int8_head_cpu
 from qnext.kernels.cpu import lm_head as lm_head_cpu
 from qnext.worker.draft_head import quantize_rows
+from qnext.worker.sampler import row_argmax
 
 MAX_ROWS = 1  # the rows the screen serves (see above)
 MIN_WEIGHT_ELEMENTS = 32 << 20  # V x H: below it (151,936 x 128) the screen loses even at one row
@@ -54,7 +55,7 @@ class GreedyScreen:
 
     def __init__(self, weight: torch.Tensor, head_packed: torch.Tensor, int8: int8_head_cpu.PackedInt8Weight) -> None:
         V, H = weight.shape
-        self.vocab, self.hidden, self.head_packed, self.int8 = V, H, head_packed, int8
+        self.vocab, self.head_packed, self.int8 = V, head_packed, int8
         scale = int8.scale.double()
         self.max_scale = float(scale.max())
         l1 = torch.cat([weight[i:i + 8192].detach().double().abs().sum(dim=1) for i in range(0, V, 8192)])
@@ -105,8 +106,9 @@ class GreedyScreen:
         if blocks.numel() * cpu.VOCAB_BLOCK > rows * MAX_CANDIDATES:
             return None
         exact = lm_head_cpu.lm_head(x, self.head_packed.index_select(0, blocks), blocks.numel() * cpu.VOCAB_BLOCK)
-        if full < self.vocab and int(blocks[-1]) == full // cpu.VOCAB_BLOCK:  # the last block's zero padding
-            exact[:, blocks.numel() * cpu.VOCAB_BLOCK - (cpu.VOCAB_BLOCK - self.vocab + full):] = -float("inf")
+        if full < self.vocab and int(blocks[-1]) == full // cpu.VOCAB_BLOCK:
+            padding = cpu.VOCAB_BLOCK - (self.vocab - full)  # the last block's zero rows past V: logits of 0
+            exact[:, exact.shape[1] - padding:] = -float("inf")
         starts = blocks.tolist()
         return [starts[i // cpu.VOCAB_BLOCK] * cpu.VOCAB_BLOCK + i % cpu.VOCAB_BLOCK
-                for i in exact.argmax(dim=1).tolist()]  # the first of equal maxima, as row_argmax
+                for i in row_argmax(exact).tolist()]  # the full path's argmax: the first of equal maxima

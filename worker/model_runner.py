@@ -186,8 +186,8 @@ class ModelRunner:
             self.cpu_token_steps += "; the LM head in C (kernels/cpu/lm_head.c, AVX512-BF16)"
         self.greedy_screen = self._greedy_screen()
         if self.greedy_screen is not None:
-            self.cpu_token_steps += (f"; greedy tokens of up to {GREEDY_SCREEN_MAX_ROWS} row(s) through an int8 "
-                                     f"screen of the LM head (worker/greedy_screen.py)")
+            self.cpu_token_steps += (f"; the greedy tokens of steps of up to {GREEDY_SCREEN_MAX_ROWS} row(s) "
+                                     f"through an int8 screen of the LM head (worker/greedy_screen.py)")
         self._fit_max_model_len(config)
         if self.followers is not None:  # from here on the cross-rank calls (tp_worker.LeadModel/LeadCache) run on every rank
             self.model, self.cache = self.followers.lead(self.model, self.cache)
@@ -407,8 +407,10 @@ class ModelRunner:
         full head's logits give), where the step left its logits to be made (`forward`: no verify rows, few
         plain ones) and every row is greedy with nothing applied to its logits and no log-probs asked; else None
         (the caller reads `step.logits`)."""
+        if not step.logits_pending:  # every step asks: the others stop here
+            return None
         requests = [c.request for c in step.plain]
-        if not step.logits_pending or any(r.sampling.temperature or r.sampling.top_logprobs for r in requests):
+        if any(r.sampling.temperature or r.sampling.top_logprobs for r in requests):
             return None  # (a sampled row is the common case: known before building a SamplingBatch)
         batch = self.sampling_batch(requests)
         if not (batch.unprocessed_greedy and batch.max_top_logprobs == 0):

@@ -439,16 +439,12 @@ class SpecDecoder:
         """This step's rows of the requests that defer: copied out of `hidden` in one gather (at 16 rows, a clone
         and a cat per request had cost more than the rest of a never-drafting step's bookkeeping), each
         request's range of the copy appended to its deferred rows."""
-        if len(deferring) == 1:
-            _, _, first, n, _ = deferring[0]
-            rows, offsets = hidden[first:first + n].clone(), [0]
+        index = [i for _, _, first, n, _ in deferring for i in range(first, first + n)]
+        if index[-1] - index[0] + 1 == len(index):  # one request's rows, or every row of a decode step: a slice
+            rows = hidden[index[0]:index[-1] + 1].clone()
         else:
-            index = [i for _, _, first, n, _ in deferring for i in range(first, first + n)]
-            if index[-1] - index[0] + 1 == len(index):  # every row of a decode step: one slice
-                rows = hidden[index[0]:index[-1] + 1].clone()
-            else:
-                rows = hidden[torch.tensor(index, device=hidden.device)]
-            offsets = list(accumulate([n for _, _, _, n, _ in deferring], initial=0))
+            rows = hidden[torch.tensor(index, device=hidden.device)]
+        offsets = list(accumulate([n for _, _, _, n, _ in deferring], initial=0))
         for (spec, start, _, n, deferred), lo in zip(deferring, offsets):
             if deferred is None:
                 spec.deferred = _Deferred(start, [(rows, lo, lo + n)], n)
