@@ -39,7 +39,7 @@ def test_the_per_request_choice_is_the_formula():
     """`_best_lengths` (inline arithmetic) against the docstring's formula written plainly: k* = argmax_k
     E(alpha_r, k) / T(k), ties to the smaller k, 0 unless it beats k = 0 by DRAFT_MARGIN; random acceptance
     histories, maxima and costs, including exact ties."""
-    from qnext.worker.spec_policy import DRAFT_MARGIN, PRIOR_WEIGHT
+    from qnext.worker.spec_policy import DRAFT_MARGIN
     rng = random.Random(3)
     for trial in range(300):
         policy = DraftLengthPolicy()
@@ -49,11 +49,9 @@ def test_the_per_request_choice_is_the_formula():
             policy.observe(rng.choice(ids + ["gone"]), drafted, rng.randint(0, drafted))
         maxima = [rng.randint(0, 4) for _ in ids]
         costs = [1.0] * 5 if trial % 10 == 0 else [rng.uniform(0.5, 4.0) for _ in range(5)]
-        prior = policy.engine.alpha(0.5, PRIOR_WEIGHT)
         expected = []
         for rid, m in zip(ids, maxima):
-            own = policy._requests.get(rid)
-            alpha = prior if own is None else own.alpha(prior, PRIOR_WEIGHT)
+            alpha = policy.alpha(rid)
             k = max(range(m + 1), key=lambda k: (expected_tokens(alpha, k) / costs[k], -k))
             expected.append(k if expected_tokens(alpha, k) / costs[k] > (1 + DRAFT_MARGIN) / costs[0] else 0)
         assert policy._best_lengths(ids, maxima, [1.0 / c for c in costs]) == expected

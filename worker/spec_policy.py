@@ -146,8 +146,9 @@ class DraftLengthPolicy:
         self._requests.setdefault(request_id, Acceptance()).add(num_drafted, num_accepted, REQUEST_DECAY)
         self.engine.add(num_drafted, num_accepted, ENGINE_DECAY)
 
-    def alpha(self, request_id: str) -> float:
-        prior = self.engine.alpha(0.5, PRIOR_WEIGHT)
+    def alpha(self, request_id: str, prior: float | None = None) -> float:
+        """The request's acceptance estimate; `prior`: the engine-wide one, if the caller has it already."""
+        prior = self.engine.alpha(0.5, PRIOR_WEIGHT) if prior is None else prior
         own = self._requests.get(request_id)
         return prior if own is None else own.alpha(prior, PRIOR_WEIGHT)
 
@@ -172,8 +173,7 @@ class DraftLengthPolicy:
         bar = (1 + DRAFT_MARGIN) * rates[0]
         chosen = []
         for rid, m in zip(request_ids, maxima):
-            own = self._requests.get(rid)
-            alpha = prior if own is None else own.alpha(prior, PRIOR_WEIGHT)
+            alpha = self.alpha(rid, prior)
             best_k, best_rate, tokens, term = 0, rates[0], 1.0, 1.0
             for k in range(1, m + 1):
                 term *= alpha
